@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+# Both create the virtual environment first when it is missing.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU build of torch is pinned here (and only here); pyproject keeps honest ranges.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-all demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[ort,export,train,dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/edm-deploy demo
+
+bench: setup
+	$(BIN)/python -m benchmarks
+
+lint: setup
+	$(BIN)/ruff check edm_deploy runtime export training tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo

@@ -1,0 +1,98 @@
+"""The `edm-deploy` command line.
+
+Each sub-command lives in its own module under `edm_deploy.commands` and is imported only when it
+runs (or when `--help` lists it), so `edm-deploy sample model.onnx` never pays for importing torch.
+`main()` turns every `EdmDeployError` into one ``error: ...`` line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any, Optional
+
+import click
+
+from edm_deploy import __version__
+from edm_deploy.errors import EdmDeployError
+
+# name -> (module, attribute, one-line help shown by `edm-deploy --help` without importing it)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("edm_deploy.commands.demo", "demo", "Digits end to end: train, export, sample a grid, report."),
+    "train": ("edm_deploy.commands.train", "train", "Train an EDM denoiser (DDPM++/NCSN++/ADM)."),
+    "export": ("edm_deploy.commands.export", "export", "Export a checkpoint to ONNX (and a TensorRT engine)."),
+    "sample": ("edm_deploy.commands.sample", "sample", "Generate images from a .plan, .onnx or .pt model."),
+    "convert": ("edm_deploy.commands.convert", "convert", "Convert an official EDM pickle without running its code."),
+    "verify": ("edm_deploy.commands.verify", "verify", "Compare an exported model against its checkpoint."),
+    "bench": ("edm_deploy.commands.bench", "bench", "Benchmark denoiser and sampler throughput."),
+    "fid": ("edm_deploy.commands.fid", "fid", "Compute FID statistics and scores."),
+    "info": ("edm_deploy.commands.info", "info", "Print the manifest of a checkpoint, ONNX file or engine."),
+    "dataset": ("edm_deploy.commands.dataset", "dataset", "Build a dataset ZIP from an image folder."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose sub-commands are imported on demand."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
+            return None
+        module_name, attr, _ = entry
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("edm_deploy"):
+                raise
+            raise EdmDeployError(
+                f"`edm-deploy {cmd_name}` needs the Python package {exc.name!r}; install it "
+                f"(e.g. `pip install edm-deploy[export,train]`)"
+            ) from exc
+        return getattr(module, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # List commands from the static table so `--help` stays fast and torch-free.
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edm-deploy")
+def cli() -> None:
+    """edm-deploy: EDM diffusion models from training to fast, reproducible deployment.
+
+    \b
+    Quick start:
+      edm-deploy demo                          # digits: train -> export -> sample -> report
+      edm-deploy export ckpt.pt --fp16         # -> ckpt.onnx (+ engine with TensorRT)
+      edm-deploy sample ckpt.onnx -n 64 --grid grid.png
+    """
+
+
+def main(argv: Optional[list[str]] = None) -> Any:
+    """Entry point: run the CLI, turning user errors into one line and a non-zero exit."""
+    try:
+        rv = cli.main(args=argv, prog_name="edm-deploy", standalone_mode=False)
+        if isinstance(rv, int) and rv != 0:
+            sys.exit(rv)
+        return rv
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except EdmDeployError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

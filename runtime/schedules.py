@@ -1,0 +1,277 @@
+"""Noise-level discretizations, sigma(t) schedules and s(t) scalings of the EDM paper (Table 1).
+
+Everything here is host-side float64 NumPy: a sampler computes its handful of time steps once and
+then only multiplies its state by Python floats, which keeps the state's array library (NumPy,
+CuPy, torch) free to live on any device.
+
+Names and defaults follow the paper's reference implementation (`ablation_sampler`), so a user
+can move settings across unchanged:
+
+* discretizations: ``edm`` (rho ramp), ``vp`` (uniform t in [1, epsilon_s]), ``ve`` (geometric
+  sigma^2), ``iddpm`` (the improved-DDPM discrete table u_j with C_1, C_2, M);
+* schedules sigma(t): ``vp``, ``ve`` (sqrt t), ``linear`` (t), each with derivative and inverse;
+* scalings s(t): ``vp`` (1/sqrt(1+sigma^2)) and ``none`` (1), each with derivative.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from edm_deploy.errors import InputError
+
+ArrayLike = Union[float, np.ndarray]
+
+DISCRETIZATIONS = ("edm", "vp", "ve", "iddpm")
+SCHEDULES = ("linear", "vp", "ve")
+SCALINGS = ("none", "vp")
+
+# Constants of the VP baseline (Song et al.), as used by the reference sampler.
+VP_BETA_D = 19.9
+VP_BETA_MIN = 0.1
+VP_EPSILON_S = 1e-3
+
+
+def check_num_steps(num_steps: int) -> int:
+    """Reject non-integer or non-positive step counts with one clear message."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+        raise InputError(f"num_steps must be an integer, got {num_steps!r}")
+    if num_steps < 1:
+        raise InputError(f"num_steps must be >= 1, got {num_steps}")
+    return int(num_steps)
+
+
+def check_sigma_range(sigma_min: float, sigma_max: float) -> None:
+    """A usable range is finite, positive and strictly increasing."""
+    if not (math.isfinite(sigma_min) and math.isfinite(sigma_max)):
+        raise InputError(f"sigma_min and sigma_max must be finite, got {sigma_min} and {sigma_max}")
+    if sigma_min <= 0:
+        raise InputError(f"sigma_min must be > 0, got {sigma_min}")
+    if sigma_min >= sigma_max:
+        raise InputError(f"sigma_min ({sigma_min:g}) must be smaller than sigma_max ({sigma_max:g})")
+
+
+def _ramp(num_steps: int) -> np.ndarray:
+    """i / (N - 1) for i = 0..N-1 (a single step sits at the start of the range)."""
+    if num_steps == 1:
+        return np.zeros(1, dtype=np.float64)
+    return np.arange(num_steps, dtype=np.float64) / (num_steps - 1)
+
+
+def edm_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """EDM eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    num_steps = check_num_steps(num_steps)
+    check_sigma_range(sigma_min, sigma_max)
+    if not rho > 0:
+        raise InputError(f"rho must be > 0, got {rho}")
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (a + _ramp(num_steps) * (b - a)) ** rho
+
+
+def vp_sigma(t: ArrayLike, beta_d: float, beta_min: float) -> ArrayLike:
+    """VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    return np.sqrt(np.exp(0.5 * beta_d * np.square(t) + beta_min * t) - 1)
+
+
+def vp_betas_for_range(sigma_min: float, sigma_max: float, epsilon_s: float = VP_EPSILON_S) -> tuple[float, float]:
+    """The (beta_d, beta_min) whose VP schedule hits sigma_max at t=1 and sigma_min at t=epsilon_s."""
+    beta_d = 2 * (np.log(sigma_min**2 + 1) / epsilon_s - np.log(sigma_max**2 + 1)) / (epsilon_s - 1)
+    beta_min = np.log(sigma_max**2 + 1) - 0.5 * beta_d
+    return float(beta_d), float(beta_min)
+
+
+def vp_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, epsilon_s: float = VP_EPSILON_S) -> np.ndarray:
+    """VP discretization: t uniform from 1 down to epsilon_s, mapped through sigma_VP(t)."""
+    num_steps = check_num_steps(num_steps)
+    check_sigma_range(sigma_min, sigma_max)
+    beta_d, beta_min = vp_betas_for_range(sigma_min, sigma_max, epsilon_s)
+    t = 1 + _ramp(num_steps) * (epsilon_s - 1)
+    return vp_sigma(t, beta_d, beta_min)
+
+
+def ve_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """VE discretization: sigma^2 geometric between sigma_max^2 and sigma_min^2."""
+    num_steps = check_num_steps(num_steps)
+    check_sigma_range(sigma_min, sigma_max)
+    t = sigma_max**2 * (sigma_min**2 / sigma_max**2) ** _ramp(num_steps)
+    return np.sqrt(t)
+
+
+@functools.lru_cache(maxsize=8)
+def _iddpm_table(M: int, C_1: float, C_2: float, dtype: str) -> np.ndarray:
+    dt = np.dtype(dtype)
+    u = np.zeros(M + 1, dtype=dt)
+
+    def alpha_bar(j: int) -> float:
+        return math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
+
+    for j in range(M, 0, -1):
+        ratio = max(alpha_bar(j - 1) / alpha_bar(j), C_1)
+        u[j - 1] = dt.type(np.sqrt((np.float64(u[j]) ** 2 + 1) / ratio - 1))
+    u.setflags(write=False)
+    return u
+
+
+def iddpm_sigma_table(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008, dtype: str = "float64") -> np.ndarray:
+    """Improved-DDPM noise levels u_0 > ... > u_M = 0 (EDM appendix C.3.4), read-only.
+
+    ``u[j-1] = sqrt((u[j]^2 + 1) / max(alpha_bar(j-1)/alpha_bar(j), C_1) - 1)`` with
+    ``alpha_bar(j) = sin^2(pi/2 * j / M / (C_2 + 1))``. The sampler uses float64; networks snap
+    sigma onto a float32 copy, as the reference keeps its table in a float32 buffer.
+    """
+    if M < 2:
+        raise InputError(f"iDDPM needs M >= 2, got {M}")
+    return _iddpm_table(int(M), float(C_1), float(C_2), dtype)
+
+
+def iddpm_sigma_steps(
+    num_steps: int, sigma_min: float, sigma_max: float, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000
+) -> np.ndarray:
+    """iDDPM discretization: N entries of the u table inside [sigma_min, sigma_max], evenly by index."""
+    num_steps = check_num_steps(num_steps)
+    check_sigma_range(sigma_min, sigma_max)
+    u = iddpm_sigma_table(M, C_1, C_2)
+    inside = u[(u >= sigma_min) & (u <= sigma_max)]
+    if inside.size == 0:
+        raise InputError(f"no iDDPM noise level lies in [{sigma_min:g}, {sigma_max:g}]")
+    index = np.round((inside.size - 1) * _ramp(num_steps)).astype(np.int64)
+    return inside[index]
+
+
+def sigma_steps(
+    discretization: str,
+    num_steps: int,
+    sigma_min: float,
+    sigma_max: float,
+    rho: float = 7.0,
+    epsilon_s: float = VP_EPSILON_S,
+    C_1: float = 0.001,
+    C_2: float = 0.008,
+    M: int = 1000,
+) -> np.ndarray:
+    """Noise levels sigma_0 > ... > sigma_{N-1} of the named discretization (no trailing zero)."""
+    if discretization == "edm":
+        return edm_sigma_steps(num_steps, sigma_min, sigma_max, rho)
+    if discretization == "vp":
+        return vp_sigma_steps(num_steps, sigma_min, sigma_max, epsilon_s)
+    if discretization == "ve":
+        return ve_sigma_steps(num_steps, sigma_min, sigma_max)
+    if discretization == "iddpm":
+        return iddpm_sigma_steps(num_steps, sigma_min, sigma_max, C_1, C_2, M)
+    raise InputError(f"unknown discretization {discretization!r}; choose one of {', '.join(DISCRETIZATIONS)}")
+
+
+def default_sigma_range(discretization: str, epsilon_s: float = VP_EPSILON_S) -> tuple[float, float]:
+    """The reference's default (sigma_min, sigma_max) per discretization."""
+    if discretization == "vp":
+        return (float(vp_sigma(epsilon_s, VP_BETA_D, VP_BETA_MIN)), float(vp_sigma(1.0, VP_BETA_D, VP_BETA_MIN)))
+    ranges = {"ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}
+    if discretization not in ranges:
+        raise InputError(f"unknown discretization {discretization!r}; choose one of {', '.join(DISCRETIZATIONS)}")
+    return ranges[discretization]
+
+
+# --------------------------------------------------------------------------------------------
+# sigma(t) schedules and s(t) scalings
+
+
+@dataclass(frozen=True)
+class LinearSchedule:
+    """sigma(t) = t: the EDM choice, under which the probability-flow ODE is dx/dt = (x - D)/t."""
+
+    name = "linear"
+
+    def sigma(self, t: ArrayLike) -> ArrayLike:
+        return t
+
+    def sigma_deriv(self, t: ArrayLike) -> ArrayLike:
+        return np.ones_like(t) if isinstance(t, np.ndarray) else 1.0
+
+    def sigma_inv(self, sigma: ArrayLike) -> ArrayLike:
+        return sigma
+
+
+@dataclass(frozen=True)
+class VESchedule:
+    """sigma(t) = sqrt(t) (variance exploding)."""
+
+    name = "ve"
+
+    def sigma(self, t: ArrayLike) -> ArrayLike:
+        return np.sqrt(t)
+
+    def sigma_deriv(self, t: ArrayLike) -> ArrayLike:
+        return 0.5 / np.sqrt(t)
+
+    def sigma_inv(self, sigma: ArrayLike) -> ArrayLike:
+        return np.square(sigma)
+
+
+@dataclass(frozen=True)
+class VPSchedule:
+    """sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1) (variance preserving)."""
+
+    beta_d: float = VP_BETA_D
+    beta_min: float = VP_BETA_MIN
+    name = "vp"
+
+    def sigma(self, t: ArrayLike) -> ArrayLike:
+        return vp_sigma(t, self.beta_d, self.beta_min)
+
+    def sigma_deriv(self, t: ArrayLike) -> ArrayLike:
+        s = self.sigma(t)
+        return 0.5 * (self.beta_min + self.beta_d * t) * (s + 1 / s)
+
+    def sigma_inv(self, sigma: ArrayLike) -> ArrayLike:
+        return (np.sqrt(self.beta_min**2 + 2 * self.beta_d * np.log(np.square(sigma) + 1)) - self.beta_min) / self.beta_d
+
+
+@dataclass(frozen=True)
+class NoScaling:
+    """s(t) = 1: the network sees x directly."""
+
+    name = "none"
+
+    def s(self, t: ArrayLike) -> ArrayLike:
+        return np.ones_like(t) if isinstance(t, np.ndarray) else 1.0
+
+    def s_deriv(self, t: ArrayLike) -> ArrayLike:
+        return np.zeros_like(t) if isinstance(t, np.ndarray) else 0.0
+
+
+@dataclass(frozen=True)
+class VPScaling:
+    """s(t) = 1/sqrt(1 + sigma(t)^2), with s'(t) = -sigma sigma' s^3 under the given schedule."""
+
+    schedule: object
+    name = "vp"
+
+    def s(self, t: ArrayLike) -> ArrayLike:
+        return 1 / np.sqrt(1 + np.square(self.schedule.sigma(t)))
+
+    def s_deriv(self, t: ArrayLike) -> ArrayLike:
+        return -self.schedule.sigma(t) * self.schedule.sigma_deriv(t) * self.s(t) ** 3
+
+
+def make_schedule(name: str, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
+    """sigma(t) schedule by name: 'linear', 'vp' (with the given betas) or 've'."""
+    if name == "linear":
+        return LinearSchedule()
+    if name == "ve":
+        return VESchedule()
+    if name == "vp":
+        return VPSchedule(beta_d, beta_min)
+    raise InputError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def make_scaling(name: str, schedule) -> object:
+    """s(t) scaling by name: 'none' or 'vp'."""
+    if name == "none":
+        return NoScaling()
+    if name == "vp":
+        return VPScaling(schedule)
+    raise InputError(f"unknown scaling {name!r}; choose one of {', '.join(SCALINGS)}")

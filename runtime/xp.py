@@ -1,0 +1,70 @@
+"""The few array operations the samplers need, for NumPy, CuPy and torch arrays alike.
+
+The sampler state is only ever combined with Python floats (`x * t`, `x + h * d`), which every
+array library supports with the same syntax; what differs is casting and moving host noise onto
+the state's device. Keeping that here lets one sampler drive a NumPy state on the host or a CuPy
+or torch state on a GPU without a host round trip per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def library_of(x: Any) -> str:
+    """'numpy', 'cupy' or 'torch', from the array's type (no import of the library needed)."""
+    module = type(x).__module__.split(".")[0]
+    if module in ("numpy", "cupy", "torch"):
+        return module
+    return "numpy"
+
+
+def to_float64(x: Any) -> Any:
+    """x as float64 in its own library and device (no copy when it already is)."""
+    if library_of(x) == "torch":
+        import torch
+
+        return x.to(torch.float64)
+    if isinstance(x, (np.ndarray, np.generic)) or library_of(x) == "cupy":
+        return x.astype("float64", copy=False)
+    return np.asarray(x, dtype=np.float64)
+
+
+def from_host(arr: np.ndarray, like: Any) -> Any:
+    """Place a host NumPy array in `like`'s library and device."""
+    lib = library_of(like)
+    if lib == "numpy":
+        return arr
+    if lib == "cupy":
+        import cupy
+
+        return cupy.asarray(arr)
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(like.device)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A NumPy copy of any supported array."""
+    lib = library_of(x)
+    if lib == "cupy":
+        return x.get()
+    if lib == "torch":
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def all_finite_rows(x: Any) -> np.ndarray:
+    """Host bool [B]: which batch rows hold only finite values."""
+    lib = library_of(x)
+    if lib == "torch":
+        import torch
+
+        return torch.isfinite(x).reshape(x.shape[0], -1).all(dim=1).cpu().numpy()
+    if lib == "cupy":
+        import cupy
+
+        return cupy.isfinite(x).reshape(x.shape[0], -1).all(axis=1).get()
+    return np.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
