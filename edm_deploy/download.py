@@ -1,0 +1,106 @@
+"""Fetch a file from a local path or an http(s) URL into a cache, with progress and a checksum.
+
+Used for official EDM pickles (`edm-deploy convert URL`) and the FID detector. The cache lives in
+``$EDM_DEPLOY_CACHE`` or ``~/.cache/edm-deploy/downloads``; a download is written to a temporary
+name and renamed only after its size and (optional) sha256 check out, so an interrupted download
+never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Optional
+
+from edm_deploy.errors import InputError
+
+
+def cache_dir() -> str:
+    root = os.environ.get("EDM_DEPLOY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edm-deploy")
+    return os.path.join(root, "downloads")
+
+
+def is_url(path_or_url: str) -> bool:
+    return bool(re.match(r"^https?://", str(path_or_url)))
+
+
+def _cache_name(url: str) -> str:
+    digest = hashlib.md5(url.encode()).hexdigest()
+    base = os.path.basename(urllib.parse.urlparse(url).path) or "download"
+    return f"{digest}_{base}"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(path_or_url: str, sha256: Optional[str] = None, progress: bool = True, timeout: float = 60.0) -> str:
+    """Return a local path for `path_or_url`, downloading URLs into the cache once.
+
+    With `sha256`, the file (cached or local) must match it, otherwise an InputError is raised
+    and a mismatching download is discarded.
+    """
+    if not is_url(path_or_url):
+        if not os.path.exists(path_or_url):
+            raise InputError(f"file not found: {path_or_url}")
+        if sha256 and file_sha256(path_or_url) != sha256.lower():
+            raise InputError(f"{path_or_url}: sha256 does not match the expected {sha256}")
+        return path_or_url
+
+    url = str(path_or_url)
+    directory = cache_dir()
+    os.makedirs(directory, exist_ok=True)
+    target = os.path.join(directory, _cache_name(url))
+    if os.path.exists(target):
+        if not sha256 or file_sha256(target) == sha256.lower():
+            return target
+        os.unlink(target)  # stale or corrupted cache entry: fetch again
+
+    fd, tmp = tempfile.mkstemp(prefix=".part-", dir=directory)
+    digest = hashlib.sha256()
+    try:
+        try:
+            response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - http(s) only, checked above
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise InputError(f"could not download {url}: {reason}") from exc
+        total = int(response.headers.get("Content-Length") or 0) or None
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(target).split("_", 1)[-1], leave=False)
+        received = 0
+        with os.fdopen(fd, "wb") as f, response:
+            while True:
+                try:
+                    block = response.read(1 << 20)
+                except OSError as exc:
+                    raise InputError(f"download of {url} broke off: {exc}") from exc
+                if not block:
+                    break
+                f.write(block)
+                digest.update(block)
+                received += len(block)
+                if bar is not None:
+                    bar.update(len(block))
+        if bar is not None:
+            bar.close()
+        if total is not None and received != total:
+            raise InputError(f"download of {url} is incomplete ({received} of {total} bytes)")
+        if sha256 and digest.hexdigest() != sha256.lower():
+            raise InputError(f"download of {url} has sha256 {digest.hexdigest()}, expected {sha256}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
