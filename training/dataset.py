@@ -1,0 +1,606 @@
+"""Training datasets: uint8 CHW images with integer class labels, from three kinds of source.
+
+A *source spec* names where the images come from (this is what `--data` / `--source` take):
+
+* ``digits`` - scikit-learn's handwritten digits (1797 real 8x8 grey images, 10 classes). It ships
+  with scikit-learn, so training works without any download. ``digits`` is the fixed *train*
+  split, ``digits-test`` the held-out test split and ``digits-all`` all 1797 images (see
+  `load_digits_split`).
+* a folder - image files found recursively (all formats PIL reads), sorted by relative path.
+  Labels come from ``dataset.json`` at the folder root when present, otherwise from the top-level
+  sub-folder names (sorted, mapped to 0..K-1) when every image lies in one; else no labels.
+* a ``.zip`` - the reference dataset format: an uncompressed ZIP of PNGs
+  (``00000/img00000000.png`` ...) plus ``dataset.json`` = ``{"labels": [[name, int], ...]}`` or
+  ``{"labels": null}``. `write_dataset_zip` writes it.
+
+Every dataset is checked when opened, so a bad source fails before any training starts, with one
+clear `InputError` line: an empty source, mixed image sizes, non-square or non-power-of-two sizes,
+mixed or unsupported channel counts, a corrupt ZIP, or missing labels when labels are required.
+Images are decoded on first use and cached (the reference's `--cache=True` behaviour).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from edm_deploy.errors import InputError
+
+# --------------------------------------------------------------------------------------------
+# The built-in digits split.
+
+DIGITS_SPLIT_SEED = 2022  # never change: the split is part of the published results
+DIGITS_TEST_FRACTION = 0.2
+
+
+def digits_split_indices() -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices into `sklearn.datasets.load_digits()`, fixed forever.
+
+    A stratified split done here rather than with `sklearn.model_selection.train_test_split`, so it
+    cannot move when scikit-learn changes its algorithm: for each class c in 0..9 (in order), the
+    sorted indices of that class are permuted by one `np.random.RandomState(2022)` (the legacy
+    Mersenne-Twister stream, whose output NumPy guarantees never to change) and the first
+    round(0.2 * count) go to the test split. 1438 train / 359 test images; both index lists are
+    returned sorted. A test pins the counts and a checksum of the test indices.
+    """
+    from sklearn.datasets import load_digits
+
+    target = np.asarray(load_digits().target)
+    rng = np.random.RandomState(DIGITS_SPLIT_SEED)
+    test = []
+    for c in range(10):
+        idx = np.flatnonzero(target == c)
+        perm = idx[rng.permutation(len(idx))]
+        test.append(perm[: int(round(DIGITS_TEST_FRACTION * len(idx)))])
+    test_idx = np.sort(np.concatenate(test))
+    train_idx = np.setdiff1d(np.arange(len(target)), test_idx)
+    return train_idx.astype(np.int64), test_idx.astype(np.int64)
+
+
+def digits_to_uint8(values: np.ndarray) -> np.ndarray:
+    """scikit-learn's 0..16 grey levels -> uint8 0..255 (x*255/16, rounded half away from zero)."""
+    return np.floor(np.asarray(values, dtype=np.float64) * (255.0 / 16.0) + 0.5).astype(np.uint8)
+
+
+def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train_images, train_labels, test_images, test_labels): uint8 [N,1,8,8] and int64 [N]."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = digits_to_uint8(data.images)[:, None, :, :]
+    labels = np.asarray(data.target, dtype=np.int64)
+    train_idx, test_idx = digits_split_indices()
+    return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset classes.
+
+
+class Dataset:
+    """A fixed list of same-shaped uint8 images [C,R,R] with optional int labels.
+
+    Subclasses provide `_count`, `_load(i)` and the label array; this base class validates the
+    shape rules once and serves items and whole batches from a decoded cache.
+    """
+
+    def __init__(self, name: str, shape: Sequence[int], labels: Optional[np.ndarray]) -> None:
+        self.name = name
+        self.image_shape = tuple(int(s) for s in shape)  # (C, R, R)
+        self._labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self._cache: dict[int, np.ndarray] = {}
+        check_image_shape(self.image_shape, name)
+        if self._labels is not None and len(self._labels) and self._labels.min() < 0:
+            raise InputError(f"{name}: class labels must be non-negative integers")
+
+    # -- sizes ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_channels(self) -> int:
+        return self.image_shape[0]
+
+    @property
+    def resolution(self) -> int:
+        return self.image_shape[1]
+
+    @property
+    def has_labels(self) -> bool:
+        return self._labels is not None
+
+    @property
+    def label_dim(self) -> int:
+        """Number of classes (max label + 1); 0 for an unlabelled dataset."""
+        if self._labels is None or len(self._labels) == 0:
+            return 0
+        return int(self._labels.max()) + 1
+
+    @property
+    def labels(self) -> Optional[np.ndarray]:
+        return self._labels
+
+    # -- items ---------------------------------------------------------------------------------
+    def _load(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def image(self, index: int) -> np.ndarray:
+        img = self._cache.get(index)
+        if img is None:
+            img = self._load(index)
+            if img.shape != self.image_shape:
+                raise InputError(
+                    f"{self.name}: image {index} has shape {list(img.shape)}, expected {list(self.image_shape)}"
+                )
+            self._cache[index] = img
+        return img
+
+    def label(self, index: int) -> int:
+        return -1 if self._labels is None else int(self._labels[index])
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.image(index), self.label(index)
+
+    def batch(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [N,C,R,R] and int64 [N] labels (-1 when unlabelled)."""
+        images = np.stack([self.image(int(i)) for i in indices]) if len(indices) else np.zeros((0, *self.image_shape), np.uint8)
+        labels = np.asarray([self.label(int(i)) for i in indices], dtype=np.int64)
+        return images, labels
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def describe(self) -> str:
+        lab = f"{self.label_dim} classes" if self.has_labels else "no labels"
+        c, r, _ = self.image_shape
+        return f"{self.name}: {len(self)} images, {c}x{r}x{r}, {lab}"
+
+
+class ArrayDataset(Dataset):
+    """Images already in memory (the built-in digits)."""
+
+    def __init__(self, images: np.ndarray, labels: Optional[np.ndarray], name: str = "array") -> None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise InputError(f"{name}: images must be uint8 [N,C,H,W], got {images.dtype} {list(images.shape)}")
+        if len(images) == 0:
+            raise InputError(f"{name}: the dataset holds no images")
+        if labels is not None and len(labels) != len(images):
+            raise InputError(f"{name}: {len(labels)} labels for {len(images)} images")
+        super().__init__(name, images.shape[1:], labels)
+        self._images = images
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def _load(self, index: int) -> np.ndarray:
+        return self._images[index]
+
+    def batch(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(indices, dtype=np.int64)
+        labels = self._labels[idx] if self._labels is not None else np.full(len(idx), -1, np.int64)
+        return self._images[idx], labels
+
+
+class _FileDataset(Dataset):
+    """Images stored as files (a folder or a ZIP): headers checked at open, pixels decoded lazily."""
+
+    def __init__(self, name: str, names: list[str], opener: Callable[[str], bytes], labels_json, label_source: str):
+        if not names:
+            raise InputError(f"{name}: no images found")
+        self._names = names
+        self._opener = opener
+        shape = _common_shape(name, names, opener)
+        labels = _resolve_labels(name, names, labels_json, label_source)
+        super().__init__(name, shape, labels)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @property
+    def file_names(self) -> list[str]:
+        return list(self._names)
+
+    def _load(self, index: int) -> np.ndarray:
+        return decode_image(self._opener(self._names[index]), f"{self.name}/{self._names[index]}")
+
+
+class ImageFolderDataset(_FileDataset):
+    """Every image file under a folder (recursive), sorted by relative path."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(*_folder_listing(path))
+
+
+class ZipDataset(_FileDataset):
+    """The reference dataset ZIP (uncompressed PNGs + dataset.json)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(*_zip_listing(path))
+
+
+def _folder_listing(path: str):
+    """(name, sorted image names, opener, parsed dataset.json, label source) of a folder."""
+    if not os.path.isdir(path):
+        raise InputError(f"dataset folder not found: {path}")
+    names = sorted(
+        os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+        for root, _dirs, files in os.walk(path)
+        for f in files
+        if _is_image_name(f)
+    )
+    if not names:
+        raise InputError(f"{path}: the folder holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    meta = os.path.join(path, "dataset.json")
+    labels_json, source = None, "folders"
+    if os.path.isfile(meta):
+        with open(meta, "rb") as f:
+            labels_json, source = _parse_dataset_json(f.read(), meta), "json"
+
+    def opener(rel: str) -> bytes:
+        with open(os.path.join(path, rel), "rb") as f:
+            return f.read()
+
+    return path, names, opener, labels_json, source
+
+
+def _zip_listing(path: str):
+    """The same for a ZIP; a truncated or corrupt archive is an InputError here, not later."""
+    if not os.path.isfile(path):
+        raise InputError(f"dataset ZIP not found: {path}")
+    try:
+        zf = zipfile.ZipFile(path)
+        bad = zf.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise InputError(f"{path} is not a readable ZIP file ({exc})") from exc
+    if bad is not None:
+        raise InputError(f"{path} is corrupt: member {bad} fails its CRC check")
+    members = set(zf.namelist())
+    names = sorted(n for n in members if _is_image_name(n))
+    if not names:
+        raise InputError(f"{path}: the ZIP holds no images")
+    labels_json, source = None, "none"
+    if "dataset.json" in members:
+        labels_json, source = _parse_dataset_json(zf.read("dataset.json"), f"{path}:dataset.json"), "json"
+    return path, names, zf.read, labels_json, source
+
+
+# --------------------------------------------------------------------------------------------
+# Opening a source spec.
+
+DIGITS_SPECS = ("digits", "digits-test", "digits-all")
+
+
+def open_dataset(spec: str, require_labels: bool = False, max_images: Optional[int] = None) -> Dataset:
+    """A source spec (``digits``, a folder or a .zip) -> a validated dataset.
+
+    `require_labels` turns an unlabelled source into an InputError (class-conditional training);
+    `max_images` keeps the first N images (in sorted order), as the reference dataset tool does.
+    """
+    spec = str(spec)
+    if spec in DIGITS_SPECS:
+        tr_x, tr_y, te_x, te_y = load_digits_split()
+        if spec == "digits":
+            ds: Dataset = ArrayDataset(tr_x, tr_y, "digits")
+        elif spec == "digits-test":
+            ds = ArrayDataset(te_x, te_y, "digits-test")
+        else:
+            from sklearn.datasets import load_digits
+
+            d = load_digits()
+            ds = ArrayDataset(digits_to_uint8(d.images)[:, None], np.asarray(d.target, np.int64), "digits-all")
+    elif os.path.isdir(spec):
+        ds = ImageFolderDataset(spec)
+    elif spec.lower().endswith(".zip"):
+        ds = ZipDataset(spec)
+    elif os.path.exists(spec):
+        raise InputError(f"{spec}: a dataset must be a folder of images, a .zip or one of {', '.join(DIGITS_SPECS)}")
+    else:
+        raise InputError(f"dataset not found: {spec} (give a folder, a .zip or one of {', '.join(DIGITS_SPECS)})")
+    if require_labels and not ds.has_labels:
+        raise InputError(
+            f"{ds.name} has no class labels, but --cond needs them (add dataset.json or one sub-folder per class)"
+        )
+    if max_images is not None:
+        if max_images < 1:
+            raise InputError(f"--max-images must be at least 1, got {max_images}")
+        if max_images < len(ds):
+            ds = Subset(ds, range(max_images))
+    return ds
+
+
+class Subset(Dataset):
+    """The first N (or any listed) items of another dataset."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int]) -> None:
+        self._base = base
+        self._idx = np.asarray(list(indices), dtype=np.int64)
+        labels = None if base.labels is None else base.labels[self._idx]
+        super().__init__(base.name, base.image_shape, labels)
+
+    def __len__(self) -> int:
+        return len(self._idx)
+
+    def _load(self, index: int) -> np.ndarray:
+        return self._base.image(int(self._idx[index]))
+
+    @property
+    def file_names(self) -> list[str]:
+        names = getattr(self._base, "file_names", None)
+        return [names[i] for i in self._idx] if names is not None else []
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and decoding helpers.
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+_CHANNELS = {"1": 1, "L": 1, "I": 1, "F": 1, "I;16": 1, "P": 3, "RGB": 3, "YCbCr": 3}
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not os.path.basename(name).startswith(".")
+
+
+def check_image_shape(shape: Sequence[int], source: str) -> None:
+    """The reference rules: 1 or 3 channels, square, power-of-two resolution."""
+    c, h, w = shape
+    if c not in (1, 3):
+        raise InputError(f"{source}: images must have 1 or 3 channels, got {c}")
+    if h != w:
+        raise InputError(f"{source}: images must be square, got {w}x{h} (use `edm-deploy dataset --resolution N`)")
+    if h < 4 or h & (h - 1):
+        raise InputError(
+            f"{source}: image size must be a power of two >= 4, got {w}x{h} (use `edm-deploy dataset --resolution N`)"
+        )
+
+
+def _open_pil(data: bytes, where: str):
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.size  # noqa: B018 - force header parsing
+        return img
+    except Exception as exc:
+        raise InputError(f"{where} is not a readable image ({exc})") from exc
+
+
+def image_channels(mode: str, where: str) -> int:
+    if mode not in _CHANNELS:
+        raise InputError(f"{where}: unsupported image mode {mode} (use greyscale or RGB without alpha)")
+    return _CHANNELS[mode]
+
+
+def _header_shape(data: bytes, where: str) -> tuple[int, int, int]:
+    img = _open_pil(data, where)
+    return image_channels(img.mode, where), img.size[1], img.size[0]
+
+
+def _common_shape(name: str, names: list[str], opener: Callable[[str], bytes]) -> tuple[int, int, int]:
+    """Check that every image has one size and one channel count (headers only)."""
+    first = None
+    for n in names:
+        try:
+            data = opener(n)
+        except Exception as exc:
+            raise InputError(f"{name}: cannot read {n} ({exc})") from exc
+        shape = _header_shape(data, f"{name}/{n}")
+        if first is None:
+            first = (n, shape)
+        elif shape[1:] != first[1][1:]:
+            raise InputError(
+                f"{name}: mixed image sizes ({first[0]} is {first[1][2]}x{first[1][1]}, {n} is {shape[2]}x{shape[1]}); "
+                f"use `edm-deploy dataset --resolution N` to resize"
+            )
+        elif shape[0] != first[1][0]:
+            raise InputError(
+                f"{name}: mixed channel counts ({first[0]} has {first[1][0]}, {n} has {shape[0]}); "
+                f"convert all images to greyscale or all to RGB"
+            )
+    assert first is not None
+    return first[1]
+
+
+def pil_to_array(img, channels: int) -> np.ndarray:
+    """A PIL image -> uint8 [C,H,W] with the given channel count."""
+    mode = "L" if channels == 1 else "RGB"
+    if img.mode in ("I", "I;16", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 / 65535.0 if arr.max() > 255 else 1.0
+        arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+    else:
+        arr = np.asarray(img.convert(mode), dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    img = _open_pil(data, where)
+    channels = image_channels(img.mode, where)
+    try:
+        return pil_to_array(img, channels)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{where} is not a readable image ({exc})") from exc
+
+
+def _parse_dataset_json(data: bytes, where: str):
+    """dataset.json -> {name: label} or None (labels: null)."""
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{where} is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or "labels" not in meta:
+        raise InputError(f'{where}: expected {{"labels": [[file, label], ...]}} or {{"labels": null}}')
+    labels = meta["labels"]
+    if labels is None:
+        return None
+    try:
+        return {str(k).replace("\\", "/"): int(v) for k, v in labels}
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{where}: labels must be a list of [file name, integer] pairs") from exc
+
+
+def _resolve_labels(name: str, names: list[str], labels_json, source: str) -> Optional[np.ndarray]:
+    if source == "json":
+        if labels_json is None:
+            return None
+        missing = [n for n in names if n not in labels_json]
+        if missing:
+            # The reference writes labels: null when any label is missing; reading, we are strict
+            # only when a label is asked for (see open_dataset(require_labels=True)).
+            return None
+        return np.asarray([labels_json[n] for n in names], dtype=np.int64)
+    if source == "folders":
+        tops = [n.split("/", 1)[0] if "/" in n else None for n in names]
+        if any(t is None for t in tops):
+            return None
+        classes = {t: i for i, t in enumerate(sorted(set(tops)))}
+        return np.asarray([classes[t] for t in tops], dtype=np.int64)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Writing the reference ZIP format.
+
+
+def archive_name(index: int) -> str:
+    """The reference layout: images grouped by thousand, e.g. ``00000/img00000000.png``."""
+    idx = f"{index:08d}"
+    return f"{idx[:5]}/img{idx}.png"
+
+
+def resize_square(img: np.ndarray, resolution: int) -> np.ndarray:
+    """uint8 [C,H,W] -> [C,R,R]: centre-crop to a square, then resize with PIL's Lanczos filter."""
+    from PIL import Image
+
+    c, h, w = img.shape
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    img = img[:, top: top + s, left: left + s]
+    if s == resolution:
+        return np.ascontiguousarray(img)
+    pil = Image.fromarray(img[0] if c == 1 else img.transpose(1, 2, 0))
+    pil = pil.resize((resolution, resolution), Image.LANCZOS)
+    arr = np.asarray(pil, dtype=np.uint8)
+    return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """uint8 [C,H,W] -> PNG bytes, uncompressed (compress_level=0) as the reference tool writes."""
+    from PIL import Image
+
+    pil = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    pil.save(buf, format="png", compress_level=0, optimize=False)
+    return buf.getvalue()
+
+
+def iter_source_images(spec: str, max_images: Optional[int] = None):
+    """(count, has_labels, iterator of (uint8 [C,H,W], label or -1)) for the dataset tool.
+
+    Unlike `open_dataset`, sizes need not agree here (the caller may resize); the channel count
+    must still be the same for every image, which is checked (headers only) before anything is
+    written.
+    """
+    if max_images is not None and max_images < 1:
+        raise InputError(f"--max-images must be at least 1, got {max_images}")
+    if spec in DIGITS_SPECS:
+        ds = open_dataset(spec, max_images=max_images)
+        return len(ds), ds.has_labels, (ds[i] for i in range(len(ds)))
+    if os.path.isdir(spec):
+        name, names, opener, labels_json, source = _folder_listing(spec)
+    elif spec.lower().endswith(".zip") and os.path.isfile(spec):
+        name, names, opener, labels_json, source = _zip_listing(spec)
+    else:
+        open_dataset(spec)  # raises the right InputError
+        raise AssertionError("unreachable")
+    if max_images is not None:
+        names = names[:max_images]
+    labels = _resolve_labels(name, names, labels_json, source)
+    channels = None
+    for n in names:
+        c = _header_shape(opener(n), f"{name}/{n}")[0]
+        if channels is None:
+            channels = c
+        elif c != channels:
+            raise InputError(
+                f"{name}: mixed channel counts ({names[0]} has {channels}, {n} has {c}); "
+                f"convert all images to greyscale or all to RGB"
+            )
+
+    def gen():
+        for i, n in enumerate(names):
+            yield decode_image(opener(n), f"{name}/{n}"), (-1 if labels is None else int(labels[i]))
+
+    return len(names), labels is not None, gen()
+
+
+def write_dataset_zip(
+    source: str,
+    dest: str,
+    resolution: Optional[int] = None,
+    max_images: Optional[int] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> dict:
+    """Build a reference-format dataset ZIP from a source spec, atomically (temp file + rename).
+
+    Without `resolution` every image must already share one square power-of-two size; with it,
+    each image is centre-cropped to a square and resized (Lanczos). Returns a summary dict.
+    The destination appears only when complete; an error or Ctrl-C leaves no partial file.
+    """
+    import tempfile
+
+    if not dest.lower().endswith(".zip"):
+        raise InputError(f"--dest must name a .zip file, got {dest}")
+    if resolution is not None:
+        check_image_shape((1, resolution, resolution), "--resolution")
+    directory = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(directory):
+        raise InputError(f"output folder does not exist: {directory}")
+    if os.path.abspath(source) == os.path.abspath(dest):
+        raise InputError("--source and --dest are the same file")
+    count, has_labels, items = iter_source_images(source, max_images)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(dest), dir=directory)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the final file ordinary permissions
+    shape = None
+    labels: list = []
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for i, (img, label) in enumerate(items):
+                if resolution is not None:
+                    img = resize_square(img, resolution)
+                if shape is None:
+                    shape = img.shape
+                    check_image_shape(shape, source)
+                elif img.shape != shape:
+                    raise InputError(
+                        f"{source}: mixed image sizes ({shape[2]}x{shape[1]} and {img.shape[2]}x{img.shape[1]}); "
+                        f"pass --resolution N to resize every image"
+                    )
+                name = archive_name(i)
+                zf.writestr(name, encode_png(img))
+                labels.append([name, int(label)])
+                if progress is not None:
+                    progress(i + 1, count)
+            if shape is None:
+                raise InputError(f"{source}: no images found")
+            meta = {"labels": labels if has_labels else None}
+            zf.writestr("dataset.json", json.dumps(meta))
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return {"images": len(labels), "shape": list(shape), "labels": has_labels, "dest": dest}
