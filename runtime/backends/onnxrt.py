@@ -1,0 +1,239 @@
+"""onnxruntime backend: an exported `.onnx` denoiser on the CPU, CUDA or TensorRT provider.
+
+The provider actually running the graph is checked after the session is created, because
+onnxruntime silently falls back to the CPU when a GPU provider cannot start (missing CUDA/cuDNN
+libraries): asking for a device explicitly and not getting it is an error; `device='auto'` takes
+the best available provider and records any fallback in `fallback_note`.
+
+On a GPU the sampler state can stay on the device: with CuPy (preferred, torch-free) or torch
+present, `to_device` places the latents there and `_run` binds device buffers with IOBinding, so
+no image crosses PCIe per evaluation. Without either, plain `run()` copies host arrays each call.
+The CUDA and TensorRT paths are written against onnxruntime's documented API but were not run in
+this project's CI (no GPU there); the CPU path is tested.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from edm_deploy.errors import BackendUnavailableError, InputError
+from edm_deploy.manifest import ONNX_METADATA_KEY, loads
+from edm_deploy.runtime.backends.base import DenoiserBackend
+from edm_deploy.runtime.xp import library_of
+
+PROVIDER_FOR_DEVICE = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ModuleNotFoundError as exc:
+        raise BackendUnavailableError(
+            "running .onnx models needs onnxruntime: pip install onnxruntime (CPU) or onnxruntime-gpu"
+        ) from exc
+    return onnxruntime
+
+
+def read_onnx_manifest(session, path: str) -> dict:
+    meta = session.get_modelmeta().custom_metadata_map
+    if ONNX_METADATA_KEY not in meta:
+        raise InputError(f"{path} has no edm-deploy manifest; export it with `edm-deploy export`")
+    return loads(meta[ONNX_METADATA_KEY], path)
+
+
+def resolve_device(device: str, available: list[str]) -> str:
+    """'auto' -> the best provider present; an explicit device must be available."""
+    if device == "auto":
+        if "CUDAExecutionProvider" in available:
+            return "cuda"
+        return "cpu"
+    if device not in PROVIDER_FOR_DEVICE:
+        raise InputError(f"unknown device {device!r} for onnxruntime; choose cpu, cuda, tensorrt or auto")
+    if PROVIDER_FOR_DEVICE[device] not in available:
+        raise BackendUnavailableError(
+            f"onnxruntime here has no {PROVIDER_FOR_DEVICE[device]} (available: {', '.join(available)}); "
+            "install onnxruntime-gpu built for your CUDA version, or use --device cpu"
+        )
+    return device
+
+
+def provider_list(device: str, manifest: dict, max_batch: int, device_id: int = 0, cache_dir: Optional[str] = None) -> list:
+    """Provider list with options, best first, always ending with the CPU provider."""
+    cpu = "CPUExecutionProvider"
+    cuda = ("CUDAExecutionProvider", {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC",
+                                      "arena_extend_strategy": "kSameAsRequested"})
+    if device == "cpu":
+        return [cpu]
+    if device == "cuda":
+        return [cuda, cpu]
+    c, r, label_dim = manifest["img_channels"], manifest["img_resolution"], manifest["label_dim"]
+
+    def shapes(b: int) -> str:
+        parts = [f"x:{b}x{c}x{r}x{r}", f"sigma:{b}"]
+        if label_dim:
+            parts.append(f"class_labels:{b}x{label_dim}")
+        return ",".join(parts)
+
+    opt = int(manifest.get("batch", {}).get("opt") or max_batch)
+    trt_opts = {
+        "device_id": str(device_id),
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "edm-deploy", "ort-trt"),
+        "trt_timing_cache_enable": "True",
+        "trt_profile_min_shapes": shapes(1),
+        "trt_profile_opt_shapes": shapes(min(opt, max_batch)),
+        "trt_profile_max_shapes": shapes(max_batch),
+    }
+    return [("TensorrtExecutionProvider", trt_opts), cuda, cpu]
+
+
+class OnnxRuntimeDenoiser(DenoiserBackend):
+    """An exported denoiser run by onnxruntime."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        path: str,
+        device: str = "auto",
+        threads: Optional[int] = None,
+        max_batch: Optional[int] = None,
+        device_id: int = 0,
+    ):
+        ort = import_onnxruntime()
+        if not os.path.exists(path):
+            raise InputError(f"model not found: {path}")
+        available = ort.get_available_providers()
+        self.requested_device = device
+        resolved = resolve_device(device, available)
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = int(threads) if threads else (os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+
+        def session_for(providers, opts):
+            try:
+                return ort.InferenceSession(path, sess_options=opts, providers=providers)
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise InputError(f"{path} is not a loadable ONNX model ({first[:200]})") from exc
+
+        if resolved == "tensorrt":
+            # TensorRT profiles need the shapes from the manifest before the real session exists.
+            manifest = read_onnx_manifest(session_for(["CPUExecutionProvider"], _light_options(ort)), path)
+            limit = int(max_batch or (manifest.get("batch") or {}).get("max") or 64)
+            self.session = session_for(provider_list(resolved, manifest, limit, device_id), options)
+        else:
+            self.session = session_for(provider_list(resolved, {}, 0, device_id), options)
+            manifest = read_onnx_manifest(self.session, path)
+            limit = max_batch or ((manifest.get("batch") or {}).get("max") if resolved != "cpu" else None)
+        super().__init__(manifest, max_batch=limit, source=path)
+
+        active = self.session.get_providers()[0]
+        self.fallback_note = None
+        if active != PROVIDER_FOR_DEVICE[resolved]:
+            message = (f"onnxruntime fell back to {active} although {PROVIDER_FOR_DEVICE[resolved]} was requested "
+                       "(usually missing CUDA/cuDNN/TensorRT libraries)")
+            if device != "auto":
+                raise BackendUnavailableError(message)
+            self.fallback_note = message
+        self.provider = active
+        self.device = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda",
+                       "TensorrtExecutionProvider": "tensorrt"}.get(active, active)
+        self.device_id = device_id
+        self._check_io()
+        self._device_lib = _device_library() if self.device != "cpu" else None
+
+    def _check_io(self) -> None:
+        names = {i.name for i in self.session.get_inputs()}
+        wanted = {"x", "sigma"} | ({"class_labels"} if self.label_dim else set())
+        if names != wanted:
+            raise InputError(f"{self.source}: inputs {sorted(names)} do not match the manifest (expected {sorted(wanted)})")
+        outputs = [o.name for o in self.session.get_outputs()]
+        if outputs != ["denoised"]:
+            raise InputError(f"{self.source}: expected one output 'denoised', found {outputs}")
+
+    def describe(self) -> str:
+        return f"onnxruntime {self.provider}"
+
+    def to_device(self, host_array: np.ndarray) -> Any:
+        if self._device_lib == "cupy":
+            import cupy
+
+            return cupy.asarray(host_array)
+        if self._device_lib == "torch":
+            import torch
+
+            return torch.from_numpy(host_array).to(f"cuda:{self.device_id}")
+        return host_array
+
+    def _run(self, x: Any, sigma: np.ndarray, class_labels: Optional[np.ndarray]) -> Any:
+        lib = library_of(x)
+        if lib == "numpy":
+            feed = {"x": np.ascontiguousarray(x, dtype=np.float32), "sigma": sigma.astype(np.float32)}
+            if class_labels is not None:
+                feed["class_labels"] = np.ascontiguousarray(class_labels, dtype=np.float32)
+            return self.session.run(["denoised"], feed)[0]
+        return self._run_bound(x, sigma, class_labels, lib)
+
+    def _run_bound(self, x: Any, sigma: np.ndarray, class_labels: Optional[np.ndarray], lib: str) -> Any:
+        """Device-resident input and output through IOBinding (CuPy or torch CUDA arrays)."""
+        if lib == "cupy":
+            import cupy
+
+            x32 = cupy.ascontiguousarray(x.astype(cupy.float32))
+            out = cupy.empty_like(x32)
+            cupy.cuda.get_current_stream().synchronize()
+            x_ptr, out_ptr = x32.data.ptr, out.data.ptr
+        else:
+            import torch
+
+            x32 = x.to(torch.float32).contiguous()
+            out = torch.empty_like(x32)
+            torch.cuda.current_stream(x32.device).synchronize()
+            x_ptr, out_ptr = x32.data_ptr(), out.data_ptr()
+        shape = list(x32.shape)
+        binding = self.session.io_binding()
+        binding.bind_input("x", "cuda", self.device_id, np.float32, shape, x_ptr)
+        binding.bind_cpu_input("sigma", sigma.astype(np.float32))
+        if class_labels is not None:
+            binding.bind_cpu_input("class_labels", np.ascontiguousarray(class_labels, dtype=np.float32))
+        binding.bind_output("denoised", "cuda", self.device_id, np.float32, shape, out_ptr)
+        self.session.run_with_iobinding(binding)
+        return out
+
+
+def _light_options(ort):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+def _device_library() -> Optional[str]:
+    """The array library that keeps sampler state on the GPU: CuPy first (torch-free), then torch."""
+    try:
+        import cupy  # noqa: F401
+
+        return "cupy"
+    except Exception:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "torch"
+    except Exception:
+        pass
+    return None

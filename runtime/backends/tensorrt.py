@@ -1,0 +1,276 @@
+"""TensorRT backend: a serialized engine (`model.plan`) plus its sidecar manifest.
+
+An engine only runs on the TensorRT version and GPU architecture it was built for. Before
+deserializing, the sidecar `model.plan.json` is checked against the machine (`check_engine_compat`)
+and a mismatch is refused with the command that rebuilds it. Device buffers for the profile's
+maximum batch are allocated once; each call copies the batch into them on the device, sets the
+input shapes only when the batch size changes, and runs `execute_async_v3` on a private stream.
+With `cuda_graph=True` one CUDA graph per batch size is captured after an un-captured warm-up run
+(TensorRT's rule after any shape change) and replayed afterwards.
+
+Device arrays come from CuPy (preferred, keeps sampling torch-free) or torch. This module is
+written against the TensorRT 10/11 Python API documentation; the compatibility checks are tested
+here, the GPU execution path could not be run in this project's CI (no GPU, no TensorRT).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from edm_deploy.errors import BackendUnavailableError, InputError
+from edm_deploy.manifest import read_sidecar, sha256_file
+from edm_deploy.runtime.backends.base import DenoiserBackend
+from edm_deploy.runtime.xp import library_of
+
+
+def sidecar_path(plan_path: str) -> str:
+    return plan_path + ".json"
+
+
+def rebuild_hint(manifest: dict, plan_path: str) -> str:
+    onnx = (manifest.get("tensorrt") or {}).get("onnx") or os.path.splitext(plan_path)[0] + ".onnx"
+    return f"rebuild it on this machine: edm-deploy export {onnx} --format trt --out {plan_path}"
+
+
+def check_engine_compat(manifest: dict, trt_version: str, gpu_name: str, compute_capability: str, plan_path: str = "model.plan") -> list[str]:
+    """Refuse an engine built for another TensorRT version or GPU architecture.
+
+    Returns warnings for differences that do not prevent loading (same architecture, other GPU
+    name). Raises InputError with a rebuild hint otherwise.
+    """
+    info = manifest.get("tensorrt")
+    if not info:
+        raise InputError(f"{plan_path}: the manifest has no TensorRT section; {rebuild_hint(manifest, plan_path)}")
+    warnings = []
+    built_version = str(info.get("version"))
+    if built_version != str(trt_version):
+        same_major = built_version.split(".")[0] == str(trt_version).split(".")[0]
+        if not (info.get("version_compatible") and same_major):
+            raise InputError(
+                f"{plan_path} was built with TensorRT {built_version} but this machine has TensorRT {trt_version}; "
+                + rebuild_hint(manifest, plan_path)
+            )
+        warnings.append(f"engine built with TensorRT {built_version}, running on {trt_version} (version-compatible)")
+    built_cc = str(info.get("compute_capability"))
+    if built_cc != str(compute_capability):
+        level = info.get("hardware_compatibility_level")
+        if not (level == "ampere_plus" and _cc_tuple(compute_capability) >= (8, 0)):
+            raise InputError(
+                f"{plan_path} was built for {info.get('gpu')} (compute capability {built_cc}) but this GPU is "
+                f"{gpu_name} ({compute_capability}); " + rebuild_hint(manifest, plan_path)
+            )
+        warnings.append(f"engine built for compute capability {built_cc}, running on {compute_capability} (hardware-compatible)")
+    elif info.get("gpu") and info.get("gpu") != gpu_name:
+        warnings.append(f"engine built on {info.get('gpu')}, running on {gpu_name} (same architecture)")
+    return warnings
+
+
+def _cc_tuple(cc: str) -> tuple[int, int]:
+    major, _, minor = str(cc).partition(".")
+    return int(major), int(minor or 0)
+
+
+class _DeviceLib:
+    """The few CUDA operations the engine runner needs, from CuPy or torch."""
+
+    def __init__(self, device_id: int = 0):
+        self.device_id = device_id
+        try:
+            import cupy
+
+            self.name, self.cp = "cupy", cupy
+            cupy.cuda.Device(device_id).use()
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+            return
+        except ImportError:
+            pass
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ImportError
+            self.name, self.torch = "torch", torch
+            self.stream = torch.cuda.Stream(device=device_id)
+            return
+        except ImportError:
+            pass
+        raise BackendUnavailableError("running TensorRT engines needs CuPy (pip install cupy-cuda12x) or torch with CUDA")
+
+    def gpu(self) -> tuple[str, str]:
+        if self.name == "cupy":
+            props = self.cp.cuda.runtime.getDeviceProperties(self.device_id)
+            name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+            return name, f"{props['major']}.{props['minor']}"
+        major, minor = self.torch.cuda.get_device_capability(self.device_id)
+        return self.torch.cuda.get_device_name(self.device_id), f"{major}.{minor}"
+
+    def empty(self, shape, dtype=np.float32):
+        if self.name == "cupy":
+            return self.cp.empty(shape, dtype=dtype)
+        tdtype = {np.dtype(np.float32): self.torch.float32, np.dtype(np.float16): self.torch.float16}[np.dtype(dtype)]
+        return self.torch.empty(shape, dtype=tdtype, device=f"cuda:{self.device_id}")
+
+    def ptr(self, arr) -> int:
+        return int(arr.data.ptr) if self.name == "cupy" else int(arr.data_ptr())
+
+    def stream_handle(self) -> int:
+        return int(self.stream.ptr) if self.name == "cupy" else int(self.stream.cuda_stream)
+
+    def copy_in(self, dst, src) -> None:
+        """dst[:] = src (float32), on the private stream, from host NumPy or device arrays."""
+        if self.name == "cupy":
+            with self.stream:
+                dst[...] = self.cp.asarray(src, dtype=dst.dtype) if not isinstance(src, self.cp.ndarray) else src.astype(dst.dtype)
+        else:
+            torch = self.torch
+            with torch.cuda.stream(self.stream):
+                source = src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src))
+                dst.copy_(source.to(dst.device, non_blocking=True).to(dst.dtype))
+
+    def copy_out(self, src):
+        if self.name == "cupy":
+            with self.stream:
+                out = src.copy()
+        else:
+            with self.torch.cuda.stream(self.stream):
+                out = src.clone()
+        return out
+
+    def sync(self) -> None:
+        self.stream.synchronize()
+
+    def to_device(self, host: np.ndarray):
+        if self.name == "cupy":
+            return self.cp.asarray(host)
+        return self.torch.from_numpy(host).to(f"cuda:{self.device_id}")
+
+
+class TensorRTDenoiser(DenoiserBackend):
+    """A TensorRT engine with device-resident I/O buffers and optional CUDA graphs."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: str, cuda_graph: bool = False, max_batch: Optional[int] = None, device_id: int = 0):
+        manifest = read_sidecar(sidecar_path(path))
+        try:
+            import tensorrt as trt
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                "running .plan engines needs TensorRT (pip install tensorrt); without it, sample the .onnx with onnxruntime"
+            ) from exc
+        self.lib = _DeviceLib(device_id)
+        gpu_name, cc = self.lib.gpu()
+        self.warnings = check_engine_compat(manifest, trt.__version__, gpu_name, cc, path)
+        expected = manifest["tensorrt"].get("plan_sha256")
+        if expected and sha256_file(path) != expected:
+            raise InputError(f"{path} does not match the sha256 in its manifest (corrupted or replaced); rebuild it")
+        profile = manifest["tensorrt"]["profile"]
+        limit = int(profile["max"]) if max_batch is None else min(int(max_batch), int(profile["max"]))
+        super().__init__(manifest, max_batch=limit, source=path)
+        self.device = f"cuda:{device_id} ({gpu_name})"
+
+        self.trt = trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        with open(path, "rb") as f:
+            self.engine = self.runtime.deserialize_cuda_engine(f.read())
+        if self.engine is None:
+            raise InputError(f"TensorRT could not deserialize {path}; {rebuild_hint(manifest, path)}")
+        self.context = self.engine.create_execution_context()
+        self.input_names = ["x", "sigma"] + (["class_labels"] if self.label_dim else [])
+        self._check_engine_io()
+
+        c, r = self.img_channels, self.img_resolution
+        self.buffers = {
+            "x": self.lib.empty((limit, c, r, r)),
+            "sigma": self.lib.empty((limit,)),
+            "denoised": self.lib.empty((limit, c, r, r)),
+        }
+        if self.label_dim:
+            self.buffers["class_labels"] = self.lib.empty((limit, self.label_dim))
+        for name, buf in self.buffers.items():
+            # Buffers start at a fixed address for every batch size: bind once.
+            if not self.context.set_tensor_address(name, self.lib.ptr(buf)):
+                raise InputError(f"TensorRT refused the address of tensor {name!r}")
+        self.cuda_graph = cuda_graph
+        self._graphs: dict[int, Any] = {}
+        self._shape_batch: Optional[int] = None
+
+    def _check_engine_io(self) -> None:
+        trt = self.trt
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if sorted(inputs) != sorted(self.input_names) or outputs != ["denoised"]:
+            raise InputError(f"{self.source}: engine tensors {names} do not match the manifest")
+        for n in names:
+            if self.engine.get_tensor_dtype(n) != trt.DataType.FLOAT:
+                raise InputError(f"{self.source}: tensor {n} is not float32; engines must keep fp32 I/O")
+
+    def describe(self) -> str:
+        return f"tensorrt {self.trt.__version__} on {self.device}" + (" with CUDA graphs" if self.cuda_graph else "")
+
+    def to_device(self, host_array: np.ndarray) -> Any:
+        return self.lib.to_device(host_array)
+
+    def _set_shapes(self, batch: int) -> None:
+        if self._shape_batch == batch:
+            return
+        c, r = self.img_channels, self.img_resolution
+        shapes = {"x": (batch, c, r, r), "sigma": (batch,)}
+        if self.label_dim:
+            shapes["class_labels"] = (batch, self.label_dim)
+        for name, shape in shapes.items():
+            if not self.context.set_input_shape(name, shape):
+                raise InputError(f"batch {batch} is outside the engine's optimization profile")
+        self._shape_batch = batch
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.lib.stream_handle()):
+            raise InputError("TensorRT execution failed (see the TensorRT log above)")
+
+    def _launch(self, batch: int) -> None:
+        self._set_shapes(batch)
+        if not self.cuda_graph:
+            self._execute()
+            return
+        graph = self._graphs.get(batch)
+        if graph is None:
+            self._execute()  # un-captured run after the shape change, then capture
+            graph = self._capture()
+            self._graphs[batch] = graph
+        if self.lib.name == "cupy":
+            graph.launch(self.lib.stream)
+        else:
+            with self.lib.torch.cuda.stream(self.lib.stream):
+                graph.replay()
+
+    def _capture(self):
+        if self.lib.name == "cupy":
+            self.lib.stream.begin_capture()
+            try:
+                self._execute()
+            finally:
+                graph = self.lib.stream.end_capture()
+            return graph
+        torch = self.lib.torch
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.lib.stream):
+            self._execute()
+        return graph
+
+    def _run(self, x: Any, sigma: np.ndarray, class_labels: Optional[np.ndarray]) -> Any:
+        batch = int(x.shape[0])
+        self.lib.copy_in(self.buffers["x"][:batch], x)
+        self.lib.copy_in(self.buffers["sigma"][:batch], sigma.astype(np.float32))
+        if class_labels is not None:
+            self.lib.copy_in(self.buffers["class_labels"][:batch], class_labels.astype(np.float32))
+        self._launch(batch)
+        out = self.lib.copy_out(self.buffers["denoised"][:batch])
+        self.lib.sync()
+        if library_of(x) == "numpy":
+            return out.get() if self.lib.name == "cupy" else out.cpu().numpy()
+        return out

@@ -1,0 +1,100 @@
+"""torch backend: a preconditioned torch module as a denoiser (the reference path and GPU fallback).
+
+This module never imports the training package: it receives a ready `nn.Module` (the EDM
+preconditioner, built by `edm_deploy.load` from a checkpoint) and its manifest. Options:
+`fp16` (the preconditioner's fp16 compute path; on CUDA), `channels_last`, and `compile`
+(`torch.compile`, with `compile_mode` e.g. 'max-autotune-no-cudagraphs' or 'reduce-overhead' for
+CUDA graphs). On CUDA the sampler state lives on the device as a torch float64 tensor, so an
+evaluation costs no host round trip.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from edm_deploy.errors import BackendUnavailableError, InputError
+from edm_deploy.runtime.backends.base import DenoiserBackend
+from edm_deploy.runtime.xp import library_of
+
+
+def import_torch():
+    try:
+        import torch
+    except ModuleNotFoundError as exc:
+        raise BackendUnavailableError("the torch backend needs torch: pip install 'edm-deploy[train]'") from exc
+    return torch
+
+
+class TorchDenoiser(DenoiserBackend):
+    """A preconditioned EDM network (EDMPrecond & co.) evaluated by PyTorch."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        net: Any,
+        manifest: dict,
+        device: str = "auto",
+        fp16: bool = False,
+        compile: bool = False,
+        compile_mode: Optional[str] = None,
+        channels_last: bool = False,
+        max_batch: Optional[int] = None,
+        source: str = "model",
+    ):
+        torch = import_torch()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailableError("--device cuda was requested but torch sees no CUDA GPU")
+        if device not in ("cpu",) and not device.startswith("cuda"):
+            raise InputError(f"unknown device {device!r} for the torch backend; choose cpu, cuda or auto")
+        super().__init__(manifest, max_batch=max_batch, source=source)
+        self.torch = torch
+        self.device = device
+        self.fp16 = bool(fp16)
+        net = net.eval().requires_grad_(False).to(device)
+        if hasattr(net, "use_fp16"):
+            net.use_fp16 = self.fp16
+        if self.fp16 and not device.startswith("cuda"):
+            # On the CPU the preconditioners only run fp16 when explicitly forced (see training.precond).
+            force = getattr(net, "set_fp16_everywhere", None)
+            if force is None:
+                raise InputError("fp16 on the CPU is not supported by this network; drop --fp16 or use CUDA")
+            force(True)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+        self.net = net
+        self.fn = torch.compile(net, mode=compile_mode) if compile else net
+        self.compiled = bool(compile)
+
+    def describe(self) -> str:
+        extras = [p for p, on in (("fp16", self.fp16), ("compile", self.compiled), ("channels_last", self.channels_last)) if on]
+        return f"torch on {self.device}" + (f" ({', '.join(extras)})" if extras else "")
+
+    def to_device(self, host_array: np.ndarray) -> Any:
+        if self.device.startswith("cuda"):
+            return self.torch.from_numpy(host_array).to(self.device)
+        return host_array
+
+    def synchronize(self) -> None:
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize(self.device)
+
+    def _run(self, x: Any, sigma: np.ndarray, class_labels: Optional[np.ndarray]) -> Any:
+        torch = self.torch
+        on_device = library_of(x) == "torch"
+        with torch.inference_mode():
+            xt = x.to(torch.float32) if on_device else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            xt = xt.to(self.device)
+            if self.channels_last:
+                xt = xt.contiguous(memory_format=torch.channels_last)
+            st = torch.from_numpy(sigma.astype(np.float32)).to(self.device)
+            lt = None if class_labels is None else torch.from_numpy(np.ascontiguousarray(class_labels)).to(self.device)
+            out = self.fn(xt, st, lt)
+        if on_device:
+            return out.contiguous()
+        return out.float().cpu().numpy()
