@@ -22,6 +22,7 @@ description ``{"class_name", "init_kwargs"}`` that :mod:`edm_deploy.training.che
 
 from __future__ import annotations
 
+import _compat_pickle
 import dataclasses
 import hashlib
 import io
@@ -207,8 +208,6 @@ def _make_frozenset(items=()):
 # Restricted unpicklers
 # --------------------------------------------------------------------------------------------
 
-_BUILTINS = ("builtins", "__builtin__")  # protocol < 3 writes Python 2 names; we see them raw
-
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): "persistent",  # bound per unpickler
     ("collections", "OrderedDict"): dict,
@@ -222,13 +221,25 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): _DTypeSpec,
     ("dnnlib.util", "EasyDict"): _EasyDict,
     ("_codecs", "encode"): _latin1_encode,
-    **{(b, "bytes"): _empty_bytes for b in _BUILTINS},
-    **{(b, "set"): _make_set for b in _BUILTINS},
-    **{(b, "frozenset"): _make_frozenset for b in _BUILTINS},
+    ("builtins", "bytes"): _empty_bytes,
+    ("builtins", "set"): _make_set,
+    ("builtins", "frozenset"): _make_frozenset,
 }
 
 
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    """Protocol < 3 streams spell globals the Python 2 way (__builtin__.set, commands.Popen).
+
+    pickle's own find_class translates them; an override sees them raw, so translate the same way
+    before matching the allowlist or naming a refused global.
+    """
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
 def _refuse(module: str, name: str) -> InputError:
+    module, name = _python3_name(module, name)
     return InputError(
         f"refusing to load: the pickle asks for {module}.{name}, which an EDM network pickle never "
         f"needs (loading it could run code); nothing from the file was executed"
@@ -312,7 +323,7 @@ class _OfficialUnpickler(pickle.Unpickler):
         self.module_sources: dict[str, list[str]] = {}  # sha256 of module_src -> class names using it
 
     def find_class(self, module: str, name: str) -> Any:
-        target = _ALLOWED_GLOBALS.get((module, name))
+        target = _ALLOWED_GLOBALS.get(_python3_name(module, name))
         if target is None:
             raise _refuse(module, name)
         if target == "persistent":
@@ -586,6 +597,8 @@ def convert_official(source: str, out: Optional[str] = None, key: str = "ema", s
     official = read_official(local, key)
     digest = file_sha256(local)
     meta = {
+        # A plain str: torch.__version__ is a TorchVersion, which weights_only loading refuses.
+        "torch": str(torch.__version__),
         "source": {
             "file": os.path.basename(urllib.parse.urlparse(source).path if is_url(source) else source),
             "url": source if is_url(source) else None,
