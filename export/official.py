@@ -161,7 +161,10 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
         last = storage_offset + sum((s - 1) * st for s, st in zip(size, stride))
         if last >= available or numel > available:
             raise InputError("malformed tensor in the pickle (it reaches outside its storage)")
-    return torch.as_strided(storage.data, tuple(size), tuple(stride), storage_offset).clone()
+    view = torch.as_strided(storage.data, tuple(size), tuple(stride), storage_offset)
+    if storage_offset == 0 and numel == available and view.is_contiguous():
+        return view  # the usual case: the tensor is its whole storage; no second copy of big files
+    return view.clone()
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None) -> torch.Tensor:

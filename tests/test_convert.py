@@ -422,3 +422,22 @@ def test_cli_refusal_is_one_error_line_and_no_output(tmp_path, cli_env):
     assert "Traceback" not in res.stderr
     assert not out.exists() and not marker.exists()
     assert sorted(os.listdir(tmp_path)) == ["evil.pkl"]
+
+
+@pytest.mark.slow
+def test_full_size_cifar10_ddpmpp_pickle_converts(tmp_path):
+    """A file the size of edm-cifar10-32x32-cond-vp.pkl (~223 MB) converts with the published counts."""
+    precond = _precond_module()
+    if precond is None:
+        pytest.skip("training/precond.py is not available yet")
+    kwargs = dict(img_resolution=32, img_channels=3, label_dim=10, use_fp16=False, model_type="SongUNet",
+                  embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                  channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2],
+                  augment_dim=9, dropout=0.13)
+    torch.manual_seed(0)
+    net = precond.EDMPrecond(**kwargs).eval()
+    path = _write(tmp_path / "edm-cifar10-32x32-cond-vp.pkl", H.reference_pickle(net, kwargs))
+    result = official.convert_official(path, out=str(tmp_path / "ckpt.pt"), progress=False)
+    assert result.official.num_params == 55_735_299  # facts section 2.6
+    assert len(result.official.state_dict) == 427 and result.official.num_buffers == 8
+    _assert_same_tensors(net.state_dict(), load_checkpoint(result.out)["ema"])
