@@ -76,8 +76,19 @@ _NUMPY_SCALAR_CODES = {"f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4
 # Plain-data stand-ins for the objects a file describes
 # --------------------------------------------------------------------------------------------
 
+class _NoState:
+    """Refuses pickle BUILD: these objects are made whole by our own code, never patched by the file.
+
+    (Without this a stream could BUILD onto a record and swap its validated fields, or onto a tensor,
+    whose own ``__setstate__`` can re-point or resize its storage.)
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        raise InputError(f"malformed pickle: it tries to set the state of a {type(self).__name__.lstrip('_')}")
+
+
 @dataclasses.dataclass
-class PersistentRecord:
+class PersistentRecord(_NoState):
     """What `torch_utils.persistence._reconstruct_persistent_obj(meta)` would have rebuilt, as data."""
 
     class_name: str
@@ -124,20 +135,27 @@ class _DTypeSpec:
 
 
 @dataclasses.dataclass
-class _Storage:
+class TensorRecord(_NoState):
+    """A tensor rebuilt from raw bytes; wrapped so the stream cannot BUILD onto the tensor itself."""
+
+    tensor: torch.Tensor
+
+
+@dataclasses.dataclass
+class _Storage(_NoState):
     """A storage rebuilt from raw bytes: a flat 1-D tensor of its dtype."""
 
     data: torch.Tensor
 
 
 @dataclasses.dataclass
-class _StorageType:
+class _StorageType(_NoState):
     name: str
     dtype: torch.dtype
 
 
 @dataclasses.dataclass
-class _PendingStorage:
+class _PendingStorage(_NoState):
     key: str
 
 
@@ -146,7 +164,7 @@ class _PendingStorage:
 # --------------------------------------------------------------------------------------------
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None) -> torch.Tensor:
+                       metadata=None) -> TensorRecord:
     """A contiguous copy of a strided view into a storage, with every index bound checked."""
     if not isinstance(storage, _Storage):
         raise InputError("malformed tensor in the pickle (its storage is not a tensor storage)")
@@ -163,13 +181,13 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
             raise InputError("malformed tensor in the pickle (it reaches outside its storage)")
     view = torch.as_strided(storage.data, tuple(size), tuple(stride), storage_offset)
     if storage_offset == 0 and numel == available and view.is_contiguous():
-        return view  # the usual case: the tensor is its whole storage; no second copy of big files
-    return view.clone()
+        return TensorRecord(view)  # the usual case (the tensor is its whole storage): no second copy
+    return TensorRecord(view.clone())
 
 
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None) -> torch.Tensor:
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None) -> TensorRecord:
     """A Parameter is just its data for our purposes."""
-    if not isinstance(data, torch.Tensor):
+    if not isinstance(data, TensorRecord):
         raise InputError("malformed parameter in the pickle")
     return data
 
@@ -361,6 +379,8 @@ class _OfficialUnpickler(pickle.Unpickler):
 def safe_unpickle(file: BinaryIO) -> tuple[Any, dict[str, list[str]]]:
     """Unpickle an EDM network file as plain data; returns (data, {module_src sha256: class names}).
 
+    Persistent objects come back as :class:`PersistentRecord`, tensors as :class:`TensorRecord`,
+    OrderedDicts as dicts, numpy scalars as Python numbers.
     Raises InputError for refused globals and for anything that is not a readable pickle.
     """
     unpickler = _OfficialUnpickler(file)
@@ -440,9 +460,11 @@ def _collect(node: Any, prefix: str, out: _Collected, depth: int, allowed: tuple
                              f"(expected one of {', '.join(allowed)})")
         state = node.state
     elif isinstance(node, _ModuleDictRecord) and "ModuleDict" in allowed:
-        state = node.state
+        state = getattr(node, "state", None)  # NEWOBJ without BUILD leaves it unset
     else:
         raise InputError(f"{where}: unexpected {type(node).__name__} where a network module belongs")
+    if not isinstance(state, dict):
+        raise InputError(f"{where}: malformed module state")
     skip = state.get("_non_persistent_buffers_set") or set()
     for group in ("_parameters", "_buffers"):
         entries = state.get(group) or {}
@@ -451,8 +473,9 @@ def _collect(node: Any, prefix: str, out: _Collected, depth: int, allowed: tuple
         for name, tensor in entries.items():
             if tensor is None or (group == "_buffers" and name in skip):
                 continue
-            if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            if not isinstance(name, str) or not isinstance(tensor, TensorRecord):
                 raise InputError(f"{where}: malformed entry {name!r} in {group}")
+            tensor = tensor.tensor
             out.tensors[prefix + name] = tensor
             if group == "_parameters":
                 out.num_params += tensor.numel()
