@@ -96,7 +96,7 @@ def save_checkpoint(
         "training_state": training_state,
         "meta": {
             "producer": f"edm-deploy {__version__}",
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **(meta or {}),
         },

@@ -60,7 +60,7 @@ class TorchDenoiser(DenoiserBackend):
             net.use_fp16 = self.fp16
         if self.fp16 and not device.startswith("cuda"):
             # On the CPU the preconditioners only run fp16 when explicitly forced (see training.precond).
-            force = getattr(net, "set_fp16_everywhere", None)
+            force = getattr(net, "set_export_fp16", None)
             if force is None:
                 raise InputError("fp16 on the CPU is not supported by this network; drop --fp16 or use CUDA")
             force(True)

@@ -1,0 +1,118 @@
+"""`edm-deploy export`: checkpoint -> ONNX (fp32/fp16, dynamic batch) -> TensorRT engine."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import click
+
+from edm_deploy.errors import InputError
+
+
+def default_onnx_path(ckpt: str, fp16: bool) -> str:
+    stem = os.path.splitext(ckpt)[0]
+    return stem + ("-fp16" if fp16 else "") + ".onnx"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--fp16", is_flag=True, help="fp16 compute inside the graph (fp32 inputs/outputs).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Output file (.onnx, or .plan with --format trt) [default: next to MODEL].")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "trt", "auto"]), default="auto", show_default=True, help="auto builds a TensorRT engine when TensorRT and a GPU are present.")
+@click.option("--max-batch", type=int, default=64, show_default=True, help="Largest batch the artifact must serve.")
+@click.option("--opt-batch", type=int, default=None, help="Batch TensorRT optimises for [default: min(64, max)].")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17: normalisation layers map cleanly to TensorRT, all ops run in onnxruntime).")
+@click.option("--no-verify", is_flag=True, help="Skip the fidelity check against the torch model.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="TensorRT timing cache file (read and updated).")
+@click.option("--opt-level", type=int, default=3, show_default=True, help="TensorRT builder optimisation level 0-5.")
+@click.option("--workspace", type=float, default=None, help="TensorRT workspace limit in GiB.")
+@click.option("--hardware-compat", is_flag=True, help="TensorRT: engine portable to all Ampere+ GPUs (slower).")
+def export(model: str, fp16: bool, out_path: Optional[str], fmt: str, max_batch: int, opt_batch: Optional[int],
+           opset: int, no_verify: bool, timing_cache: Optional[str], opt_level: int, workspace: Optional[float],
+           hardware_compat: bool) -> None:
+    """Export a checkpoint's EMA denoiser D(x, sigma, class) with preconditioning inside the graph.
+
+    MODEL is a .pt checkpoint (or an .onnx file to build a TensorRT engine from). The ONNX file
+    is verified against the torch model unless --no-verify is given.
+
+    \b
+    Examples:
+      edm-deploy export runs/digits/ckpt.pt                       # -> runs/digits/ckpt.onnx
+      edm-deploy export ckpt.pt --fp16 --max-batch 256 --format trt --out model.plan
+      edm-deploy export model.onnx --format trt --timing-cache trt.cache
+    """
+    from edm_deploy.loading import model_kind
+
+    if max_batch < 1:
+        raise InputError(f"--max-batch must be >= 1, got {max_batch}")
+    if opt_batch is not None and not 1 <= opt_batch <= max_batch:
+        raise InputError(f"--opt-batch must lie in [1, --max-batch={max_batch}], got {opt_batch}")
+    kind = model_kind(model)
+    if not os.path.exists(model):
+        raise InputError(f"file not found: {model}")
+    if out_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
+        raise InputError(f"output folder does not exist: {os.path.dirname(os.path.abspath(out_path))}")
+    if kind == "plan":
+        raise InputError("MODEL is already a TensorRT engine")
+
+    from edm_deploy.export.tensorrt_build import tensorrt_status
+
+    trt_ok, trt_reason = tensorrt_status()
+    want_trt = fmt == "trt" or (fmt == "auto" and trt_ok)
+    if fmt == "trt" and not trt_ok:
+        raise InputError(f"--format trt: {trt_reason}")
+    plan_path = None
+    if want_trt:
+        plan_path = out_path if out_path and out_path.endswith((".plan", ".engine")) else os.path.splitext(out_path or default_onnx_path(model, fp16))[0] + ".plan"
+
+    net = None
+    if kind == "onnx":
+        onnx_path = model
+        if not want_trt:
+            raise InputError("MODEL is already ONNX; use --format trt to build an engine from it")
+        from edm_deploy.export.onnx_export import read_onnx_manifest
+
+        manifest = read_onnx_manifest(onnx_path)
+    else:
+        from edm_deploy.export.onnx_export import export_onnx
+        from edm_deploy.training.checkpoint import load_checkpoint, load_network
+
+        ckpt = load_checkpoint(model)
+        net = load_network(ckpt)
+        onnx_path = out_path if out_path and out_path.endswith(".onnx") else default_onnx_path(out_path or model, fp16)
+        click.echo(f"exporting {model} -> {onnx_path} ({'fp16' if fp16 else 'fp32'}, opset {opset}, batch 1..{max_batch})", err=True)
+        result = export_onnx(net, ckpt["network"], onnx_path, fp16=fp16, opset=opset, max_batch=max_batch,
+                             opt_batch=opt_batch, source_path=model)
+        manifest = result.manifest
+        click.echo(f"wrote {onnx_path} ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s"
+                   + (", external data" if result.external_data else "") + ")")
+        if not no_verify:
+            _verify(onnx_path, net, "fp16" if fp16 else "fp32", device="cpu")
+
+    if not want_trt:
+        if fmt == "auto":
+            click.echo(f"stopped at ONNX: {trt_reason}")
+        return
+
+    from edm_deploy.export.tensorrt_build import build_engine
+
+    click.echo(f"building TensorRT engine {plan_path} (profile 1..{max_batch}, opt level {opt_level})", err=True)
+    engine = build_engine(onnx_path, plan_path, manifest, max_batch=max_batch, opt_batch=opt_batch,
+                          timing_cache=timing_cache, optimization_level=opt_level, workspace_gib=workspace,
+                          hardware_compatible=hardware_compat)
+    click.echo(f"wrote {plan_path} + {plan_path}.json (TensorRT {engine['tensorrt']['version']}, "
+               f"{engine['tensorrt']['gpu']}, {engine['tensorrt']['build_seconds']} s)")
+    if net is not None and not no_verify:
+        _verify(plan_path, net, manifest.get("precision", "fp32"), device="cuda")
+
+
+def _verify(path: str, net, precision: str, device: str) -> None:
+    from edm_deploy.export.verify import verify_artifact
+    from edm_deploy.loading import load
+
+    den = load(path, device=device)
+    report = verify_artifact(path, net, den, precision)
+    click.echo(report.table())
+    if not report.passed:
+        raise InputError(f"verification of {path} failed; the file is kept for inspection")
