@@ -165,7 +165,11 @@ class _PendingStorage(_NoState):
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                        metadata=None) -> TensorRecord:
-    """A contiguous copy of a strided view into a storage, with every index bound checked."""
+    """The tensor a strided view into `storage` describes, bounds checked, as a TensorRecord.
+
+    A view covering its whole storage is returned as is; anything else is copied, so no tensor
+    we hand out aliases bytes it does not own.
+    """
     if not isinstance(storage, _Storage):
         raise InputError("malformed tensor in the pickle (its storage is not a tensor storage)")
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
@@ -195,7 +199,8 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 def _numpy_scalar(dtype, raw=None):
     """numpy.core.multiarray.scalar(dtype, bytes) -> the Python number it holds."""
     if not isinstance(dtype, _DTypeSpec) or dtype.code not in _NUMPY_SCALAR_CODES or not isinstance(raw, bytes):
-        raise InputError(f"refusing to load: the pickle holds a numpy scalar of unsupported type {getattr(dtype, 'code', dtype)!r}")
+        code = getattr(dtype, "code", dtype)
+        raise InputError(f"refusing to load: the pickle holds a numpy scalar of unsupported type {code!r}")
     import numpy as np
 
     np_dtype = np.dtype(dtype.code).newbyteorder("=" if dtype.byteorder == "|" else dtype.byteorder)
