@@ -1,0 +1,155 @@
+"""Measurements behind `edm-deploy bench` and `benchmarks/`: denoiser throughput per backend,
+sampling throughput at the paper's NFE, sampler overhead, peak memory, export time.
+
+Every comparison runs in one process on the same weights, warmed up, repeated, and reported as
+medians with their spread, because wall-clock numbers on shared machines are noisy and only
+ratios measured side by side mean anything.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from edm_deploy.errors import InputError
+
+
+def paper_steps(resolution: int) -> int:
+    """Steps of the paper's deterministic setting: 18 (NFE 35) at 32x32 and below, 40 (NFE 79) above."""
+    return 18 if resolution <= 32 else 40
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def _median_spread(times: list[float]) -> tuple[float, float]:
+    med = statistics.median(times)
+    return med, (max(times) - min(times)) / med if med else 0.0
+
+
+@dataclass
+class BackendResult:
+    backend: str
+    batch: int
+    evals_per_s: float
+    image_evals_per_s: float
+    spread: float
+    img_per_s_at_nfe: Optional[float] = None
+    nfe: Optional[int] = None
+    overhead_fraction: Optional[float] = None
+    setup_s: Optional[float] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def time_denoiser(den: Any, batch: int, repeats: int = 5, warmup: int = 2, seed: int = 0) -> tuple[float, float]:
+    """(median seconds per evaluation, spread) at `batch`, inputs on the backend's device."""
+    rng = np.random.default_rng(seed)
+    shape = (batch, den.img_channels, den.img_resolution, den.img_resolution)
+    x = den.to_device(rng.standard_normal(shape).astype(np.float32)) if hasattr(den, "to_device") else rng.standard_normal(shape).astype(np.float32)
+    sigma = np.full(batch, 1.0)
+    labels = np.eye(den.label_dim, dtype=np.float32)[np.arange(batch) % den.label_dim] if den.label_dim else None
+    for _ in range(warmup):
+        den(x, sigma, labels)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        den(x, sigma, labels)
+        if hasattr(den, "synchronize"):
+            den.synchronize()
+        times.append(time.perf_counter() - start)
+    return _median_spread(times)
+
+
+def time_sampling(den: Any, batch: int, num_steps: int, repeats: int = 1) -> tuple[float, float]:
+    """(images per second, overhead fraction) for the deterministic sampler at `num_steps`."""
+    from edm_deploy.runtime.generate import sample_batch
+
+    seeds = list(range(batch))
+    sample_batch(den, seeds[: max(1, min(batch, 2))], None, {"num_steps": 2})  # warm-up (graphs, caches)
+    walls, overheads = [], []
+    for _ in range(repeats):
+        den.eval_seconds = 0.0
+        start = time.perf_counter()
+        sample_batch(den, seeds, None, {"num_steps": num_steps})
+        wall = time.perf_counter() - start
+        walls.append(wall)
+        overheads.append(max(0.0, 1 - den.eval_seconds / wall))
+    wall = statistics.median(walls)
+    return batch / wall, statistics.median(overheads)
+
+
+def bench_backend(name: str, make: Callable[[], Any], batch: int, repeats: int, sample_steps: Optional[int]) -> BackendResult:
+    start = time.perf_counter()
+    den = make()
+    setup = time.perf_counter() - start
+    per_eval, spread = time_denoiser(den, batch, repeats=repeats)
+    result = BackendResult(backend=name if name == den.describe() else f"{name} [{den.describe()}]", batch=batch,
+                           evals_per_s=1 / per_eval, image_evals_per_s=batch / per_eval, spread=spread, setup_s=setup)
+    if getattr(den, "fallback_note", None):
+        result.notes.append(den.fallback_note)
+    if sample_steps:
+        from edm_deploy.runtime.sampling import nfe
+
+        ips, overhead = time_sampling(den, batch, sample_steps)
+        result.img_per_s_at_nfe, result.nfe, result.overhead_fraction = ips, nfe(sample_steps), overhead
+    return result
+
+
+def backend_factories(model: str, backends: list[str], device: str = "auto", threads: Optional[int] = None,
+                      workdir: Optional[str] = None) -> tuple[list[tuple[str, Callable[[], Any]]], dict]:
+    """Backends to compare for `model`; a .pt model is exported to ONNX once (timed)."""
+    from edm_deploy.loading import load, model_kind
+
+    kind = model_kind(model)
+    extra: dict[str, Any] = {}
+    factories: list[tuple[str, Callable[[], Any]]] = []
+    onnx_path = model if kind == "onnx" else None
+    if kind == "pt" and any(b.startswith("onnxruntime") for b in backends):
+        from edm_deploy.export.onnx_export import export_onnx
+        from edm_deploy.training.checkpoint import load_checkpoint, load_network
+
+        ckpt = load_checkpoint(model)
+        onnx_path = os.path.join(workdir or tempfile.mkdtemp(prefix="edm-bench-"), "bench.onnx")
+        result = export_onnx(load_network(ckpt), ckpt["network"], onnx_path, max_batch=1024)
+        extra["export_s"] = result.seconds
+    for b in backends:
+        if b == "onnxruntime":
+            if onnx_path is None:
+                raise InputError("onnxruntime needs an .onnx or .pt model")
+            factories.append((b, lambda: load(onnx_path, backend="onnxruntime", device=device, threads=threads)))
+        elif b in ("torch", "torch-compile", "torch-fp16"):
+            if kind != "pt":
+                raise InputError(f"{b} needs a .pt checkpoint")
+            opts = {"compile": b == "torch-compile", "fp16": b == "torch-fp16"}
+            factories.append((b, lambda opts=opts: load(model, backend="torch", device=device, **opts)))
+        elif b == "tensorrt":
+            factories.append((b, lambda: load(model, backend="tensorrt")))
+        else:
+            raise InputError(f"unknown backend {b!r}")
+    return factories, extra
+
+
+def results_table(results: list[BackendResult]) -> str:
+    base = results[0].image_evals_per_s if results else 1.0
+    lines = [f"{'backend':<44} {'batch':>5} {'img-evals/s':>12} {'spread':>7} {'vs first':>8} {'img/s @NFE':>11} {'overhead':>8}"]
+    for r in results:
+        ips = f"{r.img_per_s_at_nfe:.2f} @{r.nfe}" if r.img_per_s_at_nfe else "-"
+        ovh = f"{r.overhead_fraction:.1%}" if r.overhead_fraction is not None else "-"
+        lines.append(f"{r.backend[:44]:<44} {r.batch:>5} {r.image_evals_per_s:>12.2f} {r.spread:>7.1%} "
+                     f"{r.image_evals_per_s / base:>7.2f}x {ips:>11} {ovh:>8}")
+    return "\n".join(lines)
+
+
+def as_dicts(results: list[BackendResult]) -> list[dict]:
+    return [asdict(r) for r in results]
