@@ -628,8 +628,6 @@ def convert_official(source: str, out: Optional[str] = None, key: str = "ema", s
     official = read_official(local, key)
     digest = file_sha256(local)
     meta = {
-        # A plain str: torch.__version__ is a TorchVersion, which weights_only loading refuses.
-        "torch": str(torch.__version__),
         "source": {
             "file": os.path.basename(urllib.parse.urlparse(source).path if is_url(source) else source),
             "url": source if is_url(source) else None,
