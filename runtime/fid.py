@@ -49,7 +49,13 @@ from edm_deploy.runtime.fid_detector import (
     load_detector,
 )
 from edm_deploy.runtime.fid_images import ImageSource, open_images, select_indices, split_blocks
-from edm_deploy.runtime.fid_stats import FeatureStats, frechet_distance, load_ref, save_ref, trace_sqrt_product
+from edm_deploy.runtime.fid_stats import (
+    FeatureStats,
+    frechet_distance,
+    load_ref,
+    save_ref,
+    trace_sqrt_product,
+)
 
 DEFAULT_NUM = 50000
 DEFAULT_BATCH = 64
@@ -79,12 +85,13 @@ def compute_stats(
     indices: Optional[Sequence[int]] = None,
     progress: bool = True,
     desc: str = "FID features",
-    feature_dim: int = FEATURE_DIM,
+    feature_dim: Optional[int] = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (mu, sigma) of detector features over `num` images of `images` (None = all).
 
     `indices` overrides the selection (used to split one source into seed ranges). Images are
     streamed batch by batch, so memory is bounded by `batch` whatever the image count.
+    `feature_dim` None takes the size of the first batch's features (a `Detector` checks 2048).
     """
     source = _as_source(images)
     if indices is None:
@@ -94,11 +101,15 @@ def compute_stats(
         raise InputError(f"FID needs at least 2 images, {source.path} gives {len(indices)}")
     from tqdm import tqdm
 
-    stats = FeatureStats(feature_dim)
+    stats: Optional[FeatureStats] = None
     with tqdm(total=len(indices), unit="img", desc=desc, disable=not progress, leave=False) as bar:
         for x in source.iter_batches(indices, batch):
-            stats.update(detector(x))
+            features = np.asarray(detector(x))
+            if stats is None:
+                stats = FeatureStats(feature_dim or (features.shape[-1] if features.ndim == 2 else FEATURE_DIM))
+            stats.update(features)
             bar.update(x.shape[0])
+    assert stats is not None  # at least 2 indices, so at least one batch
     return stats.mean_cov()
 
 

@@ -39,7 +39,10 @@ FEATURE_DIM = 2048
 def _torch_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("torch") is not None
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class Detector:
