@@ -110,7 +110,8 @@ def test_ref_npz_round_trip_and_missing_keys(tmp_path):
     with np.load(tmp_path / "r.npz") as data:
         assert sorted(data.files) == ["mu", "sigma"] and data["sigma"].dtype == np.float64
     m2, s2 = load_ref(str(tmp_path / "r.npz"))
-    np.testing.assert_array_equal(m2, mu) and np.testing.assert_array_equal(s2, sigma)
+    np.testing.assert_array_equal(m2, mu)
+    np.testing.assert_array_equal(s2, sigma)
     np.savez(tmp_path / "bad.npz", images=np.zeros(3))
     with pytest.raises(InputError, match="needs 'mu' and 'sigma'"):
         load_ref(str(tmp_path / "bad.npz"))
@@ -188,6 +189,19 @@ def test_tree_zip_and_npz_give_the_same_images_in_seed_order(data):
         np.testing.assert_array_equal(got, expected, err_msg=key)
     tree = open_images(data["tree"])
     assert tree.names[:2] == ["000000/000000.png", "000000/000001.png"] and tree.names[10] == "000010/000010.png"
+
+
+def test_reads_the_npz_that_sample_writes(tmp_path):
+    from edm_deploy.runtime.writers import NpzWriter
+
+    imgs = make_images(10)
+    writer = NpzWriter(str(tmp_path / "s.npz"), seeds=range(100, 110))
+    writer.submit(imgs[:6], range(100, 106))
+    writer.submit(imgs[6:], range(106, 110))
+    writer.close()
+    source = open_images(str(tmp_path / "s.npz"))
+    assert len(source) == 10 and source.describe(3).endswith("(seed 103)")
+    np.testing.assert_array_equal(read_all(source, [1, 2, 5, 9], batch=3), imgs[[1, 2, 5, 9]].transpose(0, 3, 1, 2))
 
 
 def test_files_are_sorted_by_relative_path_and_non_images_ignored(tmp_path):
@@ -515,7 +529,7 @@ def test_cli_ref_then_calc_with_the_onnx_detector(data, detectors, tmp_path, cap
                                "--detector", detectors["onnx"], "--quiet"], capsys)
     assert code == 0, err
     line = [ln for ln in out.splitlines() if ln.startswith("FID = ")]
-    assert len(line) == 1 and abs(float(line[0].split()[2])) < 1e-3, out
+    assert len(line) == 1 and "24 images from" in line[0] and abs(float(line[0].split()[2])) < 1e-3, out
 
 
 @requires_onnx
@@ -537,6 +551,27 @@ def test_cli_bad_inputs_are_one_error_line(data, tmp_path, capsys):
     for args, pattern in cases:
         code, _, err = run_main(["fid", "calc", "--quiet", *args], capsys)
         assert_one_error(code, err, pattern)
+
+
+@requires_onnx
+def test_cli_min_of_three_seed_ranges(data, tmp_path, capsys):
+    det = make_onnx_detector(str(tmp_path / "ok.onnx"), 2048)
+    ref = str(tmp_path / "ref.npz")
+    code, out, err = run_main(["fid", "ref", "--data", data["tree"], "--dest", ref, "--num", "20", "--seed", "1",
+                               "--detector", det, "--quiet"], capsys)
+    assert code == 0 and "from 20 images" in out, err
+    code, out, err = run_main(["fid", "calc", "--images", data["npz"], "--ref", ref, "--num", "8", "--min-of", "3",
+                               "--detector", det, "--quiet"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [ln.split()[0:2] for ln in lines[:3]] == [["FID", "="]] * 3 and lines[3].startswith("FID (min of 3) = ")
+    assert "(seed 0)" in lines[0] and "(seed 16)" in lines[2] and "(seed 23)" in lines[2]
+    values = [float(ln.split()[2]) for ln in lines[:3]]
+    assert float(lines[3].split()[-1]) == min(values)
+    detector = load_detector(det)
+    part = write_npz(str(tmp_path / "first.npz"), data["images"][:8])
+    expected = calc_fid(part, ref, detector, num=8, progress=False)
+    assert abs(values[0] - expected) <= 1e-5 * abs(expected)  # printed with 6 significant digits
 
 
 def make_onnx_detector(path, dim):

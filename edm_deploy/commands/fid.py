@@ -80,12 +80,12 @@ def calc(images, ref, num, seed, batch, detector, detector_sha256, min_of, quiet
     det = _open_detector(detector, detector_sha256)
 
     def show(result) -> None:
-        click.echo(f"FID = {result.fid:.4f}  ({result.num} images from {result.label})")
+        click.echo(f"FID = {result.fid:g}  ({result.num} images from {result.label})")
 
     results, best = fid_min_of(list(images), ref_stats, det, min_of=min_of, num=num, seed=seed, batch=batch,
                                progress=not quiet, on_result=show, sets=sets)
     if len(results) > 1:
-        click.echo(f"FID (min of {len(results)}) = {best:.4f}")
+        click.echo(f"FID (min of {len(results)}) = {best:g}")
 
 
 @fid.command("ref")
