@@ -14,6 +14,7 @@ resolution; the file is only written (atomically) when they agree.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -141,10 +142,10 @@ def export_detector(
         model = onnx.load(tmp)
         entry = model.metadata_props.add()
         entry.key = METADATA_KEY
-        entry.value = (
-            f'{{"source": "{os.path.basename(path)}", "sha256": "{file_sha256(path)}", '
-            f'"feature_dim": {feature_dim}, "call": "detector(images_uint8_nchw, return_features=True)"}}'
-        )
+        entry.value = json.dumps({
+            "source": os.path.basename(path), "sha256": file_sha256(path), "feature_dim": feature_dim,
+            "call": "detector(images_uint8_nchw, return_features=True)",
+        })
         onnx.save(model, tmp)
 
         report = DetectorExportReport(out=out, opset=used, feature_dim=feature_dim)

@@ -27,9 +27,11 @@ How to run with the real detector (the Inception weights cannot be downloaded in
 Without `--detector`, the TorchScript `.pt` above is downloaded and run with torch (set
 `$EDM_DEPLOY_FID_DETECTOR` to make a local ONNX file the default). The reference scripts use
 `inception-2015-12-05.pkl`, a pickle of the same TF graph that needs code execution to load; we
-refuse pickles, and numeric identity of the `.pt` with the `.pkl` is unverified. On CPU the
-Inception network costs about 5.7 GFLOP per image, so 50,000 images take tens of minutes; with
-onnxruntime-gpu (CUDA provider) or torch on a GPU it takes a minute or two.
+refuse pickles, and numeric identity of the `.pt` with the `.pkl` is unverified. The Inception
+network costs about 5.7 GFLOP per image (at 299x299, whatever the input size), so 50,000 images
+take roughly an hour on a few CPU cores; with onnxruntime-gpu (CUDA provider, used automatically
+when installed) or torch on a GPU it takes a minute or two. The Fréchet distance itself takes a
+few seconds on CPU.
 """
 
 from __future__ import annotations

@@ -267,6 +267,8 @@ def open_images(path: str) -> ImageSource:
 
 def select_indices(total: int, num: Optional[int], seed: int = 0, source: str = "images") -> np.ndarray:
     """Indices of the images to use: all, or the reference's seeded subset; too few is an error."""
+    if total < 2:
+        raise InputError(f"{source} has {total} image(s); FID needs at least 2")
     if num is None:
         num = total
     if num < 2:

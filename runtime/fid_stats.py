@@ -136,6 +136,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             f"statistics do not match: mu {list(mu1.shape)} / {list(mu2.shape)}, "
             f"sigma {list(sigma1.shape)} / {list(sigma2.shape)}"
         )
+    for name, arr in (("mu", mu1), ("mu", mu2), ("sigma", sigma1), ("sigma", sigma2)):
+        if not np.isfinite(arr).all():
+            raise InputError(f"statistics contain NaN or Inf ({name})")
     diff = mu1 - mu2
     m = float(diff @ diff)
     return float(m + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
@@ -160,17 +163,15 @@ def load_ref(path_or_url: str, sha256: Optional[str] = None) -> tuple[np.ndarray
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = sorted(data.files)
-            if "mu" not in keys or "sigma" not in keys:
-                raise InputError(
-                    f"{path_or_url}: not FID reference statistics: it has {keys or 'no arrays'}, "
-                    f"but needs 'mu' and 'sigma' (make one with `edm-deploy fid ref`)"
-                )
-            mu = np.asarray(data["mu"], dtype=np.float64)
-            sigma = np.asarray(data["sigma"], dtype=np.float64)
+            arrays = {k: np.asarray(data[k], dtype=np.float64) for k in ("mu", "sigma") if k in keys}
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        if isinstance(exc, InputError):
-            raise
         raise InputError(f"{path_or_url}: cannot read reference statistics ({exc})") from exc
+    if len(arrays) != 2:
+        raise InputError(
+            f"{path_or_url}: not FID reference statistics: it has {keys or 'no arrays'}, "
+            f"but needs 'mu' and 'sigma' (make one with `edm-deploy fid ref`)"
+        )
+    mu, sigma = arrays["mu"], arrays["sigma"]
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise InputError(
             f"{path_or_url}: malformed reference statistics: mu {list(mu.shape)}, sigma {list(sigma.shape)} "
