@@ -574,18 +574,30 @@ def test_cli_min_of_three_seed_ranges(data, tmp_path, capsys):
     assert abs(values[0] - expected) <= 1e-5 * abs(expected)  # printed with 6 significant digits
 
 
-def make_onnx_detector(path, dim):
+@requires_onnx
+def test_onnx_detector_accepts_float_input_graphs(tmp_path):
+    x = make_images(3).transpose(0, 3, 1, 2).copy()
+    as_uint8 = load_detector(make_onnx_detector(str(tmp_path / "u.onnx"), 2048))
+    as_float = load_detector(make_onnx_detector(str(tmp_path / "f.onnx"), 2048, float_input=True))
+    assert as_uint8.input_dtype == np.uint8 and as_float.input_dtype == np.float32
+    np.testing.assert_array_equal(as_uint8(x), as_float(x))
+    with pytest.raises(InputError, match="uint8"):
+        as_float(x.astype(np.float32))
+
+
+def make_onnx_detector(path, dim, float_input=False):
     """A torch-free ONNX 'detector': channel means times a fixed [3, dim] matrix (dim=3: wrong size)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weight = np.random.default_rng(0).standard_normal((3, dim)).astype(np.float32)
+    in_type = TensorProto.FLOAT if float_input else TensorProto.UINT8
     graph = helper.make_graph(
         [helper.make_node("Cast", ["images"], ["xf"], to=TensorProto.FLOAT),
          helper.make_node("GlobalAveragePool", ["xf"], ["pooled"]),
          helper.make_node("Flatten", ["pooled"], ["flat"]),
          helper.make_node("MatMul", ["flat", "weight"], ["features"])],
-        "standin", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 3, "H", "W"])],
+        "standin", [helper.make_tensor_value_info("images", in_type, ["N", 3, "H", "W"])],
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", "D"])],
         initializer=[numpy_helper.from_array(weight, "weight")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
