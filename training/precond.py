@@ -17,6 +17,9 @@ Deviations from the reference, all made for deployment and none changing results
   (see ``compute_dtype``). To export an fp16 graph of a network trained with ``use_fp16=False``,
   set ``net.use_fp16 = True`` as well. In the fp16 path the embedding MLP (c_noise and labels are
   fp32), GroupNorm statistics, attention logits/softmax and the final c_skip mix stay in fp32.
+* Export tip: trace a thin wrapper with an explicit ``forward(x, sigma[, class_labels])``. Given
+  the preconditioner itself, the TorchScript exporter fills in unspecified defaults such as
+  ``force_fp32`` as traced tensors (harmless - they are constants - but it warns).
 * iDDPM's ``round_sigma`` snaps with ``argmin |sigma - u|`` in float32 rather than ``torch.cdist``
   (which may switch to a less accurate matrix-product formula for long tables), so the forward pass
   traces to ONNX (Abs, ArgMin, Gather) and matches the NumPy runtime's rounding rule exactly.
