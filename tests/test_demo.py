@@ -1,0 +1,33 @@
+"""The main job end to end, shortened: train briefly, export, grid, report; then resume is a no-op."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tests.conftest import requires_onnx, requires_torch, run_cli
+
+pytestmark = [requires_torch, requires_onnx]
+
+
+def test_shortened_demo_end_to_end_and_resume(tmp_path, cli_env):
+    out = tmp_path / "demo"
+    res = run_cli(["demo", "--outdir", str(out), "--kimg", "0.5", "--per-class", "3"], env=cli_env, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("grid.png", "report.md", "report.json", "model.onnx", "model-fp16.onnx", os.path.join("train", "ckpt.pt")):
+        assert (out / name).exists(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["nfe"] == 35 and report["classifier_test_accuracy"] > 0.95
+    for precision in ("fp32", "fp16"):
+        r = report[precision]
+        assert len(r["per_class"]) == 10 and 0 <= r["accuracy"] <= 1 and r["img_per_s"] > 0
+    assert report["fd_train_test"] > 0
+    assert "classifier accuracy" in res.stdout and "Fréchet distance" in res.stdout
+    from PIL import Image
+
+    grid = Image.open(out / "grid.png")
+    assert grid.size[0] >= 10 * 8 * 4 and grid.size[1] >= 10 * 8 * 4
+    # A second run finds every step complete and only re-scores.
+    res = run_cli(["demo", "--outdir", str(out), "--kimg", "0.5", "--per-class", "3"], env=cli_env, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "already done" in res.stdout and "up to date" in res.stdout
