@@ -1,0 +1,127 @@
+"""`edm-deploy train`: train an EDM denoiser (the reference `train.py`, with presets).
+
+Output folder layout (``--outdir DIR``, created if needed; rank 0 writes everything)::
+
+    DIR/training_options.json        options, network description and dataset of the run
+    DIR/log.txt                      human-readable log, one status line per tick
+    DIR/stats.jsonl                  one JSON object per tick: kimg, loss, lr, sec/kimg, ...
+    DIR/ckpt.pt                      latest resume point (EMA weights + full training state)
+    DIR/network-snapshot-XXXXXX.pt   weights-only EMA snapshots at XXXXXX kimg
+
+Every ``.pt`` is an edm-deploy checkpoint (`edm-deploy export`, `sample`, `info` read it).
+Files are written atomically and never deleted; a snapshot name that already exists gets a
+``-1``, ``-2`` ... suffix instead of being replaced. Starting a new run in a folder that already
+holds ``ckpt.pt`` is refused; continue it with ``--resume DIR/ckpt.pt``. Multi-GPU / multi-process:
+launch with ``torchrun --nproc_per_node=N -m edm_deploy.cli train ...``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from edm_deploy.errors import InputError
+
+# CLI option name -> TrainingOptions field.
+_FIELDS = {
+    "data": "data", "outdir": "outdir", "cond": "cond", "arch": "arch", "precond": "precond",
+    "batch": "batch", "batch_gpu": "batch_gpu", "duration": "duration_kimg", "lr": "lr",
+    "ema": "ema_halflife_kimg", "lr_rampup": "lr_rampup_kimg", "augment": "augment",
+    "dropout": "dropout", "xflip": "xflip", "fp16": "fp16", "ls": "loss_scaling", "seed": "seed",
+    "tick": "kimg_per_tick", "snap_kimg": "snapshot_kimg", "cbase": "cbase", "cres": "cres",
+    "device": "device", "max_images": "max_images",
+}
+# What a resumed run may change: where it writes, how long it runs, how it reports and splits work.
+_RESUME_MUTABLE = {"outdir", "duration", "tick", "snap_kimg", "batch_gpu", "device", "resume", "preset", "progress"}
+
+
+def _parse_cres(text: Optional[str]) -> Optional[list]:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as exc:
+        raise InputError(f"--cres must be comma-separated integers such as 1,2,2,2, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise InputError(f"--cres must be comma-separated positive integers, got {text!r}")
+    return values
+
+
+@click.command("train", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", metavar="SRC", default=None,
+              help="Training data: `digits` (built-in 8x8 digits), an image folder or a dataset ZIP "
+                   "(see `edm-deploy dataset`).  [default: the preset's, else required]")
+@click.option("--outdir", metavar="DIR", required=True, help="Run folder (created).")
+@click.option("--preset", metavar="NAME", default=None,
+              help="Start from a named configuration: tiny (8x8 digits on a CPU), cifar10, ffhq64, afhq64, "
+                   "imagenet64. Explicit flags override it.")
+@click.option("--cond/--uncond", default=None, help="Class-conditional training (needs labels).  [default: uncond]")
+@click.option("--arch", metavar="ddpmpp|ncsnpp|adm", default=None, help="Network architecture.  [default: ddpmpp]")
+@click.option("--precond", metavar="edm|vp|ve|iddpm", default=None, help="Preconditioning and loss.  [default: edm]")
+@click.option("--batch", type=int, default=None, help="Total batch size.  [default: 512]")
+@click.option("--batch-gpu", type=int, default=None, help="Batch per process per round (gradient accumulation).")
+@click.option("--duration", type=float, default=None, metavar="KIMG",
+              help="Training length in thousands of images (the reference CLI uses Mimg).  [default: 200000]")
+@click.option("--lr", type=float, default=None, help="Learning rate.  [default: 1e-3]")
+@click.option("--lr-rampup", type=float, default=None, metavar="KIMG", help="Linear lr warm-up.  [default: 10000]")
+@click.option("--ema", type=float, default=None, metavar="KIMG", help="EMA half-life.  [default: 500]")
+@click.option("--augment", type=float, default=None, metavar="P", help="Augmentation probability.  [default: 0.12]")
+@click.option("--dropout", type=float, default=None, help="Dropout probability.  [default: 0.13]")
+@click.option("--xflip/--no-xflip", default=None, help="Add x-flipped copies of the dataset.")
+@click.option("--fp16/--fp32", default=None, help="Mixed-precision network (CUDA only).")
+@click.option("--ls", type=float, default=None, help="Static loss scaling.  [default: 1]")
+@click.option("--cbase", type=int, default=None, help="Channel multiplier base (model_channels).")
+@click.option("--cres", default=None, metavar="LIST", help="Channels per resolution, e.g. 1,2,2,2 (channel_mult).")
+@click.option("--seed", type=int, default=None, help="Random seed.  [default: 0]")
+@click.option("--tick", type=float, default=None, metavar="KIMG", help="Status interval.  [default: 50]")
+@click.option("--snap-kimg", type=float, default=None, metavar="KIMG",
+              help="Snapshot + resume-point interval.  [default: 2500]")
+@click.option("--resume", metavar="CKPT", default=None, help="Continue a run from its ckpt.pt.")
+@click.option("--device", default=None, help="auto | cpu | cuda.  [default: auto]")
+@click.option("--max-images", type=int, default=None, help="Use only the first N images of the dataset.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.pass_context
+def train(ctx: click.Context, **kw) -> None:
+    """Train an EDM denoiser; writes checkpoints into --outdir.
+
+    \b
+    Example:
+      edm-deploy train --preset tiny --outdir runs/digits            # ~8 min on 2 CPU cores
+      edm-deploy train --data cifar10.zip --outdir runs/c10 --preset cifar10 --batch-gpu 64
+      edm-deploy train --outdir runs/digits --resume runs/digits/ckpt.pt --duration 600
+      torchrun --nproc_per_node=8 -m edm_deploy.cli train --data ffhq-64x64.zip --outdir runs/ffhq --preset ffhq64
+    """
+    from edm_deploy.training.training_loop import TrainingOptions, options_from_preset, training_loop
+
+    given = {
+        name for name in kw
+        if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
+    }
+    overrides = {_FIELDS[k]: v for k, v in kw.items() if k in _FIELDS and k in given}
+    if "cres" in overrides:
+        overrides["cres"] = _parse_cres(overrides["cres"])
+
+    if kw["resume"] is not None:
+        from edm_deploy.training.checkpoint import load_checkpoint
+
+        changed = sorted(f"--{k.replace('_', '-')}" for k in given - _RESUME_MUTABLE)
+        if changed:
+            raise InputError(
+                f"--resume continues the stored run; {', '.join(changed)} cannot change "
+                f"(only --outdir, --duration, --tick, --snap-kimg, --batch-gpu, --device)"
+            )
+        ckpt = load_checkpoint(kw["resume"])
+        state = ckpt.get("training_state")
+        if not state:
+            raise InputError(f"{kw['resume']} holds weights only (a snapshot); resume from a run's ckpt.pt")
+        values = dict(state["options"])
+        values.update(overrides)
+        values["resume"] = kw["resume"]
+        options = TrainingOptions.from_dict(values)
+    else:
+        if kw["data"] is None and kw["preset"] is None:
+            raise InputError("--data is required (or pick a --preset that names its data, e.g. tiny)")
+        options = options_from_preset(kw["preset"], **overrides)
+    training_loop(options, echo=click.echo, progress=kw["progress"])
+    click.echo(f"checkpoints in {options.outdir}")

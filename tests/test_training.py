@@ -1,0 +1,318 @@
+"""The training loop: schedule maths, a real (tiny) run, exact resume, DDP, checkpoints and the CLI.
+
+Everything here uses a micro SongUNet on the 8x8 digits so the file runs in well under a minute
+on two CPU cores. The long quality check (a `tiny` preset model whose samples a classifier must
+recognise) runs only with EDM_DEPLOY_SLOW=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from edm_deploy.errors import InputError  # noqa: E402
+from edm_deploy.training import training_loop as TL  # noqa: E402
+from edm_deploy.training.checkpoint import build_network, load_checkpoint, load_network  # noqa: E402
+from edm_deploy.training.dataset import load_digits_split  # noqa: E402
+from tests.conftest import run_cli  # noqa: E402
+
+MICRO = dict(
+    data="digits", cond=True, arch="ddpmpp", precond="edm", cbase=16, cres=[1],
+    network_overrides=dict(num_blocks=1, attn_resolutions=[]), batch=16, lr=5e-3, lr_rampup_kimg=0.05,
+    ema_halflife_kimg=0.05, dropout=0.1, augment=0.2, kimg_per_tick=0.032, snapshot_kimg=0.032,
+    max_images=40, xflip=True, seed=7,
+)
+
+
+def micro(**kw) -> TL.TrainingOptions:
+    values = dict(MICRO)
+    values.update(kw)
+    return TL.TrainingOptions(**values)
+
+
+def _equal_states(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule maths.
+
+
+def test_learning_rate_ramp():
+    assert TL.learning_rate(1e-3, 10, 0) == 0
+    assert TL.learning_rate(1e-3, 10, 5000) == pytest.approx(5e-4)
+    assert TL.learning_rate(1e-3, 10, 10000) == pytest.approx(1e-3)
+    assert TL.learning_rate(1e-3, 10, 10**9) == pytest.approx(1e-3)
+    assert TL.learning_rate(1e-3, 0, 0) == 1e-3
+
+
+def test_ema_beta_and_update():
+    assert TL.ema_beta(128, 0, 500, 0.05) == 0  # ramp-up: the first step copies the network
+    assert TL.ema_beta(128, 10**6, 10, 0.05) == pytest.approx(0.5 ** (128 / 10000))
+    assert TL.ema_beta(128, 10**5, 10, 0.05) == pytest.approx(0.5 ** (128 / 5000))  # min(h, 0.05 nimg)
+    assert TL.ema_beta(128, 0, 10, None) == pytest.approx(0.5 ** (128 / 10000))
+    net, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        net.weight.fill_(2.0)
+        ema.weight.fill_(1.0)
+        net.running_mean.fill_(5.0)
+    TL.update_ema(ema, net, 0.75)
+    assert torch.allclose(ema.weight, torch.full((3,), 0.75 * 1 + 0.25 * 2))
+    assert torch.equal(ema.running_mean, torch.zeros(3))  # buffers are not averaged
+
+
+def test_nan_guard():
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.5])
+    q = torch.nn.Parameter(torch.zeros(2))  # no gradient at all
+    TL.sanitize_gradients([p, q])
+    assert p.grad.tolist() == [0.0, 1e5, -1e5, 1.5] and q.grad is None
+
+
+def test_rank_sampler_shards_and_resumes():
+    a, b = TL.RankSampler(10, 3, 0, 2), TL.RankSampler(10, 3, 1, 2)
+    first = set(a.take(5).tolist()) | set(b.take(5).tolist())
+    assert first == set(range(10))  # one epoch, dealt without overlap
+    state = a.state_dict()
+    nxt = a.take(7)
+    c = TL.RankSampler(10, 3, 0, 2)
+    c.load_state_dict(state)
+    assert c.take(7).tolist() == nxt.tolist()
+
+
+def test_network_descriptions_follow_the_reference():
+    c10 = TL.options_from_preset("cifar10")
+    net = TL.network_description(c10, 32, 3, 10)
+    kw = net["init_kwargs"]
+    assert net["class_name"] == "EDMPrecond" and kw["model_type"] == "SongUNet"
+    assert kw["model_channels"] == 128 and kw["channel_mult"] == [2, 2, 2] and kw["label_dim"] == 10
+    assert kw["augment_dim"] == 9 and kw["dropout"] == 0.13 and kw["resample_filter"] == [1, 1]
+    assert c10.batch == 512 and c10.lr == 1e-3 and c10.ema_halflife_kimg == 500 and c10.duration_kimg == 200000
+    im = TL.options_from_preset("imagenet64")
+    kw = TL.network_description(im, 64, 3, 1000)["init_kwargs"]
+    assert kw["model_type"] == "DhariwalUNet" and kw["use_fp16"] and "augment_dim" not in kw
+    assert im.loss_scaling == 100 and im.batch == 4096 and im.ema_halflife_kimg == 50000
+    ffhq = TL.options_from_preset("ffhq64", batch=64)  # explicit values override the preset
+    assert ffhq.batch == 64 and ffhq.cres == [1, 2, 2, 2] and ffhq.dropout == 0.05
+    assert TL.options_from_preset("afhq64").dropout == 0.25
+    with pytest.raises(InputError, match="unknown preset"):
+        TL.options_from_preset("cifar100")
+    with pytest.raises(InputError, match="batch-gpu"):
+        TL.check_options(micro(batch_gpu=5))
+
+
+# ----------------------------------------------------------------------------------------------
+# Real training runs on a micro network.
+
+
+def test_training_reduces_the_loss():
+    from edm_deploy.training.loss import EDMLoss
+
+    opts = micro(max_images=16, xflip=False, augment=0, dropout=0, lr=1e-2, lr_rampup_kimg=0,
+                 duration_kimg=0.016 * 25, kimg_per_tick=0.2)
+    result = TL.training_loop(opts, echo=None, progress=False)
+    TL._seed_everything(opts.seed, 0, 1)
+    init = build_network(result.network).eval()  # the loop's initial weights, rebuilt
+    x = torch.from_numpy(load_digits_split()[0][:16]).float().repeat(8, 1, 1, 1) / 127.5 - 1
+    y = torch.eye(10)[torch.from_numpy(load_digits_split()[1][:16])].repeat(8, 1)
+
+    def loss_of(net):
+        with torch.no_grad():
+            return EDMLoss()(net.eval(), x, y, generator=torch.Generator().manual_seed(0)).mean().item()
+
+    before, after = loss_of(init), loss_of(result.net)
+    assert all(torch.isfinite(torch.tensor([s["loss"] for s in result.stats])))
+    assert after < 0.7 * before, (before, after)
+    changed = [not torch.equal(a, b) for a, b in zip(init.parameters(), result.net.parameters())]
+    assert all(changed)
+
+
+def test_resume_is_bit_exact_and_files(tmp_path):
+    steps, k = 6, 3
+    full_dir, part_dir = str(tmp_path / "full"), str(tmp_path / "part")
+    full = TL.training_loop(micro(outdir=full_dir, duration_kimg=0.016 * steps, batch_gpu=8), echo=None, progress=False)
+    TL.training_loop(micro(outdir=part_dir, duration_kimg=0.016 * k, batch_gpu=8), echo=None, progress=False)
+    ckpt = os.path.join(part_dir, "ckpt.pt")
+    assert load_checkpoint(ckpt)["training_state"]["cur_nimg"] == 16 * k
+    resumed = TL.training_loop(micro(outdir=part_dir, duration_kimg=0.016 * steps, batch_gpu=8, resume=ckpt),
+                               echo=None, progress=False)
+    assert resumed.cur_nimg == full.cur_nimg == 16 * steps
+    assert _equal_states(full.net.state_dict(), resumed.net.state_dict())
+    assert _equal_states(full.ema.state_dict(), resumed.ema.state_dict())
+    assert not _equal_states(full.net.state_dict(), full.ema.state_dict())
+
+    # The run folder: resume point, weights-only snapshots, stats and log.
+    files = sorted(os.listdir(part_dir))
+    assert "ckpt.pt" in files and "log.txt" in files and "stats.jsonl" in files and "training_options.json" in files
+    snaps = [f for f in files if f.startswith("network-snapshot-")]
+    assert len(snaps) >= 3 and not [f for f in files if f.startswith(".tmp")]
+    assert load_checkpoint(os.path.join(part_dir, snaps[0]))["training_state"] is None
+    net = load_network(ckpt)
+    assert _equal_states(net.state_dict(), {k: v for k, v in resumed.ema.state_dict().items()})
+    lines = [json.loads(line) for line in open(os.path.join(part_dir, "stats.jsonl"))]
+    assert [round(s["kimg"], 3) for s in lines] == [0.032, 0.048, 0.08, 0.096]
+    assert {"loss", "lr", "sec_per_kimg", "kimg", "tick"} <= set(lines[0])
+    assert "tick" in open(os.path.join(part_dir, "log.txt")).read()
+
+    # Nothing is overwritten: a new run in the same folder is refused, a snapshot cannot resume.
+    with pytest.raises(InputError, match="already holds a training run"):
+        TL.training_loop(micro(outdir=part_dir, duration_kimg=0.016), echo=None, progress=False)
+    with pytest.raises(InputError, match="weights only"):
+        TL.training_loop(micro(resume=os.path.join(part_dir, snaps[0])), echo=None, progress=False)
+
+
+def test_interrupt_leaves_the_last_resume_point_intact(tmp_path, monkeypatch):
+    real = TL.make_loss
+    calls = {"n": 0}
+
+    def flaky_loss(precond):
+        inner = real(precond)
+
+        def loss(**kw):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+            return inner(**kw)
+
+        return loss
+
+    monkeypatch.setattr(TL, "make_loss", flaky_loss)
+    out = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        TL.training_loop(micro(outdir=out, duration_kimg=0.016 * 6, kimg_per_tick=0.016, snapshot_kimg=0.016),
+                         echo=None, progress=False)
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["training_state"]["cur_nimg"] == 48
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes with DistributedDataParallel (gloo on CPU).
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, outdir: str, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    # NCSN++ has a random FourierEmbedding buffer: it must be broadcast from rank 0.
+    opts = micro(arch="ncsnpp", outdir=outdir, duration_kimg=0.016 * 3, augment=0.2, device="cpu")
+    res = TL.training_loop(opts, echo=None, progress=False)
+    torch.save({"net": res.net.state_dict(), "ema": res.ema.state_dict()}, os.path.join(result_dir, f"rank{rank}.pt"))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_stay_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    outdir, result_dir = str(tmp_path / "run"), str(tmp_path / "res")
+    os.makedirs(result_dir)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), outdir, result_dir), nprocs=2, join=True)
+    r0 = torch.load(os.path.join(result_dir, "rank0.pt"), weights_only=True)
+    r1 = torch.load(os.path.join(result_dir, "rank1.pt"), weights_only=True)
+    assert any("freqs" in k for k in r0["net"])
+    assert _equal_states(r0["net"], r1["net"]) and _equal_states(r0["ema"], r1["ema"])
+    ckpt = load_checkpoint(os.path.join(outdir, "ckpt.pt"))
+    ts = ckpt["training_state"]
+    assert ts["world_size"] == 2 and len(ts["rng"]) == 2 and len(ts["sampler"]) == 2
+    assert not torch.equal(ts["rng"][0]["torch"], ts["rng"][1]["torch"])  # ranks draw different noise
+    assert _equal_states(ckpt["ema"], r0["ema"])
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI.
+
+
+def _cli_error(capsys, args) -> str:
+    from edm_deploy.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_train_cli_errors(tmp_path, capsys):
+    from edm_deploy.training.dataset import write_dataset_zip
+
+    out = str(tmp_path / "out")
+    assert "unknown preset" in _cli_error(capsys, ["train", "--outdir", out, "--preset", "cifar100"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no images" in _cli_error(capsys, ["train", "--data", str(empty), "--outdir", out])
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"not a zip")
+    assert "ZIP" in _cli_error(capsys, ["train", "--data", str(bad), "--outdir", out])
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(mixed / "a.png")
+    Image.new("L", (16, 16)).save(mixed / "b.png")
+    assert "mixed image sizes" in _cli_error(capsys, ["train", "--data", str(mixed), "--outdir", out])
+    unlabelled = str(tmp_path / "u.zip")
+    write_dataset_zip(str(mixed / "a.png").rsplit("/", 1)[0], unlabelled, resolution=8)
+    assert "labels" in _cli_error(capsys, ["train", "--data", unlabelled, "--outdir", out, "--cond"])
+    assert "unknown architecture" in _cli_error(capsys, ["train", "--data", "digits", "--outdir", out, "--arch", "unet"])
+    assert "--cres" in _cli_error(capsys, ["train", "--data", "digits", "--outdir", out, "--cres", "a,b"])
+    assert not os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+def test_train_cli_end_to_end(tmp_path, cli_env):
+    out = str(tmp_path / "run")
+    args = ["train", "--data", "digits", "--outdir", out, "--cond", "--cbase", "16", "--cres", "1",
+            "--batch", "16", "--duration", "0.032", "--tick", "0.016", "--snap-kimg", "0.032",
+            "--augment", "0", "--dropout", "0", "--max-images", "32", "--no-progress"]
+    res = run_cli(args, env=cli_env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "tick" in res.stdout and os.path.exists(os.path.join(out, "ckpt.pt"))
+    net = load_network(os.path.join(out, "ckpt.pt"))
+    assert net.label_dim == 10 and net.img_resolution == 8
+    # A second identical start is refused and leaves the run alone; --resume with a changed
+    # network flag is refused too.
+    before = os.path.getmtime(os.path.join(out, "ckpt.pt"))
+    res = run_cli(args, env=cli_env, timeout=300)
+    assert res.returncode == 1 and res.stderr.strip().startswith("error:") and "--resume" in res.stderr
+    res = run_cli(["train", "--outdir", out, "--resume", os.path.join(out, "ckpt.pt"), "--lr", "1"],
+                  env=cli_env, timeout=300)
+    assert res.returncode == 1 and "cannot change" in res.stderr
+    assert os.path.getmtime(os.path.join(out, "ckpt.pt")) == before
+    res = run_cli(["train", "--help"], env=cli_env)
+    assert res.returncode == 0 and "Example" in res.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# The quality bar (minutes): EDM_DEPLOY_SLOW=1 pytest tests/test_training.py -k digits_quality
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("EDM_DEPLOY_SLOW") != "1", reason="set EDM_DEPLOY_SLOW=1 to run (~10 min)")
+def test_tiny_preset_digits_quality(tmp_path):
+    from edm_deploy.training import digits_eval
+
+    opts = TL.options_from_preset("tiny", outdir=str(tmp_path / "tiny"))
+    result = TL.training_loop(opts, echo=print, progress=False)
+    report = digits_eval.evaluate(result.ema, per_class=50)
+    print(
+        f"tiny preset: {result.wall_time:.0f} s training; sample accuracy {report['accuracy']:.3f} "
+        f"(per class {[round(a, 2) for a in report['per_class']]}); classifier test accuracy "
+        f"{report['classifier_test_accuracy']:.3f}; pixel FD samples/test {report['fd_samples_test']:.3f} "
+        f"vs train/test {report['fd_train_test']:.3f}"
+    )
+    assert report["classifier_test_accuracy"] > 0.95
+    assert report["accuracy"] >= 0.90
