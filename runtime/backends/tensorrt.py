@@ -120,12 +120,17 @@ class _DeviceLib:
         return int(self.stream.ptr) if self.name == "cupy" else int(self.stream.cuda_stream)
 
     def copy_in(self, dst, src) -> None:
-        """dst[:] = src (float32), on the private stream, from host NumPy or device arrays."""
+        """dst[:] = src (float32), on the private stream, from host NumPy or device arrays.
+
+        The private stream first waits for the caller's stream, where the sampler produced `src`.
+        """
         if self.name == "cupy":
+            self.stream.wait_event(self.cp.cuda.get_current_stream().record())
             with self.stream:
                 dst[...] = self.cp.asarray(src, dtype=dst.dtype) if not isinstance(src, self.cp.ndarray) else src.astype(dst.dtype)
         else:
             torch = self.torch
+            self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
                 source = src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src))
                 dst.copy_(source.to(dst.device, non_blocking=True).to(dst.dtype))
@@ -137,6 +142,7 @@ class _DeviceLib:
         else:
             with self.torch.cuda.stream(self.stream):
                 out = src.clone()
+            out.record_stream(self.torch.cuda.current_stream())
         return out
 
     def sync(self) -> None:
