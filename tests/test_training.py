@@ -297,7 +297,7 @@ def test_train_cli_end_to_end(tmp_path, cli_env):
 
 
 # ----------------------------------------------------------------------------------------------
-# The quality bar (minutes): EDM_DEPLOY_SLOW=1 pytest tests/test_training.py -k digits_quality
+# The quality bar (minutes): EDM_DEPLOY_SLOW=1 pytest -m slow tests/test_training.py -k digits_quality -s
 
 
 @pytest.mark.slow

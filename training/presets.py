@@ -63,14 +63,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         ema_halflife_kimg=50000, dropout=0.10, augment=0.0, fp16=True, loss_scaling=100,
         duration_kimg=2500000, kimg_per_tick=200, snapshot_kimg=10000,
     ),
-    # 8x8 digits on a 2-core CPU, class-conditional. A 2-level DDPM++-style SongUNet
-    # (8x8 and 4x4, self-attention at 4x4), EDM preconditioning and loss. Tuned on the digits
-    # train split; see the training docs / report for the measured classifier accuracy.
+    # 8x8 digits on a 2-core CPU, class-conditional: a 2-level DDPM++-style SongUNet (8x8 and
+    # 4x4, 32/64 channels, one block per level, no attention; 715,553 parameters), EDM
+    # preconditioning and loss, no augmentation or dropout. Tuned on the digits train split:
+    # 40 kimg already gives ~96 % classifier-recognised samples, 100 kimg ~98 %. 150 kimg takes
+    # ~2.5 min at ~1 s/kimg on an idle 2-core CPU (2 threads); ~4 min with --threads 1.
     "tiny": dict(
         data="digits", cond=True, arch="ddpmpp", precond="edm", cbase=32, cres=[1, 2],
-        network_overrides=dict(num_blocks=2, attn_resolutions=[4], channel_mult_emb=4),
+        network_overrides=dict(num_blocks=1, attn_resolutions=[]),
         batch=128, lr=2e-3, lr_rampup_kimg=5, ema_halflife_kimg=10, ema_rampup_ratio=0.05,
-        dropout=0.0, augment=0.0, duration_kimg=400, kimg_per_tick=20, snapshot_kimg=100,
+        dropout=0.0, augment=0.0, duration_kimg=150, kimg_per_tick=10, snapshot_kimg=50,
     ),
 }
 

@@ -90,6 +90,7 @@ class TrainingOptions:
     resume: Optional[str] = None             # path of a ckpt.pt to continue
     device: str = "auto"                     # auto | cpu | cuda
     deterministic: bool = True               # torch.use_deterministic_algorithms (warn-only)
+    threads: Optional[int] = None            # CPU threads for torch (None: torch's default)
     max_images: Optional[int] = None         # use only the first N dataset images
     preset: Optional[str] = None             # the preset the options were built from (record)
 
@@ -97,7 +98,7 @@ class TrainingOptions:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainingOptions":
+    def from_dict(cls, values: dict) -> TrainingOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -328,11 +329,15 @@ class _RunFiles:
         return name
 
 
-def prepare_outdir(outdir: str, resume: Optional[str]) -> None:
-    """Create the run folder; refuse to start a *new* run over an existing resume point."""
+def prepare_outdir(outdir: str, resume: Optional[str], create: bool = True) -> None:
+    """Create the run folder; refuse to start a *new* run over an existing resume point.
+
+    Every rank runs the (read-only) checks so that all of them fail together; only rank 0 creates.
+    """
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise InputError(f"--outdir {outdir} exists and is not a folder")
-    os.makedirs(outdir, exist_ok=True)
+    if create:
+        os.makedirs(outdir, exist_ok=True)
     existing = os.path.join(outdir, RESUME_FILE)
     if os.path.exists(existing):
         same = resume is not None and os.path.abspath(resume) == os.path.abspath(existing)
@@ -377,10 +382,16 @@ def training_loop(
                                    (options.device == "auto" and torch.cuda.is_available()) else "cpu")
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_det_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_threads = torch.get_num_threads()
     try:
+        if options.threads is not None:
+            if options.threads < 1:
+                raise InputError(f"--threads must be >= 1, got {options.threads}")
+            torch.set_num_threads(int(options.threads))
         return _train(options, ctx, echo, progress)
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_det_warn)
+        torch.set_num_threads(prev_threads)
 
 
 def _train(options: TrainingOptions, ctx: dist_utils.DistContext, echo, progress: bool) -> TrainingResult:
@@ -394,8 +405,8 @@ def _train(options: TrainingOptions, ctx: dist_utils.DistContext, echo, progress
             )
     check_options(options, ctx.world_size)
     device = _resolve_device(options.device, ctx)
-    if options.outdir is not None and ctx.is_main:
-        prepare_outdir(options.outdir, options.resume)
+    if options.outdir is not None:
+        prepare_outdir(options.outdir, options.resume, create=ctx.is_main)
     dist_utils.barrier(ctx)
     files = _RunFiles(options.outdir, ctx.is_main, echo)
 

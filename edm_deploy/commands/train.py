@@ -30,10 +30,11 @@ _FIELDS = {
     "ema": "ema_halflife_kimg", "lr_rampup": "lr_rampup_kimg", "augment": "augment",
     "dropout": "dropout", "xflip": "xflip", "fp16": "fp16", "ls": "loss_scaling", "seed": "seed",
     "tick": "kimg_per_tick", "snap_kimg": "snapshot_kimg", "cbase": "cbase", "cres": "cres",
-    "device": "device", "max_images": "max_images",
+    "device": "device", "max_images": "max_images", "threads": "threads",
 }
 # What a resumed run may change: where it writes, how long it runs, how it reports and splits work.
-_RESUME_MUTABLE = {"outdir", "duration", "tick", "snap_kimg", "batch_gpu", "device", "resume", "preset", "progress"}
+_RESUME_MUTABLE = {"outdir", "duration", "tick", "snap_kimg", "batch_gpu", "device", "threads", "resume", "preset",
+                   "progress"}
 
 
 def _parse_cres(text: Optional[str]) -> Optional[list]:
@@ -80,6 +81,8 @@ def _parse_cres(text: Optional[str]) -> Optional[list]:
 @click.option("--resume", metavar="CKPT", default=None, help="Continue a run from its ckpt.pt.")
 @click.option("--device", default=None, help="auto | cpu | cuda.  [default: auto]")
 @click.option("--max-images", type=int, default=None, help="Use only the first N images of the dataset.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for torch (1 is often fastest on a busy or 2-core machine).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @click.pass_context
 def train(ctx: click.Context, **kw) -> None:
@@ -109,7 +112,7 @@ def train(ctx: click.Context, **kw) -> None:
         if changed:
             raise InputError(
                 f"--resume continues the stored run; {', '.join(changed)} cannot change "
-                f"(only --outdir, --duration, --tick, --snap-kimg, --batch-gpu, --device)"
+                f"(only --outdir, --duration, --tick, --snap-kimg, --batch-gpu, --device, --threads)"
             )
         ckpt = load_checkpoint(kw["resume"])
         state = ckpt.get("training_state")
