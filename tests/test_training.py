@@ -167,6 +167,30 @@ def test_resume_is_bit_exact_and_files(tmp_path):
         TL.training_loop(micro(resume=os.path.join(part_dir, snaps[0])), echo=None, progress=False)
 
 
+def test_gradient_accumulation_matches_one_big_round(monkeypatch):
+    def fixed_loss(precond):  # no randomness: only the split into rounds differs
+        def loss(net, images, labels=None, augment_pipe=None):
+            sigma = torch.full([images.shape[0], 1, 1, 1], 0.7)
+            return (net(images * 0.8, sigma, labels) - images) ** 2
+
+        return loss
+
+    monkeypatch.setattr(TL, "make_loss", fixed_loss)
+    kw = dict(duration_kimg=0.016 * 3, lr_rampup_kimg=0, augment=0, dropout=0, xflip=False)
+    one = TL.training_loop(micro(**kw), echo=None, progress=False)
+    four = TL.training_loop(micro(batch_gpu=4, **kw), echo=None, progress=False)
+    for a, b in zip(one.net.parameters(), four.net.parameters()):
+        assert torch.allclose(a, b, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("precond", ["vp", "ve", "iddpm"])
+def test_other_preconditioners_train(precond):
+    res = TL.training_loop(micro(precond=precond, duration_kimg=0.032, augment=0, max_images=16),
+                           echo=None, progress=False)
+    assert res.network["class_name"] == {"vp": "VPPrecond", "ve": "VEPrecond", "iddpm": "iDDPMPrecond"}[precond]
+    assert all(torch.isfinite(p).all() for p in res.ema.parameters())
+
+
 def test_interrupt_leaves_the_last_resume_point_intact(tmp_path, monkeypatch):
     real = TL.make_loss
     calls = {"n": 0}
