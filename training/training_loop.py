@@ -465,8 +465,10 @@ def _train(options: TrainingOptions, ctx: dist_utils.DistContext, echo, progress
                       f"data order and noise are reseeded")
     ddp = net
     if ctx.enabled:
+        # Default buffer handling (synced at init and forward). Never broadcast_buffers=False:
+        # since PyTorch 2.1 that also skips the init sync (facts 4.3); we broadcast above anyway.
         ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=True)
+            net, device_ids=[device.index] if device.type == "cuda" else None)
 
     # Run folder bookkeeping.
     if files.outdir is not None:
