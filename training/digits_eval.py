@@ -13,40 +13,20 @@ Used by the slow quality test and by the demo; it needs scikit-learn and torch.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from edm_deploy.training.dataset import load_digits_split
 
 
-class TorchNetDenoiser:
-    """Adapter: a torch preconditioned network -> the NumPy runtime's denoiser contract."""
+def as_denoiser(net: Any) -> Any:
+    """A runtime denoiser as is; a torch preconditioner wrapped in the runtime's torch backend."""
+    if not hasattr(net, "parameters"):
+        return net
+    from edm_deploy.runtime.backends.torch_backend import TorchDenoiser
 
-    def __init__(self, net: Any, device: str = "cpu", max_batch: Optional[int] = None):
-        import torch
-
-        self._torch = torch
-        self.net = net.eval().to(device)
-        self.device = device
-        self.sigma_min = float(getattr(net, "sigma_min", 0.0))
-        self.sigma_max = float(getattr(net, "sigma_max", float("inf")))
-        self.img_channels = int(net.img_channels)
-        self.img_resolution = int(net.img_resolution)
-        self.label_dim = int(net.label_dim)
-        self.max_batch = max_batch
-
-    def round_sigma(self, sigma):
-        return np.asarray(self.net.round_sigma(self._torch.as_tensor(np.asarray(sigma))).cpu().numpy(), np.float64)
-
-    def __call__(self, x, sigma, class_labels=None):
-        torch = self._torch
-        with torch.no_grad():
-            xt = torch.as_tensor(np.asarray(x), dtype=torch.float32, device=self.device)
-            st = torch.as_tensor(np.asarray(sigma), dtype=torch.float32, device=self.device).reshape(-1)
-            lt = None if class_labels is None else torch.as_tensor(np.asarray(class_labels), dtype=torch.float32,
-                                                                   device=self.device)
-            return self.net(xt, st, lt).cpu().numpy().astype(np.float64)
+    return TorchDenoiser.from_module(net, device="cpu")
 
 
 def pixels(images_uint8: np.ndarray) -> np.ndarray:
@@ -70,7 +50,7 @@ def sample_digits(net: Any, per_class: int = 50, seed: int = 0, num_steps: int =
     from edm_deploy.runtime.noise import StackedRandomGenerator, one_hot
     from edm_deploy.runtime.sampling import edm_sampler
 
-    den = net if hasattr(net, "round_sigma") and not hasattr(net, "parameters") else TorchNetDenoiser(net)
+    den = as_denoiser(net)
     classes = np.repeat(np.arange(den.label_dim), per_class)
     seeds = seed + np.arange(len(classes))
     out = []

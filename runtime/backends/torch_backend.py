@@ -71,6 +71,28 @@ class TorchDenoiser(DenoiserBackend):
         self.fn = torch.compile(net, mode=compile_mode) if compile else net
         self.compiled = bool(compile)
 
+    @classmethod
+    def from_module(cls, net: Any, device: str = "auto", **options: Any) -> TorchDenoiser:
+        """Wrap a preconditioner module directly, deriving its manifest from its attributes.
+
+        For in-process use (evaluation during training, tests); exported artifacts carry a full
+        manifest instead. A discrete sigma table (iDDPM's buffer `u`) becomes the rounding rule.
+        """
+        from edm_deploy.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, encode_limit
+
+        table = getattr(net, "u", None)
+        manifest = {
+            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+            "img_resolution": int(net.img_resolution), "img_channels": int(net.img_channels),
+            "label_dim": int(net.label_dim),
+            "sigma_min": encode_limit(float(net.sigma_min)) if float(net.sigma_min) > 0 else None,
+            "sigma_max": encode_limit(float(net.sigma_max)),
+            "precond": type(net).__name__,
+            "sigma_rounding": {"kind": "identity"} if table is None
+            else {"kind": "table", "values": [float(v) for v in table.detach().cpu().float().tolist()]},
+        }
+        return cls(net, manifest, device=device, source=type(net).__name__, **options)
+
     def describe(self) -> str:
         extras = [p for p, on in (("fp16", self.fp16), ("compile", self.compiled), ("channels_last", self.channels_last)) if on]
         return f"torch on {self.device}" + (f" ({', '.join(extras)})" if extras else "")
