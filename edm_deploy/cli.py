@@ -89,6 +89,11 @@ def main(argv: Optional[list[str]] = None) -> Any:
     except EdmDeployError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except OSError as exc:
+        # Disk full, permission denied, a folder vanished: the OS says it best, in one line.
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
