@@ -362,3 +362,19 @@ def test_large_models_use_external_data(tmp_path, monkeypatch):
     labels = np.eye(10, dtype=np.float32)[:2]
     assert np.isfinite(den(x, np.array([0.5, 2.0]), labels)).all()
     assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
+
+
+def test_torch_backend_with_device_resident_state(tmp_path):
+    """With the state kept as torch tensors (the CUDA path, here on the CPU) images are unchanged."""
+    import torch
+
+    from edm_deploy.loading import load
+    from edm_deploy.runtime.generate import generate
+    from tests.factories import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    host = generate(load(ckpt, device="cpu"), seeds=range(4), num_steps=5, S_churn=5)
+    den = load(ckpt, device="cpu")
+    den.to_device = lambda array: torch.from_numpy(array)  # what a CUDA device does, minus the copy
+    resident = generate(den, seeds=range(4), num_steps=5, S_churn=5)
+    assert np.abs(host.astype(int) - resident.astype(int)).max() <= 1

@@ -204,3 +204,24 @@ def test_single_step_is_one_euler_step_to_zero():
     den, latents = gaussian_case()
     out = edm_sampler(den, latents, num_steps=1)
     np.testing.assert_allclose(out, den(latents.astype(np.float64) * 80, np.full(4, 80.0)), rtol=1e-12)
+
+
+def test_sampler_runs_unchanged_on_torch_tensors():
+    """The array-namespace promise: the same sampler drives a torch state (as on a GPU)."""
+    torch = pytest.importorskip("torch")
+
+    class TorchGaussian(GaussianDenoiser):
+        def __call__(self, x, sigma, class_labels=None):
+            assert isinstance(x, torch.Tensor) and x.dtype == torch.float64
+            s2 = torch.as_tensor(np.asarray(sigma), dtype=torch.float64).reshape(-1, 1, 1, 1) ** 2
+            mu = torch.as_tensor(self.mu)
+            return mu + self.std**2 / (self.std**2 + s2) * (x - mu)
+
+    den_np = GaussianDenoiser(1, 8, mu=0.3, std=0.5)
+    den_t = TorchGaussian(1, 8, mu=0.3, std=0.5)
+    latents = StackedRandomGenerator(range(5)).randn((1, 8, 8))
+    kwargs = dict(num_steps=12, S_churn=30, S_noise=1.01)
+    ref = edm_sampler(den_np, latents, randn_like=StackedRandomGenerator(range(5)).randn_like, **kwargs)
+    out = edm_sampler(den_t, torch.from_numpy(latents), randn_like=StackedRandomGenerator(range(5)).randn_like, **kwargs)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
+    np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=1e-12)
