@@ -119,10 +119,12 @@ def test_translation_and_rotation_labels_describe_the_motion():
     blob = _blob(size=32, cx=19.5, cy=15.5, width=1.5, n=16)
 
     out, labels = AugmentPipe(p=1, rotate_frac=1)(blob, generator=torch.Generator().manual_seed(3))
+    # As in the reference (G_inv = rotate2d_inv(-theta)), the label's angle theta turns the
+    # content by -theta in the image's (x right, y down) pixel frame.
     cos, sin = labels[:, 0].double() + 1, labels[:, 1].double()
     c0 = _centroid(blob)
-    rx = cos * c0[:, 0] - sin * c0[:, 1]
-    ry = sin * c0[:, 0] + cos * c0[:, 1]
+    rx = cos * c0[:, 0] + sin * c0[:, 1]
+    ry = -sin * c0[:, 0] + cos * c0[:, 1]
     assert torch.allclose(_centroid(out), torch.stack([rx, ry], 1), atol=0.01)
 
 

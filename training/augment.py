@@ -188,7 +188,7 @@ class AugmentPipe:
         if self.rotate_frac > 0:
             theta = (rand(n) * 2 - 1) * math.pi * self.rotate_frac_max
             theta = torch.where(gate(self.rotate_frac), theta, torch.zeros_like(theta))
-            g_inv = g_inv @ _rotate2d(-theta)
+            g_inv = g_inv @ _rotate2d(theta)  # the reference's rotate2d_inv(-theta): content turns by -theta
             labels.append(torch.stack([torch.cos(theta) - 1, torch.sin(theta)], 1))
         if self.aniso > 0:
             wv = randn(n)
@@ -198,7 +198,7 @@ class AugmentPipe:
             wv = torch.where(on, wv, torch.zeros_like(wv))
             r = torch.where(on, r, torch.zeros_like(r))
             s = torch.exp2(wv * self.aniso_std)
-            g_inv = g_inv @ _rotate2d(r) @ _scale2d(1 / s, s) @ _rotate2d(-r)
+            g_inv = g_inv @ _rotate2d(-r) @ _scale2d(1 / s, s) @ _rotate2d(r)  # reference order and signs
             labels.append(torch.stack([wv * torch.cos(r), wv * torch.sin(r)], 1))
         if self.translate_frac > 0:
             wv = randn(n, 2)
