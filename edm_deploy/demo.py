@@ -58,10 +58,10 @@ def train_step(outdir: str, duration_kimg: Optional[float], seed: int, echo: Cal
 
 
 def export_step(ckpt: str, outdir: str, echo: Callable[[str], None]) -> dict[str, str]:
-    from edm_deploy.export.onnx_export import export_onnx, read_onnx_manifest
+    from edm_deploy.export.onnx_export import export_onnx
     from edm_deploy.export.verify import verify_artifact
     from edm_deploy.loading import load
-    from edm_deploy.manifest import sha256_file
+    from edm_deploy.manifest import read_onnx_manifest, sha256_file
     from edm_deploy.training.checkpoint import load_checkpoint, load_network
 
     ckpt_hash = sha256_file(ckpt)

@@ -18,6 +18,7 @@ import urllib.request
 from typing import Optional
 
 from edm_deploy.errors import InputError
+from edm_deploy.manifest import sha256_file
 
 
 def cache_dir() -> str:
@@ -36,11 +37,8 @@ def _cache_name(url: str) -> str:
 
 
 def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a file (the same helper the manifests use)."""
+    return sha256_file(path)
 
 
 def fetch(path_or_url: str, sha256: Optional[str] = None, progress: bool = True, timeout: float = 60.0) -> str:
@@ -65,14 +63,14 @@ def fetch(path_or_url: str, sha256: Optional[str] = None, progress: bool = True,
             return target
         os.unlink(target)  # stale or corrupted cache entry: fetch again
 
+    try:
+        response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - http(s) only, checked above
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise InputError(f"could not download {url}: {reason}") from exc
     fd, tmp = tempfile.mkstemp(prefix=".part-", dir=directory)
     digest = hashlib.sha256()
     try:
-        try:
-            response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - http(s) only, checked above
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise InputError(f"could not download {url}: {reason}") from exc
         total = int(response.headers.get("Content-Length") or 0) or None
         bar = None
         if progress:
@@ -99,6 +97,7 @@ def fetch(path_or_url: str, sha256: Optional[str] = None, progress: bool = True,
             raise InputError(f"download of {url} is incomplete ({received} of {total} bytes)")
         if sha256 and digest.hexdigest() != sha256.lower():
             raise InputError(f"download of {url} has sha256 {digest.hexdigest()}, expected {sha256}")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from other users of a shared cache
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

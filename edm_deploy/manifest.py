@@ -69,8 +69,13 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+def atomic_write_bytes(path: str, data: bytes, durable: bool = False) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file.
+
+    With `durable`, the data and the rename are flushed to disk (fsync of the file and the
+    folder) before returning, so a power loss cannot leave an empty file under the final name;
+    checkpoints use it, per-image PNG writes do not (it would cost a disk flush per image).
+    """
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise InputError(f"output folder does not exist: {directory}")
@@ -78,12 +83,30 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
+        if durable:
+            _fsync_dir(directory)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory fds (Windows): the rename is as durable as it gets
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 def _read_umask() -> int:
@@ -96,7 +119,44 @@ _UMASK = _read_umask()  # read once: os.umask is process-wide and writer threads
 
 
 def write_sidecar(path: str, manifest: dict[str, Any]) -> None:
-    atomic_write_bytes(path, (dumps(manifest) + "\n").encode())
+    atomic_write_bytes(path, (dumps(manifest) + "\n").encode(), durable=True)
+
+
+def read_onnx_manifest(path: str) -> dict[str, Any]:
+    """The manifest in an ONNX file's metadata, read without loading its weights.
+
+    Uses the `onnx` package when installed; otherwise a minimal onnxruntime session (the
+    runtime must work without onnx). Either way, no torch.
+    """
+    if not os.path.exists(path):
+        raise InputError(f"file not found: {path}")
+    try:
+        import onnx
+    except ModuleNotFoundError:
+        onnx = None
+    if onnx is not None:
+        try:
+            model = onnx.load(path, load_external_data=False)
+        except Exception as exc:
+            raise InputError(f"{path} is not a readable ONNX file ({_first_line(exc)})") from exc
+        meta = {p.key: p.value for p in model.metadata_props}
+    else:
+        from edm_deploy.runtime.backends.onnxrt import import_onnxruntime, light_session_options
+
+        ort = import_onnxruntime()
+        try:
+            session = ort.InferenceSession(path, sess_options=light_session_options(ort), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise InputError(f"{path} is not a readable ONNX file ({_first_line(exc)})") from exc
+        meta = session.get_modelmeta().custom_metadata_map
+    if ONNX_METADATA_KEY not in meta:
+        raise InputError(f"{path} has no edm-deploy manifest; export it with `edm-deploy export`")
+    return loads(meta[ONNX_METADATA_KEY], path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def read_sidecar(path: str) -> dict[str, Any]:

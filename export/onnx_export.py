@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 from edm_deploy import __version__
 from edm_deploy.errors import InputError
-from edm_deploy.manifest import ONNX_METADATA_KEY, dumps
+from edm_deploy.manifest import ONNX_METADATA_KEY, dumps, read_onnx_manifest
 
 DEFAULT_OPSET = 17
 PROTOBUF_LIMIT = 2_000_000_000  # bytes; a little under 2 GiB for headroom
@@ -200,18 +200,6 @@ def _check_symbolic_batch(model, input_names, outputs: bool = False) -> None:
         dim0 = value.type.tensor_type.shape.dim[0]
         if dim0.dim_param != "batch":
             raise InputError(f"export specialised the batch dimension of {value.name!r} to {dim0.dim_value}; this is a bug")
-
-
-def read_onnx_manifest(path: str) -> dict:
-    import onnx
-
-    from edm_deploy.manifest import loads
-
-    model = onnx.load(path, load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    if ONNX_METADATA_KEY not in meta:
-        raise InputError(f"{path} has no edm-deploy manifest")
-    return loads(meta[ONNX_METADATA_KEY], path)
 
 
 def graph_op_types(path: str) -> dict[str, int]:

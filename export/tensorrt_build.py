@@ -88,7 +88,7 @@ def build_engine(
     if not os.path.isdir(out_dir):
         raise InputError(f"output folder does not exist: {out_dir}")
     if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        raise BackendUnavailableError(f"TensorRT {trt.__version__} has no strongly typed networks; install TensorRT >= 10.12")
+        raise BackendUnavailableError(f"TensorRT {trt.__version__} has no strongly typed networks; install TensorRT 10 or newer")
 
     start = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -101,6 +101,8 @@ def build_engine(
 
     config = builder.create_builder_config()
     config.builder_optimization_level = int(optimization_level)
+    if manifest.get("precision", "fp32") == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 is on by default; an fp32 export must stay fp32
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if hardware_compatible:
@@ -135,7 +137,6 @@ def build_engine(
         "strongly_typed": True,
         "builder_optimization_level": int(optimization_level),
         "hardware_compatibility_level": "ampere_plus" if hardware_compatible else None,
-        "version_compatible": False,
         "onnx": os.path.basename(onnx_path),
         "build_seconds": round(time.perf_counter() - start, 1),
         "plan_sha256": sha256_file(plan_path),

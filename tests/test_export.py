@@ -81,7 +81,7 @@ def test_one_file_serves_batch_1_5_32(tmp_path):
 def test_unconditional_export_has_no_label_input_and_manifest_rides_along(tmp_path):
     import onnx
 
-    from edm_deploy.export.onnx_export import read_onnx_manifest
+    from edm_deploy.manifest import read_onnx_manifest
 
     _, path, _ = _export(tmp_path, "ddpmpp", label_dim=0, name="uncond.onnx")
     model = onnx.load(path)
@@ -228,6 +228,9 @@ class _FakeTRT:
             def set_memory_pool_limit(self, pool, size):
                 rec.append(("workspace", size))
 
+            def clear_flag(self, flag):
+                rec.append(("clear_flag", flag))
+
         class Parser:
             num_errors = 0 if parse_ok else 1
 
@@ -262,6 +265,7 @@ class _FakeTRT:
         self.Logger, self.Builder, self.OnnxParser = Logger, Builder, Parser
         self.NetworkDefinitionCreationFlag = Enum
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+        self.BuilderFlag = types.SimpleNamespace(TF32="TF32")
         self.HardwareCompatibilityLevel = types.SimpleNamespace(AMPERE_PLUS=1)
 
 
@@ -277,8 +281,8 @@ def fake_trt(monkeypatch):
 
 
 def test_engine_builder_calls_and_manifest(tmp_path, fake_trt):
-    from edm_deploy.export.onnx_export import read_onnx_manifest
     from edm_deploy.export.tensorrt_build import build_engine
+    from edm_deploy.manifest import read_onnx_manifest
 
     _, onnx_path, _ = _export(tmp_path, "ddpmpp")
     fake = fake_trt()
@@ -290,6 +294,7 @@ def test_engine_builder_calls_and_manifest(tmp_path, fake_trt):
     assert ("set_shape", "x", (1, 1, 8, 8), (8, 1, 8, 8), (16, 1, 8, 8)) in fake.calls
     assert ("set_shape", "class_labels", (1, 10), (8, 10), (16, 10)) in fake.calls
     assert ("build", 4) in fake.calls and ("timing_cache_in", b"") in fake.calls
+    assert ("clear_flag", "TF32") in fake.calls  # an fp32 engine must not compute in TF32
     assert open(plan, "rb").read() == b"PLAN-BYTES" and open(cache, "rb").read() == b"timing-cache"
     sidecar = json.load(open(plan + ".json"))
     assert sidecar == manifest
@@ -299,8 +304,8 @@ def test_engine_builder_calls_and_manifest(tmp_path, fake_trt):
 
 
 def test_engine_builder_errors_leave_no_plan(tmp_path, fake_trt):
-    from edm_deploy.export.onnx_export import read_onnx_manifest
     from edm_deploy.export.tensorrt_build import build_engine
+    from edm_deploy.manifest import read_onnx_manifest
 
     _, onnx_path, _ = _export(tmp_path, "ddpmpp")
     manifest = read_onnx_manifest(onnx_path)

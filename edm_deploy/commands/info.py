@@ -13,7 +13,7 @@ from edm_deploy.errors import InputError
 def read_manifest(path: str) -> dict:
     """The manifest of any model file, reading as little as possible (no torch for .onnx/.plan)."""
     from edm_deploy.loading import model_kind
-    from edm_deploy.manifest import ONNX_METADATA_KEY, loads, read_sidecar
+    from edm_deploy.manifest import read_onnx_manifest, read_sidecar
 
     kind = model_kind(path)
     if not os.path.exists(path):
@@ -21,26 +21,7 @@ def read_manifest(path: str) -> dict:
     if kind == "plan":
         return read_sidecar(path + ".json")
     if kind == "onnx":
-        try:
-            import onnx
-
-            try:
-                model = onnx.load(path, load_external_data=False)
-            except Exception as exc:
-                raise InputError(f"{path} is not a readable ONNX file ({str(exc).splitlines()[0][:200]})") from exc
-            meta = {p.key: p.value for p in model.metadata_props}
-        except ModuleNotFoundError:
-            from edm_deploy.runtime.backends.onnxrt import import_onnxruntime
-
-            ort = import_onnxruntime()
-            try:
-                session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-            except Exception as exc:
-                raise InputError(f"{path} is not a readable ONNX file ({str(exc).splitlines()[0][:200]})") from exc
-            meta = session.get_modelmeta().custom_metadata_map
-        if ONNX_METADATA_KEY not in meta:
-            raise InputError(f"{path} has no edm-deploy manifest (was it exported by edm-deploy?)")
-        return loads(meta[ONNX_METADATA_KEY], path)
+        return read_onnx_manifest(path)
     from edm_deploy.training.checkpoint import load_checkpoint, load_network, network_manifest
 
     ckpt = load_checkpoint(path)

@@ -19,8 +19,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.errors import BackendUnavailableError, InputError
+from edm_deploy.errors import BackendUnavailableError, EdmDeployError, InputError
 from edm_deploy.manifest import ONNX_METADATA_KEY, loads
+from edm_deploy.manifest import read_onnx_manifest as read_file_manifest
 from edm_deploy.runtime.backends.base import DenoiserBackend
 from edm_deploy.runtime.xp import library_of
 
@@ -67,8 +68,11 @@ def resolve_device(device: str, available: list[str]) -> str:
 def provider_list(device: str, manifest: dict, max_batch: int, device_id: int = 0, cache_dir: Optional[str] = None) -> list:
     """Provider list with options, best first, always ending with the CPU provider."""
     cpu = "CPUExecutionProvider"
-    cuda = ("CUDAExecutionProvider", {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC",
-                                      "arena_extend_strategy": "kSameAsRequested"})
+    cuda_opts = {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC",
+                 "arena_extend_strategy": "kSameAsRequested"}
+    if manifest.get("precision", "fp32") == "fp32":
+        cuda_opts["use_tf32"] = "0"  # an fp32 model must compute in fp32 (TF32 would break fp32 fidelity)
+    cuda = ("CUDAExecutionProvider", cuda_opts)
     if device == "cpu":
         return [cpu]
     if device == "cuda":
@@ -117,7 +121,7 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = int(threads) if threads else (os.cpu_count() or 1)
+        options.intra_op_num_threads = int(threads) if threads else usable_cpus()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
 
@@ -126,17 +130,21 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
                 return ort.InferenceSession(path, sess_options=opts, providers=providers)
             except Exception as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise InputError(f"{path} is not a loadable ONNX model ({first[:200]})") from exc
+                if resolved == "cpu":
+                    raise InputError(f"{path} is not a loadable ONNX model ({first[:200]})") from exc
+                raise BackendUnavailableError(
+                    f"onnxruntime could not start {PROVIDER_FOR_DEVICE[resolved]} for {path} ({first[:200]})"
+                ) from exc
 
-        if resolved == "tensorrt":
-            # TensorRT profiles need the shapes from the manifest before the real session exists.
-            manifest = read_onnx_manifest(session_for(["CPUExecutionProvider"], _light_options(ort)), path)
-            limit = int(max_batch or (manifest.get("batch") or {}).get("max") or 64)
-            self.session = session_for(provider_list(resolved, manifest, limit, device_id), options)
-        else:
+        if resolved == "cpu":
             self.session = session_for(provider_list(resolved, {}, 0, device_id), options)
             manifest = read_onnx_manifest(self.session, path)
-            limit = max_batch or ((manifest.get("batch") or {}).get("max") if resolved != "cpu" else None)
+            limit = max_batch
+        else:
+            # GPU provider options (TensorRT profiles, TF32) depend on the manifest: read it first.
+            manifest = read_file_manifest(path)
+            limit = int(max_batch or (manifest.get("batch") or {}).get("max") or 64)
+            self.session = session_for(provider_list(resolved, manifest, limit, device_id), options)
         super().__init__(manifest, max_batch=limit, source=path)
 
         active = self.session.get_providers()[0]
@@ -179,12 +187,18 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
 
     def _run(self, x: Any, sigma: np.ndarray, class_labels: Optional[np.ndarray]) -> Any:
         lib = library_of(x)
-        if lib == "numpy":
-            feed = {"x": np.ascontiguousarray(x, dtype=np.float32), "sigma": sigma.astype(np.float32)}
-            if class_labels is not None:
-                feed["class_labels"] = np.ascontiguousarray(class_labels, dtype=np.float32)
-            return self.session.run(["denoised"], feed)[0]
-        return self._run_bound(x, sigma, class_labels, lib)
+        try:
+            if lib == "numpy":
+                feed = {"x": np.ascontiguousarray(x, dtype=np.float32), "sigma": sigma.astype(np.float32)}
+                if class_labels is not None:
+                    feed["class_labels"] = np.ascontiguousarray(class_labels, dtype=np.float32)
+                return self.session.run(["denoised"], feed)[0]
+            return self._run_bound(x, sigma, class_labels, lib)
+        except EdmDeployError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own exception types (e.g. out of memory)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BackendUnavailableError(f"onnxruntime failed to run {self.source} at batch {x.shape[0]}: {first[:300]}") from exc
 
     def _run_bound(self, x: Any, sigma: np.ndarray, class_labels: Optional[np.ndarray], lib: str) -> Any:
         """Device-resident input and output through IOBinding (CuPy or torch CUDA arrays)."""
@@ -213,7 +227,8 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
         return out
 
 
-def _light_options(ort):
+def light_session_options(ort):
+    """A cheap CPU session: no graph optimisation, one thread (for reading metadata)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 1
@@ -221,12 +236,24 @@ def _light_options(ort):
     return options
 
 
-def _device_library() -> Optional[str]:
-    """The array library that keeps sampler state on the GPU: CuPy first (torch-free), then torch."""
+def usable_cpus() -> int:
+    """CPUs this process may run on (respects affinity masks, e.g. under taskset or torchrun)."""
     try:
-        import cupy  # noqa: F401
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
-        return "cupy"
+
+def _device_library() -> Optional[str]:
+    """The array library that keeps sampler state on the GPU: CuPy first (torch-free), then torch.
+
+    A CuPy that imports but cannot reach a GPU (no driver, wrong CUDA build) is skipped.
+    """
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return "cupy"
     except Exception:
         pass
     try:

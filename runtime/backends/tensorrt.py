@@ -31,7 +31,8 @@ def sidecar_path(plan_path: str) -> str:
 
 
 def rebuild_hint(manifest: dict, plan_path: str) -> str:
-    onnx = (manifest.get("tensorrt") or {}).get("onnx") or os.path.splitext(plan_path)[0] + ".onnx"
+    onnx = (manifest.get("tensorrt") or {}).get("onnx") or os.path.basename(os.path.splitext(plan_path)[0] + ".onnx")
+    onnx = os.path.join(os.path.dirname(plan_path), onnx)  # the ONNX lives beside its engine
     return f"rebuild it on this machine: edm-deploy export {onnx} --format trt --out {plan_path}"
 
 
@@ -47,13 +48,10 @@ def check_engine_compat(manifest: dict, trt_version: str, gpu_name: str, compute
     warnings = []
     built_version = str(info.get("version"))
     if built_version != str(trt_version):
-        same_major = built_version.split(".")[0] == str(trt_version).split(".")[0]
-        if not (info.get("version_compatible") and same_major):
-            raise InputError(
-                f"{plan_path} was built with TensorRT {built_version} but this machine has TensorRT {trt_version}; "
-                + rebuild_hint(manifest, plan_path)
-            )
-        warnings.append(f"engine built with TensorRT {built_version}, running on {trt_version} (version-compatible)")
+        raise InputError(
+            f"{plan_path} was built with TensorRT {built_version} but this machine has TensorRT {trt_version}; "
+            + rebuild_hint(manifest, plan_path)
+        )
     built_cc = str(info.get("compute_capability"))
     if built_cc != str(compute_capability):
         level = info.get("hardware_compatibility_level")
@@ -81,11 +79,11 @@ class _DeviceLib:
         try:
             import cupy
 
+            cupy.cuda.Device(device_id).use()  # raises when CuPy cannot reach this GPU
             self.name, self.cp = "cupy", cupy
-            cupy.cuda.Device(device_id).use()
             self.stream = cupy.cuda.Stream(non_blocking=True)
             return
-        except ImportError:
+        except Exception:  # not installed, or installed without a usable driver/CUDA build
             pass
         try:
             import torch
@@ -100,12 +98,12 @@ class _DeviceLib:
         raise BackendUnavailableError("running TensorRT engines needs CuPy (pip install cupy-cuda12x) or torch with CUDA")
 
     def gpu(self) -> tuple[str, str]:
-        if self.name == "cupy":
-            props = self.cp.cuda.runtime.getDeviceProperties(self.device_id)
-            name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-            return name, f"{props['major']}.{props['minor']}"
-        major, minor = self.torch.cuda.get_device_capability(self.device_id)
-        return self.torch.cuda.get_device_name(self.device_id), f"{major}.{minor}"
+        from edm_deploy.runtime.backends.gpu_info import detect_gpu
+
+        found = detect_gpu(self.device_id)
+        if found is None:
+            raise BackendUnavailableError(f"no CUDA GPU {self.device_id} is visible")
+        return found
 
     def empty(self, shape, dtype=np.float32):
         if self.name == "cupy":
@@ -185,7 +183,6 @@ class TensorRTDenoiser(DenoiserBackend):
             self.engine = self.runtime.deserialize_cuda_engine(f.read())
         if self.engine is None:
             raise InputError(f"TensorRT could not deserialize {path}; {rebuild_hint(manifest, path)}")
-        self.context = self.engine.create_execution_context()
         self.input_names = ["x", "sigma"] + (["class_labels"] if self.label_dim else [])
         self._check_engine_io()
 
@@ -197,13 +194,15 @@ class TensorRTDenoiser(DenoiserBackend):
         }
         if self.label_dim:
             self.buffers["class_labels"] = self.lib.empty((limit, self.label_dim))
-        for name, buf in self.buffers.items():
-            # Buffers start at a fixed address for every batch size: bind once.
-            if not self.context.set_tensor_address(name, self.lib.ptr(buf)):
-                raise InputError(f"TensorRT refused the address of tensor {name!r}")
         self.cuda_graph = cuda_graph
+        # Without graphs one execution context serves every batch size (shapes are set when the
+        # batch changes). A CUDA graph freezes its context's shapes, so with graphs each batch
+        # size gets its own context and graph: splitting a batch (e.g. 64, 36, 64, 36, ...)
+        # then never replays a graph captured for another shape.
+        self._contexts: dict[int, Any] = {}
         self._graphs: dict[int, Any] = {}
-        self._shape_batch: Optional[int] = None
+        self._shared = self._new_context() if not cuda_graph else None
+        self._shared_batch: Optional[int] = None
 
     def _check_engine_io(self) -> None:
         trt = self.trt
@@ -222,50 +221,59 @@ class TensorRTDenoiser(DenoiserBackend):
     def to_device(self, host_array: np.ndarray) -> Any:
         return self.lib.to_device(host_array)
 
-    def _set_shapes(self, batch: int) -> None:
-        if self._shape_batch == batch:
-            return
+    def _new_context(self):
+        context = self.engine.create_execution_context()
+        for name, buf in self.buffers.items():
+            # Buffers start at a fixed address for every batch size: bind once per context.
+            if not context.set_tensor_address(name, self.lib.ptr(buf)):
+                raise InputError(f"TensorRT refused the address of tensor {name!r}")
+        return context
+
+    def _set_shapes(self, context, batch: int) -> None:
         c, r = self.img_channels, self.img_resolution
         shapes = {"x": (batch, c, r, r), "sigma": (batch,)}
         if self.label_dim:
             shapes["class_labels"] = (batch, self.label_dim)
         for name, shape in shapes.items():
-            if not self.context.set_input_shape(name, shape):
+            if not context.set_input_shape(name, shape):
                 raise InputError(f"batch {batch} is outside the engine's optimization profile")
-        self._shape_batch = batch
 
-    def _execute(self) -> None:
-        if not self.context.execute_async_v3(self.lib.stream_handle()):
+    def _execute(self, context) -> None:
+        if not context.execute_async_v3(self.lib.stream_handle()):
             raise InputError("TensorRT execution failed (see the TensorRT log above)")
 
     def _launch(self, batch: int) -> None:
-        self._set_shapes(batch)
         if not self.cuda_graph:
-            self._execute()
+            if self._shared_batch != batch:
+                self._set_shapes(self._shared, batch)
+                self._shared_batch = batch
+            self._execute(self._shared)
             return
         graph = self._graphs.get(batch)
         if graph is None:
-            self._execute()  # un-captured run after the shape change, then capture
-            graph = self._capture()
-            self._graphs[batch] = graph
+            context = self._new_context()
+            self._set_shapes(context, batch)
+            self._execute(context)  # the un-captured run TensorRT needs after a shape change
+            self._contexts[batch] = context
+            self._graphs[batch] = graph = self._capture(context)
         if self.lib.name == "cupy":
             graph.launch(self.lib.stream)
         else:
             with self.lib.torch.cuda.stream(self.lib.stream):
                 graph.replay()
 
-    def _capture(self):
+    def _capture(self, context):
         if self.lib.name == "cupy":
             self.lib.stream.begin_capture()
             try:
-                self._execute()
+                self._execute(context)
             finally:
                 graph = self.lib.stream.end_capture()
             return graph
         torch = self.lib.torch
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.lib.stream):
-            self._execute()
+            self._execute(context)
         return graph
 
     def _run(self, x: Any, sigma: np.ndarray, class_labels: Optional[np.ndarray]) -> Any:
