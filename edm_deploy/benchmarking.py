@@ -76,7 +76,7 @@ def time_sampling(den: Any, batch: int, num_steps: int, repeats: int = 1) -> tup
     from edm_deploy.runtime.generate import sample_batch
 
     seeds = list(range(batch))
-    sample_batch(den, seeds[: max(1, min(batch, 2))], None, {"num_steps": 2})  # warm-up (graphs, caches)
+    sample_batch(den, seeds, None, {"num_steps": 2})  # warm-up at the timed batch (shapes, graphs, compiles)
     walls, overheads = [], []
     for _ in range(repeats):
         den.eval_seconds = 0.0
@@ -90,9 +90,12 @@ def time_sampling(den: Any, batch: int, num_steps: int, repeats: int = 1) -> tup
 
 
 def bench_backend(name: str, make: Callable[[], Any], batch: int, repeats: int, sample_steps: Optional[int]) -> BackendResult:
+    """Time one backend; `sample_steps` 0 means the paper's steps for its resolution, None skips sampling."""
     start = time.perf_counter()
     den = make()
     setup = time.perf_counter() - start
+    if sample_steps == 0:
+        sample_steps = paper_steps(den.img_resolution)
     per_eval, spread = time_denoiser(den, batch, repeats=repeats)
     result = BackendResult(backend=name if name == den.describe() else f"{name} [{den.describe()}]", batch=batch,
                            evals_per_s=1 / per_eval, image_evals_per_s=batch / per_eval, spread=spread, setup_s=setup)
@@ -101,7 +104,7 @@ def bench_backend(name: str, make: Callable[[], Any], batch: int, repeats: int, 
     if sample_steps:
         from edm_deploy.runtime.sampling import nfe
 
-        ips, overhead = time_sampling(den, batch, sample_steps)
+        ips, overhead = time_sampling(den, batch, sample_steps, repeats=max(1, min(repeats, 3)))
         result.img_per_s_at_nfe, result.nfe, result.overhead_fraction = ips, nfe(sample_steps), overhead
     return result
 

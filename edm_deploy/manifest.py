@@ -22,6 +22,9 @@ MANIFEST_FORMAT = "edm-deploy-manifest"
 MANIFEST_VERSION = 1
 ONNX_METADATA_KEY = "edm_deploy"
 
+# Preconditioner class name -> manifest `precond` kind.
+PRECOND_KINDS = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve", "iDDPMPrecond": "iddpm"}
+
 REQUIRED_KEYS = ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max", "precond", "sigma_rounding")
 
 
@@ -47,6 +50,33 @@ def validate(manifest: dict[str, Any], source: str = "manifest") -> dict[str, An
     if missing:
         raise InputError(f"{source}: manifest lacks {', '.join(missing)}")
     return manifest
+
+
+def describe_denoiser(net: Any, precision: str = "fp32") -> dict[str, Any]:
+    """The runtime fields of a manifest, read off a preconditioner module by duck typing.
+
+    Shared by checkpoint export (`training.checkpoint.network_manifest`) and the torch backend's
+    in-process wrapper, so both describe a network identically: shape, classes, sigma range
+    (0 / inf become null), sigma_data, precond kind and the rounding rule (a discrete table `u`,
+    as iDDPM has, becomes a table rule).
+    """
+    name = type(net).__name__
+    table = getattr(net, "u", None)
+    sigma_min = float(net.sigma_min)
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "img_resolution": int(net.img_resolution),
+        "img_channels": int(net.img_channels),
+        "label_dim": int(net.label_dim),
+        "sigma_min": encode_limit(sigma_min) if sigma_min > 0 else None,
+        "sigma_max": encode_limit(float(net.sigma_max)),
+        "sigma_data": float(net.sigma_data) if hasattr(net, "sigma_data") else None,
+        "precond": PRECOND_KINDS.get(name, name),
+        "sigma_rounding": {"kind": "identity"} if table is None
+        else {"kind": "table", "values": [float(v) for v in table.detach().cpu().float().tolist()]},
+        "precision": precision,
+    }
 
 
 def dumps(manifest: dict[str, Any]) -> str:

@@ -184,6 +184,8 @@ def export_onnx(
         _check_symbolic_batch(inferred, input_names, outputs=True)
         if external:
             os.replace(staged + ".data", out_path + ".data")
+        elif os.path.exists(out_path + ".data"):
+            os.unlink(out_path + ".data")  # weights of an earlier, larger export under this name
         os.replace(staged, out_path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -109,8 +109,10 @@ def reference_outputs(net: Any, feeds: list[dict[str, np.ndarray]]) -> list[np.n
 
 
 def default_batches(max_batch: int) -> list[int]:
-    odd = max(1, min(max_batch, 5) if max_batch < 8 else max_batch // 2 + (1 - (max_batch // 2) % 2))
-    return sorted({1, odd, max_batch})
+    """{1, an odd size strictly between when one exists, max}: 1, 5, 8 for 8; 1, 33, 64 for 64."""
+    mid = max_batch // 2
+    odd = mid if mid % 2 else mid + 1
+    return sorted({1, odd, max_batch} if 1 < odd < max_batch else {1, max_batch})
 
 
 def verify_artifact(

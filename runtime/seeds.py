@@ -35,8 +35,13 @@ def parse_seeds(text: str) -> list[int]:
 def parse_shard(text: Optional[str]) -> tuple[int, int]:
     """'i/n' -> (i, n) with 0 <= i < n. Without it, torchrun's RANK/WORLD_SIZE are used."""
     if text is None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+        except ValueError as exc:
+            raise InputError("RANK and WORLD_SIZE must be integers") from exc
+        if world < 1 or not 0 <= rank < world:
+            raise InputError(f"bad RANK={rank} / WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
         return rank, world
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
     if not m:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import math
 import os
+import shutil
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Sequence
@@ -33,6 +35,32 @@ def ensure_writable_dir(path: str) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise InputError(f"cannot write to {path}: {exc.strerror or exc}") from exc
+
+
+RUN_RECORD = ".edm-deploy-sample.json"
+
+
+def check_run_record(folder: str, record: dict) -> None:
+    """Refuse to resume into `folder` when it holds output made with other settings.
+
+    Resuming skips seeds whose output exists, so mixing runs (another model, class or sampler
+    setting) would silently keep stale images. The first run writes `record`; later runs must match.
+    """
+    path = os.path.join(folder, RUN_RECORD)
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                previous = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        if previous != record:
+            changed = sorted(k for k in set(record) | set(previous or {}) if (previous or {}).get(k) != record.get(k))
+            raise InputError(
+                f"{folder} holds images sampled with other settings ({', '.join(changed) or 'unreadable record'} "
+                "differ); use another output or delete it to start over"
+            )
+        return
+    atomic_write_bytes(path, json.dumps(record, sort_keys=True).encode())
 
 
 def to_pil(image: np.ndarray):
@@ -93,6 +121,11 @@ class PngTreeWriter:
             self.pending = []
             self.pool.shutdown(wait=True)
 
+    def abort(self) -> None:
+        """After a failure: finish the images already queued (each is complete), then stop."""
+        self.pool.shutdown(wait=True)
+        self.pending = []
+
 
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
@@ -111,8 +144,7 @@ class NpzWriter:
         directory = os.path.dirname(os.path.abspath(path))
         ensure_writable_dir(directory)
         self.path = path
-        self.parts_dir = path + ".parts"
-        os.makedirs(self.parts_dir, exist_ok=True)
+        self.parts_dir = path + ".parts"  # created with the first batch, not before
         self.order = [int(s) for s in seeds]
         self.done: dict[int, str] = {}
         for part in glob.glob(os.path.join(self.parts_dir, "part-*.npz")):
@@ -130,6 +162,7 @@ class NpzWriter:
     def submit(self, images: np.ndarray, seeds: Sequence[int], labels: Optional[np.ndarray] = None) -> None:
         seeds = np.asarray(seeds, dtype=np.int64)
         labels = np.full(len(seeds), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+        os.makedirs(self.parts_dir, exist_ok=True)
         part = os.path.join(self.parts_dir, f"part-{int(seeds[0]):09d}-{len(seeds)}.npz")
         buffer = io.BytesIO()
         np.savez(buffer, images=images, seeds=seeds, labels=labels)
@@ -140,7 +173,7 @@ class NpzWriter:
 
     def close(self) -> None:
         missing = [s for s in self.order if s not in self.done]
-        if missing:
+        if missing or not self.order:
             return  # incomplete (interrupted): keep the parts for the next run
         parts = sorted(set(self.done.values()))
         index: dict[int, tuple[str, int]] = {}
@@ -172,9 +205,10 @@ class NpzWriter:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        for part in parts:
-            os.unlink(part)
-        os.rmdir(self.parts_dir)
+        shutil.rmtree(self.parts_dir, ignore_errors=True)  # parts and any temp file a killed run left
+
+    def abort(self) -> None:
+        """After a failure: keep the finished parts, so the next run resumes."""
 
 
 def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 1) -> np.ndarray:
@@ -212,6 +246,10 @@ class GridWriter:
             self.images[int(seed)] = image
             self.order.append(int(seed))
         self.written += len(seeds)
+
+    def abort(self) -> None:
+        """After a failure: write nothing (a grid with holes would look complete)."""
+        self.images.clear()
 
     def close(self) -> None:
         if not self.images:

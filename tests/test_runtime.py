@@ -110,8 +110,13 @@ def _read_pngs(folder):
     out = {}
     for root, _, files in os.walk(folder):
         for f in files:
-            out[os.path.relpath(os.path.join(root, f), folder)] = np.asarray(Image.open(os.path.join(root, f)))
+            if f.endswith(".png"):
+                out[os.path.relpath(os.path.join(root, f), folder)] = np.asarray(Image.open(os.path.join(root, f)))
     return out
+
+
+def _other_files(folder):
+    return [f for _, _, files in os.walk(folder) for f in files if not f.endswith(".png")]
 
 
 def test_sample_cli_png_npz_grid(oracle_files, tmp_path, cli_env):
@@ -183,13 +188,11 @@ def test_kill_mid_run_then_rerun_gives_the_uninterrupted_result(oracle_files, tm
     assert res.returncode == 0, res.stderr
     assert "already done" in res.stderr
     got, want = _read_pngs(out), _read_pngs(tmp_path / "ref")
-    leftovers = [f for f in got if not f.endswith(".png")]
-    got = {k: v for k, v in got.items() if k.endswith(".png")}
     assert sorted(got) == sorted(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
     # Temporary files of the killed run may remain hidden, never as .png.
-    assert all(os.path.basename(f).startswith(".tmp-") for f in leftovers)
+    assert all(f.startswith(".tmp-") or f == ".edm-deploy-sample.json" for f in _other_files(out))
 
 
 def test_sharded_runs_cover_the_seeds_once(oracle_files, tmp_path, cli_env):
@@ -197,10 +200,39 @@ def test_sharded_runs_cover_the_seeds_once(oracle_files, tmp_path, cli_env):
         res = run_cli(["sample", oracle_files["uncond"], "-n", "50", "--batch", "8", "--steps", "4",
                        "--outdir", str(tmp_path / "o"), "--shard", f"{i}/3"], env=cli_env)
         assert res.returncode == 0, res.stderr
-    assert sorted(os.listdir(tmp_path / "o")) == [f"{s:06d}.png" for s in range(50)]
+    assert sorted(_read_pngs(tmp_path / "o")) == [f"{s:06d}.png" for s in range(50)]
 
 
 def test_info_prints_manifest(oracle_files, cli_env):
     res = run_cli(["info", oracle_files["cond"]], env=cli_env)
     assert res.returncode == 0, res.stderr
     assert "10 classes" in res.stdout and "1x8x8" in res.stdout
+
+
+def test_resume_refuses_other_settings_and_failed_grids_write_nothing(oracle_files, tmp_path, cli_env):
+    out = str(tmp_path / "o")
+    base = ["sample", oracle_files["cond"], "-n", "8", "--outdir", out, "--steps", "4"]
+    assert run_cli(base, env=cli_env).returncode == 0
+    res = run_cli(base[:-1] + ["5"], env=cli_env)  # other --steps: the old images would be stale
+    assert res.returncode == 1 and "other settings" in res.stderr and "sampler" in res.stderr
+    res = run_cli(base + ["--class", "2"], env=cli_env)
+    assert res.returncode == 1 and "class" in res.stderr
+    assert run_cli(base, env=cli_env).returncode == 0  # same settings: resumes (nothing to do)
+    grid = tmp_path / "nan.png"
+    res = run_cli(["sample", oracle_files["nan"], "-n", "40", "--batch", "8", "--grid", str(grid)], env=cli_env)
+    assert res.returncode == 1 and not grid.exists()
+
+
+def test_empty_or_invalid_shards(oracle_files, tmp_path, cli_env):
+    npz = tmp_path / "s.npz"
+    res = run_cli(["sample", oracle_files["uncond"], "-n", "2", "--shard", "3/4", "--npz", str(npz)], env=cli_env)
+    assert res.returncode == 0 and "holds none" in res.stdout
+    assert not any(p.name.startswith("s.") for p in tmp_path.iterdir())
+    env = dict(cli_env, RANK="5", WORLD_SIZE="2")
+    res = run_cli(["sample", oracle_files["uncond"], "-n", "4", "--outdir", str(tmp_path / "o")], env=env)
+    assert res.returncode == 1 and "RANK" in res.stderr
+
+
+def test_options_that_do_not_apply_are_refused(oracle_files, tmp_path, cli_env):
+    res = run_cli(["sample", oracle_files["uncond"], "-n", "2", "--grid", str(tmp_path / "g.png"), "--compile"], env=cli_env)
+    assert res.returncode == 1 and "--compile does not apply" in res.stderr

@@ -39,19 +39,17 @@ def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int
     batches = batches or (64,)
     if min(batches) < 1:
         raise InputError("--batch must be >= 1")
-    factories, extra = bm.backend_factories(model, list(backends), device=device, threads=threads)
-    if "export_s" in extra:
-        click.echo(f"exported to ONNX for onnxruntime in {extra['export_s']:.1f} s", err=True)
-    results = []
-    for batch in batches:
-        for name, make in factories:
-            sample_steps = None
-            if not no_sampling:
-                probe = make()
-                sample_steps = steps or bm.paper_steps(probe.img_resolution)
-                del probe
-            click.echo(f"timing {name} at batch {batch} ...", err=True)
-            results.append(bm.bench_backend(name, make, batch, repeats, sample_steps))
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edm-bench-") as workdir:
+        factories, extra = bm.backend_factories(model, list(backends), device=device, threads=threads, workdir=workdir)
+        if "export_s" in extra:
+            click.echo(f"exported to ONNX for onnxruntime in {extra['export_s']:.1f} s", err=True)
+        results = []
+        for batch in batches:
+            for name, make in factories:
+                click.echo(f"timing {name} at batch {batch} ...", err=True)
+                results.append(bm.bench_backend(name, make, batch, repeats, None if no_sampling else (steps or 0)))
     click.echo(bm.results_table(results))
     click.echo(f"peak RSS {bm.peak_rss_mb():.0f} MB")
     if json_path:

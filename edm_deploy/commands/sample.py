@@ -59,6 +59,9 @@ def sample(model: str, **params: Any) -> None:
     rank, world = parse_shard(params["shard"])
     batches = shard_batches(seeds, params["batch_size"], rank, world)
     my_seeds = [s for b in batches for s in b]
+    if not my_seeds:
+        click.echo(f"done: nothing to do, shard {rank}/{world} holds none of the {len(seeds)} seeds")
+        return
 
     # Output first: an unwritable destination fails before the model loads.
     if params["outdir"]:
@@ -81,11 +84,20 @@ def sample(model: str, **params: Any) -> None:
         if note:
             click.echo(f"warning: {note}", err=True)
 
+    kwargs = sampler_kwargs_from(params)
+    if not params["grid_path"]:
+        from edm_deploy.manifest import sha256_file
+        from edm_deploy.runtime.writers import check_run_record
+
+        record_dir = params["outdir"] or writer.parts_dir
+        os.makedirs(record_dir, exist_ok=True)
+        check_run_record(record_dir, {"model_sha256": sha256_file(model), "class": params["class_idx"],
+                                      "sampler": {k: v for k, v in sorted(kwargs.items()) if v != float("inf")}})
+
     todo = [[s for s in b if not writer.is_done(s)] for b in batches]
     todo = [b for b in todo if b]
     total = sum(len(b) for b in todo)
     skipped = len(my_seeds) - total
-    kwargs = sampler_kwargs_from(params)
     solver = kwargs.get("solver") or "heun"
     per_image_nfe = nfe(kwargs.get("num_steps", 18), solver)
     click.echo(f"sampling {total} images with {den.describe()}"
@@ -102,8 +114,10 @@ def sample(model: str, **params: Any) -> None:
                 images, labels = sample_batch(den, batch, params["class_idx"], kwargs)
                 writer.submit(images, batch, labels)
                 bar.update(len(batch))
-    finally:
-        writer.close()
+    except BaseException:
+        writer.abort()  # keep what is complete, write nothing partial
+        raise
+    writer.close()
     wall = time.perf_counter() - start
     if total:
         overhead = max(0.0, 1 - den.eval_seconds / wall) if wall > 0 else 0.0

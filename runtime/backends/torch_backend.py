@@ -78,19 +78,9 @@ class TorchDenoiser(DenoiserBackend):
         For in-process use (evaluation during training, tests); exported artifacts carry a full
         manifest instead. A discrete sigma table (iDDPM's buffer `u`) becomes the rounding rule.
         """
-        from edm_deploy.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, encode_limit
+        from edm_deploy.manifest import describe_denoiser
 
-        table = getattr(net, "u", None)
-        manifest = {
-            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
-            "img_resolution": int(net.img_resolution), "img_channels": int(net.img_channels),
-            "label_dim": int(net.label_dim),
-            "sigma_min": encode_limit(float(net.sigma_min)) if float(net.sigma_min) > 0 else None,
-            "sigma_max": encode_limit(float(net.sigma_max)),
-            "precond": type(net).__name__,
-            "sigma_rounding": {"kind": "identity"} if table is None
-            else {"kind": "table", "values": [float(v) for v in table.detach().cpu().float().tolist()]},
-        }
+        manifest = describe_denoiser(net)
         return cls(net, manifest, device=device, source=type(net).__name__, **options)
 
     def describe(self) -> str:
