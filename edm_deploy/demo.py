@@ -86,16 +86,16 @@ def export_step(ckpt: str, outdir: str, echo: Callable[[str], None]) -> dict[str
 def grid_step(model_path: str, outdir: str, echo: Callable[[str], None], columns: int = 10) -> str:
     from edm_deploy.loading import load
     from edm_deploy.runtime.generate import sample_batch
-    from edm_deploy.runtime.writers import encode_png, make_grid
+    from edm_deploy.runtime.writers import GridWriter
 
     den = load(model_path, device="cpu")
-    rows = []
-    for cls in range(den.label_dim):
-        images, _ = sample_batch(den, [1_000_000 + cls * columns + k for k in range(columns)], cls, {"num_steps": 18})
-        rows.append(images)
-    images = np.concatenate(rows).repeat(GRID_UPSCALE, axis=1).repeat(GRID_UPSCALE, axis=2)
     path = os.path.join(outdir, "grid.png")
-    atomic_write_bytes(path, encode_png(make_grid(images, columns=columns, pad=2), compress_level=6))
+    grid = GridWriter(path, den.label_dim * columns, columns=columns, upscale=GRID_UPSCALE)
+    for cls in range(den.label_dim):
+        seeds = [1_000_000 + cls * columns + k for k in range(columns)]
+        images, _ = sample_batch(den, seeds, cls, {"num_steps": 18})
+        grid.submit(images, seeds)
+    grid.close()
     echo(f"[3/4] class grid (row k = digit k, {columns} seeds each) -> {path}")
     return path
 

@@ -52,8 +52,9 @@ def _example_inputs(net: Any, batch: int, seed: int = 0):
 
     gen = torch.Generator().manual_seed(seed)
     c, r = net.img_channels, net.img_resolution
-    lo = max(float(net.sigma_min), 0.002)
-    hi = min(float(net.sigma_max), 80.0)
+    from edm_deploy.export.verify import sigma_range
+
+    lo, hi = sigma_range(net)
     u = torch.rand(batch, generator=gen, dtype=torch.float64)
     sigma = torch.exp(torch.log(torch.tensor(lo, dtype=torch.float64)) * (1 - u) + torch.log(torch.tensor(hi, dtype=torch.float64)) * u)
     sigma = net.round_sigma(sigma.float()).float()

@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 
 from edm_deploy.errors import BackendUnavailableError, InputError
+from edm_deploy.runtime.fid_stats import FEATURE_DIM
 
 DEFAULT_DETECTOR_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -33,7 +34,6 @@ REFERENCE_PICKLE_URL = (
     "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl"
 )
 DETECTOR_ENV = "EDM_DEPLOY_FID_DETECTOR"
-FEATURE_DIM = 2048
 
 
 def _torch_available() -> bool:

@@ -126,11 +126,7 @@ def ablation_sampler(
     beta_d, beta_min = sch.vp_betas_for_range(lo, hi, epsilon_s)
     sigma_fn = sch.make_schedule(schedule, beta_d, beta_min)
     scale_fn = sch.make_scaling(scaling, sigma_fn)
-    if discretization == "vp":
-        t_vp = 1 + sch._ramp(num_steps) * (epsilon_s - 1)
-        sigmas = sch.vp_sigma(t_vp, beta_d, beta_min)
-    else:
-        sigmas = sch.sigma_steps(discretization, num_steps, lo, hi, rho=rho, epsilon_s=epsilon_s, C_1=C_1, C_2=C_2, M=M)
+    sigmas = sch.sigma_steps(discretization, num_steps, lo, hi, rho=rho, epsilon_s=epsilon_s, C_1=C_1, C_2=C_2, M=M)
     t_steps = np.asarray(sigma_fn.sigma_inv(np.asarray(net.round_sigma(sigmas), dtype=np.float64)), dtype=np.float64)
     t_steps = np.append(t_steps, 0.0)
     return _sample_loop(

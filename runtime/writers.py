@@ -88,7 +88,7 @@ class PngTreeWriter:
         self.subdirs = subdirs
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="png")
         self.pending: list[Future] = []
-        self.max_pending = max_pending
+        self.max_pending = max(max_pending, workers + 1)  # keep every worker busy
         self.written = 0
 
     def path_for(self, seed: int) -> str:

@@ -23,7 +23,8 @@ from edm_deploy.errors import InputError
 def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int, steps: Optional[int],
           no_sampling: bool, threads: Optional[int], json_path: Optional[str]) -> None:
     """Measure denoiser evaluations/s per backend on the same weights, images/s at the paper's NFE,
-    sampler overhead and peak memory, all in one run (medians; ratios against the first backend).
+    sampler overhead and peak host memory (RSS; GPU memory is not measured), all in one run
+    (medians; ratios against the first backend).
 
     \b
     Examples:

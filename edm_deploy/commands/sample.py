@@ -36,7 +36,9 @@ def sample(model: str, **params: Any) -> None:
     """Generate images with the EDM sampler around an exported or trained denoiser.
 
     A rerun with the same arguments skips the images that are already complete, so a killed run
-    loses nothing. The same seed gives the same image whatever the batch size.
+    loses nothing (a rerun with another model, class or sampler setting into the same output is
+    refused). The same seed gives the same image whatever the batch size: bit for bit on the
+    CPU; GPU libraries may pick other kernels per batch size, so expect last-bit differences there.
 
     \b
     Examples:
