@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from edm_deploy.errors import InputError  # noqa: E402
 from edm_deploy.training import augment as A  # noqa: E402
 from edm_deploy.training.augment import TRAIN_PY_CONFIG, AugmentPipe  # noqa: E402
 
@@ -128,6 +129,51 @@ def test_translation_and_rotation_labels_describe_the_motion():
     assert torch.allclose(_centroid(out), torch.stack([rx, ry], 1), atol=0.01)
 
 
+def _covariance(img):
+    """Intensity covariance [[xx, xy], [xy, yy]] of each [1,H,W] image (x right, y down)."""
+    n, _, h, w = img.shape
+    yy, xx = torch.meshgrid(torch.arange(h).double(), torch.arange(w).double(), indexing="ij")
+    m = img[:, 0].double().clamp(min=0)
+    tot = m.sum((1, 2))
+    dx = xx[None] - ((m * xx).sum((1, 2)) / tot)[:, None, None]
+    dy = yy[None] - ((m * yy).sum((1, 2)) / tot)[:, None, None]
+    cxx, cyy, cxy = ((m * a * b).sum((1, 2)) / tot for a, b in ((dx, dx), (dy, dy), (dx, dy)))
+    return torch.stack([torch.stack([cxx, cxy], -1), torch.stack([cxy, cyy], -1)], -2)
+
+
+def _stretch(s, direction):
+    """The linear map that scales by s along the unit vectors `direction` [N,2] and by 1/s across."""
+    d = direction
+    e = torch.stack([-d[:, 1], d[:, 0]], -1)
+    return s[:, None, None] * d[:, :, None] * d[:, None, :] + (1 / s)[:, None, None] * e[:, :, None] * e[:, None, :]
+
+
+def test_aniso_label_names_the_stretch_axis():
+    # As in the reference (G_inv = rotate2d_inv(r) @ scale2d_inv(s, 1/s) @ rotate2d_inv(-r), label
+    # (w cos r, w sin r)), the content is stretched by s = 2^(0.2 w) along the axis at angle r in the
+    # label's frame, i.e. along (cos r, -sin r) in the (x right, y down) pixel frame, and squeezed by
+    # 1/s across it. The label cannot tell (w, r) from (-w, r + pi), which stretch the same axis by s
+    # and 1/s (inverse maps), so both readings are accepted; the mirrored axis (cos r, +sin r) is not.
+    blob = _blob(size=32, cx=15.5, cy=15.5, width=2.0, n=24)
+    out, labels = AugmentPipe(p=1, aniso=1, aniso_rotate_prob=1)(blob, generator=torch.Generator().manual_seed(5))
+    a, b = labels[:, 0].double(), labels[:, 1].double()
+    w, r = torch.hypot(a, b), torch.atan2(b, a)
+    s = torch.exp2(0.2 * w)
+    c0, c = _covariance(blob), _covariance(out)
+
+    def misfit(direction):
+        errs = []
+        for m in (_stretch(s, direction), _stretch(1 / s, direction)):
+            errs.append((m @ c0 @ m.transpose(1, 2) - c).abs().flatten(1).amax(1))
+        return torch.minimum(*errs)
+
+    right = misfit(torch.stack([torch.cos(r), -torch.sin(r)], -1))
+    mirrored = misfit(torch.stack([torch.cos(r), torch.sin(r)], -1))
+    assert right.max() < 0.15, right  # the resampling blur adds ~1-2 % to variances of ~4 px^2
+    telling = (w > 0.5) & (torch.sin(4 * r).abs() > 0.5)  # where the mirrored axis really differs
+    assert telling.sum() >= 5 and (mirrored[telling] > 0.4).all(), mirrored[telling]
+
+
 def test_scale_label_changes_size():
     blob = _blob(size=32, cx=15.5, cy=15.5, width=2.0, n=16)
     out, labels = AugmentPipe(p=1, scale=1)(blob, generator=torch.Generator().manual_seed(4))
@@ -147,7 +193,12 @@ def test_colour_and_integer_ops_run():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="p must be"):
         AugmentPipe(p=-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="scale"):
+        AugmentPipe(scale="lots")
+    with pytest.raises(InputError, match=r"\[N,C,H,W\]"):
         AugmentPipe()(torch.zeros(3, 8, 8))
+    with pytest.raises(InputError, match="1 or 3 channels"):
+        AugmentPipe(p=1, brightness=1)(torch.zeros(2, 2, 8, 8))
+    assert issubclass(InputError, ValueError)  # callers catching ValueError keep working

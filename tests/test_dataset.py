@@ -55,6 +55,24 @@ def test_open_digits_specs():
     assert len(D.open_dataset("digits", max_images=10)) == 10
 
 
+def test_max_images_keeps_the_label_dim():
+    # The first three train digits are 1, 2, 3: label_dim must still be 10 (the network's class
+    # embedding must not depend on how many images a debugging run uses).
+    ds = D.open_dataset("digits", max_images=3, require_labels=True)
+    assert ds.labels.tolist() == [1, 2, 3] and ds.label_dim == 10
+    assert "10 classes" in ds.describe()
+
+
+def test_digits_all_is_the_split_reassembled():
+    everything = D.open_dataset("digits-all")
+    train_idx, test_idx = D.digits_split_indices()
+    tr_x, tr_y, te_x, te_y = D.load_digits_split()
+    x, y = everything.batch(train_idx)
+    assert np.array_equal(x, tr_x) and np.array_equal(y, tr_y)
+    x, y = everything.batch(test_idx)
+    assert np.array_equal(x, te_x) and np.array_equal(y, te_y)
+
+
 def test_zip_round_trip(tmp_path):
     dest = str(tmp_path / "d.zip")
     info = D.write_dataset_zip("digits", dest, max_images=25)

@@ -133,3 +133,36 @@ def test_bad_arguments():
         losses.EDMLoss(P_std=0)
     with pytest.raises(InputError):
         losses.EDMLoss()(RecordingNet(), torch.zeros(3, 4))
+
+
+def test_vp_sigma_is_one_formula():
+    vp = precond.VPPrecond(8, 1, model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    t = torch.linspace(1e-5, 1, 9, dtype=torch.float64)
+    assert torch.equal(losses.VPLoss().sigma(t), vp.sigma(t))
+    assert torch.equal(precond.vp_sigma(t, 19.9, 0.1), vp.sigma(t))
+    assert torch.allclose(vp.sigma_inv(vp.sigma(t)), t, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["edm", "vp", "ve", "iddpm"])
+def test_each_preconditioner_trains_with_unit_effective_weight(kind):
+    """lambda(sigma) * c_out(sigma)^2 == 1: every noise level weighs the raw network's error alike.
+
+    The loss for each --precond comes from the presets; c_out is that preconditioner's. (Before
+    iDDPM used the VP loss it trained with the EDM weight, i.e. 1 + 4 sigma^2 here.)
+    """
+    from edm_deploy.training.training_loop import make_loss
+
+    loss_fn = make_loss(kind)
+    net = RecordingNet()
+    y = _images(64)
+    out = loss_fn(net, y, generator=torch.Generator().manual_seed(1))
+    call = net.calls[-1]
+    sigma = call["sigma"].double()
+    weight = out.double() / ((0.3 * call["x"] - y) ** 2).double()
+    c_out = {
+        "edm": sigma * 0.5 / (sigma**2 + 0.25).sqrt(),
+        "vp": -sigma,
+        "ve": sigma,
+        "iddpm": -sigma,  # iDDPMPrecond.forward: c_out = -sigma
+    }[kind]
+    assert torch.allclose(weight * c_out**2, torch.ones_like(weight), rtol=1e-4)

@@ -7,6 +7,7 @@ recognise) is marked slow: run it with `pytest -m slow`.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -18,7 +19,12 @@ pytest.importorskip("sklearn")
 
 from edm_deploy.errors import InputError  # noqa: E402
 from edm_deploy.training import training_loop as TL  # noqa: E402
-from edm_deploy.training.checkpoint import build_network, load_checkpoint, load_network  # noqa: E402
+from edm_deploy.training.checkpoint import (  # noqa: E402
+    build_network,
+    load_checkpoint,
+    load_network,
+    save_checkpoint,
+)
 from edm_deploy.training.dataset import load_digits_split  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
@@ -38,6 +44,32 @@ def micro(**kw) -> TL.TrainingOptions:
 
 def _equal_states(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _fixed_loss(precond):
+    """A loss without randomness (sigma fixed, no noise): runs differ only in how they split the batch."""
+
+    def loss(net, images, labels=None, augment_pipe=None):
+        sigma = torch.full([images.shape[0], 1, 1, 1], 0.7)
+        return (net(images * 0.8, sigma, labels) - images) ** 2
+
+    return loss
+
+
+def _loss_before_and_after(result, opts, loss_fn, n=16):
+    """The loss of the loop's initial weights and of its final weights on one fixed batch and noise."""
+    TL._seed_everything(opts.seed, 0, 1)
+    init = build_network(result.network).eval()  # the loop's initial weights, rebuilt
+    tr_x, tr_y = load_digits_split()[:2]
+    x = torch.from_numpy(tr_x[:n]).float().repeat(8, 1, 1, 1) / 127.5 - 1
+    y = torch.eye(10)[torch.from_numpy(tr_y[:n])].repeat(8, 1)
+
+    def loss_of(net):
+        with torch.no_grad():
+            return loss_fn(net.eval(), x, y, generator=torch.Generator().manual_seed(0)).mean().item()
+
+    changed = [not torch.equal(a, b) for a, b in zip(init.parameters(), result.net.parameters())]
+    return loss_of(init), loss_of(result.net), changed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,19 +149,9 @@ def test_training_reduces_the_loss():
     opts = micro(max_images=16, xflip=False, augment=0, dropout=0, lr=1e-2, lr_rampup_kimg=0,
                  duration_kimg=0.016 * 25, kimg_per_tick=0.2)
     result = TL.training_loop(opts, echo=None, progress=False)
-    TL._seed_everything(opts.seed, 0, 1)
-    init = build_network(result.network).eval()  # the loop's initial weights, rebuilt
-    x = torch.from_numpy(load_digits_split()[0][:16]).float().repeat(8, 1, 1, 1) / 127.5 - 1
-    y = torch.eye(10)[torch.from_numpy(load_digits_split()[1][:16])].repeat(8, 1)
-
-    def loss_of(net):
-        with torch.no_grad():
-            return EDMLoss()(net.eval(), x, y, generator=torch.Generator().manual_seed(0)).mean().item()
-
-    before, after = loss_of(init), loss_of(result.net)
+    before, after, changed = _loss_before_and_after(result, opts, EDMLoss())
     assert all(torch.isfinite(torch.tensor([s["loss"] for s in result.stats])))
     assert after < 0.7 * before, (before, after)
-    changed = [not torch.equal(a, b) for a, b in zip(init.parameters(), result.net.parameters())]
     assert all(changed)
 
 
@@ -167,15 +189,119 @@ def test_resume_is_bit_exact_and_files(tmp_path):
         TL.training_loop(micro(resume=os.path.join(part_dir, snaps[0])), echo=None, progress=False)
 
 
-def test_gradient_accumulation_matches_one_big_round(monkeypatch):
-    def fixed_loss(precond):  # no randomness: only the split into rounds differs
-        def loss(net, images, labels=None, augment_pipe=None):
-            sigma = torch.full([images.shape[0], 1, 1, 1], 0.7)
-            return (net(images * 0.8, sigma, labels) - images) ** 2
+def test_resume_through_the_api_checks_the_options(tmp_path):
+    run = str(tmp_path / "run")
+    TL.training_loop(micro(outdir=run, duration_kimg=0.032), echo=None, progress=False)
+    ckpt = os.path.join(run, "ckpt.pt")
+    before = sorted(os.listdir(run))
+    # Anything that shapes the trajectory must equal the stored options, as with the CLI.
+    for change in (dict(lr=1e-3), dict(seed=8), dict(batch=32), dict(augment=0.0), dict(precond="vp"),
+                   dict(arch="ncsnpp"), dict(cbase=32), dict(network_overrides=dict(num_blocks=2, attn_resolutions=[]))):
+        with pytest.raises(InputError, match="cannot change") as exc:
+            TL.training_loop(micro(outdir=run, duration_kimg=0.064, resume=ckpt, **change), echo=None, progress=False)
+        assert next(iter(change)) in str(exc.value) and "\n" not in str(exc.value)
+        with pytest.raises(InputError, match="cannot change"):
+            TL.resume_options(ckpt, duration_kimg=0.064, **change)
+    assert sorted(os.listdir(run)) == before  # refused before anything was written
+    # resume_options = the stored options + the allowed changes; --batch-gpu may change, with a note.
+    opts = TL.resume_options(ckpt, duration_kimg=0.064, batch_gpu=4)
+    assert opts.lr == MICRO["lr"] and opts.seed == MICRO["seed"] and opts.resume == ckpt
+    lines: list = []
+    res = TL.training_loop(opts, echo=lines.append, progress=False)
+    assert res.cur_nimg == 64
+    assert any("--batch-gpu 4" in line and "not bit-identical" in line for line in lines), lines
+
+
+def test_resume_after_a_crash_lists_each_tick_once(tmp_path, monkeypatch):
+    # Ticks every 16 images, resume points every 32: the crash during step 4 loses the tick at 48,
+    # which stats.jsonl already lists (and a torn half line, as a crash mid-append would leave).
+    real = TL.make_loss
+    calls = {"n": 0}
+
+    def flaky_loss(precond):
+        inner = real(precond)
+
+        def loss(**kw):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+            return inner(**kw)
 
         return loss
 
-    monkeypatch.setattr(TL, "make_loss", fixed_loss)
+    monkeypatch.setattr(TL, "make_loss", flaky_loss)
+    out = str(tmp_path / "run")
+    opts = dict(outdir=out, duration_kimg=0.016 * 6, kimg_per_tick=0.016, snapshot_kimg=0.032)
+    with pytest.raises(KeyboardInterrupt):
+        TL.training_loop(micro(**opts), echo=None, progress=False)
+    stats = os.path.join(out, "stats.jsonl")
+    assert [json.loads(line)["kimg"] for line in open(stats)] == [0.016, 0.032, 0.048]
+    with open(stats, "a") as f:
+        f.write('{"tick": 3, "kimg": 0.0')
+    ckpt = os.path.join(out, "ckpt.pt")
+    assert load_checkpoint(ckpt)["training_state"]["cur_nimg"] == 32
+    TL.training_loop(micro(resume=ckpt, **opts), echo=None, progress=False)
+    entries = [json.loads(line) for line in open(stats)]
+    assert [e["kimg"] for e in entries] == [0.016, 0.032, 0.048, 0.064, 0.08, 0.096]
+    assert [e["tick"] for e in entries] == list(range(6))
+    log = open(os.path.join(out, "log.txt")).read()
+    assert log.count("kimg 0.05") == 2 and "resuming at" in log  # the human log keeps the lost tick
+
+
+def test_option_checks():
+    with pytest.raises(InputError, match="ckpt_kimg"):
+        TL.check_options(micro(ckpt_kimg=0))
+    with pytest.raises(InputError, match="LOCAL_RANK"):
+        TL.check_options(micro(device="cuda:1"), world_size=2)  # every rank would pick GPU 1
+    TL.check_options(micro(device="cuda:1"), world_size=1)
+    with pytest.raises(InputError, match="GPU index"):
+        TL.check_options(micro(device="cuda:one"))
+
+
+def test_checkpoint_problems_are_one_clear_error(tmp_path):
+    network = TL.network_description(micro(), 8, 1, 10)
+    bad = copy.deepcopy(network)
+    bad["init_kwargs"]["no_such_kwarg"] = 1
+    with pytest.raises(InputError, match="cannot build EDMPrecond.*no_such_kwarg"):
+        build_network(bad)
+    # Weights of a wider network under this description: the first misfit, both shapes.
+    wide = copy.deepcopy(network)
+    wide["init_kwargs"]["model_channels"] = 32
+    path = str(tmp_path / "w.pt")
+    save_checkpoint(path, network, build_network(wide).state_dict())
+    with pytest.raises(InputError, match=r"do not fit the described network: model\.\S+ has shape \[\d+(, \d+)*\] "
+                                         r"in the file, \[\d+(, \d+)*\] in the network") as exc:
+        load_network(path)
+    assert "\n" not in str(exc.value)
+    fewer = {k: v for k, v in build_network(network).state_dict().items() if "dec" not in k}
+    save_checkpoint(path, network, fewer)
+    with pytest.raises(InputError, match="missing .* tensors"):
+        load_network(path)
+    # A resume state that the loop could not use.
+    weights = build_network(network).state_dict()
+    for state, match in (("junk", "must be a dict"), ({"cur_nimg": 5}, "incomplete.*optimizer"),
+                         (dict(net={}, optimizer={}, cur_nimg="5", cur_tick=0, rng=[{}], sampler=[{}], world_size=1,
+                               options={}), "cur_nimg.*must be int"),
+                         (dict(net={}, optimizer={}, cur_nimg=5, cur_tick=0, rng=[], sampler=[{}], world_size=1,
+                               options={}), "world_size 1")):
+        save_checkpoint(path, network, weights, training_state=state)
+        with pytest.raises(InputError, match=match):
+            load_checkpoint(path)
+
+
+def test_digits_evaluation_needs_a_conditional_digits_model():
+    from edm_deploy.training import digits_eval
+
+    net = build_network(TL.network_description(micro(cond=False), 8, 1, 10))
+    with pytest.raises(InputError, match="unconditional"):
+        digits_eval.evaluate(net)
+    net = build_network(TL.network_description(micro(), 16, 1, 10))
+    with pytest.raises(InputError, match="1x8x8"):
+        digits_eval.sample_digits(net)
+
+
+def test_gradient_accumulation_matches_one_big_round(monkeypatch):
+    monkeypatch.setattr(TL, "make_loss", _fixed_loss)  # no randomness: only the split into rounds differs
     kw = dict(duration_kimg=0.016 * 3, lr_rampup_kimg=0, augment=0, dropout=0, xflip=False)
     one = TL.training_loop(micro(**kw), echo=None, progress=False)
     four = TL.training_loop(micro(batch_gpu=4, **kw), echo=None, progress=False)
@@ -185,10 +311,16 @@ def test_gradient_accumulation_matches_one_big_round(monkeypatch):
 
 @pytest.mark.parametrize("precond", ["vp", "ve", "iddpm"])
 def test_other_preconditioners_train(precond):
-    res = TL.training_loop(micro(precond=precond, duration_kimg=0.032, augment=0, max_images=16),
-                           echo=None, progress=False)
+    # 30 steps on 16 fixed images: each preconditioner with its own loss must really learn (its loss
+    # on a fixed batch and fixed noise drops clearly), not merely stay finite.
+    opts = micro(precond=precond, max_images=16, xflip=False, augment=0, dropout=0, lr=1e-2, lr_rampup_kimg=0,
+                 duration_kimg=0.016 * 30, kimg_per_tick=1)
+    res = TL.training_loop(opts, echo=None, progress=False)
     assert res.network["class_name"] == {"vp": "VPPrecond", "ve": "VEPrecond", "iddpm": "iDDPMPrecond"}[precond]
     assert all(torch.isfinite(p).all() for p in res.ema.parameters())
+    before, after, changed = _loss_before_and_after(res, opts, TL.make_loss(precond))
+    assert after < 0.6 * before, (before, after)  # measured: ~1.0 -> 0.17 (vp, iddpm), 0.38 (ve)
+    assert all(changed)
 
 
 def test_interrupt_leaves_the_last_resume_point_intact(tmp_path, monkeypatch):
@@ -235,7 +367,23 @@ def _ddp_worker(rank: int, world: int, port: int, outdir: str, result_dir: str) 
     torch.save({"net": res.net.state_dict(), "ema": res.ema.state_dict()}, os.path.join(result_dir, f"rank{rank}.pt"))
     import torch.distributed as dist
 
-    dist.destroy_process_group()
+    assert not dist.is_initialized()  # the loop created the process group, so it destroyed it
+
+
+# Same global batch in 1 and 2 processes: seed 0 makes rank 0's initial weights those of the
+# 1-process run (NumPy is seeded with seed * W + rank), the dealt data shards of each step together
+# are the 1-process run's batch, and the fixed loss removes the per-rank noise streams (which differ
+# by design), so only the reduction order differs.
+DDP_VS_ONE = dict(seed=0, duration_kimg=0.016 * 4, augment=0, dropout=0, lr_rampup_kimg=0, device="cpu")
+
+
+def _ddp_fixed_loss_worker(rank: int, world: int, port: int, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    TL.make_loss = _fixed_loss
+    res = TL.training_loop(micro(batch_gpu=4, **DDP_VS_ONE), echo=None, progress=False)  # 2 rounds per rank
+    torch.save({"net": res.net.state_dict(), "ema": res.ema.state_dict()}, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_two_processes_stay_identical(tmp_path):
@@ -253,6 +401,33 @@ def test_ddp_two_processes_stay_identical(tmp_path):
     assert ts["world_size"] == 2 and len(ts["rng"]) == 2 and len(ts["sampler"]) == 2
     assert not torch.equal(ts["rng"][0]["torch"], ts["rng"][1]["torch"])  # ranks draw different noise
     assert _equal_states(ckpt["ema"], r0["ema"])
+
+
+def test_ddp_matches_one_process_at_the_same_global_batch(tmp_path, monkeypatch):
+    """2 processes x 2 rounds x 4 images == 1 process x 16 images, to float rounding.
+
+    Not bit-exact: DDP averages the two ranks' gradients (all-reduce) where one process sums one
+    batch, so float additions happen in another order. Adam divides each gradient by its running
+    RMS, which turns a rounding difference in a tiny gradient into a visible step difference:
+    after 4 steps (lr 5e-3, i.e. moves of up to ~2e-2) most weights agree to ~1e-6 and the worst
+    one measured differs by 3e-5, hence the 1e-4 tolerance - still 200x below the steps taken.
+    """
+    import torch.multiprocessing as mp
+
+    result_dir = str(tmp_path / "res")
+    os.makedirs(result_dir)
+    mp.spawn(_ddp_fixed_loss_worker, args=(2, _free_port(), result_dir), nprocs=2, join=True)
+    r0 = torch.load(os.path.join(result_dir, "rank0.pt"), weights_only=True)
+    monkeypatch.setattr(TL, "make_loss", _fixed_loss)
+    one = TL.training_loop(micro(**DDP_VS_ONE), echo=None, progress=False)
+    TL._seed_everything(0, 0, 1)
+    init = build_network(one.network).state_dict()  # the shared initial weights
+    moved = max((one.net.state_dict()[k] - v).abs().max().item() for k, v in init.items())
+    assert moved > 1e-2
+    for name, tensor in one.net.state_dict().items():
+        assert torch.allclose(r0["net"][name], tensor, atol=1e-4, rtol=0), name
+    for name, tensor in one.ema.state_dict().items():
+        assert torch.allclose(r0["ema"][name], tensor, atol=1e-4, rtol=0), name
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from edm_deploy.errors import InputError
+
 # Symlet-6 decomposition low-pass filter (orthonormal: sum = sqrt(2), sum of squares = 1,
 # orthogonal to its even shifts). Mathematical constants, as tabulated by e.g. PyWavelets.
 SYM6 = (
@@ -118,9 +120,13 @@ class AugmentPipe:
             saturation_std=saturation_std,
         )
         for key, value in self.init_kwargs.items():
-            if not math.isfinite(float(value)) or float(value) < 0:
-                raise ValueError(f"AugmentPipe: {key} must be a finite number >= 0, got {value}")
-            setattr(self, key, float(value))
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = float("nan")
+            if not math.isfinite(number) or number < 0:
+                raise InputError(f"AugmentPipe: {key} must be a finite number >= 0, got {value!r}")
+            setattr(self, key, number)
 
     @property
     def label_dim(self) -> int:
@@ -134,7 +140,7 @@ class AugmentPipe:
     # ------------------------------------------------------------------------------------------
     def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None):
         if images.ndim != 4:
-            raise ValueError(f"AugmentPipe expects [N,C,H,W] images, got shape {list(images.shape)}")
+            raise InputError(f"AugmentPipe expects [N,C,H,W] images, got shape {list(images.shape)}")
         n, c, h, w = images.shape
         dev = images.device
         images = images.clone()
@@ -321,7 +327,7 @@ def _apply_color(images: torch.Tensor, color: torch.Tensor) -> torch.Tensor:
         m = color[:, :3, :].mean(dim=1, keepdim=True)
         out = flat * m[:, :, :3].sum(dim=2, keepdim=True) + m[:, :, 3:]
     else:
-        raise ValueError("colour augmentation needs 1 or 3 channels")
+        raise InputError(f"AugmentPipe: colour augmentation needs 1 or 3 channels, got {c}")
     return out.reshape(n, c, h, w)
 
 

@@ -6,7 +6,7 @@ A checkpoint never pickles classes. It is a dict::
       "format": "edm-deploy-checkpoint", "version": 1,
       "network": {"class_name": "EDMPrecond", "init_kwargs": {...}},   # reference constructor kwargs
       "ema": {state-dict name -> tensor},       # names follow the reference ("model.enc.32x32_conv.weight")
-      "training_state": None | {...},           # only in resume points (net, optimizer, counters, RNG)
+      "training_state": None | {...},           # only in resume points, see TRAINING_STATE_KEYS
       "meta": {"producer": ..., "created": ..., ...},
     }
 
@@ -14,6 +14,13 @@ A checkpoint never pickles classes. It is a dict::
 constructors (img_resolution, img_channels, label_dim, use_fp16, model_type and the inner
 network's kwargs), which is also what an official pickle stores in `_init_kwargs`, so a converted
 official model and a model trained here look the same.
+
+A resume point's `training_state` holds the raw network and optimizer state dicts (``net``,
+``optimizer``), the counters ``cur_nimg`` and ``cur_tick``, one RNG state and one data-sampler
+position per process (``rng``, ``sampler``, lists of length ``world_size``) and the run's
+``options``; optionally ``total_time`` and ``device_type``. `load_checkpoint` checks all of this,
+and every problem with a file - unreadable, foreign, incomplete, or weights that do not fit the
+described network - is one `InputError` line.
 """
 
 from __future__ import annotations
@@ -69,13 +76,66 @@ def check_network_description(network: Any, source: str = "checkpoint") -> dict:
     return network
 
 
-def build_network(network: dict):
-    """Instantiate the preconditioned network (randomly initialised) from its description."""
+def build_network(network: dict, source: str = "checkpoint"):
+    """Instantiate the preconditioned network (randomly initialised) from its description.
+
+    A description the constructors reject (an unknown keyword, a value of the wrong type, an
+    impossible combination) is one InputError naming the class and the constructor's complaint.
+    """
     from edm_deploy.training import precond
 
-    check_network_description(network)
+    check_network_description(network, source)
     cls = getattr(precond, network["class_name"])
-    return cls(**network["init_kwargs"])
+    kwargs = network["init_kwargs"]
+    if not isinstance(kwargs, dict):
+        raise InputError(f"{source}: network init_kwargs must be a dict, got {type(kwargs).__name__}")
+    try:
+        return cls(**kwargs)
+    except InputError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AssertionError, RuntimeError, ZeroDivisionError) as exc:
+        raise InputError(
+            f"{source}: cannot build {network['class_name']} from the stored description ({_first_line(exc)})"
+        ) from exc
+
+
+def load_weights(module, state: Any, source: str = "checkpoint", what: str = "weights") -> None:
+    """`module.load_state_dict(state)` with every mismatch as one InputError.
+
+    Names are compared first (missing / unexpected tensors), then shapes, so the message names
+    the first offending tensor and both shapes instead of PyTorch's multi-line RuntimeError.
+    """
+    if not isinstance(state, dict):
+        raise InputError(f"{source}: {what} must be a dict of tensors, got {type(state).__name__}")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[0]})")
+        raise InputError(f"{source}: {what} do not fit the described network: {'; '.join(detail)}")
+    for name, tensor in own.items():
+        value = state[name]
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            raise InputError(f"{source}: {what} entry {name} is a {type(value).__name__}, not a tensor")
+        if tuple(shape) != tuple(tensor.shape):
+            raise InputError(
+                f"{source}: {what} do not fit the described network: {name} has shape {list(shape)} "
+                f"in the file, {list(tensor.shape)} in the network"
+            )
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a dtype that cannot be copied
+        raise InputError(f"{source}: {what} do not load into the network ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def save_checkpoint(
@@ -85,7 +145,11 @@ def save_checkpoint(
     training_state: Optional[dict] = None,
     meta: Optional[dict] = None,
 ) -> None:
-    """Write a checkpoint atomically (temporary file + rename)."""
+    """Write a checkpoint atomically and durably (temporary file, fsync, rename, fsync of the folder).
+
+    A crash or power loss leaves either the previous file or the complete new one, never an
+    empty or half-written file under the final name.
+    """
     torch = _torch()
     check_network_description(network)
     payload = {
@@ -103,7 +167,7 @@ def save_checkpoint(
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), durable=True)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -116,8 +180,7 @@ def load_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated/foreign files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path} is not a readable edm-deploy checkpoint ({first[:200]})") from exc
+        raise InputError(f"{path} is not a readable edm-deploy checkpoint ({_first_line(exc)})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(
             f"{path} is not an edm-deploy checkpoint (for an official EDM .pkl, run `edm-deploy convert` first)"
@@ -127,21 +190,50 @@ def load_checkpoint(path: str) -> dict:
     check_network_description(ckpt.get("network"), path)
     if not isinstance(ckpt.get("ema"), dict) or not ckpt["ema"]:
         raise InputError(f"{path}: checkpoint holds no network weights")
+    check_training_state(ckpt.get("training_state"), path)
     return ckpt
+
+
+# What a resume point's training_state must hold, and the type of each entry.
+TRAINING_STATE_KEYS = {
+    "net": dict, "optimizer": dict, "cur_nimg": int, "cur_tick": int, "rng": list, "sampler": list,
+    "world_size": int, "options": dict,
+}
+
+
+def check_training_state(state: Any, source: str = "checkpoint") -> None:
+    """None (a weights-only snapshot) or a complete resume state; anything else is an InputError."""
+    if state is None:
+        return
+    if not isinstance(state, dict):
+        raise InputError(f"{source}: training_state must be a dict or absent, got {type(state).__name__}")
+    missing = [k for k in TRAINING_STATE_KEYS if k not in state]
+    if missing:
+        raise InputError(f"{source}: training_state is incomplete (lacks {', '.join(missing)}); it cannot resume")
+    for key, kind in TRAINING_STATE_KEYS.items():
+        value = state[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise InputError(
+                f"{source}: training_state[{key!r}] must be {kind.__name__}, got {type(value).__name__}"
+            )
+    world = state["world_size"]
+    if world < 1 or len(state["rng"]) != world or len(state["sampler"]) != world:
+        raise InputError(
+            f"{source}: training_state holds {len(state['rng'])} RNG states and {len(state['sampler'])} "
+            f"sampler positions for world_size {world}"
+        )
+    if state["cur_nimg"] < 0 or state["cur_tick"] < 0:
+        raise InputError(f"{source}: training_state has negative counters")
 
 
 def load_network(source, device: str = "cpu"):
     """A checkpoint path (or loaded dict) -> the EMA network in eval mode without gradients."""
-    ckpt = load_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
-    net = build_network(ckpt["network"])
-    missing, unexpected = net.load_state_dict(ckpt["ema"], strict=False)
-    if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
-        if unexpected:
-            detail.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[0]})")
-        raise InputError(f"checkpoint weights do not fit the described network: {'; '.join(detail)}")
+    if isinstance(source, (str, os.PathLike)):
+        name, ckpt = os.fspath(source), load_checkpoint(source)
+    else:
+        name, ckpt = "checkpoint", source
+    net = build_network(ckpt["network"], name)
+    load_weights(net, ckpt["ema"], name, "checkpoint weights")
     return net.eval().requires_grad_(False).to(device)
 
 

@@ -38,7 +38,15 @@ DIGITS_SPLIT_SEED = 2022  # never change: the split is part of the published res
 DIGITS_TEST_FRACTION = 0.2
 
 
-def digits_split_indices() -> tuple[np.ndarray, np.ndarray]:
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 digits in scikit-learn's order: uint8 [N,1,8,8] images and int64 [N] labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return digits_to_uint8(data.images)[:, None, :, :], np.asarray(data.target, dtype=np.int64)
+
+
+def digits_split_indices(target: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) indices into `sklearn.datasets.load_digits()`, fixed forever.
 
     A stratified split done here rather than with `sklearn.model_selection.train_test_split`, so it
@@ -46,11 +54,12 @@ def digits_split_indices() -> tuple[np.ndarray, np.ndarray]:
     sorted indices of that class are permuted by one `np.random.RandomState(2022)` (the legacy
     Mersenne-Twister stream, whose output NumPy guarantees never to change) and the first
     round(0.2 * count) go to the test split. 1438 train / 359 test images; both index lists are
-    returned sorted. A test pins the counts and a checksum of the test indices.
+    returned sorted. A test pins the counts and a checksum of the test indices. `target` (the
+    labels of all digits, in scikit-learn's order) is loaded when not given.
     """
-    from sklearn.datasets import load_digits
-
-    target = np.asarray(load_digits().target)
+    if target is None:
+        target = _digits_arrays()[1]
+    target = np.asarray(target)
     rng = np.random.RandomState(DIGITS_SPLIT_SEED)
     test = []
     for c in range(10):
@@ -69,12 +78,8 @@ def digits_to_uint8(values: np.ndarray) -> np.ndarray:
 
 def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train_images, train_labels, test_images, test_labels): uint8 [N,1,8,8] and int64 [N]."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = digits_to_uint8(data.images)[:, None, :, :]
-    labels = np.asarray(data.target, dtype=np.int64)
-    train_idx, test_idx = digits_split_indices()
+    images, labels = _digits_arrays()
+    train_idx, test_idx = digits_split_indices(labels)
     return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
 
 
@@ -89,10 +94,13 @@ class Dataset:
     shape rules once and serves items and whole batches from a decoded cache.
     """
 
-    def __init__(self, name: str, shape: Sequence[int], labels: Optional[np.ndarray]) -> None:
+    def __init__(
+        self, name: str, shape: Sequence[int], labels: Optional[np.ndarray], label_dim: Optional[int] = None
+    ) -> None:
         self.name = name
         self.image_shape = tuple(int(s) for s in shape)  # (C, R, R)
         self._labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self._label_dim = label_dim  # None: max label + 1
         self._cache: dict[int, np.ndarray] = {}
         check_image_shape(self.image_shape, name)
         if self._labels is not None and len(self._labels) and self._labels.min() < 0:
@@ -116,9 +124,15 @@ class Dataset:
 
     @property
     def label_dim(self) -> int:
-        """Number of classes (max label + 1); 0 for an unlabelled dataset."""
+        """Number of classes (max label + 1 over the full source); 0 for an unlabelled dataset.
+
+        A `Subset` (``--max-images``) keeps the label_dim of the source it was cut from, so a
+        short debugging run builds the same network as the full one.
+        """
         if self._labels is None or len(self._labels) == 0:
             return 0
+        if self._label_dim is not None:
+            return int(self._label_dim)
         return int(self._labels.max()) + 1
 
     @property
@@ -203,10 +217,6 @@ class _FileDataset(Dataset):
     def __len__(self) -> int:
         return len(self._names)
 
-    @property
-    def file_names(self) -> list[str]:
-        return list(self._names)
-
     def _load(self, index: int) -> np.ndarray:
         return decode_image(self._opener(self._names[index]), f"{self.name}/{self._names[index]}")
 
@@ -285,16 +295,11 @@ def open_dataset(spec: str, require_labels: bool = False, max_images: Optional[i
     """
     spec = str(spec)
     if spec in DIGITS_SPECS:
-        tr_x, tr_y, te_x, te_y = load_digits_split()
-        if spec == "digits":
-            ds: Dataset = ArrayDataset(tr_x, tr_y, "digits")
-        elif spec == "digits-test":
-            ds = ArrayDataset(te_x, te_y, "digits-test")
+        if spec == "digits-all":  # the same arrays the split is cut from, in scikit-learn's order
+            ds: Dataset = ArrayDataset(*_digits_arrays(), "digits-all")
         else:
-            from sklearn.datasets import load_digits
-
-            d = load_digits()
-            ds = ArrayDataset(digits_to_uint8(d.images)[:, None], np.asarray(d.target, np.int64), "digits-all")
+            tr_x, tr_y, te_x, te_y = load_digits_split()
+            ds = ArrayDataset(tr_x, tr_y, "digits") if spec == "digits" else ArrayDataset(te_x, te_y, "digits-test")
     elif os.path.isdir(spec):
         ds = ImageFolderDataset(spec)
     elif spec.lower().endswith(".zip"):
@@ -322,18 +327,13 @@ class Subset(Dataset):
         self._base = base
         self._idx = np.asarray(list(indices), dtype=np.int64)
         labels = None if base.labels is None else base.labels[self._idx]
-        super().__init__(base.name, base.image_shape, labels)
+        super().__init__(base.name, base.image_shape, labels, label_dim=base.label_dim if base.has_labels else None)
 
     def __len__(self) -> int:
         return len(self._idx)
 
     def _load(self, index: int) -> np.ndarray:
         return self._base.image(int(self._idx[index]))
-
-    @property
-    def file_names(self) -> list[str]:
-        names = getattr(self._base, "file_names", None)
-        return [names[i] for i in self._idx] if names is not None else []
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,9 +4,18 @@ An independent classifier (an RBF support-vector machine on the 64 pixel values,
 fixed digits *train* split and scored on the *test* split to show it is trustworthy) labels the
 samples a class-conditional model draws with the deterministic EDM sampler (18 steps, 35
 network evaluations). The score is the classifier's agreement with the requested class, averaged
-over classes. A Fréchet distance on raw pixels (64-D, images scaled to [0, 1]) between samples
-and the test split is reported next to the train-vs-test distance of real data, which is the
-floor a perfect model would reach with this many images.
+over classes.
+
+Next to it, a Fréchet distance on raw pixels (64-D, images scaled to [0, 1]): samples vs the 359
+test images, and - as a yardstick - the 1438 train images vs the same test images. The yardstick
+is the distance between two sets of real digits, so a model whose samples were as good as real
+data would score *about* that much; it is not an exact floor, because the sample set has a
+different size (10 x per_class, 500 by default, not 1438) and a Fréchet distance estimated from
+finitely many images is biased upward by an amount that depends on how many there are (fewer
+samples -> larger). Compare the two numbers as an order of magnitude, not digit by digit.
+
+The model must be class-conditional on the 10 digit classes (label_dim 10) with 1x8x8 images;
+anything else is an InputError.
 
 Used by the slow quality test and by the demo; it needs scikit-learn and torch.
 """
@@ -17,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from edm_deploy.errors import InputError
 from edm_deploy.training.dataset import load_digits_split
 
 
@@ -27,6 +37,23 @@ def as_denoiser(net: Any) -> Any:
     from edm_deploy.runtime.backends.torch_backend import TorchDenoiser
 
     return TorchDenoiser.from_module(net, device="cpu")
+
+
+def check_digits_model(den: Any) -> None:
+    """A denoiser the digits classifier can judge: class-conditional, 10 classes, 1x8x8."""
+    label_dim = int(getattr(den, "label_dim", 0) or 0)
+    if label_dim == 0:
+        raise InputError(
+            "digits evaluation needs a class-conditional model (it asks for each digit 0-9 and checks what "
+            "comes out); this model is unconditional (label_dim 0) - train with --cond"
+        )
+    if label_dim != 10:
+        raise InputError(f"digits evaluation needs a model with the 10 digit classes, this one has label_dim {label_dim}")
+    shape = (int(den.img_channels), int(den.img_resolution))
+    if shape != (1, 8):
+        raise InputError(
+            f"digits evaluation needs a model of 1x8x8 images, this one makes {shape[0]}x{shape[1]}x{shape[1]}"
+        )
 
 
 def pixels(images_uint8: np.ndarray) -> np.ndarray:
@@ -51,6 +78,7 @@ def sample_digits(net: Any, per_class: int = 50, seed: int = 0, num_steps: int =
     from edm_deploy.runtime.sampling import edm_sampler
 
     den = as_denoiser(net)
+    check_digits_model(den)
     classes = np.repeat(np.arange(den.label_dim), per_class)
     seeds = seed + np.arange(len(classes))
     out = []
@@ -72,6 +100,7 @@ def frechet_pixels(a_uint8: np.ndarray, b_uint8: np.ndarray) -> float:
 
 def evaluate(net: Any, per_class: int = 50, seed: int = 0, num_steps: int = 18, classifier=None) -> dict:
     """Class accuracy of samples (mean over classes), per-class accuracy and pixel Fréchet distances."""
+    check_digits_model(net)
     if classifier is None:
         classifier, clf_acc = train_classifier()
     else:

@@ -9,7 +9,8 @@ Consistency rules (facts 4.3): every rank must start from identical weights *and
 Randomly initialised buffers such as `FourierEmbedding.freqs` differ per rank unless broadcast
 (the reference's PyTorch-2.1 bug), so `broadcast_module` sends all parameters and buffers from
 rank 0 before DDP wraps the network and before the EMA copy is taken; `check_consistency`
-verifies it at every snapshot.
+verifies it at every snapshot. The training loop destroys the process group when it returns or
+fails, if (and only if) `init_from_env` created it; a group the caller set up is left alone.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     backend: Optional[str] = None  # None: single process, no process group
+    owns_group: bool = False       # True when init_from_env created the process group (shutdown ends it)
 
     @property
     def enabled(self) -> bool:
@@ -57,17 +59,21 @@ def init_from_env(device_type: str) -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     backend = "nccl" if device_type == "cuda" else "gloo"
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank, backend=backend)
+    else:
+        backend = dist.get_backend()
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, backend=backend, owns_group=owns)
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Destroy the process group if `init_from_env` created it (a caller's own group is left alone)."""
     import torch.distributed as dist
 
-    if ctx.enabled and dist.is_initialized():
+    if ctx.enabled and ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -76,17 +82,6 @@ def barrier(ctx: DistContext) -> None:
         import torch.distributed as dist
 
         dist.barrier()
-
-
-def broadcast_object(ctx: DistContext, obj: Any) -> Any:
-    """Rank 0's value of a picklable object, on every rank."""
-    if not ctx.enabled:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def gather_objects(ctx: DistContext, obj: Any) -> list:

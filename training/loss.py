@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from edm_deploy.errors import InputError
+from edm_deploy.training.precond import vp_sigma
 
 __all__ = ["EDMLoss", "VPLoss", "VELoss"]
 
@@ -62,7 +63,11 @@ def _denoising_loss(
 
 
 class VPLoss:
-    """Variance-preserving baseline: t ~ U(epsilon_t, 1), sigma = sigma_VP(t), lambda = 1/sigma^2."""
+    """Variance-preserving baseline: t ~ U(epsilon_t, 1), sigma = sigma_VP(t), lambda = 1/sigma^2.
+
+    With VP's (and iDDPM's) c_out = -sigma the effective weight lambda * c_out^2 is 1: this is the
+    epsilon-prediction MSE. The training presets also use it for iDDPM (see `presets.PRECONDS`).
+    """
 
     def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5):
         self.beta_d = beta_d
@@ -84,9 +89,8 @@ class VPLoss:
         return _denoising_loss(net, images, labels, augment_pipe, sigma, weight, generator)
 
     def sigma(self, t) -> torch.Tensor:
-        """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
-        t = t if isinstance(t, torch.Tensor) else torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t**2) + self.beta_min * t).exp() - 1).sqrt()
+        """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), the same function as `VPPrecond.sigma`."""
+        return vp_sigma(t, self.beta_d, self.beta_min)
 
 
 class VELoss:
@@ -116,8 +120,11 @@ class VELoss:
 class EDMLoss:
     """EDM (config F): ln(sigma) ~ N(P_mean, P_std^2), lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
 
-    The weight makes the effective training target of F unit-variance at every noise level
-    (paper section 5, eq. 8 with Table 1).
+    lambda = 1 / c_out^2 for EDM's c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2), so the
+    *effective* weight of the raw network F's error, lambda * c_out^2, is 1 at every noise level
+    (paper section 5, eq. 8 with Table 1). The unit variance of F's inputs and training target
+    comes from c_in, c_skip and c_out, not from lambda. The weight suits EDMPrecond only: with
+    another c_out the effective weight is lambda * c_out^2 of that preconditioner.
     """
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):

@@ -35,11 +35,20 @@ import torch
 from edm_deploy.errors import InputError
 from edm_deploy.training import networks
 
-__all__ = ["EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond", "ARCHITECTURES"]
+__all__ = ["EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond", "ARCHITECTURES", "vp_sigma"]
 
 ARCHITECTURES = {"SongUNet": networks.SongUNet, "DhariwalUNet": networks.DhariwalUNet}
 
 SigmaLike = Union[float, torch.Tensor]
+
+
+def vp_sigma(t: SigmaLike, beta_d: float, beta_min: float) -> torch.Tensor:
+    """The VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), as a tensor.
+
+    One formula for `VPPrecond.sigma` and `loss.VPLoss.sigma` (the VP loss draws t and needs sigma).
+    """
+    t = t if isinstance(t, torch.Tensor) else torch.as_tensor(t)
+    return ((0.5 * beta_d * (t**2) + beta_min * t).exp() - 1).sqrt()
 
 
 def _architecture(model_type: str):
@@ -148,9 +157,8 @@ class VPPrecond(_Precond):
         return x + c_out * F_x
 
     def sigma(self, t: SigmaLike) -> torch.Tensor:
-        """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
-        t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t**2) + self.beta_min * t).exp() - 1).sqrt()
+        """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (see `vp_sigma`)."""
+        return vp_sigma(t, self.beta_d, self.beta_min)
 
     def sigma_inv(self, sigma: SigmaLike) -> torch.Tensor:
         """t(sigma), the inverse of ``sigma``."""

@@ -29,13 +29,21 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 # --precond -> (preconditioner class, loss class). iDDPM has no loss of its own in the reference
-# (it exists to import the ADM baseline); training one here uses the EDM loss's sigma distribution
-# and weighting, and the preconditioner snaps every sigma onto its table.
+# (iDDPMPrecond exists there to run the imported ADM baseline), so training one here is our choice:
+# the VP loss. Its weight lambda = 1/sigma^2 times iDDPM's c_out^2 = sigma^2 gives an effective
+# weight of 1 at every noise level, i.e. the epsilon-prediction MSE ("L_simple") that iDDPM
+# models are trained with. (The EDM loss would weight that error by (sigma^2 + sigma_data^2) /
+# sigma_data^2 = 1 + 4 sigma^2, ~485x at sigma = 11, because its lambda assumes EDM's c_out.)
+# sigma is drawn from the VP schedule, t ~ U(1e-5, 1), i.e. sigma in ~[0.001, 152]; the preconditioner maps
+# sigma to the nearest entry of its table (~[0.0064, 20291] with the defaults) for c_noise, so
+# sigma below ~0.0064 gets the last entry, while c_in, c_out and the noise use sigma itself, as
+# in the reference forward pass. Not reproduced: the original iDDPM draws sigma from its discrete
+# table (uniform index) and adds the learned-variance L_vlb term.
 PRECONDS: dict[str, tuple[str, str]] = {
     "edm": ("EDMPrecond", "EDMLoss"),
     "vp": ("VPPrecond", "VPLoss"),
     "ve": ("VEPrecond", "VELoss"),
-    "iddpm": ("iDDPMPrecond", "EDMLoss"),
+    "iddpm": ("iDDPMPrecond", "VPLoss"),
 }
 
 # Named presets: TrainingOptions field -> value. Anything not listed keeps the option default.
@@ -64,8 +72,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         duration_kimg=2500000, kimg_per_tick=200, snapshot_kimg=10000,
     ),
     # 8x8 digits on a 2-core CPU, class-conditional: a 2-level DDPM++-style SongUNet (8x8 and
-    # 4x4, 32/64 channels, one block per level, no attention; 715,553 parameters), EDM
-    # preconditioning and loss, no augmentation or dropout. Tuned on the digits train split:
+    # 4x4, 32/64 channels, one block per level; 715,553 parameters). attn_resolutions=[] removes
+    # the optional attention layers, but SongUNet always has one self-attention layer in the first
+    # decoder block of the lowest level (model.dec.4x4_in0.qkv / .proj), so there is exactly one,
+    # at 4x4. EDM preconditioning and loss, no augmentation or dropout. Tuned on the digits train split:
     # 40 kimg already gives ~96 % classifier-recognised samples, 100 kimg ~98 %. 150 kimg takes
     # ~2.5 min at ~1 s/kimg on an idle 2-core CPU (2 threads); ~4 min with --threads 1.
     "tiny": dict(

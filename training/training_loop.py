@@ -14,19 +14,36 @@ What one step does (the reference `training_loop.py` semantics, facts 4.3):
    cur_nimg * ema_rampup_ratio) images, beta = 0.5 ** (batch / max(h, 1e-8)),
    ema <- beta * ema + (1 - beta) * net; then cur_nimg += batch.
 
-Files (rank 0 only, all written atomically: temp file + rename) in ``outdir``::
+Files (rank 0 only) in ``outdir``::
 
-    training_options.json        the options of the run (written once)
-    log.txt                      the human log (appended across resumes)
-    stats.jsonl                  one JSON object per tick (appended across resumes)
+    training_options.json        the options of the run (written once, atomically)
+    log.txt                      the human log (appended line by line across resumes)
+    stats.jsonl                  one JSON object per tick (appended line by line)
     ckpt.pt                      the latest *resume point*: EMA weights + training_state
     network-snapshot-XXXXXX.pt   weights-only snapshots (EMA), XXXXXX = kimg; never overwritten
 
+The ``.pt`` files and ``training_options.json`` are written atomically and durably (temporary
+file, fsync, rename, fsync of the folder): a crash or Ctrl-C never leaves a half-written one, and
+the last resume point stays valid. ``log.txt`` and ``stats.jsonl`` are plain appends, not atomic:
+a crash can cut their last line short, and they may describe ticks after the last resume point.
+On resume, ``stats.jsonl`` is therefore rewritten (atomically) to the entries up to the resume
+point - later entries and any torn line are dropped, so the redone ticks are not listed twice;
+``log.txt`` is only appended to (it is a human record: the lines of the lost ticks stay, followed
+by a "resuming at ..." line).
+
 ``training_state`` (see `training/checkpoint.py` for the container) holds the raw network and
 optimizer state, counters, every rank's torch/NumPy RNG state and data-sampler position, and the
-options. Resuming from it on the same machine type and world size continues *bit-identically*
-on CPU: the data order, noise, dropout and augmentation streams pick up exactly where they
-stopped. Ctrl-C never leaves a half-written file; the last resume point stays valid.
+options. Resuming continues *bit-identically* (on CPU; on CUDA as far as its kernels are
+deterministic) when the world size, the per-round batch ``batch_gpu`` and the device type are
+those of the interrupted run: the data order, noise, dropout and augmentation streams pick up
+exactly where they stopped. What a resume may change is `RESUME_MUTABLE` (where files go, how
+long to run, reporting intervals, ``batch_gpu``, device and threads); every other option must
+equal the checkpoint's (`check_resume_options`, used by the CLI and by the API alike; build the
+options with `resume_options`). Changing ``batch_gpu`` keeps the mathematics (the gradient of a
+step is the same sum over the same images) but draws sigma and noise in per-round chunks of a
+different size, so the noise each image gets - and hence the run - is no longer bit-identical
+to the uninterrupted one; a different world size or device type reseeds or switches the random
+streams likewise. The log says so when it happens.
 
 Data order: each epoch is a fresh permutation drawn from ``RandomState([seed, epoch])`` and
 dealt round-robin to the ranks (the reference uses a windowed shuffle instead; either is an
@@ -53,7 +70,7 @@ from edm_deploy.manifest import atomic_write_bytes
 from edm_deploy.training import distributed as dist_utils
 from edm_deploy.training import presets as presets_mod
 from edm_deploy.training.augment import TRAIN_PY_CONFIG, AugmentPipe
-from edm_deploy.training.checkpoint import build_network, load_checkpoint, save_checkpoint
+from edm_deploy.training.checkpoint import build_network, load_checkpoint, load_weights, save_checkpoint
 from edm_deploy.training.dataset import Dataset, open_dataset
 
 RESUME_FILE = "ckpt.pt"
@@ -101,6 +118,70 @@ class TrainingOptions:
     def from_dict(cls, values: dict) -> TrainingOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# What a resumed run may change: where it writes, how long it runs, how it reports, how each
+# process splits its share of the batch into rounds, and where it runs. Everything else shapes
+# the training trajectory and must equal the checkpoint's options.
+RESUME_MUTABLE = frozenset({
+    "outdir", "resume", "duration_kimg", "kimg_per_tick", "snapshot_kimg", "ckpt_kimg", "batch_gpu",
+    "device", "threads", "preset",
+})
+
+# TrainingOptions field -> `edm-deploy train` flag, for messages (unlisted fields have no flag).
+CLI_FLAGS = {
+    "data": "--data", "outdir": "--outdir", "cond": "--cond/--uncond", "arch": "--arch", "precond": "--precond",
+    "batch": "--batch", "batch_gpu": "--batch-gpu", "duration_kimg": "--duration", "lr": "--lr",
+    "lr_rampup_kimg": "--lr-rampup", "ema_halflife_kimg": "--ema", "dropout": "--dropout",
+    "augment": "--augment", "xflip": "--xflip", "fp16": "--fp16", "loss_scaling": "--ls",
+    "cbase": "--cbase", "cres": "--cres", "seed": "--seed", "kimg_per_tick": "--tick",
+    "snapshot_kimg": "--snap-kimg", "resume": "--resume", "device": "--device", "threads": "--threads",
+    "max_images": "--max-images", "preset": "--preset",
+}
+
+
+def _option_name(field_name: str) -> str:
+    flag = CLI_FLAGS.get(field_name)
+    return f"{field_name} ({flag})" if flag else field_name
+
+
+def _stored_options(ckpt: dict, path: str) -> dict:
+    state = ckpt.get("training_state")
+    if state is None:
+        raise InputError(f"{path} holds weights only (a snapshot); resume from a run's {RESUME_FILE}")
+    defaults = TrainingOptions().to_dict()
+    stored = dict(defaults)
+    stored.update({k: v for k, v in state["options"].items() if k in defaults})
+    return stored
+
+
+def resume_options(path: str, **changes: Any) -> TrainingOptions:
+    """The options stored in the resume point `path`, with `changes` applied (None values ignored).
+
+    This is how to continue a run through the API: ``training_loop(resume_options(ckpt,
+    duration_kimg=...))``. Only the fields in `RESUME_MUTABLE` may differ from the stored ones;
+    anything else is refused here (and again by `training_loop`) with one InputError.
+    """
+    ckpt = load_checkpoint(path)
+    values = _stored_options(ckpt, path)
+    values.update({k: v for k, v in changes.items() if v is not None})
+    values["resume"] = path
+    options = TrainingOptions.from_dict(values)
+    check_resume_options(options, ckpt, path)
+    return options
+
+
+def check_resume_options(options: TrainingOptions, ckpt: dict, path: str) -> None:
+    """Refuse a resume whose options differ from the checkpoint's outside `RESUME_MUTABLE`."""
+    stored = _stored_options(ckpt, path)
+    given = options.to_dict()
+    changed = [k for k in given if k not in RESUME_MUTABLE and given[k] != stored.get(k)]
+    if changed:
+        detail = ", ".join(f"{_option_name(k)}: {stored.get(k)!r} in the run, {given[k]!r} now" for k in changed)
+        raise InputError(
+            f"--resume continues the stored run, so these options cannot change: {detail} "
+            f"(changeable: {', '.join(sorted(RESUME_MUTABLE - {'resume', 'preset'}))})"
+        )
 
 
 def options_from_preset(name: Optional[str], **overrides: Any) -> TrainingOptions:
@@ -243,6 +324,9 @@ def check_options(o: TrainingOptions, world_size: int = 1) -> None:
         (o.loss_scaling > 0, f"--ls must be > 0, got {o.loss_scaling}"),
         (o.kimg_per_tick > 0, f"--tick must be > 0 kimg, got {o.kimg_per_tick}"),
         (o.snapshot_kimg > 0, f"--snap-kimg must be > 0, got {o.snapshot_kimg}"),
+        (o.ckpt_kimg is None or (o.ckpt_kimg > 0 and math.isfinite(o.ckpt_kimg)),
+         f"ckpt_kimg must be > 0 (or None: every --snap-kimg), got {o.ckpt_kimg}"),
+        (o.max_images is None or o.max_images >= 1, f"--max-images must be at least 1, got {o.max_images}"),
         (o.cbase is None or o.cbase >= 1, f"--cbase must be >= 1, got {o.cbase}"),
         (o.device in ("auto", "cpu", "cuda") or o.device.startswith("cuda:"), f"unknown device {o.device!r}"),
     ]
@@ -251,6 +335,15 @@ def check_options(o: TrainingOptions, world_size: int = 1) -> None:
             raise InputError(msg)
     if o.cres is not None and (not o.cres or any(int(c) < 1 for c in o.cres)):
         raise InputError(f"--cres must be a list of positive integers, got {o.cres}")
+    if o.device.startswith("cuda:"):
+        index = o.device.split(":", 1)[1]
+        if not index.isdigit():
+            raise InputError(f"--device {o.device}: the GPU index must be a non-negative integer")
+        if world_size > 1:
+            raise InputError(
+                f"--device {o.device} names one GPU, but {world_size} processes were started; use --device cuda "
+                f"(each process then takes the GPU of its LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +382,13 @@ def _resolve_device(name: str, ctx: dist_utils.DistContext) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise InputError("--device cuda was requested but no CUDA GPU is available")
-        return torch.device("cuda", ctx.local_rank if name == "cuda" else int(name.split(":")[1]))
+        index = ctx.local_rank if name == "cuda" else int(name.split(":")[1])
+        if index >= torch.cuda.device_count():
+            raise InputError(
+                f"--device {name}: GPU {index} does not exist ({torch.cuda.device_count()} visible)"
+                + (f"; LOCAL_RANK is {ctx.local_rank}" if name == "cuda" else "")
+            )
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -327,6 +426,24 @@ class _RunFiles:
         while os.path.exists(self.path(name)):
             name, n = f"{base}-{n}.pt", n + 1
         return name
+
+
+def _truncate_stats(files: _RunFiles, cur_tick: int, cur_nimg: int) -> None:
+    """Drop stats.jsonl entries after the resume point (and torn lines), so redone ticks are not listed twice."""
+    if files.outdir is None or not os.path.exists(files.path("stats.jsonl")):
+        return
+    with open(files.path("stats.jsonl"), "rb") as f:
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    keep = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            if int(entry["tick"]) < cur_tick and float(entry["kimg"]) <= cur_nimg / 1000 + 1e-6:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash, or not ours
+    if len(keep) != len(lines):
+        atomic_write_bytes(files.path("stats.jsonl"), "".join(line + "\n" for line in keep).encode(), durable=True)
 
 
 def prepare_outdir(outdir: str, resume: Optional[str], create: bool = True) -> None:
@@ -377,7 +494,13 @@ def training_loop(
     echo: Optional[Callable[[str], None]] = print,
     progress: bool = True,
 ) -> TrainingResult:
-    """Train according to `options` (see the module docstring); returns the final state."""
+    """Train according to `options` (see the module docstring); returns the final state.
+
+    Under torchrun (WORLD_SIZE > 1) this joins the process group and, if it created the group,
+    destroys it again before returning or raising. To resume, pass options whose ``resume`` names
+    a ``ckpt.pt`` and whose other fields equal the stored ones outside `RESUME_MUTABLE` (build
+    them with `resume_options`); anything else is an InputError before any file is touched.
+    """
     ctx = dist_utils.init_from_env("cuda" if options.device.startswith("cuda") or
                                    (options.device == "auto" and torch.cuda.is_available()) else "cpu")
     prev_det = torch.are_deterministic_algorithms_enabled()
@@ -392,6 +515,7 @@ def training_loop(
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_det_warn)
         torch.set_num_threads(prev_threads)
+        dist_utils.shutdown(ctx)  # only a process group this call created (torchrun launches)
 
 
 def _train(options: TrainingOptions, ctx: dist_utils.DistContext, echo, progress: bool) -> TrainingResult:
@@ -399,10 +523,7 @@ def _train(options: TrainingOptions, ctx: dist_utils.DistContext, echo, progress
     ckpt = None
     if options.resume is not None:
         ckpt = load_checkpoint(options.resume)
-        if not ckpt.get("training_state"):
-            raise InputError(
-                f"{options.resume} holds weights only (a snapshot); resume from a run's {RESUME_FILE}"
-            )
+        check_resume_options(options, ckpt, options.resume)
     check_options(options, ctx.world_size)
     device = _resolve_device(options.device, ctx)
     if options.outdir is not None:
@@ -441,7 +562,7 @@ def _train(options: TrainingOptions, ctx: dist_utils.DistContext, echo, progress
     rounds = batch_per_rank // batch_gpu
 
     # Network, EMA, optimizer, loss, augmentation.
-    net = build_network(network).train().requires_grad_(True).to(device)
+    net = build_network(network, options.resume or "options").train().requires_grad_(True).to(device)
     dist_utils.broadcast_module(ctx, net)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=options.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -450,11 +571,24 @@ def _train(options: TrainingOptions, ctx: dist_utils.DistContext, echo, progress
     cur_nimg, cur_tick, total_time = 0, 0, 0.0
     if ckpt is not None:
         ts = ckpt["training_state"]
-        net.load_state_dict(ts["net"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ts["optimizer"])
+        load_weights(net, ts["net"], options.resume, "the training network's weights")
+        load_weights(ema, ckpt["ema"], options.resume, "the EMA weights")
+        try:
+            optimizer.load_state_dict(ts["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise InputError(f"{options.resume}: the optimizer state does not fit the network ({exc})") from exc
         cur_nimg, cur_tick, total_time = int(ts["cur_nimg"]), int(ts["cur_tick"]), float(ts.get("total_time", 0))
-        if int(ts.get("world_size", 1)) == ctx.world_size:
+        stored = _stored_options(ckpt, options.resume)
+        stored_world = int(ts["world_size"])
+        stored_batch_gpu = stored["batch_gpu"] or stored["batch"] // stored_world
+        if stored_world == ctx.world_size and stored_batch_gpu != batch_gpu:
+            files.log(f"note: --batch-gpu {batch_gpu} (the run used {stored_batch_gpu}): each step still averages "
+                      f"the loss over the same images, but sigma and noise are drawn in rounds of a different "
+                      f"size, so from here on the run is not bit-identical to an uninterrupted one")
+        if ts.get("device_type", device.type) != device.type:
+            files.log(f"note: resuming on {device.type} (saved on {ts['device_type']}): the random streams differ, "
+                      f"so the run is no longer bit-identical to an uninterrupted one")
+        if int(ts["world_size"]) == ctx.world_size:
             _set_rng_state(ts["rng"][ctx.rank], device)
             sampler.load_state_dict(ts["sampler"][ctx.rank])
         else:
@@ -463,6 +597,7 @@ def _train(options: TrainingOptions, ctx: dist_utils.DistContext, echo, progress
             sampler = RankSampler(data_size, options.seed + cur_nimg, ctx.rank, ctx.world_size)
             files.log(f"note: resuming with {ctx.world_size} processes (saved with {ts.get('world_size')}); "
                       f"data order and noise are reseeded")
+        _truncate_stats(files, cur_tick, cur_nimg)  # the resume is accepted: drop the ticks it redoes
     ddp = net
     if ctx.enabled:
         # Default buffer handling (synced at init and forward). Never broadcast_buffers=False:
@@ -476,7 +611,7 @@ def _train(options: TrainingOptions, ctx: dist_utils.DistContext, echo, progress
         if not os.path.exists(opts_path):
             record = {"options": options.to_dict(), "network": network, "dataset": dataset.describe(),
                       "world_size": ctx.world_size, "augment": augment_pipe.init_kwargs if augment_pipe else None}
-            atomic_write_bytes(opts_path, (json.dumps(record, indent=2, default=str) + "\n").encode())
+            atomic_write_bytes(opts_path, (json.dumps(record, indent=2, default=str) + "\n").encode(), durable=True)
     n_params = sum(p.numel() for p in net.parameters())
     files.log(
         f"{'resuming at ' + format(cur_nimg / 1000, '.1f') + ' kimg' if ckpt else 'training'}: {dataset.describe()}; "
@@ -563,6 +698,7 @@ def _train(options: TrainingOptions, ctx: dist_utils.DistContext, echo, progress
                     "rng": dist_utils.gather_objects(ctx, _rng_state(device)),
                     "sampler": dist_utils.gather_objects(ctx, sampler.state_dict()),
                     "world_size": ctx.world_size,
+                    "device_type": device.type,
                     "options": options.to_dict(),
                 }
             if snap_due or ckpt_due:

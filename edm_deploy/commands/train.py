@@ -9,10 +9,19 @@ Output folder layout (``--outdir DIR``, created if needed; rank 0 writes everyth
     DIR/network-snapshot-XXXXXX.pt   weights-only EMA snapshots at XXXXXX kimg
 
 Every ``.pt`` is an edm-deploy checkpoint (`edm-deploy export`, `sample`, `info` read it).
-Files are written atomically and never deleted; a snapshot name that already exists gets a
-``-1``, ``-2`` ... suffix instead of being replaced. Starting a new run in a folder that already
-holds ``ckpt.pt`` is refused; continue it with ``--resume DIR/ckpt.pt``. Multi-GPU / multi-process:
-launch with ``torchrun --nproc_per_node=N -m edm_deploy.cli train ...``.
+The ``.pt`` files and ``training_options.json`` are written atomically and durably (temporary
+file + fsync + rename) and never deleted; a snapshot name that already exists gets a ``-1``,
+``-2`` ... suffix instead of being replaced. ``log.txt`` and ``stats.jsonl`` are appended line by
+line (a crash can cut the last line short); on ``--resume`` the ``stats.jsonl`` entries after the
+resume point are dropped so that redone ticks are not listed twice, while ``log.txt`` keeps
+everything. Starting a new run in a folder that already holds ``ckpt.pt`` is refused; continue
+it with ``--resume DIR/ckpt.pt``: the stored options are reused, and only --outdir, --duration,
+--tick, --snap-kimg, --batch-gpu, --device and --threads may be given anew (the training loop
+checks this, for the CLI and the Python API alike). A resumed run is bit-identical to an
+uninterrupted one unless --batch-gpu, the device type or the number of processes changes (see
+`edm_deploy.training.training_loop`). Multi-GPU / multi-process: launch with
+``torchrun --nproc_per_node=N -m edm_deploy.cli train ...``; with ``--device auto`` or ``cuda``
+each process uses the GPU of its LOCAL_RANK (an explicit ``--device cuda:N`` is refused there).
 """
 
 from __future__ import annotations
@@ -33,9 +42,6 @@ _FIELDS = {
     "tick": "kimg_per_tick", "snap_kimg": "snapshot_kimg", "cbase": "cbase", "cres": "cres",
     "device": "device", "max_images": "max_images", "threads": "threads",
 }
-# What a resumed run may change: where it writes, how long it runs, how it reports and splits work.
-_RESUME_MUTABLE = {"outdir", "duration", "tick", "snap_kimg", "batch_gpu", "device", "threads", "resume", "preset",
-                   "progress"}
 
 
 def _parse_cres(text: Optional[str]) -> Optional[list]:
@@ -79,8 +85,11 @@ def _parse_cres(text: Optional[str]) -> Optional[list]:
 @click.option("--tick", type=float, default=None, metavar="KIMG", help="Status interval.  [default: 50]")
 @click.option("--snap-kimg", type=float, default=None, metavar="KIMG",
               help="Snapshot + resume-point interval.  [default: 2500]")
-@click.option("--resume", metavar="CKPT", default=None, help="Continue a run from its ckpt.pt.")
-@click.option("--device", default=None, help="auto | cpu | cuda.  [default: auto]")
+@click.option("--resume", metavar="CKPT", default=None,
+              help="Continue a run from its ckpt.pt with its stored options; only --outdir, --duration, --tick, "
+                   "--snap-kimg, --batch-gpu (then not bit-identical), --device and --threads may change.")
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (N: single process only; under torchrun each process "
+                   "takes the GPU of its LOCAL_RANK).  [default: auto]")
 @click.option("--max-images", type=int, default=None, help="Use only the first N images of the dataset.")
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch (1 is often fastest on a busy or 2-core machine).")
@@ -96,7 +105,7 @@ def train(ctx: click.Context, **kw) -> None:
       edm-deploy train --outdir runs/digits --resume runs/digits/ckpt.pt --duration 600
       torchrun --nproc_per_node=8 -m edm_deploy.cli train --data ffhq-64x64.zip --outdir runs/ffhq --preset ffhq64
     """
-    from edm_deploy.training.training_loop import TrainingOptions, options_from_preset, training_loop
+    from edm_deploy.training.training_loop import options_from_preset, resume_options, training_loop
 
     given = {
         name for name in kw
@@ -107,22 +116,10 @@ def train(ctx: click.Context, **kw) -> None:
         overrides["cres"] = _parse_cres(overrides["cres"])
 
     if kw["resume"] is not None:
-        from edm_deploy.training.checkpoint import load_checkpoint
-
-        changed = sorted(f"--{k.replace('_', '-')}" for k in given - _RESUME_MUTABLE)
-        if changed:
-            raise InputError(
-                f"--resume continues the stored run; {', '.join(changed)} cannot change "
-                f"(only --outdir, --duration, --tick, --snap-kimg, --batch-gpu, --device, --threads)"
-            )
-        ckpt = load_checkpoint(kw["resume"])
-        state = ckpt.get("training_state")
-        if not state:
-            raise InputError(f"{kw['resume']} holds weights only (a snapshot); resume from a run's ckpt.pt")
-        values = dict(state["options"])
-        values.update(overrides)
-        values["resume"] = kw["resume"]
-        options = TrainingOptions.from_dict(values)
+        # The stored options plus the flags given now; the loop's resume check (shared with the
+        # Python API) refuses any change outside RESUME_MUTABLE. A flag repeating the stored value
+        # is accepted.
+        options = resume_options(kw["resume"], **overrides)
     else:
         if kw["data"] is None and kw["preset"] is None:
             raise InputError("--data is required (or pick a --preset that names its data, e.g. tiny)")
