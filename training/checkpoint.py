@@ -33,18 +33,11 @@ from typing import Any, Optional
 
 from edm_deploy import __version__
 from edm_deploy.errors import InputError
-from edm_deploy.manifest import (
-    MANIFEST_FORMAT,
-    MANIFEST_VERSION,
-    atomic_write_bytes,
-    encode_limit,
-    sha256_file,
-)
+from edm_deploy.manifest import PRECOND_KINDS, atomic_write_bytes, describe_denoiser, sha256_file
 
 CHECKPOINT_FORMAT = "edm-deploy-checkpoint"
 CHECKPOINT_VERSION = 1
 
-PRECOND_KINDS = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve", "iDDPMPrecond": "iddpm"}
 ARCHITECTURES = ("SongUNet", "DhariwalUNet")
 
 
@@ -240,26 +233,9 @@ def load_network(source, device: str = "cpu"):
 def network_manifest(net, network: dict, source_path: Optional[str] = None, precision: str = "fp32") -> dict:
     """The runtime manifest of a preconditioned network (see `edm_deploy.manifest`)."""
     torch = _torch()
-    kind = PRECOND_KINDS[network["class_name"]]
-    if kind == "iddpm":
-        rounding = {"kind": "table", "values": [float(v) for v in net.u.detach().cpu().float().tolist()]}
-    else:
-        rounding = {"kind": "identity"}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "img_resolution": int(net.img_resolution),
-        "img_channels": int(net.img_channels),
-        "label_dim": int(net.label_dim),
-        "sigma_min": encode_limit(float(net.sigma_min)) if float(net.sigma_min) > 0 else None,
-        "sigma_max": encode_limit(float(net.sigma_max)),
-        "sigma_data": float(net.sigma_data) if hasattr(net, "sigma_data") else None,
-        "precond": kind,
-        "sigma_rounding": rounding,
-        "precision": precision,
-        "network": sanitize_for_json(network),
-        "producer": {"edm_deploy": __version__, "torch": torch.__version__.split("+")[0]},
-    }
+    manifest = describe_denoiser(net, precision=precision)
+    manifest["network"] = sanitize_for_json(network)
+    manifest["producer"] = {"edm_deploy": __version__, "torch": torch.__version__.split("+")[0]}
     if source_path is not None:
         manifest["source"] = {"checkpoint": os.path.basename(source_path), "sha256": sha256_file(source_path)}
     return manifest
