@@ -212,9 +212,8 @@ def test_resume_through_the_api_checks_the_options(tmp_path):
     assert any("--batch-gpu 4" in line and "not bit-identical" in line for line in lines), lines
 
 
-def test_resume_after_a_crash_lists_each_tick_once(tmp_path, monkeypatch):
-    # Ticks every 16 images, resume points every 32: the crash during step 4 loses the tick at 48,
-    # which stats.jsonl already lists (and a torn half line, as a crash mid-append would leave).
+def interrupt_on_loss_call(monkeypatch, n: int) -> None:
+    """Make the n-th loss evaluation raise KeyboardInterrupt (a Ctrl-C in the middle of a step)."""
     real = TL.make_loss
     calls = {"n": 0}
 
@@ -223,13 +222,19 @@ def test_resume_after_a_crash_lists_each_tick_once(tmp_path, monkeypatch):
 
         def loss(**kw):
             calls["n"] += 1
-            if calls["n"] == 4:
+            if calls["n"] == n:
                 raise KeyboardInterrupt
             return inner(**kw)
 
         return loss
 
     monkeypatch.setattr(TL, "make_loss", flaky_loss)
+
+
+def test_resume_after_a_crash_lists_each_tick_once(tmp_path, monkeypatch):
+    # Ticks every 16 images, resume points every 32: the crash during step 4 loses the tick at 48,
+    # which stats.jsonl already lists (and a torn half line, as a crash mid-append would leave).
+    interrupt_on_loss_call(monkeypatch, 4)
     out = str(tmp_path / "run")
     opts = dict(outdir=out, duration_kimg=0.016 * 6, kimg_per_tick=0.016, snapshot_kimg=0.032)
     with pytest.raises(KeyboardInterrupt):
@@ -324,21 +329,7 @@ def test_other_preconditioners_train(precond):
 
 
 def test_interrupt_leaves_the_last_resume_point_intact(tmp_path, monkeypatch):
-    real = TL.make_loss
-    calls = {"n": 0}
-
-    def flaky_loss(precond):
-        inner = real(precond)
-
-        def loss(**kw):
-            calls["n"] += 1
-            if calls["n"] == 4:
-                raise KeyboardInterrupt
-            return inner(**kw)
-
-        return loss
-
-    monkeypatch.setattr(TL, "make_loss", flaky_loss)
+    interrupt_on_loss_call(monkeypatch, 4)
     out = str(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
         TL.training_loop(micro(outdir=out, duration_kimg=0.016 * 6, kimg_per_tick=0.016, snapshot_kimg=0.016),
