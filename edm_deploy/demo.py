@@ -90,7 +90,7 @@ def grid_step(model_path: str, outdir: str, echo: Callable[[str], None], columns
 
     den = load(model_path, device="cpu")
     path = os.path.join(outdir, "grid.png")
-    grid = GridWriter(path, den.label_dim * columns, columns=columns, upscale=GRID_UPSCALE)
+    grid = GridWriter(path, den.label_dim * columns, columns=columns, upscale=GRID_UPSCALE, pad=2)
     for cls in range(den.label_dim):
         seeds = [1_000_000 + cls * columns + k for k in range(columns)]
         images, _ = sample_batch(den, seeds, cls, {"num_steps": 18})

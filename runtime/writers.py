@@ -229,11 +229,11 @@ class GridWriter:
 
     MAX_IMAGES = 4096
 
-    def __init__(self, path: str, count: int, columns: Optional[int] = None, upscale: int = 1):
+    def __init__(self, path: str, count: int, columns: Optional[int] = None, upscale: int = 1, pad: int = 1):
         if count > self.MAX_IMAGES:
             raise InputError(f"--grid is for up to {self.MAX_IMAGES} images; use --outdir for {count}")
         ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
-        self.path, self.columns, self.upscale = path, columns, upscale
+        self.path, self.columns, self.upscale, self.pad = path, columns, upscale, pad
         self.images: dict[int, np.ndarray] = {}
         self.order: list[int] = []
         self.written = 0
@@ -257,4 +257,4 @@ class GridWriter:
         stacked = np.stack([self.images[s] for s in self.order])
         if self.upscale > 1:
             stacked = stacked.repeat(self.upscale, axis=1).repeat(self.upscale, axis=2)
-        atomic_write_bytes(self.path, encode_png(make_grid(stacked, self.columns), compress_level=6))
+        atomic_write_bytes(self.path, encode_png(make_grid(stacked, self.columns, pad=self.pad), compress_level=6))
