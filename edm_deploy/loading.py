@@ -50,7 +50,7 @@ def _refuse(kind: str, **given: Any) -> None:
     }
     for name, value in given.items():
         if value:
-            raise InputError(f"--{name.replace('_', '-')} does not apply to a {kind} model ({hints[name]})")
+            raise InputError(f"--{name.replace('_', '-')} does not apply to {kind} models ({hints[name]})")
 
 
 def load(
@@ -99,7 +99,7 @@ def load(
         return OnnxRuntimeDenoiser(path, device=ort_device, threads=threads, max_batch=max_batch, device_id=gpu)
     if backend not in ("auto", "torch"):
         raise InputError(f"a .pt checkpoint runs on the torch backend; export it first for {backend}")
-    _refuse("checkpoint (.pt)", threads=threads, cuda_graph=cuda_graph)
+    _refuse(".pt checkpoint", threads=threads, cuda_graph=cuda_graph)
     if device == "tensorrt":
         raise InputError("--device tensorrt applies to .onnx models (onnxruntime's TensorRT provider)")
     if device == "auto":
