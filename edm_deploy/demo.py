@@ -20,8 +20,6 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-import numpy as np
-
 from edm_deploy.errors import InputError
 from edm_deploy.manifest import atomic_write_bytes
 
@@ -104,7 +102,7 @@ def evaluate_step(paths: dict[str, str], per_class: int, echo: Callable[[str], N
     from edm_deploy.loading import load
     from edm_deploy.runtime.sampling import nfe
     from edm_deploy.training.dataset import load_digits_split
-    from edm_deploy.training.digits_eval import frechet_pixels, pixels, sample_digits, train_classifier
+    from edm_deploy.training.digits_eval import frechet_pixels, sample_digits, score_samples, train_classifier
 
     echo(f"[4/4] scoring {per_class} samples per class with an independent classifier")
     classifier, clf_acc = train_classifier()
@@ -117,12 +115,9 @@ def evaluate_step(paths: dict[str, str], per_class: int, echo: Callable[[str], N
         start = time.perf_counter()
         samples, classes = sample_digits(den, per_class=per_class, seed=0, num_steps=18, batch=500)
         wall = time.perf_counter() - start
-        pred = classifier.predict(pixels(samples))
-        per = [float((pred[classes == c] == c).mean()) for c in range(den.label_dim)]
         results[precision] = {
-            "model": path, "backend": den.describe(), "accuracy": float(np.mean(per)), "per_class": per,
-            "fd_samples_test": frechet_pixels(samples, te_x), "img_per_s": len(samples) / wall,
-            "overhead_fraction": max(0.0, 1 - den.eval_seconds / wall),
+            "model": path, "backend": den.describe(), **score_samples(samples, classes, classifier, te_x),
+            "img_per_s": len(samples) / wall, "overhead_fraction": max(0.0, 1 - den.eval_seconds / wall),
         }
     return results
 

@@ -107,15 +107,18 @@ def evaluate(net: Any, per_class: int = 50, seed: int = 0, num_steps: int = 18, 
         clf_acc = None
     tr_x, _tr_y, te_x, _te_y = load_digits_split()
     samples, classes = sample_digits(net, per_class=per_class, seed=seed, num_steps=num_steps)
-    pred = classifier.predict(pixels(samples))
-    per = [float((pred[classes == c] == c).mean()) for c in range(int(classes.max()) + 1)]
     return {
-        "accuracy": float(np.mean(per)),
-        "per_class": per,
+        **score_samples(samples, classes, classifier, te_x),
         "classifier_test_accuracy": clf_acc,
-        "fd_samples_test": frechet_pixels(samples, te_x),
         "fd_train_test": frechet_pixels(tr_x, te_x),
         "num_samples": int(len(samples)),
         "samples": samples,
         "classes": classes,
     }
+
+
+def score_samples(samples: np.ndarray, classes: np.ndarray, classifier: Any, test_images: np.ndarray) -> dict:
+    """Per-class and mean classifier agreement with the requested classes, and the sample-vs-test FD."""
+    pred = classifier.predict(pixels(samples))
+    per = [float((pred[classes == c] == c).mean()) for c in range(int(classes.max()) + 1)]
+    return {"accuracy": float(np.mean(per)), "per_class": per, "fd_samples_test": frechet_pixels(samples, test_images)}

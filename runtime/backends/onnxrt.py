@@ -20,8 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from edm_deploy.errors import BackendUnavailableError, EdmDeployError, InputError
-from edm_deploy.manifest import ONNX_METADATA_KEY, loads
-from edm_deploy.manifest import read_onnx_manifest as read_file_manifest
+from edm_deploy.manifest import ONNX_METADATA_KEY, loads, read_onnx_manifest
 from edm_deploy.runtime.backends.base import DenoiserBackend
 from edm_deploy.runtime.xp import library_of
 
@@ -42,7 +41,7 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def read_onnx_manifest(session, path: str) -> dict:
+def manifest_from_session(session, path: str) -> dict:
     meta = session.get_modelmeta().custom_metadata_map
     if ONNX_METADATA_KEY not in meta:
         raise InputError(f"{path} has no edm-deploy manifest; export it with `edm-deploy export`")
@@ -138,11 +137,11 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
 
         if resolved == "cpu":
             self.session = session_for(provider_list(resolved, {}, 0, device_id), options)
-            manifest = read_onnx_manifest(self.session, path)
+            manifest = manifest_from_session(self.session, path)
             limit = max_batch
         else:
             # GPU provider options (TensorRT profiles, TF32) depend on the manifest: read it first.
-            manifest = read_file_manifest(path)
+            manifest = read_onnx_manifest(path)
             limit = int(max_batch or (manifest.get("batch") or {}).get("max") or 64)
             self.session = session_for(provider_list(resolved, manifest, limit, device_id), options)
         super().__init__(manifest, max_batch=limit, source=path)
