@@ -99,6 +99,17 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# Temporary files are named `.tmp-<random>-<final name>.partial`: hidden, and never ending in the
+# final name's extension, so a `*.png` (or `*.npz`, `*.onnx`) glob never picks up half a file.
+TEMP_PREFIX = ".tmp-"
+TEMP_SUFFIX = ".partial"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of our temporary names (a killed writer may leave them)."""
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+
+
 def atomic_write_bytes(path: str, data: bytes, durable: bool = False) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file.
 
@@ -109,7 +120,7 @@ def atomic_write_bytes(path: str, data: bytes, durable: bool = False) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise InputError(f"output folder does not exist: {directory}")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + os.path.basename(path) + TEMP_SUFFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from edm_deploy.errors import InputError
-from edm_deploy.manifest import atomic_write_bytes
+from edm_deploy.manifest import atomic_write_bytes, is_temp_name
 
 
 def ensure_writable_dir(path: str) -> None:
@@ -35,6 +35,23 @@ def ensure_writable_dir(path: str) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise InputError(f"cannot write to {path}: {exc.strerror or exc}") from exc
+
+
+def remove_stale_temps(folder: str) -> int:
+    """Delete the temporary files a killed writer left in `folder` and its subfolders.
+
+    Only names `atomic_write_bytes` makes are touched; returns how many were removed.
+    """
+    removed = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if is_temp_name(name):
+                try:
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 RUN_RECORD = ".edm-deploy-sample.json"
@@ -90,6 +107,7 @@ class PngTreeWriter:
         self.pending: list[Future] = []
         self.max_pending = max(max_pending, workers + 1)  # keep every worker busy
         self.written = 0
+        remove_stale_temps(outdir)
 
     def path_for(self, seed: int) -> str:
         if self.subdirs:

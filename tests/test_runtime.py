@@ -191,8 +191,38 @@ def test_kill_mid_run_then_rerun_gives_the_uninterrupted_result(oracle_files, tm
     assert sorted(got) == sorted(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
-    # Temporary files of the killed run may remain hidden, never as .png.
-    assert all(f.startswith(".tmp-") or f == ".edm-deploy-sample.json" for f in _other_files(out))
+    # The rerun clears the temporary files the killed run left; only the run record remains.
+    assert _other_files(out) == [".edm-deploy-sample.json"]
+
+
+def test_temporary_names_never_look_like_outputs_and_reruns_clear_stale_ones(oracle_files, tmp_path, cli_env):
+    from edm_deploy.manifest import TEMP_SUFFIX, atomic_write_bytes, is_temp_name
+
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        seen.append(os.path.basename(src))
+        real_replace(src, dst)
+
+    os.replace = spy
+    try:
+        atomic_write_bytes(str(tmp_path / "000007.png"), b"x")
+    finally:
+        os.replace = real_replace
+    assert len(seen) == 1 and is_temp_name(seen[0]) and not seen[0].endswith(".png")
+    out = tmp_path / "o"
+    (out / "000000").mkdir(parents=True)
+    stale = [out / (".tmp-zcc3jg6m-000051.png" + TEMP_SUFFIX),
+             out / "000000" / (".tmp-abc-000003.png" + TEMP_SUFFIX)]
+    for f in stale:
+        f.write_bytes(b"half")
+    keep = out / "notes.txt"
+    keep.write_text("mine")
+    res = run_cli(["sample", oracle_files["uncond"], "-n", "4", "--steps", "2", "--outdir", str(out), "--subdirs"],
+                  env=cli_env)
+    assert res.returncode == 0, res.stderr
+    assert not any(f.exists() for f in stale) and keep.read_text() == "mine"
 
 
 def test_sharded_runs_cover_the_seeds_once(oracle_files, tmp_path, cli_env):

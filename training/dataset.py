@@ -569,7 +569,9 @@ def write_dataset_zip(
     if os.path.abspath(source) == os.path.abspath(dest):
         raise InputError("--source and --dest are the same file")
     count, has_labels, items = iter_source_images(source, max_images)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(dest), dir=directory)
+    from edm_deploy.manifest import TEMP_PREFIX, TEMP_SUFFIX
+
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + os.path.basename(dest) + TEMP_SUFFIX, dir=directory)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
