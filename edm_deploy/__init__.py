@@ -10,7 +10,7 @@ backends) load on first use. The embedding API is::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from edm_deploy.runtime.version import __version__
 
 __all__ = ["__version__", "load", "generate"]
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 
 def paper_steps(resolution: int) -> int:

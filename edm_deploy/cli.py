@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 import click
 
-from edm_deploy import __version__
-from edm_deploy.errors import EdmDeployError
+from edm_deploy.runtime.errors import EdmDeployError
+from edm_deploy.runtime.version import __version__
 
 # name -> (module, attribute, one-line help shown by `edm-deploy --help` without importing it)
 COMMANDS: dict[str, tuple[str, str, str]] = {

@@ -20,8 +20,8 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-from edm_deploy.errors import InputError
-from edm_deploy.manifest import atomic_write_bytes
+from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.fileio import atomic_write_bytes
 
 GRID_UPSCALE = 4
 
@@ -59,7 +59,8 @@ def export_step(ckpt: str, outdir: str, echo: Callable[[str], None]) -> dict[str
     from edm_deploy.export.onnx_export import export_onnx
     from edm_deploy.export.verify import verify_artifact
     from edm_deploy.loading import load
-    from edm_deploy.manifest import read_onnx_manifest, sha256_file
+    from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
+    from edm_deploy.runtime.fileio import sha256_file
     from edm_deploy.training.checkpoint import load_checkpoint, load_network
 
     ckpt_hash = sha256_file(ckpt)

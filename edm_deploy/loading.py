@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import torch
 
-from edm_deploy.errors import EdmDeployError, InputError
+from edm_deploy.runtime.errors import EdmDeployError, InputError, first_line
 from edm_deploy.runtime.fid_detector import FEATURE_DIM
 
 DEFAULT_OPSET = 17
@@ -64,7 +64,7 @@ def _wrap(detector):
     except Exception as exc:  # torch.jit.frontend errors have many types
         raise InputError(
             f"the detector cannot be called as detector(images, return_features=True): "
-            f"{str(exc).strip().splitlines()[0]}"
+            f"{first_line(exc)}"
         ) from exc
 
 
@@ -99,7 +99,7 @@ def export_detector(
     exercise the dynamic batch) at each resolution and requires
     max|onnx - torch| <= rtol * max|torch| + 1e-6.
     """
-    from edm_deploy.download import fetch, file_sha256
+    from edm_deploy.runtime.download import fetch, file_sha256
 
     if src.lower().split("?")[0].endswith(".pkl"):
         raise InputError(f"{src}: pickled detectors are refused (loading one executes code); use the TorchScript .pt")
@@ -107,7 +107,7 @@ def export_detector(
     try:
         net = torch.jit.load(path, map_location="cpu").eval()
     except Exception as exc:
-        raise InputError(f"{src}: not a TorchScript detector ({str(exc).strip().splitlines()[0]})") from exc
+        raise InputError(f"{src}: not a TorchScript detector ({first_line(exc)})") from exc
     module = _wrap(net)
     if not resolutions:
         raise InputError("give at least one --resolution to verify the export at")
@@ -134,7 +134,7 @@ def export_detector(
         except torch.onnx.errors.UnsupportedOperatorError as exc:
             if opset is not None:
                 raise EdmDeployError(
-                    f"cannot export {src} at opset {opset}: {str(exc).splitlines()[0]}"
+                    f"cannot export {src} at opset {opset}: {first_line(exc)}"
                 ) from exc
             used = FALLBACK_OPSET
             _export(module, example, tmp, used)

@@ -8,7 +8,7 @@ unpickler instead:
 * ``find_class`` knows only the handful of globals such a file legitimately asks for (see
   ``_ALLOWED_GLOBALS``) and maps each to a local replacement that builds plain data. Every other
   global (``posix.system``, ``builtins.eval``, ``subprocess.Popen`` ...) is refused with an
-  :class:`~edm_deploy.errors.InputError` that names it, before anything is called.
+  :class:`~edm_deploy.runtime.errors.InputError` that names it, before anything is called.
 * A persistent object becomes a :class:`PersistentRecord` (class name, ``__dict__`` state, init
   kwargs, sha256 of its embedded module source). The source text is hashed, never executed.
 * Tensors are rebuilt from raw bytes: the nested legacy ``torch.save`` blob behind
@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, Optional
 
 import torch
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError, first_line
 
 # --------------------------------------------------------------------------------------------
 # What a legitimate file contains
@@ -398,7 +398,7 @@ def safe_unpickle(file: BinaryIO) -> tuple[Any, dict[str, list[str]]]:
     except MemoryError as exc:
         raise InputError("the pickle asks for more memory than is available") from exc
     except Exception as exc:  # truncated or foreign data: pickle raises many types
-        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         raise InputError(f"not a readable EDM network pickle: truncated or not a pickle ({text})") from exc
     return data, unpickler.module_sources
 
@@ -605,7 +605,7 @@ class ConversionResult:
 
 def default_output(source: str) -> str:
     """`<basename without extension>.pt` in the current folder, for a path or a URL."""
-    from edm_deploy.download import is_url
+    from edm_deploy.runtime.download import is_url
 
     name = os.path.basename(urllib.parse.urlparse(source).path if is_url(source) else source) or "network"
     stem = os.path.splitext(name)[0] or "network"
@@ -618,7 +618,7 @@ def convert_official(source: str, out: Optional[str] = None, key: str = "ema", s
 
     The output is written atomically, so a failure never leaves a partial file behind.
     """
-    from edm_deploy.download import fetch, file_sha256, is_url
+    from edm_deploy.runtime.download import fetch, file_sha256, is_url
     from edm_deploy.training.checkpoint import save_checkpoint
 
     local = fetch(source, sha256=sha256, progress=progress)

@@ -30,9 +30,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from edm_deploy import __version__
-from edm_deploy.errors import InputError
-from edm_deploy.manifest import ONNX_METADATA_KEY, dumps, read_onnx_manifest
+from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
+from edm_deploy.runtime.errors import InputError, first_line
+from edm_deploy.runtime.manifest import ONNX_METADATA_KEY, dumps
+from edm_deploy.runtime.version import __version__
 
 DEFAULT_OPSET = 17
 PROTOBUF_LIMIT = 2_000_000_000  # bytes; a little under 2 GiB for headroom
@@ -158,8 +159,7 @@ def export_onnx(
         except InputError:
             raise
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise InputError(f"ONNX export failed: {first[:300]}") from exc
+            raise InputError(f"ONNX export failed: {first_line(exc, 300)}") from exc
         finally:
             net.use_fp16 = previous[0]
             if hasattr(net, "set_export_fp16"):

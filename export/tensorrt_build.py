@@ -19,8 +19,9 @@ import os
 import time
 from typing import Optional
 
-from edm_deploy.errors import BackendUnavailableError, InputError
-from edm_deploy.manifest import atomic_write_bytes, sha256_file, write_sidecar
+from edm_deploy.runtime.errors import BackendUnavailableError, InputError
+from edm_deploy.runtime.fileio import atomic_write_bytes, sha256_file
+from edm_deploy.runtime.manifest import write_sidecar
 
 
 def import_tensorrt():

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 # precision -> (max relative L2 per row, max abs elementwise); fp16 has no elementwise bound.
 TOLERANCES = {"fp32": (1e-5, 1e-4), "fp16": (1e-2, None)}

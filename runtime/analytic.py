@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.rounding import identity_round
 
 

@@ -41,7 +41,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.fid_detector import (
     DEFAULT_DETECTOR_URL,
     FEATURE_DIM,

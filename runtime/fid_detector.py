@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from edm_deploy.errors import BackendUnavailableError, InputError
+from edm_deploy.runtime.errors import BackendUnavailableError, InputError, first_line
 from edm_deploy.runtime.fid_stats import FEATURE_DIM
 
 DEFAULT_DETECTOR_URL = (
@@ -92,7 +92,7 @@ class OnnxDetector(Detector):
         try:
             self.session = ort.InferenceSession(path, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise InputError(f"{path}: cannot load the ONNX detector ({str(exc).splitlines()[0]})") from exc
+            raise InputError(f"{path}: cannot load the ONNX detector ({first_line(exc)})") from exc
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise InputError(f"{path}: a detector must have one input (images), found {len(inputs)}")
@@ -133,7 +133,7 @@ class TorchScriptDetector(Detector):
         try:
             self.net = torch.jit.load(path, map_location=self.device).eval()
         except Exception as exc:  # torch raises RuntimeError/ValueError subtypes here
-            raise InputError(f"{path}: not a TorchScript detector ({str(exc).splitlines()[0]})") from exc
+            raise InputError(f"{path}: not a TorchScript detector ({first_line(exc)})") from exc
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -170,7 +170,7 @@ def load_detector(
 
     URLs are downloaded once into the edm-deploy cache, checked against `sha256` when given.
     """
-    from edm_deploy.download import fetch, is_url
+    from edm_deploy.runtime.download import fetch, is_url
 
     source = path_or_url or os.environ.get(DETECTOR_ENV) or DEFAULT_DETECTOR_URL
     lower = source.lower().split("?")[0]

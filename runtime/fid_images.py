@@ -28,7 +28,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 _EXTENSIONS: Optional[frozenset] = None
 

@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.errors import InputError, NumericalError
 from edm_deploy.runtime.contract import check_denoiser
+from edm_deploy.runtime.errors import InputError, NumericalError
 from edm_deploy.runtime.noise import StackedRandomGenerator, draw_latents_and_labels
 from edm_deploy.runtime.sampling import ablation_sampler, edm_sampler
 from edm_deploy.runtime.xp import all_finite_rows, to_host

@@ -25,9 +25,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from edm_deploy.errors import InputError
 from edm_deploy.runtime import schedules as sch
 from edm_deploy.runtime.contract import check_batch, check_denoiser
+from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.xp import from_host, to_float64
 
 SOLVERS = ("heun", "euler")

@@ -22,7 +22,7 @@ from typing import Union
 
 import numpy as np
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 ArrayLike = Union[float, np.ndarray]
 

@@ -7,7 +7,7 @@ import os
 import re
 from typing import Optional, Sequence
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 
 def parse_seeds(text: str) -> list[int]:

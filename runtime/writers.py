@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.errors import InputError
-from edm_deploy.manifest import atomic_write_bytes, is_temp_name
+from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.fileio import atomic_write_bytes, remove_stale_temps
 
 
 def ensure_writable_dir(path: str) -> None:
@@ -35,23 +35,6 @@ def ensure_writable_dir(path: str) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise InputError(f"cannot write to {path}: {exc.strerror or exc}") from exc
-
-
-def remove_stale_temps(folder: str) -> int:
-    """Delete the temporary files a killed writer left in `folder` and its subfolders.
-
-    Only names `atomic_write_bytes` makes are touched; returns how many were removed.
-    """
-    removed = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            if is_temp_name(name):
-                try:
-                    os.unlink(os.path.join(root, name))
-                    removed += 1
-                except FileNotFoundError:
-                    pass
-    return removed
 
 
 RUN_RECORD = ".edm-deploy-sample.json"

@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 from tests.conftest import requires_onnx, requires_torch, run_cli
 
 pytestmark = [requires_torch, requires_onnx]
@@ -81,7 +81,7 @@ def test_one_file_serves_batch_1_5_32(tmp_path):
 def test_unconditional_export_has_no_label_input_and_manifest_rides_along(tmp_path):
     import onnx
 
-    from edm_deploy.manifest import read_onnx_manifest
+    from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
 
     _, path, _ = _export(tmp_path, "ddpmpp", label_dim=0, name="uncond.onnx")
     model = onnx.load(path)
@@ -282,7 +282,7 @@ def fake_trt(monkeypatch):
 
 def test_engine_builder_calls_and_manifest(tmp_path, fake_trt):
     from edm_deploy.export.tensorrt_build import build_engine
-    from edm_deploy.manifest import read_onnx_manifest
+    from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
 
     _, onnx_path, _ = _export(tmp_path, "ddpmpp")
     fake = fake_trt()
@@ -305,7 +305,7 @@ def test_engine_builder_calls_and_manifest(tmp_path, fake_trt):
 
 def test_engine_builder_errors_leave_no_plan(tmp_path, fake_trt):
     from edm_deploy.export.tensorrt_build import build_engine
-    from edm_deploy.manifest import read_onnx_manifest
+    from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
 
     _, onnx_path, _ = _export(tmp_path, "ddpmpp")
     manifest = read_onnx_manifest(onnx_path)

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from edm_deploy.cli import main
-from edm_deploy.errors import BackendUnavailableError, EdmDeployError, InputError
 from edm_deploy.runtime import fid_images
+from edm_deploy.runtime.errors import BackendUnavailableError, EdmDeployError, InputError
 from edm_deploy.runtime.fid import (
     FeatureStats,
     calc_fid,
@@ -624,7 +624,7 @@ def test_fid_runs_without_torch_on_the_onnx_detector(data, detectors, tmp_path):
                 if name == "torch" or name.startswith("torch."):
                     raise ImportError("torch is blocked in this test")
         sys.meta_path.insert(0, Block())
-        from edm_deploy.errors import BackendUnavailableError
+        from edm_deploy.runtime.errors import BackendUnavailableError
         from edm_deploy.runtime.fid import calc_fid, load_detector, make_ref
         det = load_detector({detectors['onnx']!r})
         make_ref({data['tree']!r}, {ref!r}, det, progress=False)

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from edm_deploy.errors import InputError
 from edm_deploy.runtime import (
     FiniteSetDenoiser,
     GaussianDenoiser,
@@ -16,6 +15,7 @@ from edm_deploy.runtime import (
     edm_sampler,
     nfe,
 )
+from edm_deploy.runtime.errors import InputError
 
 SIGMA_MIN = 1e-3
 

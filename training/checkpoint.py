@@ -31,9 +31,11 @@ import math
 import os
 from typing import Any, Optional
 
-from edm_deploy import __version__
-from edm_deploy.errors import InputError
-from edm_deploy.manifest import PRECOND_KINDS, atomic_write_bytes, describe_denoiser, sha256_file
+from edm_deploy.runtime.backends.torch_backend import describe_denoiser
+from edm_deploy.runtime.errors import InputError, first_line
+from edm_deploy.runtime.fileio import atomic_write_bytes, sha256_file
+from edm_deploy.runtime.manifest import PRECOND_KINDS
+from edm_deploy.runtime.version import __version__
 
 CHECKPOINT_FORMAT = "edm-deploy-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -88,7 +90,7 @@ def build_network(network: dict, source: str = "checkpoint"):
         raise
     except (TypeError, ValueError, KeyError, IndexError, AssertionError, RuntimeError, ZeroDivisionError) as exc:
         raise InputError(
-            f"{source}: cannot build {network['class_name']} from the stored description ({_first_line(exc)})"
+            f"{source}: cannot build {network['class_name']} from the stored description ({first_line(exc)})"
         ) from exc
 
 
@@ -123,12 +125,7 @@ def load_weights(module, state: Any, source: str = "checkpoint", what: str = "we
     try:
         module.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a dtype that cannot be copied
-        raise InputError(f"{source}: {what} do not load into the network ({_first_line(exc)})") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+        raise InputError(f"{source}: {what} do not load into the network ({first_line(exc)})") from exc
 
 
 def save_checkpoint(
@@ -173,7 +170,7 @@ def load_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated/foreign files
-        raise InputError(f"{path} is not a readable edm-deploy checkpoint ({_first_line(exc)})") from exc
+        raise InputError(f"{path} is not a readable edm-deploy checkpoint ({first_line(exc)})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(
             f"{path} is not an edm-deploy checkpoint (for an official EDM .pkl, run `edm-deploy convert` first)"
@@ -231,7 +228,7 @@ def load_network(source, device: str = "cpu"):
 
 
 def network_manifest(net, network: dict, source_path: Optional[str] = None, precision: str = "fp32") -> dict:
-    """The runtime manifest of a preconditioned network (see `edm_deploy.manifest`)."""
+    """The runtime manifest of a preconditioned network (schema in `edm_deploy.runtime.manifest`)."""
     torch = _torch()
     manifest = describe_denoiser(net, precision=precision)
     manifest["network"] = sanitize_for_json(network)

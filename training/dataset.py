@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 # --------------------------------------------------------------------------------------------
 # The built-in digits split.
@@ -569,7 +569,7 @@ def write_dataset_zip(
     if os.path.abspath(source) == os.path.abspath(dest):
         raise InputError("--source and --dest are the same file")
     count, has_labels, items = iter_source_images(source, max_images)
-    from edm_deploy.manifest import TEMP_PREFIX, TEMP_SUFFIX
+    from edm_deploy.runtime.fileio import TEMP_PREFIX, TEMP_SUFFIX
 
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + os.path.basename(dest) + TEMP_SUFFIX, dir=directory)
     os.close(fd)

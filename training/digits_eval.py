@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 from edm_deploy.training.dataset import load_digits_split
 
 

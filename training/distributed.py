@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 
 @dataclass

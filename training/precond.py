@@ -32,7 +32,7 @@ from typing import Optional, Union
 
 import torch
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 from edm_deploy.training import networks
 
 __all__ = ["EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond", "ARCHITECTURES", "vp_sigma"]

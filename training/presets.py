@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 # Inner-network kwargs per --arch (model_type + the exact reference overrides).
 ARCHS: dict[str, dict[str, Any]] = {

@@ -65,8 +65,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from edm_deploy.errors import InputError
-from edm_deploy.manifest import atomic_write_bytes
+from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.fileio import atomic_write_bytes
 from edm_deploy.training import distributed as dist_utils
 from edm_deploy.training import presets as presets_mod
 from edm_deploy.training.augment import TRAIN_PY_CONFIG, AugmentPipe

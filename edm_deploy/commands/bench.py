@@ -7,7 +7,7 @@ from typing import Optional
 
 import click
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,7 +54,7 @@ def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int
     click.echo(bm.results_table(results))
     click.echo(f"peak RSS {bm.peak_rss_mb():.0f} MB")
     if json_path:
-        from edm_deploy.manifest import atomic_write_bytes
+        from edm_deploy.runtime.fileio import atomic_write_bytes
 
         payload = {"model": model, "results": bm.as_dicts(results), "peak_rss_mb": bm.peak_rss_mb(), **extra}
         atomic_write_bytes(json_path, json.dumps(payload, indent=2).encode())

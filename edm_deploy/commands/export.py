@@ -7,7 +7,7 @@ from typing import Optional
 
 import click
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 
 def default_onnx_path(ckpt: str, fp16: bool) -> str:
@@ -71,7 +71,7 @@ def export(model: str, fp16: bool, out_path: Optional[str], fmt: str, max_batch:
         onnx_path = model
         if not want_trt:
             raise InputError("MODEL is already ONNX; use --format trt to build an engine from it")
-        from edm_deploy.manifest import read_onnx_manifest
+        from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
 
         manifest = read_onnx_manifest(onnx_path)
     else:

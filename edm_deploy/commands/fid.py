@@ -104,7 +104,7 @@ def ref(data, dest, num, seed, batch, detector, detector_sha256, quiet) -> None:
     Example:
       edm-deploy fid ref --data cifar10-32x32.zip --dest cifar10-ref.npz --detector inception.onnx
     """
-    from edm_deploy.errors import InputError
+    from edm_deploy.runtime.errors import InputError
     from edm_deploy.runtime.fid import make_ref, open_images, select_indices
 
     source = open_images(data)
@@ -134,7 +134,7 @@ def export_detector(detector, out, opset, resolutions, sha256) -> None:
           --out inception.onnx
       edm-deploy fid calc --images out/ --ref ref.npz --detector inception.onnx   # no torch needed
     """
-    from edm_deploy.errors import BackendUnavailableError
+    from edm_deploy.runtime.errors import BackendUnavailableError
 
     try:
         from edm_deploy.export.detector import export_detector as run_export

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import click
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 
 def read_manifest(path: str) -> dict:
     """The manifest of any model file, reading as little as possible (no torch for .onnx/.plan)."""
     from edm_deploy.loading import model_kind
-    from edm_deploy.manifest import read_onnx_manifest, read_sidecar
+    from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
+    from edm_deploy.runtime.manifest import read_sidecar
 
     kind = model_kind(path)
     if not os.path.exists(path):
@@ -31,6 +33,37 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
+def summary_lines(manifest: dict[str, Any]) -> list[str]:
+    """Human-readable lines for `edm-deploy info`."""
+    def limit(v):
+        return "unbounded" if v is None else f"{v:g}"
+
+    lines = [
+        f"model       : {manifest.get('network', {}).get('class_name', '?')} / "
+        f"{manifest.get('network', {}).get('init_kwargs', {}).get('model_type', '?')} ({manifest['precond']} preconditioning)",
+        f"data        : {manifest['img_channels']}x{manifest['img_resolution']}x{manifest['img_resolution']}, "
+        f"{'unconditional' if not manifest['label_dim'] else str(manifest['label_dim']) + ' classes'}",
+        f"sigma range : [{limit(manifest['sigma_min'])}, {limit(manifest['sigma_max'])}]"
+        + (f", sigma_data {manifest['sigma_data']:g}" if manifest.get("sigma_data") is not None else ""),
+        f"rounding    : {manifest['sigma_rounding'].get('kind')}"
+        + (f" ({len(manifest['sigma_rounding']['values'])} levels)" if manifest['sigma_rounding'].get('kind') == 'table' else ""),
+        f"precision   : {manifest.get('precision', '?')}",
+    ]
+    batch = manifest.get("batch")
+    if batch:
+        lines.append(f"batch       : min {batch.get('min')}, opt {batch.get('opt')}, max {batch.get('max')}")
+    if manifest.get("tensorrt"):
+        trt = manifest["tensorrt"]
+        lines.append(f"tensorrt    : {trt.get('version')} on {trt.get('gpu')} (sm {trt.get('compute_capability')})")
+    prod = manifest.get("producer", {})
+    if prod:
+        lines.append("producer    : " + ", ".join(f"{k} {v}" for k, v in sorted(prod.items())))
+    src = manifest.get("source", {})
+    if src:
+        lines.append(f"source      : {src.get('checkpoint', '?')} (sha256 {str(src.get('sha256', '?'))[:16]}...)")
+    return lines
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the full manifest as JSON.")
@@ -43,7 +76,7 @@ def info(path: str, as_json: bool) -> None:
       edm-deploy info model.plan --json
       edm-deploy info runs/digits/ckpt.pt
     """
-    from edm_deploy.manifest import dumps, summary_lines
+    from edm_deploy.runtime.manifest import dumps
 
     manifest = read_manifest(path)
     if as_json:

@@ -14,7 +14,7 @@ from edm_deploy.commands.common import (
     sampler_kwargs_from,
     sampler_options,
 )
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,7 +88,7 @@ def sample(model: str, **params: Any) -> None:
 
     kwargs = sampler_kwargs_from(params)
     if not params["grid_path"]:
-        from edm_deploy.manifest import sha256_file
+        from edm_deploy.runtime.fileio import sha256_file
         from edm_deploy.runtime.writers import check_run_record
 
         record_dir = params["outdir"] or writer.parts_dir

@@ -31,7 +31,7 @@ from typing import Optional
 
 import click
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 # CLI option name -> TrainingOptions field.
 _FIELDS = {

@@ -6,7 +6,7 @@ from typing import Optional
 
 import click
 
-from edm_deploy.errors import InputError
+from edm_deploy.runtime.errors import InputError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

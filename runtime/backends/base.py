@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.errors import InputError
-from edm_deploy.manifest import decode_limit, validate
+from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.manifest import decode_limit, validate
 from edm_deploy.runtime.rounding import round_sigma_from_rule
 from edm_deploy.runtime.xp import library_of
 

@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.errors import BackendUnavailableError, EdmDeployError, InputError
-from edm_deploy.manifest import ONNX_METADATA_KEY, loads, read_onnx_manifest
 from edm_deploy.runtime.backends.base import DenoiserBackend
+from edm_deploy.runtime.errors import BackendUnavailableError, EdmDeployError, InputError, first_line
+from edm_deploy.runtime.manifest import ONNX_METADATA_KEY, loads
 from edm_deploy.runtime.xp import library_of
 
 PROVIDER_FOR_DEVICE = {
@@ -128,11 +128,11 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
             try:
                 return ort.InferenceSession(path, sess_options=opts, providers=providers)
             except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                first = first_line(exc)
                 if resolved == "cpu":
-                    raise InputError(f"{path} is not a loadable ONNX model ({first[:200]})") from exc
+                    raise InputError(f"{path} is not a loadable ONNX model ({first})") from exc
                 raise BackendUnavailableError(
-                    f"onnxruntime could not start {PROVIDER_FOR_DEVICE[resolved]} for {path} ({first[:200]})"
+                    f"onnxruntime could not start {PROVIDER_FOR_DEVICE[resolved]} for {path} ({first})"
                 ) from exc
 
         if resolved == "cpu":
@@ -196,8 +196,8 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
         except EdmDeployError:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types (e.g. out of memory)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise BackendUnavailableError(f"onnxruntime failed to run {self.source} at batch {x.shape[0]}: {first[:300]}") from exc
+            first = first_line(exc, 300)
+            raise BackendUnavailableError(f"onnxruntime failed to run {self.source} at batch {x.shape[0]}: {first}") from exc
 
     def _run_bound(self, x: Any, sigma: np.ndarray, class_labels: Optional[np.ndarray], lib: str) -> Any:
         """Device-resident input and output through IOBinding (CuPy or torch CUDA arrays)."""
@@ -224,6 +224,36 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
         binding.bind_output("denoised", "cuda", self.device_id, np.float32, shape, out_ptr)
         self.session.run_with_iobinding(binding)
         return out
+
+
+def read_onnx_manifest(path: str) -> dict[str, Any]:
+    """The manifest in an ONNX file's metadata, read without loading its weights.
+
+    Uses the `onnx` package when installed; otherwise a minimal onnxruntime session (the
+    runtime must work without onnx). Either way, no torch.
+    """
+    if not os.path.exists(path):
+        raise InputError(f"file not found: {path}")
+    try:
+        import onnx
+    except ModuleNotFoundError:
+        onnx = None
+    if onnx is not None:
+        try:
+            model = onnx.load(path, load_external_data=False)
+        except Exception as exc:
+            raise InputError(f"{path} is not a readable ONNX file ({first_line(exc)})") from exc
+        meta = {p.key: p.value for p in model.metadata_props}
+    else:
+        ort = import_onnxruntime()
+        try:
+            session = ort.InferenceSession(path, sess_options=light_session_options(ort), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise InputError(f"{path} is not a readable ONNX file ({first_line(exc)})") from exc
+        meta = session.get_modelmeta().custom_metadata_map
+    if ONNX_METADATA_KEY not in meta:
+        raise InputError(f"{path} has no edm-deploy manifest; export it with `edm-deploy export`")
+    return loads(meta[ONNX_METADATA_KEY], path)
 
 
 def light_session_options(ort):

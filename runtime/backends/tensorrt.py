@@ -20,9 +20,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.errors import BackendUnavailableError, InputError
-from edm_deploy.manifest import read_sidecar, sha256_file
 from edm_deploy.runtime.backends.base import DenoiserBackend
+from edm_deploy.runtime.errors import BackendUnavailableError, InputError
+from edm_deploy.runtime.fileio import sha256_file
+from edm_deploy.runtime.manifest import read_sidecar
 from edm_deploy.runtime.xp import library_of
 
 

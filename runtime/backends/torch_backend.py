@@ -14,8 +14,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.errors import BackendUnavailableError, InputError
 from edm_deploy.runtime.backends.base import DenoiserBackend
+from edm_deploy.runtime.errors import BackendUnavailableError, InputError
+from edm_deploy.runtime.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, PRECOND_KINDS, encode_limit
 from edm_deploy.runtime.xp import library_of
 
 
@@ -25,6 +26,33 @@ def import_torch():
     except ModuleNotFoundError as exc:
         raise BackendUnavailableError("the torch backend needs torch: pip install 'edm-deploy[train]'") from exc
     return torch
+
+
+def describe_denoiser(net: Any, precision: str = "fp32") -> dict[str, Any]:
+    """The runtime fields of a manifest, read off a preconditioner module by duck typing.
+
+    Shared by checkpoint export (`training.checkpoint.network_manifest`) and the torch backend's
+    in-process wrapper, so both describe a network identically: shape, classes, sigma range
+    (0 / inf become null), sigma_data, precond kind and the rounding rule (a discrete table `u`,
+    as iDDPM has, becomes a table rule).
+    """
+    name = type(net).__name__
+    table = getattr(net, "u", None)
+    sigma_min = float(net.sigma_min)
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "img_resolution": int(net.img_resolution),
+        "img_channels": int(net.img_channels),
+        "label_dim": int(net.label_dim),
+        "sigma_min": encode_limit(sigma_min) if sigma_min > 0 else None,
+        "sigma_max": encode_limit(float(net.sigma_max)),
+        "sigma_data": float(net.sigma_data) if hasattr(net, "sigma_data") else None,
+        "precond": PRECOND_KINDS.get(name, name),
+        "sigma_rounding": {"kind": "identity"} if table is None
+        else {"kind": "table", "values": [float(v) for v in table.detach().cpu().float().tolist()]},
+        "precision": precision,
+    }
 
 
 class TorchDenoiser(DenoiserBackend):
@@ -78,8 +106,6 @@ class TorchDenoiser(DenoiserBackend):
         For in-process use (evaluation during training, tests); exported artifacts carry a full
         manifest instead. A discrete sigma table (iDDPM's buffer `u`) becomes the rounding rule.
         """
-        from edm_deploy.manifest import describe_denoiser
-
         manifest = describe_denoiser(net)
         return cls(net, manifest, device=device, source=type(net).__name__, **options)
 

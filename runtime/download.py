@@ -17,8 +17,8 @@ import urllib.parse
 import urllib.request
 from typing import Optional
 
-from edm_deploy.errors import InputError
-from edm_deploy.manifest import sha256_file
+from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.fileio import sha256_file
 
 
 def cache_dir() -> str:

@@ -22,3 +22,13 @@ class BackendUnavailableError(EdmDeployError):
 
 class NumericalError(EdmDeployError):
     """A denoiser produced NaN or Inf; the message names the affected seeds when known."""
+
+
+class BackendRuntimeError(EdmDeployError):
+    """A backend that loaded fine failed while running (out of memory, a driver or kernel error)."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's text (library messages run on for pages), cut to `limit`."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

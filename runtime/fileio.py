@@ -1,0 +1,193 @@
+"""File output every layer shares: atomic writes, temporary names, checksums.
+
+Every artifact this project writes appears atomically: the bytes go to a temporary file beside
+the final name, which is renamed into place only when complete, so a killed or failing writer
+never leaves half a file under a name a reader would trust. Temporary files are named
+``.tmp-<random>-<final name>.partial``: hidden, and never ending in the final name's extension,
+so a ``*.png`` (or ``*.npz``, ``*.onnx``) glob never picks up half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from typing import Iterator
+
+from edm_deploy.runtime.errors import InputError
+
+TEMP_PREFIX = ".tmp-"
+TEMP_SUFFIX = ".partial"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of our temporary names (a killed writer may leave them)."""
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once: os.umask is process-wide and writer threads write files
+
+
+def _existing_folder(path: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise InputError(f"output folder does not exist: {directory}")
+    return directory
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
+    """A temporary path beside `path` to write into; renamed onto `path` when the block succeeds.
+
+    For writers that need a file name (zip archives, `onnx.save`). On any exception the
+    temporary file is removed and `path` is left as it was.
+    """
+    directory = _existing_folder(path)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + os.path.basename(path) + TEMP_SUFFIX, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if durable:
+            _fsync_dir(directory)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str, data: bytes, durable: bool = False) -> None:
+    """Write `data` to a temporary file beside `path`, then rename: readers never see half a file.
+
+    With `durable`, the data and the rename are flushed to disk (fsync of the file and the
+    folder) before returning, so a power loss cannot leave an empty file under the final name;
+    checkpoints use it, per-image PNG writes do not (it would cost a disk flush per image).
+    """
+    directory = _existing_folder(path)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + os.path.basename(path) + TEMP_SUFFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+        if durable:
+            _fsync_dir(directory)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory fds (Windows): the rename is as durable as it gets
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def remove_stale_temps(folder: str) -> int:
+    """Delete the temporary files a killed writer left in `folder` and its subfolders.
+
+    Only our own temporary names are touched; call it while holding the folder's lock, so no
+    live writer's file is removed. Returns how many were removed.
+    """
+    removed = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if is_temp_name(name):
+                try:
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs: never onto an input, and one writer at a time.
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same file (symlinks and hard links resolved)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): only the resolved paths can tell
+        return False
+
+
+def refuse_overwriting_inputs(inputs: dict[str, str], outputs: dict[str, str]) -> None:
+    """One clear error, before any work, when an output path would replace one of the inputs.
+
+    `inputs` and `outputs` map a label the user knows (a flag or argument name, e.g. ``MODEL`` or
+    ``--npz``) to a path; every file a command writes belongs in `outputs`, derived names
+    (``x.npz.parts``, ``model.plan.json``) included.
+    """
+    for out_label, out_path in outputs.items():
+        if not out_path:
+            continue
+        for in_label, in_path in inputs.items():
+            if in_path and _same_file(out_path, in_path):
+                raise InputError(
+                    f"{out_label} {out_path} would overwrite {in_label} {in_path}; choose another output"
+                )
+
+
+def lock_path_for(output: str) -> str:
+    """The lock file guarding an output: inside an output folder, beside an output file (hidden)."""
+    if os.path.isdir(output):
+        return os.path.join(output, ".edm-deploy.lock")
+    directory, name = os.path.split(os.path.abspath(output))
+    return os.path.join(directory, f".{name}.lock")
+
+
+@contextlib.contextmanager
+def exclusive_output(output: str) -> Iterator[None]:
+    """Hold an exclusive lock on `output` for the block; a second writer is refused at once.
+
+    The lock is an OS file lock (`filelock`), released by the kernel when the process dies, so a
+    killed run never leaves its output locked. The small lock file itself stays (removing it
+    would race with a writer that just opened it).
+    """
+    from filelock import FileLock, Timeout
+
+    path = lock_path_for(output)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise InputError(
+            f"another edm-deploy process is writing {output} (it holds {path}); wait for it or choose another output"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
