@@ -11,6 +11,12 @@ can move settings across unchanged:
   sigma^2), ``iddpm`` (the improved-DDPM discrete table u_j with C_1, C_2, M);
 * schedules sigma(t): ``vp``, ``ve`` (sqrt t), ``linear`` (t), each with derivative and inverse;
 * scalings s(t): ``vp`` (1/sqrt(1+sigma^2)) and ``none`` (1), each with derivative.
+
+Time-step schedules as data (for the flat solvers of `solvers.py`): `schedule_sigmas(name, ...)`
+returns the float64 sigmas sigma_0 > ... > sigma_{N-1} > 0 (no trailing zero) of any name in
+`SCHEDULE_NAMES`: the four discretizations above plus ``logsnr`` (uniform in log-SNR, i.e. in
+log sigma) and ``time-uniform`` (uniform in a rho-warped VP time), both as zju-pi/diff-sampler's
+`get_schedule` defines them. `check_sigma_list` validates an explicit list.
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ SCALINGS = ("none", "vp")
 VP_BETA_D = 19.9
 VP_BETA_MIN = 0.1
 VP_EPSILON_S = 1e-3
+
+
+def param_error(param: str, message: str) -> InputError:
+    """An InputError about one API parameter, tagged with it (``.param``) so a front end can name its own flag."""
+    err = InputError(message)
+    err.param = param
+    return err
 
 
 def check_num_steps(num_steps: int) -> int:
@@ -173,6 +186,124 @@ def default_sigma_range(discretization: str, epsilon_s: float = VP_EPSILON_S) ->
     if discretization not in ranges:
         raise InputError(f"unknown discretization {discretization!r}; choose one of {', '.join(DISCRETIZATIONS)}")
     return ranges[discretization]
+
+
+# --------------------------------------------------------------------------------------------
+# Time-step schedules as data: one dispatcher by name, plus validation of explicit lists
+
+SCHEDULE_NAMES = ("edm", "vp", "ve", "iddpm", "logsnr", "time-uniform")
+
+# Which keyword parameters each schedule uses (any other one given is an error, not ignored).
+SCHEDULE_PARAMS = {
+    "edm": ("rho",),
+    "vp": ("epsilon_s",),
+    "ve": (),
+    "iddpm": ("C_1", "C_2", "M"),
+    "logsnr": (),
+    "time-uniform": ("rho", "epsilon_s"),
+}
+
+# (sigma_min, sigma_max) of the schedules the EDM reference does not define: diff-sampler's defaults.
+_FAST_SAMPLER_RANGE = (0.002, 80.0)
+
+
+def symmetric_linspace(start: float, end: float, num: int) -> np.ndarray:
+    """`num` evenly spaced float64 values from `start` to `end`, both ends exact.
+
+    The first half counts up from `start`, the second half down from `end` (the way torch's
+    `linspace` computes it), so the schedules below land on the same sigmas as diff-sampler's.
+    """
+    if num == 1:
+        return np.array([start], dtype=np.float64)
+    step = (end - start) / (num - 1)
+    idx = np.arange(num, dtype=np.float64)
+    half = num // 2
+    return np.where(idx < half, start + step * idx, end - step * (num - 1 - idx))
+
+
+def logsnr_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """Uniform in log-SNR: lambda = -log sigma evenly spaced (k-diffusion's 'exponential').
+
+    Exponential integrators (DPM-Solver++, UniPC) take equal steps h in lambda on this grid.
+    """
+    num_steps = check_num_steps(num_steps)
+    check_sigma_range(sigma_min, sigma_max)
+    lam = symmetric_linspace(-math.log(sigma_max), -math.log(sigma_min), num_steps)
+    return np.exp(-lam)
+
+
+def time_uniform_sigma_steps(
+    num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0, epsilon_s: float = VP_EPSILON_S
+) -> np.ndarray:
+    """Uniform in VP time warped by rho: t_i = (1 + i/(N-1) (epsilon_s^(1/rho) - 1))^rho, sigma = sigma_VP(t_i).
+
+    The VP schedule is fitted to [sigma_min, sigma_max] as in `vp_betas_for_range`; rho = 1 is
+    the VP discretization. sigma_VP is evaluated as e**u, not exp(u), like diff-sampler's
+    `get_schedule(schedule_type='time_uniform')`, so the levels agree to the last bit there.
+    """
+    num_steps = check_num_steps(num_steps)
+    check_sigma_range(sigma_min, sigma_max)
+    if not rho > 0:
+        raise param_error("rho", f"rho must be > 0, got {rho}")
+    if not 0 < epsilon_s < 1:
+        raise param_error("epsilon_s", f"epsilon_s must lie in (0, 1), got {epsilon_s}")
+    beta_d, beta_min = vp_betas_for_range(sigma_min, sigma_max, epsilon_s)
+    t = (1 + _ramp(num_steps) * (epsilon_s ** (1 / rho) - 1)) ** rho
+    return (np.power(np.e, 0.5 * beta_d * (t**2) + beta_min * t) - 1) ** 0.5
+
+
+def schedule_sigmas(name: str, num_steps: int, sigma_min: float, sigma_max: float, **params: float) -> np.ndarray:
+    """The named schedule's float64 sigmas, strictly decreasing from sigma_max, no trailing zero.
+
+    `params` are the schedule's own parameters (`SCHEDULE_PARAMS`); one that the schedule does not
+    use is an error rather than silently ignored.
+    """
+    if name not in SCHEDULE_NAMES:
+        raise param_error("schedule", f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    unused = sorted(set(params) - set(SCHEDULE_PARAMS[name]))
+    if unused:
+        takes = ", ".join(SCHEDULE_PARAMS[name]) or "no parameters"
+        raise param_error(unused[0], f"{unused[0]} does not apply to the {name} schedule (it takes {takes})")
+    if name == "logsnr":
+        return logsnr_sigma_steps(num_steps, sigma_min, sigma_max)
+    if name == "time-uniform":
+        return time_uniform_sigma_steps(num_steps, sigma_min, sigma_max, **params)
+    return sigma_steps(name, num_steps, sigma_min, sigma_max, **params)
+
+
+def schedule_default_range(name: str) -> tuple[float, float]:
+    """Default (sigma_min, sigma_max) of a schedule: the EDM reference's, or diff-sampler's (0.002, 80)."""
+    if name not in SCHEDULE_NAMES:
+        raise param_error("schedule", f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    if name in DISCRETIZATIONS:
+        return default_sigma_range(name)
+    return _FAST_SAMPLER_RANGE
+
+
+def check_sigma_list(sigmas, name: str = "sigmas") -> np.ndarray:
+    """An explicit list of time points as float64: finite, positive, strictly decreasing, optional final 0.
+
+    Anything else is one InputError naming the first offending entry, so a hand-written or
+    searched schedule (AYS, GITS) fails before any network evaluation.
+    """
+    try:
+        arr = np.asarray(sigmas, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise param_error(name, f"{name} must be a list of numbers, got {sigmas!r}") from None
+    if arr.ndim != 1:
+        raise param_error(name, f"{name} must be a flat list of numbers, got shape {list(arr.shape)}")
+    if arr.size == 0:
+        raise param_error(name, f"{name} is empty; give at least one positive noise level")
+    for i, v in enumerate(arr):
+        if not math.isfinite(v):
+            raise param_error(name, f"{name} must be finite: {name}[{i}] = {v}")
+        if v < 0 or (v == 0 and i != arr.size - 1):
+            raise param_error(name, f"{name} must be positive except for a final 0: {name}[{i}] = {v:g}")
+        if i > 0 and not v < arr[i - 1]:
+            raise param_error(name, f"{name} must be strictly decreasing: {name}[{i}] = {v:g} follows {arr[i - 1]:g}")
+    if arr[0] == 0:
+        raise param_error(name, f"{name} must start with a positive noise level, got {arr.tolist()}")
+    return arr
 
 
 # --------------------------------------------------------------------------------------------
