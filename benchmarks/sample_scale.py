@@ -47,7 +47,7 @@ def run_sample(model: str, n: int, outdir: str, batch: int, steps: int) -> dict:
         from edm_deploy.cli import main
         try:
             main(["sample", {model!r}, "-n", "{n}", "--outdir", {outdir!r}, "--subdirs", "--batch", "{batch}",
-                  "--steps", "{steps}", "--device", "cpu"])
+                  "--steps", "{steps}", "--device", "cpu", "--profile"])
         finally:
             print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
     """)

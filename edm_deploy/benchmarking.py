@@ -19,7 +19,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from edm_deploy.runtime.contract import as_denoiser
 from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.timing import TimedDenoiser
 
 
 def paper_steps(resolution: int) -> int:
@@ -56,7 +58,7 @@ def time_denoiser(den: Any, batch: int, repeats: int = 5, warmup: int = 2, seed:
     """(median seconds per evaluation, spread) at `batch`, inputs on the backend's device."""
     rng = np.random.default_rng(seed)
     shape = (batch, den.img_channels, den.img_resolution, den.img_resolution)
-    x = den.to_device(rng.standard_normal(shape).astype(np.float32)) if hasattr(den, "to_device") else rng.standard_normal(shape).astype(np.float32)
+    x = den.to_device(rng.standard_normal(shape).astype(np.float32))
     sigma = np.full(batch, 1.0)
     labels = np.eye(den.label_dim, dtype=np.float32)[np.arange(batch) % den.label_dim] if den.label_dim else None
     for _ in range(warmup):
@@ -65,8 +67,7 @@ def time_denoiser(den: Any, batch: int, repeats: int = 5, warmup: int = 2, seed:
     for _ in range(repeats):
         start = time.perf_counter()
         den(x, sigma, labels)
-        if hasattr(den, "synchronize"):
-            den.synchronize()
+        den.synchronize()
         times.append(time.perf_counter() - start)
     return _median_spread(times)
 
@@ -77,9 +78,10 @@ def time_sampling(den: Any, batch: int, num_steps: int, repeats: int = 1) -> tup
 
     seeds = list(range(batch))
     sample_batch(den, seeds, None, {"num_steps": 2})  # warm-up at the timed batch (shapes, graphs, compiles)
+    den = TimedDenoiser(den)
     walls, overheads = [], []
     for _ in range(repeats):
-        den.eval_seconds = 0.0
+        den.reset()
         start = time.perf_counter()
         sample_batch(den, seeds, None, {"num_steps": num_steps})
         wall = time.perf_counter() - start
@@ -92,33 +94,37 @@ def time_sampling(den: Any, batch: int, num_steps: int, repeats: int = 1) -> tup
 def bench_backend(name: str, make: Callable[[], Any], batch: int, repeats: int, sample_steps: Optional[int]) -> BackendResult:
     """Time one backend; `sample_steps` 0 means the paper's steps for its resolution, None skips sampling."""
     start = time.perf_counter()
-    den = make()
-    setup = time.perf_counter() - start
-    if sample_steps == 0:
-        sample_steps = paper_steps(den.img_resolution)
-    per_eval, spread = time_denoiser(den, batch, repeats=repeats)
-    result = BackendResult(backend=name if name == den.describe() else f"{name} [{den.describe()}]", batch=batch,
-                           evals_per_s=1 / per_eval, image_evals_per_s=batch / per_eval, spread=spread, setup_s=setup)
-    if getattr(den, "fallback_note", None):
-        result.notes.append(den.fallback_note)
-    if sample_steps:
-        from edm_deploy.runtime.sampling import nfe
+    with as_denoiser(make()) as den:
+        setup = time.perf_counter() - start
+        if sample_steps == 0:
+            sample_steps = paper_steps(den.img_resolution)
+        per_eval, spread = time_denoiser(den, batch, repeats=repeats)
+        result = BackendResult(backend=name if name == den.describe() else f"{name} [{den.describe()}]", batch=batch,
+                               evals_per_s=1 / per_eval, image_evals_per_s=batch / per_eval, spread=spread, setup_s=setup)
+        result.notes.extend(den.warnings)
+        if sample_steps:
+            from edm_deploy.runtime.sampling import nfe
 
-        ips, overhead = time_sampling(den, batch, sample_steps, repeats=max(1, min(repeats, 3)))
-        result.img_per_s_at_nfe, result.nfe, result.overhead_fraction = ips, nfe(sample_steps), overhead
+            ips, overhead = time_sampling(den, batch, sample_steps, repeats=max(1, min(repeats, 3)))
+            result.img_per_s_at_nfe, result.nfe, result.overhead_fraction = ips, nfe(sample_steps), overhead
     return result
 
 
 def backend_factories(model: str, backends: list[str], device: str = "auto", threads: Optional[int] = None,
                       workdir: Optional[str] = None) -> tuple[list[tuple[str, Callable[[], Any]]], dict]:
-    """Backends to compare for `model`; a .pt model is exported to ONNX once (timed)."""
-    from edm_deploy.loading import load, model_kind
+    """Backends to compare for `model` (bench variants of `loading.MODEL_KINDS`).
+
+    A .pt model asked for onnxruntime is exported to ONNX once (timed) and run from there.
+    """
+    from edm_deploy.loading import BENCH_VARIANTS, MODEL_KINDS, load, model_kind
 
     kind = model_kind(model)
     extra: dict[str, Any] = {}
     factories: list[tuple[str, Callable[[], Any]]] = []
-    onnx_path = model if kind == "onnx" else None
-    if kind == "pt" and any(b.startswith("onnxruntime") for b in backends):
+    unknown = [b for b in backends if b not in BENCH_VARIANTS]
+    if unknown:
+        raise InputError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BENCH_VARIANTS)}", param="backends")
+    if kind == "pt" and any(b in MODEL_KINDS["onnx"].bench_variants for b in backends):
         from edm_deploy.export.onnx_export import export_onnx
         from edm_deploy.training.checkpoint import load_checkpoint, load_network
 
@@ -126,20 +132,18 @@ def backend_factories(model: str, backends: list[str], device: str = "auto", thr
         onnx_path = os.path.join(workdir or tempfile.mkdtemp(prefix="edm-bench-"), "bench.onnx")
         result = export_onnx(load_network(ckpt), ckpt["network"], onnx_path, max_batch=1024)
         extra["export_s"] = result.seconds
+    else:
+        onnx_path = model
     for b in backends:
-        if b == "onnxruntime":
-            if onnx_path is None:
-                raise InputError("onnxruntime needs an .onnx or .pt model")
-            factories.append((b, lambda: load(onnx_path, backend="onnxruntime", device=device, threads=threads)))
-        elif b in ("torch", "torch-compile", "torch-fp16"):
-            if kind != "pt":
-                raise InputError(f"{b} needs a .pt checkpoint")
-            opts = {"compile": b == "torch-compile", "fp16": b == "torch-fp16"}
-            factories.append((b, lambda opts=opts: load(model, backend="torch", device=device, **opts)))
-        elif b == "tensorrt":
-            factories.append((b, lambda: load(model, backend="tensorrt")))
-        else:
-            raise InputError(f"unknown backend {b!r}")
+        runs_on = next(k for k, spec in MODEL_KINDS.items() if b in spec.bench_variants)
+        path = onnx_path if runs_on == "onnx" else model
+        if model_kind(path) != runs_on:
+            raise InputError(f"{b} needs a {MODEL_KINDS[runs_on].name} model"
+                             + (" or a .pt checkpoint" if runs_on == "onnx" else ""), param="backends")
+        options = dict(MODEL_KINDS[runs_on].bench_variants[b])
+        if runs_on == "onnx":
+            options["threads"] = threads
+        factories.append((b, lambda path=path, options=options: load(path, device=device, **options)))
     return factories, extra
 
 

@@ -8,12 +8,15 @@ runs (or when `--help` lists it), so `edm-deploy sample model.onnx` never pays f
 from __future__ import annotations
 
 import importlib
+import re
 import sys
+import traceback
 from typing import Any, Optional
 
 import click
 
 from edm_deploy.runtime.errors import EdmDeployError
+from edm_deploy.runtime.optional import install_hint
 from edm_deploy.runtime.version import __version__
 
 # name -> (module, attribute, one-line help shown by `edm-deploy --help` without importing it)
@@ -48,16 +51,45 @@ class LazyGroup(click.Group):
             if exc.name and exc.name.startswith("edm_deploy"):
                 raise
             raise EdmDeployError(
-                f"`edm-deploy {cmd_name}` needs the Python package {exc.name!r}; install it "
-                f"(e.g. `pip install edm-deploy[export,train]`)"
+                f"`edm-deploy {cmd_name}` needs the Python package {exc.name!r}: {install_hint(exc.name)}"
             ) from exc
-        return getattr(module, attr)
+        command = getattr(module, attr)
+        FLAGS.update(flags_of(command))
+        return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # List commands from the static table so `--help` stays fast and torch-free.
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+
+# API parameter name -> the flag that sets it, for the command being run (filled on loading it).
+FLAGS: dict[str, str] = {}
+
+
+def flags_of(command: click.Command) -> dict[str, str]:
+    """{parameter name: its longest flag} over a command and, for groups, its sub-commands."""
+    flags: dict[str, str] = {}
+    for param in command.params:
+        if isinstance(param, click.Option):
+            flag = max(param.opts, key=len)
+            flags[param.name] = flag
+            flags[param.name.rstrip("_")] = flag  # `compile_` sets the API's `compile`
+        elif isinstance(param, click.Argument):
+            flags[param.name] = param.human_readable_name
+    for sub in getattr(command, "commands", {}).values():
+        flags.update({k: v for k, v in flags_of(sub).items() if k not in flags})
+    return flags
+
+
+def cli_message(exc: EdmDeployError) -> str:
+    """The error text with the API parameter it concerns renamed to its command-line flag."""
+    text = str(exc)
+    flag = FLAGS.get(exc.param or "")
+    if flag:
+        text = re.sub(rf"(?<![\w-]){re.escape(exc.param)}(?!\w)", flag, text, count=1)
+    return text
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> Any:
         exc.show()
         sys.exit(exc.exit_code)
     except EdmDeployError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {cli_message(exc)}", err=True)
         sys.exit(1)
     except OSError as exc:
         # Disk full, permission denied, a folder vanished: the OS says it best, in one line.
@@ -97,6 +129,11 @@ def main(argv: Optional[list[str]] = None) -> Any:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:  # anything else is a bug: show it as one, with where it happened
+        traceback.print_exc()
+        click.echo(f"internal error: {type(exc).__name__}: {exc}. This is a bug in edm-deploy, not in your "
+                   "input; please report it with the traceback above.", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -102,6 +102,7 @@ def grid_step(model_path: str, outdir: str, echo: Callable[[str], None], columns
 def evaluate_step(paths: dict[str, str], per_class: int, echo: Callable[[str], None]) -> dict[str, Any]:
     from edm_deploy.loading import load
     from edm_deploy.runtime.sampling import nfe
+    from edm_deploy.runtime.timing import TimedDenoiser
     from edm_deploy.training.dataset import load_digits_split
     from edm_deploy.training.digits_eval import frechet_pixels, sample_digits, score_samples, train_classifier
 
@@ -112,10 +113,11 @@ def evaluate_step(paths: dict[str, str], per_class: int, echo: Callable[[str], N
                                "classifier_test_accuracy": clf_acc, "per_class_samples": per_class,
                                "nfe": nfe(18), "fd_train_test": frechet_pixels(tr_x, te_x)}
     for precision, path in paths.items():
-        den = load(path, device="cpu")
-        start = time.perf_counter()
-        samples, classes = sample_digits(den, per_class=per_class, seed=0, num_steps=18, batch=500)
-        wall = time.perf_counter() - start
+        with load(path, device="cpu") as loaded:
+            den = TimedDenoiser(loaded)
+            start = time.perf_counter()
+            samples, classes = sample_digits(den, per_class=per_class, seed=0, num_steps=18, batch=500)
+            wall = time.perf_counter() - start
         results[precision] = {
             "model": path, "backend": den.describe(), **score_samples(samples, classes, classifier, te_x),
             "img_per_s": len(samples) / wall, "overhead_fraction": max(0.0, 1 - den.eval_seconds / wall),

@@ -1,35 +1,127 @@
-"""`edm_deploy.load(path)`: any model file -> a denoiser that follows the runtime contract.
+"""`edm_deploy.load(path)`: any model file -> a denoiser with the full runtime interface.
+
+The one place backends are registered: `MODEL_KINDS` maps a file kind to its suffixes, the
+backends and devices that run it, the load options that apply to it, its loader, its manifest
+reader (for `info`) and its `bench` variants. The CLI's `--backend`/`--device` choices,
+`bench`'s variants, `info` and the "option does not apply" errors are all derived from it, so a
+new backend is one entry here plus its runner in `edm_deploy.runtime.backends`.
 
 * ``*.plan`` / ``*.engine``: a TensorRT engine with its ``.plan.json`` manifest (TensorRT backend);
 * ``*.onnx``: onnxruntime (CPU, CUDA or TensorRT provider);
 * ``*.pt``: an edm-deploy checkpoint, run by torch (builds the network from `training`).
 
 Official EDM ``.pkl`` files are refused with a pointer to `edm-deploy convert`, because loading
-them the reference way executes code stored in the file.
+them the reference way executes code stored in the file. Every loaded denoiser has `close()` and
+works as a context manager, so holding a model and its guide is ``with load(a) as d, load(b) as g``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
+from edm_deploy.runtime.backends.base import DenoiserBackend
 from edm_deploy.runtime.errors import InputError
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+# Options of `load` that only some kinds of model take, with what they are for.
+OPTION_PURPOSE = {
+    "fp16": "fp16 compute in the torch network",
+    "bf16": "bfloat16 autocast in the torch network",
+    "compile": "torch.compile",
+    "compile_mode": "torch.compile's mode",
+    "channels_last": "channels-last memory format in torch",
+    "threads": "onnxruntime CPU threads",
+    "cuda_graph": "CUDA graph replay of TensorRT engines",
+}
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """One kind of model file and how it is run."""
+
+    name: str                        # short name used in messages
+    suffixes: tuple[str, ...]        # file name endings (lower case)
+    backends: tuple[str, ...]        # `backend=` values that run it (the first is its default)
+    devices: tuple[str, ...]         # `device=` values it accepts
+    options: tuple[str, ...]         # load options that apply to it
+    open: Callable[..., DenoiserBackend]
+    read_manifest: Callable[[str], dict]
+    bench_variants: dict[str, dict] = field(default_factory=dict)  # bench name -> load options
+
+
+def _open_plan(path: str, backend: str, device: str, gpu: int, max_batch: Optional[int], cuda_graph: bool = False):
+    from edm_deploy.runtime.backends.tensorrt import TensorRTDenoiser
+
+    return TensorRTDenoiser(path, cuda_graph=cuda_graph, max_batch=max_batch, device_id=gpu)
+
+
+def _open_onnx(path: str, backend: str, device: str, gpu: int, max_batch: Optional[int], threads: Optional[int] = None):
+    from edm_deploy.runtime.backends.onnxrt import OnnxRuntimeDenoiser
+
+    ort_device = "tensorrt" if backend == "tensorrt" else device
+    return OnnxRuntimeDenoiser(path, device=ort_device, threads=threads, max_batch=max_batch, device_id=gpu)
+
+
+def _open_pt(path: str, backend: str, device: str, gpu: int, max_batch: Optional[int], **options: Any):
+    from edm_deploy.runtime.backends.torch_backend import import_torch
+
+    if device == "auto":
+        device = "cuda" if import_torch().cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{gpu}"
+    return load_checkpoint_denoiser(path, device=device, max_batch=max_batch, **options)
+
+
+def _plan_manifest(path: str) -> dict:
+    from edm_deploy.runtime.backends.tensorrt import sidecar_path
+    from edm_deploy.runtime.manifest import read_sidecar
+
+    return read_sidecar(sidecar_path(path))
+
+
+def _onnx_manifest(path: str) -> dict:
+    from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
+
+    return read_onnx_manifest(path)
+
+
+def _pt_manifest(path: str) -> dict:
+    from edm_deploy.training.checkpoint import load_checkpoint, load_network, network_manifest
+
+    ckpt = load_checkpoint(path)
+    manifest = network_manifest(load_network(ckpt), ckpt["network"], source_path=path)
+    manifest["checkpoint"] = {k: v for k, v in ckpt.get("meta", {}).items() if isinstance(v, (str, int, float, bool))}
+    manifest["checkpoint"]["resume_point"] = ckpt.get("training_state") is not None
+    return manifest
+
+
+MODEL_KINDS: dict[str, ModelKind] = {
+    "plan": ModelKind("TensorRT", (".plan", ".engine", ".trt"), ("tensorrt",), ("auto", "cuda"), ("cuda_graph",),
+                      _open_plan, _plan_manifest, {"tensorrt": {}}),
+    "onnx": ModelKind("ONNX", (".onnx",), ("onnxruntime", "tensorrt"), ("auto", "cpu", "cuda", "tensorrt"), ("threads",),
+                      _open_onnx, _onnx_manifest, {"onnxruntime": {}}),
+    "pt": ModelKind(".pt checkpoint", (".pt", ".pth", ".ckpt"), ("torch",), ("auto", "cpu", "cuda"),
+                    ("fp16", "bf16", "compile", "compile_mode", "channels_last"), _open_pt, _pt_manifest,
+                    {"torch": {}, "torch-compile": {"compile": True}, "torch-fp16": {"fp16": True},
+                     "torch-bf16": {"bf16": True}}),
+}
+
+BACKENDS = ("auto",) + tuple(dict.fromkeys(b for k in MODEL_KINDS.values() for b in k.backends))
+DEVICES = tuple(dict.fromkeys(d for k in MODEL_KINDS.values() for d in k.devices))
+BENCH_VARIANTS = tuple(v for k in MODEL_KINDS.values() for v in k.bench_variants)
 
 
 def model_kind(path: str) -> str:
     """'plan', 'onnx' or 'pt' from the file name; anything else is one clear error."""
     lower = str(path).lower()
-    if lower.endswith((".plan", ".engine", ".trt")):
-        return "plan"
-    if lower.endswith(".onnx"):
-        return "onnx"
-    if lower.endswith((".pt", ".pth", ".ckpt")):
-        return "pt"
+    for name, kind in MODEL_KINDS.items():
+        if lower.endswith(kind.suffixes):
+            return name
     if lower.endswith(".pkl"):
-        raise InputError(f"{path} is an official EDM pickle; convert it first: edm-deploy convert {path}")
-    raise InputError(f"unknown model file type: {path} (expected .plan, .onnx or .pt)")
+        raise InputError(f"{path} is a pickle; if it is an official EDM network, convert it first: edm-deploy convert {path}")
+    known = ", ".join(s for k in MODEL_KINDS.values() for s in k.suffixes)
+    raise InputError(f"unknown model file type: {path} (expected one of {known})")
 
 
 def default_device_id() -> int:
@@ -39,18 +131,9 @@ def default_device_id() -> int:
     return 0
 
 
-def _refuse(kind: str, **given: Any) -> None:
-    """Options that do not apply to a file type are an error, not silently ignored."""
-    hints = {
-        "fp16": "export with `edm-deploy export --fp16` for an fp16 .onnx/.plan",
-        "compile": "torch.compile applies to .pt checkpoints",
-        "channels_last": "channels-last applies to .pt checkpoints",
-        "threads": "--threads applies to onnxruntime on the CPU",
-        "cuda_graph": "--cuda-graph applies to TensorRT engines",
-    }
-    for name, value in given.items():
-        if value:
-            raise InputError(f"--{name.replace('_', '-')} does not apply to {kind} models ({hints[name]})")
+def _where_option_applies(option: str) -> str:
+    kinds = [k.name for k in MODEL_KINDS.values() if option in k.options]
+    return f"{OPTION_PURPOSE[option]}; it applies to {' and '.join(kinds)} models"
 
 
 def load(
@@ -58,61 +141,52 @@ def load(
     backend: str = "auto",
     device: str = "auto",
     max_batch: Optional[int] = None,
-    fp16: bool = False,
-    compile: bool = False,
-    compile_mode: Optional[str] = None,
-    channels_last: bool = False,
-    threads: Optional[int] = None,
-    cuda_graph: bool = False,
     device_id: Optional[int] = None,
-) -> Any:
-    """Load `path` as a denoiser: call it as ``den(x, sigma, class_labels)``.
+    **options: Any,
+) -> DenoiserBackend:
+    """Load `path` as a denoiser: call it as ``den(x, sigma, class_labels)``; `close()` frees it.
 
     `backend` picks the runtime ('auto' follows the file type); `device` is 'auto', 'cpu',
     'cuda' or (onnxruntime only) 'tensorrt'; `device_id` defaults to torchrun's LOCAL_RANK so
-    each process of a multi-GPU run takes its own GPU. The torch-only options (`fp16`,
-    `compile`, `channels_last`) apply to `.pt` checkpoints, `threads` to onnxruntime,
-    `cuda_graph` to TensorRT engines; passing one to another kind of model is an error.
+    each process of a multi-GPU run takes its own GPU. Kind-specific `options` (see
+    `OPTION_PURPOSE`): `fp16`, `bf16`, `compile`, `compile_mode`, `channels_last` for `.pt`
+    checkpoints, `threads` for onnxruntime, `cuda_graph` for TensorRT engines; one given to
+    another kind of model is an error rather than silently ignored.
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    kind = model_kind(path)
-    if not os.path.exists(path):
-        raise InputError(f"model not found: {path}")
+    if device not in DEVICES:
+        raise InputError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    kind = MODEL_KINDS[model_kind(path)]
+    if not os.path.isfile(path):
+        raise InputError(f"model not found: {path}" if not os.path.exists(path) else f"{path} is not a file")
+    unknown = [o for o in options if o not in OPTION_PURPOSE]
+    if unknown:
+        raise InputError(f"unknown load option(s): {', '.join(unknown)}")
+    for option, value in options.items():
+        if value and option not in kind.options:
+            raise InputError(f"{option} does not apply to {kind.name} models ({_where_option_applies(option)})",
+                             param=option)
+    if backend != "auto" and backend not in kind.backends:
+        raise InputError(f"a {kind.name} model runs on the {' or '.join(kind.backends)} backend, not {backend}",
+                         param="backend")
+    if device not in kind.devices:
+        raise InputError(f"a {kind.name} model does not run on device {device!r} (choose {', '.join(kind.devices)})",
+                         param="device")
     gpu = default_device_id() if device_id is None else int(device_id)
-    if kind == "plan":
-        if backend not in ("auto", "tensorrt"):
-            raise InputError(f"a TensorRT engine runs only on the tensorrt backend, not {backend}")
-        if device not in ("auto", "cuda"):
-            raise InputError(f"a TensorRT engine runs on a CUDA GPU, not on --device {device}")
-        _refuse("TensorRT", fp16=fp16, compile=compile, channels_last=channels_last, threads=threads)
-        from edm_deploy.runtime.backends.tensorrt import TensorRTDenoiser
-
-        return TensorRTDenoiser(path, cuda_graph=cuda_graph, max_batch=max_batch, device_id=gpu)
-    if kind == "onnx":
-        if backend == "torch":
-            raise InputError("an .onnx file cannot run on the torch backend; pass the .pt checkpoint instead")
-        _refuse("ONNX", fp16=fp16, compile=compile, channels_last=channels_last, cuda_graph=cuda_graph)
-        from edm_deploy.runtime.backends.onnxrt import OnnxRuntimeDenoiser
-
-        ort_device = "tensorrt" if backend == "tensorrt" else device
-        return OnnxRuntimeDenoiser(path, device=ort_device, threads=threads, max_batch=max_batch, device_id=gpu)
-    if backend not in ("auto", "torch"):
-        raise InputError(f"a .pt checkpoint runs on the torch backend; export it first for {backend}")
-    _refuse(".pt checkpoint", threads=threads, cuda_graph=cuda_graph)
-    if device == "tensorrt":
-        raise InputError("--device tensorrt applies to .onnx models (onnxruntime's TensorRT provider)")
-    if device == "auto":
-        from edm_deploy.runtime.backends.torch_backend import import_torch
-
-        device = "cuda" if import_torch().cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{gpu}"
-    return load_checkpoint_denoiser(path, device=device, fp16=fp16, compile=compile, compile_mode=compile_mode,
-                                    channels_last=channels_last, max_batch=max_batch)
+    given = {k: v for k, v in options.items() if v}
+    return kind.open(path, backend if backend != "auto" else kind.backends[0], device, gpu, max_batch, **given)
 
 
-def load_checkpoint_denoiser(path: str, device: str = "auto", **options: Any) -> Any:
+def read_manifest(path: str) -> dict:
+    """The manifest of any model file, reading as little as possible (no torch for .onnx/.plan)."""
+    kind = MODEL_KINDS[model_kind(path)]
+    if not os.path.isfile(path):
+        raise InputError(f"file not found: {path}")
+    return kind.read_manifest(path)
+
+
+def load_checkpoint_denoiser(path: str, device: str = "auto", **options: Any) -> DenoiserBackend:
     """A `.pt` checkpoint as a TorchDenoiser (needs torch and the training package)."""
     from edm_deploy.runtime.backends.torch_backend import TorchDenoiser, import_torch
 

@@ -21,11 +21,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from edm_deploy.runtime.contract import DenoiserBase
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.rounding import identity_round
 
 
-class _AnalyticBase:
+class _AnalyticBase(DenoiserBase):
     sigma_min = 0.0
     sigma_max = math.inf
     max_batch: Optional[int] = None

@@ -1,4 +1,4 @@
-"""The denoiser contract every backend and every analytic oracle satisfies.
+"""The denoiser contract every backend, analytic oracle and composition satisfies.
 
 A denoiser is a callable ``den(x, sigma, class_labels) -> denoised`` where ``x`` is [B, C, H, W],
 ``sigma`` is [B] and ``class_labels`` is [B, label_dim] one-hot (or None for unconditional
@@ -9,10 +9,17 @@ float64). Alongside it carries:
 * ``round_sigma(sigma)``: the levels it actually evaluates at (identity except for iDDPM);
 * ``img_channels``, ``img_resolution``, ``label_dim``: its data shape and number of classes;
 * ``max_batch``: the largest batch one call accepts, or None for no limit.
+
+That minimal `Denoiser` protocol is all a sampler needs, so any user callable with those
+attributes samples. Everything else a caller may use (where the sampler state should live,
+notes for the user, a description, synchronisation for timing, freeing resources) is declared
+on `DenoiserBase` with defaults; `as_denoiser` gives a plain callable that full interface, so
+front ends never probe for attributes.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Protocol, runtime_checkable
 
 from edm_deploy.runtime.errors import InputError
@@ -32,6 +39,77 @@ class Denoiser(Protocol):
     def round_sigma(self, sigma: Any) -> Any: ...
 
     def __call__(self, x: Any, sigma: Any, class_labels: Any = None) -> Any: ...
+
+
+class DenoiserBase:
+    """The full interface of a denoiser, with the defaults of a host-side one.
+
+    Subclasses set the contract attributes and implement ``__call__``. Resources (sessions,
+    engines, device buffers) are freed by `close`, also on leaving a ``with`` block, so two
+    models (a model and its guide) are as easy to hold as one.
+    """
+
+    sigma_min: float = 0.0
+    sigma_max: float = math.inf
+    img_channels: int
+    img_resolution: int
+    label_dim: int = 0
+    max_batch: Optional[int] = None
+    device: str = "cpu"
+
+    @property
+    def warnings(self) -> list[str]:
+        """Notes the user should see (a provider fallback, a hardware-compatible engine)."""
+        return []
+
+    def round_sigma(self, sigma: Any) -> Any:
+        import numpy as np
+
+        return np.asarray(sigma, dtype=np.float64)
+
+    def to_device(self, host_array: Any) -> Any:
+        """The sampler state's home for this denoiser: the host array itself by default."""
+        return host_array
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (only timing needs it); a no-op on the host."""
+
+    def describe(self) -> str:
+        """One line for progress output: what runs, and where."""
+        return f"{type(self).__name__} on {self.device}"
+
+    def close(self) -> None:
+        """Free sessions, contexts and device memory; the denoiser cannot be called afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class _Adapted(DenoiserBase):
+    """A plain contract callable seen through the full interface (defaults for the rest)."""
+
+    def __init__(self, net: Any):
+        self.net = net
+        for name in ("sigma_min", "sigma_max", "img_channels", "img_resolution", "label_dim", "max_batch"):
+            setattr(self, name, getattr(net, name, None) if name == "max_batch" else getattr(net, name))
+
+    def round_sigma(self, sigma: Any) -> Any:
+        return self.net.round_sigma(sigma)
+
+    def __call__(self, x: Any, sigma: Any, class_labels: Any = None) -> Any:
+        return self.net(x, sigma, class_labels)
+
+    def describe(self) -> str:
+        return type(self.net).__name__
+
+
+def as_denoiser(net: Any) -> DenoiserBase:
+    """`net` with the full interface: itself when it has it, else a thin adapter."""
+    check_denoiser(net)
+    return net if isinstance(net, DenoiserBase) else _Adapted(net)
 
 
 def check_denoiser(net: Any) -> None:

@@ -1,15 +1,32 @@
-"""One exception type for every problem a user can fix.
+"""The error classes: what a user can fix, told apart from what is a bug.
 
 The CLI turns an `EdmDeployError` into a single ``error: ...`` line and a non-zero exit code, so
-everything the library raises for bad input, missing files or unsupported setups derives from it.
-Anything else that escapes is a bug and is shown as such.
+everything the library raises for bad input, missing files, unsupported setups or a backend
+failing at run time derives from it, in one class per cause:
+
+* `InputError`: bad arguments or bad input data;
+* `BackendUnavailableError`: a library, device or provider that is not usable here;
+* `BackendRuntimeError`: a backend that loaded but failed while running (out of memory, a driver);
+* `NumericalError`: NaN/Inf out of a denoiser.
+
+Anything else that escapes is a bug and the CLI shows it as one (with its traceback).
+
+Library messages name the API parameter (``max_batch must be >= 1``), never a command-line flag;
+an error about one parameter carries it in `param`, and the CLI rewrites the message to name the
+flag that set it.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class EdmDeployError(Exception):
     """A user-facing error: the message alone must tell the user what is wrong and what to do."""
+
+    def __init__(self, message: str = "", param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
 
 
 class InputError(EdmDeployError, ValueError):

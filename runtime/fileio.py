@@ -170,8 +170,9 @@ def lock_path_for(output: str) -> str:
 
 
 @contextlib.contextmanager
-def exclusive_output(output: str) -> Iterator[None]:
-    """Hold an exclusive lock on `output` for the block; a second writer is refused at once.
+def exclusive_lock(lock_file: str, what: str) -> Iterator[None]:
+    """Hold an exclusive OS lock on `lock_file` for the block; if another process holds it, one
+    clear error naming `what` (the output it guards) at once, without waiting.
 
     The lock is an OS file lock (`filelock`), released by the kernel when the process dies, so a
     killed run never leaves its output locked. The small lock file itself stays (removing it
@@ -179,15 +180,34 @@ def exclusive_output(output: str) -> Iterator[None]:
     """
     from filelock import FileLock, Timeout
 
-    path = lock_path_for(output)
-    lock = FileLock(path, timeout=0)
+    lock = FileLock(lock_file, timeout=0)
     try:
         lock.acquire()
     except Timeout:
         raise InputError(
-            f"another edm-deploy process is writing {output} (it holds {path}); wait for it or choose another output"
+            f"another edm-deploy process is writing {what} (it holds {lock_file}); wait for it or choose another output"
         ) from None
     try:
         yield
     finally:
         lock.release()
+
+
+def is_locked(lock_file: str) -> bool:
+    """Whether another process (or another lock object here) holds `lock_file` right now."""
+    from filelock import FileLock, Timeout
+
+    if not os.path.exists(lock_file):
+        return False
+    probe = FileLock(lock_file, timeout=0)
+    try:
+        probe.acquire()
+    except Timeout:
+        return True
+    probe.release()
+    return False
+
+
+def exclusive_output(output: str) -> contextlib.AbstractContextManager:
+    """Hold the exclusive lock of `output` (a folder or a file) for a block: one writer at a time."""
+    return exclusive_lock(lock_path_for(output), output)

@@ -10,7 +10,7 @@ also accepts externally supplied latents and a `randn_like` callable.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -61,6 +61,17 @@ def one_hot(labels: np.ndarray, label_dim: int) -> np.ndarray:
     return np.eye(label_dim, dtype=np.float32)[labels]
 
 
+def check_class(class_idx: Optional[int], label_dim: int) -> None:
+    """A forced class must exist: none for an unconditional model, 0..label_dim-1 otherwise."""
+    if class_idx is None:
+        return
+    if label_dim <= 0:
+        raise InputError("this model is unconditional; class_idx cannot be given", param="class_idx")
+    if isinstance(class_idx, bool) or not isinstance(class_idx, (int, np.integer)) or not 0 <= class_idx < label_dim:
+        raise InputError(f"class_idx {class_idx} is out of range: this model has classes 0..{label_dim - 1}",
+                         param="class_idx")
+
+
 def draw_latents_and_labels(
     rnd: StackedRandomGenerator, img_shape: Sequence[int], label_dim: int, class_idx: int | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -69,14 +80,11 @@ def draw_latents_and_labels(
     A random label is always drawn for a conditional model, even when `class_idx` overrides it,
     so a seed's later noise does not depend on whether a class was forced.
     """
+    check_class(class_idx, label_dim)
     latents = rnd.randn(img_shape, dtype=np.float32)
     if label_dim <= 0:
-        if class_idx is not None:
-            raise InputError("this model is unconditional; it takes no class label")
         return latents, None
     labels = rnd.randint(label_dim)
     if class_idx is not None:
-        if not 0 <= int(class_idx) < label_dim:
-            raise InputError(f"class {class_idx} is out of range: this model has classes 0..{label_dim - 1}")
         labels[:] = int(class_idx)
     return latents, one_hot(labels, label_dim)

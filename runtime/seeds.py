@@ -9,10 +9,22 @@ from typing import Optional, Sequence
 
 from edm_deploy.runtime.errors import InputError
 
+SEED_LIMIT = 1 << 32  # the per-seed streams are seeded with seed mod 2^32, like the reference's
+MAX_SEEDS = 10_000_000  # per run; a larger list would not fit the run's bookkeeping in memory
+
+
+def check_seed_count(count: int) -> None:
+    if count > MAX_SEEDS:
+        raise InputError(f"{count} seeds is more than one run takes ({MAX_SEEDS:,}); split the seeds over several runs")
+
 
 def parse_seeds(text: str) -> list[int]:
-    """'0-63,100' -> [0, ..., 63, 100]; ranges are inclusive like the reference's."""
-    seeds: list[int] = []
+    """'0-63,100' -> [0, ..., 63, 100]; ranges are inclusive like the reference's.
+
+    Seeds lie in [0, 2^32): larger ones would share a random stream with a smaller one. The
+    count is checked before the list is built, so a huge range fails at once.
+    """
+    ranges: list[tuple[int, int]] = []
     for part in str(text).split(","):
         part = part.strip()
         if not part:
@@ -24,12 +36,24 @@ def parse_seeds(text: str) -> list[int]:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise InputError(f"bad seed range {part!r}: the end is before the start")
-        seeds.extend(range(lo, hi + 1))
-    if not seeds:
-        raise InputError("no seeds given")
+        if hi >= SEED_LIMIT:
+            raise InputError(f"bad seed {hi}: seeds must lie in 0..{SEED_LIMIT - 1}")
+        ranges.append((lo, hi))
+    if not ranges:
+        raise InputError(f"no seeds in {text!r}: use numbers and ranges like 0-63,100")
+    check_seed_count(sum(hi - lo + 1 for lo, hi in ranges))
+    seeds = [s for lo, hi in ranges for s in range(lo, hi + 1)]
     if len(set(seeds)) != len(seeds):
         raise InputError("the seed list repeats seeds")
     return seeds
+
+
+def seeds_from_count(n: int) -> list[int]:
+    """Seeds 0..n-1 (`-n N`)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"the number of images must be a positive integer, got {n!r}")
+    check_seed_count(n)
+    return list(range(n))
 
 
 def parse_shard(text: Optional[str]) -> tuple[int, int]:
@@ -56,16 +80,22 @@ def shard_batches(seeds: Sequence[int], batch_size: int, rank: int = 0, world: i
     """Batches for `rank`: near-equal batches, dealt round-robin to ranks (the reference's split).
 
     The number of batches is a multiple of the world size, so every rank gets the same count
-    and the ranks' seed sets are disjoint and cover the list.
+    and the ranks' seed sets are disjoint and cover the list. Only this rank's batches are
+    computed, so a huge world size costs nothing.
     """
     if batch_size < 1:
-        raise InputError(f"--batch must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}", param="batch_size")
     n = len(seeds)
     num_batches = max(1, math.ceil(n / (batch_size * world))) * world
     # Larger chunks first, like torch.tensor_split.
     base, extra = divmod(n, num_batches)
-    bounds = [0]
-    for k in range(num_batches):
-        bounds.append(bounds[-1] + base + (1 if k < extra else 0))
-    batches = [list(seeds[bounds[k]:bounds[k + 1]]) for k in range(num_batches)]
-    return [b for b in batches[rank::world] if b]
+
+    def start(k: int) -> int:
+        return k * base + min(k, extra)
+
+    batches = []
+    for k in range(rank, min(num_batches, n + world), world):
+        lo, hi = start(k), start(k + 1)
+        if lo < hi:
+            batches.append(list(seeds[lo:hi]))
+    return batches

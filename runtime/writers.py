@@ -1,14 +1,23 @@
-"""Output writers for sampled images: a PNG tree, one `.npz`, or a grid image.
+"""Output writers for sampled images: a PNG tree, one `.npz`, or a grid image, and the run
+record and locks that make resuming into them safe.
 
-Every file appears atomically (temporary name + rename), so a killed run never leaves a
-truncated image, and a rerun with the same arguments skips what is complete (`is_done`).
-PNG encoding runs on worker threads while the next batch is sampled; at most a few batches are
-in flight, so memory does not grow with the number of images. The `.npz` writer stages batches
-as small part files and assembles the final archive by streaming, for the same two reasons.
+Every file appears atomically (temporary name + rename; see `runtime.fileio`), so a killed run
+never leaves a truncated image under a final name. A rerun with the same settings skips what is
+complete, and checks what it counts as complete: a PNG must be a regular file that decodes to an
+image of the model's shape, an npz part must load with the right shapes; anything damaged is
+redone. PNG encoding runs on worker threads while the next batch is sampled; at most a few
+batches are in flight, so memory does not grow with the number of images. The `.npz` writer
+stages batches as small part files and assembles the final archive by streaming.
+
+`open_output` is the one entry point: it takes the output's locks (one writer per output, or per
+shard of a torchrun run), checks or writes the run record (the settings that made the images,
+refusing to mix other settings or a folder this tool did not write), clears stale temporary
+files and returns the writer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -17,16 +26,33 @@ import os
 import shutil
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.fileio import atomic_write_bytes, remove_stale_temps
+from edm_deploy.runtime.fileio import (
+    atomic_path,
+    atomic_write_bytes,
+    exclusive_lock,
+    exclusive_output,
+    is_locked,
+    remove_stale_temps,
+)
+
+RUN_RECORD = ".edm-deploy-sample.json"
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # grid suffix -> PIL format
 
 
 def ensure_writable_dir(path: str) -> None:
     """Create `path` if needed and prove we can write into it, with one clear error otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"cannot use {path} as an output folder: it is a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise InputError(f"cannot create {path}: {parent} is a file, not a folder")
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-test-{os.getpid()}")
@@ -35,32 +61,6 @@ def ensure_writable_dir(path: str) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise InputError(f"cannot write to {path}: {exc.strerror or exc}") from exc
-
-
-RUN_RECORD = ".edm-deploy-sample.json"
-
-
-def check_run_record(folder: str, record: dict) -> None:
-    """Refuse to resume into `folder` when it holds output made with other settings.
-
-    Resuming skips seeds whose output exists, so mixing runs (another model, class or sampler
-    setting) would silently keep stale images. The first run writes `record`; later runs must match.
-    """
-    path = os.path.join(folder, RUN_RECORD)
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                previous = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            previous = None
-        if previous != record:
-            changed = sorted(k for k in set(record) | set(previous or {}) if (previous or {}).get(k) != record.get(k))
-            raise InputError(
-                f"{folder} holds images sampled with other settings ({', '.join(changed) or 'unreadable record'} "
-                "differ); use another output or delete it to start over"
-            )
-        return
-    atomic_write_bytes(path, json.dumps(record, sort_keys=True).encode())
 
 
 def to_pil(image: np.ndarray):
@@ -73,24 +73,55 @@ def to_pil(image: np.ndarray):
     return Image.fromarray(image, "RGB")
 
 
-def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
+def encode_image(image: np.ndarray, fmt: str = "PNG", compress_level: int = 1) -> bytes:
     buffer = io.BytesIO()
-    to_pil(image).save(buffer, format="PNG", compress_level=compress_level)
+    options = {"compress_level": compress_level} if fmt == "PNG" else {"quality": 95}
+    to_pil(image).save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
+    return encode_image(image, "PNG", compress_level)
+
+
+def image_format_for(path: str) -> str:
+    """The PIL format an image path's suffix asks for; an unknown suffix is one clear error."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in IMAGE_FORMATS:
+        raise InputError(f"{path}: an image file must end in {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[ext]
+
+
+def is_valid_image(path: str, shape: Optional[tuple[int, int, int]]) -> bool:
+    """A regular file that decodes completely, with the expected (H, W, C) when given."""
+    from PIL import Image
+
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            return False
+        with Image.open(path) as img:
+            img.load()
+            if shape is None:
+                return True
+            channels = {"L": 1, "RGB": 3}.get(img.mode)
+            return channels == shape[2] and img.size == (shape[1], shape[0])
+    except Exception:  # truncated, not an image, unreadable: not done
+        return False
 
 
 class PngTreeWriter:
     """`{seed:06d}.png` files, optionally in one folder per 1000 seeds (`--subdirs`)."""
 
-    def __init__(self, outdir: str, subdirs: bool = False, workers: int = 2, max_pending: int = 3):
+    def __init__(self, outdir: str, subdirs: bool = False, workers: int = 2, max_pending: int = 3,
+                 image_shape: Optional[tuple[int, int, int]] = None):
         ensure_writable_dir(outdir)
         self.outdir = outdir
         self.subdirs = subdirs
+        self.image_shape = image_shape
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="png")
         self.pending: list[Future] = []
         self.max_pending = max(max_pending, workers + 1)  # keep every worker busy
         self.written = 0
-        remove_stale_temps(outdir)
 
     def path_for(self, seed: int) -> str:
         if self.subdirs:
@@ -98,7 +129,16 @@ class PngTreeWriter:
         return os.path.join(self.outdir, f"{seed:06d}.png")
 
     def is_done(self, seed: int) -> bool:
-        return os.path.exists(self.path_for(seed))
+        """Complete and undamaged; a damaged file is removed so the seed is sampled again."""
+        path = self.path_for(seed)
+        if not os.path.lexists(path):
+            return False
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise InputError(f"{path} is a folder, not an image; move it away to sample seed {seed} there")
+        if is_valid_image(path, self.image_shape):
+            return True
+        os.unlink(path)
+        return False
 
     def _write_batch(self, images: np.ndarray, seeds: Sequence[int]) -> int:
         for image, seed in zip(images, seeds):
@@ -134,6 +174,10 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def parts_dir_for(npz_path: str) -> str:
+    return npz_path + ".parts"
+
+
 class NpzWriter:
     """One `.npz` with `images` (uint8 NHWC), `seeds` and `labels` (-1 when unconditional).
 
@@ -141,21 +185,34 @@ class NpzWriter:
     archive is streamed together at the end in the requested seed order.
     """
 
-    def __init__(self, path: str, seeds: Sequence[int]):
+    def __init__(self, path: str, seeds: Sequence[int], image_shape: Optional[tuple[int, int, int]] = None):
         directory = os.path.dirname(os.path.abspath(path))
         ensure_writable_dir(directory)
+        if os.path.isdir(path):
+            raise InputError(f"{path} is a folder; --npz needs a file name")
         self.path = path
-        self.parts_dir = path + ".parts"  # created with the first batch, not before
+        self.parts_dir = parts_dir_for(path)  # created with the first batch, not before
         self.order = [int(s) for s in seeds]
+        self.image_shape = image_shape
         self.done: dict[int, str] = {}
         for part in glob.glob(os.path.join(self.parts_dir, "part-*.npz")):
-            try:
-                with np.load(part) as data:
-                    for s in data["seeds"].tolist():
-                        self.done[int(s)] = part
-            except Exception:
-                os.unlink(part)  # unreadable part (should not happen: parts are atomic)
+            seeds_in = self._valid_part(part)
+            if seeds_in is None:
+                os.unlink(part)  # damaged or foreign: its seeds are sampled again
+                continue
+            for s in seeds_in:
+                self.done[s] = part
         self.written = 0
+
+    def _valid_part(self, part: str) -> Optional[list[int]]:
+        try:
+            with np.load(part) as data:
+                images, seeds, labels = data["images"], data["seeds"], data["labels"]
+                ok = (images.dtype == np.uint8 and images.ndim == 4 and len(images) == len(seeds) == len(labels)
+                      and (self.image_shape is None or tuple(images.shape[1:]) == tuple(self.image_shape)))
+                return [int(s) for s in seeds.tolist()] if ok else None
+        except Exception:
+            return None
 
     def is_done(self, seed: int) -> bool:
         return int(seed) in self.done
@@ -164,7 +221,7 @@ class NpzWriter:
         seeds = np.asarray(seeds, dtype=np.int64)
         labels = np.full(len(seeds), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
         os.makedirs(self.parts_dir, exist_ok=True)
-        part = os.path.join(self.parts_dir, f"part-{int(seeds[0]):09d}-{len(seeds)}.npz")
+        part = os.path.join(self.parts_dir, f"part-{int(seeds[0]):010d}-{len(seeds)}.npz")
         buffer = io.BytesIO()
         np.savez(buffer, images=images, seeds=seeds, labels=labels)
         atomic_write_bytes(part, buffer.getvalue())
@@ -185,8 +242,7 @@ class NpzWriter:
                 for i, s in enumerate(data["seeds"].tolist()):
                     index[int(s)] = (part, i)
         labels = np.empty(len(self.order), dtype=np.int64)
-        tmp = self.path + f".tmp-{os.getpid()}"
-        try:
+        with atomic_path(self.path) as tmp:
             with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
                 with zf.open("images.npy", "w", force_zip64=True) as f:
                     header = {"descr": "|u1", "fortran_order": False, "shape": (len(self.order), *shape)}
@@ -202,20 +258,18 @@ class NpzWriter:
                         labels[n] = cache["labels"][i]
                 zf.writestr("seeds.npy", _npy_bytes(np.asarray(self.order, dtype=np.int64)))
                 zf.writestr("labels.npy", _npy_bytes(labels))
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        shutil.rmtree(self.parts_dir, ignore_errors=True)  # parts and any temp file a killed run left
+        shutil.rmtree(self.parts_dir, ignore_errors=True)  # parts, record and any temp file a killed run left
 
     def abort(self) -> None:
-        """After a failure: keep the finished parts, so the next run resumes."""
+        """After a failure: keep the finished parts, so the next run resumes; with none, no folder."""
+        if not glob.glob(os.path.join(self.parts_dir, "part-*.npz")):
+            shutil.rmtree(self.parts_dir, ignore_errors=True)
 
 
 def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 1) -> np.ndarray:
     """Tile uint8 NHWC images into one HWC image, row-major, `columns` wide."""
     n, h, w, c = images.shape
-    columns = columns or int(math.ceil(math.sqrt(n)))
+    columns = min(columns or int(math.ceil(math.sqrt(n))), n)
     rows = int(math.ceil(n / columns))
     grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), dtype=np.uint8)
     for k, image in enumerate(images):
@@ -226,13 +280,21 @@ def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 1) -
 
 
 class GridWriter:
-    """Collects images and writes them as one grid PNG at the end (small n only)."""
+    """Collects images and writes them as one grid image at the end (small n only).
+
+    The file format follows the suffix (`.png`, `.jpg`, `.webp`).
+    """
 
     MAX_IMAGES = 4096
 
     def __init__(self, path: str, count: int, columns: Optional[int] = None, upscale: int = 1, pad: int = 1):
         if count > self.MAX_IMAGES:
-            raise InputError(f"--grid is for up to {self.MAX_IMAGES} images; use --outdir for {count}")
+            raise InputError(f"a grid holds up to {self.MAX_IMAGES} images; write {count} to a folder instead")
+        if columns is not None and not 1 <= columns <= max(count, 1):
+            raise InputError(f"grid_cols must lie in [1, {count}] for {count} images, got {columns}", param="grid_cols")
+        self.format = image_format_for(path)
+        if os.path.isdir(path):
+            raise InputError(f"{path} is a folder; a grid needs a file name")
         ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
         self.path, self.columns, self.upscale, self.pad = path, columns, upscale, pad
         self.images: dict[int, np.ndarray] = {}
@@ -258,4 +320,153 @@ class GridWriter:
         stacked = np.stack([self.images[s] for s in self.order])
         if self.upscale > 1:
             stacked = stacked.repeat(self.upscale, axis=1).repeat(self.upscale, axis=2)
-        atomic_write_bytes(self.path, encode_png(make_grid(stacked, self.columns, pad=self.pad), compress_level=6))
+        grid = make_grid(stacked, self.columns, pad=self.pad)
+        atomic_write_bytes(self.path, encode_image(grid, self.format, compress_level=6))
+
+
+# --------------------------------------------------------------------------------------------
+# The run record and the locks: what makes resuming into an output safe.
+
+
+def _read_record(folder: str) -> tuple[bool, Optional[dict]]:
+    """(exists, content or None when unreadable)."""
+    path = os.path.join(folder, RUN_RECORD)
+    if not os.path.exists(path):
+        return False, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return True, data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return True, None
+
+
+def _holds_images(folder: str) -> bool:
+    for _, _, files in os.walk(folder):
+        if any(f.lower().endswith(tuple(IMAGE_FORMATS)) or (f.startswith("part-") and f.endswith(".npz")) for f in files):
+            return True
+    return False
+
+
+FOLDER_LOCK = ".edm-deploy.lock"
+
+
+def _shard_lock(folder: str, shard: tuple[int, int]) -> str:
+    return os.path.join(folder, f".edm-deploy-shard{shard[0]}of{shard[1]}.lock")
+
+
+def _others_writing(folder: str, own_shard_lock: str) -> bool:
+    """Whether another process holds a shard lock of `folder` right now."""
+    own = os.path.abspath(own_shard_lock)
+    return any(is_locked(p) for p in glob.glob(os.path.join(folder, ".edm-deploy-shard*.lock"))
+               if os.path.abspath(p) != own)
+
+
+def check_run_record(folder: str, record: dict, others_writing: bool = False) -> None:
+    """Refuse to resume into `folder` when it holds output made with other settings.
+
+    Resuming skips seeds whose output exists, so mixing runs (another model, class or sampler
+    setting) would silently keep stale images. The first run writes `record`; later runs must
+    match. A folder that holds images but no record was not written by this tool and is refused
+    rather than mixed into; a record whose folder holds no images (a run that failed before its
+    first image) is replaced, unless another process is still writing there.
+    """
+    exists, previous = _read_record(folder)
+    if previous == record:
+        return
+    if not exists:
+        if _holds_images(folder):
+            raise InputError(f"{folder} already holds images but no edm-deploy run record, so they cannot be "
+                             "resumed safely; choose an empty or new output")
+    elif _holds_images(folder) or others_writing:
+        changed = sorted(k for k in set(record) | set(previous or {}) if (previous or {}).get(k) != record.get(k))
+        raise InputError(
+            f"{folder} holds images sampled with other settings ({', '.join(changed) or 'unreadable record'} "
+            "differ); use another output or delete it to start over"
+        )
+    atomic_write_bytes(os.path.join(folder, RUN_RECORD), json.dumps(record, sort_keys=True).encode())
+
+
+@contextlib.contextmanager
+def claim_folder(folder: str, record: dict, shard: tuple[int, int] = (0, 1)) -> Iterator[None]:
+    """Own `folder` as the writer of `shard` for the block, its run record checked first.
+
+    One process writes an unsharded output: it holds the folder lock for the whole run. The
+    ranks of a sharded run write the same folder side by side: each holds its own shard lock
+    for the run and the folder lock only while checking the record, and takes its shard lock
+    before releasing the folder lock, so a run with other settings arriving next sees it as a
+    live writer. Stale temporary files are cleared only when no other writer is live.
+    """
+    os.makedirs(folder, exist_ok=True)
+    with contextlib.ExitStack() as run:
+        with contextlib.ExitStack() as check:
+            check.enter_context(exclusive_lock(os.path.join(folder, FOLDER_LOCK), folder))
+            others = False
+            if shard[1] > 1:
+                own = _shard_lock(folder, shard)
+                run.enter_context(exclusive_lock(own, f"{folder} (shard {shard[0]}/{shard[1]})"))
+                others = _others_writing(folder, own)
+            check_run_record(folder, record, others_writing=others)
+            if not others:
+                remove_stale_temps(folder)
+            if shard[1] == 1:
+                run.enter_context(check.pop_all())  # keep the folder lock for the whole run
+        yield
+
+
+def check_output(count: int, *, outdir: Optional[str] = None, npz_path: Optional[str] = None,
+                 grid_path: Optional[str] = None, grid_columns: Optional[int] = None,
+                 shard: tuple[int, int] = (0, 1)) -> None:
+    """Everything about an output that can fail, checked before any model loads or sample runs."""
+    given = [p for p in (outdir, npz_path, grid_path) if p]
+    if len(given) != 1:
+        raise InputError("give exactly one output: a folder, an .npz file or a grid image")
+    if outdir:
+        ensure_writable_dir(outdir)
+    elif npz_path:
+        if not npz_path.lower().endswith(".npz"):
+            raise InputError(f"{npz_path}: an .npz output must end in .npz")
+        if os.path.isdir(npz_path):
+            raise InputError(f"{npz_path} is a folder; an .npz output needs a file name")
+        ensure_writable_dir(os.path.dirname(os.path.abspath(npz_path)))
+    else:
+        if shard[1] > 1:
+            raise InputError("a grid cannot be sharded; write it from one process")
+        GridWriter(grid_path, count, columns=grid_columns)  # validates count, columns, format, folder
+
+
+@contextlib.contextmanager
+def open_output(
+    record: dict,
+    seeds: Sequence[int],
+    *,
+    outdir: Optional[str] = None,
+    npz_path: Optional[str] = None,
+    grid_path: Optional[str] = None,
+    subdirs: bool = False,
+    workers: int = 2,
+    grid_columns: Optional[int] = None,
+    grid_upscale: int = 1,
+    image_shape: Optional[tuple[int, int, int]] = None,
+    shard: tuple[int, int] = (0, 1),
+) -> Iterator[object]:
+    """The writer for exactly one of `outdir`, `npz_path`, `grid_path`, locked and record-checked.
+
+    `record` describes the settings that make the images (`generate.run_record`); `seeds` are
+    the seeds this process will write. Everything that can be checked is checked here, before any
+    sampling.
+    """
+    check_output(len(seeds), outdir=outdir, npz_path=npz_path, grid_path=grid_path, grid_columns=grid_columns,
+                 shard=shard)
+    if grid_path:
+        writer = GridWriter(grid_path, len(seeds), columns=grid_columns, upscale=grid_upscale)
+        with exclusive_output(grid_path):
+            yield writer
+        return
+    if outdir:
+        ensure_writable_dir(outdir)
+        with claim_folder(outdir, record, shard):
+            yield PngTreeWriter(outdir, subdirs=subdirs, workers=workers, image_shape=image_shape)
+        return
+    with exclusive_output(npz_path), claim_folder(parts_dir_for(npz_path), record):
+        yield NpzWriter(npz_path, seeds, image_shape=image_shape)

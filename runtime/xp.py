@@ -68,3 +68,17 @@ def all_finite_rows(x: Any) -> np.ndarray:
 
         return cupy.isfinite(x).reshape(x.shape[0], -1).all(axis=1).get()
     return np.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+
+
+def concatenate(parts: list) -> Any:
+    """Join arrays along the batch dimension in their own library."""
+    lib = library_of(parts[0])
+    if lib == "torch":
+        import torch
+
+        return torch.cat(parts)
+    if lib == "cupy":
+        import cupy
+
+        return cupy.concatenate(parts)
+    return np.concatenate(parts)

@@ -191,8 +191,8 @@ def test_kill_mid_run_then_rerun_gives_the_uninterrupted_result(oracle_files, tm
     assert sorted(got) == sorted(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
-    # The rerun clears the temporary files the killed run left; only the run record remains.
-    assert _other_files(out) == [".edm-deploy-sample.json"]
+    # The rerun clears the temporary files the killed run left; only the run record and the lock remain.
+    assert sorted(_other_files(out)) == [".edm-deploy-sample.json", ".edm-deploy.lock"]
 
 
 def test_temporary_names_never_look_like_outputs_and_reruns_clear_stale_ones(oracle_files, tmp_path, cli_env):

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Optional
 
 import click
 
+from edm_deploy.commands.common import max_threads
+from edm_deploy.loading import BENCH_VARIANTS, DEVICES
 from edm_deploy.runtime.errors import InputError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--backend", "backends", multiple=True, help="Backends to compare (repeatable): onnxruntime, torch, torch-compile, torch-fp16, tensorrt [default: all that fit the file].")
-@click.option("--batch", "batches", multiple=True, type=int, help="Batch sizes (repeatable) [default: 64].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True)
+@click.option("--backend", "backends", multiple=True, type=click.Choice(BENCH_VARIANTS), help="Backends to compare (repeatable) [default: all that fit the file].")
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(1, 65536), help="Batch sizes (repeatable) [default: 64].")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed repetitions per measurement (medians reported).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Also time full sampling at this many steps [default: the paper's: 18 at 32x32, 40 at 64x64].")
 @click.option("--no-sampling", is_flag=True, help="Only time single denoiser evaluations.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime CPU threads.")
+@click.option("--threads", type=click.IntRange(min=1, max=max_threads()), default=None, help="onnxruntime CPU threads.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
 def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int, steps: Optional[int],
           no_sampling: bool, threads: Optional[int], json_path: Optional[str]) -> None:
@@ -38,8 +41,14 @@ def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int
     if not backends:
         backends = {"pt": ("torch", "onnxruntime"), "onnx": ("onnxruntime",), "plan": ("tensorrt",)}[kind]
     batches = batches or (64,)
-    if min(batches) < 1:
-        raise InputError("--batch must be >= 1")
+    if json_path:
+        from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+        from edm_deploy.runtime.writers import ensure_writable_dir
+
+        refuse_overwriting_inputs({"MODEL": model}, {"--json": json_path})
+        if os.path.isdir(json_path):
+            raise InputError(f"--json {json_path} is a folder; give a file name")
+        ensure_writable_dir(os.path.dirname(os.path.abspath(json_path)))
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="edm-bench-") as workdir:

@@ -3,34 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import click
-
-from edm_deploy.runtime.errors import InputError
-
-
-def read_manifest(path: str) -> dict:
-    """The manifest of any model file, reading as little as possible (no torch for .onnx/.plan)."""
-    from edm_deploy.loading import model_kind
-    from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
-    from edm_deploy.runtime.manifest import read_sidecar
-
-    kind = model_kind(path)
-    if not os.path.exists(path):
-        raise InputError(f"file not found: {path}")
-    if kind == "plan":
-        return read_sidecar(path + ".json")
-    if kind == "onnx":
-        return read_onnx_manifest(path)
-    from edm_deploy.training.checkpoint import load_checkpoint, load_network, network_manifest
-
-    ckpt = load_checkpoint(path)
-    manifest = network_manifest(load_network(ckpt), ckpt["network"], source_path=path)
-    manifest["checkpoint"] = {k: v for k, v in ckpt.get("meta", {}).items() if isinstance(v, (str, int, float, bool))}
-    manifest["checkpoint"]["resume_point"] = ckpt.get("training_state") is not None
-    return manifest
 
 
 def summary_lines(manifest: dict[str, Any]) -> list[str]:
@@ -76,6 +51,7 @@ def info(path: str, as_json: bool) -> None:
       edm-deploy info model.plan --json
       edm-deploy info runs/digits/ckpt.pt
     """
+    from edm_deploy.loading import read_manifest
     from edm_deploy.runtime.manifest import dumps
 
     manifest = read_manifest(path)

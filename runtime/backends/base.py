@@ -1,34 +1,36 @@
-"""What every denoiser backend shares: the contract attributes, batch splitting, timing.
+"""What every denoiser backend shares: the contract attributes from the manifest, input
+normalisation, batch splitting and the lifecycle.
 
-A backend subclass only implements `_run(x, sigma, class_labels)` for one batch that fits its
-limit, in its own array library. This base class turns the manifest into the contract attributes
-(`sigma_min`, `sigma_max`, `round_sigma`, shape, `label_dim`, `max_batch`), normalises inputs
-(per-row sigma, zero labels for a conditional model called without labels, as the reference
-preconditioners do), splits batches above `max_batch`, and accumulates the wall time spent inside
-the network so the sampler overhead can be measured (`eval_seconds`, `calls`).
+A backend subclass implements `_run(x, sigma, class_labels)` for one batch that fits its limit,
+in its own array library, and `_release()` to free what it holds. This base class turns the
+manifest into the contract attributes (`sigma_min`, `sigma_max`, `round_sigma`, shape,
+`label_dim`, `max_batch`), normalises inputs (per-row sigma, zero labels for a conditional model
+called without labels, as the reference preconditioners do), splits batches above `max_batch`
+and counts calls. It never times or synchronises an evaluation: measuring is the job of
+`runtime.timing.TimedDenoiser`, so unmeasured runs keep the device pipeline full.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Optional
 
 import numpy as np
 
+from edm_deploy.runtime.contract import DenoiserBase
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.manifest import decode_limit, validate
 from edm_deploy.runtime.rounding import round_sigma_from_rule
-from edm_deploy.runtime.xp import library_of
+from edm_deploy.runtime.xp import concatenate
 
 
-class DenoiserBackend:
-    """Base class of the onnxruntime, TensorRT and torch backends."""
+class DenoiserBackend(DenoiserBase):
+    """Base class of the onnxruntime, TensorRT and torch backends (a Polygraphy-style runner)."""
 
     name = "base"
 
     def __init__(self, manifest: dict, max_batch: Optional[int] = None, source: str = "model"):
-        self.manifest = validate(manifest, source)
+        self.manifest: dict = validate(manifest, source)
         self.source = source
         self.img_resolution = int(manifest["img_resolution"])
         self.img_channels = int(manifest["img_channels"])
@@ -40,34 +42,41 @@ class DenoiserBackend:
             raise InputError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
         self.calls = 0
-        self.eval_seconds = 0.0
         self.device = "cpu"
+        self._notes: list[str] = []
+        self._closed = False
+
+    @property
+    def precision(self) -> str:
+        return str(self.manifest.get("precision", "fp32"))
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._notes)
 
     # -- hooks for subclasses ----------------------------------------------------------------
     def _run(self, x: Any, sigma: np.ndarray, class_labels: Optional[np.ndarray]) -> Any:
         raise NotImplementedError
 
-    def _concat(self, parts: list) -> Any:
-        lib = library_of(parts[0])
-        if lib == "torch":
-            import torch
+    def _release(self) -> None:
+        """Free the backend's sessions, contexts and buffers (called once, by `close`)."""
 
-            return torch.cat(parts)
-        if lib == "cupy":
-            import cupy
+    # -- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._release()
 
-            return cupy.concatenate(parts)
-        return np.concatenate(parts)
-
-    def to_device(self, host_array: np.ndarray) -> Any:
-        """Where the sampler state should live for this backend (host NumPy by default)."""
-        return host_array
-
-    def synchronize(self) -> None:
-        """Wait for queued device work (timing on GPUs); a no-op on the host."""
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
+        try:
+            self.close()
+        except Exception:
+            pass
 
     # -- the contract ------------------------------------------------------------------------
     def __call__(self, x: Any, sigma: Any, class_labels: Any = None) -> Any:
+        if self._closed:
+            raise InputError(f"{self.source}: this denoiser was closed; load the model again")
         batch = int(x.shape[0])
         sigma = np.asarray(sigma, dtype=np.float64).reshape(-1)
         if sigma.size == 1 and batch != 1:
@@ -81,20 +90,15 @@ class DenoiserBackend:
             if class_labels is None:
                 class_labels = np.zeros((batch, self.label_dim), dtype=np.float32)
             class_labels = np.asarray(class_labels, dtype=np.float32).reshape(batch, self.label_dim)
-        start = time.perf_counter()
+        self.calls += 1
         limit = self.max_batch or batch
         if batch <= limit:
-            out = self._run(x, sigma, class_labels)
-        else:
-            parts = []
-            for lo in range(0, batch, limit):
-                hi = min(lo + limit, batch)
-                parts.append(self._run(x[lo:hi], sigma[lo:hi], None if class_labels is None else class_labels[lo:hi]))
-            out = self._concat(parts)
-        self.synchronize()
-        self.eval_seconds += time.perf_counter() - start
-        self.calls += 1
-        return out
+            return self._run(x, sigma, class_labels)
+        parts = []
+        for lo in range(0, batch, limit):
+            hi = min(lo + limit, batch)
+            parts.append(self._run(x[lo:hi], sigma[lo:hi], None if class_labels is None else class_labels[lo:hi]))
+        return concatenate(parts)
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}"

@@ -9,25 +9,23 @@ from __future__ import annotations
 import subprocess
 from typing import Optional
 
+from edm_deploy.runtime.backends.device import device_array_library
+
 
 def detect_gpu(device_id: int = 0) -> Optional[tuple[str, str]]:
     """(name, 'major.minor') of a CUDA device, or None when no GPU is visible."""
-    try:
+    lib = device_array_library(device_id)
+    if lib == "cupy":
         import cupy
 
         props = cupy.cuda.runtime.getDeviceProperties(device_id)
         name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
         return name, f"{props['major']}.{props['minor']}"
-    except Exception:
-        pass
-    try:
+    if lib == "torch":
         import torch
 
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(device_id)
-            return torch.cuda.get_device_name(device_id), f"{major}.{minor}"
-    except Exception:
-        pass
+        major, minor = torch.cuda.get_device_capability(device_id)
+        return torch.cuda.get_device_name(device_id), f"{major}.{minor}"
     try:
         try:
             from cuda.bindings import runtime as cudart

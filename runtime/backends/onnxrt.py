@@ -3,7 +3,7 @@
 The provider actually running the graph is checked after the session is created, because
 onnxruntime silently falls back to the CPU when a GPU provider cannot start (missing CUDA/cuDNN
 libraries): asking for a device explicitly and not getting it is an error; `device='auto'` takes
-the best available provider and records any fallback in `fallback_note`.
+the best available provider and records any fallback in `warnings`.
 
 On a GPU the sampler state can stay on the device: with CuPy (preferred, torch-free) or torch
 present, `to_device` places the latents there and `_run` binds device buffers with IOBinding, so
@@ -20,8 +20,24 @@ from typing import Any, Optional
 import numpy as np
 
 from edm_deploy.runtime.backends.base import DenoiserBackend
-from edm_deploy.runtime.errors import BackendUnavailableError, EdmDeployError, InputError, first_line
-from edm_deploy.runtime.manifest import ONNX_METADATA_KEY, loads
+from edm_deploy.runtime.backends.device import device_array_library
+from edm_deploy.runtime.errors import (
+    BackendRuntimeError,
+    BackendUnavailableError,
+    EdmDeployError,
+    InputError,
+    first_line,
+)
+from edm_deploy.runtime.manifest import (
+    CLASS_LABELS,
+    DENOISED,
+    ONNX_METADATA_KEY,
+    SIGMA,
+    X,
+    input_names,
+    loads,
+)
+from edm_deploy.runtime.optional import require
 from edm_deploy.runtime.xp import library_of
 
 PROVIDER_FOR_DEVICE = {
@@ -32,13 +48,7 @@ PROVIDER_FOR_DEVICE = {
 
 
 def import_onnxruntime():
-    try:
-        import onnxruntime
-    except ModuleNotFoundError as exc:
-        raise BackendUnavailableError(
-            "running .onnx models needs onnxruntime: pip install onnxruntime (CPU) or onnxruntime-gpu"
-        ) from exc
-    return onnxruntime
+    return require("onnxruntime", "running .onnx models")
 
 
 def manifest_from_session(session, path: str) -> dict:
@@ -79,9 +89,9 @@ def provider_list(device: str, manifest: dict, max_batch: int, device_id: int = 
     c, r, label_dim = manifest["img_channels"], manifest["img_resolution"], manifest["label_dim"]
 
     def shapes(b: int) -> str:
-        parts = [f"x:{b}x{c}x{r}x{r}", f"sigma:{b}"]
+        parts = [f"{X}:{b}x{c}x{r}x{r}", f"{SIGMA}:{b}"]
         if label_dim:
-            parts.append(f"class_labels:{b}x{label_dim}")
+            parts.append(f"{CLASS_LABELS}:{b}x{label_dim}")
         return ",".join(parts)
 
     opt = int(manifest.get("batch", {}).get("opt") or max_batch)
@@ -147,28 +157,30 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
         super().__init__(manifest, max_batch=limit, source=path)
 
         active = self.session.get_providers()[0]
-        self.fallback_note = None
         if active != PROVIDER_FOR_DEVICE[resolved]:
             message = (f"onnxruntime fell back to {active} although {PROVIDER_FOR_DEVICE[resolved]} was requested "
                        "(usually missing CUDA/cuDNN/TensorRT libraries)")
             if device != "auto":
                 raise BackendUnavailableError(message)
-            self.fallback_note = message
+            self._notes.append(message)
         self.provider = active
         self.device = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda",
                        "TensorrtExecutionProvider": "tensorrt"}.get(active, active)
         self.device_id = device_id
         self._check_io()
-        self._device_lib = _device_library() if self.device != "cpu" else None
+        self._device_lib = device_array_library(device_id) if self.device != "cpu" else None
 
     def _check_io(self) -> None:
         names = {i.name for i in self.session.get_inputs()}
-        wanted = {"x", "sigma"} | ({"class_labels"} if self.label_dim else set())
+        wanted = set(input_names(self.label_dim))
         if names != wanted:
             raise InputError(f"{self.source}: inputs {sorted(names)} do not match the manifest (expected {sorted(wanted)})")
         outputs = [o.name for o in self.session.get_outputs()]
-        if outputs != ["denoised"]:
-            raise InputError(f"{self.source}: expected one output 'denoised', found {outputs}")
+        if outputs != [DENOISED]:
+            raise InputError(f"{self.source}: expected one output {DENOISED!r}, found {outputs}")
+
+    def _release(self) -> None:
+        self.session = None  # onnxruntime frees the session (and its device arena) with the object
 
     def describe(self) -> str:
         return f"onnxruntime {self.provider}"
@@ -188,16 +200,16 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
         lib = library_of(x)
         try:
             if lib == "numpy":
-                feed = {"x": np.ascontiguousarray(x, dtype=np.float32), "sigma": sigma.astype(np.float32)}
+                feed = {X: np.ascontiguousarray(x, dtype=np.float32), SIGMA: sigma.astype(np.float32)}
                 if class_labels is not None:
-                    feed["class_labels"] = np.ascontiguousarray(class_labels, dtype=np.float32)
-                return self.session.run(["denoised"], feed)[0]
+                    feed[CLASS_LABELS] = np.ascontiguousarray(class_labels, dtype=np.float32)
+                return self.session.run([DENOISED], feed)[0]
             return self._run_bound(x, sigma, class_labels, lib)
         except EdmDeployError:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types (e.g. out of memory)
             first = first_line(exc, 300)
-            raise BackendUnavailableError(f"onnxruntime failed to run {self.source} at batch {x.shape[0]}: {first}") from exc
+            raise BackendRuntimeError(f"onnxruntime failed to run {self.source} at batch {x.shape[0]}: {first}") from exc
 
     def _run_bound(self, x: Any, sigma: np.ndarray, class_labels: Optional[np.ndarray], lib: str) -> Any:
         """Device-resident input and output through IOBinding (CuPy or torch CUDA arrays)."""
@@ -217,11 +229,11 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
             x_ptr, out_ptr = x32.data_ptr(), out.data_ptr()
         shape = list(x32.shape)
         binding = self.session.io_binding()
-        binding.bind_input("x", "cuda", self.device_id, np.float32, shape, x_ptr)
-        binding.bind_cpu_input("sigma", sigma.astype(np.float32))
+        binding.bind_input(X, "cuda", self.device_id, np.float32, shape, x_ptr)
+        binding.bind_cpu_input(SIGMA, sigma.astype(np.float32))
         if class_labels is not None:
-            binding.bind_cpu_input("class_labels", np.ascontiguousarray(class_labels, dtype=np.float32))
-        binding.bind_output("denoised", "cuda", self.device_id, np.float32, shape, out_ptr)
+            binding.bind_cpu_input(CLASS_LABELS, np.ascontiguousarray(class_labels, dtype=np.float32))
+        binding.bind_output(DENOISED, "cuda", self.device_id, np.float32, shape, out_ptr)
         self.session.run_with_iobinding(binding)
         return out
 
@@ -271,25 +283,3 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def _device_library() -> Optional[str]:
-    """The array library that keeps sampler state on the GPU: CuPy first (torch-free), then torch.
-
-    A CuPy that imports but cannot reach a GPU (no driver, wrong CUDA build) is skipped.
-    """
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return "cupy"
-    except Exception:
-        pass
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return "torch"
-    except Exception:
-        pass
-    return None

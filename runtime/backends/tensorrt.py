@@ -21,9 +21,11 @@ from typing import Any, Optional
 import numpy as np
 
 from edm_deploy.runtime.backends.base import DenoiserBackend
-from edm_deploy.runtime.errors import BackendUnavailableError, InputError
+from edm_deploy.runtime.backends.device import device_array_library
+from edm_deploy.runtime.errors import BackendRuntimeError, BackendUnavailableError, InputError
 from edm_deploy.runtime.fileio import sha256_file
-from edm_deploy.runtime.manifest import read_sidecar
+from edm_deploy.runtime.manifest import CLASS_LABELS, DENOISED, SIGMA, X, input_names, read_sidecar
+from edm_deploy.runtime.optional import require
 from edm_deploy.runtime.xp import library_of
 
 
@@ -77,26 +79,20 @@ class _DeviceLib:
 
     def __init__(self, device_id: int = 0):
         self.device_id = device_id
-        try:
+        self.name = device_array_library(device_id)
+        if self.name == "cupy":
             import cupy
 
-            cupy.cuda.Device(device_id).use()  # raises when CuPy cannot reach this GPU
-            self.name, self.cp = "cupy", cupy
+            cupy.cuda.Device(device_id).use()
+            self.cp = cupy
             self.stream = cupy.cuda.Stream(non_blocking=True)
-            return
-        except Exception:  # not installed, or installed without a usable driver/CUDA build
-            pass
-        try:
+        elif self.name == "torch":
             import torch
 
-            if not torch.cuda.is_available():
-                raise ImportError
-            self.name, self.torch = "torch", torch
+            self.torch = torch
             self.stream = torch.cuda.Stream(device=device_id)
-            return
-        except ImportError:
-            pass
-        raise BackendUnavailableError("running TensorRT engines needs CuPy (pip install cupy-cuda12x) or torch with CUDA")
+        else:
+            raise BackendUnavailableError("running TensorRT engines needs CuPy (pip install cupy-cuda12x) or torch with CUDA")
 
     def gpu(self) -> tuple[str, str]:
         from edm_deploy.runtime.backends.gpu_info import detect_gpu
@@ -160,21 +156,17 @@ class TensorRTDenoiser(DenoiserBackend):
 
     def __init__(self, path: str, cuda_graph: bool = False, max_batch: Optional[int] = None, device_id: int = 0):
         manifest = read_sidecar(sidecar_path(path))
-        try:
-            import tensorrt as trt
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                "running .plan engines needs TensorRT (pip install tensorrt); without it, sample the .onnx with onnxruntime"
-            ) from exc
+        trt = require("tensorrt", "running .plan engines (without it, sample the .onnx with onnxruntime)")
         self.lib = _DeviceLib(device_id)
         gpu_name, cc = self.lib.gpu()
-        self.warnings = check_engine_compat(manifest, trt.__version__, gpu_name, cc, path)
+        notes = check_engine_compat(manifest, trt.__version__, gpu_name, cc, path)
         expected = manifest["tensorrt"].get("plan_sha256")
         if expected and sha256_file(path) != expected:
             raise InputError(f"{path} does not match the sha256 in its manifest (corrupted or replaced); rebuild it")
         profile = manifest["tensorrt"]["profile"]
         limit = int(profile["max"]) if max_batch is None else min(int(max_batch), int(profile["max"]))
         super().__init__(manifest, max_batch=limit, source=path)
+        self._notes.extend(notes)
         self.device = f"cuda:{device_id} ({gpu_name})"
 
         self.trt = trt
@@ -184,17 +176,17 @@ class TensorRTDenoiser(DenoiserBackend):
             self.engine = self.runtime.deserialize_cuda_engine(f.read())
         if self.engine is None:
             raise InputError(f"TensorRT could not deserialize {path}; {rebuild_hint(manifest, path)}")
-        self.input_names = ["x", "sigma"] + (["class_labels"] if self.label_dim else [])
+        self.input_names = input_names(self.label_dim)
         self._check_engine_io()
 
         c, r = self.img_channels, self.img_resolution
         self.buffers = {
-            "x": self.lib.empty((limit, c, r, r)),
-            "sigma": self.lib.empty((limit,)),
-            "denoised": self.lib.empty((limit, c, r, r)),
+            X: self.lib.empty((limit, c, r, r)),
+            SIGMA: self.lib.empty((limit,)),
+            DENOISED: self.lib.empty((limit, c, r, r)),
         }
         if self.label_dim:
-            self.buffers["class_labels"] = self.lib.empty((limit, self.label_dim))
+            self.buffers[CLASS_LABELS] = self.lib.empty((limit, self.label_dim))
         self.cuda_graph = cuda_graph
         # Without graphs one execution context serves every batch size (shapes are set when the
         # batch changes). A CUDA graph freezes its context's shapes, so with graphs each batch
@@ -210,7 +202,7 @@ class TensorRTDenoiser(DenoiserBackend):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if sorted(inputs) != sorted(self.input_names) or outputs != ["denoised"]:
+        if sorted(inputs) != sorted(self.input_names) or outputs != [DENOISED]:
             raise InputError(f"{self.source}: engine tensors {names} do not match the manifest")
         for n in names:
             if self.engine.get_tensor_dtype(n) != trt.DataType.FLOAT:
@@ -222,6 +214,15 @@ class TensorRTDenoiser(DenoiserBackend):
     def to_device(self, host_array: np.ndarray) -> Any:
         return self.lib.to_device(host_array)
 
+    def _release(self) -> None:
+        """Graphs, then contexts, then the engine and its runtime, then the device buffers."""
+        self._graphs.clear()
+        self._contexts.clear()
+        self._shared = None
+        self.engine = self.runtime = None
+        self.buffers = {}
+        self.lib.sync()
+
     def _new_context(self):
         context = self.engine.create_execution_context()
         for name, buf in self.buffers.items():
@@ -232,16 +233,16 @@ class TensorRTDenoiser(DenoiserBackend):
 
     def _set_shapes(self, context, batch: int) -> None:
         c, r = self.img_channels, self.img_resolution
-        shapes = {"x": (batch, c, r, r), "sigma": (batch,)}
+        shapes = {X: (batch, c, r, r), SIGMA: (batch,)}
         if self.label_dim:
-            shapes["class_labels"] = (batch, self.label_dim)
+            shapes[CLASS_LABELS] = (batch, self.label_dim)
         for name, shape in shapes.items():
             if not context.set_input_shape(name, shape):
                 raise InputError(f"batch {batch} is outside the engine's optimization profile")
 
     def _execute(self, context) -> None:
         if not context.execute_async_v3(self.lib.stream_handle()):
-            raise InputError("TensorRT execution failed (see the TensorRT log above)")
+            raise BackendRuntimeError("TensorRT execution failed (see the TensorRT log above)")
 
     def _launch(self, batch: int) -> None:
         if not self.cuda_graph:
@@ -279,12 +280,12 @@ class TensorRTDenoiser(DenoiserBackend):
 
     def _run(self, x: Any, sigma: np.ndarray, class_labels: Optional[np.ndarray]) -> Any:
         batch = int(x.shape[0])
-        self.lib.copy_in(self.buffers["x"][:batch], x)
-        self.lib.copy_in(self.buffers["sigma"][:batch], sigma.astype(np.float32))
+        self.lib.copy_in(self.buffers[X][:batch], x)
+        self.lib.copy_in(self.buffers[SIGMA][:batch], sigma.astype(np.float32))
         if class_labels is not None:
-            self.lib.copy_in(self.buffers["class_labels"][:batch], class_labels.astype(np.float32))
+            self.lib.copy_in(self.buffers[CLASS_LABELS][:batch], class_labels.astype(np.float32))
         self._launch(batch)
-        out = self.lib.copy_out(self.buffers["denoised"][:batch])
+        out = self.lib.copy_out(self.buffers[DENOISED][:batch])
         self.lib.sync()
         if library_of(x) == "numpy":
             return out.get() if self.lib.name == "cupy" else out.cpu().numpy()

@@ -2,10 +2,12 @@
 
 This module never imports the training package: it receives a ready `nn.Module` (the EDM
 preconditioner, built by `edm_deploy.load` from a checkpoint) and its manifest. Options:
-`fp16` (the preconditioner's fp16 compute path; on CUDA), `channels_last`, and `compile`
-(`torch.compile`, with `compile_mode` e.g. 'max-autotune-no-cudagraphs' or 'reduce-overhead' for
-CUDA graphs). On CUDA the sampler state lives on the device as a torch float64 tensor, so an
-evaluation costs no host round trip.
+`fp16` (the preconditioner's fp16 compute path; on CUDA), `bf16` (autocast to bfloat16: oneDNN's
+AVX-512 BF16/AMX kernels on a CPU that has them, bf16 tensor cores on CUDA; the
+preconditioning arithmetic around the network stays fp32 as autocast keeps elementwise ops),
+`channels_last`, and `compile` (`torch.compile`, with `compile_mode` e.g.
+'max-autotune-no-cudagraphs' or 'reduce-overhead' for CUDA graphs). On CUDA the sampler state
+lives on the device as a torch float64 tensor, so an evaluation costs no host round trip.
 """
 
 from __future__ import annotations
@@ -17,15 +19,12 @@ import numpy as np
 from edm_deploy.runtime.backends.base import DenoiserBackend
 from edm_deploy.runtime.errors import BackendUnavailableError, InputError
 from edm_deploy.runtime.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, PRECOND_KINDS, encode_limit
+from edm_deploy.runtime.optional import require
 from edm_deploy.runtime.xp import library_of
 
 
 def import_torch():
-    try:
-        import torch
-    except ModuleNotFoundError as exc:
-        raise BackendUnavailableError("the torch backend needs torch: pip install 'edm-deploy[train]'") from exc
-    return torch
+    return require("torch", "the torch backend")
 
 
 def describe_denoiser(net: Any, precision: str = "fp32") -> dict[str, Any]:
@@ -66,6 +65,7 @@ class TorchDenoiser(DenoiserBackend):
         manifest: dict,
         device: str = "auto",
         fp16: bool = False,
+        bf16: bool = False,
         compile: bool = False,
         compile_mode: Optional[str] = None,
         channels_last: bool = False,
@@ -76,13 +76,17 @@ class TorchDenoiser(DenoiserBackend):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailableError("--device cuda was requested but torch sees no CUDA GPU")
+            raise BackendUnavailableError(f"device={device!r} was requested but torch sees no CUDA GPU")
         if device not in ("cpu",) and not device.startswith("cuda"):
             raise InputError(f"unknown device {device!r} for the torch backend; choose cpu, cuda or auto")
+        if fp16 and bf16:
+            raise InputError("fp16 and bf16 exclude each other; choose one")
+        manifest = dict(manifest, precision="fp16" if fp16 else "bf16" if bf16 else manifest.get("precision", "fp32"))
         super().__init__(manifest, max_batch=max_batch, source=source)
         self.torch = torch
         self.device = device
         self.fp16 = bool(fp16)
+        self.bf16 = bool(bf16)
         net = net.eval().requires_grad_(False).to(device)
         if hasattr(net, "use_fp16"):
             net.use_fp16 = self.fp16
@@ -90,7 +94,7 @@ class TorchDenoiser(DenoiserBackend):
             # On the CPU the preconditioners only run fp16 when explicitly forced (see training.precond).
             force = getattr(net, "set_export_fp16", None)
             if force is None:
-                raise InputError("fp16 on the CPU is not supported by this network; drop --fp16 or use CUDA")
+                raise InputError("fp16 on the CPU is not supported by this network; drop fp16 or use CUDA")
             force(True)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -106,11 +110,11 @@ class TorchDenoiser(DenoiserBackend):
         For in-process use (evaluation during training, tests); exported artifacts carry a full
         manifest instead. A discrete sigma table (iDDPM's buffer `u`) becomes the rounding rule.
         """
-        manifest = describe_denoiser(net)
-        return cls(net, manifest, device=device, source=type(net).__name__, **options)
+        return cls(net, describe_denoiser(net), device=device, source=type(net).__name__, **options)
 
     def describe(self) -> str:
-        extras = [p for p, on in (("fp16", self.fp16), ("compile", self.compiled), ("channels_last", self.channels_last)) if on]
+        extras = [p for p, on in (("fp16", self.fp16), ("bf16", self.bf16), ("compile", self.compiled),
+                                  ("channels_last", self.channels_last)) if on]
         return f"torch on {self.device}" + (f" ({', '.join(extras)})" if extras else "")
 
     def to_device(self, host_array: np.ndarray) -> Any:
@@ -122,6 +126,11 @@ class TorchDenoiser(DenoiserBackend):
         if self.device.startswith("cuda"):
             self.torch.cuda.synchronize(self.device)
 
+    def _release(self) -> None:
+        self.net = self.fn = None
+        if self.device.startswith("cuda"):
+            self.torch.cuda.empty_cache()
+
     def _run(self, x: Any, sigma: np.ndarray, class_labels: Optional[np.ndarray]) -> Any:
         torch = self.torch
         on_device = library_of(x) == "torch"
@@ -132,7 +141,12 @@ class TorchDenoiser(DenoiserBackend):
                 xt = xt.contiguous(memory_format=torch.channels_last)
             st = torch.from_numpy(sigma.astype(np.float32)).to(self.device)
             lt = None if class_labels is None else torch.from_numpy(np.ascontiguousarray(class_labels)).to(self.device)
-            out = self.fn(xt, st, lt)
+            if self.bf16:
+                with torch.autocast(device_type=xt.device.type, dtype=torch.bfloat16):
+                    out = self.fn(xt, st, lt)
+                out = out.float()
+            else:
+                out = self.fn(xt, st, lt)
         if on_device:
             return out.contiguous()
         return out.float().cpu().numpy()
