@@ -11,6 +11,17 @@ The engine and its sidecar manifest (`model.plan.json`: the ONNX manifest plus T
 GPU, compute capability, profile, precision and the plan's sha256) are written atomically.
 Everything except the actual build is exercised by tests with a stand-in `tensorrt` module; the
 real build needs a GPU and TensorRT and was not run in this project's CI.
+
+int8 (`export/quantize.py` output, manifest precision "int8"): explicit quantisation. The QDQ
+graph's QuantizeLinear/DequantizeLinear nodes become TensorRT Quantize/Dequantize layers and fix
+where int8 is used; in a strongly typed network no precision flag is set (TensorRT's
+documentation: with explicit quantisation and strong typing, precision-control build flags are
+not required and should not be specified; the INT8 flag is also gone in TensorRT 11). Before
+building, the ONNX is checked for what TensorRT's explicit quantisation accepts: signed int8 with
+zero points 0 (symmetric) and no int32 bias DequantizeLinear; after parsing, the network must
+contain Quantize/Dequantize layers. TF32 is switched off as for fp32 so the float-kept parts
+(preconditioning, embedding, softmax, normalisation) compute in fp32. This int8 path has NOT
+been run on a GPU with a real TensorRT: only the call sequence is tested, with the stand-in.
 """
 
 from __future__ import annotations
@@ -90,6 +101,8 @@ def build_engine(
         raise InputError(f"output folder does not exist: {out_dir}")
     if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         raise BackendUnavailableError(f"TensorRT {trt.__version__} has no strongly typed networks; install TensorRT 10 or newer")
+    precision = manifest.get("precision", "fp32")
+    quantization = check_int8_onnx(onnx_path) if precision == "int8" else None
 
     start = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -99,11 +112,17 @@ def build_engine(
     if not parser.parse_from_file(os.path.abspath(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise InputError(f"TensorRT could not parse {onnx_path}: " + " | ".join(errors[:3]))
+    if quantization is not None:
+        quantization["qdq_layers"] = count_qdq_layers(trt, network)
+        if quantization["qdq_layers"] == 0:
+            raise InputError(f"TensorRT parsed {onnx_path} without any Quantize/Dequantize layer; an int8 engine "
+                             "needs the explicitly quantised (QDQ) graph from `quantize_int8`")
 
     config = builder.create_builder_config()
     config.builder_optimization_level = int(optimization_level)
-    if manifest.get("precision", "fp32") == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 is on by default; an fp32 export must stay fp32
+    if precision in ("fp32", "int8") and hasattr(trt.BuilderFlag, "TF32"):
+        # TF32 is on by default; an fp32 export must stay fp32, and so must an int8 graph's float parts
+        config.clear_flag(trt.BuilderFlag.TF32)
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if hardware_compatible:
@@ -142,8 +161,38 @@ def build_engine(
         "build_seconds": round(time.perf_counter() - start, 1),
         "plan_sha256": sha256_file(plan_path),
     }
+    if quantization is not None:
+        engine_manifest["tensorrt"]["explicit_quantization"] = {
+            "qdq_layers": quantization["qdq_layers"], "int8_nodes": len(quantization["int8_nodes"]),
+        }
     write_sidecar(plan_path + ".json", engine_manifest)
     return engine_manifest
 
 
-__all__ = ["build_engine", "import_tensorrt", "profile_shapes", "tensorrt_status"]
+def check_int8_onnx(onnx_path: str) -> dict:
+    """What TensorRT's explicit quantisation needs from a QDQ graph; InputError naming what is wrong."""
+    import onnx
+
+    from edm_deploy.export.quantize import quantization_summary
+
+    summary = quantization_summary(onnx.load(onnx_path))
+    if not summary["int8_nodes"]:
+        raise InputError(f"{onnx_path} says int8 but has no quantised Conv/MatMul/Gemm; quantise it with `quantize_int8`")
+    if summary["zero_point_types"] != ["INT8"] or summary["nonzero_zero_points"]:
+        raise InputError(f"{onnx_path}: TensorRT needs signed int8 with zero point 0 (symmetric quantisation), found "
+                         f"{', '.join(summary['zero_point_types'])} with {len(summary['nonzero_zero_points'])} non-zero "
+                         "zero points")
+    if summary["int32_dequantize"]:
+        raise InputError(f"{onnx_path}: TensorRT cannot parse int32 (bias) DequantizeLinear nodes; quantise with float "
+                         "biases (`quantize_int8` does)")
+    return summary
+
+
+def count_qdq_layers(trt, network) -> int:
+    """Quantize + Dequantize layers in a parsed network (0 means the QDQ graph was not seen)."""
+    kinds = {trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE}
+    return sum(1 for i in range(network.num_layers) if network.get_layer(i).type in kinds)
+
+
+__all__ = ["build_engine", "check_int8_onnx", "count_qdq_layers", "import_tensorrt", "profile_shapes",
+           "tensorrt_status"]
