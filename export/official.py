@@ -9,6 +9,10 @@ unpickler instead:
   ``_ALLOWED_GLOBALS``) and maps each to a local replacement that builds plain data. Every other
   global (``posix.system``, ``builtins.eval``, ``subprocess.Popen`` ...) is refused with an
   :class:`~edm_deploy.runtime.errors.InputError` that names it, before anything is called.
+* Nothing a stream did not create itself can be changed by it: BUILD (state setting) reaches only
+  fresh instances of the importer's own record classes, SETITEM(S)/APPEND(S)/ADDITEMS only fresh
+  dicts, lists and sets; a stream that aims them at an allowlisted helper (``_codecs.encode``
+  with new ``__defaults__``, say) is refused before the opcode applies (``_GuardedUnpickler``).
 * A persistent object becomes a :class:`PersistentRecord` (class name, ``__dict__`` state, init
   kwargs, sha256 of its embedded module source). The source text is hashed, never executed.
 * Tensors are rebuilt from raw bytes: the nested legacy ``torch.save`` blob behind
@@ -28,6 +32,7 @@ import hashlib
 import io
 import os
 import pickle
+import types
 import urllib.parse
 from typing import Any, BinaryIO, Optional
 
@@ -272,7 +277,57 @@ def _refuse(module: str, name: str) -> InputError:
     )
 
 
-class _NoGlobalsUnpickler(pickle.Unpickler):
+def _describe(obj: Any) -> str:
+    if isinstance(obj, (type, types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
+        return "a global it looked up (one of the allowlisted functions and classes)"
+    return f"a {type(obj).__name__.lstrip('_')}"
+
+
+def _state_setter(opcode: bytes, depth: int, allowed: str):
+    """A guarded version of one of pickle's state-setting opcodes (BUILD, SETITEM(S), APPEND(S), ADDITEMS).
+
+    The object it would change - `depth` below the top of the stack, or (depth 0) the object
+    below the last MARK - must be of a type in the unpickler's `allowed` attribute, *exactly*;
+    anything else is refused before the opcode applies.
+    """
+    apply = pickle._Unpickler.dispatch[opcode[0]]
+
+    def guarded(self: _GuardedUnpickler) -> None:
+        below = (self.metastack[-1] if self.metastack else []) if depth == 0 else self.stack
+        index = -1 if depth == 0 else -depth
+        if len(below) >= -index and type(below[index]) not in getattr(self, allowed):
+            raise InputError(
+                f"malformed pickle: it tries to set the state of {_describe(below[index])}, which is not a "
+                f"record this importer created (refused before anything was changed)"
+            )
+        apply(self)
+
+    return guarded
+
+
+class _GuardedUnpickler(pickle._Unpickler):
+    """pickle's own (pure-Python) unpickler, with every opcode that changes an existing object guarded.
+
+    BUILD (``__setstate__``, ``__dict__`` or slot updates) may reach only a fresh instance of one
+    of the importer's record classes (`buildable`), and SETITEM(S)/APPEND(S)/ADDITEMS only a
+    fresh dict, list or set (`fillable`): the exact types, so neither the helper functions and
+    classes that `find_class` hands out nor any object outside the stream can be changed. (The C
+    unpickler cannot be hooked per opcode; without this a stream could BUILD
+    ``{'__defaults__': ...}`` onto an allowlisted helper and change it for the rest of the process.)
+    """
+
+    buildable: tuple = ()
+    fillable: tuple = (dict, list, set)
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = _state_setter(pickle.BUILD, 2, "buildable")
+    dispatch[pickle.SETITEM[0]] = _state_setter(pickle.SETITEM, 3, "fillable")
+    dispatch[pickle.APPEND[0]] = _state_setter(pickle.APPEND, 2, "fillable")
+    dispatch[pickle.SETITEMS[0]] = _state_setter(pickle.SETITEMS, 0, "fillable")
+    dispatch[pickle.APPENDS[0]] = _state_setter(pickle.APPENDS, 0, "fillable")
+    dispatch[pickle.ADDITEMS[0]] = _state_setter(pickle.ADDITEMS, 0, "fillable")
+
+
+class _NoGlobalsUnpickler(_GuardedUnpickler):
     """Plain values only (ints, strings, lists, dicts): the headers of the legacy storage blob."""
 
     def find_class(self, module: str, name: str) -> Any:
@@ -341,8 +396,11 @@ def _load_legacy_storage(blob: Any) -> _Storage:
     return _Storage(torch.frombuffer(bytearray(view[pos:pos + nbytes]), dtype=stype.dtype))
 
 
-class _OfficialUnpickler(pickle.Unpickler):
+class _OfficialUnpickler(_GuardedUnpickler):
     """The outer reader: allowlisted globals only, each mapped to a data-building replacement."""
+
+    buildable = (_ModuleDictRecord, _EasyDict, _DTypeSpec)
+    fillable = (dict, list, set, _EasyDict)
 
     def __init__(self, file: BinaryIO) -> None:
         super().__init__(file)

@@ -128,6 +128,60 @@ def test_tensor_view_outside_its_storage_is_refused():
         official.safe_unpickle(io.BytesIO(pickle.dumps(evil, protocol=4)))
 
 
+def _helper_state():
+    """What a stream could change in the importer's helpers: every allowlisted function's and class's attributes."""
+    state = {}
+    for name, target in official._ALLOWED_GLOBALS.items():
+        if callable(target):
+            state[name] = (getattr(target, "__defaults__", None), getattr(target, "__kwdefaults__", None),
+                           dict(getattr(target, "__dict__", {})))
+    return state
+
+
+def _global(module: str, name: str) -> bytes:
+    return f"c{module}\n{name}\n".encode()
+
+
+# A stream that looks up an allowlisted global and then changes it: BUILD with a __dict__ state,
+# BUILD with a slot state (setattr), SETITEM/APPEND/ADDITEMS onto it.
+_STATE_ATTACKS = {
+    "build-slotstate": lambda g: b"\x80\x04" + g + pickle.dumps((None, {"__defaults__": ("utf-7",)}), 4)[2:-1] + b"b.",
+    "build-dictstate": lambda g: b"\x80\x04" + g + pickle.dumps({"__defaults__": ("utf-7",)}, 4)[2:-1] + b"b.",
+    "setitem": lambda g: b"\x80\x04" + g + b"\x8c\x01k\x8c\x01vs.",
+    "setitems": lambda g: b"\x80\x04" + g + b"(\x8c\x01k\x8c\x01vu.",
+    "append": lambda g: b"\x80\x04" + g + b"\x8c\x01va.",
+    "additems": lambda g: b"\x80\x04" + g + b"(\x8c\x01v\x90.",
+}
+
+
+@pytest.mark.parametrize("attack", sorted(_STATE_ATTACKS))
+@pytest.mark.parametrize("target", ["_codecs encode", "collections OrderedDict", "dnnlib.util EasyDict",
+                                    "torch._utils _rebuild_tensor_v2", "builtins set"])
+def test_stream_cannot_change_the_importers_helpers(tmp_path, attack, target):
+    import io
+
+    before = _helper_state()
+    data = _STATE_ATTACKS[attack](_global(*target.split()))
+    with pytest.raises(InputError, match="tries to set the state of a global it looked up"):
+        official.safe_unpickle(io.BytesIO(data))
+    assert _helper_state() == before
+    encode = official._ALLOWED_GLOBALS[("_codecs", "encode")]
+    assert encode.__defaults__ == ("latin1",) and encode("\xe9") == b"\xe9"
+    # A protocol-2 file (bytes spelled through _codecs.encode) still converts exactly afterwards.
+    net, path = _handmade_pickle(tmp_path, protocol=2)
+    _assert_same_tensors(net.state_dict(), official.read_official(path).state_dict)
+
+
+def test_records_may_still_take_their_state():
+    import io
+
+    # ModuleDict and EasyDict arrive as NEWOBJ + BUILD and dicts fill by SETITEMS: the importer's own
+    # fresh objects, which the guard lets through.
+    data = pickle.dumps([collections.OrderedDict(a=1), {"b": [1, 2]}, {3}], protocol=4)
+    loaded, _ = official.safe_unpickle(io.BytesIO(data))
+    assert loaded == [{"a": 1}, {"b": [1, 2]}, {3}]
+
+
 # ---------------------------------------------------------------------------------------------
 # Hand-made reference-layout trees
 
