@@ -101,14 +101,13 @@ def generate(
 
 
 def run_record(model_sha256: str, class_idx: Optional[int], sampler_kwargs: dict, *,
-               batch_size: Optional[int] = None, shards: int = 1, fixed_batch: Optional[int] = None,
-               **extra: Any) -> dict:
+               batch_size: Optional[int] = None, fixed_batch: Optional[int] = None, **extra: Any) -> dict:
     """What made the images of a run: a rerun may add to an output only with an equal record.
 
-    The model's hash, the class, every sampler setting, and what decides the bits of an image:
-    with a fixed evaluation batch (`fixed_batch`) only that; otherwise the batch size and the
-    number of shards, which fix how seeds are grouped into batches. `extra` holds anything else
-    that changes the images (a guide and its weight).
+    The model's hash, the class, every sampler setting, and what decides the last bits of an
+    image: with a fixed evaluation batch (`fixed_batch`) only that; otherwise the batch size,
+    which fixes how seeds are grouped into batches (`seeds.shard_batches`). `extra` holds
+    anything else that changes the images (a guide and its weight).
     """
     record: dict[str, Any] = {
         "model_sha256": model_sha256,
@@ -119,7 +118,6 @@ def run_record(model_sha256: str, class_idx: Optional[int], sampler_kwargs: dict
         record["fixed_batch"] = int(fixed_batch)
     else:
         record["batch"] = batch_size
-        record["shards"] = int(shards)
     record.update({k: v for k, v in sorted(extra.items()) if v is not None})
     return record
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from typing import Optional, Sequence
@@ -77,25 +76,14 @@ def parse_shard(text: Optional[str]) -> tuple[int, int]:
 
 
 def shard_batches(seeds: Sequence[int], batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
-    """Batches for `rank`: near-equal batches, dealt round-robin to ranks (the reference's split).
+    """Batches for `rank`: consecutive chunks of `batch_size` seeds, dealt round-robin to ranks.
 
-    The number of batches is a multiple of the world size, so every rank gets the same count
-    and the ranks' seed sets are disjoint and cover the list. Only this rank's batches are
-    computed, so a huge world size costs nothing.
+    A batch's composition depends only on the seed list and the batch size, never on the number
+    of seeds or of ranks, so a longer run, a resumed run and a sharded run put every seed in
+    the same batch as any other run with the same `batch_size` (which matters for bit-exact
+    results: compiled kernels may depend on the batch). Only this rank's batches are built, so
+    a huge world size costs nothing; ranks' seed sets are disjoint and cover the list.
     """
-    if batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}", param="batch_size")
-    n = len(seeds)
-    num_batches = max(1, math.ceil(n / (batch_size * world))) * world
-    # Larger chunks first, like torch.tensor_split.
-    base, extra = divmod(n, num_batches)
-
-    def start(k: int) -> int:
-        return k * base + min(k, extra)
-
-    batches = []
-    for k in range(rank, min(num_batches, n + world), world):
-        lo, hi = start(k), start(k + 1)
-        if lo < hi:
-            batches.append(list(seeds[lo:hi]))
-    return batches
+    return [list(seeds[lo:lo + batch_size]) for lo in range(rank * batch_size, len(seeds), world * batch_size)]

@@ -43,11 +43,11 @@ def sample(model: str, **params: Any) -> None:
     into the same output is refused, as is a folder holding images this tool did not write, and
     a second process writing the same output at the same time.
 
-    The same seed gives the same image at the same --batch, bit for bit, also after a resume
-    (a partly written batch is sampled again whole). Across batch sizes a compiled network may
-    pick other kernels, so a few pixels of a few images can differ by one level; --fixed-batch N
-    makes every network call N rows and the images identical at any --batch (and shard count),
-    at the cost of the padding when --batch is not a multiple of N.
+    The same seed gives the same image at the same --batch and seed list, bit for bit, also
+    after a resume (a partly written batch is sampled again whole), sharded or not. Across batch
+    sizes a compiled network may pick other kernels, so a few pixels of a few images can differ
+    by one level; --fixed-batch N makes every network call N rows and the images identical at
+    any --batch, at the cost of the padding when --batch is not a multiple of N.
 
     \b
     Examples:
@@ -96,13 +96,14 @@ def sample(model: str, **params: Any) -> None:
         if params["profile"]:
             runner = TimedDenoiser(runner)
         record = run_record(sha256_file(model), params["class_idx"], kwargs, batch_size=params["batch_size"],
-                            shards=world, fixed_batch=params["fixed_batch"])
+                            fixed_batch=params["fixed_batch"])
         image_shape = (den.img_resolution, den.img_resolution, den.img_channels)
         with open_output(record, my_seeds, outdir=params["outdir"], npz_path=npz_path, grid_path=params["grid_path"],
                          subdirs=params["subdirs"], workers=params["workers"], grid_columns=params["grid_cols"],
                          image_shape=image_shape, shard=(rank, world)) as writer:
-            todo = [b for b in batches if any(not writer.is_done(s) for s in b)]
-            total = sum(len(b) for b in todo)
+            missing = [[s for s in b if not writer.is_done(s)] for b in batches]
+            todo = [b for b, m in zip(batches, missing) if m]  # a partly done batch is sampled again whole
+            total = sum(len(m) for m in missing)
             click.echo(f"sampling {total} images with {runner.describe()}"
                        + (f" (shard {rank}/{world})" if world > 1 else "")
                        + (f", {len(my_seeds) - total} already done" if len(my_seeds) > total else ""), err=True)
