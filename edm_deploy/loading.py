@@ -136,6 +136,15 @@ def _where_option_applies(option: str) -> str:
     return f"{OPTION_PURPOSE[option]}; it applies to {' and '.join(kinds)} models"
 
 
+def _check_model_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise InputError(f"model not found: {path}")
+    if not os.path.isfile(path):
+        raise InputError(f"{path} is not a file")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path} is empty (0 bytes): not a model; was an export or a copy interrupted?")
+
+
 def load(
     path: str,
     backend: str = "auto",
@@ -158,8 +167,7 @@ def load(
     if device not in DEVICES:
         raise InputError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     kind = MODEL_KINDS[model_kind(path)]
-    if not os.path.isfile(path):
-        raise InputError(f"model not found: {path}" if not os.path.exists(path) else f"{path} is not a file")
+    _check_model_file(path)
     unknown = [o for o in options if o not in OPTION_PURPOSE]
     if unknown:
         raise InputError(f"unknown load option(s): {', '.join(unknown)}")
@@ -181,8 +189,7 @@ def load(
 def read_manifest(path: str) -> dict:
     """The manifest of any model file, reading as little as possible (no torch for .onnx/.plan)."""
     kind = MODEL_KINDS[model_kind(path)]
-    if not os.path.isfile(path):
-        raise InputError(f"file not found: {path}")
+    _check_model_file(path)
     return kind.read_manifest(path)
 
 

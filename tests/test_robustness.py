@@ -304,10 +304,11 @@ def test_messages_name_the_real_problem(models, tmp_path, cli_env):
     png = tmp_path / "g.png"
     assert run_cli(["sample", models["uncond"], "-n", "4", "--steps", "3", "--grid", str(png)], env=cli_env).returncode == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    empty = tmp_path / "empty.onnx"
-    empty.write_bytes(b"")
-    line = _one_error_line(run_cli(["sample", str(empty), "-n", "2", "--outdir", str(tmp_path / "e")], env=cli_env))
-    assert "empty" in line
+    zero = tmp_path / "zero.onnx"
+    zero.write_bytes(b"")
+    for args in (["sample", str(zero), "-n", "2", "--outdir", str(tmp_path / "e")], ["info", str(zero)]):
+        line = _one_error_line(run_cli(args, env=cli_env))
+        assert "is empty (0 bytes)" in line and "manifest" not in line
 
 
 def test_library_errors_name_parameters_and_the_cli_names_flags(models, tmp_path, cli_env):
