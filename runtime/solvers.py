@@ -1,0 +1,749 @@
+"""Training-free ODE solvers for the EDM probability-flow ODE, one flat function per method.
+
+The family follows k-diffusion's layout (`k_diffusion/sampling.py`): one function per solver,
+one contract, the time steps passed in as data:
+
+    fn(den, x, sigmas, class_labels=None, *, callback=None, **options) -> x
+
+* ``x`` is the float64 initial state already at noise level ``sigmas[0]`` (latents * sigmas[0]),
+  a NumPy, CuPy or torch array. A solver only combines states with each other and with Python
+  floats, so the state stays on its device; every coefficient is computed on the host.
+* ``sigmas`` is a host float64 array of the time points to visit, already rounded with
+  ``den.round_sigma``. A final 0 means "finish at sigma = 0": Euler and Heun take their Euler
+  step into 0 (EDM Algorithms 1 and 2); every other solver ends with x = D(x; sigmas[-2]),
+  which is diff-sampler's ``denoise_to_zero`` and also exactly k-diffusion's DPM-Solver++ step
+  into 0. Without it, the multistep solvers stop at sigma_min as diff-sampler's do.
+* ``den(x, sigma_rows, class_labels)`` is called with ``np.full(batch, sigma)``; its output is
+  cast to float64 (`xp.to_float64`), so a float16 engine still drives a float64 trajectory.
+* ``callback(StepInfo)`` runs after every step.
+
+Each solver reproduces a public reference implementation (named in its registry entry and
+docstring) operation for operation, so that on the same denoiser and sigmas the results agree
+to rounding; the references' own extras (dynamic thresholding) are not part of the solvers.
+
+`SOLVER_REGISTRY` is the single description of the family: the function, a one-line summary,
+the reference, the NFE for N time points, the options that apply, whether sigma = 0 is appended.
+`check_solver_options` and `steps_for_nfe` turn what does not fit into one InputError.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+
+from edm_deploy.runtime.schedules import check_sigma_list, param_error, symmetric_linspace, vp_betas_for_range
+from edm_deploy.runtime.xp import from_host, to_float64
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a callback gets after step ``i`` of ``num_steps`` (= len(sigmas) - 1).
+
+    ``x`` is the state at ``sigma_next`` after the step. ``denoised`` is the newest data
+    prediction the step made or used (for UniPC the corrector's D at sigma_next; for the
+    analytical first step the analytic one). ``sigma_hat`` is the churned level Euler/Heun
+    evaluated at (``sigma`` when no churn).
+    """
+
+    i: int
+    num_steps: int
+    sigma: float
+    sigma_hat: float
+    sigma_next: float
+    x: Any
+    denoised: Any
+
+
+Callback = Optional[Callable[[StepInfo], None]]
+
+
+def default_randn_like(x: Any) -> np.ndarray:
+    """Host standard normals shaped like x (the churn noise when no per-seed stream is given)."""
+    return np.random.standard_normal(x.shape)
+
+
+def _evaluate(den: Any, x: Any, sigma: float, class_labels: Any) -> Any:
+    """D(x; sigma) as float64, with sigma given per row as the denoiser contract asks."""
+    return to_float64(den(x, np.full(x.shape[0], sigma, dtype=np.float64), class_labels))
+
+
+def _round_one(den: Any, sigma: float) -> float:
+    """One level through the network's round_sigma (iDDPM snaps a churned level to its table)."""
+    return float(np.asarray(den.round_sigma(np.array([sigma], dtype=np.float64))).reshape(-1)[0])
+
+
+def _report(callback: Callback, i, num_steps, sigma, sigma_hat, sigma_next, x, denoised) -> None:
+    if callback is not None:
+        callback(StepInfo(i, num_steps, float(sigma), float(sigma_hat), float(sigma_next), x, denoised))
+
+
+def _edm_time_points(sigmas) -> list[float]:
+    """Euler/Heun time points: non-increasing, positive but for a final 0.
+
+    Equal neighbours are allowed because a table-rounded schedule (iDDPM) can repeat a level and
+    the EDM reference then simply takes a zero-length step; the multistep solvers cannot (their
+    coefficients divide by step sizes) and use `_multistep_time_points`.
+    """
+    arr = np.asarray(sigmas, dtype=np.float64)
+    ok = (
+        arr.ndim == 1 and arr.size >= 1 and bool(np.isfinite(arr).all())
+        and bool((arr[:-1] > 0).all()) and arr[-1] >= 0 and bool((np.diff(arr) <= 0).all())
+    )
+    if not ok:
+        arr = check_sigma_list(sigmas)  # the strict check names what is wrong
+    if arr.size < 2:
+        raise param_error("sigmas", f"sigmas needs at least two time points (one step), got {arr.tolist()}")
+    return [float(v) for v in arr]
+
+
+def _multistep_time_points(sigmas, min_points: int = 2) -> tuple[list[float], bool]:
+    """(positive time points, whether a final 0 asks for the closing x = D(x; sigma_min))."""
+    arr = check_sigma_list(sigmas)
+    to_zero = bool(arr[-1] == 0)
+    levels = [float(v) for v in (arr[:-1] if to_zero else arr)]
+    if len(levels) < min_points:
+        raise param_error("sigmas", f"sigmas needs at least {min_points} positive time points for this solver, got {len(levels)}")
+    return levels, to_zero
+
+
+def _check_max_order(max_order: int, highest: int) -> int:
+    if isinstance(max_order, bool) or not isinstance(max_order, (int, np.integer)) or not 1 <= max_order <= highest:
+        raise param_error("max_order", f"max_order must be an integer from 1 to {highest}, got {max_order!r}")
+    return int(max_order)
+
+
+def _afs_derivative(x: Any, sigma: float) -> Any:
+    """diff-sampler's analytical first step (AFS): the slope taken as d = x / sqrt(1 + sigma^2).
+
+    At sigma_max the data prediction is negligible next to x and the true slope (x - D)/sigma is
+    nearly x / sigma, so the first network call can be skipped, saving one NFE.
+    """
+    return x / math.sqrt(1 + sigma * sigma)
+
+
+def _finish_at_zero(den, x, levels, class_labels, callback, num_steps):
+    """diff-sampler's denoise_to_zero: x = D(x; sigma_min) as one last step to sigma = 0."""
+    x = _evaluate(den, x, levels[-1], class_labels)
+    _report(callback, num_steps - 1, num_steps, levels[-1], levels[-1], 0.0, x, x)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Euler and Heun: EDM Algorithms 1 and 2 (with churn)
+
+
+def check_churn(S_churn: float, S_min: float, S_max: float, S_noise: float) -> None:
+    """EDM's stochasticity knobs: S_churn, S_noise >= 0 and a window S_min <= S_max."""
+    if S_churn < 0:
+        raise param_error("S_churn", f"S_churn must be >= 0, got {S_churn}")
+    if S_noise < 0:
+        raise param_error("S_noise", f"S_noise must be >= 0, got {S_noise}")
+    if S_min > S_max:
+        raise param_error("S_min", f"S_min ({S_min}) must not exceed S_max ({S_max})")
+
+
+def _edm_steps(den, x, sigmas, class_labels, callback, second_order, S_churn, S_min, S_max, S_noise, randn_like):
+    """EDM's loop: churn inside [S_min, S_max], an Euler step, Heun's correction unless sigma_next = 0.
+
+    The noise stream is drawn every step whenever any step churns (the reference's order, so an
+    external per-seed stream reproduces it) and never in a deterministic run.
+    """
+    t = _edm_time_points(sigmas)
+    check_churn(S_churn, S_min, S_max, S_noise)
+    num_steps = len(t) - 1
+    gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)
+    gammas = [gamma_max if S_min <= s <= S_max else 0.0 for s in t[:-1]]
+    stochastic = any(g > 0 for g in gammas)
+    for i in range(num_steps):
+        sigma, sigma_next, gamma = t[i], t[i + 1], gammas[i]
+        sigma_hat = _round_one(den, sigma + gamma * sigma) if gamma > 0 else sigma
+        x_hat = x
+        if stochastic:
+            eps = randn_like(x)
+            if gamma > 0:
+                noise_std = math.sqrt(max(sigma_hat**2 - sigma**2, 0.0)) * S_noise
+                if isinstance(eps, np.ndarray):
+                    eps = from_host(eps, x)
+                x_hat = x_hat + noise_std * eps
+        h = sigma_next - sigma_hat
+        denoised = _evaluate(den, x_hat, sigma_hat, class_labels)
+        d = (x_hat - denoised) / sigma_hat
+        if not second_order or sigma_next == 0:
+            x = x_hat + h * d
+        else:
+            x_prime = x_hat + h * d
+            d_prime = (x_prime - _evaluate(den, x_prime, sigma_next, class_labels)) / sigma_next
+            x = x_hat + h * (0.5 * d + 0.5 * d_prime)
+        _report(callback, i, num_steps, sigma, sigma_hat, sigma_next, x, denoised)
+    return x
+
+
+def euler(
+    den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+    S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
+    randn_like: Callable = default_randn_like,
+) -> Any:
+    """Euler steps in sigma on dx/dsigma = (x - D)/sigma (EDM Algorithm 1, churn of Algorithm 2)."""
+    return _edm_steps(den, x, sigmas, class_labels, callback, False, S_churn, S_min, S_max, S_noise, randn_like)
+
+
+def heun(
+    den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+    S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
+    randn_like: Callable = default_randn_like,
+) -> Any:
+    """EDM Algorithm 2: Heun's second-order steps; the step into sigma = 0 is Euler (NFE 2N - 1)."""
+    return _edm_steps(den, x, sigmas, class_labels, callback, True, S_churn, S_min, S_max, S_noise, randn_like)
+
+
+# --------------------------------------------------------------------------------------------
+# DPM-Solver++ (data prediction, exponential integrator in lambda = -log sigma)
+
+
+def dpmpp_2m(den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None) -> Any:
+    """DPM-Solver++(2M) exactly as k-diffusion's `sample_dpmpp_2m`.
+
+    With lambda = -log sigma, h = lambda' - lambda and r = h_prev / h, the data prediction is
+    extrapolated linearly in lambda, D_d = (1 + 1/(2r)) D - 1/(2r) D_prev, and integrated
+    exactly: x' = (sigma'/sigma) x - expm1(-h) D_d. The first step and the step into 0 use D.
+    """
+    levels, to_zero = _multistep_time_points(sigmas, min_points=1)
+    t = levels + [0.0] if to_zero else levels
+    num_steps = len(t) - 1
+    if num_steps < 1:
+        raise param_error("sigmas", f"sigmas needs at least two time points (one step), got {t}")
+    old_denoised = None
+    for i in range(num_steps):
+        sigma, sigma_next = t[i], t[i + 1]
+        denoised = _evaluate(den, x, sigma, class_labels)
+        if sigma_next == 0:
+            x = denoised  # (0 / sigma) x - expm1(-inf) D, the reference's first-order step into 0
+        else:
+            lam, lam_next = -math.log(sigma), -math.log(sigma_next)
+            h = lam_next - lam
+            ratio = math.exp(-lam_next) / math.exp(-lam)
+            if old_denoised is None:
+                x = ratio * x - math.expm1(-h) * denoised
+            else:
+                r = (lam - -math.log(t[i - 1])) / h
+                denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+                x = ratio * x - math.expm1(-h) * denoised_d
+        old_denoised = denoised
+        _report(callback, i, num_steps, sigma, sigma, sigma_next, x, denoised)
+    return x
+
+
+def _dpmpp_update(x, models, times, sigma_next, order):
+    """diff-sampler's `dpm_pp_update` (data prediction, VE form) of order 1, 2 or 3.
+
+    ``models`` / ``times`` hold the latest data predictions and their sigmas, newest last; the
+    order-k update uses the last k of them (finite differences in lambda, phi functions of h).
+    Note that the order-3 update, like the DPM-Solver code it comes from, weights
+    D2 = h^2 [m0, m1, m2] by phi_3 where exact quadratic integration needs 2 phi_3, so its local
+    error is O(h^3), as for order 2 (tests/test_solvers.py measures it); kept for exactness.
+    """
+    lam_t = -math.log(sigma_next)
+    lam_0 = -math.log(times[-1])
+    h = lam_t - lam_0
+    phi_1 = math.expm1(-h)
+    m0 = models[-1]
+    if order == 1:
+        return (sigma_next / times[-1]) * x - phi_1 * m0
+    lam_1 = -math.log(times[-2])
+    h_0 = lam_0 - lam_1
+    r0 = h_0 / h
+    D1_0 = (1.0 / r0) * (m0 - models[-2])
+    if order == 2:
+        return (sigma_next / times[-1]) * x - phi_1 * m0 - 0.5 * phi_1 * D1_0
+    lam_2 = -math.log(times[-3])
+    h_1 = lam_1 - lam_2
+    r1 = h_1 / h
+    D1_1 = (1.0 / r1) * (models[-2] - models[-3])
+    D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+    D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
+    phi_2 = phi_1 / h + 1.0
+    phi_3 = phi_2 / h - 0.5
+    return (sigma_next / times[-1]) * x - phi_1 * m0 + phi_2 * D1 - phi_3 * D2
+
+
+def dpmpp_3m(
+    den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+    afs: bool = False, max_order: int = 3,
+) -> Any:
+    """Multistep DPM-Solver++(3M), diff-sampler's `dpm_pp_sampler(max_order=3, predict_x0=True, lower_order_final=True)`.
+
+    Orders 1, 2 while the history fills, then 3, dropping to 2 and 1 on the last two steps
+    (lower_order_final, which keeps few-step runs stable). One NFE per step.
+    """
+    max_order = _check_max_order(max_order, 3)
+    levels, to_zero = _multistep_time_points(sigmas)
+    n = len(levels)
+    num_steps = n - 1 + to_zero
+    models: list = []
+    times: list = []
+    for i in range(n - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        if afs and i == 0:
+            denoised = x - sigma * _afs_derivative(x, sigma)
+        else:
+            denoised = _evaluate(den, x, sigma, class_labels)
+        models.append(denoised)
+        times.append(sigma)
+        order = i + 1 if i + 1 < max_order else min(max_order, n - (i + 1))
+        x = _dpmpp_update(x, models, times, sigma_next, order)
+        models, times = models[-3:], times[-3:]
+        _report(callback, i, num_steps, sigma, sigma, sigma_next, x, denoised)
+    if to_zero:
+        x = _finish_at_zero(den, x, levels, class_labels, callback, num_steps)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# UniPC (bh2, data prediction)
+
+
+def _power(r: float, k: int) -> float:
+    """r**k for k = 0, 1, 2 as the reference's tensor pow evaluates it (k = 2 is r * r)."""
+    return 1.0 if k == 0 else r if k == 1 else r * r if k == 2 else r**k
+
+
+def _linear_combination(coeffs, arrays):
+    """sum_k c_k a_k, accumulated left to right."""
+    out = coeffs[0] * arrays[0]
+    for c, a in zip(coeffs[1:], arrays[1:]):
+        out = out + c * a
+    return out
+
+
+def _unipc_update(den, x, models, times, sigma_next, order, class_labels, use_corrector):
+    """One UniPC step (diff-sampler's `unipc_update`, variant bh2, data prediction).
+
+    Predictor UniP-p from the last p data predictions, then (unless this is the last step) the
+    corrector UniC evaluates D at the predicted point and re-solves with it, raising the order
+    by one at no extra NFE: the corrector's evaluation is the next step's model output.
+    Returns (x at sigma_next, D there or None).
+    """
+    sigma_0 = times[-1]
+    lam_0, lam_t = -math.log(sigma_0), -math.log(sigma_next)
+    m0 = models[-1]
+    h = lam_t - lam_0
+    rks, D1s = [], []
+    for k in range(1, order):
+        rk = (-math.log(times[-(k + 1)]) - lam_0) / h
+        rks.append(rk)
+        D1s.append((models[-(k + 1)] - m0) / rk)
+    rks.append(1.0)
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    B_h = math.expm1(hh)
+    factorial = 1
+    R, b = [], []
+    for k in range(1, order + 1):
+        R.append([_power(rk, k - 1) for rk in rks])
+        b.append(h_phi_k * factorial / B_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    R, b = np.array(R, dtype=np.float64), np.array(b, dtype=np.float64)
+
+    x_t_ = (sigma_next / sigma_0) * x - h_phi_1 * m0
+    x_t = x_t_
+    if D1s:
+        rhos_p = [0.5] if order == 2 else [float(v) for v in np.linalg.solve(R[:-1, :-1], b[:-1])]
+        x_t = x_t_ - B_h * _linear_combination(rhos_p, D1s)
+    if not use_corrector:
+        return x_t, None
+    rhos_c = [0.5] if order == 1 else [float(v) for v in np.linalg.solve(R, b)]
+    model_t = _evaluate(den, x_t, sigma_next, class_labels)
+    D1_t = model_t - m0
+    if D1s:
+        x_t = x_t_ - B_h * (_linear_combination(rhos_c[:-1], D1s) + rhos_c[-1] * D1_t)
+    else:
+        x_t = x_t_ - B_h * (rhos_c[-1] * D1_t)
+    return x_t, model_t
+
+
+def unipc(
+    den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+    afs: bool = False, max_order: int = 3,
+) -> Any:
+    """UniPC, diff-sampler's `unipc_sampler(variant='bh2', max_order=3, lower_order_final=True)`.
+
+    D at sigma_max first, then per step a predictor and a corrector whose evaluation is reused;
+    the last step skips the corrector. The warm-up steps (order < max_order) always correct, so
+    with 2 or 3 time points the NFE is N rather than N - 1.
+    """
+    max_order = _check_max_order(max_order, 3)
+    levels, to_zero = _multistep_time_points(sigmas)
+    n = len(levels)
+    num_steps = n - 1 + to_zero
+    if afs:
+        denoised = x - levels[0] * _afs_derivative(x, levels[0])
+    else:
+        denoised = _evaluate(den, x, levels[0], class_labels)
+    models, times = [denoised], [levels[0]]
+    for i in range(n - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        if i + 1 < max_order:
+            x, model_out = _unipc_update(den, x, models, times, sigma_next, i + 1, class_labels, True)
+        else:
+            order = min(max_order, n - i - 1)
+            x, model_out = _unipc_update(den, x, models, times, sigma_next, order, class_labels, i != n - 2)
+        if model_out is not None:
+            models, times = (models + [model_out])[-max_order:], (times + [sigma_next])[-max_order:]
+        _report(callback, i, num_steps, sigma, sigma, sigma_next, x, models[-1])
+    if to_zero:
+        x = _finish_at_zero(den, x, levels, class_labels, callback, num_steps)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Adams-Bashforth on d = (x - D)/sigma: iPNDM, iPNDM-v, DEIS-tAB
+
+
+def _derivative(den, x, sigma, class_labels, use_afs):
+    """(d, denoised) at (x, sigma): the ODE slope from the network, or the analytic first step."""
+    if use_afs:
+        d = _afs_derivative(x, sigma)
+        return d, x - sigma * d
+    denoised = _evaluate(den, x, sigma, class_labels)
+    return (x - denoised) / sigma, denoised
+
+
+def _adams_bashforth(den, x, sigmas, class_labels, callback, afs, max_order, step):
+    """The shared loop: slope at the current point, ``step`` combines it with the slope history."""
+    levels, to_zero = _multistep_time_points(sigmas)
+    n = len(levels)
+    num_steps = n - 1 + to_zero
+    history: list = []  # the last max_order - 1 slopes, newest last
+    for i in range(n - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        d, denoised = _derivative(den, x, sigma, class_labels, afs and i == 0)
+        order = min(max_order, i + 1)
+        x = step(x, d, history, i, order, levels)
+        history = (history + [d])[-(max_order - 1):] if max_order > 1 else []
+        _report(callback, i, num_steps, sigma, sigma, sigma_next, x, denoised)
+    if to_zero:
+        x = _finish_at_zero(den, x, levels, class_labels, callback, num_steps)
+    return x
+
+
+def _ipndm_step(x, d, hist, i, order, t):
+    """Fixed Adams-Bashforth weights (1), (3, -1)/2, (23, -16, 5)/12, (55, -59, 37, -9)/24 on the slopes."""
+    h = t[i + 1] - t[i]
+    if order == 1:
+        return x + h * d
+    if order == 2:
+        return x + h * (3 * d - hist[-1]) / 2
+    if order == 3:
+        return x + h * (23 * d - 16 * hist[-1] + 5 * hist[-2]) / 12
+    return x + h * (55 * d - 59 * hist[-1] + 37 * hist[-2] - 9 * hist[-3]) / 24
+
+
+def ipndm(
+    den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+    afs: bool = False, max_order: int = 4,
+) -> Any:
+    """Improved PNDM, diff-sampler's `ipndm_sampler(max_order=4)`: constant-step AB4 in sigma.
+
+    The weights assume equal steps, so on a non-uniform (rho) grid the method is only second
+    order (measured in tests/test_solvers.py); it still leads diff-sampler's FID tables at
+    5-10 NFE. Warm start with orders 1, 2, 3.
+    """
+    max_order = _check_max_order(max_order, 4)
+    return _adams_bashforth(den, x, sigmas, class_labels, callback, afs, max_order, _ipndm_step)
+
+
+def _ipndm_v_step(x, d, hist, i, order, t):
+    """Variable-step Adams-Bashforth weights from the actual step sizes h_n, h_{n-1}, ... in sigma."""
+    h_n = t[i + 1] - t[i]
+    if order == 1:
+        return x + h_n * d
+    h_n_1 = t[i] - t[i - 1]
+    if order == 2:
+        c1 = (2 + (h_n / h_n_1)) / 2
+        c2 = -(h_n / h_n_1) / 2
+        return x + h_n * (c1 * d + c2 * hist[-1])
+    h_n_2 = t[i - 1] - t[i - 2]
+    temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+    if order == 3:
+        c1 = (2 + (h_n / h_n_1)) / 2 + temp1
+        c2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1
+        c3 = temp1 * h_n_1 / h_n_2
+        return x + h_n * (c1 * d + c2 * hist[-1] + c3 * hist[-2])
+    h_n_3 = t[i - 2] - t[i - 3]
+    ratio_2 = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
+    temp2 = (
+        ((1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2)))
+        * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2))
+        / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
+    )
+    c1 = (2 + (h_n / h_n_1)) / 2 + temp1 + temp2
+    c2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1 - (1 + (h_n_1 / h_n_2) + ratio_2) * temp2
+    c3 = temp1 * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + ratio_2 * (1 + h_n_2 / h_n_3)) * temp2
+    c4 = -temp2 * ratio_2 * h_n_1 / h_n_2
+    return x + h_n * (c1 * d + c2 * hist[-1] + c3 * hist[-2] + c4 * hist[-3])
+
+
+def ipndm_v(
+    den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+    afs: bool = False, max_order: int = 4,
+) -> Any:
+    """Variable-step Adams-Bashforth, diff-sampler's `ipndm_v_sampler(max_order=4)`.
+
+    Orders 2 and 3 are the exact variable-step AB weights (on equal steps they reduce to
+    iPNDM's). The reference's order-4 weights reduce to (57, -65, 43, -11)/24 on equal steps, not
+    AB4's (55, -59, 37, -9)/24, and meet the order conditions only to 3: the method is third
+    order (tests/test_solvers.py measures it); kept for exactness.
+    """
+    max_order = _check_max_order(max_order, 4)
+    return _adams_bashforth(den, x, sigmas, class_labels, callback, afs, max_order, _ipndm_v_step)
+
+
+# The VP time DEIS integrates in: diff-sampler's `edm2t` fits it to (0.002, 80) whatever the range.
+DEIS_VP_FIT = (0.002, 80.0, 1e-3)
+DEIS_QUADRATURE_POINTS = 10000
+
+
+def _deis_slope_weight(tau: np.ndarray, beta_0: float, beta_1: float) -> np.ndarray:
+    """dsigma/dtau of the VP map, written as the reference does: -0.5 (log alpha)' / sqrt(alpha (1 - alpha))."""
+    alpha = np.exp(-0.5 * tau**2 * (beta_1 - beta_0) - tau * beta_0)
+    dlog_alpha = -(tau * (beta_1 - beta_0) + beta_0)
+    return -0.5 * dlog_alpha / np.sqrt(alpha * (1 - alpha))
+
+
+def deis_tab_coefficients(sigmas, max_order: int = 4, num_points: int = DEIS_QUADRATURE_POINTS) -> list[list[float]]:
+    """DEIS-tAB weights, diff-sampler's `get_deis_coeff_list(t_steps, max_order, deis_mode='tab')`.
+
+    Step i integrates the slope d, interpolated by a Lagrange polynomial through the last
+    ``order`` time points in VP time tau, against dsigma/dtau over [tau_i, tau_{i+1}]:
+    C_ij = int L_j(tau) sigma'(tau) dtau. The integral is the reference's rectangle sum over
+    ``num_points`` evenly spaced points, both ends included, times (tau' - tau) / num_points;
+    that rule is part of the method's definition (its bias is O(h^3 / num_points) per step).
+    Order-1 steps get [] (plain Euler in sigma).
+    """
+    max_order = _check_max_order(max_order, 4)
+    beta_d, beta_min = vp_betas_for_range(*DEIS_VP_FIT)
+    s = np.asarray(sigmas, dtype=np.float64)
+    tau = (np.sqrt(beta_min**2 + 2 * beta_d * np.log(s**2 + 1)) - beta_min) / beta_d
+    beta_0, beta_1 = beta_min, beta_d + beta_min
+    coeffs: list[list[float]] = []
+    for i in range(len(s) - 1):
+        order = min(i + 1, max_order)
+        if order == 1:
+            coeffs.append([])
+            continue
+        taus = symmetric_linspace(float(tau[i]), float(tau[i + 1]), num_points)
+        dtau = (float(tau[i + 1]) - float(tau[i])) / num_points
+        weight = _deis_slope_weight(taus, beta_0, beta_1)
+        prev = [float(tau[i - k]) for k in range(order)]
+        row = []
+        for j in range(order):
+            poly = 1.0
+            for k in range(order):
+                if k != j:
+                    poly = poly * ((taus - prev[k]) / (prev[j] - prev[k]))
+            row.append(float(np.sum(weight * poly)) * dtau)
+        coeffs.append(row)
+    return coeffs
+
+
+def deis(
+    den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+    afs: bool = False, max_order: int = 4,
+) -> Any:
+    """DEIS-tAB (order 4), diff-sampler's `deis_sampler(max_order=4)` with tAB coefficients.
+
+    x' = x + sum_j C_ij d_{i-j}: the coefficients (`deis_tab_coefficients`) integrate the
+    polynomial extrapolation of d in the VP time, once per schedule, on the host.
+    """
+    max_order = _check_max_order(max_order, 4)
+    levels, _ = _multistep_time_points(sigmas)
+    coeffs = deis_tab_coefficients(levels, max_order)
+
+    def step(x, d, hist, i, order, t):
+        if order == 1:
+            return x + (t[i + 1] - t[i]) * d
+        c = coeffs[i]
+        out = x + c[0] * d
+        for k in range(1, order):
+            out = out + c[k] * hist[-k]
+        return out
+
+    return _adams_bashforth(den, x, sigmas, class_labels, callback, afs, max_order, step)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: the single description the CLI, --help, the NFE line, bench and the docs read
+
+
+CHURN_OPTIONS = ("S_churn", "S_min", "S_max", "S_noise", "randn_like")
+
+
+def _nfe_edm(second_order: bool):
+    def count(n: int, to_zero: bool, afs: bool) -> int:
+        return (2 if second_order else 1) * (n - 1) + (1 if to_zero else 0)
+    return count
+
+
+def _nfe_one_per_step(n: int, to_zero: bool, afs: bool) -> int:
+    return n - 1 - (1 if afs else 0) + (1 if to_zero else 0)
+
+
+def _nfe_unipc(n: int, to_zero: bool, afs: bool) -> int:
+    corrector_calls = n - 1 - (1 if n >= 4 else 0)  # every step but the last, warm-up steps always
+    return 1 - (1 if afs else 0) + corrector_calls + (1 if to_zero else 0)
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """One solver's entry: what it is, what it matches, what it costs, what it accepts.
+
+    ``count(n, to_zero, afs)`` is the exact number of network calls for ``n`` positive time
+    points, with or without a final sigma = 0. ``appends_zero``: the front end always appends
+    sigma = 0 (Euler/Heun/k-diffusion style) rather than stopping at sigma_min.
+    ``nominal_order`` is the order the method is named for (the reference's max_order); what
+    it converges at, warm start and reference formulas included, is measured in
+    tests/test_solvers.py (e.g. 2 for dpmpp-3m and ipndm, 3 for ipndm-v, 4 for unipc and deis).
+    ``options`` lists every keyword option of ``fn`` besides ``callback``.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    description: str
+    reference: str
+    nominal_order: int
+    nfe_formula: str
+    appends_zero: bool
+    options: tuple[str, ...]
+    count: Callable[[int, bool, bool], int]
+    min_points: int = 2
+
+    @property
+    def takes_afs(self) -> bool:
+        return "afs" in self.options
+
+    @property
+    def takes_churn(self) -> bool:
+        return "S_churn" in self.options
+
+    def nfe(self, num_points: int, afs: bool = False, denoise_to_zero: bool = False) -> int:
+        """Network evaluations per image for ``num_points`` time points (not counting a final 0)."""
+        _check_flags(self, afs, denoise_to_zero)
+        return self.count(int(num_points), self.appends_zero or denoise_to_zero, afs)
+
+    def nfe_for_sigmas(self, sigmas, afs: bool = False) -> int:
+        """Network evaluations of ``fn`` on exactly this sigma list (a final 0 included or not)."""
+        arr = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+        to_zero = bool(arr.size and arr[-1] == 0)
+        return self.count(int(arr.size - to_zero), to_zero, afs)
+
+
+SOLVER_REGISTRY: dict[str, SolverSpec] = {
+    s.name: s
+    for s in (
+        SolverSpec(
+            "euler", euler, "Euler steps in sigma (EDM Algorithm 1), optional churn", "NVlabs/edm ablation_sampler(solver='euler')",
+            1, "N", True, CHURN_OPTIONS, _nfe_edm(False), min_points=1,
+        ),
+        SolverSpec(
+            "heun", heun, "EDM Algorithm 2: Heun steps, Euler into sigma = 0, optional churn", "NVlabs/edm edm_sampler",
+            2, "2N - 1 (always odd)", True, CHURN_OPTIONS, _nfe_edm(True), min_points=1,
+        ),
+        SolverSpec(
+            "dpmpp-2m", dpmpp_2m, "DPM-Solver++(2M): 2nd-order multistep exponential integrator on D",
+            "crowsonkb/k-diffusion sample_dpmpp_2m", 2, "N", True, (), _nfe_one_per_step, min_points=1,
+        ),
+        SolverSpec(
+            "dpmpp-3m", dpmpp_3m, "DPM-Solver++(3M): multistep exponential integrator on D, updates of order 1-3",
+            "zju-pi/diff-sampler dpm_pp_sampler(max_order=3, predict_x0=True, lower_order_final=True)",
+            3, "N - 1 (AFS: -1, denoise_to_zero: +1)", False, ("afs", "max_order"), _nfe_one_per_step,
+        ),
+        SolverSpec(
+            "unipc", unipc, "UniPC-3 (bh2): multistep predictor-corrector on D, corrector for free",
+            "zju-pi/diff-sampler unipc_sampler(variant='bh2', max_order=3, lower_order_final=True)",
+            3, "N - 1 for N >= 4, N for N = 2, 3 (AFS: -1, denoise_to_zero: +1)", False, ("afs", "max_order"), _nfe_unipc,
+        ),
+        SolverSpec(
+            "ipndm", ipndm, "improved PNDM: 4-step Adams-Bashforth on the slope, fixed weights",
+            "zju-pi/diff-sampler ipndm_sampler(max_order=4)", 4, "N - 1 (AFS: -1, denoise_to_zero: +1)", False,
+            ("afs", "max_order"), _nfe_one_per_step,
+        ),
+        SolverSpec(
+            "ipndm-v", ipndm_v, "iPNDM with variable-step Adams-Bashforth weights",
+            "zju-pi/diff-sampler ipndm_v_sampler(max_order=4)", 4, "N - 1 (AFS: -1, denoise_to_zero: +1)", False,
+            ("afs", "max_order"), _nfe_one_per_step,
+        ),
+        SolverSpec(
+            "deis", deis, "DEIS-tAB4: Adams-Bashforth with weights integrated in VP time",
+            "zju-pi/diff-sampler deis_sampler(max_order=4), get_deis_coeff_list(deis_mode='tab')", 4,
+            "N - 1 (AFS: -1, denoise_to_zero: +1)", False, ("afs", "max_order"), _nfe_one_per_step,
+        ),
+    )
+}
+
+SOLVER_NAMES = tuple(SOLVER_REGISTRY)
+
+
+def get_solver(name: str) -> SolverSpec:
+    """The registry entry of ``name``, or one InputError listing the choices."""
+    spec = SOLVER_REGISTRY.get(name)
+    if spec is None:
+        raise param_error("solver", f"unknown solver {name!r}; choose one of {', '.join(SOLVER_NAMES)}")
+    return spec
+
+
+def _check_flags(spec: SolverSpec, afs: bool, denoise_to_zero: bool) -> None:
+    if afs and not spec.takes_afs:
+        users = ", ".join(s.name for s in SOLVER_REGISTRY.values() if s.takes_afs)
+        raise param_error("afs", f"afs does not apply to the {spec.name} solver (it applies to {users})")
+    if denoise_to_zero and spec.appends_zero:
+        raise param_error("denoise_to_zero", f"denoise_to_zero does not apply to the {spec.name} solver: its last step already goes to sigma = 0")
+
+
+def check_solver_options(
+    name: str, options: Optional[Mapping[str, Any]] = None, afs: bool = False, denoise_to_zero: bool = False
+) -> SolverSpec:
+    """Refuse, with one InputError, any option that ``name`` would not use (nothing is silently ignored).
+
+    ``options`` are the solver's keyword options as a caller collected them (only those it set).
+    """
+    spec = get_solver(name)
+    for key in options or {}:
+        if key == "callback":
+            continue
+        if key not in spec.options:
+            users = [s.name for s in SOLVER_REGISTRY.values() if key in s.options]
+            where = f"it applies to {', '.join(users)}" if users else "no solver takes it"
+            raise param_error(key, f"{key} does not apply to the {name} solver ({where})")
+    _check_flags(spec, bool(afs) or bool((options or {}).get("afs")), denoise_to_zero)
+    return spec
+
+
+def steps_for_nfe(solver: str, nfe: int, afs: bool = False, denoise_to_zero: bool = False) -> int:
+    """The number of time points N that makes ``solver`` spend exactly ``nfe`` network calls.
+
+    Where two N cost the same (UniPC's warm-up), the larger N: more steps for the same budget.
+    An impossible budget (Heun's NFE is always odd) is one InputError saying why.
+    """
+    spec = get_solver(solver)
+    _check_flags(spec, afs, denoise_to_zero)
+    if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or nfe < 1:
+        raise param_error("nfe", f"nfe must be a positive integer, got {nfe!r}")
+    nfe = int(nfe)
+    points = range(spec.min_points, nfe + 4)
+    fits = [n for n in points if spec.nfe(n, afs, denoise_to_zero) == nfe]
+    if fits:
+        return max(fits)
+    costs = sorted({spec.nfe(n, afs, denoise_to_zero) for n in points})
+    below = [c for c in costs if c < nfe]
+    above = [c for c in costs if c > nfe]
+    nearest = " or ".join(str(c) for c in (below[-1:] + above[:1]))
+    raise param_error(
+        "nfe",
+        f"{solver} cannot spend exactly NFE {nfe}: its NFE is {spec.nfe_formula} for N time points; "
+        f"nearest possible: {nearest}"
+    )
