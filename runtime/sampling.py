@@ -7,11 +7,18 @@
   Euler or Heun (or any alpha for the second-order point), any discretization, sigma(t)
   schedule and s(t) scaling of Table 1.
 
-Both share one loop, so `ablation_sampler(solver='heun', discretization='edm',
-schedule='linear', scaling='none')` returns exactly what `edm_sampler` returns. Names, defaults,
-clamping to the network's sigma range, `round_sigma` at every evaluated level and the float64
-state follow the reference implementation. The network is called with float64 x and a float64
-sigma per row; backends cast to what they run in.
+* `sample`: the front end of the flat solver family (`solvers.py`: Euler, Heun, DPM-Solver++,
+  UniPC, iPNDM, DEIS): it turns a named schedule or an explicit sigma list into the time points
+  the solver visits and calls it.
+
+Whenever sigma(t) = t and s(t) = 1 (and alpha = 1) both samplers run the flat `solvers.heun` /
+`solvers.euler`, so `ablation_sampler(solver='heun', discretization='edm', schedule='linear',
+scaling='none')` returns exactly what `edm_sampler` returns, and both return bit for bit what
+the earlier fused loop did. Other schedules and scalings keep the general loop (`_sample_loop`).
+Names, defaults, clamping to the network's sigma range, `round_sigma` at every evaluated level
+and the float64 state follow the reference implementation. The network is called with float64 x
+and a float64 sigma per row; backends cast to what they run in. A callback receives a
+`solvers.StepInfo` after every step.
 
 Noise: `randn_like(x)` is called for every step whenever any step adds noise (the reference's
 stream order, so an external noise stream reproduces exactly) and never for a fully deterministic
@@ -26,11 +33,15 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from edm_deploy.runtime import schedules as sch
+from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.contract import check_batch, check_denoiser
 from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.solvers import StepInfo
 from edm_deploy.runtime.xp import from_host, to_float64
 
 SOLVERS = ("heun", "euler")
+
+Callback = Optional[Callable[[StepInfo], None]]
 
 
 def nfe(num_steps: int, solver: str = "heun") -> int:
@@ -38,8 +49,7 @@ def nfe(num_steps: int, solver: str = "heun") -> int:
     return 2 * num_steps - 1 if solver == "heun" else num_steps
 
 
-def _default_randn_like(x):
-    return np.random.standard_normal(x.shape)
+_default_randn_like = slv.default_randn_like
 
 
 def _clamped_range(net, sigma_min: float, sigma_max: float) -> tuple[float, float]:
@@ -47,15 +57,6 @@ def _clamped_range(net, sigma_min: float, sigma_max: float) -> tuple[float, floa
     hi = min(float(sigma_max), float(net.sigma_max))
     sch.check_sigma_range(lo, hi)
     return lo, hi
-
-
-def _check_churn(S_churn: float, S_min: float, S_max: float, S_noise: float) -> None:
-    if S_churn < 0:
-        raise InputError(f"S_churn must be >= 0, got {S_churn}")
-    if S_noise < 0:
-        raise InputError(f"S_noise must be >= 0, got {S_noise}")
-    if S_min > S_max:
-        raise InputError(f"S_min ({S_min}) must not exceed S_max ({S_max})")
 
 
 def edm_sampler(
@@ -71,7 +72,7 @@ def edm_sampler(
     S_min: float = 0,
     S_max: float = float("inf"),
     S_noise: float = 1,
-    callback: Optional[Callable[[int, int], None]] = None,
+    callback: Callback = None,
 ):
     """EDM Algorithm 2 (deterministic Heun when S_churn = 0). Returns the float64 end state."""
     check_denoiser(net)
@@ -80,10 +81,9 @@ def edm_sampler(
     lo, hi = _clamped_range(net, sigma_min, sigma_max)
     sigmas = sch.edm_sigma_steps(num_steps, lo, hi, rho)
     t_steps = np.append(np.asarray(net.round_sigma(sigmas), dtype=np.float64), 0.0)
-    return _sample_loop(
-        net, latents, class_labels, randn_like, t_steps, sch.LinearSchedule(), sch.NoScaling(),
-        "heun", 1.0, S_churn, S_min, S_max, S_noise, callback,
-    )
+    x = to_float64(latents) * float(t_steps[0])
+    return slv.heun(net, x, t_steps, class_labels, callback=callback, S_churn=S_churn, S_min=S_min, S_max=S_max,
+                    S_noise=S_noise, randn_like=randn_like)
 
 
 def ablation_sampler(
@@ -108,7 +108,7 @@ def ablation_sampler(
     S_min: float = 0,
     S_max: float = float("inf"),
     S_noise: float = 1,
-    callback: Optional[Callable[[int, int], None]] = None,
+    callback: Callback = None,
 ):
     """The paper's generalised sampler (solver, discretization, schedule, scaling, alpha)."""
     check_denoiser(net)
@@ -129,6 +129,11 @@ def ablation_sampler(
     sigmas = sch.sigma_steps(discretization, num_steps, lo, hi, rho=rho, epsilon_s=epsilon_s, C_1=C_1, C_2=C_2, M=M)
     t_steps = np.asarray(sigma_fn.sigma_inv(np.asarray(net.round_sigma(sigmas), dtype=np.float64)), dtype=np.float64)
     t_steps = np.append(t_steps, 0.0)
+    if isinstance(sigma_fn, sch.LinearSchedule) and isinstance(scale_fn, sch.NoScaling) and alpha == 1:
+        fn = slv.heun if solver == "heun" else slv.euler
+        x = to_float64(latents) * float(t_steps[0])
+        return fn(net, x, t_steps, class_labels, callback=callback, S_churn=S_churn, S_min=S_min, S_max=S_max,
+                  S_noise=S_noise, randn_like=randn_like)
     return _sample_loop(
         net, latents, class_labels, randn_like, t_steps, sigma_fn, scale_fn,
         solver, float(alpha), S_churn, S_min, S_max, S_noise, callback,
@@ -139,8 +144,8 @@ def _sample_loop(
     net, latents, class_labels, randn_like, t_steps, sigma_fn, scale_fn,
     solver, alpha, S_churn, S_min, S_max, S_noise, callback,
 ):
-    """One loop for both samplers; the linear/none case takes the paper's simplified formulas."""
-    _check_churn(S_churn, S_min, S_max, S_noise)
+    """The general loop (any sigma(t), s(t), alpha); linear/none with alpha != 1 takes the paper's simplified formulas."""
+    slv.check_churn(S_churn, S_min, S_max, S_noise)
     num_steps = len(t_steps) - 1
     edm_form = isinstance(sigma_fn, sch.LinearSchedule) and isinstance(scale_fn, sch.NoScaling)
     unscaled = isinstance(scale_fn, sch.NoScaling)
@@ -186,7 +191,8 @@ def _sample_loop(
 
         # Euler step, then the second-order correction unless this is the last step.
         h = t_next - t_hat
-        d_cur = derivative(x_hat, denoise(x_hat, t_hat), t_hat)
+        denoised = denoise(x_hat, t_hat)
+        d_cur = derivative(x_hat, denoised, t_hat)
         if solver == "euler" or i == num_steps - 1:
             x_next = x_hat + h * d_cur
         else:
@@ -196,5 +202,118 @@ def _sample_loop(
             w = 1 / (2 * alpha)
             x_next = x_hat + h * ((1 - w) * d_cur + w * d_prime)
         if callback is not None:
-            callback(i, num_steps)
+            callback(StepInfo(i, num_steps, sigma_cur, sigma(t_hat), sigma(t_next), x_next, denoised))
     return x_next
+
+
+# --------------------------------------------------------------------------------------------
+# The front end of the flat solver family
+
+
+def _check_rounded(levels: np.ndarray, strict: bool) -> None:
+    """Rounding onto a network's table (iDDPM) may merge neighbouring levels; say so before sampling."""
+    for i in range(1, levels.size):
+        if levels[i] > levels[i - 1] or (strict and levels[i] == levels[i - 1]):
+            raise sch.param_error(
+                "num_steps",
+                f"after rounding to the network's noise levels, sigma {levels[i]:g} (step {i}) does not fall below "
+                f"{levels[i - 1]:g}; this solver needs distinct levels, so use fewer steps",
+            )
+
+
+def sampling_sigmas(
+    den: Any,
+    solver: str = "heun",
+    sigmas: Any = None,
+    num_steps: Optional[int] = None,
+    schedule: Optional[str] = None,
+    sigma_min: Optional[float] = None,
+    sigma_max: Optional[float] = None,
+    denoise_to_zero: bool = False,
+    **schedule_params: Any,
+) -> np.ndarray:
+    """The exact float64 time points `solver` will visit on `den` (what `sample` passes to it).
+
+    Either an explicit list (``sigmas``, validated, inside the network's range) or a named
+    schedule (``schedule``, default 'edm', ``num_steps`` time points, default 18) between
+    sigma_min and sigma_max (the schedule's defaults, clamped to the network's range). Rounded
+    with ``den.round_sigma``; a final 0 is appended when the solver ends at sigma = 0
+    (``appends_zero``) or ``denoise_to_zero`` asks for the closing D(x; sigma_min). Its length
+    minus the final 0 is the N of ``SolverSpec.nfe``.
+    """
+    spec = slv.check_solver_options(solver, denoise_to_zero=denoise_to_zero)
+    params = {k: v for k, v in schedule_params.items() if v is not None}
+    if sigmas is not None:
+        given = [k for k, v in (("num_steps", num_steps), ("schedule", schedule), ("sigma_min", sigma_min),
+                                ("sigma_max", sigma_max)) if v is not None] + sorted(params)
+        if given:
+            raise sch.param_error(given[0], f"{given[0]} does not apply when sigmas is given (the list is the schedule)")
+        arr = sch.check_sigma_list(sigmas)
+        to_zero = bool(arr[-1] == 0)
+        levels = arr[:-1] if to_zero else arr
+        lo, hi = float(den.sigma_min), float(den.sigma_max)
+        if levels[0] > hi or levels[-1] < lo:
+            raise sch.param_error(
+                "sigmas", f"sigmas must lie in the network's range [{lo:g}, {hi:g}], got {levels[0]:g} down to {levels[-1]:g}"
+            )
+    else:
+        schedule = "edm" if schedule is None else schedule
+        num_steps = 18 if num_steps is None else num_steps
+        default_lo, default_hi = sch.schedule_default_range(schedule)
+        lo, hi = _clamped_range(den, default_lo if sigma_min is None else sigma_min,
+                                default_hi if sigma_max is None else sigma_max)
+        levels = sch.schedule_sigmas(schedule, num_steps, lo, hi, **params)
+        to_zero = False
+    levels = np.asarray(den.round_sigma(levels), dtype=np.float64).reshape(-1)
+    _check_rounded(levels, strict=not spec.takes_churn)
+    if levels.size < spec.min_points:
+        raise sch.param_error(
+            "sigmas" if sigmas is not None else "num_steps",
+            f"the {solver} solver needs at least {spec.min_points} time points, got {levels.size}",
+        )
+    if spec.appends_zero or denoise_to_zero or to_zero:
+        levels = np.append(levels, 0.0)
+    return levels
+
+
+def sample(
+    den: Any,
+    latents: Any,
+    class_labels: Any = None,
+    solver: str = "heun",
+    sigmas: Any = None,
+    num_steps: Optional[int] = None,
+    schedule: Optional[str] = None,
+    sigma_min: Optional[float] = None,
+    sigma_max: Optional[float] = None,
+    rho: Optional[float] = None,
+    afs: bool = False,
+    denoise_to_zero: bool = False,
+    randn_like: Callable = _default_randn_like,
+    callback: Callback = None,
+    schedule_params: Optional[dict] = None,
+    **solver_options: Any,
+):
+    """Sample with any solver of the registry: schedule -> time points -> solver. Returns the float64 end state.
+
+    ``solver`` is a name of `solvers.SOLVER_NAMES`; the time points come from `sampling_sigmas`
+    (``rho`` and ``schedule_params`` are the schedule's parameters, e.g. epsilon_s or C_1, C_2,
+    M; None means the schedule's default). ``afs`` (analytical first step) and
+    ``solver_options`` (S_churn, S_min, S_max, S_noise for Euler/Heun; max_order for the
+    multistep solvers) must apply to the solver, or this raises one InputError. ``randn_like``
+    is the churn noise stream; solvers that add no noise never draw from it.
+    """
+    check_denoiser(den)
+    check_batch(den, latents, class_labels)
+    spec = slv.check_solver_options(solver, solver_options, afs=afs, denoise_to_zero=denoise_to_zero)
+    params = dict(schedule_params or {})
+    if rho is not None:
+        params["rho"] = rho
+    t = sampling_sigmas(den, solver, sigmas, num_steps, schedule, sigma_min, sigma_max, denoise_to_zero, **params)
+    options = dict(solver_options)
+    if afs:
+        options["afs"] = True
+    if spec.takes_churn:
+        options["randn_like"] = randn_like
+    x = to_float64(latents) * float(t[0])
+    return spec.fn(den, x, t, class_labels, callback=callback, **options)
