@@ -105,8 +105,18 @@ def cli() -> None:
     """
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (a scheduler stopping a job) unwinds like Ctrl-C, so temporary files are removed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
+
+
 def main(argv: Optional[list[str]] = None) -> Any:
     """Entry point: run the CLI, turning user errors into one line and a non-zero exit."""
+    _exit_cleanly_on_sigterm()
     try:
         rv = cli.main(args=argv, prog_name="edm-deploy", standalone_mode=False)
         if isinstance(rv, int) and rv != 0:
@@ -115,6 +125,11 @@ def main(argv: Optional[list[str]] = None) -> Any:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        # Bad flags are bad input like any other: one line, exit 1.
+        where = exc.ctx.command_path if exc.ctx is not None else "edm-deploy"
+        click.echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
+        sys.exit(1)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

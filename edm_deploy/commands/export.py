@@ -1,4 +1,8 @@
-"""`edm-deploy export`: checkpoint -> ONNX (fp32/fp16, dynamic batch) -> TensorRT engine."""
+"""`edm-deploy export`: checkpoint -> ONNX (fp32/fp16, dynamic batch) -> TensorRT engine.
+
+Every artifact is built and verified in a staging folder and only then moved to its final name
+(`edm_deploy.export.staging`): the final name never holds an unverified or failed file.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ from typing import Optional
 import click
 
 from edm_deploy.runtime.errors import InputError
+
+MAX_BATCH_LIMIT = 1 << 16
+VERIFY_BATCH_LIMIT = 64  # verification runs batches 1, an odd size and this at most (memory stays small)
 
 
 def default_onnx_path(ckpt: str, fp16: bool) -> str:
@@ -20,13 +27,13 @@ def default_onnx_path(ckpt: str, fp16: bool) -> str:
 @click.option("--fp16", is_flag=True, help="fp16 compute inside the graph (fp32 inputs/outputs).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Output file (.onnx, or .plan with --format trt) [default: next to MODEL].")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "trt", "auto"]), default="auto", show_default=True, help="auto builds a TensorRT engine when TensorRT and a GPU are present.")
-@click.option("--max-batch", type=int, default=64, show_default=True, help="Largest batch the artifact must serve.")
-@click.option("--opt-batch", type=int, default=None, help="Batch TensorRT optimises for [default: min(64, max)].")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17: normalisation layers map cleanly to TensorRT, all ops run in onnxruntime).")
+@click.option("--max-batch", type=click.IntRange(1, MAX_BATCH_LIMIT), default=64, show_default=True, help="Largest batch the artifact must serve.")
+@click.option("--opt-batch", type=click.IntRange(1, MAX_BATCH_LIMIT), default=None, help="Batch TensorRT optimises for [default: min(64, max)].")
+@click.option("--opset", type=click.IntRange(13, 21), default=17, show_default=True, help="ONNX opset (17: normalisation layers map cleanly to TensorRT, all ops run in onnxruntime).")
 @click.option("--no-verify", is_flag=True, help="Skip the fidelity check against the torch model.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="TensorRT timing cache file (read and updated).")
-@click.option("--opt-level", type=int, default=3, show_default=True, help="TensorRT builder optimisation level 0-5.")
-@click.option("--workspace", type=float, default=None, help="TensorRT workspace limit in GiB.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="TensorRT builder optimisation level 0-5.")
+@click.option("--workspace", type=click.FloatRange(0, 1 << 12, min_open=True), default=None, help="TensorRT workspace limit in GiB.")
 @click.option("--hardware-compat", is_flag=True, help="TensorRT: engine portable to all Ampere+ GPUs (slower).")
 def export(model: str, fp16: bool, out_path: Optional[str], fmt: str, max_batch: int, opt_batch: Optional[int],
            opset: int, no_verify: bool, timing_cache: Optional[str], opt_level: int, workspace: Optional[float],
@@ -34,7 +41,8 @@ def export(model: str, fp16: bool, out_path: Optional[str], fmt: str, max_batch:
     """Export a checkpoint's EMA denoiser D(x, sigma, class) with preconditioning inside the graph.
 
     MODEL is a .pt checkpoint (or an .onnx file to build a TensorRT engine from). The ONNX file
-    is verified against the torch model unless --no-verify is given.
+    is verified against the torch model unless --no-verify is given; it appears under its final
+    name only when it passed (a failed one is kept as NAME.failed.onnx).
 
     \b
     Examples:
@@ -42,19 +50,21 @@ def export(model: str, fp16: bool, out_path: Optional[str], fmt: str, max_batch:
       edm-deploy export ckpt.pt --fp16 --max-batch 256 --format trt --out model.plan
       edm-deploy export model.onnx --format trt --timing-cache trt.cache
     """
+    from edm_deploy.export.staging import Staging, companions
     from edm_deploy.loading import model_kind
+    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
 
-    if max_batch < 1:
-        raise InputError(f"--max-batch must be >= 1, got {max_batch}")
-    if opt_batch is not None and not 1 <= opt_batch <= max_batch:
+    if opt_batch is not None and opt_batch > max_batch:
         raise InputError(f"--opt-batch must lie in [1, --max-batch={max_batch}], got {opt_batch}")
     kind = model_kind(model)
-    if not os.path.exists(model):
+    if not os.path.isfile(model):
         raise InputError(f"file not found: {model}")
     if out_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
         raise InputError(f"output folder does not exist: {os.path.dirname(os.path.abspath(out_path))}")
     if kind == "plan":
         raise InputError("MODEL is already a TensorRT engine")
+    if out_path is not None and not out_path.lower().endswith((".onnx", ".plan", ".engine")):
+        raise InputError(f"--out must end in .onnx or .plan, got {out_path}")
 
     from edm_deploy.export.tensorrt_build import tensorrt_status
 
@@ -62,15 +72,19 @@ def export(model: str, fp16: bool, out_path: Optional[str], fmt: str, max_batch:
     want_trt = fmt == "trt" or (fmt == "auto" and trt_ok)
     if fmt == "trt" and not trt_ok:
         raise InputError(f"--format trt: {trt_reason}")
+    if kind == "onnx" and not want_trt:
+        raise InputError("MODEL is already ONNX; use --format trt to build an engine from it")
+    onnx_path = model if kind == "onnx" else (
+        out_path if out_path and out_path.endswith(".onnx") else default_onnx_path(out_path or model, fp16))
     plan_path = None
     if want_trt:
-        plan_path = out_path if out_path and out_path.endswith((".plan", ".engine")) else os.path.splitext(out_path or default_onnx_path(model, fp16))[0] + ".plan"
+        plan_path = out_path if out_path and out_path.endswith((".plan", ".engine")) else os.path.splitext(onnx_path)[0] + ".plan"
+    finals = ([onnx_path] if kind == "pt" else []) + ([plan_path] if plan_path else [])
+    refuse_overwriting_inputs({"MODEL": model, "--timing-cache": timing_cache},
+                              {f"output {os.path.basename(f)}": f for p in finals for f in [p, *companions(p)]})
 
     net = None
     if kind == "onnx":
-        onnx_path = model
-        if not want_trt:
-            raise InputError("MODEL is already ONNX; use --format trt to build an engine from it")
         from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
 
         manifest = read_onnx_manifest(onnx_path)
@@ -80,15 +94,18 @@ def export(model: str, fp16: bool, out_path: Optional[str], fmt: str, max_batch:
 
         ckpt = load_checkpoint(model)
         net = load_network(ckpt)
-        onnx_path = out_path if out_path and out_path.endswith(".onnx") else default_onnx_path(out_path or model, fp16)
-        click.echo(f"exporting {model} -> {onnx_path} ({'fp16' if fp16 else 'fp32'}, opset {opset}, batch 1..{max_batch})", err=True)
-        result = export_onnx(net, ckpt["network"], onnx_path, fp16=fp16, opset=opset, max_batch=max_batch,
-                             opt_batch=opt_batch, source_path=model)
-        manifest = result.manifest
-        click.echo(f"wrote {onnx_path} ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s"
-                   + (", external data" if result.external_data else "") + ")")
-        if not no_verify:
-            _verify(onnx_path, net, "fp16" if fp16 else "fp32", device="cpu")
+        precision = "fp16" if fp16 else "fp32"
+        click.echo(f"exporting {model} -> {onnx_path} ({precision}, opset {opset}, batch 1..{max_batch})", err=True)
+        with Staging(onnx_path) as stage:
+            result = export_onnx(net, ckpt["network"], stage.path(onnx_path), fp16=fp16, opset=opset,
+                                 max_batch=max_batch, opt_batch=opt_batch, source_path=model)
+            manifest = result.manifest
+            click.echo(f"built {os.path.basename(onnx_path)} ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s"
+                       + (", external data" if result.external_data else "") + ")", err=True)
+            if not no_verify:
+                _verify(stage, onnx_path, net, precision, device="cpu", max_batch=max_batch)
+            stage.commit([onnx_path])
+        click.echo(f"wrote {onnx_path}" + (" (verified)" if not no_verify else " (not verified: --no-verify)"))
 
     if not want_trt:
         if fmt == "auto":
@@ -98,21 +115,26 @@ def export(model: str, fp16: bool, out_path: Optional[str], fmt: str, max_batch:
     from edm_deploy.export.tensorrt_build import build_engine
 
     click.echo(f"building TensorRT engine {plan_path} (profile 1..{max_batch}, opt level {opt_level})", err=True)
-    engine = build_engine(onnx_path, plan_path, manifest, max_batch=max_batch, opt_batch=opt_batch,
-                          timing_cache=timing_cache, optimization_level=opt_level, workspace_gib=workspace,
-                          hardware_compatible=hardware_compat)
+    with Staging(plan_path) as stage:
+        engine = build_engine(onnx_path, stage.path(plan_path), manifest, max_batch=max_batch, opt_batch=opt_batch,
+                              timing_cache=timing_cache, optimization_level=opt_level, workspace_gib=workspace,
+                              hardware_compatible=hardware_compat)
+        if net is not None and not no_verify:
+            _verify(stage, plan_path, net, manifest.get("precision", "fp32"), device="cuda", max_batch=max_batch)
+        stage.commit([plan_path])
     click.echo(f"wrote {plan_path} + {plan_path}.json (TensorRT {engine['tensorrt']['version']}, "
                f"{engine['tensorrt']['gpu']}, {engine['tensorrt']['build_seconds']} s)")
-    if net is not None and not no_verify:
-        _verify(plan_path, net, manifest.get("precision", "fp32"), device="cuda")
 
 
-def _verify(path: str, net, precision: str, device: str) -> None:
-    from edm_deploy.export.verify import verify_artifact
+def _verify(stage, final: str, net, precision: str, device: str, max_batch: int) -> None:
+    """Verify the staged artifact; a failure keeps it under a name that says so, and stops."""
+    from edm_deploy.export.verify import default_batches, verify_artifact
     from edm_deploy.loading import load
 
-    den = load(path, device=device)
-    report = verify_artifact(path, net, den, precision)
+    with load(stage.path(final), device=device) as den:
+        report = verify_artifact(final, net, den, precision, batches=default_batches(min(max_batch, VERIFY_BATCH_LIMIT)))
     click.echo(report.table())
     if not report.passed:
-        raise InputError(f"verification of {path} failed; the file is kept for inspection")
+        kept = stage.keep_failed(final)
+        raise InputError(f"verification of {final} failed; nothing was written under that name, the failed "
+                         f"file is kept as {kept} for inspection")
