@@ -82,3 +82,18 @@ def concatenate(parts: list) -> Any:
 
         return cupy.concatenate(parts)
     return np.concatenate(parts)
+
+
+def where_rows(mask: np.ndarray, a: Any, b: Any) -> Any:
+    """Row-wise choice: row i of `a` where host bool `mask[i]`, else row i of `b` (same library)."""
+    lib = library_of(a)
+    shape = (-1,) + (1,) * (a.ndim - 1)
+    if lib == "torch":
+        import torch
+
+        return torch.where(torch.from_numpy(mask.reshape(shape)).to(a.device), a, b)
+    if lib == "cupy":
+        import cupy
+
+        return cupy.where(cupy.asarray(mask.reshape(shape)), a, b)
+    return np.where(mask.reshape(shape), a, b)
