@@ -38,7 +38,8 @@ from typing import Any, BinaryIO, Optional
 
 import torch
 
-from edm_deploy.runtime.errors import InputError, first_line
+from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.fileio import refuse_overwriting_inputs
 
 # --------------------------------------------------------------------------------------------
 # What a legitimate file contains
@@ -456,9 +457,20 @@ def safe_unpickle(file: BinaryIO) -> tuple[Any, dict[str, list[str]]]:
     except MemoryError as exc:
         raise InputError("the pickle asks for more memory than is available") from exc
     except Exception as exc:  # truncated or foreign data: pickle raises many types
-        text = first_line(exc)
-        raise InputError(f"not a readable EDM network pickle: truncated or not a pickle ({text})") from exc
+        raise InputError(_unreadable_pickle(file, exc)) from exc
     return data, unpickler.module_sources
+
+
+def _unreadable_pickle(file: BinaryIO, exc: Exception) -> str:
+    """Why the bytes are not a pickle, in our words (pickle's own are opcode numbers and memo keys)."""
+    if isinstance(exc, EOFError) or "truncated" in str(exc):
+        return "not a readable pickle: it is truncated (the data ends before the pickle does)"
+    try:
+        where = f" at byte {file.tell()}"
+    except (OSError, ValueError):
+        where = ""
+    return (f"not a readable pickle: the bytes are not valid pickle data (the stream breaks{where}, "
+            f"{type(exc).__name__}); the file is damaged or in another format")
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,6 +666,23 @@ def read_official(path: str, key: Optional[str] = "ema") -> OfficialNetwork:
 # Conversion to a checkpoint
 # --------------------------------------------------------------------------------------------
 
+def check_loadable(official: OfficialNetwork, source: str) -> None:
+    """Refuse, before anything is written, weights that the described network could not load.
+
+    The network is built from its description on the meta device (shapes only, no memory) and
+    the state dict is matched against it by name and shape: a file whose tree lacks tensors, has
+    extra ones or has them in other shapes would give a checkpoint that nothing can load.
+    """
+    from edm_deploy.training.checkpoint import build_network, check_weights_fit
+
+    with torch.device("meta"):
+        net = build_network(official.network, source)
+    try:
+        check_weights_fit(net, official.state_dict, source, "the weights in the pickle")
+    except InputError as exc:
+        raise InputError(f"{exc}; refusing to write a checkpoint that nothing could load") from exc
+
+
 @dataclasses.dataclass
 class ConversionResult:
     out: str
@@ -679,11 +708,17 @@ def convert_official(source: str, out: Optional[str] = None, key: str = "ema", s
     from edm_deploy.runtime.download import fetch, file_sha256, is_url
     from edm_deploy.training.checkpoint import save_checkpoint
 
-    local = fetch(source, sha256=sha256, progress=progress)
     out = os.path.abspath(out or default_output(source))
-    if os.path.exists(out) and os.path.samefile(out, local):
-        raise InputError(f"--out {out} would overwrite the input file; choose another name")
+    if os.path.isdir(out):
+        raise InputError(f"out {out} is a folder; name the checkpoint file to write")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise InputError(f"output folder does not exist: {os.path.dirname(out)}")
+    if not is_url(source):
+        refuse_overwriting_inputs({"source": source}, {"out": out})
+    local = fetch(source, sha256=sha256, progress=progress)
+    refuse_overwriting_inputs({"source": local}, {"out": out})  # a URL's cached download, too
     official = read_official(local, key)
+    check_loadable(official, local)
     digest = file_sha256(local)
     meta = {
         "source": {

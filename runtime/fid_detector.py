@@ -113,6 +113,20 @@ class OnnxDetector(Detector):
         return self.session.run(None, {self.input_name: images.astype(self.input_dtype, copy=False)})[0]
 
 
+def _torchscript_problem(path: str) -> str:
+    """Why torch.jit.load refused `path`, from the file itself (torch's text runs on for a paragraph)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return "the file is not a zip archive (TorchScript files are), or it is truncated"
+    if not any(n.endswith("/constants.pkl") for n in names):
+        return "a zip archive without TorchScript code (a torch.save checkpoint?); save the detector with torch.jit.save"
+    return "a TorchScript archive that is damaged or needs a newer torch"
+
+
 class TorchScriptDetector(Detector):
     """A TorchScript detector called as in the reference: `net(images, return_features=True)`."""
 
@@ -133,7 +147,7 @@ class TorchScriptDetector(Detector):
         try:
             self.net = torch.jit.load(path, map_location=self.device).eval()
         except Exception as exc:  # torch raises RuntimeError/ValueError subtypes here
-            raise InputError(f"{path}: not a TorchScript detector ({first_line(exc)})") from exc
+            raise InputError(f"{path}: not a TorchScript detector: {_torchscript_problem(path)}") from exc
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         torch = self._torch

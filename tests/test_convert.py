@@ -58,6 +58,24 @@ def _handmade_pickle(tmp_path, name="net.pkl", protocol=4, snapshot=True, **kw):
     return net, path
 
 
+# A real (small) network of this project, pickled the reference way: what convert may write.
+REAL_SMALL = dict(img_resolution=8, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=16,
+                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+
+
+def _real_pickle(tmp_path, name="net.pkl", protocol=4, snapshot=True, tree=None, **kw):
+    """(net, path) of an EDMPrecond/SongUNet pickle; `tree(ema)` may edit the reference tree first."""
+    from edm_deploy.training import precond
+
+    torch.manual_seed(0)
+    net = precond.EDMPrecond(**REAL_SMALL).eval()
+    inner = dict(img_resolution=8, in_channels=3, out_channels=3, label_dim=0)
+    ema = H.to_reference(net, init_kwargs=REAL_SMALL, kwargs_by_class={"SongUNet": inner}, **kw)
+    if tree is not None:
+        tree(ema)
+    return net, _write(tmp_path / name, H.dumps(H.snapshot_dict(ema) if snapshot else ema, protocol))
+
+
 def _assert_same_tensors(expected: dict, got: dict):
     assert list(got) == list(expected)
     for name, tensor in expected.items():
@@ -188,35 +206,77 @@ def test_records_may_still_take_their_state():
 
 @pytest.mark.parametrize("protocol", [2, 4])
 @pytest.mark.parametrize("snapshot", [True, False], ids=["snapshot-dict", "bare-network"])
-def test_handmade_tree_converts_exactly(tmp_path, protocol, snapshot):
+def test_handmade_tree_reads_exactly(tmp_path, protocol, snapshot):
     net, path = _handmade_pickle(tmp_path, protocol=protocol, snapshot=snapshot)
-    out = str(tmp_path / "ckpt.pt")
-    result = official.convert_official(path, out=out, progress=False)
-    ckpt = load_checkpoint(out)
+    got = official.read_official(path)
 
     # Every parameter and persistent buffer, reference names and order; None entries and the
     # non-persistent buffer are absent, exactly like torch's own state_dict.
-    _assert_same_tensors(net.state_dict(), ckpt["ema"])
-    assert "model.enc.8x8_conv.weight" in ckpt["ema"]
-    assert "model.enc.4x4_down.conv0.resample_filter" in ckpt["ema"]
-    assert "model.enc.8x8_conv.resample_filter" not in ckpt["ema"]
-    assert "model.scratch" not in ckpt["ema"]
+    _assert_same_tensors(net.state_dict(), got.state_dict)
+    assert "model.enc.8x8_conv.weight" in got.state_dict
+    assert "model.enc.4x4_down.conv0.resample_filter" in got.state_dict
+    assert "model.enc.8x8_conv.resample_filter" not in got.state_dict
+    assert "model.scratch" not in got.state_dict
 
-    kwargs = ckpt["network"]["init_kwargs"]
-    assert ckpt["network"]["class_name"] == "EDMPrecond"
+    kwargs = got.network["init_kwargs"]
+    assert got.network["class_name"] == "EDMPrecond"
     assert type(kwargs["sigma_data"]) is float and kwargs["sigma_data"] == 0.5
     assert type(kwargs["dropout"]) is float and kwargs["dropout"] == 0.13
     assert kwargs["channel_mult"] == [1, 2] and kwargs["model_type"] == "SongUNet"
+    assert got.key == ("ema" if snapshot else None)
+    src_sha = hashlib.sha256(H.NETWORKS_SRC.encode()).hexdigest()
+    assert {"EDMPrecond", "SongUNet", "UNetBlock", "Conv2d"} <= set(got.module_sources[src_sha])
+    assert got.num_params == sum(p.numel() for p in net.parameters())
+    # The loader never creates the reference modules (the writer removed its fakes too).
+    assert "torch_utils" not in sys.modules and "torch_utils.persistence" not in sys.modules
 
-    meta = ckpt["meta"]
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("snapshot", [True, False], ids=["snapshot-dict", "bare-network"])
+def test_real_pickle_converts_with_its_provenance(tmp_path, protocol, snapshot):
+    net, path = _real_pickle(tmp_path, protocol=protocol, snapshot=snapshot)
+    out = str(tmp_path / "ckpt.pt")
+    result = official.convert_official(path, out=out, progress=False)
+    _assert_same_tensors(net.state_dict(), load_network(out).state_dict())
+    meta = load_checkpoint(out)["meta"]
     assert meta["source"]["file"] == "net.pkl"
     assert meta["source"]["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
     assert meta["source"]["key"] == ("ema" if snapshot else None)
     src_sha = hashlib.sha256(H.NETWORKS_SRC.encode()).hexdigest()
     assert {"EDMPrecond", "SongUNet", "UNetBlock", "Conv2d"} <= set(meta["module_src_sha256"][src_sha])
     assert result.official.num_params == sum(p.numel() for p in net.parameters())
-    # The loader never creates the reference modules (the writer removed its fakes too).
-    assert "torch_utils" not in sys.modules and "torch_utils.persistence" not in sys.modules
+
+
+def _keep_one_child(ema):
+    """The 1-tensor-of-N file: the inner network's tree cut down to its first layer with weights."""
+    modules = ema.meta["state"]["_modules"]["model"].meta["state"]["_modules"]
+    first = next(name for name, child in modules.items() if child is not None and
+                 isinstance(child, H.Persistent) and child.meta["state"].get("_parameters"))
+    for name in list(modules):
+        if name != first:
+            del modules[name]
+
+
+@pytest.mark.parametrize("case", ["one-layer-left", "toy-tree", "wrong-shape"])
+def test_weights_nothing_could_load_are_refused_before_writing(tmp_path, case):
+    if case == "one-layer-left":
+        _, path = _real_pickle(tmp_path, tree=_keep_one_child)
+        match = r"missing \d+ tensors"
+    elif case == "toy-tree":  # a tree that reads fine but is not the network its kwargs describe
+        _, path = _handmade_pickle(tmp_path)
+        match = "do not fit the described network"
+    else:
+        def widen(ema):
+            ema.meta["state"]["_init_kwargs"]["model_channels"] = 32
+
+        _, path = _real_pickle(tmp_path, tree=widen)
+        match = "has shape"
+    out = tmp_path / "ckpt.pt"
+    with pytest.raises(InputError, match=match) as info:
+        official.convert_official(path, out=str(out), progress=False)
+    assert "refusing to write a checkpoint that nothing could load" in str(info.value)
+    assert str(info.value).startswith(path) and "\n" not in str(info.value)
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["net.pkl"]
 
 
 def test_numpy1_scalar_path_is_accepted(tmp_path):
@@ -361,7 +421,7 @@ def test_code_running_pickles_are_refused(tmp_path, name, place):
 def test_embedded_module_source_is_never_executed(tmp_path):
     marker = str(tmp_path / "pwned")
     evil_src = f"open({marker!r}, 'w').close()\nclass EDMPrecond: pass\n"
-    net, path = _handmade_pickle(tmp_path, module_src=evil_src)
+    net, path = _real_pickle(tmp_path, module_src=evil_src)
     out = str(tmp_path / "ckpt.pt")
     official.convert_official(path, out=out, progress=False)
     assert not os.path.exists(marker)
@@ -406,7 +466,9 @@ def test_broken_files_give_one_clear_error(tmp_path, kind):
         official.convert_official(path, out=str(tmp_path / "out.pt"), progress=False)
     message = str(info.value)
     assert message.startswith(path) and "\n" not in message
-    assert any(word in message for word in ("truncated", "not a pickle", "not an EDM", "zip", "empty"))
+    assert any(word in message for word in ("truncated", "not a readable pickle", "not an EDM", "zip", "empty"))
+    if kind in ("random", "text"):  # random bytes are not "an EDM pickle" of any kind
+        assert "not a readable pickle" in message and "EDM" not in message
     assert not (tmp_path / "out.pt").exists()
 
 
@@ -418,9 +480,19 @@ def test_missing_file_and_folder(tmp_path):
 
 
 def test_output_may_not_overwrite_input(tmp_path):
-    _, path = _handmade_pickle(tmp_path)
-    with pytest.raises(InputError, match="overwrite the input"):
-        official.convert_official(path, out=path, progress=False)
+    _, path = _real_pickle(tmp_path)
+    link = tmp_path / "link.pkl"
+    link.symlink_to(path)
+    before = open(path, "rb").read()
+    for out in (path, str(link)):
+        with pytest.raises(InputError, match="would overwrite source"):
+            official.convert_official(path, out=out, progress=False)
+    assert open(path, "rb").read() == before
+    with pytest.raises(InputError, match="is a folder"):
+        official.convert_official(path, out=str(tmp_path), progress=False)
+    with pytest.raises(InputError, match="output folder does not exist"):
+        official.convert_official(path, out=str(tmp_path / "no" / "x.pt"), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["link.pkl", "net.pkl"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +521,7 @@ def http_root(tmp_path, monkeypatch):
 
 def test_convert_from_url(http_root, tmp_path, monkeypatch):
     root, base = http_root
-    net, path = _handmade_pickle(root, name="edm-tiny.pkl")
+    net, path = _real_pickle(root, name="edm-tiny.pkl")
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     work = tmp_path / "work"
     work.mkdir()
@@ -473,12 +545,13 @@ def test_convert_from_url(http_root, tmp_path, monkeypatch):
 
 
 def test_cli_convert_prints_what_it_found(tmp_path, monkeypatch, capsys):
-    _, path = _handmade_pickle(tmp_path)
+    net, path = _real_pickle(tmp_path)
     monkeypatch.chdir(tmp_path)
     main(["convert", path])
     stdout = capsys.readouterr().out
     assert "EDMPrecond wrapping SongUNet" in stdout and "8x8, 3 channels, unconditional" in stdout
-    assert "640 parameters" in stdout and f"wrote {tmp_path / 'net.pt'}" in stdout
+    assert f"{sum(p.numel() for p in net.parameters()):,} parameters" in stdout
+    assert f"wrote {tmp_path / 'net.pt'}" in stdout
     assert (tmp_path / "net.pt").exists()
 
 

@@ -135,7 +135,7 @@ def test_network_descriptions_follow_the_reference():
     assert TL.options_from_preset("afhq64").dropout == 0.25
     with pytest.raises(InputError, match="unknown preset"):
         TL.options_from_preset("cifar100")
-    with pytest.raises(InputError, match="batch-gpu"):
+    with pytest.raises(InputError, match="batch_gpu 5 must divide"):
         TL.check_options(micro(batch_gpu=5))
 
 

@@ -29,6 +29,9 @@ import datetime
 import io
 import math
 import os
+import re
+import warnings
+import zipfile
 from typing import Any, Optional
 
 from edm_deploy.runtime.backends.torch_backend import describe_denoiser
@@ -100,6 +103,19 @@ def load_weights(module, state: Any, source: str = "checkpoint", what: str = "we
     Names are compared first (missing / unexpected tensors), then shapes, so the message names
     the first offending tensor and both shapes instead of PyTorch's multi-line RuntimeError.
     """
+    check_weights_fit(module, state, source, what)
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a dtype that cannot be copied
+        raise InputError(f"{source}: {what} do not load into the network ({first_line(exc)})") from exc
+
+
+def check_weights_fit(module, state: Any, source: str = "checkpoint", what: str = "weights") -> None:
+    """The names and shapes of `state` must be exactly those of `module`'s state dict (no loading).
+
+    Works on a network built on the meta device, so a file can be checked before any memory is
+    spent or anything is written.
+    """
     if not isinstance(state, dict):
         raise InputError(f"{source}: {what} must be a dict of tensors, got {type(state).__name__}")
     own = module.state_dict()
@@ -122,10 +138,6 @@ def load_weights(module, state: Any, source: str = "checkpoint", what: str = "we
                 f"{source}: {what} do not fit the described network: {name} has shape {list(shape)} "
                 f"in the file, {list(tensor.shape)} in the network"
             )
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a dtype that cannot be copied
-        raise InputError(f"{source}: {what} do not load into the network ({first_line(exc)})") from exc
 
 
 def save_checkpoint(
@@ -168,9 +180,13 @@ def load_checkpoint(path: str) -> dict:
     if os.path.isdir(path):
         raise InputError(f"{path} is a folder, not a checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle of a file it then refuses; we say why
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or first_line(exc)}") from exc
     except Exception as exc:  # torch raises many types for truncated/foreign files
-        raise InputError(f"{path} is not a readable edm-deploy checkpoint ({first_line(exc)})") from exc
+        raise InputError(f"{path} is not a readable edm-deploy checkpoint: {unreadable_reason(path, exc)}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(
             f"{path} is not an edm-deploy checkpoint (for an official EDM .pkl, run `edm-deploy convert` first)"
@@ -182,6 +198,41 @@ def load_checkpoint(path: str) -> dict:
         raise InputError(f"{path}: checkpoint holds no network weights")
     check_training_state(ckpt.get("training_state"), path)
     return ckpt
+
+
+def unreadable_reason(path: str, exc: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, told from the file itself.
+
+    torch's own text is pages long, is cut mid-sentence by a one-line error, and for a refused
+    file ends in the advice to retry with ``weights_only=False``, which would run whatever code
+    the file carries; so it is never passed on. What it refused (``GLOBAL module.name``) is.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    if not head:
+        return "the file is empty"
+    if refused:
+        name = refused.group(1)
+        hint = (" (it looks like an official EDM network pickle: convert it with `edm-deploy convert`)"
+                if name.split(".")[0] in ("torch_utils", "dnnlib") else "")
+        return (f"it asks for the Python object {name}, which a checkpoint never holds; loading it could run "
+                f"code, so it was refused and nothing from the file ran{hint}")
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "a damaged or truncated zip archive (torch.save files are zip archives)"
+        if not any(n.endswith("/data.pkl") for n in names):
+            return "a zip archive, but not one written by torch.save"
+        return "a torch.save archive whose contents are damaged or hold objects a checkpoint never holds"
+    if head[:1] == b"\x80":
+        return "a pickle, but not a torch.save file, or a damaged one"
+    return "neither a zip archive nor a pickle, so not a torch.save file at all"
 
 
 # What a resume point's training_state must hold, and the type of each entry.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -93,6 +93,39 @@ def gather_objects(ctx: DistContext, obj: Any) -> list:
     out: list = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def agree(ctx: DistContext, check: Callable[[], Any], ranks: Optional[tuple] = None) -> Any:
+    """Run `check` (on every rank, or only on `ranks`) and make every rank share its verdict.
+
+    If it raised an `EdmDeployError` on any rank, every rank raises one with that message (the
+    lowest failing rank's), instead of the others waiting forever at the next collective call.
+    Returns `check`'s result (None on ranks that did not run it).
+    """
+    from edm_deploy.runtime import errors
+
+    result, failure = None, None
+    if ranks is None or ctx.rank in ranks:
+        try:
+            result = check()
+        except errors.EdmDeployError as exc:
+            failure = exc
+    if not ctx.enabled:
+        if failure is not None:
+            raise failure
+        return result
+    verdicts = gather_objects(ctx, None if failure is None else
+                              (type(failure).__name__, str(failure), getattr(failure, "param", None)))
+    first = next(((rank, v) for rank, v in enumerate(verdicts) if v is not None), None)
+    if first is None:
+        return result
+    if failure is not None:
+        raise failure
+    rank, (kind, message, param) = first
+    cls = getattr(errors, kind, None)
+    exc = (cls if isinstance(cls, type) and issubclass(cls, errors.EdmDeployError) else errors.InputError)(message)
+    exc.param = param
+    raise exc
 
 
 def broadcast_module(ctx: DistContext, module: torch.nn.Module) -> None:

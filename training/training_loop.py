@@ -22,6 +22,12 @@ Files (rank 0 only) in ``outdir``::
     ckpt.pt                      the latest *resume point*: EMA weights + training_state
     network-snapshot-XXXXXX.pt   weights-only snapshots (EMA), XXXXXX = kimg; never overwritten
 
+While a run writes, it holds an OS lock on its folder (``.edm-deploy.lock`` inside it, taken by rank
+0, which alone writes; `edm_deploy.runtime.fileio.exclusive_output`): a second run into the same
+folder is refused at once instead of interleaving its log and options with the first. A run
+whose loss or weights stop being finite raises `NumericalError` at the end of that tick, before
+it saves anything, so ``ckpt.pt`` stays the last finite resume point.
+
 The ``.pt`` files and ``training_options.json`` are written atomically and durably (temporary
 file, fsync, rename, fsync of the folder): a crash or Ctrl-C never leaves a half-written one, and
 the last resume point stays valid. ``log.txt`` and ``stats.jsonl`` are plain appends, not atomic:
@@ -45,6 +51,13 @@ different size, so the noise each image gets - and hence the run - is no longer 
 to the uninterrupted one; a different world size or device type reseeds or switches the random
 streams likewise. The log says so when it happens.
 
+How `training_loop` runs, stage by stage (each a function below): `_check_run` (options, resume
+point, device, run folder - read-only, on every rank, which agree on the verdict), `_set_up_data`
+(determinism, seeds, dataset, network description), `_take_run_folder` (create and lock),
+`_build_network`, `_resume`, `_start_records` (DDP, training_options.json, first log line) and
+`_train_steps`, which repeats `_one_step` and, every tick, `_tick` (log, stats, the divergence
+check) and `_save` (snapshots and resume points).
+
 Data order: each epoch is a fresh permutation drawn from ``RandomState([seed, epoch])`` and
 dealt round-robin to the ranks (the reference uses a windowed shuffle instead; either is an
 unbiased infinite sampler). Seeds: NumPy is seeded with (seed * W + rank) mod 2^31 and torch
@@ -53,10 +66,12 @@ from NumPy, as in the reference, so ranks draw different noise.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -65,8 +80,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.fileio import atomic_write_bytes
+from edm_deploy.runtime.errors import InputError, NumericalError
+from edm_deploy.runtime.fileio import atomic_write_bytes, exclusive_output, refuse_overwriting_inputs
 from edm_deploy.training import distributed as dist_utils
 from edm_deploy.training import presets as presets_mod
 from edm_deploy.training.augment import TRAIN_PY_CONFIG, AugmentPipe
@@ -302,48 +317,93 @@ def make_loss(precond: str):
     return getattr(loss_mod, loss_cls)()
 
 
+def _option_error(field_name: str, message: str) -> InputError:
+    """An InputError about one option; it names the field, and the CLI renames it to its flag."""
+    exc = InputError(message)
+    exc.param = field_name
+    return exc
+
+
+# Every number an option may hold: field -> (rule, what the rule says). Each must also be finite:
+# an infinite duration never ends, a NaN compares False with everything and slips through bounds.
+_NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "duration_kimg": (lambda v: v > 0, "a positive number of kimg"),
+    "lr": (lambda v: v > 0, "a positive number"),
+    "lr_rampup_kimg": (lambda v: v >= 0, "a non-negative number of kimg"),
+    "ema_halflife_kimg": (lambda v: v >= 0, "a non-negative number of kimg"),
+    "ema_rampup_ratio": (lambda v: v >= 0, "a non-negative number (or None: no ramp-up)"),
+    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "augment": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "loss_scaling": (lambda v: v > 0, "a positive number"),
+    "kimg_per_tick": (lambda v: v > 0, "a positive number of kimg"),
+    "snapshot_kimg": (lambda v: v > 0, "a positive number of kimg"),
+    "ckpt_kimg": (lambda v: v > 0, "a positive number of kimg (or None: every snapshot_kimg)"),
+}
+_OPTIONAL_NUMBERS = {"ema_rampup_ratio", "ckpt_kimg"}
+# Integer fields -> smallest value (None: any integer).
+_INTEGER_RULES = {"batch": 1, "batch_gpu": 1, "seed": None, "cbase": 1, "max_images": 1, "threads": 1}
+_OPTIONAL_INTEGERS = {"batch_gpu", "cbase", "max_images", "threads"}
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells, else all of them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def check_options(o: TrainingOptions, world_size: int = 1) -> None:
-    """Every option problem as one InputError, before anything is built or written."""
+    """Every option problem as one InputError naming the field, before anything is built or written."""
+    for name, (rule, what) in _NUMBER_RULES.items():
+        value = getattr(o, name)
+        if value is None and name in _OPTIONAL_NUMBERS:
+            continue
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise _option_error(name, f"{name} must be {what}, got {value!r}")
+        if not math.isfinite(value):
+            raise _option_error(name, f"{name} must be a finite number ({what}), got {value!r}")
+        if not rule(value):
+            raise _option_error(name, f"{name} must be {what}, got {value!r}")
+    for name, low in _INTEGER_RULES.items():
+        value = getattr(o, name)
+        if value is None and name in _OPTIONAL_INTEGERS:
+            continue
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (low is not None and value < low):
+            raise _option_error(name, f"{name} must be an integer{f' >= {low}' if low is not None else ''}, "
+                                      f"got {value!r}")
     presets_mod.arch_kwargs(o.arch)
     presets_mod.precond_classes(o.precond)
-    if o.batch < 1:
-        raise InputError(f"--batch must be >= 1, got {o.batch}")
     if o.batch % world_size:
-        raise InputError(f"--batch {o.batch} is not divisible by the {world_size} training processes")
+        raise _option_error("batch", f"batch {o.batch} is not divisible by the {world_size} training processes")
     per_rank = o.batch // world_size
-    if o.batch_gpu is not None:
-        if o.batch_gpu < 1 or per_rank % o.batch_gpu:
-            raise InputError(f"--batch-gpu {o.batch_gpu} must divide the per-process batch {per_rank}")
-    checks = [
-        (o.duration_kimg > 0, f"--duration must be > 0 kimg, got {o.duration_kimg}"),
-        (o.lr > 0 and math.isfinite(o.lr), f"--lr must be a positive number, got {o.lr}"),
-        (o.lr_rampup_kimg >= 0, f"lr ramp-up must be >= 0 kimg, got {o.lr_rampup_kimg}"),
-        (o.ema_halflife_kimg >= 0, f"--ema must be >= 0 kimg, got {o.ema_halflife_kimg}"),
-        (0 <= o.dropout < 1, f"--dropout must lie in [0, 1), got {o.dropout}"),
-        (0 <= o.augment <= 1, f"--augment must lie in [0, 1], got {o.augment}"),
-        (o.loss_scaling > 0, f"--ls must be > 0, got {o.loss_scaling}"),
-        (o.kimg_per_tick > 0, f"--tick must be > 0 kimg, got {o.kimg_per_tick}"),
-        (o.snapshot_kimg > 0, f"--snap-kimg must be > 0, got {o.snapshot_kimg}"),
-        (o.ckpt_kimg is None or (o.ckpt_kimg > 0 and math.isfinite(o.ckpt_kimg)),
-         f"ckpt_kimg must be > 0 (or None: every --snap-kimg), got {o.ckpt_kimg}"),
-        (o.max_images is None or o.max_images >= 1, f"--max-images must be at least 1, got {o.max_images}"),
-        (o.cbase is None or o.cbase >= 1, f"--cbase must be >= 1, got {o.cbase}"),
-        (o.device in ("auto", "cpu", "cuda") or o.device.startswith("cuda:"), f"unknown device {o.device!r}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise InputError(msg)
-    if o.cres is not None and (not o.cres or any(int(c) < 1 for c in o.cres)):
-        raise InputError(f"--cres must be a list of positive integers, got {o.cres}")
+    if o.batch_gpu is not None and per_rank % o.batch_gpu:
+        raise _option_error("batch_gpu", f"batch_gpu {o.batch_gpu} must divide the per-process batch {per_rank}")
+    if o.threads is not None and o.threads > cpu_count():
+        raise _option_error("threads", f"threads must be at most {cpu_count()} (the CPUs this process may use), "
+                                       f"got {o.threads}")
+    if o.cres is not None and (not isinstance(o.cres, (list, tuple)) or not o.cres
+                               or any(not isinstance(c, numbers.Integral) or c < 1 for c in o.cres)):
+        raise _option_error("cres", f"cres must be a list of positive integers, got {o.cres!r}")
+    if not isinstance(o.device, str) or not (o.device in ("auto", "cpu", "cuda") or o.device.startswith("cuda:")):
+        raise _option_error("device", f"unknown device {o.device!r} (auto, cpu, cuda or cuda:N)")
     if o.device.startswith("cuda:"):
         index = o.device.split(":", 1)[1]
         if not index.isdigit():
-            raise InputError(f"--device {o.device}: the GPU index must be a non-negative integer")
+            raise _option_error("device", f"device {o.device}: the GPU index must be a non-negative integer")
         if world_size > 1:
-            raise InputError(
-                f"--device {o.device} names one GPU, but {world_size} processes were started; use --device cuda "
-                f"(each process then takes the GPU of its LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)"
-            )
+            raise _option_error(
+                "device",
+                f"device {o.device} names one GPU, but {world_size} processes were started; use cuda (each "
+                f"process then takes the GPU of its LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)")
+
+
+def check_device(o: TrainingOptions, device: torch.device) -> None:
+    """Options that depend on where the run computes: fp16 is real only on CUDA."""
+    if o.fp16 and device.type != "cuda":
+        raise _option_error(
+            "fp16", f"fp16 needs a CUDA device: on {device.type} the network would compute in fp32 while its "
+                    f"checkpoints record use_fp16 (train in fp32 there, or on a GPU)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,8 +467,8 @@ class _RunFiles:
         assert self.outdir is not None
         return os.path.join(self.outdir, name)
 
-    def log(self, line: str) -> None:
-        if self.echo is not None:
+    def log(self, line: str, echo: bool = True) -> None:
+        if echo and self.echo is not None:
             self.echo(line)
         if self.outdir is not None:
             with open(self.path("log.txt"), "a", encoding="utf-8") as f:
@@ -426,6 +486,10 @@ class _RunFiles:
         while os.path.exists(self.path(name)):
             name, n = f"{base}-{n}.pt", n + 1
         return name
+
+
+# The files a run writes into its folder besides the snapshots (whose names never replace a file).
+RUN_FILES = ("training_options.json", "log.txt", "stats.jsonl", RESUME_FILE)
 
 
 def _truncate_stats(files: _RunFiles, cur_tick: int, cur_nimg: int) -> None:
@@ -452,7 +516,7 @@ def prepare_outdir(outdir: str, resume: Optional[str], create: bool = True) -> N
     Every rank runs the (read-only) checks so that all of them fail together; only rank 0 creates.
     """
     if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise InputError(f"--outdir {outdir} exists and is not a folder")
+        raise _option_error("outdir", f"outdir {outdir} exists and is not a folder")
     if create:
         os.makedirs(outdir, exist_ok=True)
     existing = os.path.join(outdir, RESUME_FILE)
@@ -463,6 +527,18 @@ def prepare_outdir(outdir: str, resume: Optional[str], create: bool = True) -> N
                 f"{outdir} already holds a training run ({RESUME_FILE}); continue it with "
                 f"--resume {existing} or choose another --outdir"
             )
+
+
+def check_run_files(options: TrainingOptions) -> None:
+    """No file the run writes may be one it reads (symlinks resolved); continuing a run's own
+    ckpt.pt is the one exception: a resume point is meant to be replaced by the next one."""
+    if options.outdir is None:
+        return
+    outputs = {f"outdir file {name}": os.path.join(options.outdir, name) for name in RUN_FILES}
+    if options.resume is not None and os.path.abspath(options.resume) == os.path.abspath(outputs[f"outdir file {RESUME_FILE}"]):
+        del outputs[f"outdir file {RESUME_FILE}"]
+    inputs = {"resume": options.resume, "data": options.data if os.path.exists(str(options.data)) else None}
+    refuse_overwriting_inputs(inputs, outputs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,6 +576,9 @@ def training_loop(
     destroys it again before returning or raising. To resume, pass options whose ``resume`` names
     a ``ckpt.pt`` and whose other fields equal the stored ones outside `RESUME_MUTABLE` (build
     them with `resume_options`); anything else is an InputError before any file is touched.
+    While it runs, the run folder is locked: a second run into the same folder is refused. A run
+    whose loss or weights stop being finite stops with a `NumericalError` before saving anything
+    from that point, so the last resume point stays a finite one.
     """
     ctx = dist_utils.init_from_env("cuda" if options.device.startswith("cuda") or
                                    (options.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -507,10 +586,6 @@ def training_loop(
     prev_det_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     prev_threads = torch.get_num_threads()
     try:
-        if options.threads is not None:
-            if options.threads < 1:
-                raise InputError(f"--threads must be >= 1, got {options.threads}")
-            torch.set_num_threads(int(options.threads))
         return _train(options, ctx, echo, progress)
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_det_warn)
@@ -518,19 +593,80 @@ def training_loop(
         dist_utils.shutdown(ctx)  # only a process group this call created (torchrun launches)
 
 
+@dataclass
+class _Run:
+    """The state of one run, shared by its stages (`_train` says in which order they come)."""
+
+    options: TrainingOptions
+    ctx: dist_utils.DistContext
+    device: torch.device
+    ckpt: Optional[dict]
+    files: _RunFiles = None  # type: ignore[assignment]
+    dataset: Dataset = None  # type: ignore[assignment]
+    label_dim: int = 0
+    network: dict = None  # type: ignore[assignment]
+    data_size: int = 0
+    sampler: RankSampler = None  # type: ignore[assignment]
+    batch_per_rank: int = 0
+    batch_gpu: int = 0
+    rounds: int = 0
+    net: torch.nn.Module = None  # type: ignore[assignment]
+    ddp: torch.nn.Module = None  # type: ignore[assignment]
+    ema: torch.nn.Module = None  # type: ignore[assignment]
+    optimizer: torch.optim.Optimizer = None  # type: ignore[assignment]
+    loss_fn: Callable = None  # type: ignore[assignment]
+    augment_pipe: Optional[AugmentPipe] = None
+    cur_nimg: int = 0
+    cur_tick: int = 0
+    total_time: float = 0.0
+    # Per tick: where it started and the loss summed over its steps.
+    tick_start_nimg: int = 0
+    tick_start_time: float = 0.0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    lr_now: float = 0.0
+    beta: float = 0.0
+    stats: list = field(default_factory=list)
+    resume_point: Optional[str] = None  # the last resume point written (or resumed from), for messages
+    resume_kimg: float = 0.0
+
+
 def _train(options: TrainingOptions, ctx: dist_utils.DistContext, echo, progress: bool) -> TrainingResult:
     start_time = time.time()
+    run = dist_utils.agree(ctx, lambda: _check_run(options, ctx))
+    _set_up_data(run)
+    with contextlib.ExitStack() as held:
+        _take_run_folder(run, echo, held)
+        _build_network(run)
+        if run.ckpt is not None:
+            _resume(run)
+        _start_records(run)
+        _train_steps(run, progress)
+        run.files.log(f"done: {run.cur_nimg / 1000:.1f} kimg in {_fmt_time(time.time() - start_time)}")
+    return TrainingResult(net=run.net, ema=run.ema, cur_nimg=run.cur_nimg, network=run.network, stats=run.stats,
+                          wall_time=time.time() - start_time)
+
+
+def _check_run(options: TrainingOptions, ctx: dist_utils.DistContext) -> _Run:
+    """Stage 1, every rank (read-only): the options, the resume point, the device, the run folder."""
     ckpt = None
     if options.resume is not None:
         ckpt = load_checkpoint(options.resume)
         check_resume_options(options, ckpt, options.resume)
     check_options(options, ctx.world_size)
     device = _resolve_device(options.device, ctx)
+    check_device(options, device)
     if options.outdir is not None:
-        prepare_outdir(options.outdir, options.resume, create=ctx.is_main)
-    dist_utils.barrier(ctx)
-    files = _RunFiles(options.outdir, ctx.is_main, echo)
+        prepare_outdir(options.outdir, options.resume, create=False)
+        check_run_files(options)
+    if options.threads is not None:
+        torch.set_num_threads(int(options.threads))
+    return _Run(options=options, ctx=ctx, device=device, ckpt=ckpt)
 
+
+def _set_up_data(run: _Run) -> None:
+    """Stage 2: determinism, seeds, the dataset and the network description (checked against a resume)."""
+    options, device = run.options, run.device
     # Determinism and precision (facts 4.3 / 2.7).
     torch.use_deterministic_algorithms(bool(options.deterministic), warn_only=True)
     if device.type == "cuda":
@@ -538,189 +674,260 @@ def _train(options: TrainingOptions, ctx: dist_utils.DistContext, echo, progress
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-    _seed_everything(options.seed, ctx.rank, ctx.world_size)
+    _seed_everything(options.seed, run.ctx.rank, run.ctx.world_size)
 
-    # Data.
-    dataset = _load_data(options)
-    label_dim = dataset.label_dim if options.cond else 0
-    if ckpt is not None:
-        network = ckpt["network"]
-        kw = network["init_kwargs"]
+    run.dataset = _load_data(options)
+    run.label_dim = run.dataset.label_dim if options.cond else 0
+    if run.ckpt is not None:
+        run.network = run.ckpt["network"]
+        kw = run.network["init_kwargs"]
         got = (int(kw["img_resolution"]), int(kw["img_channels"]), int(kw.get("label_dim", 0)))
-        want = (dataset.resolution, dataset.num_channels, label_dim)
+        want = (run.dataset.resolution, run.dataset.num_channels, run.label_dim)
         if got != want:
             raise InputError(
                 f"{options.resume} was trained on {got[1]}x{got[0]}x{got[0]} images with label_dim {got[2]}, "
                 f"but {options.data} gives {want[1]}x{want[0]}x{want[0]} with label_dim {want[2]}"
             )
     else:
-        network = network_description(options, dataset.resolution, dataset.num_channels, label_dim)
-    data_size = len(dataset) * (2 if options.xflip else 1)
-    sampler = RankSampler(data_size, options.seed, ctx.rank, ctx.world_size)
-    batch_per_rank = options.batch // ctx.world_size
-    batch_gpu = options.batch_gpu or batch_per_rank
-    rounds = batch_per_rank // batch_gpu
+        run.network = network_description(options, run.dataset.resolution, run.dataset.num_channels, run.label_dim)
+    run.data_size = len(run.dataset) * (2 if options.xflip else 1)
+    run.sampler = RankSampler(run.data_size, options.seed, run.ctx.rank, run.ctx.world_size)
+    run.batch_per_rank = options.batch // run.ctx.world_size
+    run.batch_gpu = options.batch_gpu or run.batch_per_rank
+    run.rounds = run.batch_per_rank // run.batch_gpu
 
-    # Network, EMA, optimizer, loss, augmentation.
-    net = build_network(network, options.resume or "options").train().requires_grad_(True).to(device)
-    dist_utils.broadcast_module(ctx, net)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=options.lr, betas=(0.9, 0.999), eps=1e-8)
-    loss_fn = make_loss(options.precond)
-    augment_pipe = AugmentPipe(p=options.augment, **TRAIN_PY_CONFIG) if options.augment > 0 else None
-    cur_nimg, cur_tick, total_time = 0, 0, 0.0
-    if ckpt is not None:
-        ts = ckpt["training_state"]
-        load_weights(net, ts["net"], options.resume, "the training network's weights")
-        load_weights(ema, ckpt["ema"], options.resume, "the EMA weights")
-        try:
-            optimizer.load_state_dict(ts["optimizer"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise InputError(f"{options.resume}: the optimizer state does not fit the network ({exc})") from exc
-        cur_nimg, cur_tick, total_time = int(ts["cur_nimg"]), int(ts["cur_tick"]), float(ts.get("total_time", 0))
-        stored = _stored_options(ckpt, options.resume)
-        stored_world = int(ts["world_size"])
-        stored_batch_gpu = stored["batch_gpu"] or stored["batch"] // stored_world
-        if stored_world == ctx.world_size and stored_batch_gpu != batch_gpu:
-            files.log(f"note: --batch-gpu {batch_gpu} (the run used {stored_batch_gpu}): each step still averages "
-                      f"the loss over the same images, but sigma and noise are drawn in rounds of a different "
-                      f"size, so from here on the run is not bit-identical to an uninterrupted one")
-        if ts.get("device_type", device.type) != device.type:
-            files.log(f"note: resuming on {device.type} (saved on {ts['device_type']}): the random streams differ, "
-                      f"so the run is no longer bit-identical to an uninterrupted one")
-        if int(ts["world_size"]) == ctx.world_size:
-            _set_rng_state(ts["rng"][ctx.rank], device)
-            sampler.load_state_dict(ts["sampler"][ctx.rank])
-        else:
-            # A different world size cannot continue the same streams; reseed from the position.
-            _seed_everything(options.seed + cur_nimg, ctx.rank, ctx.world_size)
-            sampler = RankSampler(data_size, options.seed + cur_nimg, ctx.rank, ctx.world_size)
-            files.log(f"note: resuming with {ctx.world_size} processes (saved with {ts.get('world_size')}); "
-                      f"data order and noise are reseeded")
-        _truncate_stats(files, cur_tick, cur_nimg)  # the resume is accepted: drop the ticks it redoes
-    ddp = net
+
+def _take_run_folder(run: _Run, echo, held: contextlib.ExitStack) -> None:
+    """Stage 3: create and lock the run folder for the whole run (rank 0, which alone writes).
+
+    The lock (`exclusive_output`) refuses a second run into the same folder at once, and the
+    check for an existing run is repeated under it, so two starts cannot both pass it. Every
+    rank learns rank 0's verdict, so all of them stop together.
+    """
+    options, ctx = run.options, run.ctx
+
+    def take() -> None:
+        prepare_outdir(options.outdir, options.resume, create=True)
+        held.enter_context(exclusive_output(options.outdir))
+        prepare_outdir(options.outdir, options.resume, create=False)
+
+    if options.outdir is not None:
+        dist_utils.agree(ctx, take, ranks=(0,))
+    dist_utils.barrier(ctx)
+    run.files = _RunFiles(options.outdir, ctx.is_main, echo)
+
+
+def _build_network(run: _Run) -> None:
+    """Stage 4: network, EMA, optimizer, loss and augmentation (the network draws from the seeded RNG)."""
+    options = run.options
+    run.net = build_network(run.network, options.resume or "options").train().requires_grad_(True).to(run.device)
+    dist_utils.broadcast_module(run.ctx, run.net)
+    run.ema = copy.deepcopy(run.net).eval().requires_grad_(False)
+    run.optimizer = torch.optim.Adam(run.net.parameters(), lr=options.lr, betas=(0.9, 0.999), eps=1e-8)
+    run.loss_fn = make_loss(options.precond)
+    run.augment_pipe = AugmentPipe(p=options.augment, **TRAIN_PY_CONFIG) if options.augment > 0 else None
+    run.ddp = run.net
+
+
+def _resume(run: _Run) -> None:
+    """Stage 5: weights, optimizer, counters, random streams and data position of the resume point."""
+    options, ctx, files, ckpt = run.options, run.ctx, run.files, run.ckpt
+    ts = ckpt["training_state"]
+    load_weights(run.net, ts["net"], options.resume, "the training network's weights")
+    load_weights(run.ema, ckpt["ema"], options.resume, "the EMA weights")
+    try:
+        run.optimizer.load_state_dict(ts["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise InputError(f"{options.resume}: the optimizer state does not fit the network ({exc})") from exc
+    run.cur_nimg, run.cur_tick = int(ts["cur_nimg"]), int(ts["cur_tick"])
+    run.total_time = float(ts.get("total_time", 0))
+    run.resume_point, run.resume_kimg = options.resume, run.cur_nimg / 1000
+    stored = _stored_options(ckpt, options.resume)
+    stored_world = int(ts["world_size"])
+    stored_batch_gpu = stored["batch_gpu"] or stored["batch"] // stored_world
+    if stored_world == ctx.world_size and stored_batch_gpu != run.batch_gpu:
+        files.log(f"note: --batch-gpu {run.batch_gpu} (the run used {stored_batch_gpu}): each step still averages "
+                  f"the loss over the same images, but sigma and noise are drawn in rounds of a different "
+                  f"size, so from here on the run is not bit-identical to an uninterrupted one")
+    if ts.get("device_type", run.device.type) != run.device.type:
+        files.log(f"note: resuming on {run.device.type} (saved on {ts['device_type']}): the random streams differ, "
+                  f"so the run is no longer bit-identical to an uninterrupted one")
+    if stored_world == ctx.world_size:
+        _set_rng_state(ts["rng"][ctx.rank], run.device)
+        run.sampler.load_state_dict(ts["sampler"][ctx.rank])
+    else:
+        # A different world size cannot continue the same streams; reseed from the position.
+        _seed_everything(options.seed + run.cur_nimg, ctx.rank, ctx.world_size)
+        run.sampler = RankSampler(run.data_size, options.seed + run.cur_nimg, ctx.rank, ctx.world_size)
+        files.log(f"note: resuming with {ctx.world_size} processes (saved with {ts.get('world_size')}); "
+                  f"data order and noise are reseeded")
+    _truncate_stats(files, run.cur_tick, run.cur_nimg)  # the resume is accepted: drop the ticks it redoes
+
+
+def _start_records(run: _Run) -> None:
+    """Stage 6: DDP wrapping, training_options.json (once per run folder) and the opening log line."""
+    options, ctx, files = run.options, run.ctx, run.files
     if ctx.enabled:
         # Default buffer handling (synced at init and forward). Never broadcast_buffers=False:
         # since PyTorch 2.1 that also skips the init sync (facts 4.3); we broadcast above anyway.
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # Run folder bookkeeping.
+        run.ddp = torch.nn.parallel.DistributedDataParallel(
+            run.net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     if files.outdir is not None:
         opts_path = files.path("training_options.json")
         if not os.path.exists(opts_path):
-            record = {"options": options.to_dict(), "network": network, "dataset": dataset.describe(),
-                      "world_size": ctx.world_size, "augment": augment_pipe.init_kwargs if augment_pipe else None}
+            record = {"options": options.to_dict(), "network": run.network, "dataset": run.dataset.describe(),
+                      "world_size": ctx.world_size,
+                      "augment": run.augment_pipe.init_kwargs if run.augment_pipe else None}
             atomic_write_bytes(opts_path, (json.dumps(record, indent=2, default=str) + "\n").encode(), durable=True)
-    n_params = sum(p.numel() for p in net.parameters())
+    n_params = sum(p.numel() for p in run.net.parameters())
     files.log(
-        f"{'resuming at ' + format(cur_nimg / 1000, '.1f') + ' kimg' if ckpt else 'training'}: {dataset.describe()}; "
-        f"{network['class_name']}/{network['init_kwargs'].get('model_type')} {n_params:,} parameters; "
-        f"batch {options.batch} ({ctx.world_size} x {rounds} x {batch_gpu}); device {device}; "
-        f"{options.duration_kimg:g} kimg"
+        f"{'resuming at ' + format(run.cur_nimg / 1000, '.1f') + ' kimg' if run.ckpt else 'training'}: "
+        f"{run.dataset.describe()}; {run.network['class_name']}/{run.network['init_kwargs'].get('model_type')} "
+        f"{n_params:,} parameters; batch {options.batch} ({ctx.world_size} x {run.rounds} x {run.batch_gpu}); "
+        f"device {run.device}; {options.duration_kimg:g} kimg"
     )
 
+
+def _train_steps(run: _Run, progress: bool) -> None:
+    """Stage 7: optimisation steps until the duration is reached, with a tick every kimg_per_tick."""
+    options = run.options
     total_nimg = int(round(options.duration_kimg * 1000))
     tick_nimg = max(int(round(options.kimg_per_tick * 1000)), 1)
     snap_nimg = max(int(round(options.snapshot_kimg * 1000)), 1)
     ckpt_nimg = max(int(round((options.ckpt_kimg or options.snapshot_kimg) * 1000)), 1)
-    tick_start_nimg, tick_start_time = cur_nimg, time.time()
-    last_snap, last_ckpt = cur_nimg // snap_nimg, cur_nimg // ckpt_nimg
-    loss_sum, loss_count = 0.0, 0
-    stats: list = []
-    bar = None
-    if progress and ctx.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=round(total_nimg / 1000, 3), initial=round(min(cur_nimg, total_nimg) / 1000, 3),
-                   unit="kimg", desc="train", dynamic_ncols=True, leave=False, disable=None)
-        if files.echo is not None and not bar.disable:
-            files.echo = tqdm.write
-    done = cur_nimg >= total_nimg
+    run.tick_start_nimg, run.tick_start_time = run.cur_nimg, time.time()
+    last = {"snap": run.cur_nimg // snap_nimg, "ckpt": run.cur_nimg // ckpt_nimg}
+    bar = _progress_bar(run, total_nimg) if progress and run.ctx.is_main else None
+    done = run.cur_nimg >= total_nimg
     try:
         while not done:
-            # ---- one optimisation step ----
-            optimizer.zero_grad(set_to_none=True)
-            for r in range(rounds):
-                images, labels = _fetch(dataset, sampler.take(batch_gpu), options.xflip, label_dim, device)
-                sync = (r == rounds - 1) or not ctx.enabled
-                with (ddp.no_sync() if not sync else _null()):
-                    loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
-                    loss.sum().mul(options.loss_scaling / batch_per_rank).backward()
-                loss_sum += float(loss.detach().sum())
-                loss_count += loss.numel()
-            lr_now = learning_rate(options.lr, options.lr_rampup_kimg, cur_nimg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_now
-            sanitize_gradients(net.parameters())
-            optimizer.step()
-            beta = ema_beta(options.batch, cur_nimg, options.ema_halflife_kimg, options.ema_rampup_ratio)
-            update_ema(ema, net, beta)
-            cur_nimg += options.batch
-            done = cur_nimg >= total_nimg
+            _one_step(run)
+            done = run.cur_nimg >= total_nimg
             if bar is not None:
-                bar.update(round(min(cur_nimg, total_nimg) / 1000 - bar.n, 3))
-
-            # ---- tick: status, stats, snapshots ----
-            if not done and cur_nimg < tick_start_nimg + tick_nimg:
+                bar.update(round(min(run.cur_nimg, total_nimg) / 1000 - bar.n, 3))
+            if not done and run.cur_nimg < run.tick_start_nimg + tick_nimg:
                 continue
-            now = time.time()
-            tick_time = now - tick_start_time
-            total_time += tick_time
-            ls, lc = dist_utils.all_reduce_sum(ctx, [loss_sum, float(loss_count)], device)
-            mean_loss = ls / max(lc, 1)
-            kimg_done = (cur_nimg - tick_start_nimg) / 1000
-            entry = {
-                "tick": cur_tick, "kimg": round(cur_nimg / 1000, 3), "Loss/loss": mean_loss, "loss": mean_loss,
-                "lr": lr_now, "ema_beta": beta, "sec_per_tick": round(tick_time, 3),
-                "sec_per_kimg": round(tick_time / max(kimg_done, 1e-9), 3),
-                "img_per_sec": round((cur_nimg - tick_start_nimg) / max(tick_time, 1e-9), 2),
-                "total_sec": round(total_time, 2), "timestamp": round(now, 3),
-            }
-            stats.append(entry)
-            files.stats(entry)
-            files.log(
-                f"tick {cur_tick:<5d} kimg {cur_nimg / 1000:<9.2f} loss {mean_loss:<8.4f} lr {lr_now:<9.3g} "
-                f"sec/kimg {entry['sec_per_kimg']:<7.2f} time {_fmt_time(total_time)}"
-            )
-            if bar is not None:
-                bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
-            if not math.isfinite(mean_loss):
-                files.log("warning: the loss is not finite")
-
-            snap_due = done or cur_nimg // snap_nimg > last_snap
-            ckpt_due = done or snap_due or cur_nimg // ckpt_nimg > last_ckpt
-            if ckpt_due:
-                training_state = {
-                    "net": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "cur_nimg": cur_nimg, "cur_tick": cur_tick + 1, "total_time": total_time,
-                    "rng": dist_utils.gather_objects(ctx, _rng_state(device)),
-                    "sampler": dist_utils.gather_objects(ctx, sampler.state_dict()),
-                    "world_size": ctx.world_size,
-                    "device_type": device.type,
-                    "options": options.to_dict(),
-                }
-            if snap_due or ckpt_due:
-                dist_utils.check_consistency(ctx, net)
-            if files.outdir is not None:
-                meta = {"kimg": cur_nimg / 1000, "loss": mean_loss, "seed": options.seed,
-                        "dataset": dataset.describe(), "preset": options.preset}
-                if snap_due:
-                    save_checkpoint(files.path(files.snapshot_name(cur_nimg)), network, ema.state_dict(), None, meta)
-                if ckpt_due:
-                    save_checkpoint(files.path(RESUME_FILE), network, ema.state_dict(), training_state, meta)
-            last_snap, last_ckpt = cur_nimg // snap_nimg, cur_nimg // ckpt_nimg
-            dist_utils.barrier(ctx)
-            cur_tick += 1
-            tick_start_nimg, tick_start_time = cur_nimg, time.time()
-            loss_sum, loss_count = 0.0, 0
+            mean_loss = _tick(run, bar)
+            snap_due = done or run.cur_nimg // snap_nimg > last["snap"]
+            ckpt_due = done or snap_due or run.cur_nimg // ckpt_nimg > last["ckpt"]
+            _save(run, mean_loss, snap_due, ckpt_due)
+            last["snap"], last["ckpt"] = run.cur_nimg // snap_nimg, run.cur_nimg // ckpt_nimg
+            dist_utils.barrier(run.ctx)
+            run.cur_tick += 1
+            run.tick_start_nimg, run.tick_start_time = run.cur_nimg, time.time()
+            run.loss_sum, run.loss_count = 0.0, 0
     finally:
         if bar is not None:
             bar.close()
-    files.log(f"done: {cur_nimg / 1000:.1f} kimg in {_fmt_time(time.time() - start_time)}")
-    return TrainingResult(net=net, ema=ema, cur_nimg=cur_nimg, network=network, stats=stats,
-                          wall_time=time.time() - start_time)
+
+
+def _progress_bar(run: _Run, total_nimg: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=round(total_nimg / 1000, 3), initial=round(min(run.cur_nimg, total_nimg) / 1000, 3),
+               unit="kimg", desc="train", dynamic_ncols=True, leave=False, disable=None)
+    if run.files.echo is not None and not bar.disable:
+        run.files.echo = tqdm.write
+    return bar
+
+
+def _one_step(run: _Run) -> None:
+    """One optimisation step over `batch` images (see the module docstring, 1-3)."""
+    options, ctx, net = run.options, run.ctx, run.net
+    run.optimizer.zero_grad(set_to_none=True)
+    for r in range(run.rounds):
+        images, labels = _fetch(run.dataset, run.sampler.take(run.batch_gpu), options.xflip, run.label_dim, run.device)
+        sync = (r == run.rounds - 1) or not ctx.enabled
+        with (run.ddp.no_sync() if not sync else _null()):
+            loss = run.loss_fn(net=run.ddp, images=images, labels=labels, augment_pipe=run.augment_pipe)
+            loss.sum().mul(options.loss_scaling / run.batch_per_rank).backward()
+        run.loss_sum += float(loss.detach().sum())
+        run.loss_count += loss.numel()
+    run.lr_now = learning_rate(options.lr, options.lr_rampup_kimg, run.cur_nimg)
+    for g in run.optimizer.param_groups:
+        g["lr"] = run.lr_now
+    sanitize_gradients(net.parameters())
+    run.optimizer.step()
+    run.beta = ema_beta(options.batch, run.cur_nimg, options.ema_halflife_kimg, options.ema_rampup_ratio)
+    update_ema(run.ema, net, run.beta)
+    run.cur_nimg += options.batch
+
+
+def _tick(run: _Run, bar) -> float:
+    """Status line and stats entry of the tick that just ended; stops a run that diverged."""
+    now = time.time()
+    tick_time = now - run.tick_start_time
+    run.total_time += tick_time
+    ls, lc = dist_utils.all_reduce_sum(run.ctx, [run.loss_sum, float(run.loss_count)], run.device)
+    mean_loss = ls / max(lc, 1)
+    kimg_done = (run.cur_nimg - run.tick_start_nimg) / 1000
+    entry = {
+        "tick": run.cur_tick, "kimg": round(run.cur_nimg / 1000, 3), "Loss/loss": mean_loss, "loss": mean_loss,
+        "lr": run.lr_now, "ema_beta": run.beta, "sec_per_tick": round(tick_time, 3),
+        "sec_per_kimg": round(tick_time / max(kimg_done, 1e-9), 3),
+        "img_per_sec": round((run.cur_nimg - run.tick_start_nimg) / max(tick_time, 1e-9), 2),
+        "total_sec": round(run.total_time, 2), "timestamp": round(now, 3),
+    }
+    run.stats.append(entry)
+    run.files.stats(entry)
+    run.files.log(
+        f"tick {run.cur_tick:<5d} kimg {run.cur_nimg / 1000:<9.2f} loss {mean_loss:<8.4f} lr {run.lr_now:<9.3g} "
+        f"sec/kimg {entry['sec_per_kimg']:<7.2f} time {_fmt_time(run.total_time)}"
+    )
+    if bar is not None:
+        bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+    _check_finite(run, mean_loss)
+    return mean_loss
+
+
+def _check_finite(run: _Run, mean_loss: float) -> None:
+    """Stop before anything of a diverged run is saved: a NaN/Inf loss or weight ends the run.
+
+    Every rank sees the same all-reduced loss and the same (synchronised) weights, so all of
+    them stop together.
+    """
+    bad = None
+    if not math.isfinite(mean_loss):
+        bad = f"the loss is {mean_loss}"
+    else:
+        for name, tensor in list(run.net.named_parameters()) + list(run.ema.named_parameters()):
+            if not bool(torch.isfinite(tensor).all()):
+                bad = f"the weight {name} holds NaN/Inf"
+                break
+    if bad is None:
+        return
+    kept = (f"the last resume point, {run.resume_point} at {run.resume_kimg:g} kimg, is unchanged"
+            if run.resume_point else "no resume point was written")
+    message = (f"training diverged at {run.cur_nimg / 1000:g} kimg: {bad} (lr {run.options.lr:g}; a smaller lr "
+               f"or a longer lr ramp-up usually helps); nothing from this point was saved, {kept}")
+    run.files.log(f"error: {message}", echo=False)
+    raise NumericalError(message)
+
+
+def _save(run: _Run, mean_loss: float, snap_due: bool, ckpt_due: bool) -> None:
+    """Weights-only snapshot and/or resume point, as due (every rank joins the gathers)."""
+    options, ctx, files = run.options, run.ctx, run.files
+    if ckpt_due:
+        training_state = {
+            "net": {k: v.detach().cpu().clone() for k, v in run.net.state_dict().items()},
+            "optimizer": run.optimizer.state_dict(),
+            "cur_nimg": run.cur_nimg, "cur_tick": run.cur_tick + 1, "total_time": run.total_time,
+            "rng": dist_utils.gather_objects(ctx, _rng_state(run.device)),
+            "sampler": dist_utils.gather_objects(ctx, run.sampler.state_dict()),
+            "world_size": ctx.world_size,
+            "device_type": run.device.type,
+            "options": options.to_dict(),
+        }
+    if snap_due or ckpt_due:
+        dist_utils.check_consistency(ctx, run.net)
+    if files.outdir is not None:
+        meta = {"kimg": run.cur_nimg / 1000, "loss": mean_loss, "seed": options.seed,
+                "dataset": run.dataset.describe(), "preset": options.preset}
+        if snap_due:
+            save_checkpoint(files.path(files.snapshot_name(run.cur_nimg)), run.network, run.ema.state_dict(), None, meta)
+        if ckpt_due:
+            save_checkpoint(files.path(RESUME_FILE), run.network, run.ema.state_dict(), training_state, meta)
+            run.resume_point, run.resume_kimg = files.path(RESUME_FILE), run.cur_nimg / 1000
 
 
 class _null:

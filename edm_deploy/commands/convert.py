@@ -32,9 +32,19 @@ def convert(network: str, out: Optional[str], key: str, sha256: Optional[str]) -
       edm-deploy convert network-snapshot-200000.pkl --out ckpt.pt
       edm-deploy sample ckpt.pt -n 16
     """
-    from edm_deploy.export.official import convert_official
+    import os
 
-    result = convert_official(network, out=out, key=key, sha256=sha256, progress=True)
+    from edm_deploy.export.official import convert_official, default_output
+    from edm_deploy.runtime.download import is_url
+    from edm_deploy.runtime.errors import InputError
+    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+
+    target = out or default_output(network)
+    if os.path.isdir(target):
+        raise InputError(f"--out {target} is a folder; name the checkpoint file to write")
+    if not is_url(network):
+        refuse_overwriting_inputs({"NETWORK": network}, {"--out": target})
+    result = convert_official(network, out=target, key=key, sha256=sha256, progress=True)
     for line in result.official.summary_lines():
         click.echo(line)
     click.echo(f"source sha256: {result.source_sha256}")

@@ -8,6 +8,13 @@ Output folder layout (``--outdir DIR``, created if needed; rank 0 writes everyth
     DIR/ckpt.pt                      latest resume point (EMA weights + full training state)
     DIR/network-snapshot-XXXXXX.pt   weights-only EMA snapshots at XXXXXX kimg
 
+While the run writes, ``DIR/.edm-deploy.lock`` is held: a second run into DIR is refused. A run
+whose loss turns NaN/Inf (too high a --lr, say) stops with an error and exit code 1 before saving
+anything from that point, so ``DIR/ckpt.pt`` stays the last finite resume point. Every number is
+checked before the run starts (finite, in range), --fp16 needs a CUDA device, --threads at most
+the CPUs of the machine, and --preset does not combine with --resume (a resumed run keeps its
+stored options).
+
 Every ``.pt`` is an edm-deploy checkpoint (`edm-deploy export`, `sample`, `info` read it).
 The ``.pt`` files and ``training_options.json`` are written atomically and durably (temporary
 file + fsync + rename) and never deleted; a snapshot name that already exists gets a ``-1``,
@@ -26,22 +33,13 @@ each process uses the GPU of its LOCAL_RANK (an explicit ``--device cuda:N`` is 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
 import click
 
 from edm_deploy.runtime.errors import InputError
-
-# CLI option name -> TrainingOptions field.
-_FIELDS = {
-    "data": "data", "outdir": "outdir", "cond": "cond", "arch": "arch", "precond": "precond",
-    "batch": "batch", "batch_gpu": "batch_gpu", "duration": "duration_kimg", "lr": "lr",
-    "ema": "ema_halflife_kimg", "lr_rampup": "lr_rampup_kimg", "augment": "augment",
-    "dropout": "dropout", "xflip": "xflip", "fp16": "fp16", "ls": "loss_scaling", "seed": "seed",
-    "tick": "kimg_per_tick", "snap_kimg": "snapshot_kimg", "cbase": "cbase", "cres": "cres",
-    "device": "device", "max_images": "max_images", "threads": "threads",
-}
 
 
 def _parse_cres(text: Optional[str]) -> Optional[list]:
@@ -68,22 +66,22 @@ def _parse_cres(text: Optional[str]) -> Optional[list]:
 @click.option("--arch", metavar="ddpmpp|ncsnpp|adm", default=None, help="Network architecture.  [default: ddpmpp]")
 @click.option("--precond", metavar="edm|vp|ve|iddpm", default=None, help="Preconditioning and loss.  [default: edm]")
 @click.option("--batch", type=int, default=None, help="Total batch size.  [default: 512]")
-@click.option("--batch-gpu", type=int, default=None, help="Batch per process per round (gradient accumulation).")
-@click.option("--duration", type=float, default=None, metavar="KIMG",
+@click.option("--batch-gpu", "batch_gpu", type=int, default=None, help="Batch per process per round (gradient accumulation).")
+@click.option("--duration", "duration_kimg", type=float, default=None, metavar="KIMG",
               help="Training length in thousands of images (the reference CLI uses Mimg).  [default: 200000]")
 @click.option("--lr", type=float, default=None, help="Learning rate.  [default: 1e-3]")
-@click.option("--lr-rampup", type=float, default=None, metavar="KIMG", help="Linear lr warm-up.  [default: 10000]")
-@click.option("--ema", type=float, default=None, metavar="KIMG", help="EMA half-life.  [default: 500]")
+@click.option("--lr-rampup", "lr_rampup_kimg", type=float, default=None, metavar="KIMG", help="Linear lr warm-up.  [default: 10000]")
+@click.option("--ema", "ema_halflife_kimg", type=float, default=None, metavar="KIMG", help="EMA half-life.  [default: 500]")
 @click.option("--augment", type=float, default=None, metavar="P", help="Augmentation probability.  [default: 0.12]")
 @click.option("--dropout", type=float, default=None, help="Dropout probability.  [default: 0.13]")
 @click.option("--xflip/--no-xflip", default=None, help="Add x-flipped copies of the dataset.")
 @click.option("--fp16/--fp32", default=None, help="Mixed-precision network (CUDA only).")
-@click.option("--ls", type=float, default=None, help="Static loss scaling.  [default: 1]")
+@click.option("--ls", "loss_scaling", type=float, default=None, help="Static loss scaling.  [default: 1]")
 @click.option("--cbase", type=int, default=None, help="Channel multiplier base (model_channels).")
 @click.option("--cres", default=None, metavar="LIST", help="Channels per resolution, e.g. 1,2,2,2 (channel_mult).")
 @click.option("--seed", type=int, default=None, help="Random seed.  [default: 0]")
-@click.option("--tick", type=float, default=None, metavar="KIMG", help="Status interval.  [default: 50]")
-@click.option("--snap-kimg", type=float, default=None, metavar="KIMG",
+@click.option("--tick", "kimg_per_tick", type=float, default=None, metavar="KIMG", help="Status interval.  [default: 50]")
+@click.option("--snap-kimg", "snapshot_kimg", type=float, default=None, metavar="KIMG",
               help="Snapshot + resume-point interval.  [default: 2500]")
 @click.option("--resume", metavar="CKPT", default=None,
               help="Continue a run from its ckpt.pt with its stored options; only --outdir, --duration, --tick, "
@@ -105,17 +103,28 @@ def train(ctx: click.Context, **kw) -> None:
       edm-deploy train --outdir runs/digits --resume runs/digits/ckpt.pt --duration 600
       torchrun --nproc_per_node=8 -m edm_deploy.cli train --data ffhq-64x64.zip --outdir runs/ffhq --preset ffhq64
     """
-    from edm_deploy.training.training_loop import options_from_preset, resume_options, training_loop
+    from edm_deploy.training.training_loop import (
+        TrainingOptions,
+        options_from_preset,
+        resume_options,
+        training_loop,
+    )
 
+    fields = {f.name for f in dataclasses.fields(TrainingOptions)}
     given = {
         name for name in kw
         if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
     }
-    overrides = {_FIELDS[k]: v for k, v in kw.items() if k in _FIELDS and k in given}
+    overrides = {k: v for k, v in kw.items() if k in fields and k in given and k not in ("preset", "resume")}
     if "cres" in overrides:
         overrides["cres"] = _parse_cres(overrides["cres"])
 
     if kw["resume"] is not None:
+        if kw["preset"] is not None:
+            raise InputError(
+                f"--preset cannot be combined with --resume: a resumed run keeps the options stored in "
+                f"{kw['resume']} (its preset included); drop --preset, or start a new run with it"
+            )
         # The stored options plus the flags given now; the loop's resume check (shared with the
         # Python API) refuses any change outside RESUME_MUTABLE. A flag repeating the stored value
         # is accepted.
