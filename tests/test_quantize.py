@@ -133,7 +133,7 @@ def test_the_tolerance_rejects_a_graph_quantised_everywhere(models, tmp_path):
     assert errors.max() > MAX_ROW_REL_L2 or np.median(errors) > MEDIAN_ROW_REL_L2, errors
 
 
-@pytest.mark.parametrize("method,label_dim", [("entropy", 10), ("percentile", 0)])
+@pytest.mark.parametrize("method,label_dim", [("percentile", 10), ("minmax", 0)])
 def test_dataset_calibration_and_other_methods(tmp_path, method, label_dim):
     from edm_deploy.export.onnx_export import export_onnx
     from edm_deploy.export.quantize import quantize_int8
@@ -348,6 +348,38 @@ def test_non_finite_activations_are_a_numerical_error(tmp_path, use_dataset):
     with pytest.raises(NumericalError, match="NaN/Inf"):
         quantize_int8(fp32, str(tmp_path / "model-int8.onnx"), num_images=4, steps=2, dataset=data)
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_calibration_ranges_that_are_not_finite_are_named(models, tmp_path, method):
+    from edm_deploy.export.quantize import calibrate
+
+    fp32, _, _ = models("ddpmpp")
+    x, sigma, labels = _feeds(4)
+    good = {"x": x, "sigma": sigma, "class_labels": labels}
+    bad = dict(good, x=np.where(np.arange(x.size).reshape(x.shape) == 7, np.inf, x).astype(np.float32))
+    if method == "minmax":
+        ranges = calibrate(fp32, [good], method, 99.999, str(tmp_path))
+        assert ranges and all(np.isfinite(v.range_value).all() for v in ranges.values())
+    with pytest.raises(NumericalError, match="non-finite"):
+        calibrate(fp32, [good, bad], method, 99.999, str(tmp_path))
+
+
+def test_entropy_and_percentile_really_differ_from_minmax(models, tmp_path):
+    """Histogram methods get real histograms (onnxruntime's quantize_static default of 128 bins for
+    128 quantised bins would make entropy return the MinMax range)."""
+    from edm_deploy.export.quantize import calibrate
+
+    fp32, _, _ = models("ddpmpp")
+    feeds = []
+    for k in range(3):
+        x, sigma, labels = _feeds(5, seed=k)
+        feeds.append({"x": x, "sigma": sigma, "class_labels": labels})
+    got = {m: calibrate(fp32, feeds, m, 99.9, str(tmp_path)) for m in ("minmax", "entropy", "percentile")}
+    for method in ("entropy", "percentile"):
+        narrower = [name for name in got["minmax"].keys()
+                    if got[method][name].range_value[1] < 0.999 * got["minmax"][name].range_value[1]]
+        assert len(narrower) > len(got["minmax"].keys()) // 4, method
 
 
 # ------------------------------------------------------------------------------------------------
