@@ -55,7 +55,7 @@ def run_sample(model: str, n: int, outdir: str, batch: int, steps: int) -> dict:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-2000:])
-    done = re.search(r"done: (\d+) images, NFE (\d+)/image, ([\d.]+) s, ([\d.]+) img/s; denoiser ([\d.]+) s, sampler\+I/O overhead ([\d.]+)%", res.stdout)
+    done = re.search(r"done: (\d+) images, \S+ NFE (\d+)/image, ([\d.]+) s, ([\d.]+) img/s; denoiser ([\d.]+) s, sampler\+I/O overhead ([\d.]+)%", res.stdout)
     rss = re.search(r"PEAK_RSS_KB (\d+)", res.stdout)
     images, nfe, wall, ips, den_s, overhead = done.groups()
     return {"n": int(images), "nfe": int(nfe), "wall_s": float(wall), "img_per_s": float(ips),

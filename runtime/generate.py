@@ -12,6 +12,7 @@ uninterrupted run, and `run_record` is the description of a run that guards resu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -22,7 +23,12 @@ from edm_deploy.runtime.noise import StackedRandomGenerator, draw_latents_and_la
 from edm_deploy.runtime.sampling import ablation_sampler, edm_sampler
 from edm_deploy.runtime.xp import all_finite_rows, to_host
 
-ABLATION_KEYS = ("solver", "discretization", "schedule", "scaling")
+# The paper's ablation options (Table 1): only the reference samplers take them.
+ABLATION_KEYS = ("schedule", "scaling", "alpha", "epsilon_s", "C_1", "C_2", "M")
+REFERENCE_SOLVERS = ("heun", "euler")
+CHURN_KEYS = ("S_churn", "S_min", "S_max", "S_noise")
+# Options of the flat solver family that the reference samplers do not have.
+FAST_KEYS = ("sigmas", "afs", "denoise_to_zero", "max_order")
 
 
 def quantize_uint8(x: Any) -> np.ndarray:
@@ -31,16 +37,87 @@ def quantize_uint8(x: Any) -> np.ndarray:
     return np.clip(x * 127.5 + 128, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def pick_sampler(sampler_kwargs: dict) -> Callable:
-    """edm_sampler unless an ablation-only option is set (then ablation_sampler)."""
-    if any(sampler_kwargs.get(k) is not None for k in ABLATION_KEYS + ("alpha",)):
-        return ablation_sampler
-    return edm_sampler
-
-
 def clean_sampler_kwargs(sampler_kwargs: dict) -> dict:
     """Drop unset options so each sampler applies its own defaults."""
-    return {k: v for k, v in sampler_kwargs.items() if v is not None}
+    return {k: v for k, v in sampler_kwargs.items() if v is not None and v is not False}
+
+
+@dataclass
+class SamplingPlan:
+    """How one run samples: the sampler call, its time points (when they are known up front), its NFE.
+
+    Built once per run by `plan_sampling`, so every option is checked before any image is made.
+    """
+
+    run: Callable[..., Any]          # run(den, latents, class_labels, randn_like, callback) -> float64 x
+    solver: str
+    nfe: int
+    sigmas: Optional[np.ndarray]     # the exact time points, or None for the general ablation sampler
+
+
+def plan_sampling(den: Any, sampler_kwargs: Optional[dict] = None) -> SamplingPlan:
+    """Route sampler options to the sampler that implements them, checking them all.
+
+    * `solver` heun/euler with the paper's discretizations and nothing from the fast family:
+      the reference samplers (`edm_sampler`, or `ablation_sampler` when any ablation option is
+      set, as the reference `generate.py` decides), bit for bit as the reference;
+    * anything else: the flat solver family (`sampling.sample`) on a named schedule
+      (`discretization`), `num_steps` or `nfe` time points, or an explicit `sigmas` list.
+    An option the chosen path would not use is one InputError naming it.
+    """
+    from edm_deploy.runtime import solvers as slv
+    from edm_deploy.runtime.sampling import nfe as reference_nfe
+    from edm_deploy.runtime.sampling import sample, sampling_sigmas
+    from edm_deploy.runtime.schedules import DISCRETIZATIONS, param_error
+
+    kw = clean_sampler_kwargs(dict(sampler_kwargs or {}))
+    solver = kw.pop("solver", None) or "heun"
+    spec = slv.get_solver(solver)
+    disc = kw.pop("discretization", None)
+    nfe_target = kw.pop("nfe", None)
+    if nfe_target is not None:
+        if "num_steps" in kw or "sigmas" in kw:
+            raise param_error("nfe", "give nfe or num_steps (or sigmas), not both")
+        kw["num_steps"] = slv.steps_for_nfe(solver, nfe_target, afs=bool(kw.get("afs")),
+                                            denoise_to_zero=bool(kw.get("denoise_to_zero")))
+    ablation = {k: kw[k] for k in ABLATION_KEYS if k in kw}
+    fast = [k for k in FAST_KEYS if k in kw]
+    if solver in REFERENCE_SOLVERS and disc in (None, *DISCRETIZATIONS) and not fast:
+        options = dict(kw)
+        use_ablation = bool(ablation) or disc is not None or solver != "heun"
+        if use_ablation:
+            options.update(solver=solver, discretization=disc or "edm")
+            sampler = ablation_sampler
+        else:
+            sampler = edm_sampler
+        t = None
+        if not ablation and disc in (None, "edm"):  # the EDM form: these are the time points the sampler visits
+            t = sampling_sigmas(den, solver, None, options.get("num_steps"), "edm", options.get("sigma_min"),
+                                options.get("sigma_max"), rho=options.get("rho"))
+
+        def run(den, latents, class_labels, randn_like, callback=None):
+            return sampler(den, latents, class_labels, randn_like=randn_like, callback=callback, **options)
+
+        return SamplingPlan(run, solver, reference_nfe(options.get("num_steps", 18), solver), t)
+    if ablation:
+        key = next(iter(ablation))
+        raise param_error(key, f"{key} (an ablation option of the paper) applies to the heun and euler solvers on the "
+                               f"{', '.join(DISCRETIZATIONS)} discretizations without sigmas, afs or denoise_to_zero")
+    churn = {k: kw.pop(k) for k in CHURN_KEYS if k in kw}
+    slv.check_solver_options(solver, {**churn, **({"max_order": kw["max_order"]} if "max_order" in kw else {})},
+                             afs=bool(kw.get("afs")), denoise_to_zero=bool(kw.get("denoise_to_zero")))
+    schedule_args = dict(sigmas=kw.get("sigmas"), num_steps=kw.get("num_steps"), schedule=disc,
+                         sigma_min=kw.get("sigma_min"), sigma_max=kw.get("sigma_max"),
+                         denoise_to_zero=bool(kw.get("denoise_to_zero")))
+    rho = kw.get("rho")
+    t = sampling_sigmas(den, solver, **schedule_args, **({"rho": rho} if rho is not None else {}))
+    extra = {k: kw[k] for k in ("max_order",) if k in kw}
+
+    def run(den, latents, class_labels, randn_like, callback=None):
+        return sample(den, latents, class_labels, solver=solver, sigmas=t, afs=bool(kw.get("afs")),
+                      randn_like=randn_like, callback=callback, **churn, **extra)
+
+    return SamplingPlan(run, solver, spec.nfe_for_sigmas(t, afs=bool(kw.get("afs"))), t)
 
 
 def sample_batch(
@@ -49,15 +126,15 @@ def sample_batch(
     class_idx: Optional[int] = None,
     sampler_kwargs: Optional[dict] = None,
     callback: Optional[Callable] = None,
+    plan: Optional[SamplingPlan] = None,
 ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Sample one batch: (uint8 NHWC images, int labels or None)."""
     den = as_denoiser(den)
-    kwargs = clean_sampler_kwargs(dict(sampler_kwargs or {}))
-    sampler = pick_sampler(kwargs)
+    plan = plan or plan_sampling(den, sampler_kwargs)
     rnd = StackedRandomGenerator(seeds)
     img_shape = (den.img_channels, den.img_resolution, den.img_resolution)
     latents, labels = draw_latents_and_labels(rnd, img_shape, int(den.label_dim), class_idx)
-    x = sampler(den, den.to_device(latents), labels, randn_like=rnd.randn_like, callback=callback, **kwargs)
+    x = plan.run(den, den.to_device(latents), labels, rnd.randn_like, callback)
     finite = all_finite_rows(x)
     if not finite.all():
         bad = [int(s) for s, ok in zip(seeds, finite) if not ok]
@@ -85,19 +162,26 @@ def generate(
 ) -> np.ndarray:
     """Images for `seeds` as uint8 [N, H, W, C]; the same seed always gives the same image.
 
-    `sampler_kwargs` are the reference sampler options (num_steps, sigma_min, sigma_max, rho,
-    S_churn, S_min, S_max, S_noise, solver, discretization, schedule, scaling, alpha, ...).
+    `sampler_kwargs` are the sampler options: the reference's (num_steps, sigma_min, sigma_max,
+    rho, S_churn, S_min, S_max, S_noise, solver, discretization, schedule, scaling, alpha, ...)
+    and the fast solvers' (solver from `solvers.SOLVER_NAMES`, nfe, sigmas, afs,
+    denoise_to_zero, max_order); see `plan_sampling`.
     """
     den = as_denoiser(den)
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise InputError("no seeds given")
     batch_size = check_batch_size(batch_size)
+    plan = plan_sampling(den, sampler_kwargs)
     out = []
     for start in range(0, len(seeds), batch_size):
-        images, _ = sample_batch(den, seeds[start:start + batch_size], class_idx, sampler_kwargs)
+        images, _ = sample_batch(den, seeds[start:start + batch_size], class_idx, plan=plan)
         out.append(images)
     return np.concatenate(out)
+
+
+def _is_inf(value: Any) -> bool:
+    return isinstance(value, float) and value == float("inf")
 
 
 def run_record(model_sha256: str, class_idx: Optional[int], sampler_kwargs: dict, *,
@@ -112,7 +196,8 @@ def run_record(model_sha256: str, class_idx: Optional[int], sampler_kwargs: dict
     record: dict[str, Any] = {
         "model_sha256": model_sha256,
         "class": class_idx,
-        "sampler": {k: v for k, v in sorted(clean_sampler_kwargs(sampler_kwargs).items()) if v != float("inf")},
+        "sampler": {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                    for k, v in sorted(clean_sampler_kwargs(sampler_kwargs).items()) if not _is_inf(v)},
     }
     if fixed_batch is not None:
         record["fixed_batch"] = int(fixed_batch)
@@ -129,6 +214,7 @@ def sample_into(
     class_idx: Optional[int] = None,
     sampler_kwargs: Optional[dict] = None,
     progress: Optional[Callable[[int], None]] = None,
+    plan: Optional[SamplingPlan] = None,
 ) -> int:
     """Sample every batch with an image missing from `writer` and submit the missing images.
 
@@ -138,13 +224,14 @@ def sample_into(
     of images written; `progress(n)` is called after each batch.
     """
     den = as_denoiser(den)
+    plan = plan or plan_sampling(den, sampler_kwargs)
     written = 0
     try:
         for batch in batches:
             missing = [i for i, s in enumerate(batch) if not writer.is_done(s)]
             if not missing:
                 continue
-            images, labels = sample_batch(den, batch, class_idx, sampler_kwargs)
+            images, labels = sample_batch(den, batch, class_idx, plan=plan)
             writer.submit(images[missing], [batch[i] for i in missing], None if labels is None else labels[missing])
             written += len(missing)
             if progress is not None:

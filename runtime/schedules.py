@@ -44,9 +44,7 @@ VP_EPSILON_S = 1e-3
 
 def param_error(param: str, message: str) -> InputError:
     """An InputError about one API parameter, tagged with it (``.param``) so a front end can name its own flag."""
-    err = InputError(message)
-    err.param = param
-    return err
+    return InputError(message, param=param)
 
 
 def check_num_steps(num_steps: int) -> int:
@@ -75,12 +73,20 @@ def _ramp(num_steps: int) -> np.ndarray:
     return np.arange(num_steps, dtype=np.float64) / (num_steps - 1)
 
 
+RHO_RANGE = (0.01, 1000.0)  # sigma**(1/rho) overflows float64 for rho below ~0.006 at sigma 80
+
+
+def check_rho(rho: float) -> None:
+    lo, hi = RHO_RANGE
+    if not (isinstance(rho, (int, float, np.floating)) and lo <= rho <= hi):
+        raise param_error("rho", f"rho must lie in [{lo:g}, {hi:g}], got {rho!r}")
+
+
 def edm_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
     """EDM eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
     num_steps = check_num_steps(num_steps)
     check_sigma_range(sigma_min, sigma_max)
-    if not rho > 0:
-        raise InputError(f"rho must be > 0, got {rho}")
+    check_rho(rho)
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (a + _ramp(num_steps) * (b - a)) ** rho
 

@@ -137,10 +137,12 @@ def _finish_at_zero(den, x, levels, class_labels, callback, num_steps):
 
 def check_churn(S_churn: float, S_min: float, S_max: float, S_noise: float) -> None:
     """EDM's stochasticity knobs: S_churn, S_noise >= 0 and a window S_min <= S_max."""
-    if S_churn < 0:
-        raise param_error("S_churn", f"S_churn must be >= 0, got {S_churn}")
-    if S_noise < 0:
-        raise param_error("S_noise", f"S_noise must be >= 0, got {S_noise}")
+    if not (math.isfinite(S_churn) and S_churn >= 0):
+        raise param_error("S_churn", f"S_churn must be a finite number >= 0, got {S_churn}")
+    if not (math.isfinite(S_noise) and S_noise >= 0):
+        raise param_error("S_noise", f"S_noise must be a finite number >= 0, got {S_noise}")
+    if math.isnan(S_min) or math.isnan(S_max) or S_min < 0:
+        raise param_error("S_min", f"S_min and S_max must be numbers >= 0, got {S_min} and {S_max}")
     if S_min > S_max:
         raise param_error("S_min", f"S_min ({S_min}) must not exceed S_max ({S_max})")
 

@@ -436,7 +436,7 @@ def test_registry_describes_every_solver():
         ("unipc", dict(max_order=4), "max_order must be an integer from 1 to 3"),
         ("rk45", {}, "unknown solver 'rk45'; choose one of euler, heun, dpmpp-2m"),
         ("ipndm", dict(bogus=1), "bogus does not apply to the ipndm solver \\(no solver takes it\\)"),
-        ("heun", dict(S_churn=-1), "S_churn must be >= 0"),
+        ("heun", dict(S_churn=-1), "S_churn must be a finite number >= 0"),
         ("deis", dict(num_steps=1), "the deis solver needs at least 2 time points"),
         ("ipndm", dict(sigmas=[80, 1], num_steps=5), "num_steps does not apply when sigmas is given"),
         ("ipndm", dict(sigmas=[80, 1], rho=5), "rho does not apply when sigmas is given"),

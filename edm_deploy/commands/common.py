@@ -9,8 +9,8 @@ from typing import Any, Callable, Optional
 import click
 
 SAMPLER_OPTION_NAMES = (
-    "num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise",
-    "solver", "discretization", "schedule", "scaling",
+    "num_steps", "nfe", "sigmas", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise",
+    "solver", "discretization", "schedule", "scaling", "afs", "denoise_to_zero",
 )
 
 
@@ -41,21 +41,39 @@ POSITIVE = FiniteFloat(0, lo_open=True)
 NON_NEGATIVE = FiniteFloat(0)
 
 
+def _solver_help() -> str:
+    from edm_deploy.runtime.solvers import SOLVER_REGISTRY
+
+    return "ODE solver [default: heun]: " + "; ".join(
+        f"{spec.name} (NFE {spec.nfe_formula})" for spec in SOLVER_REGISTRY.values()) + "."
+
+
 def sampler_options(func: Callable) -> Callable:
-    """The reference generate.py sampler flags, with the same names and defaults."""
+    """Sampler flags: the reference generate.py's, with its names and defaults, and the fast solvers'.
+
+    Choices come from the runtime's registries (solvers, schedules), so the CLI never retypes them.
+    Options default to unset (None) so that one a solver does not take can be refused.
+    """
+    from edm_deploy.runtime.schedules import SCALINGS, SCHEDULE_NAMES, SCHEDULES
+    from edm_deploy.runtime.solvers import SOLVER_NAMES
+
     options = [
-        click.option("--steps", "num_steps", type=click.IntRange(min=1, max=100_000), default=18, show_default=True, help="Number of sampling steps N (NFE = 2N-1 for Heun)."),
+        click.option("--steps", "num_steps", type=click.IntRange(min=1, max=100_000), default=None, help="Number of time points N from sigma_max to sigma_min [default: 18]; NFE per --solver."),
+        click.option("--nfe", type=click.IntRange(min=1, max=100_000), default=None, help="Choose the steps that spend exactly this many network evaluations with --solver."),
+        click.option("--sigmas", default=None, help="Explicit time points, comma-separated (e.g. 80,10,1,0.002) or a .json schedule file (edm-deploy schedule); used exactly as given."),
         click.option("--sigma_min", type=POSITIVE, default=None, help="Lowest noise level [default: 0.002, or per --disc]."),
         click.option("--sigma_max", type=POSITIVE, default=None, help="Highest noise level [default: 80, or per --disc]."),
-        click.option("--rho", type=FiniteFloat(0.01, 1000, lo_open=False), default=7, show_default=True, help="Time step exponent (0.01..1000)."),
-        click.option("--S_churn", "S_churn", type=NON_NEGATIVE, default=0, show_default=True, help="Stochasticity strength."),
-        click.option("--S_min", "S_min", type=NON_NEGATIVE, default=0, show_default=True, help="Lowest sigma with churn."),
-        click.option("--S_max", "S_max", type=FiniteFloat(0, allow_inf=True), default=float("inf"), show_default=True, help="Highest sigma with churn."),
-        click.option("--S_noise", "S_noise", type=NON_NEGATIVE, default=1, show_default=True, help="Noise inflation."),
-        click.option("--solver", type=click.Choice(["euler", "heun"]), default=None, help="Ablation: ODE solver."),
-        click.option("--disc", "discretization", type=click.Choice(["vp", "ve", "iddpm", "edm"]), default=None, help="Ablation: time step discretization."),
-        click.option("--schedule", type=click.Choice(["vp", "ve", "linear"]), default=None, help="Ablation: noise schedule sigma(t)."),
-        click.option("--scaling", type=click.Choice(["vp", "none"]), default=None, help="Ablation: signal scaling s(t)."),
+        click.option("--rho", type=FiniteFloat(0.01, 1000), default=None, help="Time step exponent of the edm discretization (0.01..1000) [default: 7]."),
+        click.option("--S_churn", "S_churn", type=NON_NEGATIVE, default=None, help="Stochasticity strength (heun, euler) [default: 0]."),
+        click.option("--S_min", "S_min", type=NON_NEGATIVE, default=None, help="Lowest sigma with churn [default: 0]."),
+        click.option("--S_max", "S_max", type=FiniteFloat(0, allow_inf=True), default=None, help="Highest sigma with churn [default: inf]."),
+        click.option("--S_noise", "S_noise", type=NON_NEGATIVE, default=None, help="Noise inflation with churn [default: 1]."),
+        click.option("--solver", type=click.Choice(SOLVER_NAMES), default=None, help=_solver_help()),
+        click.option("--disc", "discretization", type=click.Choice(SCHEDULE_NAMES), default=None, help="Time step discretization [default: edm]."),
+        click.option("--schedule", type=click.Choice(SCHEDULES), default=None, help="Ablation (heun/euler): noise schedule sigma(t)."),
+        click.option("--scaling", type=click.Choice(SCALINGS), default=None, help="Ablation (heun/euler): signal scaling s(t)."),
+        click.option("--afs", is_flag=True, default=None, help="Analytical first step: saves one NFE (multistep solvers)."),
+        click.option("--denoise-to-zero", is_flag=True, default=None, help="Multistep solvers: finish with x = D(x; sigma_min) (one more NFE)."),
     ]
     for option in reversed(options):
         func = option(func)

@@ -58,9 +58,9 @@ def sample(model: str, **params: Any) -> None:
     """
     from edm_deploy.runtime.fileio import refuse_overwriting_inputs, sha256_file
     from edm_deploy.runtime.fixed_shape import FixedShapeDenoiser
-    from edm_deploy.runtime.generate import run_record, sample_into
+    from edm_deploy.runtime.generate import plan_sampling, run_record, sample_into
     from edm_deploy.runtime.noise import check_class
-    from edm_deploy.runtime.sampling import nfe
+    from edm_deploy.runtime.schedule_file import mismatch_warnings, parse_sigmas
     from edm_deploy.runtime.seeds import parse_seeds, parse_shard, seeds_from_count, shard_batches
     from edm_deploy.runtime.timing import TimedDenoiser
     from edm_deploy.runtime.writers import check_output, open_output, parts_dir_for
@@ -87,16 +87,22 @@ def sample(model: str, **params: Any) -> None:
     check_output(len(my_seeds), outdir=params["outdir"], npz_path=npz_path, grid_path=params["grid_path"],
                  grid_columns=params["grid_cols"], shard=(rank, world))
     kwargs = sampler_kwargs_from(params)
+    schedule_meta: dict = {}
+    if params["sigmas"] is not None:
+        kwargs["sigmas"], schedule_meta = parse_sigmas(params["sigmas"])
+    model_sha256 = sha256_file(model)
     den = load_from_options(model, params)
     with den:
         check_class(params["class_idx"], den.label_dim)
-        for note in den.warnings:
+        plan = plan_sampling(den, kwargs)  # every sampler option checked before any output is touched
+        for note in den.warnings + mismatch_warnings(schedule_meta, model_sha256, plan.solver):
             click.echo(f"warning: {note}", err=True)
         runner = den if params["fixed_batch"] is None else FixedShapeDenoiser(den, params["fixed_batch"])
         if params["profile"]:
             runner = TimedDenoiser(runner)
-        record = run_record(sha256_file(model), params["class_idx"], kwargs, batch_size=params["batch_size"],
-                            fixed_batch=params["fixed_batch"])
+        record = run_record(model_sha256, params["class_idx"], kwargs, batch_size=params["batch_size"],
+                            fixed_batch=params["fixed_batch"], solver=plan.solver,
+                            time_points=None if plan.sigmas is None else [float(v) for v in plan.sigmas])
         image_shape = (den.img_resolution, den.img_resolution, den.img_channels)
         with open_output(record, my_seeds, outdir=params["outdir"], npz_path=npz_path, grid_path=params["grid_path"],
                          subdirs=params["subdirs"], workers=params["workers"], grid_columns=params["grid_cols"],
@@ -111,12 +117,11 @@ def sample(model: str, **params: Any) -> None:
 
             start = time.perf_counter()
             with tqdm(total=total, unit="img", dynamic_ncols=True, disable=None) as bar:
-                written = sample_into(runner, writer, todo, params["class_idx"], kwargs, progress=bar.update)
+                written = sample_into(runner, writer, todo, params["class_idx"], progress=bar.update, plan=plan)
             wall = time.perf_counter() - start
 
-    per_image_nfe = nfe(kwargs.get("num_steps", 18), kwargs.get("solver") or "heun")
     if written:
-        line = f"done: {written} images, NFE {per_image_nfe}/image, {wall:.1f} s, {written / wall:.2f} img/s"
+        line = f"done: {written} images, {plan.solver} NFE {plan.nfe}/image, {wall:.1f} s, {written / wall:.2f} img/s"
         if params["profile"]:
             overhead = max(0.0, 1 - runner.eval_seconds / wall) if wall > 0 else 0.0
             line += f"; denoiser {runner.eval_seconds:.1f} s, sampler+I/O overhead {overhead:.1%}"
