@@ -56,6 +56,9 @@ class DenoiserBase:
     label_dim: int = 0
     max_batch: Optional[int] = None
     device: str = "cpu"
+    # The label dropout the model was trained with, when known: classifier-free guidance needs
+    # it > 0 (the unconditional branch is untrained otherwise); None = unknown.
+    label_dropout: Optional[float] = None
 
     @property
     def warnings(self) -> list[str]:
@@ -93,8 +96,10 @@ class _Adapted(DenoiserBase):
 
     def __init__(self, net: Any):
         self.net = net
-        for name in ("sigma_min", "sigma_max", "img_channels", "img_resolution", "label_dim", "max_batch"):
-            setattr(self, name, getattr(net, name, None) if name == "max_batch" else getattr(net, name))
+        for name in ("sigma_min", "sigma_max", "img_channels", "img_resolution", "label_dim"):
+            setattr(self, name, getattr(net, name))
+        self.max_batch = getattr(net, "max_batch", None)
+        self.label_dropout = getattr(net, "label_dropout", None)
 
     def round_sigma(self, sigma: Any) -> Any:
         return self.net.round_sigma(sigma)

@@ -42,7 +42,7 @@ class FixedShapeDenoiser(DenoiserBase):
         if self.den.max_batch is not None and rows > self.den.max_batch:
             raise InputError(f"fixed_batch {rows} exceeds the model's batch limit {self.den.max_batch}", param="fixed_batch")
         self.rows = int(rows)
-        for name in ("sigma_min", "sigma_max", "img_channels", "img_resolution", "label_dim", "device"):
+        for name in ("sigma_min", "sigma_max", "img_channels", "img_resolution", "label_dim", "device", "label_dropout"):
             setattr(self, name, getattr(self.den, name))
         self.max_batch = None  # any batch: it is cut into chunks here
 

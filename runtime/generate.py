@@ -153,11 +153,26 @@ def check_batch_size(batch_size: Any) -> int:
     return int(batch_size)
 
 
+def guided(den: Any, guide: Any = None, guidance: Optional[float] = None,
+           guidance_interval: Optional[tuple[float, float]] = None) -> Any:
+    """`den` itself without guidance; else the `GuidedDenoiser` of den and guide (None: classifier-free)."""
+    if guidance is None:
+        if guide is not None or guidance_interval is not None:
+            raise InputError("a guide or a guidance interval needs a guidance weight", param="guidance")
+        return as_denoiser(den)
+    from edm_deploy.runtime.guidance import GuidedDenoiser
+
+    return GuidedDenoiser(den, guide, guidance, (0.0, float("inf")) if guidance_interval is None else guidance_interval)
+
+
 def generate(
     den: Any,
     seeds: Iterable[int],
     class_idx: Optional[int] = None,
     batch_size: int = 64,
+    guide: Any = None,
+    guidance: Optional[float] = None,
+    guidance_interval: Optional[tuple[float, float]] = None,
     **sampler_kwargs: Any,
 ) -> np.ndarray:
     """Images for `seeds` as uint8 [N, H, W, C]; the same seed always gives the same image.
@@ -165,9 +180,12 @@ def generate(
     `sampler_kwargs` are the sampler options: the reference's (num_steps, sigma_min, sigma_max,
     rho, S_churn, S_min, S_max, S_noise, solver, discretization, schedule, scaling, alpha, ...)
     and the fast solvers' (solver from `solvers.SOLVER_NAMES`, nfe, sigmas, afs,
-    denoise_to_zero, max_order); see `plan_sampling`.
+    denoise_to_zero, max_order); see `plan_sampling`. With `guidance` W the images are guided,
+    D = D_g + W (D - D_g): by `guide` (autoguidance; another denoiser, e.g. an earlier snapshot)
+    or, with no guide, by the model's own unconditional branch (classifier-free), only at noise
+    levels inside `guidance_interval` (lo, hi] when given.
     """
-    den = as_denoiser(den)
+    den = guided(den, guide, guidance, guidance_interval)
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise InputError("no seeds given")

@@ -71,10 +71,15 @@ class GuidedDenoiser(DenoiserBase):
         self.img_channels, self.img_resolution = self.den.img_channels, self.den.img_resolution
         self.label_dim = self.den.label_dim
         self.device = self.den.device
+        self.label_dropout = self.den.label_dropout
         if self.guide is None:
             if not self.label_dim:
                 raise InputError("classifier-free guidance needs a class-conditional model; this one is unconditional",
                                  param="guidance")
+            if self.den.label_dropout is not None and self.den.label_dropout <= 0:
+                raise InputError("classifier-free guidance needs a model trained with label dropout (its unconditional "
+                                 "branch is untrained otherwise); this one was trained without: give a guide model "
+                                 "instead, or train with label dropout", param="guidance")
             self.sigma_min, self.sigma_max = self.den.sigma_min, self.den.sigma_max
             self.max_batch = self.den.max_batch
         else:

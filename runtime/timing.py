@@ -19,7 +19,8 @@ class TimedDenoiser(DenoiserBase):
 
     def __init__(self, den: Any):
         self.den = as_denoiser(den)
-        for name in ("sigma_min", "sigma_max", "img_channels", "img_resolution", "label_dim", "max_batch", "device"):
+        for name in ("sigma_min", "sigma_max", "img_channels", "img_resolution", "label_dim", "max_batch", "device",
+                     "label_dropout"):
             setattr(self, name, getattr(self.den, name))
         self.eval_seconds = 0.0
         self.calls = 0

@@ -187,3 +187,101 @@ def test_guidance_on_a_device_array_state_matches_the_host_state():
     device = edm_sampler(g, torch.from_numpy(lat), num_steps=8)
     assert isinstance(device, torch.Tensor)
     np.testing.assert_array_equal(device.numpy(), host)
+
+
+# -- the command line --------------------------------------------------------------------------
+
+from tests.conftest import requires_onnx, run_cli  # noqa: E402
+
+
+def _with_label_dropout(src: str, dst: str, p: float) -> str:
+    import json
+
+    import onnx
+
+    from edm_deploy.runtime.manifest import ONNX_METADATA_KEY
+
+    model = onnx.load(src)
+    for prop in model.metadata_props:
+        if prop.key == ONNX_METADATA_KEY:
+            manifest = json.loads(prop.value)
+            manifest["network"]["init_kwargs"]["label_dropout"] = p
+            prop.value = json.dumps(manifest)
+    onnx.save(model, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory):
+    from tests.onnx_oracles import gaussian_onnx
+
+    d = tmp_path_factory.mktemp("guidance")
+    return {
+        "model": gaussian_onnx(str(d / "model.onnx"), mu=0.2, std=0.4, label_dim=10),
+        "guide": gaussian_onnx(str(d / "guide.onnx"), mu=-0.1, std=0.9, label_dim=10),
+        "rgb": gaussian_onnx(str(d / "rgb.onnx"), channels=3, label_dim=10),
+        "cfg": _with_label_dropout(gaussian_onnx(str(d / "c0.onnx"), label_dim=10), str(d / "cfg.onnx"), 0.1),
+    }
+
+
+def _pngs(folder):
+    import os
+
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder)) if f.endswith(".png")}
+
+
+@requires_onnx
+def test_cli_guide_equal_to_the_model_reproduces_unguided_sampling(onnx_models, tmp_path, cli_env):
+    base = ["sample", onnx_models["model"], "-n", "6", "--steps", "6"]
+    assert run_cli(base + ["--outdir", str(tmp_path / "plain")], env=cli_env).returncode == 0
+    res = run_cli(base + ["--guide", onnx_models["model"], "--guidance", "2.5", "--outdir", str(tmp_path / "self")],
+                  env=cli_env)
+    assert res.returncode == 0, res.stderr
+    assert _pngs(tmp_path / "self") == _pngs(tmp_path / "plain")
+
+
+@requires_onnx
+def test_cli_autoguidance_changes_images_and_its_settings_guard_the_resume(onnx_models, tmp_path, cli_env):
+    import json
+
+    from edm_deploy.runtime.writers import RUN_RECORD
+
+    out = tmp_path / "g"
+    base = ["sample", onnx_models["model"], "-n", "6", "--steps", "6", "--guide", onnx_models["guide"], "--outdir", str(out)]
+    res = run_cli(base + ["--guidance", "2", "--guidance-interval", "0.3,5"], env=cli_env)
+    assert res.returncode == 0, res.stderr
+    assert "autoguided" in res.stderr
+    assert run_cli(["sample", onnx_models["model"], "-n", "6", "--steps", "6", "--outdir", str(tmp_path / "p")],
+                   env=cli_env).returncode == 0
+    assert _pngs(out) != _pngs(tmp_path / "p")
+    record = json.loads((out / RUN_RECORD).read_text())
+    assert record["guidance"] == 2 and record["guidance_interval"] == [0.3, 5] and len(record["guide_sha256"]) == 64
+    res = run_cli(base + ["--guidance", "3", "--guidance-interval", "0.3,5"], env=cli_env)
+    assert res.returncode == 1 and "guidance" in res.stderr
+
+
+@requires_onnx
+def test_cli_classifier_free_guidance_needs_label_dropout(onnx_models, tmp_path, cli_env):
+    res = run_cli(["sample", onnx_models["model"], "-n", "2", "--guidance", "2", "--outdir", str(tmp_path / "a")],
+                  env=cli_env)
+    line = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 1 and len(line) == 1 and "--cond-drop" in line[0] and "--guide" in line[0]
+    res = run_cli(["sample", onnx_models["cfg"], "-n", "4", "--steps", "4", "--guidance", "2",
+                   "--outdir", str(tmp_path / "b")], env=cli_env)
+    assert res.returncode == 0, res.stderr
+    assert "classifier-free" in res.stderr
+
+
+@requires_onnx
+@pytest.mark.parametrize("extra,match", [
+    (["--guide", "RGB", "--guidance", "2"], "guide makes 3x8x8"),
+    (["--guide", "GUIDE"], "need a guidance weight"),
+    (["--guide", "GUIDE", "--guidance", "2", "--guidance-interval", "5,1"], "0 <= lo < hi"),
+    (["--guide", "GUIDE", "--guidance", "nan"], "not a finite number"),
+    (["--guide", "GUIDE", "--guidance", "2", "--guidance-interval", "abc"], "two numbers"),
+])
+def test_cli_guidance_errors_are_one_line(onnx_models, tmp_path, cli_env, extra, match):
+    extra = [onnx_models["rgb"] if a == "RGB" else onnx_models["guide"] if a == "GUIDE" else a for a in extra]
+    res = run_cli(["sample", onnx_models["model"], "-n", "2", *extra, "--outdir", str(tmp_path / "o")], env=cli_env)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 1 and len(errors) == 1 and match in errors[0], res.stderr

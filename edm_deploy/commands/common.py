@@ -109,17 +109,16 @@ def backend_options(func: Callable) -> Callable:
     return func
 
 
-def load_from_options(model: str, params: dict[str, Any], max_batch: Any = None):
-    from edm_deploy.loading import load
+def load_from_options(model: str, params: dict[str, Any], max_batch: Any = None, only_applicable: bool = False):
+    """Load `model` with the backend flags; `only_applicable` drops the ones its kind does not take
+    (a second model of another kind, e.g. an ONNX guide for a .pt model run with --compile)."""
+    from edm_deploy.loading import MODEL_KINDS, load, model_kind
 
-    return load(
-        model,
-        backend=params["backend"],
-        device=params["device"],
-        max_batch=max_batch,
-        fp16=params.get("fp16", False),
-        bf16=params.get("bf16", False),
-        compile=params.get("compile_", False),
-        cuda_graph=params.get("cuda_graph", False),
-        threads=params.get("threads"),
-    )
+    options = dict(fp16=params.get("fp16", False), bf16=params.get("bf16", False), compile=params.get("compile_", False),
+                   cuda_graph=params.get("cuda_graph", False), threads=params.get("threads"))
+    backend = params["backend"]
+    if only_applicable:
+        kind = MODEL_KINDS[model_kind(model)]
+        options = {k: v for k, v in options.items() if k in kind.options}
+        backend = backend if backend in kind.backends else "auto"
+    return load(model, backend=backend, device=params["device"], max_batch=max_batch, **options)

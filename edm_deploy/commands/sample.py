@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 import click
 
 from edm_deploy.commands.common import (
+    FiniteFloat,
     backend_options,
     load_from_options,
     sampler_kwargs_from,
@@ -31,6 +33,9 @@ from edm_deploy.runtime.errors import InputError
 @click.option("--shard", default=None, help="Take shard i of n of the seeds ('i/n'); torchrun's RANK/WORLD_SIZE by default.")
 @click.option("--workers", type=click.IntRange(min=1, max=64), default=2, show_default=True, help="PNG encoding threads.")
 @click.option("--grid-cols", type=click.IntRange(min=1), default=None, help="Grid width in images.")
+@click.option("--guide", type=click.Path(dir_okay=False), default=None, help="Autoguidance: the guide model (any file sample loads: an early snapshot, a smaller model); needs --guidance.")
+@click.option("--guidance", type=FiniteFloat(), default=None, help="Guidance weight W: D = D_guide + W (D - D_guide); without --guide, classifier-free (needs a model trained with --cond-drop).")
+@click.option("--guidance-interval", default=None, help="Guide only at noise levels LO < sigma <= HI, e.g. 0.28,1.6 [default: always].")
 @click.option("--profile", is_flag=True, help="Also report the time inside the network and the sampler overhead (synchronises the device after each evaluation).")
 @sampler_options
 @backend_options
@@ -58,7 +63,7 @@ def sample(model: str, **params: Any) -> None:
     """
     from edm_deploy.runtime.fileio import refuse_overwriting_inputs, sha256_file
     from edm_deploy.runtime.fixed_shape import FixedShapeDenoiser
-    from edm_deploy.runtime.generate import plan_sampling, run_record, sample_into
+    from edm_deploy.runtime.generate import guided, plan_sampling, run_record, sample_into
     from edm_deploy.runtime.noise import check_class
     from edm_deploy.runtime.schedule_file import mismatch_warnings, parse_sigmas
     from edm_deploy.runtime.seeds import parse_seeds, parse_shard, seeds_from_count, shard_batches
@@ -76,7 +81,10 @@ def sample(model: str, **params: Any) -> None:
     npz_path = params["npz_path"] and (params["npz_path"] if world == 1 else _shard_name(params["npz_path"], rank, world))
     if npz_path:
         outputs.update({"--npz": npz_path, "--npz (its parts folder)": parts_dir_for(npz_path)})
-    refuse_overwriting_inputs({"MODEL": model}, outputs)
+    refuse_overwriting_inputs({"MODEL": model, "--guide": params["guide"]}, outputs)
+    interval = _interval(params["guidance_interval"])
+    if params["guidance"] is None and (params["guide"] or interval):
+        raise InputError("--guide and --guidance-interval need a guidance weight: add --guidance W")
     batches = shard_batches(seeds, params["batch_size"], rank, world)
     my_seeds = [s for b in batches for s in b]
     if not my_seeds:
@@ -92,17 +100,26 @@ def sample(model: str, **params: Any) -> None:
         kwargs["sigmas"], schedule_meta = parse_sigmas(params["sigmas"])
     model_sha256 = sha256_file(model)
     den = load_from_options(model, params)
-    with den:
+    guide = load_from_options(params["guide"], params, only_applicable=True) if params["guide"] else None
+    with den, (guide or contextlib.nullcontext()):
         check_class(params["class_idx"], den.label_dim)
+        if params["guidance"] is not None and guide is None and den.label_dim and den.label_dropout == 0:
+            raise InputError("--guidance without --guide is classifier-free guidance, which needs a model trained with "
+                             "label dropout (edm-deploy train --cond-drop P); this one was trained without: "
+                             "pass --guide GUIDE for autoguidance instead")
         plan = plan_sampling(den, kwargs)  # every sampler option checked before any output is touched
         for note in den.warnings + mismatch_warnings(schedule_meta, model_sha256, plan.solver):
             click.echo(f"warning: {note}", err=True)
-        runner = den if params["fixed_batch"] is None else FixedShapeDenoiser(den, params["fixed_batch"])
+        if params["fixed_batch"] is not None:
+            den, guide = (None if m is None else FixedShapeDenoiser(m, params["fixed_batch"]) for m in (den, guide))
+        runner = guided(den, guide, params["guidance"], interval)
         if params["profile"]:
             runner = TimedDenoiser(runner)
         record = run_record(model_sha256, params["class_idx"], kwargs, batch_size=params["batch_size"],
                             fixed_batch=params["fixed_batch"], solver=plan.solver,
-                            time_points=None if plan.sigmas is None else [float(v) for v in plan.sigmas])
+                            time_points=None if plan.sigmas is None else [float(v) for v in plan.sigmas],
+                            guide_sha256=sha256_file(params["guide"]) if params["guide"] else None,
+                            guidance=params["guidance"], guidance_interval=None if interval is None else list(interval))
         image_shape = (den.img_resolution, den.img_resolution, den.img_channels)
         with open_output(record, my_seeds, outdir=params["outdir"], npz_path=npz_path, grid_path=params["grid_path"],
                          subdirs=params["subdirs"], workers=params["workers"], grid_columns=params["grid_cols"],
@@ -129,6 +146,20 @@ def sample(model: str, **params: Any) -> None:
     else:
         click.echo("done: nothing to do, every image already exists")
     click.echo(f"output: {params['outdir'] or npz_path or params['grid_path']}")
+
+
+def _interval(text: Optional[str]) -> Optional[tuple[float, float]]:
+    """'LO,HI' -> (lo, hi); 'inf' allowed for HI. Checked again by the guidance itself."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise InputError(f"--guidance-interval {text!r} must be two numbers LO,HI, e.g. 0.28,1.6") from None
+    from edm_deploy.runtime.guidance import check_interval
+
+    return check_interval((lo, hi))
 
 
 def _shard_name(path: str, rank: int, world: int) -> str:

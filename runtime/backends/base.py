@@ -41,6 +41,8 @@ class DenoiserBackend(DenoiserBase):
         if max_batch is not None and max_batch < 1:
             raise InputError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
+        init_kwargs = (manifest.get("network") or {}).get("init_kwargs")
+        self.label_dropout = None if init_kwargs is None else float(init_kwargs.get("label_dropout") or 0.0)
         self.calls = 0
         self.device = "cpu"
         self._notes: list[str] = []
