@@ -53,11 +53,13 @@ from edm_deploy.runtime.fid_detector import (
 from edm_deploy.runtime.fid_images import ImageSource, open_images, select_indices, split_blocks
 from edm_deploy.runtime.fid_stats import (
     FeatureStats,
+    check_statistics,
     frechet_distance,
     load_ref,
     save_ref,
     trace_sqrt_product,
 )
+from edm_deploy.runtime.fileio import refuse_overwriting_inputs
 
 DEFAULT_NUM = 50000
 DEFAULT_BATCH = 64
@@ -115,6 +117,15 @@ def compute_stats(
     return stats.mean_cov()
 
 
+def _reference(ref: Union[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Reference statistics from a path/URL or a (mu, sigma) pair, checked to be a mean and a covariance."""
+    if isinstance(ref, str):
+        return load_ref(ref)
+    mu, sigma = (np.asarray(a, dtype=np.float64) for a in ref)
+    check_statistics(mu, sigma, "ref")
+    return mu, sigma
+
+
 def calc_fid(
     images: Union[str, ImageSource],
     ref: Union[str, tuple[np.ndarray, np.ndarray]],
@@ -125,7 +136,7 @@ def calc_fid(
     progress: bool = True,
 ) -> float:
     """FID of `num` images against reference statistics (a path/URL to an .npz, or (mu, sigma))."""
-    mu_r, sigma_r = load_ref(ref) if isinstance(ref, str) else ref
+    mu_r, sigma_r = _reference(ref)
     mu, sigma = compute_stats(images, detector, num=num, seed=seed, batch=batch, progress=progress,
                               feature_dim=mu_r.shape[0])
     return frechet_distance(mu, sigma, mu_r, sigma_r)
@@ -178,7 +189,7 @@ def fid_min_of(
     `sets` passes an already computed `plan_sets(...)` (then `images`, `min_of`, `num`, `seed`
     are not used), so a caller can check the input before loading the detector.
     """
-    mu_r, sigma_r = load_ref(ref) if isinstance(ref, str) else ref
+    mu_r, sigma_r = _reference(ref)
     if sets is None:
         sets = plan_sets(images, min_of, num, seed)  # opened and checked before any detector work
     results = []
@@ -192,6 +203,18 @@ def fid_min_of(
     return results, min(r.fid for r in results)
 
 
+def check_output_file(path: str, label: str) -> None:
+    """An output file path must name a file in an existing folder; checked before the work, so a
+    mistake costs nothing (and never surfaces as an error about a temporary file)."""
+    import os
+
+    if os.path.isdir(path):
+        raise InputError(f"{label} {path} is a folder; name the file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"output folder does not exist: {folder}")
+
+
 def make_ref(
     data: Union[str, ImageSource],
     dest: str,
@@ -201,7 +224,14 @@ def make_ref(
     batch: int = DEFAULT_BATCH,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Compute reference statistics of a dataset (all images by default, as the reference) and save them."""
+    """Compute reference statistics of a dataset (all images by default, as the reference) and save them.
+
+    `dest` is checked before any work: its folder must exist, it must not be a folder, and it may
+    not be the image source or the detector file.
+    """
+    check_output_file(dest, "dest")
+    refuse_overwriting_inputs({"data": data if isinstance(data, str) else getattr(data, "path", None),
+                               "detector": getattr(detector, "path", None)}, {"dest": dest})
     mu, sigma = compute_stats(data, detector, num=num, seed=seed, batch=batch, progress=progress,
                               desc="FID reference")
     save_ref(dest, mu, sigma)
@@ -219,6 +249,8 @@ __all__ = [
     "OnnxDetector",
     "TorchScriptDetector",
     "calc_fid",
+    "check_output_file",
+    "check_statistics",
     "compute_stats",
     "fid_min_of",
     "frechet_distance",

@@ -169,7 +169,7 @@ def _detector_kind(path: str) -> str:
         return "onnx"
     if ext == ".pkl":
         return "pickle"
-    if zipfile.is_zipfile(path):  # TorchScript archives are ZIP files
+    if ext in (".pt", ".pth") or zipfile.is_zipfile(path):  # TorchScript archives are ZIP files
         return "torchscript"
     return "onnx"  # ONNX files are bare protobuf; onnxruntime gives a clear error if not
 

@@ -172,9 +172,55 @@ def load_ref(path_or_url: str, sha256: Optional[str] = None) -> tuple[np.ndarray
             f"but needs 'mu' and 'sigma' (make one with `edm-deploy fid ref`)"
         )
     mu, sigma = arrays["mu"], arrays["sigma"]
+    check_statistics(mu, sigma, path_or_url)
+    return mu, sigma
+
+
+# A covariance matrix is symmetric and positive semi-definite. Rounding makes computed ones only
+# nearly so: measured on covariances of 24 to 5000 samples of 2048 features, the asymmetry is 0
+# and the most negative eigenvalue -5e-16 of the largest variance in float64, -1e-8 when the
+# matrix was stored in float32. Anything beyond 1e-6 of it is not rounding: the FID formula
+# would drop the negative directions from the square-root term but keep them in the trace, and
+# return a meaningless (even negative) value.
+COVARIANCE_TOLERANCE = 1e-6
+
+
+def check_statistics(mu: np.ndarray, sigma: np.ndarray, source: str) -> None:
+    """mu [D] and a covariance sigma [D, D]: finite, symmetric and positive semi-definite (up to rounding).
+
+    "Positive semi-definite up to rounding" is "no eigenvalue below -delta", with delta the
+    tolerance times the largest variance, which holds exactly when sigma + delta I has a Cholesky
+    factor: one O(D^3 / 3) factorization instead of a full eigen-decomposition (which is computed
+    only to word the error).
+    """
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise InputError(
-            f"{path_or_url}: malformed reference statistics: mu {list(mu.shape)}, sigma {list(sigma.shape)} "
+            f"{source}: malformed reference statistics: mu {list(mu.shape)}, sigma {list(sigma.shape)} "
             f"(expected [D] and [D, D])"
         )
-    return mu, sigma
+    for name, arr in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(arr).all():
+            raise InputError(f"{source}: the reference statistics contain NaN or Inf ({name})")
+    scale = float(np.abs(sigma).max(initial=0.0))
+    asymmetry = float(np.abs(sigma - sigma.T).max(initial=0.0))
+    if asymmetry > COVARIANCE_TOLERANCE * scale:
+        raise InputError(
+            f"{source}: sigma is not a covariance matrix: it is not symmetric (entries differ from their "
+            f"transposes by up to {asymmetry:.3g}, the largest entry is {scale:.3g})"
+        )
+    if scale == 0:
+        return  # all images alike: a zero covariance is a valid one
+    variance = float(sigma.diagonal().max())
+    delta = COVARIANCE_TOLERANCE * max(variance, 0.0)
+    symmetric = (sigma + sigma.T) * 0.5
+    try:
+        if delta <= 0:
+            raise np.linalg.LinAlgError("no positive variance")
+        np.linalg.cholesky(symmetric + delta * np.eye(len(sigma)))
+    except np.linalg.LinAlgError:
+        lowest = float(np.linalg.eigvalsh(symmetric)[0])
+        raise InputError(
+            f"{source}: sigma is not a covariance matrix: it is not positive semi-definite (eigenvalue "
+            f"{lowest:.3g}, the largest variance is {variance:.3g}), so an FID against it would be meaningless"
+        ) from None

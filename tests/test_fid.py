@@ -654,3 +654,99 @@ def test_default_detector_error_is_raised_before_any_download(monkeypatch):
     monkeypatch.setattr(fd, "_torch_available", lambda: False)
     with pytest.raises(BackendUnavailableError, match="export-detector"):
         load_detector(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness: reference statistics must be a mean and a covariance; outputs never replace inputs
+
+
+def _not_psd(dim, rng):
+    """A symmetric matrix with positive diagonal but negative eigenvalues: not a covariance."""
+    q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    w = rng.uniform(0.1, 2, dim)
+    w[:3] = -1.0
+    return (q * w) @ q.T
+
+
+def test_a_reference_that_is_not_a_covariance_is_refused(tmp_path):
+    from edm_deploy.runtime.fid_stats import check_statistics
+
+    rng = np.random.default_rng(0)
+    dim = 64
+    feats = rng.standard_normal((20, dim))
+    mu, sigma = feats.mean(0), np.cov(feats.T)
+    bad = _not_psd(dim, rng)
+    # This is what used to come out: a negative "distance".
+    assert frechet_distance(mu, sigma, np.zeros(dim), -2 * np.eye(dim)) < 0
+    for what, matrix, match in (("not-psd", bad, "not positive semi-definite"),
+                                ("asymmetric", sigma + np.triu(np.ones((dim, dim)), 1), "not symmetric"),
+                                ("negative", -np.eye(dim), "not positive semi-definite")):
+        path = str(tmp_path / f"{what}.npz")
+        np.savez(path, mu=np.zeros(dim), sigma=matrix)
+        with pytest.raises(InputError, match=match) as info:
+            load_ref(path)
+        assert str(info.value).startswith(path) and "\n" not in str(info.value)
+        with pytest.raises(InputError, match=match):  # statistics given as arrays are checked too
+            calc_fid(np.zeros((2, 3, 8, 8), np.uint8), (np.zeros(dim), matrix), tiny_detector(dim))
+    # Rounding is not refused: a rank-deficient covariance (fewer images than features), stored in
+    # float32, and an all-zero one.
+    for ok in (sigma, sigma.astype(np.float32), np.zeros((dim, dim))):
+        check_statistics(mu, ok, "ok")
+
+
+def test_cli_calc_refuses_a_non_covariance_in_one_line(data, tmp_path, capsys):
+    ref = str(tmp_path / "bad-ref.npz")
+    np.savez(ref, mu=np.zeros(64), sigma=_not_psd(64, np.random.default_rng(1)))
+    code, _, err = run_main(["fid", "calc", "--images", data["npz"], "--ref", ref, "--num", "24", "--quiet",
+                             "--detector", str(tmp_path / "never-loaded.onnx")], capsys)
+    assert_one_error(code, err, "not positive semi-definite")
+
+
+def test_cli_ref_checks_its_destination_before_any_work(data, tmp_path, capsys):
+    samples = str(tmp_path / "x.npz")
+    with open(data["npz"], "rb") as f:
+        original = f.read()
+    with open(samples, "wb") as f:
+        f.write(original)
+    link = tmp_path / "link.npz"
+    link.symlink_to(samples)
+    missing_detector = str(tmp_path / "no-detector.onnx")  # never reached: the destination fails first
+    for dest, pattern in ((samples, "--dest " + samples + " would overwrite --data"),
+                          (str(link), "would overwrite --data"),
+                          (str(tmp_path), "is a folder"),
+                          (str(tmp_path / "no" / "ref.npz"), "output folder does not exist")):
+        code, _, err = run_main(["fid", "ref", "--data", samples, "--dest", dest, "--detector", missing_detector,
+                                 "--quiet"], capsys)
+        assert_one_error(code, err, pattern)
+        assert "detector:" not in err  # nothing was loaded
+    with open(samples, "rb") as f:
+        assert f.read() == original
+    assert sorted(os.listdir(tmp_path)) == ["link.npz", "x.npz"]
+    # The library checks the same before computing anything (the detector is never called).
+    with pytest.raises(InputError, match="would overwrite data"):
+        make_ref(samples, samples, lambda x: pytest.fail("the detector ran"))
+    with pytest.raises(InputError, match="is a folder"):
+        make_ref(samples, str(tmp_path), lambda x: pytest.fail("the detector ran"))
+
+
+def test_cli_export_detector_never_overwrites_its_input(tmp_path, capsys):
+    pt = tmp_path / "detector.pt"
+    pt.write_bytes(b"not really a detector")
+    code, _, err = run_main(["fid", "export-detector", str(pt), "--out", str(pt)], capsys)
+    assert_one_error(code, err, "would overwrite DETECTOR")
+    assert pt.read_bytes() == b"not really a detector"
+
+
+@requires_torch
+def test_unreadable_torchscript_detectors_say_what_is_wrong(tmp_path):
+    import torch
+
+    junk = tmp_path / "random.pt"
+    junk.write_bytes(os.urandom(3000))
+    state = tmp_path / "state.pt"
+    torch.save({"w": torch.ones(2)}, str(state))
+    for path, pattern in ((junk, "not a zip archive"), (state, "without TorchScript code")):
+        with pytest.raises(InputError, match=pattern) as info:
+            load_detector(str(path))
+        message = str(info.value)
+        assert message.startswith(f"{path}: not a TorchScript detector: ") and "miniz" not in message

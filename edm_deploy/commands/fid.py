@@ -7,7 +7,6 @@ imports happen inside the commands, so `edm-deploy fid --help` is instant.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import click
@@ -26,6 +25,16 @@ def _open_detector(detector: Optional[str], sha256: Optional[str]):
     where = getattr(det, "providers", None) or [str(getattr(det, "device", ""))]
     click.echo(f"detector: {det.kind} {det.path} ({', '.join(where)})", err=True)
     return det
+
+
+def _check_output(path: str, flag: str, inputs: dict) -> None:
+    """Before any work: the output names a file in an existing folder and none of the (local) inputs."""
+    from edm_deploy.runtime.download import is_url
+    from edm_deploy.runtime.fid import check_output_file
+    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+
+    check_output_file(path, flag)
+    refuse_overwriting_inputs({k: v for k, v in inputs.items() if v and not is_url(v)}, {flag: path})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,13 +113,11 @@ def ref(data, dest, num, seed, batch, detector, detector_sha256, quiet) -> None:
     Example:
       edm-deploy fid ref --data cifar10-32x32.zip --dest cifar10-ref.npz --detector inception.onnx
     """
-    from edm_deploy.runtime.errors import InputError
     from edm_deploy.runtime.fid import make_ref, open_images, select_indices
 
+    _check_output(dest, "--dest", {"--data": data, "--detector": detector})
     source = open_images(data)
     select_indices(len(source), num, seed, source=data)
-    if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
-        raise InputError(f"output folder does not exist: {os.path.dirname(os.path.abspath(dest))}")
     det = _open_detector(detector, detector_sha256)
     mu, _ = make_ref(source, dest, det, num=num, seed=seed, batch=batch, progress=not quiet)
     count = len(source) if num is None else num
@@ -143,6 +150,7 @@ def export_detector(detector, out, opset, resolutions, sha256) -> None:
             f"export-detector needs torch and onnx ({exc}); install them with `pip install edm-deploy[export]`"
         ) from exc
 
+    _check_output(out, "--out", {"DETECTOR": detector})
     report = run_export(detector, out, opset=opset, resolutions=resolutions, sha256=sha256)
     for c in report.checks:
         click.echo(
