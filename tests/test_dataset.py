@@ -195,3 +195,47 @@ def test_dataset_cli_help_has_example(cli_env):
 
     res = run_cli(["dataset", "--help"], env=cli_env)
     assert res.returncode == 0 and "Example" in res.stdout
+
+
+def _dataset_cli_error(capsys, args) -> str:
+    from edm_deploy.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["dataset", *args])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_resolution_is_bounded_and_says_why(tmp_path, capsys):
+    D.check_image_shape((3, D.MAX_RESOLUTION, D.MAX_RESOLUTION), "ok")
+    with pytest.raises(InputError, match=f"at most {D.MAX_RESOLUTION}x{D.MAX_RESOLUTION}.*train at 32-64 pixels"):
+        D.write_dataset_zip("digits", str(tmp_path / "d.zip"), resolution=2048)
+    with pytest.raises(InputError, match="resolution must be an integer"):
+        D.write_dataset_zip("digits", str(tmp_path / "d.zip"), resolution=64.0)
+    message = _dataset_cli_error(capsys, ["--source", "digits", "--dest", str(tmp_path / "d.zip"),
+                                          "--resolution", "65536"])
+    assert "--resolution" in message and "at most 1024x1024" in message and "4,295 MB" in message
+    # A folder of images larger than that is refused before anything is written.
+    _png(str(tmp_path / "big" / "a.png"), (2048, 2048))
+    assert "at most 1024x1024" in _dataset_cli_error(capsys, ["--source", str(tmp_path / "big"),
+                                                              "--dest", str(tmp_path / "d.zip")])
+    assert sorted(os.listdir(tmp_path)) == ["big"]
+
+
+def test_dataset_never_writes_onto_its_source(tmp_path, capsys):
+    src = str(tmp_path / "src.zip")
+    D.write_dataset_zip("digits", src, max_images=5)
+    before = open(src, "rb").read()
+    link = tmp_path / "link.zip"
+    link.symlink_to(src)
+    for dest in (src, str(link)):
+        assert "would overwrite --source" in _dataset_cli_error(capsys, ["--source", src, "--dest", dest])
+        with pytest.raises(InputError, match="would overwrite source"):
+            D.write_dataset_zip(src, dest)
+    folder = tmp_path / "out.zip"
+    folder.mkdir()
+    assert "is a folder" in _dataset_cli_error(capsys, ["--source", "digits", "--dest", str(folder)])
+    assert open(src, "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["link.zip", "out.zip", "src.zip"] and not os.listdir(folder)

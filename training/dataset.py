@@ -347,8 +347,16 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not os.path.basename(name).startswith(".")
 
 
+# The largest image side a dataset may have. EDM's networks are trained at 32 and 64 pixels (the
+# paper's largest dataset is 64x64) and their cost grows with the pixel count; at 1024 an RGB image
+# is already a 3 MB uncompressed PNG in the ZIP and 12 MB as a float32 training input, so a
+# batch of them fills a GPU. Far above it (--resolution 65536: one 12.9 GB PNG per RGB image) a
+# dataset cannot be written, let alone trained on.
+MAX_RESOLUTION = 1024
+
+
 def check_image_shape(shape: Sequence[int], source: str) -> None:
-    """The reference rules: 1 or 3 channels, square, power-of-two resolution."""
+    """The reference rules: 1 or 3 channels, square, power-of-two resolution; plus at most `MAX_RESOLUTION`."""
     c, h, w = shape
     if c not in (1, 3):
         raise InputError(f"{source}: images must have 1 or 3 channels, got {c}")
@@ -357,6 +365,12 @@ def check_image_shape(shape: Sequence[int], source: str) -> None:
     if h < 4 or h & (h - 1):
         raise InputError(
             f"{source}: image size must be a power of two >= 4, got {w}x{h} (use `edm-deploy dataset --resolution N`)"
+        )
+    if h > MAX_RESOLUTION:
+        raise InputError(
+            f"{source}: image size must be at most {MAX_RESOLUTION}x{MAX_RESOLUTION}, got {w}x{h}: EDM networks "
+            f"train at 32-64 pixels, and one {w}x{h} image is {c * w * h / 1e6:,.0f} MB uncompressed "
+            f"(use `edm-deploy dataset --resolution N` to shrink them)"
         )
 
 
@@ -559,15 +573,21 @@ def write_dataset_zip(
     """
     import tempfile
 
+    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+
     if not dest.lower().endswith(".zip"):
-        raise InputError(f"--dest must name a .zip file, got {dest}")
+        raise InputError(f"dest must name a .zip file, got {dest}")
+    if os.path.isdir(dest):
+        raise InputError(f"dest {dest} is a folder; name the .zip file to write")
     if resolution is not None:
-        check_image_shape((1, resolution, resolution), "--resolution")
+        if isinstance(resolution, bool) or not isinstance(resolution, int):
+            raise InputError(f"resolution must be an integer, got {resolution!r}")
+        check_image_shape((1, resolution, resolution), "resolution")
     directory = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(directory):
         raise InputError(f"output folder does not exist: {directory}")
-    if os.path.abspath(source) == os.path.abspath(dest):
-        raise InputError("--source and --dest are the same file")
+    if source not in DIGITS_SPECS:
+        refuse_overwriting_inputs({"source": source}, {"dest": dest})
     count, has_labels, items = iter_source_images(source, max_images)
     from edm_deploy.runtime.fileio import TEMP_PREFIX, TEMP_SUFFIX
 

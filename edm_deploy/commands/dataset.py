@@ -21,7 +21,8 @@ import click
                    "ZIP, or `digits` (scikit-learn's 8x8 handwritten digits, train split).")
 @click.option("--dest", required=True, metavar="OUT.zip", help="The ZIP to write.")
 @click.option("--resolution", type=int, default=None, metavar="N",
-              help="Centre-crop to a square and resize every image to NxN (Lanczos). N must be a power of two.")
+              help="Centre-crop to a square and resize every image to NxN (Lanczos). N must be a power of two "
+                   "from 4 to 1024.")
 @click.option("--max-images", type=int, default=None, metavar="N", help="Keep only the first N images (sorted order).")
 def dataset(source: str, dest: str, resolution: Optional[int], max_images: Optional[int]) -> None:
     """Build a dataset ZIP (reference EDM format) from an image folder or the built-in digits.
@@ -33,7 +34,13 @@ def dataset(source: str, dest: str, resolution: Optional[int], max_images: Optio
     """
     from tqdm import tqdm
 
-    from edm_deploy.training.dataset import write_dataset_zip
+    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+    from edm_deploy.training.dataset import DIGITS_SPECS, check_image_shape, write_dataset_zip
+
+    if resolution is not None:
+        check_image_shape((1, resolution, resolution), "--resolution")
+    if source not in DIGITS_SPECS:
+        refuse_overwriting_inputs({"--source": source}, {"--dest": dest})
 
     bar = tqdm(unit="img", desc="dataset", leave=False, disable=None)
 
