@@ -558,6 +558,31 @@ def iter_source_images(spec: str, max_images: Optional[int] = None):
     return len(names), labels is not None, gen()
 
 
+def check_zip_arguments(source: str, dest: str, resolution: Optional[int] = None,
+                        labels: tuple[str, str, str] = ("source", "dest", "resolution")) -> None:
+    """What `write_dataset_zip` checks before any work, with the names to call the arguments by.
+
+    `dest` must be a .zip path in an existing folder, not a folder, and not the source itself
+    (symlinks resolved); `resolution` an integer that `check_image_shape` accepts.
+    """
+    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+
+    source_label, dest_label, resolution_label = labels
+    if not dest.lower().endswith(".zip"):
+        raise InputError(f"{dest_label} must name a .zip file, got {dest}")
+    if os.path.isdir(dest):
+        raise InputError(f"{dest_label} {dest} is a folder; name the .zip file to write")
+    if resolution is not None:
+        if isinstance(resolution, bool) or not isinstance(resolution, int):
+            raise InputError(f"{resolution_label} must be an integer, got {resolution!r}")
+        check_image_shape((1, resolution, resolution), resolution_label)
+    directory = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(directory):
+        raise InputError(f"output folder does not exist: {directory}")
+    if source not in DIGITS_SPECS:
+        refuse_overwriting_inputs({source_label: source}, {dest_label: dest})
+
+
 def write_dataset_zip(
     source: str,
     dest: str,
@@ -573,21 +598,8 @@ def write_dataset_zip(
     """
     import tempfile
 
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
-
-    if not dest.lower().endswith(".zip"):
-        raise InputError(f"dest must name a .zip file, got {dest}")
-    if os.path.isdir(dest):
-        raise InputError(f"dest {dest} is a folder; name the .zip file to write")
-    if resolution is not None:
-        if isinstance(resolution, bool) or not isinstance(resolution, int):
-            raise InputError(f"resolution must be an integer, got {resolution!r}")
-        check_image_shape((1, resolution, resolution), "resolution")
+    check_zip_arguments(source, dest, resolution)
     directory = os.path.dirname(os.path.abspath(dest))
-    if not os.path.isdir(directory):
-        raise InputError(f"output folder does not exist: {directory}")
-    if source not in DIGITS_SPECS:
-        refuse_overwriting_inputs({"source": source}, {"dest": dest})
     count, has_labels, items = iter_source_images(source, max_images)
     from edm_deploy.runtime.fileio import TEMP_PREFIX, TEMP_SUFFIX
 

@@ -34,13 +34,9 @@ def dataset(source: str, dest: str, resolution: Optional[int], max_images: Optio
     """
     from tqdm import tqdm
 
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
-    from edm_deploy.training.dataset import DIGITS_SPECS, check_image_shape, write_dataset_zip
+    from edm_deploy.training.dataset import check_zip_arguments, write_dataset_zip
 
-    if resolution is not None:
-        check_image_shape((1, resolution, resolution), "--resolution")
-    if source not in DIGITS_SPECS:
-        refuse_overwriting_inputs({"--source": source}, {"--dest": dest})
+    check_zip_arguments(source, dest, resolution, labels=("--source", "--dest", "--resolution"))
 
     bar = tqdm(unit="img", desc="dataset", leave=False, disable=None)
 
