@@ -90,12 +90,12 @@ class Linear(torch.nn.Module):
 
     def __init__(
         self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        init_mode: str = "kaiming_normal",
-        init_weight: float = 1,
-        init_bias: float = 0,
+        in_features: int,                   # length of each input vector
+        out_features: int,                  # length of each output vector
+        bias: bool = True,                  # add a learned offset; False leaves `bias` a plain None
+        init_mode: str = "kaiming_normal",  # initial weight distribution (see `weight_init` for the names)
+        init_weight: float = 1,             # factor on the initial weights (0: the layer starts as zero)
+        init_bias: float = 0,               # factor on the initial bias (drawn like the weights, so 0 = zeros)
     ):
         super().__init__()
         self.in_features = in_features
@@ -122,17 +122,19 @@ class Conv2d(torch.nn.Module):
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel: int,
-        bias: bool = True,
-        up: bool = False,
-        down: bool = False,
-        resample_filter: Sequence[float] = [1, 1],
-        fused_resample: bool = False,
-        init_mode: str = "kaiming_normal",
-        init_weight: float = 1,
-        init_bias: float = 0,
+        in_channels: int,                           # channels read
+        out_channels: int,                          # channels written (ignored when kernel is 0)
+        kernel: int,                                # square kernel size; 0 = no convolution, only resampling
+        bias: bool = True,                          # add a learned per-channel offset
+        up: bool = False,                           # upsample 2x with the filter before convolving
+        down: bool = False,                         # downsample 2x with the filter (before, or fused after)
+        resample_filter: Sequence[float] = [1, 1],  # 1-D FIR taps, used as outer(f, f) / sum(f)^2: [1, 1] box
+                                                    # (DDPM++, ADM) or [1, 3, 3, 1] binomial (NCSN++)
+        fused_resample: bool = False,               # convolve and resample in one strided pass (NCSN++'s
+                                                    # residual encoder path only)
+        init_mode: str = "kaiming_normal",          # initial weight distribution (see `weight_init`)
+        init_weight: float = 1,                     # factor on the initial weights (0: starts as zero)
+        init_bias: float = 0,                       # factor on the initial bias
     ):
         if up and down:
             raise InputError("Conv2d: up and down cannot both be set")
@@ -199,7 +201,13 @@ class GroupNorm(torch.nn.Module):
     input dtype, so fp16 graphs do not lose precision in the variance.
     """
 
-    def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4, eps: float = 1e-5):
+    def __init__(
+        self,
+        num_channels: int,               # channels normalised (each with its own learned scale and shift)
+        num_groups: int = 32,            # groups wanted; fewer when channels would run short
+        min_channels_per_group: int = 4,  # lower bound on channels per group (sets the actual group count)
+        eps: float = 1e-5,               # added to the variance (1e-6 in SongUNet, 1e-5 in DhariwalUNet)
+    ):
         super().__init__()
         groups = min(num_groups, num_channels // min_channels_per_group)
         if groups < 1 or num_channels % groups != 0:
@@ -249,23 +257,27 @@ class UNetBlock(torch.nn.Module):
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
-        emb_channels: int,
-        up: bool = False,
-        down: bool = False,
-        attention: bool = False,
-        num_heads: Optional[int] = None,
-        channels_per_head: int = 64,
-        dropout: float = 0,
-        skip_scale: float = 1,
-        eps: float = 1e-5,
-        resample_filter: Sequence[float] = [1, 1],
-        resample_proj: bool = False,
-        adaptive_scale: bool = True,
-        init: dict = dict(),  # noqa: B006 - reference default, never mutated
-        init_zero: dict = dict(init_weight=0),  # noqa: B006
-        init_attn: Optional[dict] = None,
+        in_channels: int,                           # channels entering the block
+        out_channels: int,                          # channels leaving it (a 1x1 skip convolution adapts)
+        emb_channels: int,                          # length of the noise/label embedding the block is fed
+        up: bool = False,                           # upsample 2x on the way through (decoder)
+        down: bool = False,                         # downsample 2x on the way through (encoder)
+        attention: bool = False,                    # add self-attention after the residual part
+        num_heads: Optional[int] = None,            # attention heads; None: out_channels // channels_per_head
+        channels_per_head: int = 64,                # channels per head when num_heads is None (ADM)
+        dropout: float = 0,                         # dropout probability before the second convolution
+        skip_scale: float = 1,                      # factor on residual sums (sqrt(1/2) in SongUNet keeps
+                                                    # the variance of a sum of two unit-variance terms)
+        eps: float = 1e-5,                          # GroupNorm epsilon
+        resample_filter: Sequence[float] = [1, 1],  # FIR taps for up/down (see `Conv2d`)
+        resample_proj: bool = False,                # give a resampling skip path a 1x1 convolution even when
+                                                    # the channel count stays (SongUNet)
+        adaptive_scale: bool = True,                # embedding gives a scale and a shift after the norm (ADM);
+                                                    # False: it is added before the norm (DDPM++/NCSN++)
+        init: dict = dict(),  # noqa: B006 - never mutated; initialisation of the ordinary layers
+        init_zero: dict = dict(init_weight=0),  # noqa: B006 - for the layers that close a residual branch
+                                                #   (near zero, so a new block starts close to the identity)
+        init_attn: Optional[dict] = None,           # for the attention projections (None: `init`)
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -348,7 +360,12 @@ class PositionalEmbedding(torch.nn.Module):
     which keeps them out of ``.half()``/``.to()`` casts and out of the state dict.
     """
 
-    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
+    def __init__(
+        self,
+        num_channels: int,           # output length: half cosines, half sines (must be even)
+        max_positions: int = 10000,  # frequencies fall geometrically from 1 towards 1 / max_positions
+        endpoint: bool = False,      # True: the last frequency reaches 1 / max_positions exactly (SongUNet)
+    ):
         super().__init__()
         if num_channels < 2 or num_channels % 2:
             raise InputError(f"PositionalEmbedding needs an even number of channels >= 2, got {num_channels}")
@@ -368,7 +385,11 @@ class PositionalEmbedding(torch.nn.Module):
 class FourierEmbedding(torch.nn.Module):
     """Random Fourier features [cos(2 pi f x), sin(2 pi f x)]; ``freqs`` [C/2] is a state-dict buffer."""
 
-    def __init__(self, num_channels: int, scale: float = 16):
+    def __init__(
+        self,
+        num_channels: int,   # output length: half cosines, half sines (must be even)
+        scale: float = 16,   # standard deviation of the random frequencies (drawn once, then stored)
+    ):
         super().__init__()
         if num_channels < 2 or num_channels % 2:
             raise InputError(f"FourierEmbedding needs an even number of channels >= 2, got {num_channels}")
@@ -422,23 +443,35 @@ class SongUNet(torch.nn.Module):
 
     def __init__(
         self,
-        img_resolution: int,
-        in_channels: int,
-        out_channels: int,
-        label_dim: int = 0,
-        augment_dim: int = 0,
-        model_channels: int = 128,
-        channel_mult: Sequence[int] = [1, 2, 2, 2],
-        channel_mult_emb: int = 4,
-        num_blocks: int = 4,
-        attn_resolutions: Sequence[int] = [16],
-        dropout: float = 0.10,
-        label_dropout: float = 0,
-        embedding_type: str = "positional",
-        channel_mult_noise: int = 1,
-        encoder_type: str = "standard",
-        decoder_type: str = "standard",
-        resample_filter: Sequence[float] = [1, 1],
+        img_resolution: int,                        # side of the square input and output images
+        in_channels: int,                           # image channels read (1 grey, 3 RGB)
+        out_channels: int,                          # image channels written
+        label_dim: int = 0,                         # number of classes (one-hot labels); 0 = unconditional
+        augment_dim: int = 0,                       # length of the augmentation label vector (AugmentPipe's
+                                                    # 9); 0 = the network takes none
+        model_channels: int = 128,                  # channels at the first level; every level multiplies it
+        channel_mult: Sequence[int] = [1, 2, 2, 2],  # per resolution level, the factor on model_channels;
+                                                    # its length sets the number of levels (each halves the size)
+        channel_mult_emb: int = 4,                  # embedding vector length = model_channels * this
+        num_blocks: int = 4,                        # residual blocks per level in the encoder (+1 in the decoder)
+        attn_resolutions: Sequence[int] = [16],     # image sides (e.g. 16 for 16x16) whose blocks get attention
+        dropout: float = 0.10,                      # dropout probability inside the blocks (training only)
+        label_dropout: float = 0,                   # probability of dropping a class label during training
+                                                    # (what classifier-free guidance needs)
+        embedding_type: str = "positional",         # noise-level embedding: 'positional' (sinusoids at fixed
+                                                    # frequencies, DDPM++) or 'fourier' (random ones, NCSN++)
+        channel_mult_noise: int = 1,                # noise embedding length = model_channels * this
+                                                    # (1 for DDPM++, 2 for NCSN++)
+        encoder_type: str = "standard",             # 'standard': plain downsampling blocks (DDPM++);
+                                                    # 'skip': a downsampled copy of the input, through a 1x1
+                                                    # convolution, is added at every level; 'residual': the
+                                                    # previous level's result (the input image at first),
+                                                    # through a strided 3x3 convolution, is added with a
+                                                    # factor 1/sqrt(2) (NCSN++)
+        decoder_type: str = "standard",             # 'standard': one output head at full resolution;
+                                                    # 'skip': an output head per level, upsampled and summed
+        resample_filter: Sequence[float] = [1, 1],  # FIR taps of every resampling: [1, 1] (DDPM++) or
+                                                    # [1, 3, 3, 1] (NCSN++)
     ):
         if embedding_type not in ("fourier", "positional"):
             raise InputError(f"SongUNet: unknown embedding_type {embedding_type!r} (expected 'positional' or 'fourier')")
@@ -585,18 +618,20 @@ class DhariwalUNet(torch.nn.Module):
 
     def __init__(
         self,
-        img_resolution: int,
-        in_channels: int,
-        out_channels: int,
-        label_dim: int = 0,
-        augment_dim: int = 0,
-        model_channels: int = 192,
-        channel_mult: Sequence[int] = [1, 2, 3, 4],
-        channel_mult_emb: int = 4,
-        num_blocks: int = 3,
-        attn_resolutions: Sequence[int] = [32, 16, 8],
-        dropout: float = 0.10,
-        label_dropout: float = 0,
+        img_resolution: int,                            # side of the square input and output images
+        in_channels: int,                               # image channels read
+        out_channels: int,                              # channels written (iDDPM asks for twice the image
+                                                        # channels: the second half predicts variances)
+        label_dim: int = 0,                             # number of classes (one-hot labels); 0 = unconditional
+        augment_dim: int = 0,                           # length of the augmentation label vector; 0 = none
+        model_channels: int = 192,                      # channels at the first level
+        channel_mult: Sequence[int] = [1, 2, 3, 4],     # per resolution level, the factor on model_channels
+        channel_mult_emb: int = 4,                      # embedding vector length = model_channels * this
+        num_blocks: int = 3,                            # residual blocks per level in the encoder (+1 in the decoder)
+        attn_resolutions: Sequence[int] = [32, 16, 8],  # image sides whose blocks get attention (64 channels
+                                                        # per head)
+        dropout: float = 0.10,                          # dropout probability inside the blocks (training only)
+        label_dropout: float = 0,                       # probability of dropping a class label during training
     ):
         _check_common(img_resolution, channel_mult, label_dim, augment_dim, "DhariwalUNet")
         super().__init__()
