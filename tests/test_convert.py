@@ -97,7 +97,7 @@ def test_plain_torch_tensor_pickles_read_back_exactly(protocol):
         torch.tensor(2.5), torch.nn.Parameter(torch.randn(2, 2)),
     ]
     data = pickle.dumps(tensors, protocol=protocol)
-    # The stream asks only for what the allowlist maps (facts 3.3), in both protocols.
+    # The stream asks only for what the allowlist maps, in both protocols.
     assert H.globals_in(data) <= EXPECTED_TORCH_GLOBALS | (PROTO2_EXTRAS if protocol == 2 else set())
     assert "torch._utils _rebuild_tensor_v2" in H.globals_in(data)
     import io
@@ -578,6 +578,21 @@ def test_cli_refusal_is_one_error_line_and_no_output(tmp_path, cli_env):
     assert sorted(os.listdir(tmp_path)) == ["evil.pkl"]
 
 
+def test_cli_output_problems_name_the_flags_and_write_nothing(tmp_path, capsys):
+    _, path = _real_pickle(tmp_path)
+    before = open(path, "rb").read()
+    junk = _write(tmp_path / "junk.pkl", bytes(np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8)))
+    for args, pattern in (([path, "--out", path], f"--out {path} would overwrite NETWORK {path}"),
+                          ([path, "--out", str(tmp_path)], "is a directory"),
+                          ([junk, "--out", str(tmp_path / "j.pt")], "not a readable pickle")):
+        with pytest.raises(SystemExit) as exc:
+            main(["convert", *args])
+        assert exc.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and pattern in err[0], (args, err)
+    assert open(path, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["junk.pkl", "net.pkl"]
+
+
 @pytest.mark.slow
 def test_full_size_cifar10_ddpmpp_pickle_converts(tmp_path, request):
     """A file the size of edm-cifar10-32x32-cond-vp.pkl (~223 MB) converts with the published counts."""
@@ -594,6 +609,6 @@ def test_full_size_cifar10_ddpmpp_pickle_converts(tmp_path, request):
     net = precond.EDMPrecond(**kwargs).eval()
     path = _write(tmp_path / "edm-cifar10-32x32-cond-vp.pkl", H.reference_pickle(net, kwargs))
     result = official.convert_official(path, out=str(tmp_path / "ckpt.pt"), progress=False)
-    assert result.official.num_params == 55_735_299  # facts section 2.6
+    assert result.official.num_params == 55_735_299  # the count of edm-cifar10-32x32-cond-vp.pkl
     assert len(result.official.state_dict) == 427 and result.official.num_buffers == 8
     _assert_same_tensors(net.state_dict(), load_checkpoint(result.out)["ema"])

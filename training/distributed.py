@@ -5,7 +5,7 @@ MASTER_ADDR and MASTER_PORT; `init_from_env` then joins the process group (NCCL 
 CPU). A plain `edm-deploy train` runs as a world of one with no process group at all, so the
 single-process path has no distributed overhead. Only rank 0 writes files.
 
-Consistency rules (facts 4.3): every rank must start from identical weights *and buffers*.
+Consistency rules (those of the reference NVlabs/edm training loop): every rank must start from identical weights *and buffers*.
 Randomly initialised buffers such as `FourierEmbedding.freqs` differ per rank unless broadcast
 (the reference's PyTorch-2.1 bug), so `broadcast_module` sends all parameters and buffers from
 rank 0 before DDP wraps the network and before the EMA copy is taken; `check_consistency`

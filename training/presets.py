@@ -3,7 +3,7 @@
 The architecture table reproduces the reference `train.py` (`--arch=ddpmpp|ncsnpp|adm`), so a
 network trained here has the same constructor kwargs, and therefore the same state-dict names and
 shapes, as the official checkpoints. The paper presets bundle the hyper-parameters of the
-published runs (facts section 2.5 / paper Table 7); durations, EMA half-lives and ramp-ups are in
+published runs (the paper's Table 7, Karras et al. 2022, arXiv:2206.00364); durations, EMA half-lives and ramp-ups are in
 kimg (the reference CLI takes Mimg). `tiny` is ours: sized and tuned for scikit-learn's 8x8
 digits on a 2-core CPU (see its comment for the measured result).
 """

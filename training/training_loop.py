@@ -1,6 +1,6 @@
 """The EDM training loop: Adam, lr ramp-up, EMA, gradient accumulation, DDP, exact resume.
 
-What one step does (the reference `training_loop.py` semantics, facts 4.3):
+What one step does (the semantics of the reference NVlabs/edm `training/training_loop.py`):
 
 1. ``batch`` images are split over ``W`` ranks (``batch / W`` each) and, per rank, into rounds of
    ``batch_gpu``; gradients accumulate over rounds (DDP synchronises only on the last round).
@@ -667,7 +667,7 @@ def _check_run(options: TrainingOptions, ctx: dist_utils.DistContext) -> _Run:
 def _set_up_data(run: _Run) -> None:
     """Stage 2: determinism, seeds, the dataset and the network description (checked against a resume)."""
     options, device = run.options, run.device
-    # Determinism and precision (facts 4.3 / 2.7).
+    # Determinism and precision: no TF32 or reduced-precision reductions, deterministic kernels.
     torch.use_deterministic_algorithms(bool(options.deterministic), warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not options.deterministic
@@ -769,7 +769,8 @@ def _start_records(run: _Run) -> None:
     options, ctx, files = run.options, run.ctx, run.files
     if ctx.enabled:
         # Default buffer handling (synced at init and forward). Never broadcast_buffers=False:
-        # since PyTorch 2.1 that also skips the init sync (facts 4.3); we broadcast above anyway.
+        # since PyTorch 2.1 that also skips the init sync (NVlabs/edm commit 008a4e5, "Fix a DDP
+        # consistency issue with PyTorch 2.1"); we broadcast above anyway.
         run.ddp = torch.nn.parallel.DistributedDataParallel(
             run.net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     if files.outdir is not None:
