@@ -1,0 +1,126 @@
+"""`edm-deploy schedule`: search the time points a solver should take at a given NFE (GITS)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import click
+
+from edm_deploy.commands.common import POSITIVE, FiniteFloat, backend_options, load_from_options
+from edm_deploy.runtime.errors import InputError
+
+
+def _choices():
+    from edm_deploy.runtime.schedule_search import METRICS, STEP_MODELS, TEACHER_SOLVERS
+    from edm_deploy.runtime.solvers import SOLVER_NAMES
+
+    return SOLVER_NAMES, TEACHER_SOLVERS, METRICS, STEP_MODELS
+
+
+_SOLVERS, _TEACHERS, _METRICS, _STEPS = _choices()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--solver", type=click.Choice(_SOLVERS), default="ipndm", show_default=True, help="The solver the schedule is for.")
+@click.option("--nfe", type=click.IntRange(min=1, max=100_000), required=True, help="Network evaluations per image the schedule spends with --solver.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Schedule file to write (.json), for `edm-deploy sample --sigmas FILE`.")
+@click.option("--afs", is_flag=True, help="The schedule is for sampling with --afs (multistep solvers).")
+@click.option("--denoise-to-zero", is_flag=True, help="The schedule is for sampling with --denoise-to-zero (its file ends in 0).")
+@click.option("--max-order", type=click.IntRange(min=1, max=4), default=None, help="The solver's max order (multistep solvers) [default: the solver's].")
+@click.option("--latents", "num_latents", type=click.IntRange(min=1, max=100_000), default=None, help="Teacher trajectories: seeds 0..N-1 [default: 256, as GITS].")
+@click.option("--seeds", default=None, help="Seeds of the teacher trajectories instead, e.g. 1000-1255.")
+@click.option("--class", "class_idx", type=click.IntRange(min=0), default=None, help="Class label of every trajectory [default: random per seed, as sample draws it].")
+@click.option("--teacher", type=click.Choice(_TEACHERS), default="ipndm", show_default=True, help="Solver of the teacher trajectories.")
+@click.option("--fine-points", type=click.IntRange(min=3, max=201), default=61, show_default=True, help="Points of the teacher's fine grid (EDM rho=7); the schedule is a subset of them.")
+@click.option("--coeff", type=FiniteFloat(0, lo_open=True), default=1.15, show_default=True, help="Weight growth per step in the path's cost: sum_k coeff^k cost_k (GITS's 1.15).")
+@click.option("--metric", type=click.Choice(_METRICS), default="l2", show_default=True, help="Step cost: l2 distance to the teacher, or GITS's deviation from the trajectory's chord.")
+@click.option("--step", type=click.Choice(_STEPS), default="solver", show_default=True, help="Cost each step as the solver's own update (with its history), or as one Euler step (gits-main).")
+@click.option("--sigma_min", type=POSITIVE, default=None, help="Lowest noise level [default: 0.002, clamped to the model's].")
+@click.option("--sigma_max", type=POSITIVE, default=None, help="Highest noise level [default: 80, clamped to the model's].")
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=256, show_default=True, help="Rows per network call.")
+@click.option("--no-check", is_flag=True, help="Skip running the solver on the result and on EDM's schedule against the teacher.")
+@backend_options
+def schedule(model: str, **params: Any) -> None:
+    """Search the time points for --solver at exactly --nfe network evaluations (GITS, ICML 2024).
+
+    A strong teacher integrates a few hundred latents on a fine grid; every step the solver
+    could take between two fine points is costed by how far it lands from the teacher (the
+    solver's own update, with the history a multistep solver carries); dynamic programming
+    picks the cheapest path with exactly the steps the NFE buys. Training-free: about a
+    teacher run's worth of network evaluations (60 per latent). The file records the model's
+    sha256, the solver, the NFE and every search setting; `sample --sigmas FILE` uses it and
+    warns when the model or solver differ.
+
+    \b
+    Examples:
+      edm-deploy schedule model.onnx --solver ipndm --nfe 5 --out ipndm5.json
+      edm-deploy sample model.onnx --solver ipndm --sigmas ipndm5.json -n 64 --grid grid.png
+    """
+    from edm_deploy.runtime.fileio import refuse_overwriting_inputs, sha256_file
+    from edm_deploy.runtime.noise import check_class
+    from edm_deploy.runtime.schedule_file import write_schedule
+    from edm_deploy.runtime.schedule_search import plan_search, search_schedule
+    from edm_deploy.runtime.seeds import parse_seeds, seeds_from_count
+    from edm_deploy.runtime.writers import ensure_writable_dir
+
+    out = params["out"]
+    if params["num_latents"] is not None and params["seeds"] is not None:
+        raise InputError("give either --latents or --seeds, not both")
+    seeds = parse_seeds(params["seeds"]) if params["seeds"] is not None else seeds_from_count(params["num_latents"] or 256)
+    # Every setting, then the output, before the model loads.
+    plan_search(params["solver"], params["nfe"], afs=params["afs"], denoise_to_zero=params["denoise_to_zero"],
+                max_order=params["max_order"], fine_points=params["fine_points"], teacher=params["teacher"],
+                coeff=params["coeff"], metric=params["metric"], step=params["step"])
+    refuse_overwriting_inputs({"MODEL": model}, {"--out": out})
+    if not out.lower().endswith(".json"):
+        raise InputError(f"--out {out} must end in .json, the schedule file `sample --sigmas` reads")
+    if os.path.isdir(out):
+        raise InputError(f"--out {out} is a folder; give a .json file name")
+    ensure_writable_dir(os.path.dirname(os.path.abspath(out)))
+    model_sha256 = sha256_file(model)
+    den = load_from_options(model, params)
+    with den:
+        check_class(params["class_idx"], den.label_dim)
+        for note in den.warnings:
+            click.echo(f"warning: {note}", err=True)
+        click.echo(f"searching {params['solver']} time points for NFE {params['nfe']} on {len(seeds)} teacher "
+                   f"trajectories ({params['teacher']}, {params['fine_points']} points) with {den.describe()}", err=True)
+        from tqdm import tqdm
+
+        bars: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar = bars.get(stage)
+            if bar is None:
+                for other in bars.values():
+                    other.close()
+                bar = bars[stage] = tqdm(total=total, desc=stage, dynamic_ncols=True, disable=None, leave=False)
+            bar.update(done - bar.n)
+
+        start = time.perf_counter()
+        try:
+            result = search_schedule(
+                den, params["solver"], params["nfe"], seeds=seeds, class_idx=params["class_idx"], afs=params["afs"],
+                denoise_to_zero=params["denoise_to_zero"], max_order=params["max_order"], teacher=params["teacher"],
+                fine_points=params["fine_points"], coeff=params["coeff"], metric=params["metric"], step=params["step"],
+                sigma_min=params["sigma_min"], sigma_max=params["sigma_max"], batch_size=params["batch_size"],
+                check=not params["no_check"], progress=progress)
+        finally:
+            for bar in bars.values():
+                bar.close()
+        wall = time.perf_counter() - start
+    write_schedule(out, result.sigmas, model_sha256=model_sha256, **result.metadata())
+    click.echo(f"sigmas: {', '.join(f'{v:.4g}' for v in result.sigmas)}")
+    click.echo(f"{result.solver} NFE {result.nfe}; path through fine points {result.path} of {len(result.fine_sigmas)}; "
+               f"cost {result.cost:.4g}")
+    if result.check:
+        c = result.check
+        verdict = "better" if c["searched_rms"] < c["edm_rho7_rms"] else "NOT better"
+        click.echo(f"check: end-point RMS error against the teacher {c['searched_rms']:.4g} with this schedule, "
+                   f"{c['edm_rho7_rms']:.4g} with EDM rho=7 ({verdict})")
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    click.echo(f"done: {wall:.1f} s ({parts})")
+    click.echo(f"output: {out}")

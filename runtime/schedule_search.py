@@ -1,0 +1,998 @@
+"""Searched time steps (GITS, Chen et al., ICML 2024): the fine-grid path a solver follows best.
+
+"On the Trajectory Regularity of ODE-based Diffusion Sampling" observes that sampling
+trajectories of one model have nearly the same shape whatever they generate, so a schedule
+fitted to a few hundred of them suits all. The search (`search_schedule`), training-free:
+
+1. **Teacher.** Latents and labels are drawn per seed exactly as `sample` draws them, and a
+   strong solver (`teacher`, default iPNDM as in gits-main) integrates them on a fine grid
+   (`fine_points`, default 61: the EDM rho = 7 schedule over the model's range), recording the
+   state x_m and the data prediction D_m = D(x_m; sigma_m) at every fine point (one extra
+   evaluation per latent gives D at the last point). Slopes are d_m = (x_m - D_m) / sigma_m.
+2. **Cost of a step.** A student step from fine point i to fine point j starts on the teacher's
+   trajectory, x_i, and is the chosen solver's own update with the history a multistep solver
+   carries along the path: the slopes or data predictions at the path's earlier points, taken
+   from the teacher (what the student would hold had it been exact so far), the order that
+   step has in the solver's warm-up and lower-order-final rules, and AFS at the first point
+   when asked. Its cost is the deviation of the result from the teacher's x_j. This is the
+   local error of the solver on that path. gits-main instead costs every solver's steps with
+   one Euler step along the teacher's slope (``step="euler"`` reproduces that).
+3. **Path.** Dynamic programming picks the path 0 = p_0 < p_1 < ... < p_K = last over the fine
+   points, with exactly the K steps the NFE buys (K = N - 1 for the N time points of
+   `solvers.steps_for_nfe`, e.g. K = NFE for iPNDM), that minimises
+   sum_k coeff^k cost(step k), as gits-main's ``dp`` (``coeff`` 1.15: later, low-noise steps
+   weigh more, the errors there are the ones left in the image).
+
+How the history enters the dynamic programme: a step of order q needs the path's last q
+points, so a state of the programme is the pair (previous point, current point). The newest
+history entry (all of order 2, the warm-up of every multistep solver, DPM-Solver++(2M)) is
+thereby exact; older entries (orders 3 and 4) are read from the cheapest path into that state,
+the usual way of carrying a longer history through Viterbi-style programmes (an exact state
+would hold up to four points: C(61, 4) = 521k states, against 1830 pairs). Whatever the order,
+the cost the search reports is the exact cost of the path it returns, because that path's
+history is the one its steps were costed with.
+
+What cannot be had from the teacher alone: Heun's second stage evaluates D off the trajectory,
+at x_i + (sigma_j - sigma_i) d_i; the search evaluates it (n (n - 1) / 2 batches on the first
+`HEUN_COST_LATENTS` latents, exact). UniPC's corrector evaluates D at the predicted point: with
+the teacher's D_j there instead, the corrected step is nearly exact however long it is and the
+search picks absurd first steps (80 -> 55 -> 0.26 on the digits model), so UniPC steps are
+costed by their predictor, whose error is what the corrector's evaluation and every later step
+see (``unipc_corrector=True`` costs the corrected step with the teacher's D_j).
+
+Cost metric: ``"l2"`` is the root mean square over the latents of ||x_j^student - x_j||_2;
+``"dev"`` is gits-main's default: the deviation of the point from the straight line joining
+each trajectory's ends, minus the teacher's at j (signed, as there), both root mean squares over
+the latents. gits-main averages per-latent norms where this takes root mean squares: that
+makes every cost a quadratic form in one batch-mean Gram matrix of the 2n teacher vectors
+(`TrajectoryMoments`), so the search needs no per-latent work after the teacher has run,
+whatever the image size, and its memory does not grow with the number of latents.
+
+`search_schedule` also runs the solver itself on the searched schedule and on the EDM rho = 7
+schedule with the same NFE, from the same latents, and reports both end-point errors against
+the teacher (``check``): the honest measure of what the search bought. NumPy only; it works on
+any denoiser of the contract (`contract.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from edm_deploy.runtime import schedules as sch
+from edm_deploy.runtime import solvers as slv
+from edm_deploy.runtime.contract import as_denoiser
+from edm_deploy.runtime.errors import InputError, NumericalError
+from edm_deploy.runtime.noise import StackedRandomGenerator, draw_latents_and_labels
+from edm_deploy.runtime.xp import all_finite_rows, to_float64, to_host
+
+# gits-main's defaults (sample.py / launch.sh): 256 warm-up latents, iPNDM teacher on 61 points, coeff 1.15.
+DEFAULT_LATENTS = 256
+DEFAULT_TEACHER = "ipndm"
+DEFAULT_FINE_POINTS = 61
+DEFAULT_COEFF = 1.15
+DEFAULT_METRIC = "l2"
+FINE_RHO = 7.0
+MAX_FINE_POINTS = 201
+# Heun's second stage is evaluated per pair of fine points (n (n - 1) / 2 batches): on this many latents.
+HEUN_COST_LATENTS = 32
+METRICS = ("l2", "dev")
+STEP_MODELS = ("solver", "euler")
+# Teachers whose callback reports D at the point each step starts from (UniPC reports its corrector's D).
+TEACHER_SOLVERS = ("ipndm", "ipndm-v", "deis", "dpmpp-3m", "dpmpp-2m", "heun", "euler")
+# The highest order each multistep solver takes (its max_order default).
+MAX_ORDERS = {"dpmpp-3m": 3, "unipc": 3, "ipndm": 4, "ipndm-v": 4, "deis": 4}
+# Gauss-Legendre points for the DEIS weights (the integrand is smooth; 16 points are exact to rounding).
+_DEIS_GAUSS_POINTS = 16
+
+Progress = Optional[Callable[[str, int, int], None]]
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher trajectories and their moments
+
+
+@dataclass
+class Trajectories:
+    """Teacher trajectories on a fine grid: states and data predictions at every fine point.
+
+    ``sigmas`` [n] descending and positive; ``x`` and ``denoised`` [n, B, C, H, W] float64 host
+    arrays, ``denoised[m] = D(x[m]; sigmas[m])``.
+    """
+
+    sigmas: np.ndarray
+    x: np.ndarray
+    denoised: np.ndarray
+
+
+def run_teacher(
+    den: Any, latents: np.ndarray, class_labels: Optional[np.ndarray], sigmas: Sequence[float],
+    teacher: str = DEFAULT_TEACHER, progress: Optional[Callable[[int], None]] = None,
+) -> Trajectories:
+    """Integrate one batch with ``teacher`` on ``sigmas``, recording x and D at every point.
+
+    D at the points comes from the solver's own evaluations (its callback), so the teacher costs
+    its NFE plus one evaluation at the last point. ``progress(1)`` after every step.
+    """
+    if teacher not in TEACHER_SOLVERS:
+        raise InputError(f"teacher must be one of {', '.join(TEACHER_SOLVERS)}, got {teacher!r}", param="teacher")
+    den = as_denoiser(den)
+    t = np.asarray(sigmas, dtype=np.float64)
+    n = t.size
+    xs: list = [None] * n
+    ds: list = [None] * n
+
+    def record(info: slv.StepInfo) -> None:
+        ds[info.i] = to_host(info.denoised)
+        xs[info.i + 1] = to_host(info.x)
+        if progress is not None:
+            progress(1)
+
+    x0 = to_float64(den.to_device(np.asarray(latents))) * float(t[0])
+    xs[0] = to_host(x0)
+    x_end = slv.get_solver(teacher).fn(den, x0, t, class_labels, callback=record)
+    ds[n - 1] = to_host(to_float64(den(x_end, np.full(x_end.shape[0], t[-1]), class_labels)))
+    if progress is not None:
+        progress(1)
+    traj = Trajectories(t, np.stack(xs).astype(np.float64, copy=False), np.stack(ds).astype(np.float64, copy=False))
+    bad = ~(np.isfinite(traj.x).reshape(n, len(latents), -1).all(axis=(0, 2))
+            & np.isfinite(traj.denoised).reshape(n, len(latents), -1).all(axis=(0, 2)))
+    if bad.any():
+        raise NumericalError(f"the teacher trajectories of {int(bad.sum())} latent(s) hold NaN/Inf; check the model")
+    return traj
+
+
+class TrajectoryMoments:
+    """Batch-mean second moments of the 2n teacher vectors, accumulated batch by batch.
+
+    Vector index a: x_m is a = m, D_m is a = n + m. ``gram[a, b]`` is the mean over latents of
+    <V_a, V_b>; ``chord[a, b]`` the mean of (V_a . u)(V_b . u) with u the unit vector along each
+    trajectory's chord x_0 - x_last, so ``gram - chord`` is the Gram matrix of the components
+    perpendicular to the chord (gits-main's deviation).
+    """
+
+    def __init__(self, sigmas: Sequence[float]):
+        self.sigmas = np.asarray(sigmas, dtype=np.float64)
+        n = self.sigmas.size
+        self._gram = np.zeros((2 * n, 2 * n))
+        self._chord = np.zeros((2 * n, 2 * n))
+        self.count = 0
+
+    @property
+    def n(self) -> int:
+        return int(self.sigmas.size)
+
+    def add(self, traj: Trajectories, chunk: int = 16) -> None:
+        if traj.x.shape[0] != self.n or not np.array_equal(traj.sigmas, self.sigmas):
+            raise InputError("trajectories on another fine grid cannot be added to these moments")
+        batch = traj.x.shape[1]
+        for start in range(0, batch, chunk):
+            v = np.concatenate([traj.x[:, start:start + chunk], traj.denoised[:, start:start + chunk]])
+            v = v.reshape(2 * self.n, v.shape[1], -1).transpose(1, 0, 2)  # [b, 2n, dim]
+            self._gram += np.einsum("bad,bcd->ac", v, v)
+            chord = v[:, 0] - v[:, self.n - 1]
+            norm = np.linalg.norm(chord, axis=1, keepdims=True)
+            u = chord / np.where(norm > 0, norm, 1.0)
+            p = np.einsum("bad,bd->ba", v, u)
+            self._chord += p.T @ p
+        self.count += batch
+
+    @property
+    def gram(self) -> np.ndarray:
+        return self._gram / max(self.count, 1)
+
+    @property
+    def perpendicular(self) -> np.ndarray:
+        return (self._gram - self._chord) / max(self.count, 1)
+
+
+def trajectory_moments(traj: Trajectories) -> TrajectoryMoments:
+    moments = TrajectoryMoments(traj.sigmas)
+    moments.add(traj)
+    return moments
+
+
+# --------------------------------------------------------------------------------------------
+# A student step as a linear combination of teacher vectors, for many transitions at once
+
+
+class _Lin:
+    """sum_t coef_t * V[index_t], elementwise over T transitions (index and coef are [T] arrays)."""
+
+    __slots__ = ("terms",)
+    __array_ufunc__ = None  # numpy array * _Lin defers to _Lin.__rmul__
+
+    def __init__(self, terms):
+        self.terms = terms
+
+    def __add__(self, other: _Lin) -> _Lin:
+        return _Lin(self.terms + other.terms)
+
+    def __sub__(self, other: _Lin) -> _Lin:
+        return self + other * -1.0
+
+    def __mul__(self, c) -> _Lin:
+        return _Lin([(i, a * c) for i, a in self.terms])
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c) -> _Lin:
+        return self * (1.0 / c)
+
+    def quadratic(self, matrix: np.ndarray) -> np.ndarray:
+        """sum_ab c_a c_b M[i_a, i_b] per transition, terms on the same index array merged first."""
+        merged: dict[int, list] = {}
+        for idx, coef in self.terms:
+            entry = merged.setdefault(id(idx), [idx, 0.0])
+            entry[1] = entry[1] + coef
+        items = list(merged.values())
+        out = 0.0
+        for a, (ia, ca) in enumerate(items):
+            out = out + ca * ca * matrix[ia, ia]
+            for ib, cb in items[a + 1:]:
+                out = out + 2.0 * ca * cb * matrix[ia, ib]
+        return np.asarray(out, dtype=np.float64)
+
+
+@dataclass
+class _Nodes:
+    """Fine-grid indices of one batch of transitions: from i to j, history h, g, f (newest first)."""
+
+    i: np.ndarray
+    j: np.ndarray
+    h: Optional[np.ndarray] = None
+    g: Optional[np.ndarray] = None
+    f: Optional[np.ndarray] = None
+
+
+def step_order(solver: str, k: int, num_steps: int, max_order: int) -> tuple[int, bool]:
+    """(order, whether the UniPC corrector runs) of step k of num_steps, as the solver decides."""
+    if solver in ("euler", "heun"):
+        return 1, False
+    if solver == "dpmpp-2m":
+        return (1 if k == 0 else 2), False
+    if solver in ("ipndm", "ipndm-v", "deis"):
+        return min(max_order, k + 1), False
+    # dpmpp-3m and unipc: warm-up, then lower_order_final (n - (i + 1) with n = num_steps + 1 points)
+    order = k + 1 if k + 1 < max_order else min(max_order, num_steps - k)
+    corrector = solver == "unipc" and (k + 1 < max_order or k != num_steps - 1)
+    return order, corrector
+
+
+class _StepBuilder:
+    """The student's x_j for a batch of transitions, written like the solvers in `solvers.py`."""
+
+    def __init__(self, sigmas: np.ndarray, afs: bool):
+        self.s = sigmas
+        self.n = sigmas.size
+        self.afs = afs
+        s0 = float(sigmas[0])
+        self.afs_slope = 1.0 / math.sqrt(1 + s0 * s0)  # AFS: d = x / sqrt(1 + sigma^2) at the first point
+        self._index: dict = {}
+
+    def _ix(self, nodes: np.ndarray, offset: int) -> np.ndarray:
+        key = (id(nodes), offset)
+        if key not in self._index:
+            self._index[key] = (nodes, nodes + offset)  # keep nodes alive so the id stays unique
+        return self._index[key][1]
+
+    def X(self, m: np.ndarray) -> _Lin:
+        return _Lin([(self._ix(m, 0), np.ones(m.shape))])
+
+    def d(self, m: np.ndarray) -> _Lin:
+        """The slope at fine point m: (x_m - D_m) / sigma_m, or AFS's at point 0."""
+        inv = 1.0 / self.s[m]
+        if self.afs:
+            first = m == 0
+            return _Lin([(self._ix(m, 0), np.where(first, self.afs_slope, inv)),
+                         (self._ix(m, self.n), np.where(first, 0.0, -inv))])
+        return _Lin([(self._ix(m, 0), inv), (self._ix(m, self.n), -inv)])
+
+    def D(self, m: np.ndarray) -> _Lin:
+        """The data prediction at fine point m, or AFS's x - sigma d at point 0."""
+        if self.afs:
+            first = m == 0
+            s0 = float(self.s[0])
+            return _Lin([(self._ix(m, 0), np.where(first, 1.0 - s0 * self.afs_slope, 0.0)),
+                         (self._ix(m, self.n), np.where(first, 0.0, 1.0))])
+        return _Lin([(self._ix(m, self.n), np.ones(m.shape))])
+
+    # ----- the solvers' updates
+
+    def euler(self, nd: _Nodes) -> _Lin:
+        return self.X(nd.i) + (self.s[nd.j] - self.s[nd.i]) * self.d(nd.i)
+
+    def ipndm(self, nd: _Nodes, order: int) -> _Lin:
+        x, h = self.X(nd.i), self.s[nd.j] - self.s[nd.i]
+        if order == 1:
+            return x + h * self.d(nd.i)
+        if order == 2:
+            return x + h * (3 * self.d(nd.i) - self.d(nd.h)) / 2
+        if order == 3:
+            return x + h * (23 * self.d(nd.i) - 16 * self.d(nd.h) + 5 * self.d(nd.g)) / 12
+        return x + h * (55 * self.d(nd.i) - 59 * self.d(nd.h) + 37 * self.d(nd.g) - 9 * self.d(nd.f)) / 24
+
+    def ipndm_v(self, nd: _Nodes, order: int) -> _Lin:
+        s, x = self.s, self.X(nd.i)
+        h_n = s[nd.j] - s[nd.i]
+        if order == 1:
+            return x + h_n * self.d(nd.i)
+        h_n_1 = s[nd.i] - s[nd.h]
+        if order == 2:
+            c1 = (2 + (h_n / h_n_1)) / 2
+            c2 = -(h_n / h_n_1) / 2
+            return x + h_n * (c1 * self.d(nd.i) + c2 * self.d(nd.h))
+        h_n_2 = s[nd.h] - s[nd.g]
+        temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+        if order == 3:
+            c1 = (2 + (h_n / h_n_1)) / 2 + temp1
+            c2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1
+            c3 = temp1 * h_n_1 / h_n_2
+            return x + h_n * (c1 * self.d(nd.i) + c2 * self.d(nd.h) + c3 * self.d(nd.g))
+        h_n_3 = s[nd.g] - s[nd.f]
+        ratio_2 = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
+        temp2 = (
+            ((1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2)))
+            * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2))
+            / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
+        )
+        c1 = (2 + (h_n / h_n_1)) / 2 + temp1 + temp2
+        c2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1 - (1 + (h_n_1 / h_n_2) + ratio_2) * temp2
+        c3 = temp1 * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + ratio_2 * (1 + h_n_2 / h_n_3)) * temp2
+        c4 = -temp2 * ratio_2 * h_n_1 / h_n_2
+        return x + h_n * (c1 * self.d(nd.i) + c2 * self.d(nd.h) + c3 * self.d(nd.g) + c4 * self.d(nd.f))
+
+    def deis(self, nd: _Nodes, order: int) -> _Lin:
+        """DEIS-tAB: x + sum_m C_m d_m, C_m = int L_m(tau) sigma'(tau) dtau over [tau_i, tau_j].
+
+        L_m is the Lagrange basis through the VP times tau of the step's history. The reference
+        (`solvers.deis_tab_coefficients`) sums the integrand at N = 10000 evenly spaced tau, both
+        ends included, times (tau_j - tau_i) / N: that is (1 - 1/N) times the integral plus
+        (tau_j - tau_i) (f(tau_i) + f(tau_j)) / (2N) up to the trapezoid rule's error, which is
+        what is computed here, with the integral taken in sigma, int L_m(tau(sigma)) dsigma (a
+        smooth integrand, where sigma'(tau) is steep near sigma_min), by Gauss-Legendre. The
+        weights agree with the reference's to about 1e-7 of the step.
+        """
+        if order == 1:
+            return self.euler(nd)
+        beta_d, beta_min = sch.vp_betas_for_range(*slv.DEIS_VP_FIT)
+        beta_0, beta_1 = beta_min, beta_d + beta_min
+
+        def tau_of(sigma):
+            return (np.sqrt(beta_min**2 + 2 * beta_d * np.log(sigma**2 + 1)) - beta_min) / beta_d
+
+        def weight(tau):
+            alpha = np.exp(-0.5 * tau**2 * (beta_1 - beta_0) - tau * beta_0)
+            dlog_alpha = -(tau * (beta_1 - beta_0) + beta_0)
+            return -0.5 * dlog_alpha / np.sqrt(alpha * (1 - alpha))
+
+        history = [nd.i, nd.h, nd.g, nd.f][:order]
+        taus = [tau_of(self.s[m])[:, None] for m in history]
+        s_i, s_j = self.s[nd.i][:, None], self.s[nd.j][:, None]
+        a, b = taus[0], tau_of(s_j)
+        xi, wi = np.polynomial.legendre.leggauss(_DEIS_GAUSS_POINTS)
+        tq = tau_of(s_i + (s_j - s_i) * (xi[None, :] + 1) / 2)
+        wq = (s_j - s_i) * wi[None, :] / 2
+        num = slv.DEIS_QUADRATURE_POINTS
+        out = self.X(nd.i)
+        for m in range(order):
+            def lagrange(tau, m=m):
+                poly = 1.0
+                for k in range(order):
+                    if k != m:
+                        poly = poly * ((tau - taus[k]) / (taus[m] - taus[k]))
+                return poly
+            integral = (wq * lagrange(tq)).sum(axis=1)
+            ends = (weight(a) * lagrange(a) + weight(b) * lagrange(b))[:, 0]
+            coef = integral * (1 - 1 / num) + (b - a)[:, 0] * ends / (2 * num)
+            out = out + coef * self.d(history[m])
+        return out
+
+    def dpmpp_2m(self, nd: _Nodes, order: int) -> _Lin:
+        s = self.s
+        h = np.log(s[nd.i] / s[nd.j])
+        ratio = s[nd.j] / s[nd.i]
+        if order == 1:
+            return ratio * self.X(nd.i) - np.expm1(-h) * self.D(nd.i)
+        r = np.log(s[nd.h] / s[nd.i]) / h
+        denoised_d = (1 + 1 / (2 * r)) * self.D(nd.i) - (1 / (2 * r)) * self.D(nd.h)
+        return ratio * self.X(nd.i) - np.expm1(-h) * denoised_d
+
+    def dpmpp_3m(self, nd: _Nodes, order: int) -> _Lin:
+        s = self.s
+        lam_t, lam_0 = -np.log(s[nd.j]), -np.log(s[nd.i])
+        h = lam_t - lam_0
+        phi_1 = np.expm1(-h)
+        m0 = self.D(nd.i)
+        base = (s[nd.j] / s[nd.i]) * self.X(nd.i) - phi_1 * m0
+        if order == 1:
+            return base
+        lam_1 = -np.log(s[nd.h])
+        r0 = (lam_0 - lam_1) / h
+        D1_0 = (1.0 / r0) * (m0 - self.D(nd.h))
+        if order == 2:
+            return base - 0.5 * phi_1 * D1_0
+        lam_2 = -np.log(s[nd.g])
+        r1 = (lam_1 - lam_2) / h
+        D1_1 = (1.0 / r1) * (self.D(nd.h) - self.D(nd.g))
+        D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+        D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
+        phi_2 = phi_1 / h + 1.0
+        phi_3 = phi_2 / h - 0.5
+        return base + phi_2 * D1 - phi_3 * D2
+
+    def unipc(self, nd: _Nodes, order: int, corrector: bool) -> _Lin:
+        """UniPC bh2 (`solvers._unipc_update`); the corrector's D at j is the teacher's D_j."""
+        s = self.s
+        lam_0, lam_t = -np.log(s[nd.i]), -np.log(s[nd.j])
+        h = lam_t - lam_0
+        m0 = self.D(nd.i)
+        earlier = [nd.h, nd.g][: order - 1]
+        rks = [(-np.log(s[m]) - lam_0) / h for m in earlier]
+        D1s = [(self.D(m) - m0) * (1.0 / rk) for m, rk in zip(earlier, rks)]
+        hh = -h
+        h_phi_1 = np.expm1(hh)
+        h_phi_k = h_phi_1 / hh - 1
+        B_h = np.expm1(hh)
+        cols = rks + [np.ones_like(h)]
+        factorial = 1
+        R, b = [], []
+        for k in range(1, order + 1):
+            R.append([np.ones_like(h) if k == 1 else rk if k == 2 else rk * rk for rk in cols])
+            b.append(h_phi_k * factorial / B_h)
+            factorial *= k + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        R = np.stack([np.stack(row, axis=-1) for row in R], axis=-2)  # [T, order, order]
+        b = np.stack(b, axis=-1)  # [T, order]
+        x_t_ = (s[nd.j] / s[nd.i]) * self.X(nd.i) - h_phi_1 * m0
+        if not corrector:
+            if not D1s:
+                return x_t_
+            rhos_p = ([np.full(h.shape, 0.5)] if order == 2
+                      else list(np.linalg.solve(R[:, :-1, :-1], b[:, :-1, None])[..., 0].T))
+            pred = D1s[0] * rhos_p[0]
+            for rho, D1 in zip(rhos_p[1:], D1s[1:]):
+                pred = pred + rho * D1
+            return x_t_ - B_h * pred
+        rhos_c = [np.full(h.shape, 0.5)] if order == 1 else list(np.linalg.solve(R, b[..., None])[..., 0].T)
+        corr = (self.D(nd.j) - m0) * rhos_c[-1]
+        for rho, D1 in zip(rhos_c[:-1], D1s):
+            corr = corr + rho * D1
+        return x_t_ - B_h * corr
+
+    def step(self, solver: str, nd: _Nodes, order: int, corrector: bool) -> _Lin:
+        if solver == "euler":
+            return self.euler(nd)
+        if solver == "ipndm":
+            return self.ipndm(nd, order)
+        if solver == "ipndm-v":
+            return self.ipndm_v(nd, order)
+        if solver == "deis":
+            return self.deis(nd, order)
+        if solver == "dpmpp-2m":
+            return self.dpmpp_2m(nd, order)
+        if solver == "dpmpp-3m":
+            return self.dpmpp_3m(nd, order)
+        if solver == "unipc":
+            return self.unipc(nd, order, corrector)
+        raise InputError(f"the {solver} solver's step is not costed from the teacher alone", param="solver")
+
+
+# --------------------------------------------------------------------------------------------
+# Step costs and the dynamic programme
+
+
+class StepCosts:
+    """cost(k, nodes): the deviation of step k (of num_steps) for a batch of transitions.
+
+    Built from teacher moments for every solver but Heun, whose pair costs come from the network
+    (`heun_pair_costs`) as an [n, n] matrix ``pair_costs``. ``step`` "solver" costs the solver's
+    own update with its history and order at step k (and AFS at the first point when ``afs``),
+    "euler" one Euler step along the teacher's slope (gits-main). ``metric`` "l2" or "dev" (see
+    the module docstring). ``unipc_corrector``: cost UniPC's corrected step, its corrector's D
+    taken from the teacher, rather than its predictor.
+    """
+
+    def __init__(self, moments: TrajectoryMoments, solver: str, num_steps: int, *, metric: str = DEFAULT_METRIC,
+                 step: str = "solver", afs: bool = False, max_order: Optional[int] = None,
+                 pair_costs: Optional[np.ndarray] = None, unipc_corrector: bool = False):
+        self.moments, self.solver, self.num_steps = moments, solver, int(num_steps)
+        self.metric, self.step_model, self.afs = metric, step, bool(afs) and step == "solver"
+        self.max_order = MAX_ORDERS.get(solver, 1) if max_order is None else int(max_order)
+        self.pair_costs = pair_costs
+        self.unipc_corrector = bool(unipc_corrector)
+        n = moments.n
+        self.n = n
+        self.gram = moments.gram
+        self.perp = moments.perpendicular
+        if metric == "dev":
+            m = np.arange(n)
+            lin = _Lin([(m, np.ones(n)), (np.full(n, n - 1), -np.ones(n))])
+            self.teacher_dev = np.sqrt(np.maximum(lin.quadratic(self.perp), 0.0))
+            self.teacher_dev[n - 1] = 0.0
+
+    def __call__(self, k: int, nd: _Nodes) -> np.ndarray:
+        if self.pair_costs is not None:
+            return self.pair_costs[nd.i, nd.j]
+        builder = _StepBuilder(self.moments.sigmas, self.afs)
+        if self.step_model == "euler":
+            student = builder.euler(nd)
+        else:
+            order, corrector = step_order(self.solver, k, self.num_steps, self.max_order)
+            student = builder.step(self.solver, nd, order, corrector and self.unipc_corrector)
+        if self.metric == "l2":
+            return np.sqrt(np.maximum((student - builder.X(nd.j)).quadratic(self.gram), 0.0))
+        end = np.full(nd.j.shape, self.n - 1)
+        dev = np.sqrt(np.maximum((student - builder.X(end)).quadratic(self.perp), 0.0))
+        return dev - self.teacher_dev[nd.j]
+
+
+def heun_pair_costs(den: Any, traj: Trajectories, class_labels: Optional[np.ndarray], metric: str = DEFAULT_METRIC,
+                    batch_size: int = 256, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    """[n, n] sums over this batch of squared deviations of one Heun step i -> j (i < j), evaluated.
+
+    Heun's second stage needs D at x_i + (sigma_j - sigma_i) d_i, off the teacher's trajectory,
+    so each pair costs one evaluation per latent. Entry [i, j] holds the sum over latents of
+    ||x_hat - x_j||^2 (metric l2) or of the squared chord deviation of x_hat (metric dev); the
+    caller divides by the number of latents and takes the root. ``progress(1)`` per target j.
+    """
+    den = as_denoiser(den)
+    t = traj.sigmas
+    n, batch = t.size, traj.x.shape[1]
+    out = np.zeros((n, n))
+    flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
+    chord = flat(traj.x[0]) - flat(traj.x[n - 1])
+    u = chord / np.maximum(np.linalg.norm(chord, axis=1, keepdims=True), 1e-300)
+    for j in range(1, n):
+        rows = [(i, r) for i in range(j) for r in range(batch)]
+        for start in range(0, len(rows), batch_size):
+            part = rows[start:start + batch_size]
+            ii = np.array([i for i, _ in part])
+            rr = np.array([r for _, r in part])
+            x_i = traj.x[ii, rr]
+            d_i = (x_i - traj.denoised[ii, rr]) / t[ii].reshape(-1, *([1] * (x_i.ndim - 1)))
+            h = (t[j] - t[ii]).reshape(-1, *([1] * (x_i.ndim - 1)))
+            x_prime = x_i + h * d_i
+            labels = None if class_labels is None else class_labels[rr]
+            d_out = to_host(to_float64(den(den.to_device(x_prime), np.full(len(part), t[j]), labels)))
+            d_prime = (x_prime - d_out) / t[j]
+            x_hat = x_i + h * (0.5 * d_i + 0.5 * d_prime)
+            if metric == "l2":
+                sq = np.square(flat(x_hat - traj.x[j, rr])).sum(axis=1)
+            else:
+                e = flat(x_hat) - flat(traj.x[n - 1, rr])
+                sq = np.square(e).sum(axis=1) - np.square((e * u[rr]).sum(axis=1))
+            np.add.at(out, (ii, np.full(len(part), j)), sq)
+        if progress is not None:
+            progress(1)
+    return out
+
+
+def _heun_cost_matrix(sums: np.ndarray, count: int, moments: TrajectoryMoments, metric: str) -> np.ndarray:
+    costs = np.sqrt(np.maximum(sums / max(count, 1), 0.0))
+    if metric == "dev":
+        n = moments.n
+        m = np.arange(n)
+        lin = _Lin([(m, np.ones(n)), (np.full(n, n - 1), -np.ones(n))])
+        costs = costs - np.sqrt(np.maximum(lin.quadratic(moments.perpendicular), 0.0))[None, :]
+    return costs
+
+
+def dp_path(n: int, num_steps: int, cost: Callable[[int, _Nodes], np.ndarray], coeff: float = DEFAULT_COEFF
+            ) -> tuple[list[int], float]:
+    """The path 0 = p_0 < ... < p_K = n - 1 (K = num_steps) minimising sum_k coeff^k cost(k, step k).
+
+    States are pairs (p_{k-1}, p_k); the history older than that is read from each state's
+    cheapest path (see the module docstring). Returns (path, its weighted cost). Ties go to the
+    smaller previous point.
+    """
+    K, last = int(num_steps), n - 1
+    if not 1 <= K <= last:
+        raise InputError(f"a path of {K} steps over {n} fine points is impossible (1 <= steps <= {last})",
+                         param="nfe")
+    if K == 1:
+        c = cost(0, _Nodes(i=np.zeros(1, dtype=np.int64), j=np.array([last])))
+        return [0, last], float(c[0])
+    js = np.arange(1, n - K + 1)
+    V = np.full((n, n), np.inf)
+    V[0, js] = cost(0, _Nodes(i=np.zeros(js.size, dtype=np.int64), j=js))
+    back: list = [None, None]  # back[k][p_{k-1}, p_k] = p_{k-2}
+    for k in range(1, K):
+        h, i = np.nonzero(np.isfinite(V))
+        if k == K - 1:
+            j = np.full(i.size, last)
+        else:
+            counts = np.maximum(n - K + k - i, 0)
+            h, i = np.repeat(h, counts), np.repeat(i, counts)
+            offsets = np.arange(i.size) - np.repeat(np.cumsum(counts) - counts, counts)
+            j = i + 1 + offsets
+        g = back[k][h, i] if k >= 2 else None
+        f = back[k - 1][g, h] if k >= 3 else None
+        c = cost(k, _Nodes(i=i, j=j, h=h, g=g, f=f))
+        total = V[h, i] + coeff**k * c
+        order = np.lexsort((h, total, j, i))
+        i_s, j_s, h_s, t_s = i[order], j[order], h[order], total[order]
+        first = np.ones(i_s.size, dtype=bool)
+        first[1:] = (i_s[1:] != i_s[:-1]) | (j_s[1:] != j_s[:-1])
+        V = np.full((n, n), np.inf)
+        V[i_s[first], j_s[first]] = t_s[first]
+        bp = np.full((n, n), -1, dtype=np.int64)
+        bp[i_s[first], j_s[first]] = h_s[first]
+        back.append(bp)
+    column = V[:, last]
+    if not np.isfinite(column).any():
+        raise NumericalError("every path's cost is NaN/Inf; check the teacher trajectories")
+    p = int(np.nanargmin(np.where(np.isfinite(column), column, np.inf)))
+    path = [last, p]
+    for k in range(K, 1, -1):
+        path.append(int(back[k][path[-1], path[-2]]))
+    return path[::-1], float(column[p])
+
+
+def path_costs(cost: Callable[[int, _Nodes], np.ndarray], path: Sequence[int]) -> list[float]:
+    """The cost of every step of ``path`` (fine indices), each with the path's own history."""
+    p = [int(v) for v in path]
+    out = []
+    for k in range(len(p) - 1):
+        h, g, f = (np.array([p[k - back]]) if k - back >= 0 else None for back in (1, 2, 3))
+        out.append(float(cost(k, _Nodes(i=np.array([p[k]]), j=np.array([p[k + 1]]), h=h, g=g, f=f))[0]))
+    return out
+
+
+def brute_force_path(n: int, num_steps: int, cost: Callable[[int, _Nodes], np.ndarray],
+                     coeff: float = DEFAULT_COEFF) -> tuple[list[int], float]:
+    """Every path, for checking `dp_path` on small grids."""
+    best: tuple[list[int], float] = ([], math.inf)
+    for inner in combinations(range(1, n - 1), num_steps - 1):
+        path = [0, *inner, n - 1]
+        total = sum(coeff**k * c for k, c in enumerate(path_costs(cost, path)))
+        if total < best[1]:
+            best = (path, total)
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# The search
+
+
+@dataclass
+class ScheduleSearch:
+    """What `search_schedule` found and how."""
+
+    sigmas: np.ndarray               # the time points the solver visits (a final 0 where it ends at 0)
+    solver: str
+    nfe: int
+    path: list[int]                  # indices into fine_sigmas
+    fine_sigmas: np.ndarray
+    cost: float                      # sum_k coeff^k cost_k of the path
+    step_costs: list[float]
+    settings: dict[str, Any]
+    check: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, Any]:
+        """The schedule file's fields besides the sigmas (`schedule_file.write_schedule`)."""
+        return {
+            "solver": self.solver,
+            "nfe": self.nfe,
+            "afs": self.settings["afs"],
+            "denoise_to_zero": self.settings["denoise_to_zero"],
+            "max_order": self.settings["max_order"],
+            "search": {
+                "method": "GITS (Chen et al., ICML 2024): teacher trajectories on a fine grid, step costs, dynamic programming",
+                **{k: v for k, v in self.settings.items() if k not in ("afs", "denoise_to_zero", "max_order")},
+                "fine_sigma_max": float(self.fine_sigmas[0]),
+                "fine_sigma_min": float(self.fine_sigmas[-1]),
+                "path": self.path,
+                "cost": self.cost,
+                "step_costs": self.step_costs,
+                "check": self.check,
+                "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+            },
+        }
+
+
+def _positive_int(value: Any, name: str, lo: int = 1, hi: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (hi is not None and value > hi):
+        bound = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        raise InputError(f"{name} must be an integer {bound}, got {value!r}", param=name)
+    return int(value)
+
+
+def plan_search(solver: str, nfe: int, *, afs: bool = False, denoise_to_zero: bool = False,
+                max_order: Optional[int] = None, fine_points: int = DEFAULT_FINE_POINTS, teacher: str = DEFAULT_TEACHER,
+                coeff: float = DEFAULT_COEFF, metric: str = DEFAULT_METRIC, step: str = "solver") -> dict[str, Any]:
+    """Check every search setting (no model needed); returns them with the derived N and K."""
+    spec = slv.check_solver_options(solver, {"max_order": max_order} if max_order is not None else None,
+                                    afs=afs, denoise_to_zero=denoise_to_zero)
+    if max_order is not None:
+        max_order = _positive_int(max_order, "max_order", 1, MAX_ORDERS[solver])
+    fine_points = _positive_int(fine_points, "fine_points", 3, MAX_FINE_POINTS)
+    num_points = slv.steps_for_nfe(solver, nfe, afs=afs, denoise_to_zero=denoise_to_zero)
+    num_steps = num_points - 1
+    if num_steps < 1:
+        raise InputError(f"nfe {nfe} of the {solver} solver is a single time point: nothing to search "
+                         f"(its NFE is {spec.nfe_formula} for N time points; the search needs N >= 2)", param="nfe")
+    if num_steps > fine_points - 1:
+        raise InputError(f"nfe {nfe} of the {solver} solver takes {num_steps} steps, more than the {fine_points - 1} "
+                         f"intervals of the {fine_points}-point fine grid: use a smaller NFE or more than {num_steps} "
+                         "fine points", param="nfe")
+    if teacher not in TEACHER_SOLVERS:
+        raise InputError(f"teacher must be one of {', '.join(TEACHER_SOLVERS)}, got {teacher!r}", param="teacher")
+    if isinstance(coeff, bool) or not isinstance(coeff, (int, float, np.floating)) or not (math.isfinite(coeff) and coeff > 0):
+        raise InputError(f"coeff must be a finite number > 0, got {coeff!r}", param="coeff")
+    if metric not in METRICS:
+        raise InputError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}", param="metric")
+    if step not in STEP_MODELS:
+        raise InputError(f"step must be one of {', '.join(STEP_MODELS)}, got {step!r}", param="step")
+    return dict(solver=solver, nfe=int(nfe), afs=bool(afs), denoise_to_zero=bool(denoise_to_zero),
+                max_order=max_order if max_order is not None else MAX_ORDERS.get(solver),
+                fine_points=fine_points, teacher=teacher, coeff=float(coeff), metric=metric, step=step,
+                num_points=num_points, num_steps=num_steps, appends_zero=spec.appends_zero)
+
+
+def fine_grid(den: Any, fine_points: int = DEFAULT_FINE_POINTS, sigma_min: Optional[float] = None,
+              sigma_max: Optional[float] = None) -> np.ndarray:
+    """The teacher's grid: EDM rho = 7 over [sigma_min, sigma_max] (the model's range), rounded by the model."""
+    from edm_deploy.runtime.sampling import sampling_sigmas
+
+    return sampling_sigmas(den, "ipndm", num_steps=fine_points, schedule="edm", sigma_min=sigma_min,
+                           sigma_max=sigma_max, rho=FINE_RHO)
+
+
+def _end_error(den, spec, latents, labels, sigmas, x_end, options, batch_size) -> float:
+    """RMS over latents of ||solver(sigmas) - teacher end|| at sigma_min."""
+    total, count = 0.0, 0
+    for start in range(0, len(latents), batch_size):
+        lat = latents[start:start + batch_size]
+        lab = None if labels is None else labels[start:start + batch_size]
+        x0 = to_float64(den.to_device(lat)) * float(sigmas[0])
+        out = to_host(spec.fn(den, x0, sigmas, lab, **options))
+        if not all_finite_rows(out).all():
+            return math.inf
+        total += float(np.square(out - x_end[start:start + batch_size]).reshape(len(lat), -1).sum())
+        count += len(lat)
+    return math.sqrt(total / count)
+
+
+@dataclass
+class TeacherRun:
+    """The teacher's work, reusable by several searches (other solvers, other NFEs) of one model.
+
+    ``moments`` of all latents' trajectories; the latents, labels and end states for the check;
+    the full trajectories of the first `HEUN_COST_LATENTS` latents, which Heun's evaluated
+    pair costs need.
+    """
+
+    fine_sigmas: np.ndarray
+    moments: TrajectoryMoments
+    latents: np.ndarray
+    labels: Optional[np.ndarray]
+    ends: np.ndarray
+    head: Trajectories
+    teacher: str
+    seeds: list[int]
+    class_idx: Optional[int]
+    seconds: float
+    nfe_per_latent: int
+
+
+def run_teacher_search_data(
+    den: Any,
+    *,
+    seeds: Optional[Sequence[int]] = None,
+    num_latents: int = DEFAULT_LATENTS,
+    class_idx: Optional[int] = None,
+    teacher: str = DEFAULT_TEACHER,
+    fine_points: int = DEFAULT_FINE_POINTS,
+    sigma_min: Optional[float] = None,
+    sigma_max: Optional[float] = None,
+    batch_size: int = 256,
+    progress: Progress = None,
+) -> TeacherRun:
+    """Step 1 of the search: the teacher integrates the latents of ``seeds`` on the fine grid.
+
+    Latents (and labels of a class-conditional model; ``class_idx`` fixes them) are drawn per
+    seed as `sample` draws them; ``seeds`` defaults to 0 .. num_latents - 1.
+    """
+    if teacher not in TEACHER_SOLVERS:
+        raise InputError(f"teacher must be one of {', '.join(TEACHER_SOLVERS)}, got {teacher!r}", param="teacher")
+    fine_points = _positive_int(fine_points, "fine_points", 3, MAX_FINE_POINTS)
+    batch_size = _positive_int(batch_size, "batch_size")
+    den = as_denoiser(den)
+    if seeds is None:
+        seeds = list(range(_positive_int(num_latents, "num_latents")))
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise InputError("no seeds given", param="seeds")
+    fine = fine_grid(den, fine_points, sigma_min, sigma_max)
+    n = fine.size
+    report = progress or (lambda stage, done, total: None)
+    start = time.perf_counter()
+    moments = TrajectoryMoments(fine)
+    img_shape = (den.img_channels, den.img_resolution, den.img_resolution)
+    latents_all, labels_all, ends, heads = [], [], [], []
+    batches = [seeds[b:b + batch_size] for b in range(0, len(seeds), batch_size)]
+    done, total = 0, len(batches) * n
+    report("teacher", 0, total)
+
+    def tick(k: int) -> None:
+        nonlocal done
+        done += k
+        report("teacher", done, total)
+
+    kept = 0
+    for batch in batches:
+        latents, labels = draw_latents_and_labels(StackedRandomGenerator(batch), img_shape, int(den.label_dim), class_idx)
+        traj = run_teacher(den, latents, labels, fine, teacher, progress=tick)
+        moments.add(traj)
+        latents_all.append(latents)
+        labels_all.append(labels)
+        ends.append(traj.x[-1])
+        if kept < HEUN_COST_LATENTS:
+            take = min(HEUN_COST_LATENTS - kept, len(batch))
+            heads.append((traj.x[:, :take].copy(), traj.denoised[:, :take].copy()))
+            kept += take
+        del traj
+    head = Trajectories(fine, np.concatenate([h[0] for h in heads], axis=1), np.concatenate([h[1] for h in heads], axis=1))
+    return TeacherRun(
+        fine_sigmas=fine, moments=moments, latents=np.concatenate(latents_all),
+        labels=None if labels_all[0] is None else np.concatenate(labels_all), ends=np.concatenate(ends), head=head,
+        teacher=teacher, seeds=seeds, class_idx=class_idx, seconds=time.perf_counter() - start,
+        nfe_per_latent=slv.get_solver(teacher).nfe_for_sigmas(fine) + 1)
+
+
+def search_schedule(
+    den: Any,
+    solver: str = "ipndm",
+    nfe: int = 5,
+    *,
+    teacher_run: Optional[TeacherRun] = None,
+    seeds: Optional[Sequence[int]] = None,
+    num_latents: int = DEFAULT_LATENTS,
+    class_idx: Optional[int] = None,
+    afs: bool = False,
+    denoise_to_zero: bool = False,
+    max_order: Optional[int] = None,
+    teacher: str = DEFAULT_TEACHER,
+    fine_points: int = DEFAULT_FINE_POINTS,
+    coeff: float = DEFAULT_COEFF,
+    metric: str = DEFAULT_METRIC,
+    step: str = "solver",
+    sigma_min: Optional[float] = None,
+    sigma_max: Optional[float] = None,
+    batch_size: int = 256,
+    check: bool = True,
+    progress: Progress = None,
+) -> ScheduleSearch:
+    """GITS-style search of the time points for ``solver`` at exactly ``nfe`` network evaluations.
+
+    Latents (and, for a class-conditional model, labels; ``class_idx`` fixes them) come from
+    ``seeds`` (default 0 .. num_latents - 1) as `sample` draws them. ``teacher`` integrates
+    them on ``fine_points`` EDM rho = 7 points over [sigma_min, sigma_max] (default the model's
+    range clamped to EDM's 0.002 .. 80); the student's steps are costed with ``metric`` (l2 or
+    dev) using the solver's own update (``step="solver"``) or, as gits-main does, an Euler step
+    (``step="euler"``); the path of the NFE's steps minimising sum_k coeff^k cost_k is chosen by
+    dynamic programming. ``afs``, ``denoise_to_zero`` and ``max_order`` are the solver's options
+    the schedule is meant to be sampled with. ``check`` runs the solver on the result and on the
+    EDM rho = 7 schedule of the same NFE against the teacher's end points.
+
+    ``teacher_run`` (from `run_teacher_search_data`) reuses a teacher for several searches; the
+    teacher settings (seeds, num_latents, class_idx, teacher, fine_points, sigma_min,
+    sigma_max) must then be left unset. ``progress(stage, done, total)`` is called as work
+    advances (stages 'teacher', 'heun costs', 'search', 'check'). Every setting is checked
+    before any network call.
+    """
+    if teacher_run is not None:
+        conflicts = [name for name, value in (("seeds", seeds), ("class_idx", class_idx), ("sigma_min", sigma_min),
+                                              ("sigma_max", sigma_max)) if value is not None]
+        conflicts += [name for name, value, default in (("num_latents", num_latents, DEFAULT_LATENTS),
+                                                        ("teacher", teacher, DEFAULT_TEACHER),
+                                                        ("fine_points", fine_points, DEFAULT_FINE_POINTS))
+                      if value != default]
+        if conflicts:
+            raise InputError(f"{conflicts[0]} does not apply with teacher_run (the teacher has run already)",
+                             param=conflicts[0])
+        teacher, fine_points = teacher_run.teacher, int(teacher_run.fine_sigmas.size)
+    settings = plan_search(solver, nfe, afs=afs, denoise_to_zero=denoise_to_zero, max_order=max_order,
+                           fine_points=fine_points, teacher=teacher, coeff=coeff, metric=metric, step=step)
+    batch_size = _positive_int(batch_size, "batch_size")
+    den = as_denoiser(den)
+    if teacher_run is None:
+        teacher_run = run_teacher_search_data(
+            den, seeds=seeds, num_latents=num_latents, class_idx=class_idx, teacher=teacher, fine_points=fine_points,
+            sigma_min=sigma_min, sigma_max=sigma_max, batch_size=batch_size, progress=progress)
+    fine = teacher_run.fine_sigmas
+    n, K = fine.size, settings["num_steps"]
+    if K > n - 1:
+        raise InputError(f"nfe {nfe} of the {solver} solver takes {K} steps, more than the {n - 1} intervals of the "
+                         f"teacher's {n}-point fine grid", param="nfe")
+    spec = slv.get_solver(solver)
+    solver_options: dict[str, Any] = {}
+    if settings["max_order"] is not None and "max_order" in spec.options:
+        solver_options["max_order"] = settings["max_order"]
+    if afs:
+        solver_options["afs"] = True
+    report = progress or (lambda stage, done, total: None)
+    seconds: dict[str, float] = {"teacher": teacher_run.seconds}
+
+    # 2. step costs (Heun's evaluated) and the dynamic programme over the fine grid
+    start = time.perf_counter()
+    pair = None
+    if solver == "heun" and step == "solver":
+        head = teacher_run.head
+        count = head.x.shape[1]
+        report("heun costs", 0, n - 1)
+        done = [0]
+
+        def heun_tick(k: int) -> None:
+            done[0] += k
+            report("heun costs", done[0], n - 1)
+
+        labels = None if teacher_run.labels is None else teacher_run.labels[:count]
+        sums = heun_pair_costs(den, head, labels, metric, batch_size, progress=heun_tick)
+        pair = _heun_cost_matrix(sums, count, teacher_run.moments, metric)
+    cost = StepCosts(teacher_run.moments, solver, K, metric=metric, step=step, afs=afs,
+                     max_order=settings["max_order"], pair_costs=pair)
+    report("search", 0, 1)
+    path, total_cost = dp_path(n, K, cost, settings["coeff"])
+    step_costs = path_costs(cost, path)
+    report("search", 1, 1)
+    seconds["search"] = time.perf_counter() - start
+    levels = fine[path]
+    sigmas = np.append(levels, 0.0) if (settings["appends_zero"] or denoise_to_zero) else levels.copy()
+    if spec.nfe_for_sigmas(sigmas, afs=afs) != settings["nfe"]:  # pragma: no cover - a bug if it happens
+        raise AssertionError(f"searched schedule spends {spec.nfe_for_sigmas(sigmas, afs=afs)} NFE, not {nfe}")
+
+    # 3. what it bought: the solver itself on the searched and on the EDM schedule, against the teacher's ends
+    result_check: dict[str, Any] = {}
+    if check:
+        start = time.perf_counter()
+        report("check", 0, 2)
+        edm = np.asarray(den.round_sigma(sch.schedule_sigmas("edm", settings["num_points"], float(fine[-1]),
+                                                             float(fine[0]), rho=FINE_RHO)), dtype=np.float64)
+        args = (teacher_run.latents, teacher_run.labels)
+        searched_err = _end_error(den, spec, *args, levels, teacher_run.ends, solver_options, batch_size)
+        report("check", 1, 2)
+        edm_err = _end_error(den, spec, *args, edm, teacher_run.ends, solver_options, batch_size)
+        report("check", 2, 2)
+        result_check = {
+            "what": f"RMS over the latents of ||x - teacher's x|| at sigma {float(fine[-1]):g}, the {solver} solver "
+                    f"run on each schedule",
+            "searched_rms": searched_err, "edm_rho7_rms": edm_err,
+            "edm_rho7_sigmas": [float(v) for v in edm],
+        }
+        seconds["check"] = time.perf_counter() - start
+    out_settings = {
+        "teacher": teacher_run.teacher, "fine_points": n, "fine_rho": FINE_RHO, "coeff": settings["coeff"],
+        "metric": metric, "step": step, "num_latents": len(teacher_run.seeds), "seeds": _seed_text(teacher_run.seeds),
+        "class_idx": teacher_run.class_idx, "afs": settings["afs"], "denoise_to_zero": settings["denoise_to_zero"],
+        "max_order": settings["max_order"] if "max_order" in spec.options else None,
+        "teacher_nfe_per_latent": teacher_run.nfe_per_latent,
+    }
+    if pair is not None:
+        out_settings["heun_cost_latents"] = int(teacher_run.head.x.shape[1])
+    return ScheduleSearch(sigmas=sigmas, solver=solver, nfe=settings["nfe"], path=path, fine_sigmas=fine,
+                          cost=total_cost, step_costs=step_costs, settings=out_settings, check=result_check,
+                          seconds=seconds)
+
+
+def _seed_text(seeds: Sequence[int]) -> str:
+    """Seeds as the CLI writes them: ranges, e.g. '0-255'."""
+    parts, run_start, prev = [], None, None
+    for s in seeds:
+        if run_start is None:
+            run_start = prev = s
+        elif s == prev + 1:
+            prev = s
+        else:
+            parts.append(f"{run_start}-{prev}" if prev != run_start else str(run_start))
+            run_start = prev = s
+    if run_start is not None:
+        parts.append(f"{run_start}-{prev}" if prev != run_start else str(run_start))
+    return ",".join(parts)
