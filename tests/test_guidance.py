@@ -285,3 +285,25 @@ def test_cli_guidance_errors_are_one_line(onnx_models, tmp_path, cli_env, extra,
     res = run_cli(["sample", onnx_models["model"], "-n", "2", *extra, "--outdir", str(tmp_path / "o")], env=cli_env)
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert res.returncode == 1 and len(errors) == 1 and match in errors[0], res.stderr
+
+
+@requires_torch
+def test_cond_drop_is_trained_recorded_exported_and_enables_classifier_free_guidance(tmp_path, cli_env):
+    out = tmp_path / "run"
+    res = run_cli(["train", "--preset", "tiny", "--outdir", str(out), "--duration", "0.5", "--cond-drop", "0.1",
+                   "--tick", "0.5", "--no-progress"], env=cli_env)
+    assert res.returncode == 0, res.stderr
+    import torch
+
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["network"]["init_kwargs"]["label_dropout"] == 0.1
+    res = run_cli(["export", str(out / "ckpt.pt"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")], env=cli_env)
+    assert res.returncode == 0, res.stderr
+    info = run_cli(["info", str(tmp_path / "m.onnx")], env=cli_env)
+    assert "label dropout 0.1" in info.stdout
+    res = run_cli(["sample", str(tmp_path / "m.onnx"), "-n", "4", "--steps", "4", "--guidance", "1.5",
+                   "--grid", str(tmp_path / "g.png")], env=cli_env)
+    assert res.returncode == 0 and "classifier-free" in res.stderr, res.stderr
+    bad = run_cli(["train", "--preset", "tiny", "--uncond", "--outdir", str(tmp_path / "bad"), "--cond-drop", "0.1"],
+                  env=cli_env)
+    assert bad.returncode == 1 and "--cond-drop" in bad.stderr and not (tmp_path / "bad").exists()

@@ -108,6 +108,7 @@ class TrainingOptions:
     ema_halflife_kimg: float = 500
     ema_rampup_ratio: Optional[float] = 0.05  # None: no EMA ramp-up (reference --transfer)
     dropout: float = 0.13
+    cond_drop: float = 0.0                   # label dropout: the network's label_dropout (classifier-free guidance)
     augment: float = 0.12                    # AugmentPipe p; 0 disables the pipe (augment_dim 0)
     xflip: bool = False                      # dataset x-flips (doubles the dataset)
     fp16: bool = False                       # use_fp16 (takes effect on CUDA)
@@ -147,7 +148,7 @@ RESUME_MUTABLE = frozenset({
 CLI_FLAGS = {
     "data": "--data", "outdir": "--outdir", "cond": "--cond/--uncond", "arch": "--arch", "precond": "--precond",
     "batch": "--batch", "batch_gpu": "--batch-gpu", "duration_kimg": "--duration", "lr": "--lr",
-    "lr_rampup_kimg": "--lr-rampup", "ema_halflife_kimg": "--ema", "dropout": "--dropout",
+    "lr_rampup_kimg": "--lr-rampup", "ema_halflife_kimg": "--ema", "dropout": "--dropout", "cond_drop": "--cond-drop",
     "augment": "--augment", "xflip": "--xflip", "fp16": "--fp16", "loss_scaling": "--ls",
     "cbase": "--cbase", "cres": "--cres", "seed": "--seed", "kimg_per_tick": "--tick",
     "snapshot_kimg": "--snap-kimg", "resume": "--resume", "device": "--device", "threads": "--threads",
@@ -304,6 +305,8 @@ def network_description(options: TrainingOptions, img_resolution: int, img_chann
     if options.cres is not None:
         kwargs["channel_mult"] = [int(c) for c in options.cres]
     kwargs["dropout"] = float(options.dropout)
+    if options.cond_drop > 0:
+        kwargs["label_dropout"] = float(options.cond_drop)  # the reference networks' label_dropout
     if options.augment > 0:
         kwargs["augment_dim"] = AugmentPipe(**TRAIN_PY_CONFIG).label_dim
     kwargs.update(copy.deepcopy(options.network_overrides))
@@ -333,6 +336,7 @@ _NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "ema_halflife_kimg": (lambda v: v >= 0, "a non-negative number of kimg"),
     "ema_rampup_ratio": (lambda v: v >= 0, "a non-negative number (or None: no ramp-up)"),
     "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "cond_drop": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "augment": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "loss_scaling": (lambda v: v > 0, "a positive number"),
     "kimg_per_tick": (lambda v: v > 0, "a positive number of kimg"),
@@ -374,6 +378,8 @@ def check_options(o: TrainingOptions, world_size: int = 1) -> None:
                                       f"got {value!r}")
     presets_mod.arch_kwargs(o.arch)
     presets_mod.precond_classes(o.precond)
+    if o.cond_drop > 0 and not o.cond:
+        raise _option_error("cond_drop", "cond_drop (label dropout) needs class-conditional training (cond)")
     if o.batch % world_size:
         raise _option_error("batch", f"batch {o.batch} is not divisible by the {world_size} training processes")
     per_rank = o.batch // world_size

@@ -24,6 +24,10 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
         + (f" ({len(manifest['sigma_rounding']['values'])} levels)" if manifest['sigma_rounding'].get('kind') == 'table' else ""),
         f"precision   : {manifest.get('precision', '?')}",
     ]
+    dropout = ((manifest.get("network") or {}).get("init_kwargs") or {}).get("label_dropout")
+    if manifest["label_dim"]:
+        lines.append(f"guidance    : classifier-free possible (trained with label dropout {dropout:g})" if dropout
+                     else "guidance    : autoguidance only (trained without label dropout; --cond-drop enables CFG)")
     batch = manifest.get("batch")
     if batch:
         lines.append(f"batch       : min {batch.get('min')}, opt {batch.get('opt')}, max {batch.get('max')}")

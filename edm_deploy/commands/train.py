@@ -74,6 +74,8 @@ def _parse_cres(text: Optional[str]) -> Optional[list]:
 @click.option("--ema", "ema_halflife_kimg", type=float, default=None, metavar="KIMG", help="EMA half-life.  [default: 500]")
 @click.option("--augment", type=float, default=None, metavar="P", help="Augmentation probability.  [default: 0.12]")
 @click.option("--dropout", type=float, default=None, help="Dropout probability.  [default: 0.13]")
+@click.option("--cond-drop", "cond_drop", type=float, default=None, metavar="P",
+              help="Label dropout: train the unconditional branch too, for classifier-free guidance (sample --guidance).  [default: 0]")
 @click.option("--xflip/--no-xflip", default=None, help="Add x-flipped copies of the dataset.")
 @click.option("--fp16/--fp32", default=None, help="Mixed-precision network (CUDA only).")
 @click.option("--ls", "loss_scaling", type=float, default=None, help="Static loss scaling.  [default: 1]")
