@@ -22,6 +22,14 @@ fitted to a few hundred of them suits all. The search (`search_schedule`), train
    `solvers.steps_for_nfe`, e.g. K = NFE for iPNDM), that minimises
    sum_k coeff^k cost(step k), as gits-main's ``dp`` (``coeff`` 1.15: later, low-noise steps
    weigh more, the errors there are the ones left in the image).
+4. **Polish** (not in GITS). The programme minimises a sum of local errors, a proxy for what
+   matters: the error the solver's run ends with. So the path is then polished on that error
+   itself (`refine_path`): the solver runs for real on the first ``refine_latents`` latents
+   (default 64, at most half of them), and each inner point moves one fine index down or up
+   while that lowers the end-point RMS error against the teacher (at most 20 runs per step).
+   On the digits model this took iPNDM's end-point error at NFE 4 / 5 / 6 from 0.66 / 0.54 /
+   0.37 to 0.49 / 0.35 / 0.26 and the FD at NFE 5 from 0.153 to 0.134, in about a teacher
+   run's time. ``refine_latents=0`` returns the programme's path, as GITS does.
 
 How the history enters the dynamic programme: a step of order q needs the path's last q
 points, so a state of the programme is the pair (previous point, current point). The newest
@@ -49,8 +57,8 @@ makes every cost a quadratic form in one batch-mean Gram matrix of the 2n teache
 whatever the image size, and its memory does not grow with the number of latents.
 
 `search_schedule` also runs the solver itself on the searched schedule and on the EDM rho = 7
-schedule with the same NFE, from the same latents, and reports both end-point errors against
-the teacher (``check``): the honest measure of what the search bought. NumPy only; it works on
+schedule with the same NFE, from the latents the polish did not use, and reports both end-point
+errors against the teacher (``check``): the honest measure of what the search bought. NumPy only; it works on
 any denoiser of the contract (`contract.py`).
 """
 
@@ -81,6 +89,9 @@ FINE_RHO = 7.0
 MAX_FINE_POINTS = 201
 # Heun's second stage is evaluated per pair of fine points (n (n - 1) / 2 batches): on this many latents.
 HEUN_COST_LATENTS = 32
+# The polish on the solver's real error: latents it uses, and runs of the solver per step of the path.
+DEFAULT_REFINE_LATENTS = 64
+REFINE_EVALUATIONS_PER_STEP = 20
 METRICS = ("l2", "dev")
 STEP_MODELS = ("solver", "euler")
 # Teachers whose callback reports D at the point each step starts from (UniPC reports its corrector's D).
@@ -760,6 +771,38 @@ def _end_error(den, spec, latents, labels, sigmas, x_end, options, batch_size) -
     return math.sqrt(total / count)
 
 
+def refine_path(
+    error: Callable[[list[int]], float], path: Sequence[int], max_evaluations: int = 200,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> tuple[list[int], float, float, int]:
+    """Coordinate descent on a path's true error: move one inner point by one fine index while that helps.
+
+    ``error(path)`` is the solver's end-point error run on that path. Sweeps over the inner points
+    (each tried one index down and one up, a move kept as soon as it lowers the error) until a
+    sweep changes nothing or ``max_evaluations`` runs are spent. Returns (path, its error, the
+    starting path's error, evaluations).
+    """
+    path = [int(v) for v in path]
+    start = best = error(path)
+    evaluations = 1
+    improved = True
+    while improved and evaluations < max_evaluations:
+        improved = False
+        for k in range(1, len(path) - 1):
+            for delta in (-1, 1):
+                candidate = list(path)
+                candidate[k] += delta
+                if not candidate[k - 1] < candidate[k] < candidate[k + 1] or evaluations >= max_evaluations:
+                    continue
+                value = error(candidate)
+                evaluations += 1
+                if progress is not None:
+                    progress(evaluations, max_evaluations)
+                if value < best:
+                    best, path, improved = value, candidate, True
+    return path, best, start, evaluations
+
+
 @dataclass
 class TeacherRun:
     """The teacher's work, reusable by several searches (other solvers, other NFEs) of one model.
@@ -867,6 +910,7 @@ def search_schedule(
     sigma_min: Optional[float] = None,
     sigma_max: Optional[float] = None,
     batch_size: int = 256,
+    refine_latents: int = DEFAULT_REFINE_LATENTS,
     check: bool = True,
     progress: Progress = None,
 ) -> ScheduleSearch:
@@ -879,13 +923,16 @@ def search_schedule(
     dev) using the solver's own update (``step="solver"``) or, as gits-main does, an Euler step
     (``step="euler"``); the path of the NFE's steps minimising sum_k coeff^k cost_k is chosen by
     dynamic programming. ``afs``, ``denoise_to_zero`` and ``max_order`` are the solver's options
-    the schedule is meant to be sampled with. ``check`` runs the solver on the result and on the
-    EDM rho = 7 schedule of the same NFE against the teacher's end points.
+    the schedule is meant to be sampled with. ``refine_latents`` (at most half the latents; 0:
+    off) polishes the path by `refine_path` on the solver's real end-point error against the
+    teacher on that many latents. ``check`` runs the solver on the result and on the EDM
+    rho = 7 schedule of the same NFE against the teacher's end points, on the latents the
+    refinement did not use.
 
     ``teacher_run`` (from `run_teacher_search_data`) reuses a teacher for several searches; the
     teacher settings (seeds, num_latents, class_idx, teacher, fine_points, sigma_min,
     sigma_max) must then be left unset. ``progress(stage, done, total)`` is called as work
-    advances (stages 'teacher', 'heun costs', 'search', 'check'). Every setting is checked
+    advances (stages 'teacher', 'heun costs', 'search', 'refine', 'check'). Every setting is checked
     before any network call.
     """
     if teacher_run is not None:
@@ -902,6 +949,7 @@ def search_schedule(
     settings = plan_search(solver, nfe, afs=afs, denoise_to_zero=denoise_to_zero, max_order=max_order,
                            fine_points=fine_points, teacher=teacher, coeff=coeff, metric=metric, step=step)
     batch_size = _positive_int(batch_size, "batch_size")
+    refine_latents = _positive_int(refine_latents, "refine_latents", 0)
     den = as_denoiser(den)
     if teacher_run is None:
         teacher_run = run_teacher_search_data(
@@ -941,29 +989,56 @@ def search_schedule(
                      max_order=settings["max_order"], pair_costs=pair)
     report("search", 0, 1)
     path, total_cost = dp_path(n, K, cost, settings["coeff"])
-    step_costs = path_costs(cost, path)
     report("search", 1, 1)
     seconds["search"] = time.perf_counter() - start
+
+    # 3. a polish on the solver's real end-point error, on the first latents
+    held_out = slice(0, None)
+    refined: dict[str, Any] = {}
+    used = min(refine_latents, len(teacher_run.seeds) // 2)
+    if used and K > 1:
+        start = time.perf_counter()
+        part = slice(0, used)
+        labels = None if teacher_run.labels is None else teacher_run.labels[part]
+
+        def error(p: list[int]) -> float:
+            return _end_error(den, spec, teacher_run.latents[part], labels, fine[p], teacher_run.ends[part],
+                              solver_options, batch_size)
+
+        budget = REFINE_EVALUATIONS_PER_STEP * K
+        dp_result = list(path)
+        path, best, first, evaluations = refine_path(
+            error, path, budget, progress=lambda done, total: report("refine", done, total))
+        report("refine", budget, budget)
+        held_out = slice(used, None)
+        refined = {"latents": used, "evaluations": evaluations, "dp_path": dp_result, "dp_end_rms": first,
+                   "end_rms": best}
+        seconds["refine"] = time.perf_counter() - start
+    step_costs = path_costs(cost, path)
+    if refined:
+        total_cost = float(sum(settings["coeff"] ** k * c for k, c in enumerate(step_costs)))
     levels = fine[path]
     sigmas = np.append(levels, 0.0) if (settings["appends_zero"] or denoise_to_zero) else levels.copy()
     if spec.nfe_for_sigmas(sigmas, afs=afs) != settings["nfe"]:  # pragma: no cover - a bug if it happens
         raise AssertionError(f"searched schedule spends {spec.nfe_for_sigmas(sigmas, afs=afs)} NFE, not {nfe}")
 
-    # 3. what it bought: the solver itself on the searched and on the EDM schedule, against the teacher's ends
+    # 4. what it bought: the solver itself on the searched and on the EDM schedule, against the teacher's ends
     result_check: dict[str, Any] = {}
     if check:
         start = time.perf_counter()
         report("check", 0, 2)
         edm = np.asarray(den.round_sigma(sch.schedule_sigmas("edm", settings["num_points"], float(fine[-1]),
                                                              float(fine[0]), rho=FINE_RHO)), dtype=np.float64)
-        args = (teacher_run.latents, teacher_run.labels)
-        searched_err = _end_error(den, spec, *args, levels, teacher_run.ends, solver_options, batch_size)
+        args = (teacher_run.latents[held_out], None if teacher_run.labels is None else teacher_run.labels[held_out])
+        ends = teacher_run.ends[held_out]
+        searched_err = _end_error(den, spec, *args, levels, ends, solver_options, batch_size)
         report("check", 1, 2)
-        edm_err = _end_error(den, spec, *args, edm, teacher_run.ends, solver_options, batch_size)
+        edm_err = _end_error(den, spec, *args, edm, ends, solver_options, batch_size)
         report("check", 2, 2)
         result_check = {
-            "what": f"RMS over the latents of ||x - teacher's x|| at sigma {float(fine[-1]):g}, the {solver} solver "
-                    f"run on each schedule",
+            "what": f"RMS over {len(ends)} latents (those the refinement did not use) of ||x - teacher's x|| at "
+                    f"sigma {float(fine[-1]):g}, the {solver} solver run on each schedule",
+            "latents": int(len(ends)),
             "searched_rms": searched_err, "edm_rho7_rms": edm_err,
             "edm_rho7_sigmas": [float(v) for v in edm],
         }
@@ -975,6 +1050,7 @@ def search_schedule(
         "max_order": settings["max_order"] if "max_order" in spec.options else None,
         "teacher_nfe_per_latent": teacher_run.nfe_per_latent,
     }
+    out_settings["refine"] = refined or None
     if pair is not None:
         out_settings["heun_cost_latents"] = int(teacher_run.head.x.shape[1])
     return ScheduleSearch(sigmas=sigmas, solver=solver, nfe=settings["nfe"], path=path, fine_sigmas=fine,

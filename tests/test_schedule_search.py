@@ -173,13 +173,34 @@ def test_the_check_compares_the_solver_on_both_schedules_against_the_teacher():
     den = finite_set()
     result = ss.search_schedule(den, "ipndm", 5, num_latents=16)
     c = result.check
-    assert c["searched_rms"] < c["edm_rho7_rms"] and len(c["edm_rho7_sigmas"]) == 6
-    assert set(result.seconds) == {"teacher", "search", "check"}
+    assert c["searched_rms"] < c["edm_rho7_rms"] and len(c["edm_rho7_sigmas"]) == 6 and c["latents"] == 8
+    assert set(result.seconds) == {"teacher", "search", "refine", "check"}
     meta = result.metadata()
     assert meta["solver"] == "ipndm" and meta["nfe"] == 5 and meta["search"]["coeff"] == 1.15
     assert meta["search"]["fine_points"] == 61 and meta["search"]["num_latents"] == 16
     assert meta["search"]["seeds"] == "0-15" and meta["search"]["teacher"] == "ipndm"
+    assert meta["search"]["refine"]["latents"] == 8
     json.dumps(meta)  # serialisable as it is
+
+
+def test_the_polish_lowers_the_solvers_real_error_and_can_be_turned_off():
+    den = finite_set()
+    run = ss.run_teacher_search_data(den, num_latents=32, fine_points=31)
+    plain = ss.search_schedule(den, "ipndm", 4, teacher_run=run, refine_latents=0)
+    polished = ss.search_schedule(den, "ipndm", 4, teacher_run=run, refine_latents=16)
+    refine = polished.settings["refine"]
+    assert plain.settings["refine"] is None and "refine" not in plain.seconds and plain.check["latents"] == 32
+    assert refine["dp_path"] == plain.path and refine["end_rms"] <= refine["dp_end_rms"]
+    assert 1 < refine["evaluations"] <= 20 * 4 and polished.check["latents"] == 16
+    assert polished.cost == pytest.approx(sum(1.15**k * c for k, c in enumerate(polished.step_costs)))
+
+
+def test_refine_path_moves_inner_points_while_the_error_falls():
+    target = [0, 4, 7, 10]
+    path, best, first, evaluations = ss.refine_path(lambda p: float(np.abs(np.subtract(p, target)).sum()), [0, 2, 8, 10])
+    assert path == target and best == 0 and first == 3 and evaluations > 3
+    _, _, _, capped = ss.refine_path(lambda p: float(np.abs(np.subtract(p, target)).sum()), [0, 2, 8, 10], 2)
+    assert capped == 2
 
 
 def test_a_teacher_run_is_reusable_and_the_labels_are_drawn_per_seed_as_sample_draws_them():
@@ -201,8 +222,8 @@ def test_a_teacher_run_is_reusable_and_the_labels_are_drawn_per_seed_as_sample_d
 
 def test_heun_costs_its_second_stage_with_the_network():
     den = finite_set()
-    result = ss.search_schedule(den, "heun", 7, num_latents=4, fine_points=11)
-    assert len(result.path) == 4 and result.settings["heun_cost_latents"] == 4
+    result = ss.search_schedule(den, "heun", 7, num_latents=64, fine_points=11)
+    assert len(result.path) == 4 and result.settings["heun_cost_latents"] == ss.HEUN_COST_LATENTS
     assert result.check["searched_rms"] < result.check["edm_rho7_rms"]
 
 
