@@ -29,6 +29,7 @@ from __future__ import annotations
 import _compat_pickle
 import dataclasses
 import hashlib
+import inspect
 import io
 import os
 import pickle
@@ -40,6 +41,8 @@ import torch
 
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+from edm_deploy.training import precond as precond_module
+from edm_deploy.training.presets import ARCHITECTURE_NAMES
 
 # --------------------------------------------------------------------------------------------
 # What a legitimate file contains
@@ -57,9 +60,10 @@ PRECOND_POSITIONAL = {
     "iDDPMPrecond": ("img_resolution", "img_channels", "label_dim", "use_fp16", "C_1", "C_2", "M",
                      "model_type"),
 }
-DEFAULT_MODEL_TYPE = {"EDMPrecond": "DhariwalUNet", "iDDPMPrecond": "DhariwalUNet",
-                      "VPPrecond": "SongUNet", "VEPrecond": "SongUNet"}
-INNER_CLASSES = ("SongUNet", "DhariwalUNet")
+#: model_type when a pickle's kwargs omit it: the preconditioner constructor's own default.
+DEFAULT_MODEL_TYPE = {name: inspect.signature(getattr(precond_module, name)).parameters["model_type"].default
+                      for name in PRECOND_POSITIONAL}
+INNER_CLASSES = ARCHITECTURE_NAMES
 LAYER_CLASSES = ("Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding", "FourierEmbedding")
 
 PERSISTENCE_VERSION = 6  # the only version the reference loader accepts

@@ -33,14 +33,11 @@ from typing import Optional
 from edm_deploy.runtime.errors import BackendUnavailableError, InputError
 from edm_deploy.runtime.fileio import atomic_write_bytes, sha256_file
 from edm_deploy.runtime.manifest import write_sidecar
+from edm_deploy.runtime.optional import require
 
 
 def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise BackendUnavailableError("building engines needs TensorRT: pip install tensorrt (and a CUDA GPU)") from exc
-    return trt
+    return require("tensorrt", "building engines")
 
 
 def tensorrt_status() -> tuple[bool, str]:

@@ -38,20 +38,18 @@ from edm_deploy.runtime.backends.torch_backend import describe_denoiser
 from edm_deploy.runtime.errors import InputError, first_line
 from edm_deploy.runtime.fileio import atomic_write_bytes, sha256_file
 from edm_deploy.runtime.manifest import PRECOND_KINDS
+from edm_deploy.runtime.optional import require
 from edm_deploy.runtime.version import __version__
+from edm_deploy.training.presets import ARCHITECTURE_NAMES
 
 CHECKPOINT_FORMAT = "edm-deploy-checkpoint"
 CHECKPOINT_VERSION = 1
 
-ARCHITECTURES = ("SongUNet", "DhariwalUNet")
+ARCHITECTURES = ARCHITECTURE_NAMES
 
 
 def _torch():
-    try:
-        import torch
-    except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
-        raise InputError("reading .pt checkpoints needs torch: pip install 'edm-deploy[train]'") from exc
-    return torch
+    return require("torch", "reading .pt checkpoints")
 
 
 def check_network_description(network: Any, source: str = "checkpoint") -> dict:

@@ -34,10 +34,11 @@ import torch
 
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.training import networks
+from edm_deploy.training.presets import ARCHITECTURE_NAMES
 
 __all__ = ["EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond", "ARCHITECTURES", "vp_sigma"]
 
-ARCHITECTURES = {"SongUNet": networks.SongUNet, "DhariwalUNet": networks.DhariwalUNet}
+ARCHITECTURES = {name: getattr(networks, name) for name in ARCHITECTURE_NAMES}
 
 SigmaLike = Union[float, torch.Tensor]
 

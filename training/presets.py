@@ -15,6 +15,10 @@ from typing import Any
 
 from edm_deploy.runtime.errors import InputError
 
+# The inner-network classes of the reference (`training.networks`), by name: torch-free, so a
+# checkpoint can be checked without importing torch.
+ARCHITECTURE_NAMES = ("SongUNet", "DhariwalUNet")
+
 # Inner-network kwargs per --arch (model_type + the exact reference overrides).
 ARCHS: dict[str, dict[str, Any]] = {
     "ddpmpp": dict(
