@@ -60,8 +60,11 @@ TOLERANCES = {
     "fp32": Tolerance(1e-4, "fp32 rounding of x - D near sigma_min (one ulp of x over sigma ~ 3e-5 per "
                             "element), with room for reordered sums; correct exports measure <= 4e-6"),
     "fp16": Tolerance(1e-2, "about 20 unit roundoffs of fp16 (4.9e-4); correct exports measure <= 1e-3"),
-    # Provisional: set from the int8 exports' measured error once they exist.
-    "int8": Tolerance(5e-2, "provisional, until int8 exports are measured"),
+    "int8": Tolerance(0.2, "twice the 0.10 measured on the trained digits model (MinMax calibration on 16 "
+                           "sampling trajectories, largest at sigma < 0.012; <= 0.06 above 0.07), three orders "
+                           "below a wrongly quantised graph (296 with the skip path in int8)"),
+    "bf16": Tolerance(5e-2, "about 13 unit roundoffs of bf16 (3.9e-3), for the torch backend's bf16 autocast of "
+                            "the inner network"),
 }
 
 

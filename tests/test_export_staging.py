@@ -105,3 +105,37 @@ def test_export_never_writes_onto_its_input(tmp_path, cli_env):
     res = run_cli(["export", ckpt, "--format", "onnx", "--out", str(tmp_path / "evil.onnx")], env=cli_env)
     assert res.returncode == 1 and "would overwrite MODEL" in res.stderr
     assert open(ckpt, "rb").read(2) == b"PK"  # the checkpoint is intact
+
+
+def test_int8_export_from_the_cli_is_verified_and_says_how_it_was_calibrated(tmp_path, cli_env):
+    from tests.factories import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt.pt")
+    res = run_cli(["export", ckpt, "--format", "onnx", "--int8", "--calib-images", "4", "--calib-steps", "6"],
+                  env=cli_env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "ckpt-int8.onnx"
+    assert out.exists() and "verified" in res.stdout and "max deriv err" in res.stdout
+    info = run_cli(["info", str(out)], env=cli_env)
+    assert "int8" in info.stdout and "calibrated" in info.stdout, info.stdout
+    res = run_cli(["sample", str(out), "-n", "4", "--steps", "4", "--grid", str(tmp_path / "g.png")], env=cli_env)
+    assert res.returncode == 0, res.stderr
+    assert _hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--int8", "--fp16"], "exclude each other"),
+    (["--calib-images", "4"], "apply to --int8"),
+    (["--int8", "--calib-images", "0"], "--calib-images"),
+    (["--int8", "--calib-method", "magic"], "--calib-method"),
+    (["--int8", "--calib-data", "no-such-dataset"], "dataset not found"),
+])
+def test_int8_option_errors_are_one_line_and_write_nothing(tmp_path, cli_env, args, match):
+    from tests.factories import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt.pt")
+    res = run_cli(["export", ckpt, "--format", "onnx", *args], env=cli_env, timeout=300)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 1 and len(errors) == 1 and match in errors[0], res.stderr
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"] or all(f.endswith(".lock") or f == "ckpt.pt"
+                                                            for f in os.listdir(tmp_path))

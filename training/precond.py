@@ -74,6 +74,7 @@ class _Precond(torch.nn.Module):
         self.label_dim = label_dim
         self.use_fp16 = use_fp16
         self.fp16_everywhere = False
+        self.bf16_autocast = False
 
     def set_export_fp16(self, enabled: bool = True) -> _Precond:
         """Run the fp16 compute path (when ``use_fp16``) on every device, CPU included.
@@ -81,6 +82,14 @@ class _Precond(torch.nn.Module):
         For exporters that trace fp16 graphs on a machine without a GPU. Returns ``self``.
         """
         self.fp16_everywhere = bool(enabled)
+        return self
+
+    def set_bf16_autocast(self, enabled: bool = True) -> _Precond:
+        """Run the inner network under bfloat16 autocast (oneDNN's BF16/AMX kernels on a CPU that
+        has them, bf16 tensor cores on CUDA). The preconditioning around it (c_in, c_skip, c_out,
+        c_noise and the skip mix) stays fp32, the rule every reduced-precision path here follows.
+        Returns ``self``."""
+        self.bf16_autocast = bool(enabled)
         return self
 
     def compute_dtype(self, x: torch.Tensor, force_fp32: bool = False) -> torch.dtype:
@@ -103,6 +112,10 @@ class _Precond(torch.nn.Module):
         return x, sigma, class_labels
 
     def _run_model(self, x_in: torch.Tensor, c_noise: torch.Tensor, class_labels, dtype, model_kwargs) -> torch.Tensor:
+        if getattr(self, "bf16_autocast", False) and dtype == torch.float32:
+            with torch.autocast(device_type=x_in.device.type, dtype=torch.bfloat16):
+                out = self.model(x_in, c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+            return out.to(torch.float32)
         out = self.model(x_in.to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         if out.dtype != dtype:
             raise RuntimeError(f"inner network returned {out.dtype}, expected {dtype}")

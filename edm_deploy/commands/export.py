@@ -1,7 +1,8 @@
-"""`edm-deploy export`: checkpoint -> ONNX (fp32/fp16, dynamic batch) -> TensorRT engine.
+"""`edm-deploy export`: checkpoint -> ONNX (fp32/fp16/int8, dynamic batch) -> TensorRT engine.
 
 Every artifact is built and verified in a staging folder and only then moved to its final name
-(`edm_deploy.export.staging`): the final name never holds an unverified or failed file.
+(`edm_deploy.export.staging`, `edm_deploy.export.pipeline`): the final name never holds an
+unverified or failed file.
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ import click
 from edm_deploy.runtime.errors import InputError
 
 MAX_BATCH_LIMIT = 1 << 16
-VERIFY_BATCH_LIMIT = 64  # verification runs batches 1, an odd size and this at most (memory stays small)
-
-
-def default_onnx_path(ckpt: str, fp16: bool) -> str:
-    stem = os.path.splitext(ckpt)[0]
-    return stem + ("-fp16" if fp16 else "") + ".onnx"
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--fp16", is_flag=True, help="fp16 compute inside the graph (fp32 inputs/outputs).")
+@click.option("--int8", is_flag=True, help="int8 inner UNet (static QDQ, per-channel weights), calibrated on the model's own sampling trajectories; fp32 inputs/outputs.")
+@click.option("--calib-images", type=click.IntRange(1, 4096), default=None, help="int8: images (trajectories) to calibrate on [default: 16].")
+@click.option("--calib-seed", type=click.IntRange(0, (1 << 32) - 1), default=None, help="int8: first calibration seed [default: 0].")
+@click.option("--calib-steps", type=click.IntRange(2, 1000), default=None, help="int8: sampler steps per calibration trajectory [default: 18].")
+@click.option("--calib-method", type=click.Choice(CALIBRATION_METHODS), default=None, help="int8: range estimator [default: minmax].")
+@click.option("--calib-data", default=None, metavar="DATASET", help="int8: calibrate on a dataset (a .zip, a folder or 'digits') plus noise instead of trajectories.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Output file (.onnx, or .plan with --format trt) [default: next to MODEL].")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "trt", "auto"]), default="auto", show_default=True, help="auto builds a TensorRT engine when TensorRT and a GPU are present.")
 @click.option("--max-batch", type=click.IntRange(1, MAX_BATCH_LIMIT), default=64, show_default=True, help="Largest batch the artifact must serve.")
@@ -35,25 +37,42 @@ def default_onnx_path(ckpt: str, fp16: bool) -> str:
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="TensorRT builder optimisation level 0-5.")
 @click.option("--workspace", type=click.FloatRange(0, 1 << 12, min_open=True), default=None, help="TensorRT workspace limit in GiB.")
 @click.option("--hardware-compat", is_flag=True, help="TensorRT: engine portable to all Ampere+ GPUs (slower).")
-def export(model: str, fp16: bool, out_path: Optional[str], fmt: str, max_batch: int, opt_batch: Optional[int],
-           opset: int, no_verify: bool, timing_cache: Optional[str], opt_level: int, workspace: Optional[float],
-           hardware_compat: bool) -> None:
+def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], calib_seed: Optional[int],
+           calib_steps: Optional[int], calib_method: Optional[str], calib_data: Optional[str], out_path: Optional[str],
+           fmt: str, max_batch: int, opt_batch: Optional[int], opset: int, no_verify: bool,
+           timing_cache: Optional[str], opt_level: int, workspace: Optional[float], hardware_compat: bool) -> None:
     """Export a checkpoint's EMA denoiser D(x, sigma, class) with preconditioning inside the graph.
 
     MODEL is a .pt checkpoint (or an .onnx file to build a TensorRT engine from). The ONNX file
     is verified against the torch model unless --no-verify is given; it appears under its final
-    name only when it passed (a failed one is kept as NAME.failed.onnx).
+    name only when it passed (a failed one is kept as NAME.failed.onnx). --int8 quantises the
+    inner UNet only: the preconditioning, the noise embedding, the skip mix, softmax and
+    normalisation stay float (see `edm_deploy.export.quantize`).
 
     \b
     Examples:
       edm-deploy export runs/digits/ckpt.pt                       # -> runs/digits/ckpt.onnx
+      edm-deploy export ckpt.pt --int8 --calib-images 32          # -> ckpt-int8.onnx (CPU speed)
       edm-deploy export ckpt.pt --fp16 --max-batch 256 --format trt --out model.plan
       edm-deploy export model.onnx --format trt --timing-cache trt.cache
     """
+    from edm_deploy.export.pipeline import (
+        CalibrationOptions,
+        default_onnx_path,
+        export_checkpoint,
+        verify_staged,
+    )
     from edm_deploy.export.staging import Staging, companions
     from edm_deploy.loading import model_kind
     from edm_deploy.runtime.fileio import refuse_overwriting_inputs
 
+    calib_given = {k: v for k, v in dict(num_images=calib_images, seed=calib_seed, steps=calib_steps,
+                                         method=calib_method, data=calib_data).items() if v is not None}
+    if fp16 and int8:
+        raise InputError("--fp16 and --int8 exclude each other: choose one precision")
+    if calib_given and not int8:
+        raise InputError("--calib-* options apply to --int8 exports only")
+    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     if opt_batch is not None and opt_batch > max_batch:
         raise InputError(f"--opt-batch must lie in [1, --max-batch={max_batch}], got {opt_batch}")
     kind = model_kind(model)
@@ -65,6 +84,8 @@ def export(model: str, fp16: bool, out_path: Optional[str], fmt: str, max_batch:
         raise InputError("MODEL is already a TensorRT engine")
     if out_path is not None and not out_path.lower().endswith((".onnx", ".plan", ".engine")):
         raise InputError(f"--out must end in .onnx or .plan, got {out_path}")
+    if kind == "onnx" and (fp16 or int8):
+        raise InputError("--fp16/--int8 take effect when exporting a .pt checkpoint; an .onnx keeps its precision")
 
     from edm_deploy.export.tensorrt_build import tensorrt_status
 
@@ -75,12 +96,12 @@ def export(model: str, fp16: bool, out_path: Optional[str], fmt: str, max_batch:
     if kind == "onnx" and not want_trt:
         raise InputError("MODEL is already ONNX; use --format trt to build an engine from it")
     onnx_path = model if kind == "onnx" else (
-        out_path if out_path and out_path.endswith(".onnx") else default_onnx_path(out_path or model, fp16))
+        out_path if out_path and out_path.endswith(".onnx") else default_onnx_path(out_path or model, precision))
     plan_path = None
     if want_trt:
         plan_path = out_path if out_path and out_path.endswith((".plan", ".engine")) else os.path.splitext(onnx_path)[0] + ".plan"
     finals = ([onnx_path] if kind == "pt" else []) + ([plan_path] if plan_path else [])
-    refuse_overwriting_inputs({"MODEL": model, "--timing-cache": timing_cache},
+    refuse_overwriting_inputs({"MODEL": model, "--timing-cache": timing_cache, "--calib-data": calib_data},
                               {f"output {os.path.basename(f)}": f for p in finals for f in [p, *companions(p)]})
 
     net = None
@@ -89,23 +110,20 @@ def export(model: str, fp16: bool, out_path: Optional[str], fmt: str, max_batch:
 
         manifest = read_onnx_manifest(onnx_path)
     else:
-        from edm_deploy.export.onnx_export import export_onnx
-        from edm_deploy.training.checkpoint import load_checkpoint, load_network
-
-        ckpt = load_checkpoint(model)
-        net = load_network(ckpt)
-        precision = "fp16" if fp16 else "fp32"
         click.echo(f"exporting {model} -> {onnx_path} ({precision}, opset {opset}, batch 1..{max_batch})", err=True)
-        with Staging(onnx_path) as stage:
-            result = export_onnx(net, ckpt["network"], stage.path(onnx_path), fp16=fp16, opset=opset,
-                                 max_batch=max_batch, opt_batch=opt_batch, source_path=model)
-            manifest = result.manifest
-            click.echo(f"built {os.path.basename(onnx_path)} ({result.size_bytes / 1e6:.1f} MB, {result.seconds:.1f} s"
-                       + (", external data" if result.external_data else "") + ")", err=True)
-            if not no_verify:
-                _verify(stage, onnx_path, net, precision, device="cpu", max_batch=max_batch)
-            stage.commit([onnx_path])
-        click.echo(f"wrote {onnx_path}" + (" (verified)" if not no_verify else " (not verified: --no-verify)"))
+        outcome = export_checkpoint(model, onnx_path, precision=precision, max_batch=max_batch, opt_batch=opt_batch,
+                                    opset=opset, verify=not no_verify,
+                                    calibration=CalibrationOptions(**calib_given) if int8 else None,
+                                    echo=lambda line: click.echo(line, err=True))
+        manifest = outcome.manifest
+        if outcome.report is not None:
+            click.echo(outcome.report.table())
+        click.echo(f"wrote {onnx_path} ({outcome.size_bytes / 1e6:.1f} MB, {outcome.seconds:.1f} s)"
+                   + (" (verified)" if not no_verify else " (not verified: --no-verify)"))
+        if want_trt and not no_verify:
+            from edm_deploy.training.checkpoint import load_checkpoint, load_network
+
+            net = load_network(load_checkpoint(model))
 
     if not want_trt:
         if fmt == "auto":
@@ -119,22 +137,8 @@ def export(model: str, fp16: bool, out_path: Optional[str], fmt: str, max_batch:
         engine = build_engine(onnx_path, stage.path(plan_path), manifest, max_batch=max_batch, opt_batch=opt_batch,
                               timing_cache=timing_cache, optimization_level=opt_level, workspace_gib=workspace,
                               hardware_compatible=hardware_compat)
-        if net is not None and not no_verify:
-            _verify(stage, plan_path, net, manifest.get("precision", "fp32"), device="cuda", max_batch=max_batch)
+        if net is not None:
+            click.echo(verify_staged(stage, plan_path, net, manifest.get("precision", "fp32"), "cuda", max_batch).table())
         stage.commit([plan_path])
     click.echo(f"wrote {plan_path} + {plan_path}.json (TensorRT {engine['tensorrt']['version']}, "
                f"{engine['tensorrt']['gpu']}, {engine['tensorrt']['build_seconds']} s)")
-
-
-def _verify(stage, final: str, net, precision: str, device: str, max_batch: int) -> None:
-    """Verify the staged artifact; a failure keeps it under a name that says so, and stops."""
-    from edm_deploy.export.verify import default_batches, verify_artifact
-    from edm_deploy.loading import load
-
-    with load(stage.path(final), device=device) as den:
-        report = verify_artifact(final, net, den, precision, batches=default_batches(min(max_batch, VERIFY_BATCH_LIMIT)))
-    click.echo(report.table())
-    if not report.passed:
-        kept = stage.keep_failed(final)
-        raise InputError(f"verification of {final} failed; nothing was written under that name, the failed "
-                         f"file is kept as {kept} for inspection")

@@ -28,6 +28,14 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
     if manifest["label_dim"]:
         lines.append(f"guidance    : classifier-free possible (trained with label dropout {dropout:g})" if dropout
                      else "guidance    : autoguidance only (trained without label dropout; --cond-drop enables CFG)")
+    quant = manifest.get("quantization")
+    if quant:
+        cal = quant.get("calibration", {})
+        lo, hi = (cal.get("sigma_range") or [float("nan")] * 2)
+        lines.append(f"quantized   : {quant.get('quantized_nodes')} {'/'.join(quant.get('quantized_op_types', []))} nodes "
+                     f"int8 ({quant.get('weights')}); float: {', '.join(quant.get('kept_float', []))}")
+        lines.append(f"calibrated  : {cal.get('method')} on {cal.get('num_images')} {cal.get('source')} "
+                     f"(seed {cal.get('seed')}, {cal.get('rows')} rows, sigma {lo:.3g}..{hi:.3g})")
     batch = manifest.get("batch")
     if batch:
         lines.append(f"batch       : min {batch.get('min')}, opt {batch.get('opt')}, max {batch.get('max')}")

@@ -7,6 +7,7 @@ from typing import Optional
 import click
 
 from edm_deploy.export.verify import tolerance_summary
+from edm_deploy.loading import DEVICES
 from edm_deploy.runtime.errors import InputError
 
 
@@ -20,7 +21,8 @@ def _parse_batches(text: Optional[str]) -> Optional[list[int]]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=f"""\
-Compare an .onnx or .plan with the fp32 torch model over batch sizes and noise levels.
+Compare an .onnx or .plan (or a .pt run with --bf16/--fp16) with the fp32 torch model over
+batch sizes and noise levels.
 
 Prints, per sigma band, the derivative error ||D - D_ref|| / ||x - D_ref|| (the fraction by
 which the artifact changes each sampler step), max abs and relative L2 error of D, the
@@ -31,14 +33,17 @@ tolerance of the artifact's precision ({tolerance_summary()}).
 Examples:
   edm-deploy verify model.onnx --against ckpt.pt
   edm-deploy verify model.plan --against ckpt.pt --batches 1,7,256
+  edm-deploy verify ckpt.pt --bf16                  # the torch backend's bf16 path
 """)
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--against", "ckpt", required=True, type=click.Path(dir_okay=False), help="The .pt checkpoint it came from.")
+@click.option("--against", "ckpt", default=None, type=click.Path(dir_okay=False), help="The .pt checkpoint it came from [default: MODEL itself when it is a .pt].")
+@click.option("--bf16", is_flag=True, help="MODEL .pt: verify the torch backend's bfloat16 autocast path.")
+@click.option("--fp16", is_flag=True, help="MODEL .pt: verify the torch backend's fp16 path.")
 @click.option("--batches", default=None, help="Comma-separated batch sizes, each at most the artifact's max batch "
                                               "[default: 1, an odd size, max].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True, help="Where the artifact runs.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Where the artifact runs.")
 @click.option("--seed", default="0", show_default=True, help="Seed of the test inputs (a non-negative integer).")
-def verify(model: str, ckpt: str, batches: Optional[str], device: str, seed: str) -> None:
+def verify(model: str, ckpt: Optional[str], bf16: bool, fp16: bool, batches: Optional[str], device: str, seed: str) -> None:
     from edm_deploy.export.verify import verify_artifact
     from edm_deploy.loading import load, model_kind
     from edm_deploy.training.checkpoint import load_checkpoint, load_network
@@ -47,11 +52,16 @@ def verify(model: str, ckpt: str, batches: Optional[str], device: str, seed: str
         raise InputError(f"--seed must be a non-negative integer, got {seed!r}")
     batch_list = _parse_batches(batches)
     if model_kind(model) == "pt":
-        raise InputError("MODEL must be an exported .onnx or .plan; --against takes the checkpoint")
+        if not (bf16 or fp16):
+            raise InputError("a .pt MODEL is the fp32 reference itself: verify its --bf16 or --fp16 path, "
+                             "or pass an exported .onnx/.plan")
+        ckpt = ckpt or model
+    elif ckpt is None:
+        raise InputError("--against CKPT is required: the .pt checkpoint the artifact came from")
     net = load_network(load_checkpoint(ckpt))
-    den = load(model, device=device)
-    precision = den.manifest.get("precision", "fp32")
-    report = verify_artifact(model, net, den, precision, batches=batch_list, seed=int(seed))
+    with load(model, device=device, bf16=bf16, fp16=fp16) as den:
+        report = verify_artifact(model, net, den, den.precision, batches=batch_list, seed=int(seed))
+    precision = report.precision
     click.echo(report.table())
     if not report.passed:
         raise InputError(f"{model} does not match {ckpt} within the {precision} tolerance")

@@ -96,6 +96,11 @@ class TorchDenoiser(DenoiserBackend):
             if force is None:
                 raise InputError("fp16 on the CPU is not supported by this network; drop fp16 or use CUDA")
             force(True)
+        if self.bf16:
+            enable = getattr(net, "set_bf16_autocast", None)
+            if enable is None:
+                raise InputError("this network has no bf16 path; drop bf16")
+            enable(True)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
@@ -141,12 +146,7 @@ class TorchDenoiser(DenoiserBackend):
                 xt = xt.contiguous(memory_format=torch.channels_last)
             st = torch.from_numpy(sigma.astype(np.float32)).to(self.device)
             lt = None if class_labels is None else torch.from_numpy(np.ascontiguousarray(class_labels)).to(self.device)
-            if self.bf16:
-                with torch.autocast(device_type=xt.device.type, dtype=torch.bfloat16):
-                    out = self.fn(xt, st, lt)
-                out = out.float()
-            else:
-                out = self.fn(xt, st, lt)
+            out = self.fn(xt, st, lt)
         if on_device:
             return out.contiguous()
         return out.float().cpu().numpy()

@@ -1,0 +1,124 @@
+"""Checkpoint -> verified artifact: the one export path the CLI and the demo share.
+
+`export_checkpoint` builds an fp32, fp16 or int8 ONNX file in a staging folder (`staging`),
+verifies it against the fp32 torch model with the gate of `verify`, and only then moves it to
+its final name; a failed one is kept as ``NAME.failed.onnx`` and an InputError says so. An int8
+export is an fp32 export quantised in the staging folder (`quantize.quantize_int8`, calibrated
+on the model's own sampling trajectories or on a dataset); only the int8 file is kept.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from edm_deploy.runtime.errors import InputError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+VERIFY_BATCH_LIMIT = 64  # verification runs batches 1, an odd size and this at most (memory stays small)
+
+
+@dataclass
+class CalibrationOptions:
+    """How an int8 export is calibrated (see `quantize.quantize_int8`)."""
+
+    num_images: int = 16
+    seed: int = 0
+    method: str = "minmax"
+    steps: int = 18
+    data: Optional[str] = None  # a dataset spec (`training.dataset.open_dataset`): data + noise instead of trajectories
+
+
+@dataclass
+class ExportOutcome:
+    path: str
+    manifest: dict
+    seconds: float
+    size_bytes: int
+    report: Any  # the VerifyReport, or None with verify=False
+
+
+def default_onnx_path(ckpt: str, precision: str) -> str:
+    stem = os.path.splitext(ckpt)[0]
+    return stem + ("" if precision == "fp32" else f"-{precision}") + ".onnx"
+
+
+def calibration_images(data: str, count: int, seed: int) -> np.ndarray:
+    """`count` images of a dataset (seeded pick), as float32 NCHW in [-1, 1]."""
+    from edm_deploy.training.dataset import open_dataset
+
+    ds = open_dataset(data)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(ds), size=min(count, len(ds)), replace=False))
+    images, _ = ds.batch(pick.tolist())
+    return images.astype(np.float32) / 127.5 - 1
+
+
+def verify_staged(stage, final: str, net: Any, precision: str, device: str, max_batch: int):
+    """Verify a staged artifact; a failure keeps it under a name that says so, and raises."""
+    from edm_deploy.export.verify import default_batches, verify_artifact
+    from edm_deploy.loading import load
+
+    with load(stage.path(final), device=device) as den:
+        report = verify_artifact(final, net, den, precision, batches=default_batches(min(max_batch, VERIFY_BATCH_LIMIT)))
+    if not report.passed:
+        kept = stage.keep_failed(final)
+        raise InputError(f"verification of {final} failed; nothing was written under that name, the failed file is "
+                         f"kept as {kept} for inspection:\n{report.table()}")
+    return report
+
+
+def export_checkpoint(
+    ckpt_path: str,
+    out_path: Optional[str] = None,
+    precision: str = "fp32",
+    max_batch: int = 64,
+    opt_batch: Optional[int] = None,
+    opset: int = 17,
+    verify: bool = True,
+    calibration: Optional[CalibrationOptions] = None,
+    echo: Callable[[str], None] = lambda line: None,
+) -> ExportOutcome:
+    """Export `ckpt_path`'s EMA denoiser to a verified ONNX file at `out_path` (default beside it)."""
+    import time
+
+    from edm_deploy.export.onnx_export import export_onnx
+    from edm_deploy.export.staging import Staging, companions
+    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+    from edm_deploy.training.checkpoint import load_checkpoint, load_network
+
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", param="precision")
+    if calibration is not None and precision != "int8":
+        raise InputError("calibration options apply to int8 exports only", param="calibration")
+    out_path = out_path or default_onnx_path(ckpt_path, precision)
+    refuse_overwriting_inputs({"ckpt_path": ckpt_path, "calibration data": calibration and calibration.data},
+                              {f"out_path ({os.path.basename(p)})": p for p in [out_path, *companions(out_path)]})
+    start = time.perf_counter()
+    ckpt = load_checkpoint(ckpt_path)
+    net = load_network(ckpt)
+    with Staging(out_path) as stage:
+        if precision == "int8":
+            from edm_deploy.export.quantize import quantize_int8
+
+            calib = calibration or CalibrationOptions()
+            fp32_path = os.path.join(stage.folder, "fp32-" + os.path.basename(out_path))
+            export_onnx(net, ckpt["network"], fp32_path, opset=opset, max_batch=max_batch, opt_batch=opt_batch,
+                        source_path=ckpt_path)
+            dataset = None if calib.data is None else calibration_images(calib.data, calib.num_images, calib.seed)
+            echo(f"calibrating int8 on {calib.num_images} {'dataset images' if dataset is not None else 'sampling trajectories'}"
+                 f" ({calib.method})")
+            result = quantize_int8(fp32_path, stage.path(out_path), num_images=calib.num_images, seed=calib.seed,
+                                   method=calib.method, dataset=dataset, steps=calib.steps)
+            os.unlink(fp32_path)
+            manifest, size = result.manifest, result.size_bytes
+        else:
+            result = export_onnx(net, ckpt["network"], stage.path(out_path), fp16=precision == "fp16", opset=opset,
+                                 max_batch=max_batch, opt_batch=opt_batch, source_path=ckpt_path)
+            manifest, size = result.manifest, result.size_bytes
+        report = verify_staged(stage, out_path, net, precision, "cpu", max_batch) if verify else None
+        stage.commit([out_path])
+    return ExportOutcome(out_path, manifest, time.perf_counter() - start, size, report)
