@@ -337,3 +337,15 @@ def test_cli_refuses_outputs_it_cannot_write(gauss_model, tmp_path, cli_env):
                        (str(blocker / "s.json"), "it is a file")]:
         line = _error(run_cli(["schedule", gauss_model, "--nfe", "5", "--out", out], env=cli_env))
         assert match in line, line
+
+
+def test_the_solvers_benchmark_replaces_only_its_own_section(tmp_path):
+    from benchmarks.solvers import BEGIN, END, write_section
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\n## Someone else's section\n\nkept\n")
+    write_section(f"{BEGIN}\nfirst\n{END}\n", str(path))
+    write_section(f"{BEGIN}\nsecond\n{END}\n", str(path))
+    text = path.read_text()
+    assert text.startswith("# Results\n\n## Someone else's section\n\nkept\n")
+    assert "second" in text and "first" not in text and text.count(BEGIN) == 1
