@@ -14,11 +14,14 @@ def test_shortened_demo_end_to_end_and_resume(tmp_path, cli_env):
     out = tmp_path / "demo"
     res = run_cli(["demo", "--outdir", str(out), "--kimg", "0.5", "--per-class", "3"], env=cli_env, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
-    for name in ("grid.png", "report.md", "report.json", "model.onnx", "model-fp16.onnx", os.path.join("train", "ckpt.pt")):
+    for name in ("grid.png", "report.md", "report.json", "model.onnx", "model-fp16.onnx", "model-int8.onnx",
+                 os.path.join("train", "ckpt.pt")):
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
     assert report["nfe"] == 35 and report["classifier_test_accuracy"] > 0.95
-    for precision in ("fp32", "fp16"):
+    assert report["fast"]["solver"] == "ipndm" and report["fast"]["nfe"] == 5 and report["fast"]["img_per_s"] > 0
+    assert "ipndm at NFE 5" in (out / "report.md").read_text()
+    for precision in ("fp32", "fp16", "int8"):
         r = report[precision]
         assert len(r["per_class"]) == 10 and 0 <= r["accuracy"] <= 1 and r["img_per_s"] > 0
     assert report["fd_train_test"] > 0

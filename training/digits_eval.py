@@ -22,7 +22,7 @@ Used by the slow quality test and by the demo; it needs scikit-learn and torch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -71,14 +71,19 @@ def train_classifier():
     return clf, float((clf.predict(pixels(te_x)) == te_y).mean())
 
 
-def sample_digits(net: Any, per_class: int = 50, seed: int = 0, num_steps: int = 18, batch: int = 250):
-    """uint8 [10*per_class,1,R,R] samples and their requested classes (deterministic EDM sampler)."""
-    from edm_deploy.runtime.generate import quantize_uint8
+def sample_digits(net: Any, per_class: int = 50, seed: int = 0, num_steps: Optional[int] = 18, batch: int = 250,
+                  **sampler_kwargs: Any):
+    """uint8 [10*per_class,1,R,R] samples and their requested classes.
+
+    Deterministic EDM sampler by default; `sampler_kwargs` choose another solver or schedule
+    (`runtime.generate.plan_sampling`, e.g. ``solver="ipndm", nfe=5`` with ``num_steps=None``).
+    """
+    from edm_deploy.runtime.generate import plan_sampling, quantize_uint8
     from edm_deploy.runtime.noise import StackedRandomGenerator, one_hot
-    from edm_deploy.runtime.sampling import edm_sampler
 
     den = as_denoiser(net)
     check_digits_model(den)
+    plan = plan_sampling(den, {"num_steps": num_steps, **sampler_kwargs})
     classes = np.repeat(np.arange(den.label_dim), per_class)
     seeds = seed + np.arange(len(classes))
     out = []
@@ -86,7 +91,7 @@ def sample_digits(net: Any, per_class: int = 50, seed: int = 0, num_steps: int =
         rnd = StackedRandomGenerator(seeds[start: start + batch])
         latents = rnd.randn((den.img_channels, den.img_resolution, den.img_resolution))
         labels = one_hot(classes[start: start + batch], den.label_dim)
-        x = edm_sampler(den, latents, labels, randn_like=rnd.randn_like, num_steps=num_steps)
+        x = plan.run(den, den.to_device(latents) if hasattr(den, "to_device") else latents, labels, rnd.randn_like)
         out.append(quantize_uint8(x).transpose(0, 3, 1, 2))
     return np.concatenate(out), classes
 
