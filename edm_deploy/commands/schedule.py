@@ -125,8 +125,9 @@ def schedule(model: str, **params: Any) -> None:
     if result.check:
         c = result.check
         verdict = "better" if c["searched_rms"] < c["edm_rho7_rms"] else "NOT better"
-        click.echo(f"check: end-point RMS error against the teacher on {c['latents']} other latents "
-                   f"{c['searched_rms']:.4g} with this schedule, {c['edm_rho7_rms']:.4g} with EDM rho=7 ({verdict})")
+        where = f"{c['latents']} latents" + (" the polish did not use" if refine else "")
+        click.echo(f"check: end-point RMS error against the teacher on {where}: {c['searched_rms']:.4g} with this "
+                   f"schedule, {c['edm_rho7_rms']:.4g} with EDM rho=7 ({verdict})")
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     click.echo(f"done: {wall:.1f} s ({parts})")
     click.echo(f"output: {out}")
