@@ -57,12 +57,22 @@ def calibration_images(data: str, count: int, seed: int) -> np.ndarray:
     return images.astype(np.float32) / 127.5 - 1
 
 
+def _runner(path: str, device: str):
+    """The runtime backend of an exported artifact (the export layer does not use the app's registry)."""
+    if path.endswith(".onnx"):
+        from edm_deploy.runtime.backends.onnxrt import OnnxRuntimeDenoiser
+
+        return OnnxRuntimeDenoiser(path, device=device)
+    from edm_deploy.runtime.backends.tensorrt import TensorRTDenoiser
+
+    return TensorRTDenoiser(path)
+
+
 def verify_staged(stage, final: str, net: Any, precision: str, device: str, max_batch: int):
     """Verify a staged artifact; a failure keeps it under a name that says so, and raises."""
     from edm_deploy.export.verify import default_batches, verify_artifact
-    from edm_deploy.loading import load
 
-    with load(stage.path(final), device=device) as den:
+    with _runner(stage.path(final), device) as den:
         report = verify_artifact(final, net, den, precision, batches=default_batches(min(max_batch, VERIFY_BATCH_LIMIT)))
     if not report.passed:
         kept = stage.keep_failed(final)
