@@ -1,13 +1,15 @@
-"""`python -m benchmarks` (`make bench`): every CPU benchmark in sequence.
+"""`python -m benchmarks` (`make bench`): every CPU benchmark in sequence (`--quick` for a short pass).
 
-The GPU benchmark is separate (`benchmarks/gpu.sh`) because it needs a CUDA machine.
+The GPU benchmark is separate (`benchmarks/gpu.sh`) because it needs a CUDA machine. The digits
+benchmarks (precision, solvers, guidance) reuse the demo's trained model when `make demo` has
+run, and train one otherwise (~2.5 min on an idle 2-core CPU).
 """
 
 from __future__ import annotations
 
 import sys
 
-from benchmarks import backends_cpu, sample_scale, sampler_overhead
+from benchmarks import backends_cpu, guidance, precision, sample_scale, sampler_overhead, solvers
 
 
 def main() -> None:
@@ -18,6 +20,12 @@ def main() -> None:
     backends_cpu.main(["--repeats", "3"] + (["--no-compile", "--skip-cifar"] if quick else []))
     print("\n== sample at scale: memory and overhead ==")
     sample_scale.main(["--large", "5000"] if quick else [])
+    print("\n== precision: int8 and bf16 against fp32 (speed on CIFAR-10 DDPM++, quality on the digits) ==")
+    precision.main(["--repeats", "3"] + (["--batches", "8", "--per-class", "20"] if quick else []))
+    print("\n== solvers x NFE on the digits ==")
+    solvers.main(["--nfes", "4,5,35", "--searched-nfes", "4", "--per-class", "20", "--no-write"] if quick else [])
+    print("\n== guidance on the digits ==")
+    guidance.main(["--per-class", "20", "--no-write"] if quick else [])
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ import tempfile
 import time
 from typing import Any
 
-import numpy as np
-
 from benchmarks.common import RESULTS_DIR, save, table
 
 WEIGHTS = (1.0, 1.25, 1.5, 2.0, 3.0)
@@ -106,6 +104,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--cfg-ckpt", default=None, help="a model trained with --cond-drop 0.1 [default: trained]")
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--interval", default="0.28,1.6")
+    parser.add_argument("--no-write", action="store_true", help="do not redraw docs/guidance.png")
     args = parser.parse_args(argv)
 
     from edm_deploy.loading import load
@@ -139,7 +138,8 @@ def main(argv=None) -> dict:
     payload = {"rows": rows, "fd_train_test": yardstick, "classifier_test_accuracy": clf_acc, "per_class": args.per_class,
                "interval": [lo, hi], "model": ckpt, "guide": guide_ckpt, "cfg_model": cfg_ckpt}
     print("saved", save("guidance", payload))
-    plot(rows, yardstick, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "guidance.png"))
+    if not args.no_write:
+        plot(rows, yardstick, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "guidance.png"))
     return payload
 
 
