@@ -58,6 +58,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # The fast-sampling rows of the report: the best fast solver at NFE <= 6 on this model
 # (benchmarks/solvers.py), and autoguidance by the run's own early snapshot (benchmarks/guidance.py).
 FAST_SOLVER = {"solver": "ipndm", "nfe": 5}
+SEARCHED = {"solver": "ipndm", "nfe": 4}  # on a GITS-style searched schedule (`edm-deploy schedule`)
 AUTOGUIDE_SNAPSHOT_KIMG = 50
 AUTOGUIDANCE_WEIGHT = 1.5
 
@@ -128,6 +129,14 @@ def evaluate_step(paths: dict[str, str], per_class: int, echo: Callable[[str], N
             results[precision] = {"model": path, **_scored(den, per_class, classifier, te_x, num_steps=18)}
     with load(paths["fp32"], device="cpu") as den:
         results["fast"] = {**FAST_SOLVER, **_scored(den, per_class, classifier, te_x, num_steps=None, **FAST_SOLVER)}
+        from edm_deploy.runtime.schedule_search import search_schedule
+
+        start = time.perf_counter()
+        found = search_schedule(den, **SEARCHED)
+        results["searched"] = {**SEARCHED, "sigmas": [float(v) for v in found.sigmas],
+                               "search_seconds": time.perf_counter() - start,
+                               **_scored(den, per_class, classifier, te_x, num_steps=None, solver=SEARCHED["solver"],
+                                         sigmas=found.sigmas)}
         if guide_ckpt is not None:
             with load(guide_ckpt, device="cpu") as guide:
                 guided = GuidedDenoiser(den, guide, AUTOGUIDANCE_WEIGHT)
@@ -168,6 +177,11 @@ def format_report(r: dict[str, Any], train_seconds: Optional[float]) -> str:
     if fast:
         extra.append(f"| {fast['solver']} at NFE {fast['nfe']} (fp32 ONNX) | {fast['accuracy']:.1%} | "
                      f"{fast['fd_samples_test']:.3f} | {fast['img_per_s']:.1f} |")
+    searched = r.get("searched")
+    if searched:
+        extra.append(f"| {searched['solver']} at NFE {searched['nfe']} on a searched schedule "
+                     f"({searched['search_seconds']:.0f} s search) | {searched['accuracy']:.1%} | "
+                     f"{searched['fd_samples_test']:.3f} | {searched['img_per_s']:.1f} |")
     guided = r.get("autoguidance")
     if guided:
         extra.append(f"| Heun NFE 35, autoguided by the {AUTOGUIDE_SNAPSHOT_KIMG}-kimg snapshot, w = {guided['guidance']:g} | "

@@ -20,7 +20,8 @@ def test_shortened_demo_end_to_end_and_resume(tmp_path, cli_env):
     report = json.loads((out / "report.json").read_text())
     assert report["nfe"] == 35 and report["classifier_test_accuracy"] > 0.95
     assert report["fast"]["solver"] == "ipndm" and report["fast"]["nfe"] == 5 and report["fast"]["img_per_s"] > 0
-    assert "ipndm at NFE 5" in (out / "report.md").read_text()
+    assert report["searched"]["nfe"] == 4 and len(report["searched"]["sigmas"]) == 5
+    assert "ipndm at NFE 5" in (out / "report.md").read_text() and "searched schedule" in (out / "report.md").read_text()
     for precision in ("fp32", "fp16", "int8"):
         r = report[precision]
         assert len(r["per_class"]) == 10 and 0 <= r["accuracy"] <= 1 and r["img_per_s"] > 0
