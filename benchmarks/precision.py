@@ -76,27 +76,10 @@ def interleaved(fns: list[tuple[str, Callable[[], Any]]], repeats: int, warmup: 
 
 
 def bf16_copy(net):
-    """A copy of the preconditioner whose inner UNet runs under CPU bf16 autocast.
-
-    The autocast region is the inner network only: the preconditioner checks that its inner
-    network returns the compute dtype it asked for (fp32 here), and keeping c_in/c_skip/c_out
-    and the skip mix in fp32 is the same rule the int8 file follows.
-    """
-    import torch
-
-    class Bf16Inner(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args, **kwargs):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = self.inner(*args, **kwargs)
-            return out.float()
-
-    twin = copy.deepcopy(net)
-    twin.model = Bf16Inner(twin.model)
-    return twin.eval()
+    """A copy of the preconditioner whose inner UNet runs under bf16 autocast: the torch
+    backend's own `--bf16` path (`set_bf16_autocast`; c_in/c_skip/c_out and the skip mix stay fp32,
+    the rule the int8 file follows too)."""
+    return copy.deepcopy(net).set_bf16_autocast(True).eval()
 
 
 def speed_case(workdir: str, batches: list[int], repeats: int, echo) -> dict[str, Any]:
