@@ -91,6 +91,42 @@ class DenoiserBase:
         self.close()
 
 
+class DelegatingDenoiser(DenoiserBase):
+    """A denoiser wrapping another (`den`): its contract attributes and its whole interface are
+    the wrapped one's unless a subclass says otherwise. Compositions (timing, a fixed batch shape,
+    guidance) subclass it and override only what they change."""
+
+    CONTRACT = ("sigma_min", "sigma_max", "img_channels", "img_resolution", "label_dim", "max_batch", "device",
+                "label_dropout")
+
+    def __init__(self, den: Any):
+        self.den = as_denoiser(den)
+        for name in self.CONTRACT:
+            setattr(self, name, getattr(self.den, name))
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.den.warnings
+
+    def round_sigma(self, sigma: Any) -> Any:
+        return self.den.round_sigma(sigma)
+
+    def to_device(self, host_array: Any) -> Any:
+        return self.den.to_device(host_array)
+
+    def synchronize(self) -> None:
+        self.den.synchronize()
+
+    def describe(self) -> str:
+        return self.den.describe()
+
+    def close(self) -> None:
+        self.den.close()
+
+    def __call__(self, x: Any, sigma: Any, class_labels: Any = None) -> Any:
+        return self.den(x, sigma, class_labels)
+
+
 class _Adapted(DenoiserBase):
     """A plain contract callable seen through the full interface (defaults for the rest)."""
 

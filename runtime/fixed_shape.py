@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edm_deploy.runtime.contract import DenoiserBase, as_denoiser
+from edm_deploy.runtime.contract import DelegatingDenoiser
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.xp import concatenate, library_of
 
@@ -29,41 +29,23 @@ def _pad_rows(a: Any, rows: int) -> Any:
     last = a[-1:]
     if library_of(a) == "torch":
         return concatenate([a, last.expand(missing, *a.shape[1:])])
-    return concatenate([a, np.repeat(last, missing, axis=0) if library_of(a) == "numpy" else last.repeat(missing, axis=0)])
+    return concatenate([a, last.repeat(missing, axis=0)])  # NumPy and CuPy arrays alike
 
 
-class FixedShapeDenoiser(DenoiserBase):
+class FixedShapeDenoiser(DelegatingDenoiser):
     """`den` evaluated only ever at batch size `rows` (split and padded); all else delegated."""
 
     def __init__(self, den: Any, rows: int):
-        self.den = as_denoiser(den)
+        super().__init__(den)
         if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
             raise InputError(f"fixed_batch must be a positive integer, got {rows!r}", param="fixed_batch")
         if self.den.max_batch is not None and rows > self.den.max_batch:
             raise InputError(f"fixed_batch {rows} exceeds the model's batch limit {self.den.max_batch}", param="fixed_batch")
         self.rows = int(rows)
-        for name in ("sigma_min", "sigma_max", "img_channels", "img_resolution", "label_dim", "device", "label_dropout"):
-            setattr(self, name, getattr(self.den, name))
         self.max_batch = None  # any batch: it is cut into chunks here
-
-    @property
-    def warnings(self) -> list[str]:
-        return self.den.warnings
-
-    def round_sigma(self, sigma: Any) -> Any:
-        return self.den.round_sigma(sigma)
-
-    def to_device(self, host_array: Any) -> Any:
-        return self.den.to_device(host_array)
-
-    def synchronize(self) -> None:
-        self.den.synchronize()
 
     def describe(self) -> str:
         return f"{self.den.describe()}, fixed batch {self.rows}"
-
-    def close(self) -> None:
-        self.den.close()
 
     def __call__(self, x: Any, sigma: Any, class_labels: Any = None) -> Any:
         batch = int(x.shape[0])

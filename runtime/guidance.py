@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.runtime.contract import DenoiserBase, as_denoiser
+from edm_deploy.runtime.contract import DelegatingDenoiser, as_denoiser
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.xp import concatenate, to_float64, where_rows
 
@@ -59,19 +59,15 @@ def mix(denoised: Any, guided_by: Any, w: float) -> Any:
     return g + w * (d - g)
 
 
-class GuidedDenoiser(DenoiserBase):
+class GuidedDenoiser(DelegatingDenoiser):
     """`den` guided by `guide` (or, with guide None, by its own unconditional branch)."""
 
     def __init__(self, den: Any, guide: Optional[Any] = None, guidance: float = 1.0,
                  interval: tuple[float, float] = (0.0, math.inf)):
-        self.den = as_denoiser(den)
+        super().__init__(den)
         self.guide = None if guide is None else as_denoiser(guide)
         self.w = check_weight(guidance)
         self.lo, self.hi = check_interval(interval)
-        self.img_channels, self.img_resolution = self.den.img_channels, self.den.img_resolution
-        self.label_dim = self.den.label_dim
-        self.device = self.den.device
-        self.label_dropout = self.den.label_dropout
         if self.guide is None:
             if not self.label_dim:
                 raise InputError("classifier-free guidance needs a class-conditional model; this one is unconditional",
@@ -80,8 +76,6 @@ class GuidedDenoiser(DenoiserBase):
                 raise InputError("classifier-free guidance needs a model trained with label dropout (its unconditional "
                                  "branch is untrained otherwise); this one was trained without: give a guide model "
                                  "instead, or train with label dropout", param="guidance")
-            self.sigma_min, self.sigma_max = self.den.sigma_min, self.den.sigma_max
-            self.max_batch = self.den.max_batch
         else:
             self._check_guide()
             self.sigma_min = max(self.den.sigma_min, self.guide.sigma_min)
@@ -110,12 +104,6 @@ class GuidedDenoiser(DenoiserBase):
     @property
     def warnings(self) -> list[str]:
         return self.den.warnings + ([] if self.guide is None else self.guide.warnings)
-
-    def round_sigma(self, sigma: Any) -> Any:
-        return self.den.round_sigma(sigma)
-
-    def to_device(self, host_array: Any) -> Any:
-        return self.den.to_device(host_array)
 
     def synchronize(self) -> None:
         self.den.synchronize()

@@ -11,38 +11,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from edm_deploy.runtime.contract import DenoiserBase, as_denoiser
+from edm_deploy.runtime.contract import DelegatingDenoiser
 
 
-class TimedDenoiser(DenoiserBase):
+class TimedDenoiser(DelegatingDenoiser):
     """`den` with each call timed to completion (synchronised); everything else delegated."""
 
     def __init__(self, den: Any):
-        self.den = as_denoiser(den)
-        for name in ("sigma_min", "sigma_max", "img_channels", "img_resolution", "label_dim", "max_batch", "device",
-                     "label_dropout"):
-            setattr(self, name, getattr(self.den, name))
+        super().__init__(den)
         self.eval_seconds = 0.0
         self.calls = 0
-
-    @property
-    def warnings(self) -> list[str]:
-        return self.den.warnings
-
-    def round_sigma(self, sigma: Any) -> Any:
-        return self.den.round_sigma(sigma)
-
-    def to_device(self, host_array: Any) -> Any:
-        return self.den.to_device(host_array)
-
-    def synchronize(self) -> None:
-        self.den.synchronize()
-
-    def describe(self) -> str:
-        return self.den.describe()
-
-    def close(self) -> None:
-        self.den.close()
 
     def reset(self) -> None:
         self.eval_seconds, self.calls = 0.0, 0
