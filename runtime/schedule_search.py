@@ -319,45 +319,16 @@ class _StepBuilder:
     def euler(self, nd: _Nodes) -> _Lin:
         return self.X(nd.i) + (self.s[nd.j] - self.s[nd.i]) * self.d(nd.i)
 
+    def _slopes(self, nd: _Nodes):
+        points = (nd.i, nd.h, nd.g, nd.f)
+        return lambda k: self.d(points[k])
+
     def ipndm(self, nd: _Nodes, order: int) -> _Lin:
-        x, h = self.X(nd.i), self.s[nd.j] - self.s[nd.i]
-        if order == 1:
-            return x + h * self.d(nd.i)
-        if order == 2:
-            return x + h * (3 * self.d(nd.i) - self.d(nd.h)) / 2
-        if order == 3:
-            return x + h * (23 * self.d(nd.i) - 16 * self.d(nd.h) + 5 * self.d(nd.g)) / 12
-        return x + h * (55 * self.d(nd.i) - 59 * self.d(nd.h) + 37 * self.d(nd.g) - 9 * self.d(nd.f)) / 24
+        return slv.ipndm_update(self.X(nd.i), self.s[nd.j] - self.s[nd.i], self._slopes(nd), order)
 
     def ipndm_v(self, nd: _Nodes, order: int) -> _Lin:
-        s, x = self.s, self.X(nd.i)
-        h_n = s[nd.j] - s[nd.i]
-        if order == 1:
-            return x + h_n * self.d(nd.i)
-        h_n_1 = s[nd.i] - s[nd.h]
-        if order == 2:
-            c1 = (2 + (h_n / h_n_1)) / 2
-            c2 = -(h_n / h_n_1) / 2
-            return x + h_n * (c1 * self.d(nd.i) + c2 * self.d(nd.h))
-        h_n_2 = s[nd.h] - s[nd.g]
-        temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
-        if order == 3:
-            c1 = (2 + (h_n / h_n_1)) / 2 + temp1
-            c2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1
-            c3 = temp1 * h_n_1 / h_n_2
-            return x + h_n * (c1 * self.d(nd.i) + c2 * self.d(nd.h) + c3 * self.d(nd.g))
-        h_n_3 = s[nd.g] - s[nd.f]
-        ratio_2 = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
-        temp2 = (
-            ((1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2)))
-            * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2))
-            / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
-        )
-        c1 = (2 + (h_n / h_n_1)) / 2 + temp1 + temp2
-        c2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1 - (1 + (h_n_1 / h_n_2) + ratio_2) * temp2
-        c3 = temp1 * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + ratio_2 * (1 + h_n_2 / h_n_3)) * temp2
-        c4 = -temp2 * ratio_2 * h_n_1 / h_n_2
-        return x + h_n * (c1 * self.d(nd.i) + c2 * self.d(nd.h) + c3 * self.d(nd.g) + c4 * self.d(nd.f))
+        s, points = self.s, (nd.j, nd.i, nd.h, nd.g, nd.f)
+        return slv.ipndm_v_update(self.X(nd.i), lambda k: s[points[k]] - s[points[k + 1]], self._slopes(nd), order)
 
     def deis(self, nd: _Nodes, order: int) -> _Lin:
         """DEIS-tAB: x + sum_m C_m d_m, C_m = int L_m(tau) sigma'(tau) dtau over [tau_i, tau_j].

@@ -433,16 +433,24 @@ def _adams_bashforth(den, x, sigmas, class_labels, callback, afs, max_order, ste
     return x
 
 
-def _ipndm_step(x, d, hist, i, order, t):
-    """Fixed Adams-Bashforth weights (1), (3, -1)/2, (23, -16, 5)/12, (55, -59, 37, -9)/24 on the slopes."""
-    h = t[i + 1] - t[i]
+def ipndm_update(x: Any, h: float, slope: Callable[[int], Any], order: int) -> Any:
+    """x + h * (fixed Adams-Bashforth weights . slopes): (1), (3, -1)/2, (23, -16, 5)/12, (55, -59, 37, -9)/24.
+
+    ``slope(k)`` is the k-th newest slope (0: the current one). Written once for the solver and
+    for the schedule search, which applies it to linear forms of the teacher's points.
+    """
     if order == 1:
-        return x + h * d
+        return x + h * slope(0)
     if order == 2:
-        return x + h * (3 * d - hist[-1]) / 2
+        return x + h * (3 * slope(0) - slope(1)) / 2
     if order == 3:
-        return x + h * (23 * d - 16 * hist[-1] + 5 * hist[-2]) / 12
-    return x + h * (55 * d - 59 * hist[-1] + 37 * hist[-2] - 9 * hist[-3]) / 24
+        return x + h * (23 * slope(0) - 16 * slope(1) + 5 * slope(2)) / 12
+    return x + h * (55 * slope(0) - 59 * slope(1) + 37 * slope(2) - 9 * slope(3)) / 24
+
+
+def _ipndm_step(x, d, hist, i, order, t):
+    """Fixed Adams-Bashforth weights on the slopes (`ipndm_update`)."""
+    return ipndm_update(x, t[i + 1] - t[i], lambda k: d if k == 0 else hist[-k], order)
 
 
 def ipndm(
@@ -459,24 +467,28 @@ def ipndm(
     return _adams_bashforth(den, x, sigmas, class_labels, callback, afs, max_order, _ipndm_step)
 
 
-def _ipndm_v_step(x, d, hist, i, order, t):
-    """Variable-step Adams-Bashforth weights from the actual step sizes h_n, h_{n-1}, ... in sigma."""
-    h_n = t[i + 1] - t[i]
+def ipndm_v_update(x: Any, h: Callable[[int], float], slope: Callable[[int], Any], order: int) -> Any:
+    """x + h_n * (variable-step Adams-Bashforth weights . slopes), diff-sampler's formulas.
+
+    ``h(k)`` is the k-th newest step size in sigma (0: h_n, the step being taken), ``slope(k)``
+    the k-th newest slope. Shared by the solver and the schedule search.
+    """
+    h_n = h(0)
     if order == 1:
-        return x + h_n * d
-    h_n_1 = t[i] - t[i - 1]
+        return x + h_n * slope(0)
+    h_n_1 = h(1)
     if order == 2:
         c1 = (2 + (h_n / h_n_1)) / 2
         c2 = -(h_n / h_n_1) / 2
-        return x + h_n * (c1 * d + c2 * hist[-1])
-    h_n_2 = t[i - 1] - t[i - 2]
+        return x + h_n * (c1 * slope(0) + c2 * slope(1))
+    h_n_2 = h(2)
     temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
     if order == 3:
         c1 = (2 + (h_n / h_n_1)) / 2 + temp1
         c2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1
         c3 = temp1 * h_n_1 / h_n_2
-        return x + h_n * (c1 * d + c2 * hist[-1] + c3 * hist[-2])
-    h_n_3 = t[i - 2] - t[i - 3]
+        return x + h_n * (c1 * slope(0) + c2 * slope(1) + c3 * slope(2))
+    h_n_3 = h(3)
     ratio_2 = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
     temp2 = (
         ((1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2)))
@@ -487,7 +499,12 @@ def _ipndm_v_step(x, d, hist, i, order, t):
     c2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1 - (1 + (h_n_1 / h_n_2) + ratio_2) * temp2
     c3 = temp1 * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + ratio_2 * (1 + h_n_2 / h_n_3)) * temp2
     c4 = -temp2 * ratio_2 * h_n_1 / h_n_2
-    return x + h_n * (c1 * d + c2 * hist[-1] + c3 * hist[-2] + c4 * hist[-3])
+    return x + h_n * (c1 * slope(0) + c2 * slope(1) + c3 * slope(2) + c4 * slope(3))
+
+
+def _ipndm_v_step(x, d, hist, i, order, t):
+    """Variable-step Adams-Bashforth weights from the actual step sizes in sigma (`ipndm_v_update`)."""
+    return ipndm_v_update(x, lambda k: t[i + 1 - k] - t[i - k], lambda k: d if k == 0 else hist[-k], order)
 
 
 def ipndm_v(
