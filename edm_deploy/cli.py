@@ -85,11 +85,13 @@ def flags_of(command: click.Command) -> dict[str, str]:
 
 
 def cli_message(exc: EdmDeployError) -> str:
-    """The error text with the API parameter it concerns renamed to its command-line flag."""
+    """The error text with the API parameter(s) it concerns renamed to their command-line flags."""
     text = str(exc)
-    flag = FLAGS.get(exc.param or "")
-    if flag:
-        text = re.sub(rf"(?<![\w-]){re.escape(exc.param)}(?!\w)", flag, text, count=1)
+    params = exc.param if isinstance(exc.param, (list, tuple)) else [exc.param]
+    for param in params:
+        flag = FLAGS.get(param or "")
+        if flag:
+            text = re.sub(rf"(?<![\w-]){re.escape(param)}(?!\w)", flag, text, count=1)
     return text
 
 

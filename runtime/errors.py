@@ -18,13 +18,13 @@ flag that set it.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Sequence, Union
 
 
 class EdmDeployError(Exception):
     """A user-facing error: the message alone must tell the user what is wrong and what to do."""
 
-    def __init__(self, message: str = "", param: Optional[str] = None):
+    def __init__(self, message: str = "", param: Union[str, Sequence[str], None] = None):
         super().__init__(message)
         self.param = param
 

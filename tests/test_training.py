@@ -481,6 +481,7 @@ def test_train_cli_end_to_end(tmp_path, cli_env):
     res = run_cli(["train", "--outdir", out, "--resume", os.path.join(out, "ckpt.pt"), "--lr", "1"],
                   env=cli_env, timeout=300)
     assert res.returncode == 1 and "cannot change" in res.stderr
+    assert "error: --resume continues the stored run" in res.stderr and "--lr: " in res.stderr  # flags, not fields
     assert os.path.getmtime(os.path.join(out, "ckpt.pt")) == before
     res = run_cli(["train", "--help"], env=cli_env)
     assert res.returncode == 0 and "Example" in res.stdout

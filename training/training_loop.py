@@ -144,23 +144,6 @@ RESUME_MUTABLE = frozenset({
     "device", "threads", "preset",
 })
 
-# TrainingOptions field -> `edm-deploy train` flag, for messages (unlisted fields have no flag).
-CLI_FLAGS = {
-    "data": "--data", "outdir": "--outdir", "cond": "--cond/--uncond", "arch": "--arch", "precond": "--precond",
-    "batch": "--batch", "batch_gpu": "--batch-gpu", "duration_kimg": "--duration", "lr": "--lr",
-    "lr_rampup_kimg": "--lr-rampup", "ema_halflife_kimg": "--ema", "dropout": "--dropout", "cond_drop": "--cond-drop",
-    "augment": "--augment", "xflip": "--xflip", "fp16": "--fp16", "loss_scaling": "--ls",
-    "cbase": "--cbase", "cres": "--cres", "seed": "--seed", "kimg_per_tick": "--tick",
-    "snapshot_kimg": "--snap-kimg", "resume": "--resume", "device": "--device", "threads": "--threads",
-    "max_images": "--max-images", "preset": "--preset",
-}
-
-
-def _option_name(field_name: str) -> str:
-    flag = CLI_FLAGS.get(field_name)
-    return f"{field_name} ({flag})" if flag else field_name
-
-
 def _stored_options(ckpt: dict, path: str) -> dict:
     state = ckpt.get("training_state")
     if state is None:
@@ -193,10 +176,11 @@ def check_resume_options(options: TrainingOptions, ckpt: dict, path: str) -> Non
     given = options.to_dict()
     changed = [k for k in given if k not in RESUME_MUTABLE and given[k] != stored.get(k)]
     if changed:
-        detail = ", ".join(f"{_option_name(k)}: {stored.get(k)!r} in the run, {given[k]!r} now" for k in changed)
+        detail = ", ".join(f"{k}: {stored.get(k)!r} in the run, {given[k]!r} now" for k in changed)
         raise InputError(
-            f"--resume continues the stored run, so these options cannot change: {detail} "
-            f"(changeable: {', '.join(sorted(RESUME_MUTABLE - {'resume', 'preset'}))})"
+            f"resume continues the stored run, so these options cannot change: {detail} "
+            f"(changeable: {', '.join(sorted(RESUME_MUTABLE - {'resume', 'preset'}))})",
+            param=["resume", *changed],
         )
 
 

@@ -40,6 +40,7 @@ from typing import Optional
 import click
 
 from edm_deploy.runtime.errors import InputError
+from edm_deploy.training.presets import ARCHS, PRECONDS
 
 
 def _parse_cres(text: Optional[str]) -> Optional[list]:
@@ -63,8 +64,8 @@ def _parse_cres(text: Optional[str]) -> Optional[list]:
               help="Start from a named configuration: tiny (8x8 digits on a CPU), cifar10, ffhq64, afhq64, "
                    "imagenet64. Explicit flags override it.")
 @click.option("--cond/--uncond", default=None, help="Class-conditional training (needs labels).  [default: uncond]")
-@click.option("--arch", metavar="ddpmpp|ncsnpp|adm", default=None, help="Network architecture.  [default: ddpmpp]")
-@click.option("--precond", metavar="edm|vp|ve|iddpm", default=None, help="Preconditioning and loss.  [default: edm]")
+@click.option("--arch", metavar="|".join(ARCHS), default=None, help="Network architecture.  [default: ddpmpp]")
+@click.option("--precond", metavar="|".join(PRECONDS), default=None, help="Preconditioning and loss.  [default: edm]")
 @click.option("--batch", type=int, default=None, help="Total batch size.  [default: 512]")
 @click.option("--batch-gpu", "batch_gpu", type=int, default=None, help="Batch per process per round (gradient accumulation).")
 @click.option("--duration", "duration_kimg", type=float, default=None, metavar="KIMG",
