@@ -392,6 +392,16 @@ def _is_sensitive(node, consumers: dict, depth: int = 0) -> bool:
     return False
 
 
+def graph_links(graph) -> tuple[dict, dict]:
+    """(tensor -> the node producing it, tensor -> the nodes reading it) of an ONNX graph."""
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    return producer, consumers
+
+
 def keep_float_readers_float(model, quantized: set[str]) -> dict[str, int]:
     """Point float-kept readers of DequantizeLinear(QuantizeLinear(t)) back at t; drop dead Q/DQ.
 
@@ -402,11 +412,7 @@ def keep_float_readers_float(model, quantized: set[str]) -> dict[str, int]:
     read t. Returns counts for the log.
     """
     graph = model.graph
-    producer = {out: n for n in graph.node for out in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
+    producer, consumers = graph_links(graph)
     initializers = {i.name for i in graph.initializer}
     outputs = {o.name for o in graph.output}
 
@@ -458,11 +464,7 @@ def float_kept_violations(model) -> list[str]:
     Empty for a graph written by `quantize_int8`; the tests and `tensorrt_build` use it.
     """
     graph = model.graph
-    producer = {out: n for n in graph.node for out in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
+    producer, consumers = graph_links(graph)
 
     def reads_dequantized(node, depth=0) -> bool:
         for name in node.input:
