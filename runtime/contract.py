@@ -81,6 +81,11 @@ class DenoiserBase:
         """One line for progress output: what runs, and where."""
         return f"{type(self).__name__} on {self.device}"
 
+    def numerics(self) -> str:
+        """What decides the bits this denoiser computes (implementation, precision, kind of device):
+        a resumed run must use the same, or its images would not match the earlier ones."""
+        return f"{type(self).__name__} {self.device.split(':')[0]}"
+
     def close(self) -> None:
         """Free sessions, contexts and device memory; the denoiser cannot be called afterwards."""
 
@@ -119,6 +124,9 @@ class DelegatingDenoiser(DenoiserBase):
 
     def describe(self) -> str:
         return self.den.describe()
+
+    def numerics(self) -> str:
+        return self.den.numerics()
 
     def close(self) -> None:
         self.den.close()

@@ -170,9 +170,9 @@ def lock_path_for(output: str) -> str:
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_file: str, what: str) -> Iterator[None]:
-    """Hold an exclusive OS lock on `lock_file` for the block; if another process holds it, one
-    clear error naming `what` (the output it guards) at once, without waiting.
+def exclusive_lock(lock_file: str, what: str, wait: float = 0) -> Iterator[None]:
+    """Hold an exclusive OS lock on `lock_file` for the block; if another process holds it for
+    longer than `wait` seconds (0: not at all), one clear error naming `what` (the output it guards).
 
     The lock is an OS file lock (`filelock`), released by the kernel when the process dies, so a
     killed run never leaves its output locked. The small lock file itself stays (removing it
@@ -180,7 +180,7 @@ def exclusive_lock(lock_file: str, what: str) -> Iterator[None]:
     """
     from filelock import FileLock, Timeout
 
-    lock = FileLock(lock_file, timeout=0)
+    lock = FileLock(lock_file, timeout=wait)
     try:
         lock.acquire()
     except Timeout:

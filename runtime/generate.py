@@ -77,7 +77,7 @@ def plan_sampling(den: Any, sampler_kwargs: Optional[dict] = None) -> SamplingPl
     nfe_target = kw.pop("nfe", None)
     if nfe_target is not None:
         if "num_steps" in kw or "sigmas" in kw:
-            raise param_error("nfe", "give nfe or num_steps (or sigmas), not both")
+            raise InputError("give nfe or num_steps (or sigmas), not both", param=("nfe", "num_steps", "sigmas"))
         kw["num_steps"] = slv.steps_for_nfe(solver, nfe_target, afs=bool(kw.get("afs")),
                                             denoise_to_zero=bool(kw.get("denoise_to_zero")))
     ablation = {k: kw[k] for k in ABLATION_KEYS if k in kw}
@@ -156,11 +156,11 @@ def check_batch_size(batch_size: Any) -> int:
 def guided(den: Any, guide: Any = None, guidance: Optional[float] = None,
            guidance_interval: Optional[tuple[float, float]] = None) -> Any:
     """`den` itself without guidance; else the `GuidedDenoiser` of den and guide (None: classifier-free)."""
+    from edm_deploy.runtime.guidance import GuidedDenoiser, check_guidance_args
+
+    check_guidance_args(guide is not None, guidance, guidance_interval)
     if guidance is None:
-        if guide is not None or guidance_interval is not None:
-            raise InputError("a guide or a guidance interval needs a guidance weight", param="guidance")
         return as_denoiser(den)
-    from edm_deploy.runtime.guidance import GuidedDenoiser
 
     return GuidedDenoiser(den, guide, guidance, (0.0, float("inf")) if guidance_interval is None else guidance_interval)
 

@@ -44,6 +44,13 @@ def check_interval(interval: Any) -> tuple[float, float]:
     return lo, hi
 
 
+def check_guidance_args(guide_given: bool, guidance: Optional[float], interval: Any) -> None:
+    """A guide or an interval means nothing without a weight: one error before any model loads."""
+    if guidance is None and (guide_given or interval is not None):
+        raise InputError("guidance (the weight W) is needed when a guide or a guidance interval is given",
+                         param="guidance")
+
+
 def check_weight(guidance: Any) -> float:
     w = float(guidance)
     if not math.isfinite(w):
@@ -104,6 +111,9 @@ class GuidedDenoiser(DelegatingDenoiser):
     @property
     def warnings(self) -> list[str]:
         return self.den.warnings + ([] if self.guide is None else self.guide.warnings)
+
+    def numerics(self) -> str:
+        return self.den.numerics() + ("" if self.guide is None else f"; guide {self.guide.numerics()}")
 
     def synchronize(self) -> None:
         self.den.synchronize()

@@ -37,6 +37,7 @@ from edm_deploy.runtime.fileio import (
     exclusive_lock,
     exclusive_output,
     is_locked,
+    lock_path_for,
     remove_stale_temps,
 )
 
@@ -61,6 +62,20 @@ def ensure_writable_dir(path: str) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise InputError(f"cannot write to {path}: {exc.strerror or exc}") from exc
+
+
+def check_writable_dir(path: str) -> None:
+    """What `ensure_writable_dir` will need, checked without creating anything."""
+    target = os.path.abspath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise InputError(f"cannot use {path} as an output folder: it is a file")
+    ancestor = target
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise InputError(f"cannot create {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to {path}: {ancestor} is not writable")
 
 
 def to_pil(image: np.ndarray):
@@ -185,13 +200,15 @@ class NpzWriter:
     archive is streamed together at the end in the requested seed order.
     """
 
-    def __init__(self, path: str, seeds: Sequence[int], image_shape: Optional[tuple[int, int, int]] = None):
+    def __init__(self, path: str, seeds: Sequence[int], image_shape: Optional[tuple[int, int, int]] = None,
+                 record: Optional[dict] = None):
         directory = os.path.dirname(os.path.abspath(path))
         ensure_writable_dir(directory)
         if os.path.isdir(path):
-            raise InputError(f"{path} is a folder; --npz needs a file name")
+            raise InputError(f"{path} is a folder; an .npz output needs a file name")
         self.path = path
-        self.parts_dir = parts_dir_for(path)  # created with the first batch, not before
+        self.record = record  # stored in the archive, so a finished file still says what made it
+        self.parts_dir = parts_dir_for(path)
         self.order = [int(s) for s in seeds]
         self.image_shape = image_shape
         self.done: dict[int, str] = {}
@@ -220,7 +237,7 @@ class NpzWriter:
     def submit(self, images: np.ndarray, seeds: Sequence[int], labels: Optional[np.ndarray] = None) -> None:
         seeds = np.asarray(seeds, dtype=np.int64)
         labels = np.full(len(seeds), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-        os.makedirs(self.parts_dir, exist_ok=True)
+        os.makedirs(self.parts_dir, exist_ok=True)  # claim_folder made it; direct library use may not have
         part = os.path.join(self.parts_dir, f"part-{int(seeds[0]):010d}-{len(seeds)}.npz")
         buffer = io.BytesIO()
         np.savez(buffer, images=images, seeds=seeds, labels=labels)
@@ -258,12 +275,44 @@ class NpzWriter:
                         labels[n] = cache["labels"][i]
                 zf.writestr("seeds.npy", _npy_bytes(np.asarray(self.order, dtype=np.int64)))
                 zf.writestr("labels.npy", _npy_bytes(labels))
+                if self.record is not None:
+                    zf.writestr("record.npy", _npy_bytes(np.asarray(json.dumps(self.record, sort_keys=True))))
         shutil.rmtree(self.parts_dir, ignore_errors=True)  # parts, record and any temp file a killed run left
 
     def abort(self) -> None:
         """After a failure: keep the finished parts, so the next run resumes; with none, no folder."""
         if not glob.glob(os.path.join(self.parts_dir, "part-*.npz")):
             shutil.rmtree(self.parts_dir, ignore_errors=True)
+
+
+def npz_record(path: str) -> tuple[Optional[dict], list[int]]:
+    """(the run record stored in a finished `.npz`, or None; its seeds)."""
+    try:
+        with np.load(path) as data:
+            seeds = [int(s) for s in data["seeds"].tolist()] if "seeds" in data.files else []
+            record = json.loads(str(data["record"])) if "record" in data.files else None
+    except Exception:  # not an npz this tool can read
+        return None, []
+    return record, seeds
+
+
+class FinishedNpz:
+    """A finished `.npz` of this very run: every seed is done, nothing is written."""
+
+    def __init__(self, path: str, seeds: Sequence[int]):
+        self.path, self.seeds, self.written = path, set(seeds), 0
+
+    def is_done(self, seed: int) -> bool:
+        return int(seed) in self.seeds
+
+    def submit(self, images, seeds, labels=None) -> None:
+        raise AssertionError("a finished .npz takes no images")  # unreachable: every seed is done
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
 
 
 def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 1) -> np.ndarray:
@@ -288,18 +337,25 @@ class GridWriter:
     MAX_IMAGES = 4096
 
     def __init__(self, path: str, count: int, columns: Optional[int] = None, upscale: int = 1, pad: int = 1):
-        if count > self.MAX_IMAGES:
-            raise InputError(f"a grid holds up to {self.MAX_IMAGES} images; write {count} to a folder instead")
-        if columns is not None and not 1 <= columns <= max(count, 1):
-            raise InputError(f"grid_cols must lie in [1, {count}] for {count} images, got {columns}", param="grid_cols")
-        self.format = image_format_for(path)
-        if os.path.isdir(path):
-            raise InputError(f"{path} is a folder; a grid needs a file name")
+        self.format = self.check(path, count, columns)
         ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
         self.path, self.columns, self.upscale, self.pad = path, columns, upscale, pad
         self.images: dict[int, np.ndarray] = {}
         self.order: list[int] = []
         self.written = 0
+
+    @classmethod
+    def check(cls, path: str, count: int, columns: Optional[int] = None) -> str:
+        """Validate a grid output without creating anything; returns its image format."""
+        if count > cls.MAX_IMAGES:
+            raise InputError(f"a grid holds up to {cls.MAX_IMAGES} images; write {count} to a folder instead")
+        if columns is not None and not 1 <= columns <= max(count, 1):
+            raise InputError(f"grid_cols must lie in [1, {count}] for {count} images, got {columns}", param="grid_cols")
+        fmt = image_format_for(path)
+        if os.path.isdir(path):
+            raise InputError(f"{path} is a folder; a grid needs a file name")
+        check_writable_dir(os.path.dirname(os.path.abspath(path)))
+        return fmt
 
     def is_done(self, seed: int) -> bool:
         return False
@@ -348,16 +404,13 @@ def _holds_images(folder: str) -> bool:
     return False
 
 
-FOLDER_LOCK = ".edm-deploy.lock"
-
-
 def _shard_lock(folder: str, shard: tuple[int, int]) -> str:
     return os.path.join(folder, f".edm-deploy-shard{shard[0]}of{shard[1]}.lock")
 
 
 def _others_writing(folder: str, own_shard_lock: str) -> bool:
     """Whether another process holds a shard lock of `folder` right now."""
-    own = os.path.abspath(own_shard_lock)
+    own = os.path.abspath(own_shard_lock) if own_shard_lock else None
     return any(is_locked(p) for p in glob.glob(os.path.join(folder, ".edm-deploy-shard*.lock"))
                if os.path.abspath(p) != own)
 
@@ -387,29 +440,39 @@ def check_run_record(folder: str, record: dict, others_writing: bool = False) ->
     atomic_write_bytes(os.path.join(folder, RUN_RECORD), json.dumps(record, sort_keys=True).encode())
 
 
+# The ranks of one torchrun run check the record one after another under the folder lock; they
+# start together, so a rank waits this long for its turn (the check walks the folder once).
+RECORD_CHECK_WAIT_S = 120.0
+
+
 @contextlib.contextmanager
 def claim_folder(folder: str, record: dict, shard: tuple[int, int] = (0, 1)) -> Iterator[None]:
     """Own `folder` as the writer of `shard` for the block, its run record checked first.
 
-    One process writes an unsharded output: it holds the folder lock for the whole run. The
-    ranks of a sharded run write the same folder side by side: each holds its own shard lock
-    for the run and the folder lock only while checking the record, and takes its shard lock
+    One process writes an unsharded output: it holds the folder lock for the whole run, and is
+    refused while any shard of another run is live there. The ranks of a sharded run write the
+    same folder side by side: each holds its own shard lock for the run and the folder lock only
+    while checking the record (waiting its turn behind the other ranks), and takes its shard lock
     before releasing the folder lock, so a run with other settings arriving next sees it as a
     live writer. Stale temporary files are cleared only when no other writer is live.
     """
     os.makedirs(folder, exist_ok=True)
+    sharded = shard[1] > 1
     with contextlib.ExitStack() as run:
         with contextlib.ExitStack() as check:
-            check.enter_context(exclusive_lock(os.path.join(folder, FOLDER_LOCK), folder))
-            others = False
-            if shard[1] > 1:
-                own = _shard_lock(folder, shard)
+            check.enter_context(exclusive_lock(lock_path_for(folder), folder,
+                                               wait=RECORD_CHECK_WAIT_S if sharded else 0))
+            own = _shard_lock(folder, shard) if sharded else ""
+            if sharded:
                 run.enter_context(exclusive_lock(own, f"{folder} (shard {shard[0]}/{shard[1]})"))
-                others = _others_writing(folder, own)
+            others = _others_writing(folder, own)
+            if others and not sharded:
+                raise InputError(f"another edm-deploy process is writing {folder} (a sharded run); wait for it or "
+                                 "choose another output")
             check_run_record(folder, record, others_writing=others)
             if not others:
                 remove_stale_temps(folder)
-            if shard[1] == 1:
+            if not sharded:
                 run.enter_context(check.pop_all())  # keep the folder lock for the whole run
         yield
 
@@ -422,17 +485,17 @@ def check_output(count: int, *, outdir: Optional[str] = None, npz_path: Optional
     if len(given) != 1:
         raise InputError("give exactly one output: a folder, an .npz file or a grid image")
     if outdir:
-        ensure_writable_dir(outdir)
+        check_writable_dir(outdir)
     elif npz_path:
         if not npz_path.lower().endswith(".npz"):
             raise InputError(f"{npz_path}: an .npz output must end in .npz")
         if os.path.isdir(npz_path):
             raise InputError(f"{npz_path} is a folder; an .npz output needs a file name")
-        ensure_writable_dir(os.path.dirname(os.path.abspath(npz_path)))
+        check_writable_dir(os.path.dirname(os.path.abspath(npz_path)))
     else:
         if shard[1] > 1:
             raise InputError("a grid cannot be sharded; write it from one process")
-        GridWriter(grid_path, count, columns=grid_columns)  # validates count, columns, format, folder
+        GridWriter.check(grid_path, count, grid_columns)
 
 
 @contextlib.contextmanager
@@ -468,5 +531,15 @@ def open_output(
         with claim_folder(outdir, record, shard):
             yield PngTreeWriter(outdir, subdirs=subdirs, workers=workers, image_shape=image_shape)
         return
-    with exclusive_output(npz_path), claim_folder(parts_dir_for(npz_path), record):
-        yield NpzWriter(npz_path, seeds, image_shape=image_shape)
+    with exclusive_output(npz_path):
+        if os.path.exists(npz_path):
+            # A finished file: the same run finds nothing to do; anything else would replace it.
+            previous, done = npz_record(npz_path)
+            if previous != record or not set(seeds) <= set(done):
+                what = "was not written by edm-deploy sample" if previous is None else (
+                    "holds images sampled with other settings" if previous != record else "holds other seeds")
+                raise InputError(f"{npz_path} already exists and {what}; choose another output or delete it")
+            yield FinishedNpz(npz_path, done)
+            return
+        with claim_folder(parts_dir_for(npz_path), record):
+            yield NpzWriter(npz_path, seeds, image_shape=image_shape, record=record)

@@ -275,7 +275,7 @@ def test_cli_classifier_free_guidance_needs_label_dropout(onnx_models, tmp_path,
 @requires_onnx
 @pytest.mark.parametrize("extra,match", [
     (["--guide", "RGB", "--guidance", "2"], "guide makes 3x8x8"),
-    (["--guide", "GUIDE"], "need a guidance weight"),
+    (["--guide", "GUIDE"], "--guidance (the weight W) is needed"),
     (["--guide", "GUIDE", "--guidance", "2", "--guidance-interval", "5,1"], "0 <= lo < hi"),
     (["--guide", "GUIDE", "--guidance", "nan"], "not a finite number"),
     (["--guide", "GUIDE", "--guidance", "2", "--guidance-interval", "abc"], "two numbers"),

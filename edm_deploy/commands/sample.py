@@ -64,6 +64,7 @@ def sample(model: str, **params: Any) -> None:
     from edm_deploy.runtime.fileio import refuse_overwriting_inputs, sha256_file
     from edm_deploy.runtime.fixed_shape import FixedShapeDenoiser
     from edm_deploy.runtime.generate import guided, plan_sampling, run_record, sample_into
+    from edm_deploy.runtime.guidance import check_guidance_args
     from edm_deploy.runtime.noise import check_class
     from edm_deploy.runtime.schedule_file import mismatch_warnings, parse_sigmas
     from edm_deploy.runtime.seeds import parse_seeds, parse_shard, seeds_from_count, shard_batches
@@ -83,43 +84,46 @@ def sample(model: str, **params: Any) -> None:
         outputs.update({"--npz": npz_path, "--npz (its parts folder)": parts_dir_for(npz_path)})
     refuse_overwriting_inputs({"MODEL": model, "--guide": params["guide"]}, outputs)
     interval = _interval(params["guidance_interval"])
-    if params["guidance"] is None and (params["guide"] or interval):
-        raise InputError("--guide and --guidance-interval need a guidance weight: add --guidance W")
+    check_guidance_args(bool(params["guide"]), params["guidance"], interval)
     batches = shard_batches(seeds, params["batch_size"], rank, world)
     my_seeds = [s for b in batches for s in b]
     if not my_seeds:
         click.echo(f"done: nothing to do, shard {rank}/{world} holds none of the {len(seeds)} seeds")
         return
 
-    # Output first: an unwritable or invalid destination fails before the model loads.
+    # Output first: an unwritable or invalid destination fails before the model loads (nothing is created yet).
     check_output(len(my_seeds), outdir=params["outdir"], npz_path=npz_path, grid_path=params["grid_path"],
                  grid_columns=params["grid_cols"], shard=(rank, world))
     kwargs = sampler_kwargs_from(params)
     schedule_meta: dict = {}
     if params["sigmas"] is not None:
         kwargs["sigmas"], schedule_meta = parse_sigmas(params["sigmas"])
-    model_sha256 = sha256_file(model)
-    den = load_from_options(model, params)
-    guide = load_from_options(params["guide"], params, only_applicable=True) if params["guide"] else None
-    with den, (guide or contextlib.nullcontext()):
+    with contextlib.ExitStack() as models:
+        den = models.enter_context(load_from_options(model, params))
+        guide = (models.enter_context(load_from_options(params["guide"], params, only_applicable=True))
+                 if params["guide"] else None)
         check_class(params["class_idx"], den.label_dim)
-        if params["guidance"] is not None and guide is None and den.label_dim and den.label_dropout == 0:
+        if params["guidance"] is not None and guide is None and den.label_dim and den.label_dropout is not None \
+                and den.label_dropout <= 0:
             raise InputError("--guidance without --guide is classifier-free guidance, which needs a model trained with "
                              "label dropout (edm-deploy train --cond-drop P); this one was trained without: "
                              "pass --guide GUIDE for autoguidance instead")
-        plan = plan_sampling(den, kwargs)  # every sampler option checked before any output is touched
-        for note in den.warnings + mismatch_warnings(schedule_meta, model_sha256, plan.solver):
-            click.echo(f"warning: {note}", err=True)
         if params["fixed_batch"] is not None:
             den, guide = (None if m is None else FixedShapeDenoiser(m, params["fixed_batch"]) for m in (den, guide))
         runner = guided(den, guide, params["guidance"], interval)
-        if params["profile"]:
-            runner = TimedDenoiser(runner)
+        # Planned on the composed runner: a guide narrows the sigma range both models cover.
+        plan = plan_sampling(runner, kwargs)  # every sampler option checked before any output is touched
+        model_sha256 = sha256_file(model)
+        for note in runner.warnings + mismatch_warnings(schedule_meta, model_sha256, plan.solver):
+            click.echo(f"warning: {note}", err=True)
         record = run_record(model_sha256, params["class_idx"], kwargs, batch_size=params["batch_size"],
                             fixed_batch=params["fixed_batch"], solver=plan.solver,
                             time_points=None if plan.sigmas is None else [float(v) for v in plan.sigmas],
                             guide_sha256=sha256_file(params["guide"]) if params["guide"] else None,
-                            guidance=params["guidance"], guidance_interval=None if interval is None else list(interval))
+                            guidance=params["guidance"], guidance_interval=None if interval is None else list(interval),
+                            numerics=runner.numerics(), subdirs=bool(params["subdirs"]) if params["outdir"] else None)
+        if params["profile"]:
+            runner = TimedDenoiser(runner)
         image_shape = (den.img_resolution, den.img_resolution, den.img_channels)
         with open_output(record, my_seeds, outdir=params["outdir"], npz_path=npz_path, grid_path=params["grid_path"],
                          subdirs=params["subdirs"], workers=params["workers"], grid_columns=params["grid_cols"],

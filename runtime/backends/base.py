@@ -104,3 +104,6 @@ class DenoiserBackend(DenoiserBase):
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}"
+
+    def numerics(self) -> str:
+        return f"{self.name} {self.precision} {self.device.split(':')[0]}"
