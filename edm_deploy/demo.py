@@ -87,13 +87,13 @@ def grid_step(model_path: str, outdir: str, echo: Callable[[str], None], columns
     from edm_deploy.runtime.generate import sample_batch
     from edm_deploy.runtime.writers import GridWriter
 
-    den = load(model_path, device="cpu")
     path = os.path.join(outdir, "grid.png")
-    grid = GridWriter(path, den.label_dim * columns, columns=columns, upscale=GRID_UPSCALE, pad=2)
-    for cls in range(den.label_dim):
-        seeds = [1_000_000 + cls * columns + k for k in range(columns)]
-        images, _ = sample_batch(den, seeds, cls, {"num_steps": 18})
-        grid.submit(images, seeds)
+    with load(model_path, device="cpu") as den:
+        grid = GridWriter(path, den.label_dim * columns, columns=columns, upscale=GRID_UPSCALE, pad=2)
+        for cls in range(den.label_dim):
+            seeds = [1_000_000 + cls * columns + k for k in range(columns)]
+            images, _ = sample_batch(den, seeds, cls, {"num_steps": 18})
+            grid.submit(images, seeds)
     grid.close()
     echo(f"[3/4] class grid (row k = digit k, {columns} seeds each) -> {path}")
     return path
@@ -187,14 +187,14 @@ def format_report(r: dict[str, Any], train_seconds: Optional[float]) -> str:
     guided = r.get("autoguidance")
     if guided:
         lo, hi = guided["interval"]
-        extra.append(f"| Heun NFE 35, autoguided by the {AUTOGUIDE_SNAPSHOT_KIMG}-kimg snapshot, w = {guided['guidance']:g} "
+        extra.append(f"| Heun NFE {r['nfe']}, autoguided by the {AUTOGUIDE_SNAPSHOT_KIMG}-kimg snapshot, w = {guided['guidance']:g} "
                      f"for {lo:g} < sigma <= {hi:g} | "
                      f"{guided['accuracy']:.1%} | {guided['fd_samples_test']:.3f} | {guided['img_per_s']:.1f} |")
     if extra:
         base = r["fp32"]
         lines += ["", "Faster or better per evaluation (same seeds):", "",
                   "| sampling | accuracy | FD vs test | images/s |", "|---|---|---|---|",
-                  f"| Heun NFE 35 (fp32 ONNX) | {base['accuracy']:.1%} | {base['fd_samples_test']:.3f} | {base['img_per_s']:.1f} |",
+                  f"| Heun NFE {r['nfe']} (fp32 ONNX) | {base['accuracy']:.1%} | {base['fd_samples_test']:.3f} | {base['img_per_s']:.1f} |",
                   *extra]
     lines += ["", "Targets: accuracy >= 90 % and FD within 3x the train-vs-test FD: "
               + ("met" if r["fp32"]["accuracy"] >= 0.9 and r["fp32"]["fd_samples_test"] <= 3 * yard else "NOT met")]

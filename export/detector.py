@@ -110,7 +110,7 @@ def export_detector(
         raise InputError(f"{src}: not a TorchScript detector ({first_line(exc)})") from exc
     module = _wrap(net)
     if not resolutions:
-        raise InputError("give at least one --resolution to verify the export at")
+        raise InputError("give at least one resolution to verify the export at", param="resolutions")
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise InputError(f"output folder does not exist: {out_dir}")

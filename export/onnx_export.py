@@ -107,14 +107,14 @@ def export_onnx(
     from edm_deploy.training.checkpoint import network_manifest
 
     if max_batch < 1:
-        raise InputError(f"--max-batch must be >= 1, got {max_batch}")
+        raise InputError(f"max_batch must be >= 1, got {max_batch}", param="max_batch")
     opt_batch = opt_batch or min(max_batch, 64)
     if not 1 <= opt_batch <= max_batch:
-        raise InputError(f"--opt-batch must lie in [1, {max_batch}], got {opt_batch}")
+        raise InputError(f"opt_batch must lie in [1, {max_batch}], got {opt_batch}", param="opt_batch")
     if example_batch < 2:
         raise InputError("the example batch must be >= 2 so the batch dimension stays symbolic")
     if not 13 <= opset <= 21:
-        raise InputError(f"--opset must lie in [13, 21], got {opset}")
+        raise InputError(f"opset must lie in [13, 21], got {opset}", param="opset")
     out_dir = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(out_dir):
         raise InputError(f"output folder does not exist: {out_dir}")

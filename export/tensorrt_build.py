@@ -88,7 +88,7 @@ def build_engine(
     if gpu is None:
         raise BackendUnavailableError("building a TensorRT engine needs a CUDA GPU, and none is visible")
     if not 0 <= optimization_level <= 5:
-        raise InputError(f"--opt-level must lie in 0..5, got {optimization_level}")
+        raise InputError(f"optimization_level must lie in 0..5, got {optimization_level}", param="optimization_level")
     batch = manifest.get("batch") or {}
     max_batch = int(max_batch or batch.get("max") or 64)
     opt_batch = int(opt_batch or min(batch.get("opt") or max_batch, max_batch))

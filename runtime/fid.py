@@ -155,7 +155,7 @@ def plan_sets(
         raise InputError("no images given")
     k = min_of if min_of is not None else len(images)
     if k < 1:
-        raise InputError(f"--min-of must be at least 1, got {k}")
+        raise InputError(f"min_of must be at least 1, got {k}", param="min_of")
     if len(images) == k:
         sets = []
         for path in images:
@@ -169,7 +169,7 @@ def plan_sets(
             (f"{images[0]} [{source.describe(int(b[0]))} .. {source.describe(int(b[-1]))}]", source, b)
             for b in blocks
         ]
-    raise InputError(f"--min-of {k} needs either {k} image sources or one source to split, got {len(images)}")
+    raise InputError(f"min_of {k} needs either {k} image sources or one source to split, got {len(images)}", param="min_of")
 
 
 def fid_min_of(

@@ -272,7 +272,7 @@ def select_indices(total: int, num: Optional[int], seed: int = 0, source: str = 
     if num is None:
         num = total
     if num < 2:
-        raise InputError(f"FID needs at least 2 images, got --num {num}")
+        raise InputError(f"FID needs at least 2 images, got num {num}", param="num")
     if total < num:
         raise InputError(
             f"{source} has {total} images but {num} were requested; generate more, or pass --num {total} "
@@ -288,7 +288,7 @@ def select_indices(total: int, num: Optional[int], seed: int = 0, source: str = 
 def split_blocks(total: int, parts: int, num: int, source: str = "images") -> list[np.ndarray]:
     """`parts` consecutive blocks of `num` images (seed ranges when files are named by seed)."""
     if parts < 1:
-        raise InputError(f"--min-of must be at least 1, got {parts}")
+        raise InputError(f"min_of must be at least 1, got {parts}", param="min_of")
     if total < parts * num:
         raise InputError(
             f"{source} has {total} images, fewer than the {parts} x {num} needed to split it into "

@@ -139,3 +139,17 @@ def test_int8_option_errors_are_one_line_and_write_nothing(tmp_path, cli_env, ar
     assert res.returncode == 1 and len(errors) == 1 and match in errors[0], res.stderr
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"] or all(f.endswith(".lock") or f == "ckpt.pt"
                                                             for f in os.listdir(tmp_path))
+
+
+def test_the_library_names_parameters_and_the_cli_names_flags(tmp_path, cli_env):
+    from edm_deploy.export.onnx_export import export_onnx
+    from edm_deploy.runtime.errors import InputError
+    from tests.factories import tiny_checkpoint, tiny_network
+
+    net, network = tiny_network("ddpmpp")
+    with pytest.raises(InputError, match="^max_batch must be >= 1") as info:
+        export_onnx(net, network, str(tmp_path / "m.onnx"), max_batch=0)
+    assert info.value.param == "max_batch"
+    ckpt = tiny_checkpoint(tmp_path / "ckpt.pt")
+    res = run_cli(["export", ckpt, "--format", "onnx", "--out", str(tmp_path / "m.plan")], env=cli_env)
+    assert res.returncode == 1 and "names an engine, but no engine is built here" in res.stderr

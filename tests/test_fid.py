@@ -478,7 +478,7 @@ def test_min_of_splits_one_source_into_seed_ranges_or_scores_several(data, tmp_p
     assert best2 == best
     with pytest.raises(InputError, match="fewer than the 3 x 9"):
         fid_min_of([data["npz"]], ref, det, min_of=3, num=9, progress=False)
-    with pytest.raises(InputError, match="--min-of 2 needs"):
+    with pytest.raises(InputError, match="min_of 2 needs"):
         fid_min_of(paths, ref, det, min_of=2, num=8, progress=False)
 
 

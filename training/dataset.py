@@ -314,7 +314,7 @@ def open_dataset(spec: str, require_labels: bool = False, max_images: Optional[i
         )
     if max_images is not None:
         if max_images < 1:
-            raise InputError(f"--max-images must be at least 1, got {max_images}")
+            raise InputError(f"max_images must be at least 1, got {max_images}", param="max_images")
         if max_images < len(ds):
             ds = Subset(ds, range(max_images))
     return ds
@@ -526,7 +526,7 @@ def iter_source_images(spec: str, max_images: Optional[int] = None):
     written.
     """
     if max_images is not None and max_images < 1:
-        raise InputError(f"--max-images must be at least 1, got {max_images}")
+        raise InputError(f"max_images must be at least 1, got {max_images}", param="max_images")
     if spec in DIGITS_SPECS:
         ds = open_dataset(spec, max_images=max_images)
         return len(ds), ds.has_labels, (ds[i] for i in range(len(ds)))

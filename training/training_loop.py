@@ -431,7 +431,7 @@ def _resolve_device(name: str, ctx: dist_utils.DistContext) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InputError("--device cuda was requested but no CUDA GPU is available")
+            raise InputError("device cuda was requested but no CUDA GPU is available", param="device")
         index = ctx.local_rank if name == "cuda" else int(name.split(":")[1])
         if index >= torch.cuda.device_count():
             raise InputError(

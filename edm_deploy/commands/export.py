@@ -1,8 +1,9 @@
 """`edm-deploy export`: checkpoint -> ONNX (fp32/fp16/int8, dynamic batch) -> TensorRT engine.
 
 Every artifact is built and verified in a staging folder and only then moved to its final name
-(`edm_deploy.export.staging`, `edm_deploy.export.pipeline`): the final name never holds an
-unverified or failed file.
+(`edm_deploy.export.staging`, `edm_deploy.export.pipeline`): the final name never holds a file
+that failed verification or was cut short; a file nothing could be compared with (--no-verify, an
+engine built from an .onnx) is said to be unverified.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
     """Export a checkpoint's EMA denoiser D(x, sigma, class) with preconditioning inside the graph.
 
     MODEL is a .pt checkpoint (or an .onnx file to build a TensorRT engine from). The ONNX file
-    is verified against the torch model unless --no-verify is given; it appears under its final
-    name only when it passed (a failed one is kept as NAME.failed.onnx). --int8 quantises the
+    (and the engine) is verified against the torch model unless --no-verify is given, and appears
+    under its final name only when it passed (a failed one is kept as NAME.failed.onnx). An engine
+    built from an .onnx has no checkpoint to be compared with: the output says it is unverified. --int8 quantises the
     inner UNet only: the preconditioning, the noise embedding, the skip mix, softmax and
     normalisation stay float (see `edm_deploy.export.quantize`).
 
@@ -95,6 +97,9 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
         raise InputError(f"--format trt: {trt_reason}")
     if kind == "onnx" and not want_trt:
         raise InputError("MODEL is already ONNX; use --format trt to build an engine from it")
+    if out_path is not None and out_path.lower().endswith((".plan", ".engine")) and not want_trt:
+        raise InputError(f"--out {out_path} names an engine, but no engine is built here ({trt_reason}); "
+                         "give an .onnx name or --format trt")
     onnx_path = model if kind == "onnx" else (
         out_path if out_path and out_path.endswith(".onnx") else default_onnx_path(out_path or model, precision))
     plan_path = None
@@ -140,5 +145,8 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
         if net is not None:
             click.echo(verify_staged(stage, plan_path, net, manifest.get("precision", "fp32"), "cuda", max_batch).table())
         stage.commit([plan_path])
+    unverified = ("not verified: --no-verify" if no_verify else
+                  "not verified: built from an .onnx, there is no checkpoint to compare with; "
+                  "run edm-deploy verify ENGINE --against CKPT" if net is None else "verified")
     click.echo(f"wrote {plan_path} + {plan_path}.json (TensorRT {engine['tensorrt']['version']}, "
-               f"{engine['tensorrt']['gpu']}, {engine['tensorrt']['build_seconds']} s)")
+               f"{engine['tensorrt']['gpu']}, {engine['tensorrt']['build_seconds']} s; {unverified})")
