@@ -146,6 +146,30 @@ def test_damaged_npz_parts_are_redone(tmp_path):
     np.testing.assert_array_equal(np.load(npz)["images"], images)
 
 
+def test_a_finished_npz_keeps_its_record(models, tmp_path, cli_env):
+    npz = tmp_path / "s.npz"
+    args = ["sample", models["uncond"], "-n", "6", "--batch", "4", "--steps", "3", "--npz", str(npz)]
+    assert run_cli(args, env=cli_env).returncode == 0
+    before = _sha(npz)
+    again = run_cli(args, env=cli_env)
+    assert again.returncode == 0 and "nothing to do" in again.stdout and _sha(npz) == before
+    other = run_cli(args[:-4] + ["--steps", "5", "--npz", str(npz)], env=cli_env)
+    assert "holds images sampled with other settings" in _one_error_line(other) and _sha(npz) == before
+    more = run_cli(["sample", models["uncond"], "-n", "9", "--batch", "4", "--steps", "3", "--npz", str(npz)], env=cli_env)
+    assert "holds other seeds" in _one_error_line(more) and _sha(npz) == before
+    foreign = tmp_path / "f.npz"
+    np.savez(foreign, images=np.zeros((2, 8, 8, 1), np.uint8))
+    res = run_cli(["sample", models["uncond"], "-n", "2", "--npz", str(foreign)], env=cli_env)
+    assert "was not written by edm-deploy sample" in _one_error_line(res)
+
+
+def test_the_folder_layout_is_part_of_the_record(models, tmp_path, cli_env):
+    out = tmp_path / "o"
+    base = ["sample", models["uncond"], "-n", "4", "--steps", "3", "--outdir", str(out)]
+    assert run_cli(base + ["--subdirs"], env=cli_env).returncode == 0
+    assert "subdirs" in _one_error_line(run_cli(base, env=cli_env))
+
+
 # -- 5. two writers, one output -----------------------------------------------------------------
 
 
@@ -184,6 +208,9 @@ def test_shards_of_one_run_write_side_by_side_but_not_twice(models, tmp_path, cl
             time.sleep(0.05)
         same = run_cli(args + ["--shard", "0/2"], env=cli_env)
         assert "another edm-deploy process is writing" in _one_error_line(same)
+        unsharded = run_cli(["sample", models["uncond"], "-n", "400", "--batch", "2", "--steps", "3", "--outdir",
+                             str(out)], env=cli_env)
+        assert "another edm-deploy process is writing" in _one_error_line(unsharded)
         other = run_cli(["sample", models["uncond"], "-n", "400", "--batch", "2", "--steps", "3", "--outdir", str(out),
                          "--shard", "1/2"], env=cli_env)
         assert "other settings" in _one_error_line(other)  # a shard of another run: refused while one writes
@@ -334,3 +361,21 @@ def test_backends_close_and_work_as_context_managers(models):
         assert a(x, [1.0, 2.0]).shape == b(x, [1.0, 2.0]).shape == (2, 1, 8, 8)
     with pytest.raises(InputError, match="closed"):
         a(x, [1.0, 2.0])
+
+
+def test_ranks_starting_together_both_claim_their_shards(tmp_path):
+    """torchrun starts its ranks at once: they take turns at the record check instead of refusing each other."""
+    code = (
+        "import sys, time\n"
+        "from edm_deploy.runtime.writers import claim_folder\n"
+        "rank = int(sys.argv[1])\n"
+        "with claim_folder(sys.argv[2], {'run': 1}, (rank, 2)):\n"
+        "    time.sleep(1.0)\n"
+    )
+    out = str(tmp_path / "o")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for _ in range(3):
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(r), out], env=env, stderr=subprocess.PIPE, text=True)
+                 for r in (0, 1)]
+        results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+        assert all(rc == 0 for rc, _ in results), results
