@@ -81,22 +81,9 @@ def atomic_write_bytes(path: str, data: bytes, durable: bool = False) -> None:
     folder) before returning, so a power loss cannot leave an empty file under the final name;
     checkpoints use it, per-image PNG writes do not (it would cost a disk flush per image).
     """
-    directory = _existing_folder(path)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + os.path.basename(path) + TEMP_SUFFIX, dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path, durable=durable) as tmp:
+        with open(tmp, "wb") as f:
             f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-        if durable:
-            _fsync_dir(directory)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _fsync_dir(directory: str) -> None:

@@ -21,6 +21,7 @@ from edm_deploy.runtime.contract import as_denoiser
 from edm_deploy.runtime.errors import InputError, NumericalError
 from edm_deploy.runtime.noise import StackedRandomGenerator, draw_latents_and_labels
 from edm_deploy.runtime.sampling import ablation_sampler, edm_sampler
+from edm_deploy.runtime.seeds import check_batch_size
 from edm_deploy.runtime.xp import all_finite_rows, to_host
 
 # The paper's ablation options (Table 1): only the reference samplers take them.
@@ -145,12 +146,6 @@ def sample_batch(
         )
     int_labels = None if labels is None else labels.argmax(axis=1).astype(np.int64)
     return quantize_uint8(x), int_labels
-
-
-def check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}", param="batch_size")
-    return int(batch_size)
 
 
 def guided(den: Any, guide: Any = None, guidance: Optional[float] = None,

@@ -6,6 +6,8 @@ import os
 import re
 from typing import Optional, Sequence
 
+import numpy as np
+
 from edm_deploy.runtime.errors import InputError
 
 SEED_LIMIT = 1 << 32  # the per-seed streams are seeded with seed mod 2^32, like the reference's
@@ -75,6 +77,12 @@ def parse_shard(text: Optional[str]) -> tuple[int, int]:
     return i, n
 
 
+def check_batch_size(batch_size: object) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}", param="batch_size")
+    return int(batch_size)
+
+
 def shard_batches(seeds: Sequence[int], batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
     """Batches for `rank`: consecutive chunks of `batch_size` seeds, dealt round-robin to ranks.
 
@@ -84,6 +92,5 @@ def shard_batches(seeds: Sequence[int], batch_size: int, rank: int = 0, world: i
     results: compiled kernels may depend on the batch). Only this rank's batches are built, so
     a huge world size costs nothing; ranks' seed sets are disjoint and cover the list.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}", param="batch_size")
+    batch_size = check_batch_size(batch_size)
     return [list(seeds[lo:lo + batch_size]) for lo in range(rank * batch_size, len(seeds), world * batch_size)]

@@ -596,21 +596,13 @@ def write_dataset_zip(
     each image is centre-cropped to a square and resized (Lanczos). Returns a summary dict.
     The destination appears only when complete; an error or Ctrl-C leaves no partial file.
     """
-    import tempfile
+    from edm_deploy.runtime.fileio import atomic_path
 
     check_zip_arguments(source, dest, resolution)
-    directory = os.path.dirname(os.path.abspath(dest))
     count, has_labels, items = iter_source_images(source, max_images)
-    from edm_deploy.runtime.fileio import TEMP_PREFIX, TEMP_SUFFIX
-
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + os.path.basename(dest) + TEMP_SUFFIX, dir=directory)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the final file ordinary permissions
     shape = None
     labels: list = []
-    try:
+    with atomic_path(dest) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             for i, (img, label) in enumerate(items):
                 if resolution is not None:
@@ -632,9 +624,4 @@ def write_dataset_zip(
                 raise InputError(f"{source}: no images found")
             meta = {"labels": labels if has_labels else None}
             zf.writestr("dataset.json", json.dumps(meta))
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return {"images": len(labels), "shape": list(shape), "labels": has_labels, "dest": dest}
