@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import backends_cpu, guidance, precision, sample_scale, sampler_overhead, solvers
+from benchmarks import backends_cpu, batch_invariance, guidance, precision, sample_scale, sampler_overhead, solvers
 
 
 def main() -> None:
@@ -24,6 +24,8 @@ def main() -> None:
     precision.main(["--repeats", "3"] + (["--batches", "8", "--per-class", "20"] if quick else []))
     print("\n== solvers x NFE on the digits ==")
     solvers.main(["--nfes", "4,5,35", "--searched-nfes", "4", "--per-class", "20", "--no-write"] if quick else [])
+    print("\n== batch invariance and the cost of --fixed-batch ==")
+    batch_invariance.main(["--seeds", "200"] if quick else [])
     print("\n== guidance on the digits ==")
     guidance.main(["--per-class", "20", "--no-write"] if quick else [])
 
