@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import backends_cpu, batch_invariance, guidance, precision, sample_scale, sampler_overhead, solvers
+from benchmarks import (
+    backends_cpu,
+    batch_invariance,
+    guidance,
+    precision,
+    sample_scale,
+    sampler_overhead,
+    solvers,
+)
 
 
 def main() -> None:
