@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from benchmarks.common import RESULTS_DIR, save, table
+from edm_deploy.runtime.contract import DelegatingDenoiser
 
 WEIGHTS = (1.0, 1.25, 1.5, 2.0, 3.0)
 
@@ -62,13 +63,12 @@ def onnx_of(ckpt: str, workdir: str) -> str:
     return export_checkpoint(ckpt, out, max_batch=1000).path
 
 
-class CountingGuide:
+class CountingGuide(DelegatingDenoiser):
     """Counts the guide's rows, so guide evaluations per image can be reported."""
 
     def __init__(self, den):
-        self.den, self.rows = den, 0
-        for name in ("sigma_min", "sigma_max", "img_channels", "img_resolution", "label_dim", "max_batch", "round_sigma"):
-            setattr(self, name, getattr(den, name))
+        super().__init__(den)
+        self.rows = 0
 
     def __call__(self, x, sigma, class_labels=None):
         self.rows += int(x.shape[0])

@@ -136,7 +136,7 @@ def _where_option_applies(option: str) -> str:
     return f"{OPTION_PURPOSE[option]}; it applies to {' and '.join(kinds)} models"
 
 
-def _check_model_file(path: str) -> None:
+def check_model_file(path: str) -> None:
     if not os.path.exists(path):
         raise InputError(f"model not found: {path}")
     if not os.path.isfile(path):
@@ -167,7 +167,7 @@ def load(
     if device not in DEVICES:
         raise InputError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     kind = MODEL_KINDS[model_kind(path)]
-    _check_model_file(path)
+    check_model_file(path)
     unknown = [o for o in options if o not in OPTION_PURPOSE]
     if unknown:
         raise InputError(f"unknown load option(s): {', '.join(unknown)}")
@@ -189,7 +189,7 @@ def load(
 def read_manifest(path: str) -> dict:
     """The manifest of any model file, reading as little as possible (no torch for .onnx/.plan)."""
     kind = MODEL_KINDS[model_kind(path)]
-    _check_model_file(path)
+    check_model_file(path)
     return kind.read_manifest(path)
 
 

@@ -65,7 +65,7 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
         verify_staged,
     )
     from edm_deploy.export.staging import Staging, companions
-    from edm_deploy.loading import model_kind
+    from edm_deploy.loading import check_model_file, model_kind
     from edm_deploy.runtime.fileio import refuse_overwriting_inputs
 
     calib_given = {k: v for k, v in dict(num_images=calib_images, seed=calib_seed, steps=calib_steps,
@@ -78,8 +78,7 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
     if opt_batch is not None and opt_batch > max_batch:
         raise InputError(f"--opt-batch must lie in [1, --max-batch={max_batch}], got {opt_batch}")
     kind = model_kind(model)
-    if not os.path.isfile(model):
-        raise InputError(f"file not found: {model}")
+    check_model_file(model)
     if out_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
         raise InputError(f"output folder does not exist: {os.path.dirname(os.path.abspath(out_path))}")
     if kind == "plan":
