@@ -1,41 +1,54 @@
-"""Training-free ODE solvers for the EDM probability-flow ODE, one flat function per method.
+"""Training-free ODE solvers for the EDM probability-flow ODE, each written once as a step program.
 
-The family follows k-diffusion's layout (`k_diffusion/sampling.py`): one function per solver,
-one contract, the time steps passed in as data:
+A solver is a *step program*: a generator that yields each evaluation it needs and receives
+the network's answer back,
 
-    fn(den, x, sigmas, class_labels=None, *, callback=None, **options) -> x
+    denoised = yield x, sigma        # "evaluate D(x; sigma) for every row of x"
 
-* ``x`` is the float64 initial state already at noise level ``sigmas[0]`` (latents * sigmas[0]),
-  a NumPy, CuPy or torch array. A solver only combines states with each other and with Python
+and returns the final state. Nothing in a program calls a network, so one definition runs
+under every driver:
+
+* `run_program(den, program, class_labels)`: one network call per request, the batch loop of
+  `sample` / `generate` (and the k-diffusion style functions below, `heun(den, x, sigmas)`);
+* the schedule search (`schedule_search`), which runs the programs for its teacher and its
+  polish and costs single steps with the same update functions (`dpmpp_update`,
+  `unipc_predict`, `ipndm_update`, ...) applied to linear forms of teacher trajectories;
+* the serving engine (`engine`), which gathers the pending evaluations of many programs (other
+  requests, solvers, NFEs, each at its own sigma) into one network call per tick.
+
+The contract of a program ``<name>_program(x, sigmas, *, callback=None, round_sigma=None, **options)``:
+
+* ``x`` is the float64 state already at noise level ``sigmas[0]`` (latents * sigmas[0]): a
+  NumPy, CuPy or torch array. A program only combines states with each other and with Python
   floats, so the state stays on its device; every coefficient is computed on the host.
-* ``sigmas`` is a host float64 array of the time points to visit, already rounded with
-  ``den.round_sigma``. A final 0 means "finish at sigma = 0": Euler and Heun take their Euler
-  step into 0 (EDM Algorithms 1 and 2); every other solver ends with x = D(x; sigmas[-2]),
-  which is diff-sampler's ``denoise_to_zero`` and also exactly k-diffusion's DPM-Solver++ step
-  into 0. Without it, the multistep solvers stop at sigma_min as diff-sampler's do.
-* ``den(x, sigma_rows, class_labels)`` is called with ``np.full(batch, sigma)``; its output is
-  cast to float64 (`xp.to_float64`), so a float16 engine still drives a float64 trajectory.
-* ``callback(StepInfo)`` runs after every step.
+* ``sigmas`` are the host float64 time points, already rounded by the network's
+  ``round_sigma``. A final 0 means "finish at sigma = 0": Euler and Heun take their Euler step
+  into 0 (EDM Algorithms 1 and 2); every other solver ends with x = D(x; sigmas[-2]), which is
+  diff-sampler's ``denoise_to_zero`` and exactly k-diffusion's DPM-Solver++ step into 0.
+* the value sent back for ``(x, sigma)`` must be D(x; sigma) as a float64 array of x's shape
+  (a float16 engine still drives a float64 trajectory).
+* ``round_sigma`` is the network's rounding rule, for solvers that make a level of their own
+  (Euler/Heun churn); ``callback(StepInfo)`` runs after every step.
 
-Each solver reproduces a public reference implementation (named in its registry entry and
-docstring) operation for operation, so that on the same denoiser and sigmas the results agree
-to rounding; the references' own extras (dynamic thresholding) are not part of the solvers.
-
-`SOLVER_REGISTRY` is the single description of the family: the function, a one-line summary,
-the reference, the NFE for N time points, the options that apply, whether sigma = 0 is appended.
-`check_solver_options` and `steps_for_nfe` turn what does not fit into one InputError.
+Each solver reproduces a public reference implementation (named in its registry entry) operation
+for operation, so on the same denoiser and sigmas the results agree to rounding.
+`SOLVER_REGISTRY` is the single description of the family: the program, the batch function, a
+summary, the reference, the NFE for N time points, the options, whether sigma = 0 is appended.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Generator, Mapping, Optional
 
 import numpy as np
 
 from edm_deploy.runtime.schedules import check_sigma_list, param_error, symmetric_linspace, vp_betas_for_range
 from edm_deploy.runtime.xp import from_host, to_float64
+
+# A step program: yields (x, sigma), receives D(x; sigma) as float64, returns the final x.
+Program = Generator[tuple[Any, float], Any, Any]
 
 
 @dataclass(frozen=True)
@@ -65,19 +78,38 @@ def default_randn_like(x: Any) -> np.ndarray:
     return np.random.standard_normal(x.shape)
 
 
-def _evaluate(den: Any, x: Any, sigma: float, class_labels: Any) -> Any:
+def evaluate(den: Any, x: Any, sigma: float, class_labels: Any) -> Any:
     """D(x; sigma) as float64, with sigma given per row as the denoiser contract asks."""
     return to_float64(den(x, np.full(x.shape[0], sigma, dtype=np.float64), class_labels))
 
 
-def _round_one(den: Any, sigma: float) -> float:
-    """One level through the network's round_sigma (iDDPM snaps a churned level to its table)."""
-    return float(np.asarray(den.round_sigma(np.array([sigma], dtype=np.float64))).reshape(-1)[0])
+def run_program(den: Any, program: Program, class_labels: Any = None) -> Any:
+    """The batch driver: answer each evaluation a program asks for with one call of ``den``."""
+    try:
+        x, sigma = next(program)
+        while True:
+            x, sigma = program.send(evaluate(den, x, sigma, class_labels))
+    except StopIteration as finished:
+        return finished.value
 
 
 def _report(callback: Callback, i, num_steps, sigma, sigma_hat, sigma_next, x, denoised) -> None:
     if callback is not None:
         callback(StepInfo(i, num_steps, float(sigma), float(sigma_hat), float(sigma_next), x, denoised))
+
+
+# Host math on a step's coefficients: Python floats in a solver run, arrays (one entry per
+# candidate step) in the schedule search; math's functions keep a solver run's bits.
+def _log(v: Any) -> Any:
+    return math.log(v) if isinstance(v, float) else np.log(v)
+
+
+def _exp(v: Any) -> Any:
+    return math.exp(v) if isinstance(v, float) else np.exp(v)
+
+
+def _expm1(v: Any) -> Any:
+    return math.expm1(v) if isinstance(v, float) else np.expm1(v)
 
 
 def _edm_time_points(sigmas) -> list[float]:
@@ -115,20 +147,39 @@ def _check_max_order(max_order: int, highest: int) -> int:
     return int(max_order)
 
 
-def _afs_derivative(x: Any, sigma: float) -> Any:
+def afs_derivative(x: Any, sigma: Any) -> Any:
     """diff-sampler's analytical first step (AFS): the slope taken as d = x / sqrt(1 + sigma^2).
 
     At sigma_max the data prediction is negligible next to x and the true slope (x - D)/sigma is
     nearly x / sigma, so the first network call can be skipped, saving one NFE.
     """
-    return x / math.sqrt(1 + sigma * sigma)
+    return x / math.sqrt(1 + sigma * sigma) if isinstance(sigma, float) else x * (1.0 / np.sqrt(1 + sigma * sigma))
 
 
-def _finish_at_zero(den, x, levels, class_labels, callback, num_steps):
+def _finish_at_zero(x, levels, callback, num_steps) -> Program:
     """diff-sampler's denoise_to_zero: x = D(x; sigma_min) as one last step to sigma = 0."""
-    x = _evaluate(den, x, levels[-1], class_labels)
+    x = yield x, levels[-1]
     _report(callback, num_steps - 1, num_steps, levels[-1], levels[-1], 0.0, x, x)
     return x
+
+
+# --------------------------------------------------------------------------------------------
+# Step orders: warm-up and lower_order_final, shared by the programs and the schedule search
+
+
+def warmup_order(i: int, max_order: int) -> int:
+    """Order of step i of a multistep method that fills its history first: 1, 2, ... max_order."""
+    return min(max_order, i + 1)
+
+
+def lower_order_final(i: int, num_steps: int, max_order: int) -> int:
+    """diff-sampler's lower_order_final: warm up, then drop the order over the last steps."""
+    return i + 1 if i + 1 < max_order else min(max_order, num_steps - i)
+
+
+def unipc_corrects(i: int, num_steps: int, max_order: int) -> bool:
+    """UniPC runs its corrector on every step but the last; warm-up steps always correct."""
+    return i + 1 < max_order or i != num_steps - 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +198,14 @@ def check_churn(S_churn: float, S_min: float, S_max: float, S_noise: float) -> N
         raise param_error("S_min", f"S_min ({S_min}) must not exceed S_max ({S_max})")
 
 
-def _edm_steps(den, x, sigmas, class_labels, callback, second_order, S_churn, S_min, S_max, S_noise, randn_like):
+def _round_one(round_sigma: Optional[Callable], sigma: float) -> float:
+    """One level through the network's round_sigma (iDDPM snaps a churned level to its table)."""
+    if round_sigma is None:
+        return sigma
+    return float(np.asarray(round_sigma(np.array([sigma], dtype=np.float64))).reshape(-1)[0])
+
+
+def _edm_program(x, sigmas, callback, second_order, S_churn, S_min, S_max, S_noise, randn_like, round_sigma) -> Program:
     """EDM's loop: churn inside [S_min, S_max], an Euler step, Heun's correction unless sigma_next = 0.
 
     The noise stream is drawn every step whenever any step churns (the reference's order, so an
@@ -161,7 +219,7 @@ def _edm_steps(den, x, sigmas, class_labels, callback, second_order, S_churn, S_
     stochastic = any(g > 0 for g in gammas)
     for i in range(num_steps):
         sigma, sigma_next, gamma = t[i], t[i + 1], gammas[i]
-        sigma_hat = _round_one(den, sigma + gamma * sigma) if gamma > 0 else sigma
+        sigma_hat = _round_one(round_sigma, sigma + gamma * sigma) if gamma > 0 else sigma
         x_hat = x
         if stochastic:
             eps = randn_like(x)
@@ -171,47 +229,64 @@ def _edm_steps(den, x, sigmas, class_labels, callback, second_order, S_churn, S_
                     eps = from_host(eps, x)
                 x_hat = x_hat + noise_std * eps
         h = sigma_next - sigma_hat
-        denoised = _evaluate(den, x_hat, sigma_hat, class_labels)
+        denoised = yield x_hat, sigma_hat
         d = (x_hat - denoised) / sigma_hat
         if not second_order or sigma_next == 0:
             x = x_hat + h * d
         else:
             x_prime = x_hat + h * d
-            d_prime = (x_prime - _evaluate(den, x_prime, sigma_next, class_labels)) / sigma_next
-            x = x_hat + h * (0.5 * d + 0.5 * d_prime)
+            d_prime = (x_prime - (yield x_prime, sigma_next)) / sigma_next
+            x = heun_update(x_hat, h, d, d_prime)
         _report(callback, i, num_steps, sigma, sigma_hat, sigma_next, x, denoised)
     return x
 
 
-def euler(
-    den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+def heun_update(x: Any, h: Any, d: Any, d_prime: Any) -> Any:
+    """Heun's (trapezoidal) step from the slopes at both ends: x + h (d + d') / 2."""
+    return x + h * (0.5 * d + 0.5 * d_prime)
+
+
+def euler_program(
+    x: Any, sigmas, *, callback: Callback = None, round_sigma: Optional[Callable] = None,
     S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
     randn_like: Callable = default_randn_like,
-) -> Any:
+) -> Program:
     """Euler steps in sigma on dx/dsigma = (x - D)/sigma (EDM Algorithm 1, churn of Algorithm 2)."""
-    return _edm_steps(den, x, sigmas, class_labels, callback, False, S_churn, S_min, S_max, S_noise, randn_like)
+    return _edm_program(x, sigmas, callback, False, S_churn, S_min, S_max, S_noise, randn_like, round_sigma)
 
 
-def heun(
-    den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+def heun_program(
+    x: Any, sigmas, *, callback: Callback = None, round_sigma: Optional[Callable] = None,
     S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
     randn_like: Callable = default_randn_like,
-) -> Any:
+) -> Program:
     """EDM Algorithm 2: Heun's second-order steps; the step into sigma = 0 is Euler (NFE 2N - 1)."""
-    return _edm_steps(den, x, sigmas, class_labels, callback, True, S_churn, S_min, S_max, S_noise, randn_like)
+    return _edm_program(x, sigmas, callback, True, S_churn, S_min, S_max, S_noise, randn_like, round_sigma)
 
 
 # --------------------------------------------------------------------------------------------
 # DPM-Solver++ (data prediction, exponential integrator in lambda = -log sigma)
 
 
-def dpmpp_2m(den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None) -> Any:
-    """DPM-Solver++(2M) exactly as k-diffusion's `sample_dpmpp_2m`.
+def dpmpp_2m_update(x: Any, denoised: Any, old_denoised: Any, sigma_prev: Any, sigma: Any, sigma_next: Any) -> Any:
+    """One DPM-Solver++(2M) step exactly as k-diffusion's `sample_dpmpp_2m` (sigma_next > 0).
 
     With lambda = -log sigma, h = lambda' - lambda and r = h_prev / h, the data prediction is
     extrapolated linearly in lambda, D_d = (1 + 1/(2r)) D - 1/(2r) D_prev, and integrated
-    exactly: x' = (sigma'/sigma) x - expm1(-h) D_d. The first step and the step into 0 use D.
+    exactly: x' = (sigma'/sigma) x - expm1(-h) D_d. The first step (``old_denoised`` None) uses D.
     """
+    lam, lam_next = -_log(sigma), -_log(sigma_next)
+    h = lam_next - lam
+    ratio = _exp(-lam_next) / _exp(-lam)
+    if old_denoised is None:
+        return ratio * x - _expm1(-h) * denoised
+    r = (lam - -_log(sigma_prev)) / h
+    denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+    return ratio * x - _expm1(-h) * denoised_d
+
+
+def dpmpp_2m_program(x: Any, sigmas, *, callback: Callback = None, round_sigma: Optional[Callable] = None) -> Program:
+    """DPM-Solver++(2M) exactly as k-diffusion's `sample_dpmpp_2m`; the step into 0 is x = D."""
     levels, to_zero = _multistep_time_points(sigmas, min_points=1)
     t = levels + [0.0] if to_zero else levels
     num_steps = len(t) - 1
@@ -220,25 +295,17 @@ def dpmpp_2m(den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Ca
     old_denoised = None
     for i in range(num_steps):
         sigma, sigma_next = t[i], t[i + 1]
-        denoised = _evaluate(den, x, sigma, class_labels)
+        denoised = yield x, sigma
         if sigma_next == 0:
             x = denoised  # (0 / sigma) x - expm1(-inf) D, the reference's first-order step into 0
         else:
-            lam, lam_next = -math.log(sigma), -math.log(sigma_next)
-            h = lam_next - lam
-            ratio = math.exp(-lam_next) / math.exp(-lam)
-            if old_denoised is None:
-                x = ratio * x - math.expm1(-h) * denoised
-            else:
-                r = (lam - -math.log(t[i - 1])) / h
-                denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-                x = ratio * x - math.expm1(-h) * denoised_d
+            x = dpmpp_2m_update(x, denoised, old_denoised, t[i - 1] if i else None, sigma, sigma_next)
         old_denoised = denoised
         _report(callback, i, num_steps, sigma, sigma, sigma_next, x, denoised)
     return x
 
 
-def _dpmpp_update(x, models, times, sigma_next, order):
+def dpmpp_update(x: Any, models: list, times: list, sigma_next: Any, order: int) -> Any:
     """diff-sampler's `dpm_pp_update` (data prediction, VE form) of order 1, 2 or 3.
 
     ``models`` / ``times`` hold the latest data predictions and their sigmas, newest last; the
@@ -247,20 +314,20 @@ def _dpmpp_update(x, models, times, sigma_next, order):
     D2 = h^2 [m0, m1, m2] by phi_3 where exact quadratic integration needs 2 phi_3, so its local
     error is O(h^3), as for order 2 (tests/test_solvers.py measures it); kept for exactness.
     """
-    lam_t = -math.log(sigma_next)
-    lam_0 = -math.log(times[-1])
+    lam_t = -_log(sigma_next)
+    lam_0 = -_log(times[-1])
     h = lam_t - lam_0
-    phi_1 = math.expm1(-h)
+    phi_1 = _expm1(-h)
     m0 = models[-1]
     if order == 1:
         return (sigma_next / times[-1]) * x - phi_1 * m0
-    lam_1 = -math.log(times[-2])
+    lam_1 = -_log(times[-2])
     h_0 = lam_0 - lam_1
     r0 = h_0 / h
     D1_0 = (1.0 / r0) * (m0 - models[-2])
     if order == 2:
         return (sigma_next / times[-1]) * x - phi_1 * m0 - 0.5 * phi_1 * D1_0
-    lam_2 = -math.log(times[-3])
+    lam_2 = -_log(times[-3])
     h_1 = lam_1 - lam_2
     r1 = h_1 / h
     D1_1 = (1.0 / r1) * (models[-2] - models[-3])
@@ -271,10 +338,10 @@ def _dpmpp_update(x, models, times, sigma_next, order):
     return (sigma_next / times[-1]) * x - phi_1 * m0 + phi_2 * D1 - phi_3 * D2
 
 
-def dpmpp_3m(
-    den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+def dpmpp_3m_program(
+    x: Any, sigmas, *, callback: Callback = None, round_sigma: Optional[Callable] = None,
     afs: bool = False, max_order: int = 3,
-) -> Any:
+) -> Program:
     """Multistep DPM-Solver++(3M), diff-sampler's `dpm_pp_sampler(max_order=3, predict_x0=True, lower_order_final=True)`.
 
     Orders 1, 2 while the history fills, then 3, dropping to 2 and 1 on the last two steps
@@ -289,17 +356,16 @@ def dpmpp_3m(
     for i in range(n - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
         if afs and i == 0:
-            denoised = x - sigma * _afs_derivative(x, sigma)
+            denoised = x - sigma * afs_derivative(x, sigma)
         else:
-            denoised = _evaluate(den, x, sigma, class_labels)
+            denoised = yield x, sigma
         models.append(denoised)
         times.append(sigma)
-        order = i + 1 if i + 1 < max_order else min(max_order, n - (i + 1))
-        x = _dpmpp_update(x, models, times, sigma_next, order)
+        x = dpmpp_update(x, models, times, sigma_next, lower_order_final(i, n - 1, max_order))
         models, times = models[-3:], times[-3:]
         _report(callback, i, num_steps, sigma, sigma, sigma_next, x, denoised)
     if to_zero:
-        x = _finish_at_zero(den, x, levels, class_labels, callback, num_steps)
+        x = yield from _finish_at_zero(x, levels, callback, num_steps)
     return x
 
 
@@ -307,7 +373,7 @@ def dpmpp_3m(
 # UniPC (bh2, data prediction)
 
 
-def _power(r: float, k: int) -> float:
+def _power(r: Any, k: int) -> Any:
     """r**k for k = 0, 1, 2 as the reference's tensor pow evaluates it (k = 2 is r * r)."""
     return 1.0 if k == 0 else r if k == 1 else r * r if k == 2 else r**k
 
@@ -320,28 +386,58 @@ def _linear_combination(coeffs, arrays):
     return out
 
 
-def _unipc_update(den, x, models, times, sigma_next, order, class_labels, use_corrector):
-    """One UniPC step (diff-sampler's `unipc_update`, variant bh2, data prediction).
+def _vector(values: list) -> np.ndarray:
+    """Floats or equal-shape arrays -> one float64 array, the list axis last."""
+    return np.stack(np.broadcast_arrays(*[np.asarray(v, dtype=np.float64) for v in values]), axis=-1)
 
-    Predictor UniP-p from the last p data predictions, then (unless this is the last step) the
-    corrector UniC evaluates D at the predicted point and re-solves with it, raising the order
-    by one at no extra NFE: the corrector's evaluation is the next step's model output.
-    Returns (x at sigma_next, D there or None).
+
+def _matrix(rows: list) -> np.ndarray:
+    """Rows of floats or equal-shape arrays -> one float64 array [..., rows, columns]."""
+    flat = _vector([v for row in rows for v in row])
+    return flat.reshape(*flat.shape[:-1], len(rows), len(rows[0]))
+
+
+def _solve(R: np.ndarray, b: np.ndarray) -> list:
+    """The solution of R w = b (stacked systems alike) as a list of its entries."""
+    w = np.linalg.solve(R, b[..., None])[..., 0]
+    if w.ndim == 1:  # one system: Python floats, which combine with any array library's state
+        return [float(v) for v in w]
+    return [w[..., k] for k in range(w.shape[-1])]
+
+
+@dataclass
+class UniPCStep:
+    """What the UniC corrector needs from the predictor of the same step."""
+
+    x_base: Any        # (sigma'/sigma) x - h phi_1 m0, the first-order part
+    m0: Any            # the newest data prediction
+    D1s: list          # divided differences of the older predictions
+    R: np.ndarray      # the bh2 system's matrix and right-hand side (stacked for the search)
+    b: np.ndarray
+    B_h: Any
+    order: int
+
+
+def unipc_predict(x: Any, models: list, times: list, sigma_next: Any, order: int) -> tuple[Any, UniPCStep]:
+    """UniPC's predictor UniP-p (diff-sampler's `unipc_update`, variant bh2, data prediction).
+
+    Uses the last ``order`` data predictions (newest last). Returns the predicted x at
+    sigma_next and the step's coefficients for `unipc_correct`.
     """
     sigma_0 = times[-1]
-    lam_0, lam_t = -math.log(sigma_0), -math.log(sigma_next)
+    lam_0, lam_t = -_log(sigma_0), -_log(sigma_next)
     m0 = models[-1]
     h = lam_t - lam_0
     rks, D1s = [], []
     for k in range(1, order):
-        rk = (-math.log(times[-(k + 1)]) - lam_0) / h
+        rk = (-_log(times[-(k + 1)]) - lam_0) / h
         rks.append(rk)
         D1s.append((models[-(k + 1)] - m0) / rk)
     rks.append(1.0)
     hh = -h
-    h_phi_1 = math.expm1(hh)
+    h_phi_1 = _expm1(hh)
     h_phi_k = h_phi_1 / hh - 1
-    B_h = math.expm1(hh)
+    B_h = _expm1(hh)
     factorial = 1
     R, b = [], []
     for k in range(1, order + 1):
@@ -349,29 +445,41 @@ def _unipc_update(den, x, models, times, sigma_next, order, class_labels, use_co
         b.append(h_phi_k * factorial / B_h)
         factorial *= k + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
-    R, b = np.array(R, dtype=np.float64), np.array(b, dtype=np.float64)
-
-    x_t_ = (sigma_next / sigma_0) * x - h_phi_1 * m0
-    x_t = x_t_
+    R_arr, b_arr = _matrix(R), _vector(b)
+    x_base = (sigma_next / sigma_0) * x - h_phi_1 * m0
+    x_t = x_base
     if D1s:
-        rhos_p = [0.5] if order == 2 else [float(v) for v in np.linalg.solve(R[:-1, :-1], b[:-1])]
-        x_t = x_t_ - B_h * _linear_combination(rhos_p, D1s)
+        rhos_p = [0.5] if order == 2 else _solve(R_arr[..., :-1, :-1], b_arr[..., :-1])
+        x_t = x_base - B_h * _linear_combination(rhos_p, D1s)
+    return x_t, UniPCStep(x_base, m0, D1s, R_arr, b_arr, B_h, order)
+
+
+def unipc_correct(step: UniPCStep, model_t: Any) -> Any:
+    """UniPC's corrector UniC: re-solve the step with D at the predicted point, one order higher."""
+    rhos_c = [0.5] if step.order == 1 else _solve(step.R, step.b)
+    D1_t = model_t - step.m0
+    if step.D1s:
+        return step.x_base - step.B_h * (_linear_combination(rhos_c[:-1], step.D1s) + rhos_c[-1] * D1_t)
+    return step.x_base - step.B_h * (rhos_c[-1] * D1_t)
+
+
+def _unipc_update(den, x, models, times, sigma_next, order, class_labels, use_corrector):
+    """One UniPC step with a denoiser at hand: predictor, then (optionally) the corrector.
+
+    Returns (x at sigma_next, D there or None). The corrector's evaluation is the next step's
+    model output, which is why the corrector costs no extra NFE in a run.
+    """
+    x_t, step = unipc_predict(x, models, times, sigma_next, order)
     if not use_corrector:
         return x_t, None
-    rhos_c = [0.5] if order == 1 else [float(v) for v in np.linalg.solve(R, b)]
-    model_t = _evaluate(den, x_t, sigma_next, class_labels)
-    D1_t = model_t - m0
-    if D1s:
-        x_t = x_t_ - B_h * (_linear_combination(rhos_c[:-1], D1s) + rhos_c[-1] * D1_t)
-    else:
-        x_t = x_t_ - B_h * (rhos_c[-1] * D1_t)
-    return x_t, model_t
+    model_t = evaluate(den, x_t, sigma_next, class_labels)
+    return unipc_correct(step, model_t), model_t
 
 
-def unipc(
-    den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+def unipc_program(
+    x: Any, sigmas, *, callback: Callback = None, round_sigma: Optional[Callable] = None,
     afs: bool = False, max_order: int = 3,
-) -> Any:
+) -> Program:
     """UniPC, diff-sampler's `unipc_sampler(variant='bh2', max_order=3, lower_order_final=True)`.
 
     D at sigma_max first, then per step a predictor and a corrector whose evaluation is reused;
@@ -383,22 +491,20 @@ def unipc(
     n = len(levels)
     num_steps = n - 1 + to_zero
     if afs:
-        denoised = x - levels[0] * _afs_derivative(x, levels[0])
+        denoised = x - levels[0] * afs_derivative(x, levels[0])
     else:
-        denoised = _evaluate(den, x, levels[0], class_labels)
+        denoised = yield x, levels[0]
     models, times = [denoised], [levels[0]]
     for i in range(n - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        if i + 1 < max_order:
-            x, model_out = _unipc_update(den, x, models, times, sigma_next, i + 1, class_labels, True)
-        else:
-            order = min(max_order, n - i - 1)
-            x, model_out = _unipc_update(den, x, models, times, sigma_next, order, class_labels, i != n - 2)
-        if model_out is not None:
+        x, step = unipc_predict(x, models, times, sigma_next, lower_order_final(i, n - 1, max_order))
+        if unipc_corrects(i, n - 1, max_order):
+            model_out = yield x, sigma_next
+            x = unipc_correct(step, model_out)
             models, times = (models + [model_out])[-max_order:], (times + [sigma_next])[-max_order:]
         _report(callback, i, num_steps, sigma, sigma, sigma_next, x, models[-1])
     if to_zero:
-        x = _finish_at_zero(den, x, levels, class_labels, callback, num_steps)
+        x = yield from _finish_at_zero(x, levels, callback, num_steps)
     return x
 
 
@@ -406,34 +512,29 @@ def unipc(
 # Adams-Bashforth on d = (x - D)/sigma: iPNDM, iPNDM-v, DEIS-tAB
 
 
-def _derivative(den, x, sigma, class_labels, use_afs):
-    """(d, denoised) at (x, sigma): the ODE slope from the network, or the analytic first step."""
-    if use_afs:
-        d = _afs_derivative(x, sigma)
-        return d, x - sigma * d
-    denoised = _evaluate(den, x, sigma, class_labels)
-    return (x - denoised) / sigma, denoised
-
-
-def _adams_bashforth(den, x, sigmas, class_labels, callback, afs, max_order, step):
-    """The shared loop: slope at the current point, ``step`` combines it with the slope history."""
+def _adams_bashforth(x, sigmas, callback, afs, max_order, step) -> Program:
+    """The shared program: slope at the current point, ``step`` combines it with the slope history."""
     levels, to_zero = _multistep_time_points(sigmas)
     n = len(levels)
     num_steps = n - 1 + to_zero
     history: list = []  # the last max_order - 1 slopes, newest last
     for i in range(n - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        d, denoised = _derivative(den, x, sigma, class_labels, afs and i == 0)
-        order = min(max_order, i + 1)
-        x = step(x, d, history, i, order, levels)
+        if afs and i == 0:
+            d = afs_derivative(x, sigma)
+            denoised = x - sigma * d
+        else:
+            denoised = yield x, sigma
+            d = (x - denoised) / sigma
+        x = step(x, d, history, i, warmup_order(i, max_order), levels)
         history = (history + [d])[-(max_order - 1):] if max_order > 1 else []
         _report(callback, i, num_steps, sigma, sigma, sigma_next, x, denoised)
     if to_zero:
-        x = _finish_at_zero(den, x, levels, class_labels, callback, num_steps)
+        x = yield from _finish_at_zero(x, levels, callback, num_steps)
     return x
 
 
-def ipndm_update(x: Any, h: float, slope: Callable[[int], Any], order: int) -> Any:
+def ipndm_update(x: Any, h: Any, slope: Callable[[int], Any], order: int) -> Any:
     """x + h * (fixed Adams-Bashforth weights . slopes): (1), (3, -1)/2, (23, -16, 5)/12, (55, -59, 37, -9)/24.
 
     ``slope(k)`` is the k-th newest slope (0: the current one). Written once for the solver and
@@ -453,10 +554,10 @@ def _ipndm_step(x, d, hist, i, order, t):
     return ipndm_update(x, t[i + 1] - t[i], lambda k: d if k == 0 else hist[-k], order)
 
 
-def ipndm(
-    den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+def ipndm_program(
+    x: Any, sigmas, *, callback: Callback = None, round_sigma: Optional[Callable] = None,
     afs: bool = False, max_order: int = 4,
-) -> Any:
+) -> Program:
     """Improved PNDM, diff-sampler's `ipndm_sampler(max_order=4)`: constant-step AB4 in sigma.
 
     The weights assume equal steps, so on a non-uniform (rho) grid the method is only second
@@ -464,10 +565,10 @@ def ipndm(
     5-10 NFE. Warm start with orders 1, 2, 3.
     """
     max_order = _check_max_order(max_order, 4)
-    return _adams_bashforth(den, x, sigmas, class_labels, callback, afs, max_order, _ipndm_step)
+    return (yield from _adams_bashforth(x, sigmas, callback, afs, max_order, _ipndm_step))
 
 
-def ipndm_v_update(x: Any, h: Callable[[int], float], slope: Callable[[int], Any], order: int) -> Any:
+def ipndm_v_update(x: Any, h: Callable[[int], Any], slope: Callable[[int], Any], order: int) -> Any:
     """x + h_n * (variable-step Adams-Bashforth weights . slopes), diff-sampler's formulas.
 
     ``h(k)`` is the k-th newest step size in sigma (0: h_n, the step being taken), ``slope(k)``
@@ -507,10 +608,10 @@ def _ipndm_v_step(x, d, hist, i, order, t):
     return ipndm_v_update(x, lambda k: t[i + 1 - k] - t[i - k], lambda k: d if k == 0 else hist[-k], order)
 
 
-def ipndm_v(
-    den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+def ipndm_v_program(
+    x: Any, sigmas, *, callback: Callback = None, round_sigma: Optional[Callable] = None,
     afs: bool = False, max_order: int = 4,
-) -> Any:
+) -> Program:
     """Variable-step Adams-Bashforth, diff-sampler's `ipndm_v_sampler(max_order=4)`.
 
     Orders 2 and 3 are the exact variable-step AB weights (on equal steps they reduce to
@@ -519,7 +620,7 @@ def ipndm_v(
     order (tests/test_solvers.py measures it); kept for exactness.
     """
     max_order = _check_max_order(max_order, 4)
-    return _adams_bashforth(den, x, sigmas, class_labels, callback, afs, max_order, _ipndm_v_step)
+    return (yield from _adams_bashforth(x, sigmas, callback, afs, max_order, _ipndm_v_step))
 
 
 # The VP time DEIS integrates in: diff-sampler's `edm2t` fits it to (0.002, 80) whatever the range.
@@ -527,53 +628,79 @@ DEIS_VP_FIT = (0.002, 80.0, 1e-3)
 DEIS_QUADRATURE_POINTS = 10000
 
 
-def _deis_slope_weight(tau: np.ndarray, beta_0: float, beta_1: float) -> np.ndarray:
+def deis_tau(sigma: Any) -> Any:
+    """The VP time tau of noise level sigma (diff-sampler's `edm2t` on `DEIS_VP_FIT`)."""
+    beta_d, beta_min = vp_betas_for_range(*DEIS_VP_FIT)
+    return (np.sqrt(beta_min**2 + 2 * beta_d * np.log(sigma**2 + 1)) - beta_min) / beta_d
+
+
+def deis_slope_weight(tau: Any) -> Any:
     """dsigma/dtau of the VP map, written as the reference does: -0.5 (log alpha)' / sqrt(alpha (1 - alpha))."""
+    beta_d, beta_min = vp_betas_for_range(*DEIS_VP_FIT)
+    beta_0, beta_1 = beta_min, beta_d + beta_min
     alpha = np.exp(-0.5 * tau**2 * (beta_1 - beta_0) - tau * beta_0)
     dlog_alpha = -(tau * (beta_1 - beta_0) + beta_0)
     return -0.5 * dlog_alpha / np.sqrt(alpha * (1 - alpha))
+
+
+def deis_weights(history: list, nodes: Any, weights: Any) -> list:
+    """DEIS-tAB weights C_m = int L_m(tau) sigma'(tau) dtau over one step, by a quadrature rule.
+
+    ``history`` are the VP times of the step's points, newest (the step's start) first; L_m is
+    their Lagrange basis. The rule is given as ``nodes`` and ``weights`` along the last axis
+    (broadcasting against entries of ``history``): C_m = sum_q w_q sigma'(tau_q) L_m(tau_q). The
+    solver uses the reference's rule (`deis_tab_coefficients`), the schedule search a Gauss rule
+    that agrees with it to about 1e-7 of a step at a fraction of the cost.
+    """
+    order = len(history)
+    f = weights * deis_slope_weight(nodes)
+    out = []
+    for m in range(order):
+        poly = 1.0
+        for k in range(order):
+            if k != m:
+                poly = poly * ((nodes - history[k]) / (history[m] - history[k]))
+        out.append(np.sum(f * poly, axis=-1))
+    return out
 
 
 def deis_tab_coefficients(sigmas, max_order: int = 4, num_points: int = DEIS_QUADRATURE_POINTS) -> list[list[float]]:
     """DEIS-tAB weights, diff-sampler's `get_deis_coeff_list(t_steps, max_order, deis_mode='tab')`.
 
     Step i integrates the slope d, interpolated by a Lagrange polynomial through the last
-    ``order`` time points in VP time tau, against dsigma/dtau over [tau_i, tau_{i+1}]:
-    C_ij = int L_j(tau) sigma'(tau) dtau. The integral is the reference's rectangle sum over
-    ``num_points`` evenly spaced points, both ends included, times (tau' - tau) / num_points;
-    that rule is part of the method's definition (its bias is O(h^3 / num_points) per step).
-    Order-1 steps get [] (plain Euler in sigma).
+    ``order`` time points in VP time tau, against dsigma/dtau over [tau_i, tau_{i+1}]. The
+    integral is the reference's rectangle sum over ``num_points`` evenly spaced points, both
+    ends included, times (tau' - tau) / num_points; that rule is part of the method's
+    definition (its bias is O(h^3 / num_points) per step). Order-1 steps get [] (plain Euler).
     """
     max_order = _check_max_order(max_order, 4)
-    beta_d, beta_min = vp_betas_for_range(*DEIS_VP_FIT)
-    s = np.asarray(sigmas, dtype=np.float64)
-    tau = (np.sqrt(beta_min**2 + 2 * beta_d * np.log(s**2 + 1)) - beta_min) / beta_d
-    beta_0, beta_1 = beta_min, beta_d + beta_min
+    tau = deis_tau(np.asarray(sigmas, dtype=np.float64))
     coeffs: list[list[float]] = []
-    for i in range(len(s) - 1):
-        order = min(i + 1, max_order)
+    for i in range(len(tau) - 1):
+        order = warmup_order(i, max_order)
         if order == 1:
             coeffs.append([])
             continue
-        taus = symmetric_linspace(float(tau[i]), float(tau[i + 1]), num_points)
+        nodes = symmetric_linspace(float(tau[i]), float(tau[i + 1]), num_points)
         dtau = (float(tau[i + 1]) - float(tau[i])) / num_points
-        weight = _deis_slope_weight(taus, beta_0, beta_1)
-        prev = [float(tau[i - k]) for k in range(order)]
-        row = []
-        for j in range(order):
-            poly = 1.0
-            for k in range(order):
-                if k != j:
-                    poly = poly * ((taus - prev[k]) / (prev[j] - prev[k]))
-            row.append(float(np.sum(weight * poly)) * dtau)
-        coeffs.append(row)
+        coeffs.append([float(c) for c in deis_weights([float(tau[i - k]) for k in range(order)], nodes, dtau)])
     return coeffs
 
 
-def deis(
-    den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+def deis_update(x: Any, h: Any, coeffs: list, slope: Callable[[int], Any], order: int) -> Any:
+    """x + sum_m C_m d_m (order 1: the Euler step x + h d)."""
+    if order == 1:
+        return x + h * slope(0)
+    out = x + coeffs[0] * slope(0)
+    for k in range(1, order):
+        out = out + coeffs[k] * slope(k)
+    return out
+
+
+def deis_program(
+    x: Any, sigmas, *, callback: Callback = None, round_sigma: Optional[Callable] = None,
     afs: bool = False, max_order: int = 4,
-) -> Any:
+) -> Program:
     """DEIS-tAB (order 4), diff-sampler's `deis_sampler(max_order=4)` with tAB coefficients.
 
     x' = x + sum_j C_ij d_{i-j}: the coefficients (`deis_tab_coefficients`) integrate the
@@ -584,15 +711,34 @@ def deis(
     coeffs = deis_tab_coefficients(levels, max_order)
 
     def step(x, d, hist, i, order, t):
-        if order == 1:
-            return x + (t[i + 1] - t[i]) * d
-        c = coeffs[i]
-        out = x + c[0] * d
-        for k in range(1, order):
-            out = out + c[k] * hist[-k]
-        return out
+        return deis_update(x, t[i + 1] - t[i], coeffs[i], lambda k: d if k == 0 else hist[-k], order)
 
-    return _adams_bashforth(den, x, sigmas, class_labels, callback, afs, max_order, step)
+    return (yield from _adams_bashforth(x, sigmas, callback, afs, max_order, step))
+
+
+# --------------------------------------------------------------------------------------------
+# Batch functions (k-diffusion's contract): fn(den, x, sigmas, class_labels=None, *, callback=None, **options)
+
+
+def _batch_function(program: Callable[..., Program]) -> Callable[..., Any]:
+    def solve(den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None, **options: Any) -> Any:
+        return run_program(den, program(x, sigmas, callback=callback, round_sigma=den.round_sigma, **options),
+                           class_labels)
+
+    solve.__name__ = program.__name__.removesuffix("_program")
+    solve.__qualname__ = solve.__name__
+    solve.__doc__ = f"{program.__doc__}\n\n    Runs `{program.__name__}` with one call of ``den`` per evaluation."
+    return solve
+
+
+euler = _batch_function(euler_program)
+heun = _batch_function(heun_program)
+dpmpp_2m = _batch_function(dpmpp_2m_program)
+dpmpp_3m = _batch_function(dpmpp_3m_program)
+unipc = _batch_function(unipc_program)
+ipndm = _batch_function(ipndm_program)
+ipndm_v = _batch_function(ipndm_v_program)
+deis = _batch_function(deis_program)
 
 
 # --------------------------------------------------------------------------------------------
@@ -621,16 +767,18 @@ def _nfe_unipc(n: int, to_zero: bool, afs: bool) -> int:
 class SolverSpec:
     """One solver's entry: what it is, what it matches, what it costs, what it accepts.
 
+    ``program`` is the step program, ``fn`` the same run by `run_program`.
     ``count(n, to_zero, afs)`` is the exact number of network calls for ``n`` positive time
     points, with or without a final sigma = 0. ``appends_zero``: the front end always appends
     sigma = 0 (Euler/Heun/k-diffusion style) rather than stopping at sigma_min.
     ``nominal_order`` is the order the method is named for (the reference's max_order); what
     it converges at, warm start and reference formulas included, is measured in
     tests/test_solvers.py (e.g. 2 for dpmpp-3m and ipndm, 3 for ipndm-v, 4 for unipc and deis).
-    ``options`` lists every keyword option of ``fn`` besides ``callback``.
+    ``options`` lists every keyword option of ``program`` besides ``callback`` and ``round_sigma``.
     """
 
     name: str
+    program: Callable[..., Program]
     fn: Callable[..., Any]
     description: str
     reference: str
@@ -665,39 +813,40 @@ SOLVER_REGISTRY: dict[str, SolverSpec] = {
     s.name: s
     for s in (
         SolverSpec(
-            "euler", euler, "Euler steps in sigma (EDM Algorithm 1), optional churn", "NVlabs/edm ablation_sampler(solver='euler')",
-            1, "N", True, CHURN_OPTIONS, _nfe_edm(False), min_points=1,
+            "euler", euler_program, euler, "Euler steps in sigma (EDM Algorithm 1), optional churn",
+            "NVlabs/edm ablation_sampler(solver='euler')", 1, "N", True, CHURN_OPTIONS, _nfe_edm(False), min_points=1,
         ),
         SolverSpec(
-            "heun", heun, "EDM Algorithm 2: Heun steps, Euler into sigma = 0, optional churn", "NVlabs/edm edm_sampler",
-            2, "2N - 1 (always odd)", True, CHURN_OPTIONS, _nfe_edm(True), min_points=1,
+            "heun", heun_program, heun, "EDM Algorithm 2: Heun steps, Euler into sigma = 0, optional churn",
+            "NVlabs/edm edm_sampler", 2, "2N - 1 (always odd)", True, CHURN_OPTIONS, _nfe_edm(True), min_points=1,
         ),
         SolverSpec(
-            "dpmpp-2m", dpmpp_2m, "DPM-Solver++(2M): 2nd-order multistep exponential integrator on D",
+            "dpmpp-2m", dpmpp_2m_program, dpmpp_2m, "DPM-Solver++(2M): 2nd-order multistep exponential integrator on D",
             "crowsonkb/k-diffusion sample_dpmpp_2m", 2, "N", True, (), _nfe_one_per_step, min_points=1,
         ),
         SolverSpec(
-            "dpmpp-3m", dpmpp_3m, "DPM-Solver++(3M): multistep exponential integrator on D, updates of order 1-3",
+            "dpmpp-3m", dpmpp_3m_program, dpmpp_3m,
+            "DPM-Solver++(3M): multistep exponential integrator on D, updates of order 1-3",
             "zju-pi/diff-sampler dpm_pp_sampler(max_order=3, predict_x0=True, lower_order_final=True)",
             3, "N - 1 (AFS: -1, denoise_to_zero: +1)", False, ("afs", "max_order"), _nfe_one_per_step,
         ),
         SolverSpec(
-            "unipc", unipc, "UniPC-3 (bh2): multistep predictor-corrector on D, corrector for free",
+            "unipc", unipc_program, unipc, "UniPC-3 (bh2): multistep predictor-corrector on D, corrector for free",
             "zju-pi/diff-sampler unipc_sampler(variant='bh2', max_order=3, lower_order_final=True)",
             3, "N - 1 for N >= 4, N for N = 2, 3 (AFS: -1, denoise_to_zero: +1)", False, ("afs", "max_order"), _nfe_unipc,
         ),
         SolverSpec(
-            "ipndm", ipndm, "improved PNDM: 4-step Adams-Bashforth on the slope, fixed weights",
+            "ipndm", ipndm_program, ipndm, "improved PNDM: 4-step Adams-Bashforth on the slope, fixed weights",
             "zju-pi/diff-sampler ipndm_sampler(max_order=4)", 4, "N - 1 (AFS: -1, denoise_to_zero: +1)", False,
             ("afs", "max_order"), _nfe_one_per_step,
         ),
         SolverSpec(
-            "ipndm-v", ipndm_v, "iPNDM with variable-step Adams-Bashforth weights",
+            "ipndm-v", ipndm_v_program, ipndm_v, "iPNDM with variable-step Adams-Bashforth weights",
             "zju-pi/diff-sampler ipndm_v_sampler(max_order=4)", 4, "N - 1 (AFS: -1, denoise_to_zero: +1)", False,
             ("afs", "max_order"), _nfe_one_per_step,
         ),
         SolverSpec(
-            "deis", deis, "DEIS-tAB4: Adams-Bashforth with weights integrated in VP time",
+            "deis", deis_program, deis, "DEIS-tAB4: Adams-Bashforth with weights integrated in VP time",
             "zju-pi/diff-sampler deis_sampler(max_order=4), get_deis_coeff_list(deis_mode='tab')", 4,
             "N - 1 (AFS: -1, denoise_to_zero: +1)", False, ("afs", "max_order"), _nfe_one_per_step,
         ),

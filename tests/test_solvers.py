@@ -137,7 +137,7 @@ def local_order(one_step):
 def test_dpmpp_update_local_order(order, expected):
     def one_step(den, x_max, h):
         sig, xs, models, _ = exact_history(den, x_max, h, order)
-        return slv._dpmpp_update(xs[-2], models, sig[:-1], sig[-1], order), xs[-1]
+        return slv.dpmpp_update(xs[-2], models, sig[:-1], sig[-1], order), xs[-1]
 
     measured, errs = local_order(one_step)
     assert abs(measured - expected) < 0.15, errs
