@@ -65,6 +65,7 @@ only; it works on any denoiser of the contract (`contract.py`).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -97,8 +98,9 @@ METRICS = ("l2", "dev")
 STEP_MODELS = ("solver", "euler")
 # Teachers whose callback reports D at the point each step starts from (UniPC reports its corrector's D).
 TEACHER_SOLVERS = ("ipndm", "ipndm-v", "deis", "dpmpp-3m", "dpmpp-2m", "heun", "euler")
-# The highest order each multistep solver takes (its max_order default).
-MAX_ORDERS = {"dpmpp-3m": 3, "unipc": 3, "ipndm": 4, "ipndm-v": 4, "deis": 4}
+# The highest order each multistep solver takes: its program's max_order default.
+MAX_ORDERS = {name: inspect.signature(spec.program).parameters["max_order"].default
+              for name, spec in slv.SOLVER_REGISTRY.items() if "max_order" in spec.options}
 # Gauss-Legendre points for the DEIS weights, integrated in sigma where the integrand is smooth.
 _DEIS_GAUSS_POINTS = 16
 
@@ -263,17 +265,15 @@ class _Nodes:
 
 
 def step_order(solver: str, k: int, num_steps: int, max_order: int) -> tuple[int, bool]:
-    """(order, whether the UniPC corrector runs) of step k of num_steps, as the solver decides."""
+    """(order, whether the UniPC corrector runs) of step k of num_steps, by the solvers' own rules."""
     if solver in ("euler", "heun"):
         return 1, False
     if solver == "dpmpp-2m":
-        return (1 if k == 0 else 2), False
+        return slv.warmup_order(k, 2), False
     if solver in ("ipndm", "ipndm-v", "deis"):
-        return min(max_order, k + 1), False
-    # dpmpp-3m and unipc: warm-up, then lower_order_final (n - (i + 1) with n = num_steps + 1 points)
-    order = k + 1 if k + 1 < max_order else min(max_order, num_steps - k)
-    corrector = solver == "unipc" and (k + 1 < max_order or k != num_steps - 1)
-    return order, corrector
+        return slv.warmup_order(k, max_order), False
+    order = slv.lower_order_final(k, num_steps, max_order)  # dpmpp-3m and unipc
+    return order, solver == "unipc" and slv.unipc_corrects(k, num_steps, max_order)
 
 
 class _StepBuilder:
@@ -314,14 +314,14 @@ class _StepBuilder:
                          (self._ix(m, self.n), np.where(first, 0.0, 1.0))])
         return _Lin([(self._ix(m, self.n), np.ones(m.shape))])
 
-    # ----- the solvers' updates
-
-    def euler(self, nd: _Nodes) -> _Lin:
-        return self.X(nd.i) + (self.s[nd.j] - self.s[nd.i]) * self.d(nd.i)
+    # ----- the solvers' own updates (`solvers.py`), applied to linear forms of the teacher's points
 
     def _slopes(self, nd: _Nodes):
         points = (nd.i, nd.h, nd.g, nd.f)
         return lambda k: self.d(points[k])
+
+    def euler(self, nd: _Nodes) -> _Lin:
+        return slv.ipndm_update(self.X(nd.i), self.s[nd.j] - self.s[nd.i], self._slopes(nd), 1)
 
     def ipndm(self, nd: _Nodes, order: int) -> _Lin:
         return slv.ipndm_update(self.X(nd.i), self.s[nd.j] - self.s[nd.i], self._slopes(nd), order)
@@ -331,122 +331,52 @@ class _StepBuilder:
         return slv.ipndm_v_update(self.X(nd.i), lambda k: s[points[k]] - s[points[k + 1]], self._slopes(nd), order)
 
     def deis(self, nd: _Nodes, order: int) -> _Lin:
-        """DEIS-tAB: x + sum_m C_m d_m, C_m = int L_m(tau) sigma'(tau) dtau over [tau_i, tau_j].
+        """DEIS-tAB with `solvers.deis_weights`, by a quadrature rule cheaper than the reference's.
 
-        L_m is the Lagrange basis through the VP times tau of the step's history. The reference
-        (`solvers.deis_tab_coefficients`) sums the integrand at N = 10000 evenly spaced tau, both
-        ends included, times (tau_j - tau_i) / N: that is (1 - 1/N) times the integral plus
-        (tau_j - tau_i) (f(tau_i) + f(tau_j)) / (2N) up to the trapezoid rule's error, which is
-        what is computed here, with the integral taken in sigma, int L_m(tau(sigma)) dsigma (a
-        smooth integrand, where sigma'(tau) is steep near sigma_min), by Gauss-Legendre. The
-        weights agree with the reference's to about 1e-7 of the step.
+        The reference (`solvers.deis_tab_coefficients`) sums the integrand at N = 10000 evenly
+        spaced tau, both ends included, times (tau_j - tau_i) / N: that is (1 - 1/N) times the
+        integral plus (tau_j - tau_i) (f(tau_i) + f(tau_j)) / (2N) up to the trapezoid rule's
+        error. Here the integral is taken in sigma (sigma'(tau) dtau = dsigma: a smooth
+        integrand, where sigma'(tau) is steep near sigma_min) by Gauss-Legendre, and the two end
+        terms are added as two more nodes. The weights agree with the reference's to about 1e-7
+        of the step.
         """
+        h = self.s[nd.j] - self.s[nd.i]
         if order == 1:
-            return self.euler(nd)
-        beta_d, beta_min = sch.vp_betas_for_range(*slv.DEIS_VP_FIT)
-        beta_0, beta_1 = beta_min, beta_d + beta_min
-
-        def tau_of(sigma):
-            return (np.sqrt(beta_min**2 + 2 * beta_d * np.log(sigma**2 + 1)) - beta_min) / beta_d
-
-        def weight(tau):
-            alpha = np.exp(-0.5 * tau**2 * (beta_1 - beta_0) - tau * beta_0)
-            dlog_alpha = -(tau * (beta_1 - beta_0) + beta_0)
-            return -0.5 * dlog_alpha / np.sqrt(alpha * (1 - alpha))
-
+            return slv.deis_update(self.X(nd.i), h, [], self._slopes(nd), 1)
         history = [nd.i, nd.h, nd.g, nd.f][:order]
-        taus = [tau_of(self.s[m])[:, None] for m in history]
+        taus = [slv.deis_tau(self.s[m])[:, None] for m in history]
         s_i, s_j = self.s[nd.i][:, None], self.s[nd.j][:, None]
-        a, b = taus[0], tau_of(s_j)
+        a, b = taus[0], slv.deis_tau(s_j)
         xi, wi = np.polynomial.legendre.leggauss(_DEIS_GAUSS_POINTS)
-        tq = tau_of(s_i + (s_j - s_i) * (xi[None, :] + 1) / 2)
-        wq = (s_j - s_i) * wi[None, :] / 2
+        tq = slv.deis_tau(s_i + (s_j - s_i) * (xi[None, :] + 1) / 2)
         num = slv.DEIS_QUADRATURE_POINTS
-        out = self.X(nd.i)
-        for m in range(order):
-            def lagrange(tau, m=m):
-                poly = 1.0
-                for k in range(order):
-                    if k != m:
-                        poly = poly * ((tau - taus[k]) / (taus[m] - taus[k]))
-                return poly
-            integral = (wq * lagrange(tq)).sum(axis=1)
-            ends = (weight(a) * lagrange(a) + weight(b) * lagrange(b))[:, 0]
-            coef = integral * (1 - 1 / num) + (b - a)[:, 0] * ends / (2 * num)
-            out = out + coef * self.d(history[m])
-        return out
+        gauss = (s_j - s_i) * wi[None, :] / 2 * (1 - 1 / num) / slv.deis_slope_weight(tq)  # dsigma = sigma'(tau) dtau
+        ends = np.broadcast_to((b - a) / (2 * num), a.shape)
+        nodes = np.concatenate([tq, a, b], axis=1)
+        weights = np.concatenate([gauss, ends, ends], axis=1)
+        return slv.deis_update(self.X(nd.i), h, slv.deis_weights(taus, nodes, weights), self._slopes(nd), order)
 
     def dpmpp_2m(self, nd: _Nodes, order: int) -> _Lin:
         s = self.s
-        h = np.log(s[nd.i] / s[nd.j])
-        ratio = s[nd.j] / s[nd.i]
         if order == 1:
-            return ratio * self.X(nd.i) - np.expm1(-h) * self.D(nd.i)
-        r = np.log(s[nd.h] / s[nd.i]) / h
-        denoised_d = (1 + 1 / (2 * r)) * self.D(nd.i) - (1 / (2 * r)) * self.D(nd.h)
-        return ratio * self.X(nd.i) - np.expm1(-h) * denoised_d
+            return slv.dpmpp_2m_update(self.X(nd.i), self.D(nd.i), None, None, s[nd.i], s[nd.j])
+        return slv.dpmpp_2m_update(self.X(nd.i), self.D(nd.i), self.D(nd.h), s[nd.h], s[nd.i], s[nd.j])
+
+    def _history(self, nd: _Nodes, order: int) -> tuple[list, list]:
+        """The data predictions and sigmas of the step's last ``order`` points, newest last."""
+        points = [nd.g, nd.h, nd.i][3 - order:]
+        return [self.D(m) for m in points], [self.s[m] for m in points]
 
     def dpmpp_3m(self, nd: _Nodes, order: int) -> _Lin:
-        s = self.s
-        lam_t, lam_0 = -np.log(s[nd.j]), -np.log(s[nd.i])
-        h = lam_t - lam_0
-        phi_1 = np.expm1(-h)
-        m0 = self.D(nd.i)
-        base = (s[nd.j] / s[nd.i]) * self.X(nd.i) - phi_1 * m0
-        if order == 1:
-            return base
-        lam_1 = -np.log(s[nd.h])
-        r0 = (lam_0 - lam_1) / h
-        D1_0 = (1.0 / r0) * (m0 - self.D(nd.h))
-        if order == 2:
-            return base - 0.5 * phi_1 * D1_0
-        lam_2 = -np.log(s[nd.g])
-        r1 = (lam_1 - lam_2) / h
-        D1_1 = (1.0 / r1) * (self.D(nd.h) - self.D(nd.g))
-        D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
-        D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
-        phi_2 = phi_1 / h + 1.0
-        phi_3 = phi_2 / h - 0.5
-        return base + phi_2 * D1 - phi_3 * D2
+        models, times = self._history(nd, order)
+        return slv.dpmpp_update(self.X(nd.i), models, times, self.s[nd.j], order)
 
     def unipc(self, nd: _Nodes, order: int, corrector: bool) -> _Lin:
-        """UniPC bh2 (`solvers._unipc_update`); the corrector's D at j is the teacher's D_j."""
-        s = self.s
-        lam_0, lam_t = -np.log(s[nd.i]), -np.log(s[nd.j])
-        h = lam_t - lam_0
-        m0 = self.D(nd.i)
-        earlier = [nd.h, nd.g][: order - 1]
-        rks = [(-np.log(s[m]) - lam_0) / h for m in earlier]
-        D1s = [(self.D(m) - m0) * (1.0 / rk) for m, rk in zip(earlier, rks)]
-        hh = -h
-        h_phi_1 = np.expm1(hh)
-        h_phi_k = h_phi_1 / hh - 1
-        B_h = np.expm1(hh)
-        cols = rks + [np.ones_like(h)]
-        factorial = 1
-        R, b = [], []
-        for k in range(1, order + 1):
-            R.append([np.ones_like(h) if k == 1 else rk if k == 2 else rk * rk for rk in cols])
-            b.append(h_phi_k * factorial / B_h)
-            factorial *= k + 1
-            h_phi_k = h_phi_k / hh - 1 / factorial
-        R = np.stack([np.stack(row, axis=-1) for row in R], axis=-2)  # [T, order, order]
-        b = np.stack(b, axis=-1)  # [T, order]
-        x_t_ = (s[nd.j] / s[nd.i]) * self.X(nd.i) - h_phi_1 * m0
-        if not corrector:
-            if not D1s:
-                return x_t_
-            rhos_p = ([np.full(h.shape, 0.5)] if order == 2
-                      else list(np.linalg.solve(R[:, :-1, :-1], b[:, :-1, None])[..., 0].T))
-            pred = D1s[0] * rhos_p[0]
-            for rho, D1 in zip(rhos_p[1:], D1s[1:]):
-                pred = pred + rho * D1
-            return x_t_ - B_h * pred
-        rhos_c = [np.full(h.shape, 0.5)] if order == 1 else list(np.linalg.solve(R, b[..., None])[..., 0].T)
-        corr = (self.D(nd.j) - m0) * rhos_c[-1]
-        for rho, D1 in zip(rhos_c[:-1], D1s):
-            corr = corr + rho * D1
-        return x_t_ - B_h * corr
+        """UniPC bh2 (`solvers.unipc_predict` / `unipc_correct`); the corrector's D at j is the teacher's D_j."""
+        models, times = self._history(nd, order)
+        x_pred, step = slv.unipc_predict(self.X(nd.i), models, times, self.s[nd.j], order)
+        return slv.unipc_correct(step, self.D(nd.j)) if corrector else x_pred
 
     def step(self, solver: str, nd: _Nodes, order: int, corrector: bool) -> _Lin:
         if solver == "euler":
@@ -544,7 +474,7 @@ def heun_pair_costs(den: Any, traj: Trajectories, class_labels: Optional[np.ndar
             labels = None if class_labels is None else class_labels[rr]
             d_out = to_host(to_float64(den(den.to_device(x_prime), np.full(len(part), t[j]), labels)))
             d_prime = (x_prime - d_out) / t[j]
-            x_hat = x_i + h * (0.5 * d_i + 0.5 * d_prime)
+            x_hat = slv.heun_update(x_i, h, d_i, d_prime)
             if metric == "l2":
                 sq = np.square(flat(x_hat - traj.x[j, rr])).sum(axis=1)
             else:
