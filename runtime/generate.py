@@ -1,9 +1,9 @@
 """Seeds in, uint8 images out: the loop every front end (CLI, embedding API, demo) shares.
 
-For each batch of seeds it draws latents and labels from the per-seed streams, runs the sampler
-(Algorithm 2, or the ablation sampler when any of solver/discretization/schedule/scaling is
-given, as the reference `generate.py` decides), checks for non-finite output naming the seeds,
-and quantises exactly like the reference: uint8 = clip(x * 127.5 + 128, 0, 255) truncated, NHWC.
+`plan_sampling` resolves a run's `SamplerSettings` on a denoiser once (sampler, time points,
+NFE); `sample_batch` draws each batch's latents and labels from the per-seed streams, runs the
+plan's step program, checks for non-finite output naming the seeds, and quantises exactly like
+the reference: uint8 = clip(x * 127.5 + 128, 0, 255) truncated, NHWC.
 
 `sample_into` drives a writer (`runtime.writers.open_output`) and resumes: a batch with any
 image missing is sampled again whole, so every image comes out of the same batch as in an
@@ -17,19 +17,13 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.contract import as_denoiser
 from edm_deploy.runtime.errors import InputError, NumericalError
-from edm_deploy.runtime.noise import StackedRandomGenerator, draw_latents_and_labels
-from edm_deploy.runtime.sampling import ablation_sampler, edm_sampler
-from edm_deploy.runtime.seeds import check_batch_size
-from edm_deploy.runtime.xp import all_finite_rows, to_host
-
-# The paper's ablation options (Table 1): only the reference samplers take them.
-ABLATION_KEYS = ("schedule", "scaling", "alpha", "epsilon_s", "C_1", "C_2", "M")
-REFERENCE_SOLVERS = ("heun", "euler")
-CHURN_KEYS = ("S_churn", "S_min", "S_max", "S_noise")
-# Options of the flat solver family that the reference samplers do not have.
-FAST_KEYS = ("sigmas", "afs", "denoise_to_zero", "max_order")
+from edm_deploy.runtime.noise import StackedRandomGenerator, check_class, draw_latents_and_labels
+from edm_deploy.runtime.seeds import check_batch_size, check_seeds
+from edm_deploy.runtime.settings import SamplerSettings
+from edm_deploy.runtime.xp import all_finite_rows, to_float64, to_host
 
 
 def quantize_uint8(x: Any) -> np.ndarray:
@@ -38,87 +32,77 @@ def quantize_uint8(x: Any) -> np.ndarray:
     return np.clip(x * 127.5 + 128, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def clean_sampler_kwargs(sampler_kwargs: dict) -> dict:
-    """Drop unset options so each sampler applies its own defaults."""
-    return {k: v for k, v in sampler_kwargs.items() if v is not None and v is not False}
-
-
 @dataclass
 class SamplingPlan:
-    """How one run samples: the sampler call, its time points (when they are known up front), its NFE.
+    """How one run samples on one denoiser: its settings, solver, exact noise levels and NFE.
 
     Built once per run by `plan_sampling`, so every option is checked before any image is made.
+    `program` starts the run's step program for a batch of latents (any driver runs it: `run`
+    here, the serving engine); `sigmas` are the noise levels the steps start from, a final 0
+    where the run ends at sigma = 0.
     """
 
-    run: Callable[..., Any]          # run(den, latents, class_labels, randn_like, callback) -> float64 x
+    settings: SamplerSettings
     solver: str
     nfe: int
-    sigmas: Optional[np.ndarray]     # the exact time points, or None for the general ablation sampler
+    sigmas: np.ndarray
+    _start: Callable[..., slv.Program]
+
+    def program(self, latents: Any, randn_like: Callable, callback: Optional[Callable] = None) -> slv.Program:
+        """The step program for ``latents`` (unit variance, the state is scaled here)."""
+        return self._start(latents, randn_like, callback)
+
+    def run(self, den: Any, latents: Any, class_labels: Any, randn_like: Callable,
+            callback: Optional[Callable] = None) -> Any:
+        """The float64 end state for one batch: the program driven by one call of ``den`` per evaluation."""
+        return slv.run_program(den, self.program(latents, randn_like, callback), class_labels)
 
 
-def plan_sampling(den: Any, sampler_kwargs: Optional[dict] = None) -> SamplingPlan:
-    """Route sampler options to the sampler that implements them, checking them all.
+def plan_sampling(den: Any, settings: Any = None) -> SamplingPlan:
+    """Resolve a run's settings on ``den``: which sampler implements them, its time points, its NFE.
 
-    * `solver` heun/euler with the paper's discretizations and nothing from the fast family:
-      the reference samplers (`edm_sampler`, or `ablation_sampler` when any ablation option is
-      set, as the reference `generate.py` decides), bit for bit as the reference;
-    * anything else: the flat solver family (`sampling.sample`) on a named schedule
-      (`discretization`), `num_steps` or `nfe` time points, or an explicit `sigmas` list.
-    An option the chosen path would not use is one InputError naming it.
+    ``settings`` is a `SamplerSettings` or a mapping of its options. heun/euler on the paper's
+    discretizations with nothing from the fast family run the reference samplers' programs (bit
+    for bit `edm_sampler`, or `ablation_sampler` when an ablation option or a discretization is
+    given, as the reference `generate.py` decides); anything else the flat solver family on a
+    named schedule, ``num_steps`` or ``nfe`` time points, or an explicit ``sigmas`` list.
     """
-    from edm_deploy.runtime import solvers as slv
-    from edm_deploy.runtime.sampling import nfe as reference_nfe
-    from edm_deploy.runtime.sampling import sample, sampling_sigmas
-    from edm_deploy.runtime.schedules import DISCRETIZATIONS, param_error
+    from edm_deploy.runtime.sampling import ablation_program, ablation_setup, nfe as reference_nfe, sampling_sigmas
 
-    kw = clean_sampler_kwargs(dict(sampler_kwargs or {}))
-    solver = kw.pop("solver", None) or "heun"
+    s = SamplerSettings.coerce(settings)
+    solver = s.solver_name
     spec = slv.get_solver(solver)
-    disc = kw.pop("discretization", None)
-    nfe_target = kw.pop("nfe", None)
-    if nfe_target is not None:
-        if "num_steps" in kw or "sigmas" in kw:
-            raise InputError("give nfe or num_steps (or sigmas), not both", param=("nfe", "num_steps", "sigmas"))
-        kw["num_steps"] = slv.steps_for_nfe(solver, nfe_target, afs=bool(kw.get("afs")),
-                                            denoise_to_zero=bool(kw.get("denoise_to_zero")))
-    ablation = {k: kw[k] for k in ABLATION_KEYS if k in kw}
-    fast = [k for k in FAST_KEYS if k in kw]
-    if solver in REFERENCE_SOLVERS and disc in (None, *DISCRETIZATIONS) and not fast:
-        options = dict(kw)
-        use_ablation = bool(ablation) or disc is not None or solver != "heun"
-        if use_ablation:
-            options.update(solver=solver, discretization=disc or "edm")
-            sampler = ablation_sampler
-        else:
-            sampler = edm_sampler
-        t = None
-        if not ablation and disc in (None, "edm"):  # the EDM form: these are the time points the sampler visits
-            t = sampling_sigmas(den, solver, None, options.get("num_steps"), "edm", options.get("sigma_min"),
-                                options.get("sigma_max"), rho=options.get("rho"))
+    round_sigma = den.round_sigma
+    num_steps = s.num_steps
+    if s.nfe is not None:
+        num_steps = slv.steps_for_nfe(solver, s.nfe, afs=s.afs, denoise_to_zero=s.denoise_to_zero)
+    if s.uses_reference_sampler:
+        params = {k: getattr(s, k) for k in ("rho", "epsilon_s", "C_1", "C_2", "M") if getattr(s, k) is not None}
+        setup = ablation_setup(den, 18 if num_steps is None else num_steps, s.sigma_min, s.sigma_max,
+                               discretization=s.discretization or "edm", schedule=s.schedule or "linear",
+                               scaling=s.scaling or "none", **params)
+        options = dict(solver=solver, alpha=1 if s.alpha is None else s.alpha, **s.churn)
 
-        def run(den, latents, class_labels, randn_like, callback=None):
-            return sampler(den, latents, class_labels, randn_like=randn_like, callback=callback, **options)
+        def start(latents, randn_like, callback):
+            return ablation_program(setup, latents, round_sigma, randn_like, callback=callback, **options)
 
-        return SamplingPlan(run, solver, reference_nfe(options.get("num_steps", 18), solver), t)
-    if ablation:
-        key = next(iter(ablation))
-        raise param_error(key, f"{key} (an ablation option of the paper) applies to the heun and euler solvers on the "
-                               f"{', '.join(DISCRETIZATIONS)} discretizations without sigmas, afs or denoise_to_zero")
-    churn = {k: kw.pop(k) for k in CHURN_KEYS if k in kw}
-    slv.check_solver_options(solver, {**churn, **({"max_order": kw["max_order"]} if "max_order" in kw else {})},
-                             afs=bool(kw.get("afs")), denoise_to_zero=bool(kw.get("denoise_to_zero")))
-    schedule_args = dict(sigmas=kw.get("sigmas"), num_steps=kw.get("num_steps"), schedule=disc,
-                         sigma_min=kw.get("sigma_min"), sigma_max=kw.get("sigma_max"),
-                         denoise_to_zero=bool(kw.get("denoise_to_zero")))
-    rho = kw.get("rho")
-    t = sampling_sigmas(den, solver, **schedule_args, **({"rho": rho} if rho is not None else {}))
-    extra = {k: kw[k] for k in ("max_order",) if k in kw}
+        return SamplingPlan(s, solver, reference_nfe(len(setup.t_steps) - 1, solver), setup.sigmas, start)
+    params = {k: getattr(s, k) for k in ("rho", "epsilon_s", "C_1", "C_2", "M") if getattr(s, k) is not None}
+    t = sampling_sigmas(den, solver, None if s.sigmas is None else np.asarray(s.sigmas), num_steps, s.discretization,
+                        s.sigma_min, s.sigma_max, s.denoise_to_zero, **params)
+    options: dict[str, Any] = dict(s.churn)
+    if s.afs:
+        options["afs"] = True
+    if s.max_order is not None:
+        options["max_order"] = s.max_order
+    takes_noise = spec.takes_churn
 
-    def run(den, latents, class_labels, randn_like, callback=None):
-        return sample(den, latents, class_labels, solver=solver, sigmas=t, afs=bool(kw.get("afs")),
-                      randn_like=randn_like, callback=callback, **churn, **extra)
+    def start(latents, randn_like, callback):
+        extra = {"randn_like": randn_like} if takes_noise else {}
+        return spec.program(to_float64(latents) * float(t[0]), t, callback=callback, round_sigma=round_sigma,
+                            **options, **extra)
 
-    return SamplingPlan(run, solver, spec.nfe_for_sigmas(t, afs=bool(kw.get("afs"))), t)
+    return SamplingPlan(s, solver, spec.nfe_for_sigmas(t, afs=s.afs), t, start)
 
 
 def sample_batch(
@@ -163,7 +147,7 @@ def guided(den: Any, guide: Any = None, guidance: Optional[float] = None,
 def generate(
     den: Any,
     seeds: Iterable[int],
-    class_idx: Optional[int] = None,
+    class_idx: Any = None,
     batch_size: int = 64,
     guide: Any = None,
     guidance: Optional[float] = None,
@@ -172,45 +156,46 @@ def generate(
 ) -> np.ndarray:
     """Images for `seeds` as uint8 [N, H, W, C]; the same seed always gives the same image.
 
-    `sampler_kwargs` are the sampler options: the reference's (num_steps, sigma_min, sigma_max,
-    rho, S_churn, S_min, S_max, S_noise, solver, discretization, schedule, scaling, alpha, ...)
-    and the fast solvers' (solver from `solvers.SOLVER_NAMES`, nfe, sigmas, afs,
-    denoise_to_zero, max_order); see `plan_sampling`. With `guidance` W the images are guided,
+    `seeds` are integers in [0, 2^32) (`seeds.check_seeds`); `class_idx` is None (random per
+    seed), one class for all, or a list with one class per seed.
+
+    `sampler_kwargs` are the fields of `SamplerSettings` (the CLI's --steps is ``num_steps``,
+    --disc ``discretization``): the reference's (num_steps, sigma_min, sigma_max, rho, S_churn,
+    S_min, S_max, S_noise, solver, discretization, schedule, scaling, alpha, ...) and the fast
+    solvers' (solver from `solvers.SOLVER_NAMES`, nfe, sigmas, afs, denoise_to_zero,
+    max_order); an unknown name is an InputError naming it. With `guidance` W the images are guided,
     D = D_g + W (D - D_g): by `guide` (autoguidance; another denoiser, e.g. an earlier snapshot)
     or, with no guide, by the model's own unconditional branch (classifier-free), only at noise
     levels inside `guidance_interval` (lo, hi] when given.
     """
     den = guided(den, guide, guidance, guidance_interval)
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise InputError("no seeds given")
+    seeds = check_seeds(seeds)
+    class_idx = check_class(class_idx, int(den.label_dim), len(seeds))
     batch_size = check_batch_size(batch_size)
-    plan = plan_sampling(den, sampler_kwargs)
+    plan = plan_sampling(den, SamplerSettings.from_options(**sampler_kwargs))
     out = []
     for start in range(0, len(seeds), batch_size):
-        images, _ = sample_batch(den, seeds[start:start + batch_size], class_idx, plan=plan)
+        part = slice(start, start + batch_size)
+        images, _ = sample_batch(den, seeds[part], class_idx[part] if isinstance(class_idx, tuple) else class_idx,
+                                 plan=plan)
         out.append(images)
     return np.concatenate(out)
 
 
-def _is_inf(value: Any) -> bool:
-    return isinstance(value, float) and value == float("inf")
-
-
-def run_record(model_sha256: str, class_idx: Optional[int], sampler_kwargs: dict, *,
+def run_record(model_sha256: str, class_idx: Optional[int], settings: Any, *,
                batch_size: Optional[int] = None, fixed_batch: Optional[int] = None, **extra: Any) -> dict:
     """What made the images of a run: a rerun may add to an output only with an equal record.
 
-    The model's hash, the class, every sampler setting, and what decides the last bits of an
-    image: with a fixed evaluation batch (`fixed_batch`) only that; otherwise the batch size,
-    which fixes how seeds are grouped into batches (`seeds.shard_batches`). `extra` holds
-    anything else that changes the images (a guide and its weight).
+    The model's hash, the class, every sampler setting given (`SamplerSettings.given`), and what
+    decides the last bits of an image: with a fixed evaluation batch (`fixed_batch`) only that;
+    otherwise the batch size, which fixes how seeds are grouped into batches
+    (`seeds.shard_batches`). `extra` holds anything else that changes the images (a guide and
+    its weight, the time points).
     """
     record: dict[str, Any] = {
         "model_sha256": model_sha256,
         "class": class_idx,
-        "sampler": {k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                    for k, v in sorted(clean_sampler_kwargs(sampler_kwargs).items()) if not _is_inf(v)},
+        "sampler": SamplerSettings.coerce(settings).given(),
     }
     if fixed_batch is not None:
         record["fixed_batch"] = int(fixed_batch)

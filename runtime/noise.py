@@ -10,7 +10,7 @@ also accepts externally supplied latents and a `randn_like` callable.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -61,15 +61,31 @@ def one_hot(labels: np.ndarray, label_dim: int) -> np.ndarray:
     return np.eye(label_dim, dtype=np.float32)[labels]
 
 
-def check_class(class_idx: Optional[int], label_dim: int) -> None:
-    """A forced class must exist: none for an unconditional model, 0..label_dim-1 otherwise."""
+def check_class(class_idx: Any, label_dim: int, count: Optional[int] = None) -> Any:
+    """A forced class must exist: None, one class for all images, or (with ``count``) one per image.
+
+    Returns None, an int, or a tuple of ints. Strings ('3'), floats (3.7) and booleans are refused
+    as what they are, not reported as out of range.
+    """
     if class_idx is None:
-        return
+        return None
     if label_dim <= 0:
         raise InputError("this model is unconditional; class_idx cannot be given", param="class_idx")
-    if isinstance(class_idx, bool) or not isinstance(class_idx, (int, np.integer)) or not 0 <= class_idx < label_dim:
+    if not isinstance(class_idx, (int, np.integer)) and hasattr(class_idx, "__iter__") \
+            and not isinstance(class_idx, (str, bytes)):
+        classes = tuple(class_idx)
+        if count is None:
+            raise InputError("class_idx must be one class here, not a list", param="class_idx")
+        if len(classes) != count:
+            raise InputError(f"class_idx lists {len(classes)} classes for {count} seeds; give one per seed or a "
+                             "single class for all", param="class_idx")
+        return tuple(check_class(c, label_dim) for c in classes)
+    if isinstance(class_idx, (bool, np.bool_)) or not isinstance(class_idx, (int, np.integer)):
+        raise InputError(f"class_idx must be an integer class, got {class_idx!r}", param="class_idx")
+    if not 0 <= class_idx < label_dim:
         raise InputError(f"class_idx {class_idx} is out of range: this model has classes 0..{label_dim - 1}",
                          param="class_idx")
+    return int(class_idx)
 
 
 def draw_latents_and_labels(
@@ -80,11 +96,11 @@ def draw_latents_and_labels(
     A random label is always drawn for a conditional model, even when `class_idx` overrides it,
     so a seed's later noise does not depend on whether a class was forced.
     """
-    check_class(class_idx, label_dim)
+    class_idx = check_class(class_idx, label_dim, len(rnd))
     latents = rnd.randn(img_shape, dtype=np.float32)
     if label_dim <= 0:
         return latents, None
     labels = rnd.randint(label_dim)
     if class_idx is not None:
-        labels[:] = int(class_idx)
+        labels[:] = class_idx
     return latents, one_hot(labels, label_dim)

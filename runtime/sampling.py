@@ -28,6 +28,7 @@ run, where it would be multiplied by zero anyway.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -86,6 +87,64 @@ def edm_sampler(
                     S_noise=S_noise, randn_like=randn_like)
 
 
+@dataclass
+class AblationSetup:
+    """The paper's generalised sampler, resolved for one network: time steps t_i and the sigma(t), s(t) in use."""
+
+    t_steps: np.ndarray                # the t_i, a final 0 appended
+    sigma_fn: Any
+    scale_fn: Any
+
+    @property
+    def is_edm_form(self) -> bool:
+        """sigma(t) = t and s(t) = 1: the flat Euler/Heun programs apply."""
+        return isinstance(self.sigma_fn, sch.LinearSchedule) and isinstance(self.scale_fn, sch.NoScaling)
+
+    @property
+    def sigmas(self) -> np.ndarray:
+        """The noise levels the steps start from, sigma(t_i), and the final 0."""
+        return np.append(np.asarray(self.sigma_fn.sigma(self.t_steps[:-1]), dtype=np.float64), 0.0)
+
+
+def ablation_setup(
+    net: Any, num_steps: int = 18, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+    rho: float = 7, discretization: str = "edm", schedule: str = "linear", scaling: str = "none",
+    epsilon_s: float = 1e-3, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000,
+) -> AblationSetup:
+    """The reference's time steps for ``net``: the discretization's sigmas in the (clamped) range,
+    rounded by the network, mapped to t by the schedule's inverse; the VP schedule re-fitted to the range."""
+    num_steps = sch.check_num_steps(num_steps)
+    default_lo, default_hi = sch.default_sigma_range(discretization, epsilon_s)
+    lo, hi = _clamped_range(net, default_lo if sigma_min is None else sigma_min,
+                            default_hi if sigma_max is None else sigma_max)
+    beta_d, beta_min = sch.vp_betas_for_range(lo, hi, epsilon_s)
+    sigma_fn = sch.make_schedule(schedule, beta_d, beta_min)
+    scale_fn = sch.make_scaling(scaling, sigma_fn)
+    sigmas = sch.sigma_steps(discretization, num_steps, lo, hi, rho=rho, epsilon_s=epsilon_s, C_1=C_1, C_2=C_2, M=M)
+    t_steps = np.asarray(sigma_fn.sigma_inv(np.asarray(net.round_sigma(sigmas), dtype=np.float64)), dtype=np.float64)
+    return AblationSetup(np.append(t_steps, 0.0), sigma_fn, scale_fn)
+
+
+def ablation_program(
+    setup: AblationSetup, latents: Any, round_sigma: Callable, randn_like: Callable = _default_randn_like,
+    solver: str = "heun", alpha: float = 1, S_churn: float = 0, S_min: float = 0, S_max: float = float("inf"),
+    S_noise: float = 1, callback: Callback = None,
+) -> slv.Program:
+    """The generalised sampler as a step program: the flat Euler/Heun program in the EDM form
+    (sigma(t) = t, s(t) = 1, alpha = 1), the general loop otherwise."""
+    if solver not in SOLVERS:
+        raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if not 0 < alpha <= 1:
+        raise InputError(f"alpha must lie in (0, 1], got {alpha}")
+    if setup.is_edm_form and alpha == 1:
+        program = slv.heun_program if solver == "heun" else slv.euler_program
+        x = to_float64(latents) * float(setup.t_steps[0])
+        return program(x, setup.t_steps, callback=callback, round_sigma=round_sigma, S_churn=S_churn, S_min=S_min,
+                       S_max=S_max, S_noise=S_noise, randn_like=randn_like)
+    return _general_program(latents, randn_like, setup, round_sigma, solver, float(alpha), S_churn, S_min, S_max,
+                            S_noise, callback)
+
+
 def ablation_sampler(
     net: Any,
     latents: Any,
@@ -118,50 +177,32 @@ def ablation_sampler(
         raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if not 0 < alpha <= 1:
         raise InputError(f"alpha must lie in (0, 1], got {alpha}")
-    default_lo, default_hi = sch.default_sigma_range(discretization, epsilon_s)
-    lo, hi = _clamped_range(net, default_lo if sigma_min is None else sigma_min,
-                            default_hi if sigma_max is None else sigma_max)
-
-    # The VP schedule is re-fitted to the (clamped) range, as in the reference.
-    beta_d, beta_min = sch.vp_betas_for_range(lo, hi, epsilon_s)
-    sigma_fn = sch.make_schedule(schedule, beta_d, beta_min)
-    scale_fn = sch.make_scaling(scaling, sigma_fn)
-    sigmas = sch.sigma_steps(discretization, num_steps, lo, hi, rho=rho, epsilon_s=epsilon_s, C_1=C_1, C_2=C_2, M=M)
-    t_steps = np.asarray(sigma_fn.sigma_inv(np.asarray(net.round_sigma(sigmas), dtype=np.float64)), dtype=np.float64)
-    t_steps = np.append(t_steps, 0.0)
-    if isinstance(sigma_fn, sch.LinearSchedule) and isinstance(scale_fn, sch.NoScaling) and alpha == 1:
-        fn = slv.heun if solver == "heun" else slv.euler
-        x = to_float64(latents) * float(t_steps[0])
-        return fn(net, x, t_steps, class_labels, callback=callback, S_churn=S_churn, S_min=S_min, S_max=S_max,
-                  S_noise=S_noise, randn_like=randn_like)
-    return _sample_loop(
-        net, latents, class_labels, randn_like, t_steps, sigma_fn, scale_fn,
-        solver, float(alpha), S_churn, S_min, S_max, S_noise, callback,
-    )
+    setup = ablation_setup(net, num_steps, sigma_min, sigma_max, rho, discretization, schedule, scaling, epsilon_s,
+                           C_1, C_2, M)
+    program = ablation_program(setup, latents, net.round_sigma, randn_like, solver, alpha, S_churn, S_min, S_max,
+                               S_noise, callback)
+    return slv.run_program(net, program, class_labels)
 
 
-def _sample_loop(
-    net, latents, class_labels, randn_like, t_steps, sigma_fn, scale_fn,
-    solver, alpha, S_churn, S_min, S_max, S_noise, callback,
-):
-    """The general loop (any sigma(t), s(t), alpha); linear/none with alpha != 1 takes the paper's simplified formulas."""
+def _general_program(
+    latents, randn_like, setup, round_sigma_fn, solver, alpha, S_churn, S_min, S_max, S_noise, callback,
+) -> slv.Program:
+    """The general loop (any sigma(t), s(t), alpha); linear/none with alpha != 1 takes the paper's simplified formulas.
+
+    Each evaluation is asked for at the network's input x / s(t) and noise level sigma(t).
+    """
+    t_steps, sigma_fn, scale_fn = setup.t_steps, setup.sigma_fn, setup.scale_fn
     slv.check_churn(S_churn, S_min, S_max, S_noise)
     num_steps = len(t_steps) - 1
-    edm_form = isinstance(sigma_fn, sch.LinearSchedule) and isinstance(scale_fn, sch.NoScaling)
+    edm_form = setup.is_edm_form
     unscaled = isinstance(scale_fn, sch.NoScaling)
 
     sigma = lambda t: float(sigma_fn.sigma(t))  # noqa: E731
     s = lambda t: 1.0 if unscaled else float(scale_fn.s(t))  # noqa: E731
-    round_sigma = lambda v: float(np.asarray(net.round_sigma(np.array([v], dtype=np.float64))).reshape(-1)[0])  # noqa: E731
+    round_sigma = lambda v: float(np.asarray(round_sigma_fn(np.array([v], dtype=np.float64))).reshape(-1)[0])  # noqa: E731
     gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)
     gammas = [gamma_max if S_min <= sigma(t) <= S_max else 0.0 for t in t_steps[:-1]]
     stochastic = any(g > 0 for g in gammas)
-    batch = latents.shape[0]
-
-    def denoise(x, t):
-        x_in = x if unscaled else x / s(t)
-        sig = np.full(batch, sigma(t), dtype=np.float64)
-        return to_float64(net(x_in, sig, class_labels))
 
     def derivative(x, denoised, t):
         if edm_form:
@@ -191,14 +232,15 @@ def _sample_loop(
 
         # Euler step, then the second-order correction unless this is the last step.
         h = t_next - t_hat
-        denoised = denoise(x_hat, t_hat)
+        denoised = yield (x_hat if unscaled else x_hat / s(t_hat)), sigma(t_hat)
         d_cur = derivative(x_hat, denoised, t_hat)
         if solver == "euler" or i == num_steps - 1:
             x_next = x_hat + h * d_cur
         else:
             t_prime = t_next if alpha == 1 else t_hat + alpha * h
             x_prime = x_hat + (h if alpha == 1 else alpha * h) * d_cur
-            d_prime = derivative(x_prime, denoise(x_prime, t_prime), t_prime)
+            denoised_prime = yield (x_prime if unscaled else x_prime / s(t_prime)), sigma(t_prime)
+            d_prime = derivative(x_prime, denoised_prime, t_prime)
             w = 1 / (2 * alpha)
             x_next = x_hat + h * ((1 - w) * d_cur + w * d_prime)
         if callback is not None:

@@ -65,7 +65,6 @@ only; it works on any denoiser of the contract (`contract.py`).
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -99,8 +98,7 @@ STEP_MODELS = ("solver", "euler")
 # Teachers whose callback reports D at the point each step starts from (UniPC reports its corrector's D).
 TEACHER_SOLVERS = ("ipndm", "ipndm-v", "deis", "dpmpp-3m", "dpmpp-2m", "heun", "euler")
 # The highest order each multistep solver takes: its program's max_order default.
-MAX_ORDERS = {name: inspect.signature(spec.program).parameters["max_order"].default
-              for name, spec in slv.SOLVER_REGISTRY.items() if "max_order" in spec.options}
+MAX_ORDERS = {name: spec.max_order for name, spec in slv.SOLVER_REGISTRY.items() if spec.max_order is not None}
 # Gauss-Legendre points for the DEIS weights, integrated in sigma where the integrand is smooth.
 _DEIS_GAUSS_POINTS = 16
 

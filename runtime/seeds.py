@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -47,6 +47,31 @@ def parse_seeds(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise InputError("the seed list repeats seeds")
     return seeds
+
+
+def check_seeds(seeds: Any) -> list[int]:
+    """A seed list given as data (the API, the server): integers in [0, 2^32), no repeats, at least one.
+
+    The one check behind every front end: the CLI's text goes through `parse_seeds`, which
+    enforces the same. Floats (1.9), strings ("01"), booleans and out-of-range values are refused
+    rather than converted, so a seed never silently means another one.
+    """
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+        raise InputError(f"seeds must be a list of integers, got {seeds!r}", param="seeds")
+    out: list[int] = []
+    for s in seeds:
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
+            raise InputError(f"seeds must be integers, got {s!r}", param="seeds")
+        if not 0 <= int(s) < SEED_LIMIT:
+            raise InputError(f"bad seed {int(s)}: seeds must lie in 0..{SEED_LIMIT - 1}", param="seeds")
+        out.append(int(s))
+        if len(out) > MAX_SEEDS:
+            check_seed_count(len(out))
+    if not out:
+        raise InputError("no seeds given", param="seeds")
+    if len(set(out)) != len(out):
+        raise InputError("the seed list repeats seeds", param="seeds")
+    return out
 
 
 def seeds_from_count(n: int) -> list[int]:

@@ -38,6 +38,7 @@ summary, the reference, the NFE for N time points, the options, whether sigma = 
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Mapping, Optional
@@ -788,6 +789,13 @@ class SolverSpec:
     options: tuple[str, ...]
     count: Callable[[int, bool, bool], int]
     min_points: int = 2
+
+    @property
+    def max_order(self) -> Optional[int]:
+        """The highest order a multistep solver takes (its program's max_order default), None for others."""
+        if "max_order" not in self.options:
+            return None
+        return int(inspect.signature(self.program).parameters["max_order"].default)
 
     @property
     def takes_afs(self) -> bool:

@@ -8,12 +8,6 @@ from typing import Any, Callable, Optional
 
 import click
 
-SAMPLER_OPTION_NAMES = (
-    "num_steps", "nfe", "sigmas", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise",
-    "solver", "discretization", "schedule", "scaling", "afs", "denoise_to_zero",
-)
-
-
 class FiniteFloat(click.ParamType):
     """A float that is not NaN, within [lo, hi] (open ends optional); `inf` only where allowed."""
 
@@ -48,41 +42,57 @@ def _solver_help() -> str:
         f"{spec.name} (NFE {spec.nfe_formula})" for spec in SOLVER_REGISTRY.values()) + "."
 
 
+def _click_option(f: Any) -> Callable:
+    """One `SamplerSettings` field as a click option: its flag, type and bounds from the field's metadata."""
+    meta = f.metadata
+    flag = meta["flag"] or f"--{f.name}"
+    help_text = _solver_help() if f.name == "solver" else meta["doc"] + "."
+    if meta["kind"] == "flag":
+        return click.option(flag, f.name, is_flag=True, default=None, help=help_text)
+    if meta["kind"] == "choice":
+        kind: Any = click.Choice(meta["choices"])
+    elif meta["kind"] == "int":
+        kind = click.IntRange(min=meta["lo"], max=meta["hi"])
+    elif meta["kind"] == "sigmas":
+        kind = None
+        help_text = ("Explicit time points, comma-separated (e.g. 80,10,1,0.002) or a .json schedule file "
+                     "(edm-deploy schedule); used exactly as given.")
+    else:
+        kind = FiniteFloat(meta["lo"], meta["hi"], lo_open=meta["lo_open"], allow_inf=meta["allow_inf"])
+    return click.option(flag, f.name, type=kind, default=None, help=help_text)
+
+
+# Sampler options the CLI does not offer (the API has them): the paper's rarely used ablation constants.
+API_ONLY_OPTIONS = ("alpha", "epsilon_s", "C_1", "C_2", "M")
+
+
 def sampler_options(func: Callable) -> Callable:
-    """Sampler flags: the reference generate.py's, with its names and defaults, and the fast solvers'.
+    """Sampler flags, one per `SamplerSettings` field (but `API_ONLY_OPTIONS`), with the reference
+    generate.py's names and defaults. Options default to unset (None) so that one a solver does
+    not take can be refused."""
+    import dataclasses
 
-    Choices come from the runtime's registries (solvers, schedules), so the CLI never retypes them.
-    Options default to unset (None) so that one a solver does not take can be refused.
-    """
-    from edm_deploy.runtime.schedules import SCALINGS, SCHEDULE_NAMES, SCHEDULES
-    from edm_deploy.runtime.solvers import SOLVER_NAMES
+    from edm_deploy.runtime.settings import SamplerSettings
 
-    options = [
-        click.option("--steps", "num_steps", type=click.IntRange(min=1, max=100_000), default=None, help="Number of time points N from sigma_max to sigma_min [default: 18]; NFE per --solver."),
-        click.option("--nfe", type=click.IntRange(min=1, max=100_000), default=None, help="Choose the steps that spend exactly this many network evaluations with --solver."),
-        click.option("--sigmas", default=None, help="Explicit time points, comma-separated (e.g. 80,10,1,0.002) or a .json schedule file (edm-deploy schedule); used exactly as given."),
-        click.option("--sigma_min", type=POSITIVE, default=None, help="Lowest noise level [default: 0.002, or per --disc]."),
-        click.option("--sigma_max", type=POSITIVE, default=None, help="Highest noise level [default: 80, or per --disc]."),
-        click.option("--rho", type=FiniteFloat(0.01, 1000), default=None, help="Time step exponent of the edm discretization (0.01..1000) [default: 7]."),
-        click.option("--S_churn", "S_churn", type=NON_NEGATIVE, default=None, help="Stochasticity strength (heun, euler) [default: 0]."),
-        click.option("--S_min", "S_min", type=NON_NEGATIVE, default=None, help="Lowest sigma with churn [default: 0]."),
-        click.option("--S_max", "S_max", type=FiniteFloat(0, allow_inf=True), default=None, help="Highest sigma with churn [default: inf]."),
-        click.option("--S_noise", "S_noise", type=NON_NEGATIVE, default=None, help="Noise inflation with churn [default: 1]."),
-        click.option("--solver", type=click.Choice(SOLVER_NAMES), default=None, help=_solver_help()),
-        click.option("--disc", "discretization", type=click.Choice(SCHEDULE_NAMES), default=None, help="Time step discretization [default: edm]."),
-        click.option("--schedule", type=click.Choice(SCHEDULES), default=None, help="Ablation (heun/euler): noise schedule sigma(t)."),
-        click.option("--scaling", type=click.Choice(SCALINGS), default=None, help="Ablation (heun/euler): signal scaling s(t)."),
-        click.option("--afs", is_flag=True, default=None, help="Analytical first step: saves one NFE (multistep solvers)."),
-        click.option("--denoise-to-zero", is_flag=True, default=None, help="Multistep solvers: finish with x = D(x; sigma_min) (one more NFE)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
+    for f in reversed(dataclasses.fields(SamplerSettings)):
+        if f.name not in API_ONLY_OPTIONS:
+            func = _click_option(f)(func)
     return func
 
 
-def sampler_kwargs_from(params: dict[str, Any]) -> dict[str, Any]:
-    """Pick the sampler settings out of a command's parameters (None = sampler default)."""
-    return {k: params[k] for k in SAMPLER_OPTION_NAMES if k in params and params[k] is not None}
+def settings_from(params: dict[str, Any]) -> Any:
+    """The run's `SamplerSettings` from a command's parameters (a --sigmas file read here)."""
+    import dataclasses
+
+    from edm_deploy.runtime.schedule_file import parse_sigmas
+    from edm_deploy.runtime.settings import SamplerSettings
+
+    names = [f.name for f in dataclasses.fields(SamplerSettings)]
+    options = {k: params[k] for k in names if params.get(k) is not None}
+    meta: dict = {}
+    if options.get("sigmas") is not None:
+        options["sigmas"], meta = parse_sigmas(options["sigmas"])
+    return SamplerSettings.from_options(**options), meta
 
 
 def max_threads() -> int:

@@ -9,13 +9,7 @@ from typing import Any, Optional
 
 import click
 
-from edm_deploy.commands.common import (
-    FiniteFloat,
-    backend_options,
-    load_from_options,
-    sampler_kwargs_from,
-    sampler_options,
-)
+from edm_deploy.commands.common import FiniteFloat, backend_options, load_from_options, sampler_options, settings_from
 from edm_deploy.runtime.errors import InputError
 
 
@@ -66,7 +60,7 @@ def sample(model: str, **params: Any) -> None:
     from edm_deploy.runtime.generate import guided, plan_sampling, run_record, sample_into
     from edm_deploy.runtime.guidance import check_guidance_args
     from edm_deploy.runtime.noise import check_class
-    from edm_deploy.runtime.schedule_file import mismatch_warnings, parse_sigmas
+    from edm_deploy.runtime.schedule_file import mismatch_warnings
     from edm_deploy.runtime.seeds import parse_seeds, parse_shard, seeds_from_count, shard_batches
     from edm_deploy.runtime.timing import TimedDenoiser
     from edm_deploy.runtime.writers import check_output, open_output, parts_dir_for
@@ -94,10 +88,7 @@ def sample(model: str, **params: Any) -> None:
     # Output first: an unwritable or invalid destination fails before the model loads (nothing is created yet).
     check_output(len(my_seeds), outdir=params["outdir"], npz_path=npz_path, grid_path=params["grid_path"],
                  grid_columns=params["grid_cols"], shard=(rank, world))
-    kwargs = sampler_kwargs_from(params)
-    schedule_meta: dict = {}
-    if params["sigmas"] is not None:
-        kwargs["sigmas"], schedule_meta = parse_sigmas(params["sigmas"])
+    settings, schedule_meta = settings_from(params)
     with contextlib.ExitStack() as models:
         den = models.enter_context(load_from_options(model, params))
         guide = (models.enter_context(load_from_options(params["guide"], params, only_applicable=True))
@@ -112,13 +103,13 @@ def sample(model: str, **params: Any) -> None:
             den, guide = (None if m is None else FixedShapeDenoiser(m, params["fixed_batch"]) for m in (den, guide))
         runner = guided(den, guide, params["guidance"], interval)
         # Planned on the composed runner: a guide narrows the sigma range both models cover.
-        plan = plan_sampling(runner, kwargs)  # every sampler option checked before any output is touched
+        plan = plan_sampling(runner, settings)  # checked on the model before any output is touched
         model_sha256 = sha256_file(model)
         for note in runner.warnings + mismatch_warnings(schedule_meta, model_sha256, plan.solver):
             click.echo(f"warning: {note}", err=True)
-        record = run_record(model_sha256, params["class_idx"], kwargs, batch_size=params["batch_size"],
+        record = run_record(model_sha256, params["class_idx"], settings, batch_size=params["batch_size"],
                             fixed_batch=params["fixed_batch"], solver=plan.solver,
-                            time_points=None if plan.sigmas is None else [float(v) for v in plan.sigmas],
+                            time_points=[float(v) for v in plan.sigmas],
                             guide_sha256=sha256_file(params["guide"]) if params["guide"] else None,
                             guidance=params["guidance"], guidance_interval=None if interval is None else list(interval),
                             numerics=runner.numerics(), subdirs=bool(params["subdirs"]) if params["outdir"] else None)

@@ -1,0 +1,587 @@
+"""A serving engine: step-level continuous batching of many requests over one model.
+
+Every solver is a step program (`solvers.py`): it yields the state and noise level it needs
+evaluated and receives D back. So the rows of many requests, each at its own sigma and with its
+own solver, NFE, class and guidance, can share one network call. One thread owns the model and
+loops:
+
+1. the **scheduler** decides which waiting requests join (`ContinuousScheduler`: first come,
+   first served, as soon as their rows fit under the batch limit; `RequestBatchScheduler` and
+   `OneRequestScheduler` are the two usual alternatives, kept for comparison);
+2. the **runner** gathers the pending evaluation of every program in flight into one call of at
+   most ``max_batch`` rows (each row at its own sigma; a classifier-free guided row brings its
+   unconditional twin, an autoguided one a row for the guide's call), splits the result and
+   sends each program its rows;
+3. finished programs leave at once, their images quantised exactly as `sample` quantises them;
+   cancelled or timed-out requests free their rows before the next call.
+
+Fairness: admission is FIFO and a request in flight advances on every call, so a long (Heun 35)
+request is never starved by short ones, and the requests in flight never exceed the batch limit.
+A queue limit bounds what waits; beyond it `submit` refuses at once with `BusyError`.
+
+Determinism: an image depends only on (model, seed, class, sampler settings, guidance), never
+on what else is in flight, provided the network's rows do not depend on their batch. A compiled
+network may pick kernels by batch shape, so give ``fixed_batch=N``: every call is then exactly N
+rows (padded), as `sample --fixed-batch N` does, and a served image equals the image `sample
+--fixed-batch N` writes for the same seed, bit for bit (tests/test_engine.py checks it under
+mixed concurrent load). The sampler arithmetic itself is per row and exact.
+
+Usable without HTTP: ``engine.submit(...)`` returns a `concurrent.futures.Future`;
+``await engine.generate(...)`` is the asyncio form. NumPy only, like the rest of the runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from edm_deploy.runtime import solvers as slv
+from edm_deploy.runtime.contract import as_denoiser
+from edm_deploy.runtime.errors import EdmDeployError, InputError, NumericalError
+from edm_deploy.runtime.generate import SamplingPlan, guided, plan_sampling, quantize_uint8
+from edm_deploy.runtime.guidance import check_guidance_args, check_interval, check_weight, mix
+from edm_deploy.runtime.noise import StackedRandomGenerator, check_class, draw_latents_and_labels
+from edm_deploy.runtime.seeds import check_seeds
+from edm_deploy.runtime.settings import SamplerSettings
+from edm_deploy.runtime.xp import all_finite_rows, concatenate, to_float64
+
+DEFAULT_MAX_QUEUE = 256          # requests waiting beyond those in flight
+DEFAULT_MAX_IMAGES = 64          # images one request may ask for
+
+
+class BusyError(EdmDeployError):
+    """The engine cannot take the request now (queue full, or draining); try again later."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = float(retry_after)
+
+
+class DeadlineError(EdmDeployError):
+    """A request ran past its timeout and was dropped."""
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """What a client asks for, checked: seeds, classes (one for all, or one per seed), settings, guidance."""
+
+    seeds: tuple[int, ...]
+    class_idx: Any = None                       # None, an int, or a tuple with one class per seed
+    settings: SamplerSettings = field(default_factory=SamplerSettings)
+    guidance: Optional[float] = None
+    guidance_interval: Optional[tuple[float, float]] = None
+    timeout: Optional[float] = None             # seconds from submission
+
+
+@dataclass
+class GenerationResult:
+    """A finished request: uint8 NHWC images in seed order, their labels, and where the time went."""
+
+    images: np.ndarray
+    seeds: list[int]
+    labels: Optional[np.ndarray]
+    solver: str
+    nfe: int
+    queued_s: float       # submission to admission
+    run_s: float          # admission to the last image
+    total_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.total_s
+
+
+class _Request:
+    """A request in the engine: its chunks (programs) and what becomes of it."""
+
+    def __init__(self, spec: ImageRequest, plan: SamplingPlan, future: Future, cfg: bool, auto: bool,
+                 w: Optional[float], lo: float, hi: float):
+        self.spec, self.plan, self.future = spec, plan, future
+        self.cfg, self.auto, self.w, self.lo, self.hi = cfg, auto, w, lo, hi
+        self.submitted = time.perf_counter()
+        self.deadline = None if spec.timeout is None else self.submitted + spec.timeout
+        self.admitted: Optional[float] = None
+        self.images: list = [None] * len(spec.seeds)
+        self.labels: list = [None] * len(spec.seeds)
+        self.chunks_left = 0
+        self.failed = False
+
+    @property
+    def guided_rows_cost(self) -> int:
+        """Rows of the model's call one image of this request may take: 2 with classifier-free guidance."""
+        return 2 if self.cfg else 1
+
+    def guided_at(self, sigma: float) -> bool:
+        return self.w is not None and self.w != 1.0 and self.lo < sigma <= self.hi
+
+
+class _Chunk:
+    """Up to ``rows`` images of one request, driven by one step program."""
+
+    def __init__(self, request: _Request, index: slice, seeds: list[int], class_idx: Any, engine: Engine):
+        self.request, self.index, self.seeds = request, index, seeds
+        self.class_idx = class_idx
+        self.engine = engine
+        self.program: Optional[slv.Program] = None
+        self.pending: Optional[tuple[Any, float]] = None
+        self.labels: Any = None
+
+    @property
+    def cost(self) -> int:
+        return len(self.seeds) * self.request.guided_rows_cost
+
+    def start(self) -> None:
+        den = self.engine.den
+        rnd = StackedRandomGenerator(self.seeds)
+        img_shape = (den.img_channels, den.img_resolution, den.img_resolution)
+        latents, self.labels = draw_latents_and_labels(rnd, img_shape, int(den.label_dim), self.class_idx)
+        self.program = self.request.plan.program(den.to_device(latents), rnd.randn_like)
+        self._advance(lambda: next(self.program))
+
+    def send(self, denoised: Any) -> None:
+        self._advance(lambda: self.program.send(denoised))
+
+    def _advance(self, step: Callable[[], Any]) -> None:
+        try:
+            self.pending = step()
+        except StopIteration as finished:
+            self.pending = None
+            self.engine._finish_chunk(self, finished.value)
+
+
+class Scheduler:
+    """Decides which waiting chunks join the programs in flight before a network call."""
+
+    name = "scheduler"
+
+    def admit(self, waiting: collections.deque, in_flight: list, capacity: int) -> list:
+        raise NotImplementedError
+
+    @staticmethod
+    def _fill(waiting: collections.deque, free: int, limit: Optional[int] = None) -> list:
+        """Pop chunks from the head of the queue while they fit (strictly FIFO: a head that does not fit waits)."""
+        taken = []
+        while waiting and waiting[0].cost <= free and (limit is None or len(taken) < limit):
+            chunk = waiting.popleft()
+            free -= chunk.cost
+            taken.append(chunk)
+        return taken
+
+
+class ContinuousScheduler(Scheduler):
+    """Step-level continuous batching: a waiting chunk joins at the next call its rows fit into."""
+
+    name = "continuous"
+
+    def admit(self, waiting, in_flight, capacity):
+        return self._fill(waiting, capacity - sum(c.cost for c in in_flight))
+
+
+class RequestBatchScheduler(Scheduler):
+    """Request-level batching as general model servers do: the waiting requests that fit run to
+    completion together; newcomers wait until the whole batch is done."""
+
+    name = "request-batch"
+
+    def admit(self, waiting, in_flight, capacity):
+        return [] if in_flight else self._fill(waiting, capacity)
+
+
+class OneRequestScheduler(Scheduler):
+    """One chunk at a time: every network call serves one request."""
+
+    name = "one-request"
+
+    def admit(self, waiting, in_flight, capacity):
+        return [] if in_flight else self._fill(waiting, capacity, limit=1)
+
+
+SCHEDULERS = {s.name: s for s in (ContinuousScheduler, RequestBatchScheduler, OneRequestScheduler)}
+
+
+class EngineObserver:
+    """Hooks for metrics (the server maps them to Prometheus); every method a no-op here."""
+
+    def network_call(self, rows: int, seconds: float) -> None: ...
+
+    def request_done(self, status: str, images: int, result: Optional[GenerationResult]) -> None: ...
+
+
+@dataclass
+class EngineStats:
+    """Counters the engine keeps itself (thread-safe to read: plain ints and floats)."""
+
+    network_calls: int = 0
+    rows: int = 0
+    guide_calls: int = 0
+    requests_done: int = 0
+    requests_failed: int = 0
+    requests_cancelled: int = 0
+    images_done: int = 0
+    network_seconds: float = 0.0
+
+    @property
+    def rows_per_call(self) -> float:
+        return self.rows / self.network_calls if self.network_calls else 0.0
+
+
+class Engine:
+    """One model, many requests: the loop that schedules step programs and makes the batched calls.
+
+    ``den`` is any denoiser of the contract; ``guide`` an optional autoguidance model (requests
+    with a guidance weight then use it; without it, guidance is classifier-free). ``max_batch``
+    bounds the rows of one network call (default: the model's limit, else 64); ``fixed_batch``
+    makes every call exactly that many rows (see the module docstring). ``max_queue`` bounds the
+    requests waiting, ``max_images`` the images of one request.
+    """
+
+    def __init__(self, den: Any, guide: Any = None, *, max_batch: Optional[int] = None,
+                 fixed_batch: Optional[int] = None, max_queue: int = DEFAULT_MAX_QUEUE,
+                 max_images: int = DEFAULT_MAX_IMAGES, scheduler: str = "continuous",
+                 observer: Optional[EngineObserver] = None):
+        from edm_deploy.runtime.fixed_shape import FixedShapeDenoiser
+
+        den = as_denoiser(den)
+        self.model = den
+        self.guide_model = None if guide is None else as_denoiser(guide)
+        limit = _positive("max_batch", max_batch) if max_batch is not None else (den.max_batch or 64)
+        if den.max_batch is not None and limit > den.max_batch and fixed_batch is None:
+            raise InputError(f"max_batch {limit} exceeds the model's batch limit {den.max_batch}", param="max_batch")
+        if fixed_batch is not None:
+            fixed_batch = _positive("fixed_batch", fixed_batch)
+            limit = fixed_batch if max_batch is None else limit
+            den = FixedShapeDenoiser(den, fixed_batch)
+            if guide is not None:
+                guide = FixedShapeDenoiser(guide, fixed_batch)
+        self.den = den
+        self.guide = None if guide is None else as_denoiser(guide)
+        self.max_batch = limit
+        self.fixed_batch = fixed_batch
+        self.max_queue = _positive("max_queue", max_queue)
+        self.max_images = _positive("max_images", max_images)
+        if scheduler not in SCHEDULERS:
+            raise InputError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}", param="scheduler")
+        self.scheduler = SCHEDULERS[scheduler]()
+        self.observer = observer or EngineObserver()
+        self.stats = EngineStats()
+        self._plans: dict = {}
+        self._waiting: collections.deque = collections.deque()
+        self._in_flight: list[_Chunk] = []
+        self._queued_requests = 0
+        self._lock = threading.Condition()
+        self._accepting = True
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    # ----- lifecycle
+
+    def start(self) -> Engine:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="edm-deploy-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(drain=exc[0] is None)
+
+    def shutdown(self, drain: bool = True, timeout: Optional[float] = None) -> None:
+        """Stop taking requests; with ``drain`` finish those in flight and queued, else cancel them."""
+        with self._lock:
+            self._accepting = False
+            if not drain:
+                for chunk in list(self._waiting) + self._in_flight:
+                    chunk.request.future.cancel()
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def queue_length(self) -> int:
+        """Requests waiting to start (not yet in flight)."""
+        return self._queued_requests
+
+    @property
+    def rows_in_flight(self) -> int:
+        return sum(c.cost for c in self._in_flight)
+
+    # ----- requests
+
+    def request(self, seeds: Sequence[int], class_idx: Any = None, settings: Any = None,
+                guidance: Optional[float] = None, guidance_interval: Any = None,
+                timeout: Optional[float] = None) -> ImageRequest:
+        """A checked `ImageRequest` (the same checks `sample` and `generate` make); raises InputError."""
+        seeds = check_seeds(seeds)
+        if len(seeds) > self.max_images:
+            raise InputError(f"a request may ask for at most {self.max_images} images, got {len(seeds)}", param="seeds")
+        class_idx = check_class(class_idx, self.model.label_dim, len(seeds))
+        settings = SamplerSettings.coerce(settings)
+        check_guidance_args(False, guidance, guidance_interval)
+        if guidance is not None:
+            guidance = check_weight(guidance)
+            guidance_interval = None if guidance_interval is None else check_interval(guidance_interval)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                                        and math.isfinite(timeout) and timeout > 0):
+            raise InputError(f"timeout must be a positive number of seconds, got {timeout!r}", param="timeout")
+        request = ImageRequest(tuple(seeds), class_idx, settings, guidance, guidance_interval,
+                               None if timeout is None else float(timeout))
+        self._plan(request)
+        return request
+
+    def _plan(self, request: ImageRequest) -> SamplingPlan:
+        """The request's plan on the composed model (a guide narrows the sigma range), cached per settings."""
+        key = (request.settings, request.guidance, request.guidance_interval)
+        plan = self._plans.get(key)
+        if plan is None:
+            runner = guided(self.model, self.guide_model if request.guidance is not None else None, request.guidance,
+                            request.guidance_interval)
+            plan = plan_sampling(runner, request.settings)
+            if len(self._plans) > 1024:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def submit(self, seeds: Any = None, class_idx: Any = None, settings: Any = None, guidance: Optional[float] = None,
+               guidance_interval: Any = None, timeout: Optional[float] = None, *,
+               request: Optional[ImageRequest] = None) -> Future:
+        """Queue a request; the Future resolves to a `GenerationResult` (or raises the request's error).
+
+        Bad input raises InputError here; a full queue or a draining engine raises `BusyError`.
+        Cancelling the Future frees the request's rows before the next network call.
+        """
+        if request is None:
+            request = self.request(seeds, class_idx, settings, guidance, guidance_interval, timeout)
+        plan = self._plan(request)
+        w = request.guidance
+        lo, hi = (0.0, math.inf) if request.guidance_interval is None else request.guidance_interval
+        cfg = w is not None and w != 1.0 and self.guide is None
+        future: Future = Future()
+        entry = _Request(request, plan, future, cfg, w is not None and self.guide is not None, w, lo, hi)
+        per_chunk = max(1, self.max_batch // entry.guided_rows_cost)
+        seeds = list(request.seeds)
+        classes = request.class_idx
+        chunks = []
+        for start in range(0, len(seeds), per_chunk):
+            part = slice(start, min(start + per_chunk, len(seeds)))
+            cls = classes[part] if isinstance(classes, tuple) else classes
+            chunks.append(_Chunk(entry, part, seeds[part], cls, self))
+        entry.chunks_left = len(chunks)
+        with self._lock:
+            if not self._accepting:
+                raise BusyError("the engine is shutting down and takes no new requests", retry_after=5.0)
+            if self._queued_requests >= self.max_queue:
+                raise BusyError(f"the queue is full ({self.max_queue} requests waiting); retry shortly",
+                                retry_after=self._retry_hint())
+            self._waiting.extend(chunks)
+            self._queued_requests += 1
+            self._lock.notify_all()
+        if self._thread is None:
+            self.start()
+        return future
+
+    async def generate(self, *args: Any, **kwargs: Any) -> GenerationResult:
+        """`submit` for asyncio; cancelling the awaiting task cancels the request."""
+        return await asyncio.wrap_future(self.submit(*args, **kwargs))
+
+    def _retry_hint(self) -> float:
+        """Seconds until a queue slot is likely free: one request's share of the recent call rate."""
+        if not self.stats.network_calls or not self.stats.requests_done:
+            return 1.0
+        per_call = self.stats.network_seconds / self.stats.network_calls
+        return float(min(60.0, max(0.5, per_call * 10)))
+
+    # ----- the loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._drop_cancelled()
+                admitted = self.scheduler.admit(self._waiting, self._in_flight, self.max_batch)
+                if not admitted and not self._in_flight:
+                    if self._stopping and not self._waiting:
+                        return
+                    self._lock.wait(timeout=self._wait_timeout())
+                    continue
+            for chunk in admitted:
+                self._admit(chunk)
+            if self._in_flight:
+                self._tick()
+
+    def _wait_timeout(self) -> Optional[float]:
+        deadlines = [c.request.deadline for c in self._waiting if c.request.deadline is not None]
+        return None if not deadlines else max(0.0, min(deadlines) - time.perf_counter())
+
+    def _admit(self, chunk: _Chunk) -> None:
+        request = chunk.request
+        if request.admitted is None:  # its first chunk leaves the queue
+            request.admitted = time.perf_counter()
+            with self._lock:
+                self._queued_requests -= 1
+        if request.future.cancelled() or request.failed:
+            return
+        self._in_flight.append(chunk)
+        try:
+            chunk.start()
+        except Exception as exc:  # a bad program start (a bug or a backend error) fails only this request
+            self._fail(request, exc)
+
+    def _drop_cancelled(self) -> None:
+        """Cancelled and timed-out requests leave before the next call (caller holds the lock)."""
+        now = time.perf_counter()
+        for chunk in list(self._waiting) + self._in_flight:
+            request = chunk.request
+            if request.deadline is not None and now > request.deadline and not request.future.done():
+                self._settle(request, DeadlineError(f"the request ran past its timeout of {request.spec.timeout:g} s"),
+                             "timeout")
+            if request.future.cancelled() and not request.failed:
+                request.failed = True
+                self.stats.requests_cancelled += 1
+                self.observer.request_done("cancelled", len(request.spec.seeds), None)
+        gone = [c for c in self._waiting if c.request.failed or c.request.future.done()]
+        for chunk in gone:
+            self._waiting.remove(chunk)
+        for request in {id(c.request): c.request for c in gone}.values():
+            if request.admitted is None:
+                request.admitted = now
+                self._queued_requests -= 1
+        self._in_flight = [c for c in self._in_flight if not (c.request.failed or c.request.future.done())]
+
+    def _tick(self) -> None:
+        """One network call for every pending evaluation in flight (and one guide call if any row needs it)."""
+        chunks = [c for c in self._in_flight if c.pending is not None]
+        if not chunks:
+            return
+        xs, sigmas, labels, owners = [], [], [], []
+        uncond, auto = [], []
+        for chunk in chunks:
+            x, sigma = chunk.pending
+            rows = int(x.shape[0])
+            xs.append(x)
+            sigmas.append(np.full(rows, sigma, dtype=np.float64))
+            labels.append(chunk.labels)
+            request = chunk.request
+            if request.guided_at(sigma):
+                (uncond if request.cfg else auto).append(chunk)
+            owners.append(chunk)
+        label_dim = int(self.den.label_dim)
+        for chunk in uncond:  # classifier-free: the zero-label twin rows in the same call
+            x, sigma = chunk.pending
+            xs.append(x)
+            sigmas.append(np.full(int(x.shape[0]), sigma, dtype=np.float64))
+            labels.append(np.zeros((int(x.shape[0]), label_dim), np.float32))
+        x_all = xs[0] if len(xs) == 1 else concatenate(xs)
+        sigma_all = np.concatenate(sigmas)
+        labels_all = None if label_dim == 0 else np.concatenate(labels)
+        start = time.perf_counter()
+        try:
+            out = to_float64(self.den(x_all, sigma_all, labels_all))
+            guide_out = None
+            if auto:
+                gx = concatenate([c.pending[0] for c in auto]) if len(auto) > 1 else auto[0].pending[0]
+                gs = np.concatenate([np.full(int(c.pending[0].shape[0]), c.pending[1]) for c in auto])
+                gl = None if label_dim == 0 else np.concatenate([c.labels for c in auto])
+                guide_out = to_float64(self.guide(gx, gs, gl))
+                self.stats.guide_calls += 1
+        except Exception as exc:  # the call failed: every request in it fails, the engine goes on
+            for request in {id(c.request): c.request for c in chunks}.values():
+                self._fail(request, exc)
+            return
+        seconds = time.perf_counter() - start
+        self.stats.network_calls += 1
+        self.stats.rows += int(x_all.shape[0])
+        self.stats.network_seconds += seconds
+        self.observer.network_call(int(x_all.shape[0]), seconds)
+        answers = {}
+        offset = 0
+        for chunk in owners:
+            rows = int(chunk.pending[0].shape[0])
+            answers[id(chunk)] = out[offset:offset + rows]
+            offset += rows
+        for chunk in uncond:
+            rows = int(chunk.pending[0].shape[0])
+            answers[id(chunk)] = mix(answers[id(chunk)], out[offset:offset + rows], chunk.request.w)
+            offset += rows
+        offset = 0
+        for chunk in auto:
+            rows = int(chunk.pending[0].shape[0])
+            answers[id(chunk)] = mix(answers[id(chunk)], guide_out[offset:offset + rows], chunk.request.w)
+            offset += rows
+        for chunk in owners:
+            if chunk.request.failed or chunk.request.future.done():
+                continue
+            try:
+                chunk.send(answers[id(chunk)])
+            except Exception as exc:
+                self._fail(chunk.request, exc)
+        self._in_flight = [c for c in self._in_flight if c.pending is not None and not c.request.failed]
+
+    def _finish_chunk(self, chunk: _Chunk, x: Any) -> None:
+        request = chunk.request
+        finite = all_finite_rows(x)
+        if not finite.all():
+            bad = [s for s, ok in zip(chunk.seeds, finite) if not ok]
+            raise NumericalError(f"the denoiser produced NaN/Inf for seeds {', '.join(map(str, bad[:10]))}")
+        images = quantize_uint8(x)
+        ints = None if chunk.labels is None else chunk.labels.argmax(axis=1).astype(np.int64)
+        for k, i in enumerate(range(chunk.index.start, chunk.index.stop)):
+            request.images[i] = images[k]
+            request.labels[i] = None if ints is None else ints[k]
+        request.chunks_left -= 1
+        if request.chunks_left == 0:
+            now = time.perf_counter()
+            labels = None if request.labels[0] is None else np.array(request.labels, dtype=np.int64)
+            result = GenerationResult(np.stack(request.images), list(request.spec.seeds), labels, request.plan.solver,
+                                      request.plan.nfe, request.admitted - request.submitted, now - request.admitted,
+                                      now - request.submitted)
+            if self._settle(request, result, "ok"):
+                self.stats.images_done += len(request.spec.seeds)
+
+    def _fail(self, request: _Request, exc: BaseException) -> None:
+        self._settle(request, exc, "error")
+
+    def _settle(self, request: _Request, outcome: Any, status: str) -> bool:
+        """Resolve a request's future once (it may have been cancelled meanwhile)."""
+        if request.failed or request.future.done():
+            return False
+        try:
+            if isinstance(outcome, BaseException):
+                request.future.set_exception(outcome)
+            else:
+                request.future.set_result(outcome)
+        except InvalidStateError:
+            return False
+        if status == "ok":
+            self.stats.requests_done += 1
+        else:
+            request.failed = True
+            self.stats.requests_failed += 1
+        self.observer.request_done(status, len(request.spec.seeds), outcome if status == "ok" else None)
+        return True
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}", param=name)
+    return int(value)
+
+
+__all__ = [
+    "BusyError", "ContinuousScheduler", "DeadlineError", "Engine", "EngineObserver", "EngineStats",
+    "GenerationResult", "ImageRequest", "OneRequestScheduler", "RequestBatchScheduler", "SCHEDULERS",
+]

@@ -1,0 +1,258 @@
+"""The serving engine (`runtime/engine.py`): step-level continuous batching of step programs.
+
+* served images equal `generate` / `sample` for the same seed and settings, whatever else is in
+  flight (analytic oracles exactly; a real UNet export under --fixed-batch bit for bit);
+* rows of different requests, at different sigmas, share one network call, never above the limit;
+* FIFO admission, no starvation, a queue limit, per-request limits, cancellation and timeouts
+  that free rows, a failing request that does not take the others down, draining shutdown.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import CancelledError
+
+import numpy as np
+import pytest
+
+from edm_deploy.runtime.contract import DenoiserBase
+from edm_deploy.runtime.engine import BusyError, DeadlineError, Engine
+from edm_deploy.runtime.errors import InputError, NumericalError
+from edm_deploy.runtime.generate import generate
+from tests.conftest import requires_onnx, requires_torch
+
+
+class Recording(DenoiserBase):
+    """Ideal denoiser of class-conditional Gaussian data (class k: N(mu_k, std^2 I); the zero label: the
+    mean of the means), recording the sigmas of every call; it can be slowed or poisoned at one sigma."""
+
+    def __init__(self, label_dim=4, spread=0.5, std=0.4, delay=0.0, poison_sigma=None):
+        self.img_channels, self.img_resolution, self.label_dim = 1, 8, label_dim
+        self.sigma_min, self.sigma_max = 0.002, 80.0
+        self.mus = np.linspace(-spread, spread, label_dim).reshape(-1, 1, 1, 1) + np.zeros((1, 1, 8, 8))
+        self.std, self.delay, self.poison_sigma = std, delay, poison_sigma
+        self.calls = []
+
+    def __call__(self, x, sigma, class_labels=None):
+        sigma = np.asarray(sigma, dtype=np.float64).reshape(-1)
+        self.calls.append(sigma.copy())
+        if self.delay:
+            time.sleep(self.delay)
+        labels = np.asarray(class_labels, dtype=np.float64)
+        mu = np.tensordot(labels, self.mus, axes=1)
+        s2 = np.square(sigma)[:, None, None, None]
+        var = self.std**2
+        out = mu + (var / (var + s2)) * (np.asarray(x, dtype=np.float64) - mu)
+        if self.poison_sigma is not None:
+            out = np.where((np.abs(sigma - self.poison_sigma) < 1e-9)[:, None, None, None], np.nan, out)
+        return out
+
+
+def conditional(**kwargs):
+    return Recording(**kwargs)
+
+
+MIX = [
+    dict(seeds=[0, 1, 2], settings={"solver": "ipndm", "nfe": 5}),
+    dict(seeds=[3], settings={}),                                              # heun, NFE 35
+    dict(seeds=[4, 5], class_idx=2, settings={"solver": "unipc", "nfe": 6, "afs": True}),
+    dict(seeds=[6, 7], class_idx=[1, 3], settings={"solver": "euler", "num_steps": 9, "S_churn": 20}),
+    dict(seeds=[8], settings={"solver": "dpmpp-2m", "sigmas": [80.0, 10.0, 1.0, 0.1, 0.002]}),
+    dict(seeds=[9, 10], settings={"solver": "deis", "nfe": 4}, guidance=1.5),
+    dict(seeds=[11], settings={"solver": "heun", "num_steps": 6, "discretization": "vp"}),
+]
+
+
+def _offline(den, job):
+    return generate(den, job["seeds"], class_idx=job.get("class_idx"), guidance=job.get("guidance"),
+                    **job["settings"])
+
+
+def test_served_images_equal_offline_images_under_mixed_concurrent_load():
+    den = conditional()
+    den.label_dropout = 0.1
+    with Engine(den, max_batch=8) as engine:
+        futures = [engine.submit(job["seeds"], job.get("class_idx"), job["settings"], guidance=job.get("guidance"))
+                   for job in MIX]
+        results = [f.result(timeout=60) for f in futures]
+    for job, result in zip(MIX, results):
+        np.testing.assert_array_equal(result.images, _offline(den, job))
+        assert result.seeds == job["seeds"]
+    assert engine.stats.requests_done == len(MIX) and engine.stats.requests_failed == 0
+    # rows of several requests at different noise levels shared calls, never above the limit
+    assert max(len(c) for c in den.calls) <= 8
+    assert any(len(np.unique(c)) > 1 for c in den.calls)
+    assert engine.stats.rows_per_call > 3
+
+
+def test_an_image_does_not_depend_on_what_else_is_in_flight():
+    den = conditional()
+    alone = Engine(den, max_batch=16)
+    with alone:
+        want = alone.submit([5], 1, {"solver": "ipndm", "nfe": 5}).result(timeout=30).images
+    with Engine(den, max_batch=16) as busy:
+        noise = [busy.submit(list(range(100 + 3 * k, 103 + 3 * k)), None, {"solver": "heun", "num_steps": 4 + k})
+                 for k in range(4)]
+        got = busy.submit([5], 1, {"solver": "ipndm", "nfe": 5}).result(timeout=30).images
+        [f.result(timeout=30) for f in noise]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_bad_requests_get_the_messages_the_api_gives():
+    den = conditional()
+    engine = Engine(den, max_batch=8, max_images=4)
+    cases = [
+        (dict(seeds=[0], settings={"solver": "heun", "afs": True}), "afs does not apply to the heun solver"),
+        (dict(seeds=[0], settings={"solver": "ipndm", "nfe": 5, "steps": 3}), "unknown sampler option 'steps'"),
+        (dict(seeds=[2**32]), "seeds must lie in"),
+        (dict(seeds=[1.9]), "seeds must be integers"),
+        (dict(seeds="01"), "seeds must be a list"),
+        (dict(seeds=[0, 1], class_idx=[0]), "one per seed"),
+        (dict(seeds=[0], class_idx="3"), "class_idx must be an integer"),
+        (dict(seeds=[0], class_idx=7), "out of range"),
+        (dict(seeds=list(range(5))), "at most 4 images"),
+        (dict(seeds=[0], settings={"solver": "heun", "nfe": 10}), "nearest possible: 9 or 11"),
+        (dict(seeds=[0], timeout=-1), "timeout must be a positive"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(InputError, match=match):
+            engine.submit(**kwargs)
+        if "steps" in str(kwargs) or "afs" in str(kwargs):
+            with pytest.raises(InputError, match=match):
+                generate(den, kwargs["seeds"], **kwargs["settings"])
+    engine.shutdown()
+
+
+def test_requests_beyond_the_queue_limit_are_refused_at_once_with_a_retry_hint():
+    den = conditional(delay=0.02)
+    with Engine(den, max_batch=1, max_queue=2) as engine:
+        first = engine.submit([0], settings={"solver": "heun", "num_steps": 8})
+        time.sleep(0.1)  # the first is in flight
+        queued = [engine.submit([k], settings={"solver": "euler", "num_steps": 2}) for k in (1, 2)]
+        start = time.perf_counter()
+        with pytest.raises(BusyError, match="queue is full") as info:
+            engine.submit([3])
+        assert time.perf_counter() - start < 0.5 and info.value.retry_after > 0
+        for f in [first, *queued]:
+            f.result(timeout=30)
+
+
+def test_cancelled_and_timed_out_requests_free_their_rows():
+    den = conditional(delay=0.01)
+    with Engine(den, max_batch=8) as engine:
+        long = engine.submit([0, 1, 2, 3], settings={"solver": "heun", "num_steps": 60})
+        short = engine.submit([4], settings={"solver": "heun", "num_steps": 40}, timeout=0.15)
+        time.sleep(0.1)
+        long.cancel()
+        with pytest.raises(DeadlineError, match="timeout"):
+            short.result(timeout=30)
+        calls_before = len(den.calls)
+        after = engine.submit([9], settings={"solver": "euler", "num_steps": 3}).result(timeout=30)
+    assert long.cancelled()
+    with pytest.raises(CancelledError):
+        long.result()
+    # once both are gone, the calls carry the newcomer's row alone
+    assert all(len(c) == 1 for c in den.calls[calls_before + 1:])
+    assert after.nfe == 3 and engine.stats.requests_cancelled == 1
+
+
+def test_admission_is_fifo_and_a_long_request_is_not_starved():
+    den = conditional()
+    with Engine(den, max_batch=4) as engine:
+        long = engine.submit([0, 1, 2], settings={"solver": "heun", "num_steps": 30})  # 59 calls, 3 rows
+        stream = []
+        for k in range(30):
+            stream.append(engine.submit([10 + k], settings={"solver": "ipndm", "nfe": 3}))
+        done_long = long.result(timeout=60)
+        shorts = [f.result(timeout=60) for f in stream]
+    assert done_long.nfe == 59
+    # a single row stays free beside the long request, so the shorts run one at a time in order
+    starts = [r.queued_s for r in shorts]
+    assert starts == sorted(starts)
+
+
+def test_a_failing_request_does_not_take_the_others_down():
+    den = conditional(poison_sigma=1.5)
+    with Engine(den, max_batch=8) as engine:
+        bad = engine.submit([0], settings={"solver": "dpmpp-2m", "sigmas": [80.0, 1.5, 0.002]})
+        good = engine.submit([1], settings={"solver": "dpmpp-2m", "sigmas": [80.0, 2.5, 0.002]})
+        with pytest.raises(NumericalError, match="NaN/Inf for seeds 0"):
+            bad.result(timeout=30)
+        assert good.result(timeout=30).images.shape == (1, 8, 8, 1)
+
+
+def test_shutdown_drains_in_flight_requests_and_refuses_new_ones():
+    den = conditional(delay=0.005)
+    engine = Engine(den, max_batch=4).start()
+    futures = [engine.submit([k], settings={"solver": "heun", "num_steps": 10}) for k in range(6)]
+    closer = threading.Thread(target=engine.shutdown)
+    closer.start()
+    time.sleep(0.02)
+    with pytest.raises(BusyError, match="shutting down"):
+        engine.submit([99])
+    closer.join(timeout=60)
+    assert all(f.done() and not f.cancelled() and f.exception() is None for f in futures)
+
+
+def test_fixed_batch_makes_every_call_exactly_that_many_rows():
+    den = conditional()
+    with Engine(den, fixed_batch=4) as engine:
+        futures = [engine.submit([k, k + 10], settings={"solver": "ipndm", "nfe": 4}) for k in range(3)]
+        results = [f.result(timeout=30) for f in futures]
+    assert {len(c) for c in den.calls} == {4}
+    for k, r in enumerate(results):
+        np.testing.assert_array_equal(r.images, generate(den, [k, k + 10], solver="ipndm", nfe=4))
+
+
+def test_autoguidance_rows_go_to_the_guide_in_one_call():
+    den, guide = conditional(), Recording(spread=0.4, std=0.45)
+    job = dict(seeds=[0, 1], settings={"solver": "ipndm", "nfe": 5})
+    with Engine(den, guide, max_batch=8) as engine:
+        served = engine.submit(job["seeds"], 2, job["settings"], guidance=2.0, guidance_interval=(0.5, 10.0))
+        plain = engine.submit([5], 2, job["settings"])
+        served, plain = served.result(timeout=30), plain.result(timeout=30)
+    want = generate(den, job["seeds"], 2, guide=guide, guidance=2.0, guidance_interval=(0.5, 10.0), **job["settings"])
+    np.testing.assert_array_equal(served.images, want)
+    np.testing.assert_array_equal(plain.images, generate(den, [5], 2, **job["settings"]))
+    assert engine.stats.guide_calls > 0
+
+
+def test_the_asyncio_form_awaits_the_same_result():
+    import asyncio
+
+    den = conditional()
+
+    async def main():
+        with Engine(den, max_batch=8) as engine:
+            results = await asyncio.gather(*[engine.generate([k], settings={"solver": "ipndm", "nfe": 5})
+                                             for k in range(5)])
+        return results
+
+    results = asyncio.run(main())
+    for k, r in enumerate(results):
+        np.testing.assert_array_equal(r.images, generate(den, [k], solver="ipndm", nfe=5))
+
+
+@requires_torch
+@requires_onnx
+def test_served_unet_images_equal_sample_fixed_batch_bit_for_bit(tmp_path):
+    """A real (tiny, random-weight) UNet through onnxruntime: kernels may depend on the batch shape,
+    so the guarantee is under fixed_batch, as `sample --fixed-batch` gives it."""
+    from edm_deploy.export.onnx_export import export_onnx
+    from edm_deploy.loading import load
+    from edm_deploy.runtime.fixed_shape import FixedShapeDenoiser
+    from tests.factories import tiny_network
+
+    net, network = tiny_network("ddpmpp", label_dim=10)
+    path = str(tmp_path / "m.onnx")
+    export_onnx(net, network, path, max_batch=16)
+    jobs = [([0, 1, 2], 3, {"solver": "ipndm", "nfe": 5}), ([3], None, {"solver": "heun", "num_steps": 4}),
+            ([4, 5], [1, 7], {"solver": "unipc", "nfe": 4}), ([6], 9, {"solver": "dpmpp-3m", "nfe": 6})]
+    with load(path) as den:
+        with Engine(den, fixed_batch=8) as engine:
+            futures = [engine.submit(seeds, cls, settings) for seeds, cls, settings in jobs]
+            results = [f.result(timeout=120) for f in futures]
+        offline = FixedShapeDenoiser(den, 8)
+        for (seeds, cls, settings), result in zip(jobs, results):
+            np.testing.assert_array_equal(result.images, generate(offline, seeds, cls, batch_size=3, **settings))
