@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo bench lint clean
+.PHONY: setup browser test test-all demo bench lint clean
 
 setup: $(STAMP)
 
@@ -16,14 +16,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[ort,export,train,dev]'
+	$(BIN)/python -m pip install -q -e '.[ort,export,train,serve,dev]'
 	touch $(STAMP)
 
-test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# The web page's test drives the system's Chromium (Playwright's own browser download is not used).
+CHROMIUM ?= /usr/bin/chromium
 
-test-all: setup
-	$(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+browser: $(CHROMIUM)
+
+test: setup browser
+	EDM_DEPLOY_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-all: setup browser
+	EDM_DEPLOY_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/edm-deploy demo

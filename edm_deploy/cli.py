@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("edm_deploy.commands.export", "export", "Export a checkpoint to ONNX (and a TensorRT engine)."),
     "sample": ("edm_deploy.commands.sample", "sample", "Generate images from a .plan, .onnx or .pt model."),
     "schedule": ("edm_deploy.commands.schedule", "schedule", "Search a solver's time points at a given NFE (GITS)."),
+    "serve": ("edm_deploy.commands.serve", "serve", "Serve a model over HTTP with continuous batching."),
     "convert": ("edm_deploy.commands.convert", "convert", "Convert an official EDM pickle without running its code."),
     "verify": ("edm_deploy.commands.verify", "verify", "Compare an exported model against its checkpoint."),
     "bench": ("edm_deploy.commands.bench", "bench", "Benchmark denoiser and sampler throughput."),

@@ -308,6 +308,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def stop_accepting(self) -> None:
+        """Refuse new requests from now on (`BusyError`); those queued and in flight go on."""
+        with self._lock:
+            self._accepting = False
+
     @property
     def accepting(self) -> bool:
         return self._accepting

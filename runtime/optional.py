@@ -22,6 +22,9 @@ INSTALL_HINTS = {
     "polygraphy": "pip install polygraphy",
     "sklearn": "pip install scikit-learn",
     "scipy": "pip install scipy",
+    "fastapi": "pip install 'edm-deploy[serve]'",
+    "uvicorn": "pip install 'edm-deploy[serve]'",
+    "prometheus_client": "pip install 'edm-deploy[serve]'",
 }
 
 
