@@ -93,6 +93,7 @@ class GenerationResult:
     queued_s: float       # submission to admission
     run_s: float          # admission to the last image
     total_s: float
+    admitted_at: float = 0.0  # time.perf_counter() at admission (orders requests)
 
     @property
     def seconds(self) -> float:
@@ -112,7 +113,8 @@ class _Request:
         self.images: list = [None] * len(spec.seeds)
         self.labels: list = [None] * len(spec.seeds)
         self.chunks_left = 0
-        self.failed = False
+        self.settled = False        # its outcome is decided (images, an error, a cancellation)
+        self.cancelled = False      # set from the cancelling thread; the loop settles it
 
     @property
     def guided_rows_cost(self) -> int:
@@ -132,6 +134,7 @@ class _Chunk:
         self.engine = engine
         self.program: Optional[slv.Program] = None
         self.pending: Optional[tuple[Any, float]] = None
+        self.answer: Any = None
         self.labels: Any = None
 
     @property
@@ -276,6 +279,8 @@ class Engine:
         self._waiting: collections.deque = collections.deque()
         self._in_flight: list[_Chunk] = []
         self._queued_requests = 0
+        self._deadlines: set = set()       # requests with a timeout, not yet settled
+        self._check_needed = False         # a cancel arrived: look before the next call
         self._lock = threading.Condition()
         self._accepting = True
         self._stopping = False
@@ -303,6 +308,8 @@ class Engine:
             if not drain:
                 for chunk in list(self._waiting) + self._in_flight:
                     chunk.request.future.cancel()
+                    chunk.request.cancelled = True
+                self._check_needed = True
             self._stopping = True
             self._lock.notify_all()
         if self._thread is not None:
@@ -395,7 +402,10 @@ class Engine:
                                 retry_after=self._retry_hint())
             self._waiting.extend(chunks)
             self._queued_requests += 1
+            if entry.deadline is not None:
+                self._deadlines.add(entry)
             self._lock.notify_all()
+        future.add_done_callback(lambda f, entry=entry: self._on_future_done(entry, f))
         if self._thread is None:
             self.start()
         return future
@@ -429,8 +439,9 @@ class Engine:
                 self._tick()
 
     def _wait_timeout(self) -> Optional[float]:
-        deadlines = [c.request.deadline for c in self._waiting if c.request.deadline is not None]
-        return None if not deadlines else max(0.0, min(deadlines) - time.perf_counter())
+        if not self._deadlines:
+            return None
+        return max(0.0, min(r.deadline for r in self._deadlines) - time.perf_counter())
 
     def _admit(self, chunk: _Chunk) -> None:
         request = chunk.request
@@ -438,60 +449,79 @@ class Engine:
             request.admitted = time.perf_counter()
             with self._lock:
                 self._queued_requests -= 1
-        if request.future.cancelled() or request.failed:
+        if request.settled:
             return
         self._in_flight.append(chunk)
         try:
             chunk.start()
         except Exception as exc:  # a bad program start (a bug or a backend error) fails only this request
-            self._fail(request, exc)
+            self._settle(chunk.request, exc, "error")
+
+    def _on_future_done(self, request: _Request, future: Future) -> None:
+        """A client's cancel: flag it for the loop, which frees the rows before the next call."""
+        if future.cancelled():
+            request.cancelled = True
+            with self._lock:
+                self._check_needed = True
+                self._lock.notify_all()
 
     def _drop_cancelled(self) -> None:
-        """Cancelled and timed-out requests leave before the next call (caller holds the lock)."""
+        """Cancelled and timed-out requests leave before the next call (caller holds the lock).
+
+        Only runs when a request was cancelled or one with a deadline is in the engine, so the
+        common tick costs nothing here.
+        """
+        if not (self._check_needed or self._deadlines):
+            return
+        self._check_needed = False
         now = time.perf_counter()
-        for chunk in list(self._waiting) + self._in_flight:
-            request = chunk.request
-            if request.deadline is not None and now > request.deadline and not request.future.done():
+        for request in list(self._deadlines):
+            if request.settled:
+                self._deadlines.discard(request)
+            elif now > request.deadline:
                 self._settle(request, DeadlineError(f"the request ran past its timeout of {request.spec.timeout:g} s"),
                              "timeout")
-            if request.future.cancelled() and not request.failed:
-                request.failed = True
+        for chunk in list(self._waiting) + self._in_flight:
+            request = chunk.request
+            if request.cancelled and not request.settled:
+                request.settled = True
                 self.stats.requests_cancelled += 1
                 self.observer.request_done("cancelled", len(request.spec.seeds), None)
-        gone = [c for c in self._waiting if c.request.failed or c.request.future.done()]
-        for chunk in gone:
-            self._waiting.remove(chunk)
+        gone = [c for c in self._waiting if c.request.settled]
+        if gone:
+            self._waiting = collections.deque(c for c in self._waiting if not c.request.settled)
         for request in {id(c.request): c.request for c in gone}.values():
             if request.admitted is None:
                 request.admitted = now
                 self._queued_requests -= 1
-        self._in_flight = [c for c in self._in_flight if not (c.request.failed or c.request.future.done())]
+        self._in_flight = [c for c in self._in_flight if not c.request.settled]
 
     def _tick(self) -> None:
         """One network call for every pending evaluation in flight (and one guide call if any row needs it)."""
         chunks = [c for c in self._in_flight if c.pending is not None]
         if not chunks:
             return
-        xs, sigmas, labels, owners = [], [], [], []
+        xs, sigmas, counts, labels = [], [], [], []
         uncond, auto = [], []
         for chunk in chunks:
             x, sigma = chunk.pending
-            rows = int(x.shape[0])
             xs.append(x)
-            sigmas.append(np.full(rows, sigma, dtype=np.float64))
+            sigmas.append(sigma)
+            counts.append(x.shape[0])
             labels.append(chunk.labels)
             request = chunk.request
-            if request.guided_at(sigma):
+            if request.w is not None and request.guided_at(sigma):
                 (uncond if request.cfg else auto).append(chunk)
-            owners.append(chunk)
+        owners = chunks
         label_dim = int(self.den.label_dim)
         for chunk in uncond:  # classifier-free: the zero-label twin rows in the same call
             x, sigma = chunk.pending
             xs.append(x)
-            sigmas.append(np.full(int(x.shape[0]), sigma, dtype=np.float64))
+            sigmas.append(sigma)
+            counts.append(x.shape[0])
             labels.append(np.zeros((int(x.shape[0]), label_dim), np.float32))
         x_all = xs[0] if len(xs) == 1 else concatenate(xs)
-        sigma_all = np.concatenate(sigmas)
+        sigma_all = np.repeat(np.array(sigmas, dtype=np.float64), counts)
         labels_all = None if label_dim == 0 else np.concatenate(labels)
         start = time.perf_counter()
         try:
@@ -505,36 +535,35 @@ class Engine:
                 self.stats.guide_calls += 1
         except Exception as exc:  # the call failed: every request in it fails, the engine goes on
             for request in {id(c.request): c.request for c in chunks}.values():
-                self._fail(request, exc)
+                self._settle(request, exc, "error")
+            self._in_flight = [c for c in self._in_flight if not c.request.settled]
             return
         seconds = time.perf_counter() - start
         self.stats.network_calls += 1
         self.stats.rows += int(x_all.shape[0])
         self.stats.network_seconds += seconds
         self.observer.network_call(int(x_all.shape[0]), seconds)
-        answers = {}
         offset = 0
-        for chunk in owners:
-            rows = int(chunk.pending[0].shape[0])
-            answers[id(chunk)] = out[offset:offset + rows]
+        for chunk, rows in zip(owners, counts):
+            chunk.answer = out[offset:offset + rows]
             offset += rows
-        for chunk in uncond:
-            rows = int(chunk.pending[0].shape[0])
-            answers[id(chunk)] = mix(answers[id(chunk)], out[offset:offset + rows], chunk.request.w)
+        for chunk, rows in zip(uncond, counts[len(owners):]):
+            chunk.answer = mix(chunk.answer, out[offset:offset + rows], chunk.request.w)
             offset += rows
         offset = 0
         for chunk in auto:
             rows = int(chunk.pending[0].shape[0])
-            answers[id(chunk)] = mix(answers[id(chunk)], guide_out[offset:offset + rows], chunk.request.w)
+            chunk.answer = mix(chunk.answer, guide_out[offset:offset + rows], chunk.request.w)
             offset += rows
         for chunk in owners:
-            if chunk.request.failed or chunk.request.future.done():
+            if chunk.request.settled:
                 continue
             try:
-                chunk.send(answers[id(chunk)])
+                chunk.send(chunk.answer)
             except Exception as exc:
-                self._fail(chunk.request, exc)
-        self._in_flight = [c for c in self._in_flight if c.pending is not None and not c.request.failed]
+                self._settle(chunk.request, exc, "error")
+            chunk.answer = None
+        self._in_flight = [c for c in self._in_flight if c.pending is not None and not c.request.settled]
 
     def _finish_chunk(self, chunk: _Chunk, x: Any) -> None:
         request = chunk.request
@@ -553,28 +582,28 @@ class Engine:
             labels = None if request.labels[0] is None else np.array(request.labels, dtype=np.int64)
             result = GenerationResult(np.stack(request.images), list(request.spec.seeds), labels, request.plan.solver,
                                       request.plan.nfe, request.admitted - request.submitted, now - request.admitted,
-                                      now - request.submitted)
+                                      now - request.submitted, request.admitted)
             if self._settle(request, result, "ok"):
                 self.stats.images_done += len(request.spec.seeds)
 
-    def _fail(self, request: _Request, exc: BaseException) -> None:
-        self._settle(request, exc, "error")
-
     def _settle(self, request: _Request, outcome: Any, status: str) -> bool:
         """Resolve a request's future once (it may have been cancelled meanwhile)."""
-        if request.failed or request.future.done():
+        if request.settled:
             return False
+        request.settled = True
         try:
             if isinstance(outcome, BaseException):
                 request.future.set_exception(outcome)
             else:
                 request.future.set_result(outcome)
-        except InvalidStateError:
+        except InvalidStateError:  # cancelled by its client a moment ago
+            request.cancelled = True
+            request.settled = False
+            self._check_needed = True
             return False
         if status == "ok":
             self.stats.requests_done += 1
         else:
-            request.failed = True
             self.stats.requests_failed += 1
         self.observer.request_done(status, len(request.spec.seeds), outcome if status == "ok" else None)
         return True

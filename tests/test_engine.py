@@ -168,8 +168,8 @@ def test_admission_is_fifo_and_a_long_request_is_not_starved():
         shorts = [f.result(timeout=60) for f in stream]
     assert done_long.nfe == 59
     # a single row stays free beside the long request, so the shorts run one at a time in order
-    starts = [r.queued_s for r in shorts]
-    assert starts == sorted(starts)
+    starts = [r.admitted_at for r in shorts]
+    assert starts == sorted(starts) and all(r.admitted_at > done_long.admitted_at for r in shorts)
 
 
 def test_a_failing_request_does_not_take_the_others_down():
