@@ -16,6 +16,7 @@ from benchmarks import (
     precision,
     sample_scale,
     sampler_overhead,
+    serving,
     solvers,
 )
 
@@ -36,6 +37,8 @@ def main() -> None:
     batch_invariance.main(["--seeds", "200"] if quick else [])
     print("\n== guidance on the digits ==")
     guidance.main(["--per-class", "20", "--no-write"] if quick else [])
+    print("\n== serving: continuous batching against request-level and one-request scheduling ==")
+    serving.main(["--quick"] if quick else [])
 
 
 if __name__ == "__main__":
