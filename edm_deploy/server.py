@@ -37,7 +37,14 @@ from typing import Any, Optional
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from edm_deploy.runtime.engine import BusyError, DeadlineError, Engine, EngineObserver, GenerationResult
 from edm_deploy.runtime.errors import EdmDeployError, InputError, NumericalError, first_line
@@ -216,7 +223,7 @@ def encode_result(result: GenerationResult, call: GenerateCall) -> tuple[bytes, 
         "images": [base64.b64encode(encode_png(im)).decode("ascii") for im in result.images],
         "solver": result.solver, "nfe": result.nfe,
         "seconds": round(result.total_s, 6), "queued_seconds": round(result.queued_s, 6),
-        "run_seconds": round(result.run_s, 6),
+        "run_seconds": round(result.run_s, 6), "warnings": list(result.warnings),
     }
     return json.dumps(body).encode(), "application/json"
 
@@ -327,6 +334,8 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
         content, media = encode_result(result, call)
         headers = {"X-Seconds": f"{result.total_s:.6f}", "X-NFE": str(result.nfe), "X-Solver": result.solver,
                    "X-Seeds": ",".join(map(str, result.seeds))}
+        if result.warnings:
+            headers["X-Warning"] = " | ".join(result.warnings).encode("ascii", "replace").decode("ascii")
         return Response(content, media_type=media, headers=headers)
 
     return app

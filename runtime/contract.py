@@ -59,6 +59,8 @@ class DenoiserBase:
     # The label dropout the model was trained with, when known: classifier-free guidance needs
     # it > 0 (the unconditional branch is untrained otherwise); None = unknown.
     label_dropout: Optional[float] = None
+    # Consistency-tuned (ECT): one evaluation maps noise to data; sample it with the consistency solver.
+    consistency_tuned: bool = False
 
     @property
     def warnings(self) -> list[str]:
@@ -102,7 +104,7 @@ class DelegatingDenoiser(DenoiserBase):
     guidance) subclass it and override only what they change."""
 
     CONTRACT = ("sigma_min", "sigma_max", "img_channels", "img_resolution", "label_dim", "max_batch", "device",
-                "label_dropout")
+                "label_dropout", "consistency_tuned")
 
     def __init__(self, den: Any):
         self.den = as_denoiser(den)
@@ -144,6 +146,7 @@ class _Adapted(DenoiserBase):
             setattr(self, name, getattr(net, name))
         self.max_batch = getattr(net, "max_batch", None)
         self.label_dropout = getattr(net, "label_dropout", None)
+        self.consistency_tuned = bool(getattr(net, "consistency_tuned", False))
 
     def round_sigma(self, sigma: Any) -> Any:
         return self.net.round_sigma(sigma)

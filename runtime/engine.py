@@ -94,6 +94,7 @@ class GenerationResult:
     run_s: float          # admission to the last image
     total_s: float
     admitted_at: float = 0.0  # time.perf_counter() at admission (orders requests)
+    warnings: tuple = ()      # why the settings give poor images on this model (`SamplingPlan.warnings`)
 
     @property
     def seconds(self) -> float:
@@ -582,7 +583,7 @@ class Engine:
             labels = None if request.labels[0] is None else np.array(request.labels, dtype=np.int64)
             result = GenerationResult(np.stack(request.images), list(request.spec.seeds), labels, request.plan.solver,
                                       request.plan.nfe, request.admitted - request.submitted, now - request.admitted,
-                                      now - request.submitted, request.admitted)
+                                      now - request.submitted, request.admitted, tuple(request.plan.warnings))
             if self._settle(request, result, "ok"):
                 self.stats.images_done += len(request.spec.seeds)
 

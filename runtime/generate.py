@@ -12,14 +12,15 @@ uninterrupted run, and `run_record` is the description of a run that guards resu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.contract import as_denoiser
-from edm_deploy.runtime.errors import InputError, NumericalError
+from edm_deploy.runtime.errors import NumericalError
 from edm_deploy.runtime.noise import StackedRandomGenerator, check_class, draw_latents_and_labels
 from edm_deploy.runtime.seeds import check_batch_size, check_seeds
 from edm_deploy.runtime.settings import SamplerSettings
@@ -47,6 +48,7 @@ class SamplingPlan:
     nfe: int
     sigmas: np.ndarray
     _start: Callable[..., slv.Program]
+    warnings: list = field(default_factory=list)  # why these settings will give poor images on this model
 
     def program(self, latents: Any, randn_like: Callable, callback: Optional[Callable] = None) -> slv.Program:
         """The step program for ``latents`` (unit variance, the state is scaled here)."""
@@ -58,6 +60,19 @@ class SamplingPlan:
         return slv.run_program(den, self.program(latents, randn_like, callback), class_labels)
 
 
+def model_mismatch(spec: slv.SolverSpec, den: Any) -> list[str]:
+    """A solver made for the other kind of model: the images will be poor, and the user is told why."""
+    tuned = bool(getattr(den, "consistency_tuned", False))
+    if spec.for_consistency_models and not tuned:
+        return [f"the {spec.name} solver expects a consistency-tuned model (edm-deploy train --consistency); this "
+                "one is a plain EDM denoiser, whose one-step prediction D(x; sigma) is the blurred mean of all images "
+                "that noise level could hide: use an ODE solver (heun, ipndm) instead"]
+    if tuned and not spec.for_consistency_models:
+        return [f"this model is consistency-tuned: it no longer predicts the denoiser an ODE solver integrates, so "
+                f"the {spec.name} solver will give poor images; use --solver consistency (NFE 1 or 2)"]
+    return []
+
+
 def plan_sampling(den: Any, settings: Any = None) -> SamplingPlan:
     """Resolve a run's settings on ``den``: which sampler implements them, its time points, its NFE.
 
@@ -67,7 +82,8 @@ def plan_sampling(den: Any, settings: Any = None) -> SamplingPlan:
     given, as the reference `generate.py` decides); anything else the flat solver family on a
     named schedule, ``num_steps`` or ``nfe`` time points, or an explicit ``sigmas`` list.
     """
-    from edm_deploy.runtime.sampling import ablation_program, ablation_setup, nfe as reference_nfe, sampling_sigmas
+    from edm_deploy.runtime.sampling import ablation_program, ablation_setup, sampling_sigmas
+    from edm_deploy.runtime.sampling import nfe as reference_nfe
 
     s = SamplerSettings.coerce(settings)
     solver = s.solver_name
@@ -86,23 +102,28 @@ def plan_sampling(den: Any, settings: Any = None) -> SamplingPlan:
         def start(latents, randn_like, callback):
             return ablation_program(setup, latents, round_sigma, randn_like, callback=callback, **options)
 
-        return SamplingPlan(s, solver, reference_nfe(len(setup.t_steps) - 1, solver), setup.sigmas, start)
+        return SamplingPlan(s, solver, reference_nfe(len(setup.t_steps) - 1, solver), setup.sigmas, start,
+                            model_mismatch(spec, den))
     params = {k: getattr(s, k) for k in ("rho", "epsilon_s", "C_1", "C_2", "M") if getattr(s, k) is not None}
-    t = sampling_sigmas(den, solver, None if s.sigmas is None else np.asarray(s.sigmas), num_steps, s.discretization,
-                        s.sigma_min, s.sigma_max, s.denoise_to_zero, **params)
+    sigmas, sigma_max = (None if s.sigmas is None else np.asarray(s.sigmas)), s.sigma_max
+    if s.nfe is not None and spec.time_points_for_nfe is not None and s.discretization is None:
+        top = min(80.0 if sigma_max is None else sigma_max, float(den.sigma_max))
+        sigmas, num_steps, sigma_max = spec.time_points_for_nfe(s.nfe, top), None, None  # the solver's own points
+    t = sampling_sigmas(den, solver, sigmas, num_steps, s.discretization, s.sigma_min, sigma_max, s.denoise_to_zero,
+                        **params)
     options: dict[str, Any] = dict(s.churn)
     if s.afs:
         options["afs"] = True
     if s.max_order is not None:
         options["max_order"] = s.max_order
-    takes_noise = spec.takes_churn
+    takes_noise = spec.draws_noise
 
     def start(latents, randn_like, callback):
         extra = {"randn_like": randn_like} if takes_noise else {}
         return spec.program(to_float64(latents) * float(t[0]), t, callback=callback, round_sigma=round_sigma,
                             **options, **extra)
 
-    return SamplingPlan(s, solver, spec.nfe_for_sigmas(t, afs=s.afs), t, start)
+    return SamplingPlan(s, solver, spec.nfe_for_sigmas(t, afs=s.afs), t, start, model_mismatch(spec, den))
 
 
 def sample_batch(
@@ -173,6 +194,8 @@ def generate(
     class_idx = check_class(class_idx, int(den.label_dim), len(seeds))
     batch_size = check_batch_size(batch_size)
     plan = plan_sampling(den, SamplerSettings.from_options(**sampler_kwargs))
+    for note in plan.warnings:
+        warnings.warn(note, stacklevel=2)
     out = []
     for start in range(0, len(seeds), batch_size):
         part = slice(start, start + batch_size)

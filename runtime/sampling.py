@@ -355,7 +355,7 @@ def sample(
     options = dict(solver_options)
     if afs:
         options["afs"] = True
-    if spec.takes_churn:
+    if spec.draws_noise:
         options["randn_like"] = randn_like
     x = to_float64(latents) * float(t[0])
     return spec.fn(den, x, t, class_labels, callback=callback, **options)

@@ -94,6 +94,8 @@ HEUN_COST_LATENTS = 32
 DEFAULT_REFINE_LATENTS = 64
 REFINE_EVALUATIONS_PER_STEP = 20
 METRICS = ("l2", "dev")
+# Solvers whose steps the search can cost (Heun's second stage is evaluated; the rest are linear forms).
+SEARCHABLE_SOLVERS = ("euler", "heun", "dpmpp-2m", "dpmpp-3m", "unipc", "ipndm", "ipndm-v", "deis")
 STEP_MODELS = ("solver", "euler")
 # Teachers whose callback reports D at the point each step starts from (UniPC reports its corrector's D).
 TEACHER_SOLVERS = ("ipndm", "ipndm-v", "deis", "dpmpp-3m", "dpmpp-2m", "heun", "euler")
@@ -621,6 +623,9 @@ def plan_search(solver: str, nfe: int, *, afs: bool = False, denoise_to_zero: bo
     """Check every search setting (no model needed); returns them with the derived N and K."""
     spec = slv.check_solver_options(solver, {"max_order": max_order} if max_order is not None else None,
                                     afs=afs, denoise_to_zero=denoise_to_zero)
+    if solver not in SEARCHABLE_SOLVERS:
+        raise InputError(f"the {solver} solver's schedule cannot be searched (it integrates no ODE); choose one of "
+                         f"{', '.join(SEARCHABLE_SOLVERS)}", param="solver")
     if max_order is not None:
         max_order = _positive_int(max_order, "max_order", 1, MAX_ORDERS[solver])
     fine_points = _positive_int(fine_points, "fine_points", 3, MAX_FINE_POINTS)

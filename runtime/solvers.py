@@ -718,6 +718,46 @@ def deis_program(
 
 
 # --------------------------------------------------------------------------------------------
+# Consistency models (ECT): one network evaluation per time point
+
+# ECT's default intermediate time point for 2-step sampling (ct_train.py --mid_t, tuned on CIFAR-10).
+CONSISTENCY_MID_SIGMA = 0.821
+
+
+def consistency_time_points(nfe: int, sigma_max: float, last: float = CONSISTENCY_MID_SIGMA) -> np.ndarray:
+    """The time points `--nfe K` gives the consistency solver: K points spaced log-uniformly from
+    sigma_max down to ``last`` (ECT's 2-step point 0.821), so NFE 1 is [sigma_max] and NFE 2 is
+    exactly ECT's two-step sampler [sigma_max, 0.821]."""
+    if nfe == 1:
+        return np.array([float(sigma_max)])
+    return np.geomspace(float(sigma_max), float(last), int(nfe))
+
+
+def consistency_program(
+    x: Any, sigmas, *, callback: Callback = None, round_sigma: Optional[Callable] = None,
+    randn_like: Callable = default_randn_like,
+) -> Program:
+    """Consistency-model sampling, ECT's `generator_fn`: x = D(x; sigma_0), then for every further
+    time point s, x = D(x + s eps; s) with fresh noise eps from the image's own stream.
+
+    Only a consistency-tuned network maps any noisy point straight to its clean end, so on a
+    plain EDM denoiser this gives blurred images (a warning says so). NFE = the number of time
+    points; a final 0 adds nothing (the last D is the image).
+    """
+    levels, to_zero = _multistep_time_points(sigmas, min_points=1)
+    num_steps = len(levels)
+    for i, sigma in enumerate(levels):
+        if i:
+            eps = randn_like(x)
+            if isinstance(eps, np.ndarray):
+                eps = from_host(eps, x)
+            x = x + sigma * eps
+        x = yield x, sigma
+        _report(callback, i, num_steps, sigma, sigma, levels[i + 1] if i + 1 < num_steps else 0.0, x, x)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
 # Batch functions (k-diffusion's contract): fn(den, x, sigmas, class_labels=None, *, callback=None, **options)
 
 
@@ -740,6 +780,7 @@ unipc = _batch_function(unipc_program)
 ipndm = _batch_function(ipndm_program)
 ipndm_v = _batch_function(ipndm_v_program)
 deis = _batch_function(deis_program)
+consistency = _batch_function(consistency_program)
 
 
 # --------------------------------------------------------------------------------------------
@@ -757,6 +798,10 @@ def _nfe_edm(second_order: bool):
 
 def _nfe_one_per_step(n: int, to_zero: bool, afs: bool) -> int:
     return n - 1 - (1 if afs else 0) + (1 if to_zero else 0)
+
+
+def _nfe_per_point(n: int, to_zero: bool, afs: bool) -> int:
+    return n
 
 
 def _nfe_unipc(n: int, to_zero: bool, afs: bool) -> int:
@@ -789,6 +834,10 @@ class SolverSpec:
     options: tuple[str, ...]
     count: Callable[[int, bool, bool], int]
     min_points: int = 2
+    # The time points `nfe` means when no schedule is named (None: the EDM schedule's N points).
+    time_points_for_nfe: Optional[Callable[[int, float], np.ndarray]] = None
+    # Made for consistency-tuned networks (one evaluation maps noise to data), not for an ODE.
+    for_consistency_models: bool = False
 
     @property
     def max_order(self) -> Optional[int]:
@@ -804,6 +853,11 @@ class SolverSpec:
     @property
     def takes_churn(self) -> bool:
         return "S_churn" in self.options
+
+    @property
+    def draws_noise(self) -> bool:
+        """Whether the program takes the per-seed noise stream (``randn_like``)."""
+        return "randn_like" in self.options
 
     def nfe(self, num_points: int, afs: bool = False, denoise_to_zero: bool = False) -> int:
         """Network evaluations per image for ``num_points`` time points (not counting a final 0)."""
@@ -858,10 +912,19 @@ SOLVER_REGISTRY: dict[str, SolverSpec] = {
             "zju-pi/diff-sampler deis_sampler(max_order=4), get_deis_coeff_list(deis_mode='tab')", 4,
             "N - 1 (AFS: -1, denoise_to_zero: +1)", False, ("afs", "max_order"), _nfe_one_per_step,
         ),
+        SolverSpec(
+            "consistency", consistency_program, consistency,
+            "consistency-model sampling (ECT): x = D(x + s eps; s) at each time point, for consistency-tuned models",
+            "locuslab/ect generator_fn", 0, "N (--nfe K: K points from sigma_max to 0.821)", False, ("randn_like",),
+            _nfe_per_point, min_points=1, for_consistency_models=True,
+            time_points_for_nfe=lambda nfe, sigma_max: consistency_time_points(nfe, sigma_max),
+        ),
     )
 }
 
 SOLVER_NAMES = tuple(SOLVER_REGISTRY)
+# The probability-flow ODE solvers (all but the consistency-model sampler).
+ODE_SOLVER_NAMES = tuple(name for name, spec in SOLVER_REGISTRY.items() if not spec.for_consistency_models)
 
 
 def get_solver(name: str) -> SolverSpec:
@@ -878,6 +941,9 @@ def _check_flags(spec: SolverSpec, afs: bool, denoise_to_zero: bool) -> None:
         raise param_error("afs", f"afs does not apply to the {spec.name} solver (it applies to {users})")
     if denoise_to_zero and spec.appends_zero:
         raise param_error("denoise_to_zero", f"denoise_to_zero does not apply to the {spec.name} solver: its last step already goes to sigma = 0")
+    if denoise_to_zero and spec.for_consistency_models:
+        raise param_error("denoise_to_zero", f"denoise_to_zero does not apply to the {spec.name} solver: every "
+                                             "evaluation already predicts the clean image")
 
 
 def check_solver_options(

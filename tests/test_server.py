@@ -130,10 +130,9 @@ def test_a_full_queue_is_a_503_with_retry_after_never_a_hang(gauss_model):
     from fastapi.testclient import TestClient
 
     from edm_deploy.loading import load
+    from edm_deploy.runtime.contract import DelegatingDenoiser
     from edm_deploy.runtime.engine import Engine
     from edm_deploy.server import create_app
-
-    from edm_deploy.runtime.contract import DelegatingDenoiser
 
     class Slow(DelegatingDenoiser):
         def __call__(self, x, sigma, class_labels=None):
@@ -215,7 +214,7 @@ def test_two_replicas_under_other_loads_serve_what_sample_writes_bit_for_bit(une
                 got = []
                 out = [None] * len(jobs)
 
-                def ask(i, job):
+                def ask(i, job, out=out):
                     out[i] = http.post("/v1/generate", json={**job, "format": "npz"})
 
                 threads = [threading.Thread(target=ask, args=(i, job)) for i, job in enumerate(jobs)]

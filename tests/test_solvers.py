@@ -218,7 +218,7 @@ REFERENCE_VALUES = {
 }
 
 
-@pytest.mark.parametrize("name", slv.SOLVER_NAMES)
+@pytest.mark.parametrize("name", slv.ODE_SOLVER_NAMES)
 def test_matches_reference_implementation_values(name):
     den = GaussianDenoiser(1, 2, mu=0.3, std=0.5)
     t = sch.edm_sigma_steps(6, 0.002, 80.0)
@@ -366,7 +366,7 @@ def test_afs_saves_exactly_one_network_call(name):
 # Registry: NFE, steps_for_nfe, options
 
 
-@pytest.mark.parametrize("name", slv.SOLVER_NAMES)
+@pytest.mark.parametrize("name", slv.ODE_SOLVER_NAMES)
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 9])
 def test_registry_nfe_equals_counted_calls(name, n):
     spec = slv.get_solver(name)

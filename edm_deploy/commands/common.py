@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 
 import click
 
+
 class FiniteFloat(click.ParamType):
     """A float that is not NaN, within [lo, hi] (open ends optional); `inf` only where allowed."""
 

@@ -9,7 +9,13 @@ from typing import Any, Optional
 
 import click
 
-from edm_deploy.commands.common import FiniteFloat, backend_options, load_from_options, sampler_options, settings_from
+from edm_deploy.commands.common import (
+    FiniteFloat,
+    backend_options,
+    load_from_options,
+    sampler_options,
+    settings_from,
+)
 from edm_deploy.runtime.errors import InputError
 
 
@@ -105,7 +111,7 @@ def sample(model: str, **params: Any) -> None:
         # Planned on the composed runner: a guide narrows the sigma range both models cover.
         plan = plan_sampling(runner, settings)  # checked on the model before any output is touched
         model_sha256 = sha256_file(model)
-        for note in runner.warnings + mismatch_warnings(schedule_meta, model_sha256, plan.solver):
+        for note in runner.warnings + plan.warnings + mismatch_warnings(schedule_meta, model_sha256, plan.solver):
             click.echo(f"warning: {note}", err=True)
         record = run_record(model_sha256, params["class_idx"], settings, batch_size=params["batch_size"],
                             fixed_batch=params["fixed_batch"], solver=plan.solver,

@@ -13,10 +13,9 @@ from edm_deploy.runtime.errors import InputError
 
 
 def _choices():
-    from edm_deploy.runtime.schedule_search import METRICS, STEP_MODELS, TEACHER_SOLVERS
-    from edm_deploy.runtime.solvers import SOLVER_NAMES
+    from edm_deploy.runtime.schedule_search import METRICS, SEARCHABLE_SOLVERS, STEP_MODELS, TEACHER_SOLVERS
 
-    return SOLVER_NAMES, TEACHER_SOLVERS, METRICS, STEP_MODELS
+    return SEARCHABLE_SOLVERS, TEACHER_SOLVERS, METRICS, STEP_MODELS
 
 
 _SOLVERS, _TEACHERS, _METRICS, _STEPS = _choices()
