@@ -279,11 +279,13 @@ def sampling_sigmas(
     Either an explicit list (``sigmas``, validated, inside the network's range) or a named
     schedule (``schedule``, default 'edm', ``num_steps`` time points, default 18) between
     sigma_min and sigma_max (the schedule's defaults, clamped to the network's range). Rounded
-    with ``den.round_sigma``; a final 0 is appended when the solver ends at sigma = 0
-    (``appends_zero``) or ``denoise_to_zero`` asks for the closing D(x; sigma_min). Its length
-    minus the final 0 is the N of ``SolverSpec.nfe``.
+    with ``den.round_sigma``. An explicit list is used as given, for every solver: a final 0 in it
+    (or ``denoise_to_zero``) asks for the last step into sigma = 0 (Euler/Heun: their Euler step;
+    the others: x = D(x; sigma_min)), and without one the run ends at its last level. A named
+    schedule gets the final 0 when the solver ends at sigma = 0 (``appends_zero``) or
+    ``denoise_to_zero`` asks for it. The length minus the final 0 is the N of ``SolverSpec.nfe``.
     """
-    spec = slv.check_solver_options(solver, denoise_to_zero=denoise_to_zero)
+    spec = slv.check_solver_options(solver, denoise_to_zero=denoise_to_zero, explicit_sigmas=sigmas is not None)
     params = {k: v for k, v in schedule_params.items() if v is not None}
     if sigmas is not None:
         given = [k for k, v in (("num_steps", num_steps), ("schedule", schedule), ("sigma_min", sigma_min),
@@ -313,7 +315,7 @@ def sampling_sigmas(
             "sigmas" if sigmas is not None else "num_steps",
             f"the {solver} solver needs at least {spec.min_points} time points, got {levels.size}",
         )
-    if spec.appends_zero or denoise_to_zero or to_zero:
+    if to_zero or denoise_to_zero or (spec.appends_zero and sigmas is None):
         levels = np.append(levels, 0.0)
     return levels
 
@@ -347,7 +349,8 @@ def sample(
     """
     check_denoiser(den)
     check_batch(den, latents, class_labels)
-    spec = slv.check_solver_options(solver, solver_options, afs=afs, denoise_to_zero=denoise_to_zero)
+    spec = slv.check_solver_options(solver, solver_options, afs=afs, denoise_to_zero=denoise_to_zero,
+                                    explicit_sigmas=sigmas is not None)
     params = dict(schedule_params or {})
     if rho is not None:
         params["rho"] = rho

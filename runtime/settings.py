@@ -163,7 +163,8 @@ class SamplerSettings:
                     raise InputError(f"{name} does not apply when sigmas is given (the list is the schedule)", param=name)
         if self.S_min is not None and self.S_max is not None and self.S_min > self.S_max:
             raise InputError(f"S_min ({self.S_min:g}) must not exceed S_max ({self.S_max:g})", param="S_min")
-        slv.check_solver_options(solver, self.churn, afs=self.afs, denoise_to_zero=self.denoise_to_zero)
+        slv.check_solver_options(solver, self.churn, afs=self.afs, denoise_to_zero=self.denoise_to_zero,
+                                 explicit_sigmas=self.sigmas is not None)
         if self.max_order is not None:
             slv.check_solver_options(solver, {"max_order": self.max_order})
             highest = spec.max_order

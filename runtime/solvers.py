@@ -935,11 +935,13 @@ def get_solver(name: str) -> SolverSpec:
     return spec
 
 
-def _check_flags(spec: SolverSpec, afs: bool, denoise_to_zero: bool) -> None:
+def _check_flags(spec: SolverSpec, afs: bool, denoise_to_zero: bool, explicit_sigmas: bool = False) -> None:
+    """AFS only where the first step is a slope; denoise_to_zero where the solver would not end at 0 itself
+    (with an explicit list, which is used as given, every ODE solver may ask for the step into 0)."""
     if afs and not spec.takes_afs:
         users = ", ".join(s.name for s in SOLVER_REGISTRY.values() if s.takes_afs)
         raise param_error("afs", f"afs does not apply to the {spec.name} solver (it applies to {users})")
-    if denoise_to_zero and spec.appends_zero:
+    if denoise_to_zero and spec.appends_zero and not explicit_sigmas:
         raise param_error("denoise_to_zero", f"denoise_to_zero does not apply to the {spec.name} solver: its last step already goes to sigma = 0")
     if denoise_to_zero and spec.for_consistency_models:
         raise param_error("denoise_to_zero", f"denoise_to_zero does not apply to the {spec.name} solver: every "
@@ -947,11 +949,13 @@ def _check_flags(spec: SolverSpec, afs: bool, denoise_to_zero: bool) -> None:
 
 
 def check_solver_options(
-    name: str, options: Optional[Mapping[str, Any]] = None, afs: bool = False, denoise_to_zero: bool = False
+    name: str, options: Optional[Mapping[str, Any]] = None, afs: bool = False, denoise_to_zero: bool = False,
+    explicit_sigmas: bool = False,
 ) -> SolverSpec:
     """Refuse, with one InputError, any option that ``name`` would not use (nothing is silently ignored).
 
-    ``options`` are the solver's keyword options as a caller collected them (only those it set).
+    ``options`` are the solver's keyword options as a caller collected them (only those it set);
+    ``explicit_sigmas``: the time points are a list given as is, not a named schedule.
     """
     spec = get_solver(name)
     for key in options or {}:
@@ -961,7 +965,7 @@ def check_solver_options(
             users = [s.name for s in SOLVER_REGISTRY.values() if key in s.options]
             where = f"it applies to {', '.join(users)}" if users else "no solver takes it"
             raise param_error(key, f"{key} does not apply to the {name} solver ({where})")
-    _check_flags(spec, bool(afs) or bool((options or {}).get("afs")), denoise_to_zero)
+    _check_flags(spec, bool(afs) or bool((options or {}).get("afs")), denoise_to_zero, explicit_sigmas)
     return spec
 
 

@@ -478,7 +478,9 @@ def test_sampling_sigmas_clamps_rounds_and_appends():
     t = sampling_sigmas(den, "ipndm", num_steps=5, schedule="logsnr")
     assert len(t) == 5 and t[-1] == pytest.approx(0.02)
     assert sampling_sigmas(den, "ipndm", num_steps=5, denoise_to_zero=True)[-1] == 0
-    assert sampling_sigmas(den, "heun", sigmas=[40, 1, 0.5]).tolist() == [40, 1, 0.5, 0]
+    # an explicit list is used as given (issue 22: one rule for every solver); a final 0 or denoise_to_zero adds the step
+    assert sampling_sigmas(den, "heun", sigmas=[40, 1, 0.5]).tolist() == [40, 1, 0.5]
+    assert sampling_sigmas(den, "heun", sigmas=[40, 1, 0.5], denoise_to_zero=True).tolist() == [40, 1, 0.5, 0]
     assert sampling_sigmas(den, "deis", sigmas=[40, 1, 0.5, 0]).tolist() == [40, 1, 0.5, 0]
     with pytest.raises(InputError, match=r"network's range \[0.02, 50\]"):
         sampling_sigmas(den, "heun", sigmas=[80, 1])
