@@ -47,7 +47,7 @@ from prometheus_client import (
 )
 
 from edm_deploy.runtime.engine import BusyError, DeadlineError, Engine, EngineObserver, GenerationResult
-from edm_deploy.runtime.errors import EdmDeployError, InputError, NumericalError, first_line
+from edm_deploy.runtime.errors import EdmDeployError, InputError, NumericalError, check_int, first_line
 from edm_deploy.runtime.settings import ALIASES, SETTING_NAMES, SamplerSettings
 
 FORMATS = ("png", "grid", "npz", "json")
@@ -98,12 +98,8 @@ def parse_generate(body: Any) -> GenerateCall:
     fmt = body.get("format")
     if fmt is not None and fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", param="format")
-    scale = body.get("grid_scale", 1)
-    if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= MAX_GRID_SCALE:
-        raise InputError(f"grid_scale must be an integer from 1 to {MAX_GRID_SCALE}, got {scale!r}", param="grid_scale")
-    cols = body.get("grid_cols")
-    if cols is not None and (isinstance(cols, bool) or not isinstance(cols, int) or cols < 1):
-        raise InputError(f"grid_cols must be a positive integer, got {cols!r}", param="grid_cols")
+    scale = check_int(body.get("grid_scale", 1), "grid_scale", 1, MAX_GRID_SCALE)
+    cols = None if body.get("grid_cols") is None else check_int(body["grid_cols"], "grid_cols", lo=1)
     if isinstance(seeds, list) and fmt == "png" and len(seeds) != 1:
         raise InputError(f"format png holds one image; {len(seeds)} seeds were given (use grid, npz or json)",
                          param="format")

@@ -45,7 +45,7 @@ import numpy as np
 
 from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.contract import as_denoiser
-from edm_deploy.runtime.errors import EdmDeployError, InputError, NumericalError
+from edm_deploy.runtime.errors import EdmDeployError, InputError, NumericalError, check_int
 from edm_deploy.runtime.generate import SamplingPlan, guided, plan_sampling, quantize_uint8
 from edm_deploy.runtime.guidance import check_guidance_args, check_interval, check_weight, mix
 from edm_deploy.runtime.noise import StackedRandomGenerator, check_class, draw_latents_and_labels
@@ -256,11 +256,11 @@ class Engine:
         den = as_denoiser(den)
         self.model = den
         self.guide_model = None if guide is None else as_denoiser(guide)
-        limit = _positive("max_batch", max_batch) if max_batch is not None else (den.max_batch or 64)
+        limit = check_int(max_batch, "max_batch", lo=1) if max_batch is not None else (den.max_batch or 64)
         if den.max_batch is not None and limit > den.max_batch and fixed_batch is None:
             raise InputError(f"max_batch {limit} exceeds the model's batch limit {den.max_batch}", param="max_batch")
         if fixed_batch is not None:
-            fixed_batch = _positive("fixed_batch", fixed_batch)
+            fixed_batch = check_int(fixed_batch, "fixed_batch", lo=1)
             limit = fixed_batch if max_batch is None else limit
             den = FixedShapeDenoiser(den, fixed_batch)
             if guide is not None:
@@ -269,8 +269,8 @@ class Engine:
         self.guide = None if guide is None else as_denoiser(guide)
         self.max_batch = limit
         self.fixed_batch = fixed_batch
-        self.max_queue = _positive("max_queue", max_queue)
-        self.max_images = _positive("max_images", max_images)
+        self.max_queue = check_int(max_queue, "max_queue", lo=1)
+        self.max_images = check_int(max_images, "max_images", lo=1)
         if scheduler not in SCHEDULERS:
             raise InputError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}", param="scheduler")
         self.scheduler = SCHEDULERS[scheduler]()
@@ -608,12 +608,6 @@ class Engine:
             self.stats.requests_failed += 1
         self.observer.request_done(status, len(request.spec.seeds), outcome if status == "ok" else None)
         return True
-
-
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}", param=name)
-    return int(value)
 
 
 __all__ = [

@@ -18,7 +18,7 @@ flag that set it.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 
 class EdmDeployError(Exception):
@@ -49,3 +49,25 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's text (library messages run on for pages), cut to `limit`."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+def param_error(param: str, message: str) -> InputError:
+    """An InputError about one API parameter, tagged with it (``.param``) so a front end can name its own flag."""
+    return InputError(message, param=param)
+
+
+def check_int(value: object, name: str, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    """``value`` as an int within [lo, hi]; a bool, float, string or out-of-range value is one InputError naming ``name``.
+
+    The one integer check of the library: counts, sizes and orders are never silently truncated.
+    """
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must be an integer, got {value!r}", param=name)
+    value = int(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bound = (f"an integer from {lo} to {hi}" if lo is not None and hi is not None else
+                 "a positive integer" if lo == 1 else f"an integer >= {lo}" if lo is not None else f"an integer <= {hi}")
+        raise InputError(f"{name} must be {bound}, got {value}", param=name)
+    return value

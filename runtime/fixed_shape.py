@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edm_deploy.runtime.contract import DelegatingDenoiser
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.errors import InputError, check_int
 from edm_deploy.runtime.xp import concatenate, library_of
 
 
@@ -37,8 +37,7 @@ class FixedShapeDenoiser(DelegatingDenoiser):
 
     def __init__(self, den: Any, rows: int):
         super().__init__(den)
-        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
-            raise InputError(f"fixed_batch must be a positive integer, got {rows!r}", param="fixed_batch")
+        rows = check_int(rows, "fixed_batch", lo=1)
         if self.den.max_batch is not None and rows > self.den.max_batch:
             raise InputError(f"fixed_batch {rows} exceeds the model's batch limit {self.den.max_batch}", param="fixed_batch")
         self.rows = int(rows)

@@ -36,7 +36,7 @@ import numpy as np
 from edm_deploy.runtime import schedules as sch
 from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.contract import check_batch, check_denoiser
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.errors import InputError, param_error
 from edm_deploy.runtime.solvers import StepInfo
 from edm_deploy.runtime.xp import from_host, to_float64
 
@@ -256,7 +256,7 @@ def _check_rounded(levels: np.ndarray, strict: bool) -> None:
     """Rounding onto a network's table (iDDPM) may merge neighbouring levels; say so before sampling."""
     for i in range(1, levels.size):
         if levels[i] > levels[i - 1] or (strict and levels[i] == levels[i - 1]):
-            raise sch.param_error(
+            raise param_error(
                 "num_steps",
                 f"after rounding to the network's noise levels, sigma {levels[i]:g} (step {i}) does not fall below "
                 f"{levels[i - 1]:g}; this solver needs distinct levels, so use fewer steps",
@@ -291,13 +291,13 @@ def sampling_sigmas(
         given = [k for k, v in (("num_steps", num_steps), ("schedule", schedule), ("sigma_min", sigma_min),
                                 ("sigma_max", sigma_max)) if v is not None] + sorted(params)
         if given:
-            raise sch.param_error(given[0], f"{given[0]} does not apply when sigmas is given (the list is the schedule)")
+            raise param_error(given[0], f"{given[0]} does not apply when sigmas is given (the list is the schedule)")
         arr = sch.check_sigma_list(sigmas)
         to_zero = bool(arr[-1] == 0)
         levels = arr[:-1] if to_zero else arr
         lo, hi = float(den.sigma_min), float(den.sigma_max)
         if levels[0] > hi or levels[-1] < lo:
-            raise sch.param_error(
+            raise param_error(
                 "sigmas", f"sigmas must lie in the network's range [{lo:g}, {hi:g}], got {levels[0]:g} down to {levels[-1]:g}"
             )
     else:
@@ -311,7 +311,7 @@ def sampling_sigmas(
     levels = np.asarray(den.round_sigma(levels), dtype=np.float64).reshape(-1)
     _check_rounded(levels, strict=not spec.takes_churn)
     if levels.size < spec.min_points:
-        raise sch.param_error(
+        raise param_error(
             "sigmas" if sigmas is not None else "num_steps",
             f"the {solver} solver needs at least {spec.min_points} time points, got {levels.size}",
         )

@@ -76,7 +76,7 @@ import numpy as np
 from edm_deploy.runtime import schedules as sch
 from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.contract import as_denoiser
-from edm_deploy.runtime.errors import InputError, NumericalError
+from edm_deploy.runtime.errors import InputError, NumericalError, check_int
 from edm_deploy.runtime.noise import StackedRandomGenerator, draw_latents_and_labels
 from edm_deploy.runtime.xp import all_finite_rows, to_float64, to_host
 
@@ -610,13 +610,6 @@ class ScheduleSearch:
         }
 
 
-def _positive_int(value: Any, name: str, lo: int = 1, hi: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (hi is not None and value > hi):
-        bound = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
-        raise InputError(f"{name} must be an integer {bound}, got {value!r}", param=name)
-    return int(value)
-
-
 def plan_search(solver: str, nfe: int, *, afs: bool = False, denoise_to_zero: bool = False,
                 max_order: Optional[int] = None, fine_points: int = DEFAULT_FINE_POINTS, teacher: str = DEFAULT_TEACHER,
                 coeff: float = DEFAULT_COEFF, metric: str = DEFAULT_METRIC, step: str = "solver") -> dict[str, Any]:
@@ -627,8 +620,8 @@ def plan_search(solver: str, nfe: int, *, afs: bool = False, denoise_to_zero: bo
         raise InputError(f"the {solver} solver's schedule cannot be searched (it integrates no ODE); choose one of "
                          f"{', '.join(SEARCHABLE_SOLVERS)}", param="solver")
     if max_order is not None:
-        max_order = _positive_int(max_order, "max_order", 1, MAX_ORDERS[solver])
-    fine_points = _positive_int(fine_points, "fine_points", 3, MAX_FINE_POINTS)
+        max_order = check_int(max_order, "max_order", 1, MAX_ORDERS[solver])
+    fine_points = check_int(fine_points, "fine_points", 3, MAX_FINE_POINTS)
     num_points = slv.steps_for_nfe(solver, nfe, afs=afs, denoise_to_zero=denoise_to_zero)
     num_steps = num_points - 1
     if num_steps < 1:
@@ -750,11 +743,11 @@ def run_teacher_search_data(
     """
     if teacher not in TEACHER_SOLVERS:
         raise InputError(f"teacher must be one of {', '.join(TEACHER_SOLVERS)}, got {teacher!r}", param="teacher")
-    fine_points = _positive_int(fine_points, "fine_points", 3, MAX_FINE_POINTS)
-    batch_size = _positive_int(batch_size, "batch_size")
+    fine_points = check_int(fine_points, "fine_points", 3, MAX_FINE_POINTS)
+    batch_size = check_int(batch_size, "batch_size", lo=1)
     den = as_denoiser(den)
     if seeds is None:
-        seeds = list(range(_positive_int(num_latents, "num_latents")))
+        seeds = list(range(check_int(num_latents, "num_latents", lo=1)))
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise InputError("no seeds given", param="seeds")
@@ -853,8 +846,8 @@ def search_schedule(
         teacher, fine_points = teacher_run.teacher, int(teacher_run.fine_sigmas.size)
     settings = plan_search(solver, nfe, afs=afs, denoise_to_zero=denoise_to_zero, max_order=max_order,
                            fine_points=fine_points, teacher=teacher, coeff=coeff, metric=metric, step=step)
-    batch_size = _positive_int(batch_size, "batch_size")
-    refine_latents = _positive_int(refine_latents, "refine_latents", 0)
+    batch_size = check_int(batch_size, "batch_size", lo=1)
+    refine_latents = check_int(refine_latents, "refine_latents", lo=0)
     den = as_denoiser(den)
     if teacher_run is None:
         teacher_run = run_teacher_search_data(

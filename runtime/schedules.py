@@ -28,7 +28,7 @@ from typing import Union
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.errors import InputError, check_int, param_error
 
 ArrayLike = Union[float, np.ndarray]
 
@@ -42,18 +42,9 @@ VP_BETA_MIN = 0.1
 VP_EPSILON_S = 1e-3
 
 
-def param_error(param: str, message: str) -> InputError:
-    """An InputError about one API parameter, tagged with it (``.param``) so a front end can name its own flag."""
-    return InputError(message, param=param)
-
-
 def check_num_steps(num_steps: int) -> int:
     """Reject non-integer or non-positive step counts with one clear message."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-        raise InputError(f"num_steps must be an integer, got {num_steps!r}")
-    if num_steps < 1:
-        raise InputError(f"num_steps must be >= 1, got {num_steps}")
-    return int(num_steps)
+    return check_int(num_steps, "num_steps", lo=1)
 
 
 def check_sigma_range(sigma_min: float, sigma_max: float) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.errors import InputError, check_int
 
 SEED_LIMIT = 1 << 32  # the per-seed streams are seeded with seed mod 2^32, like the reference's
 MAX_SEEDS = 10_000_000  # per run; a larger list would not fit the run's bookkeeping in memory
@@ -103,9 +103,7 @@ def parse_shard(text: Optional[str]) -> tuple[int, int]:
 
 
 def check_batch_size(batch_size: object) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}", param="batch_size")
-    return int(batch_size)
+    return check_int(batch_size, "batch_size", lo=1)
 
 
 def shard_batches(seeds: Sequence[int], batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:

@@ -45,7 +45,8 @@ from typing import Any, Callable, Generator, Mapping, Optional
 
 import numpy as np
 
-from edm_deploy.runtime.schedules import check_sigma_list, param_error, symmetric_linspace, vp_betas_for_range
+from edm_deploy.runtime.errors import check_int, param_error
+from edm_deploy.runtime.schedules import check_sigma_list, symmetric_linspace, vp_betas_for_range
 from edm_deploy.runtime.xp import from_host, to_float64
 
 # A step program: yields (x, sigma), receives D(x; sigma) as float64, returns the final x.
@@ -143,9 +144,7 @@ def _multistep_time_points(sigmas, min_points: int = 2) -> tuple[list[float], bo
 
 
 def _check_max_order(max_order: int, highest: int) -> int:
-    if isinstance(max_order, bool) or not isinstance(max_order, (int, np.integer)) or not 1 <= max_order <= highest:
-        raise param_error("max_order", f"max_order must be an integer from 1 to {highest}, got {max_order!r}")
-    return int(max_order)
+    return check_int(max_order, "max_order", 1, highest)
 
 
 def afs_derivative(x: Any, sigma: Any) -> Any:
@@ -977,9 +976,7 @@ def steps_for_nfe(solver: str, nfe: int, afs: bool = False, denoise_to_zero: boo
     """
     spec = get_solver(solver)
     _check_flags(spec, afs, denoise_to_zero)
-    if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or nfe < 1:
-        raise param_error("nfe", f"nfe must be a positive integer, got {nfe!r}")
-    nfe = int(nfe)
+    nfe = check_int(nfe, "nfe", lo=1)
     points = range(spec.min_points, nfe + 4)
     fits = [n for n in points if spec.nfe(n, afs, denoise_to_zero) == nfe]
     if fits:

@@ -261,7 +261,7 @@ def test_bad_settings_are_one_input_error_before_any_network_call(kwargs, match)
 
 
 def test_bad_latents_and_classes_are_input_errors():
-    with pytest.raises(InputError, match="num_latents must be an integer"):
+    with pytest.raises(InputError, match="num_latents must be a positive integer"):
         ss.search_schedule(finite_set(), num_latents=0)
     with pytest.raises(InputError, match="no seeds"):
         ss.search_schedule(finite_set(), seeds=[])
