@@ -26,11 +26,9 @@ fitted to a few hundred of them suits all. The search (`search_schedule`), train
    matters: the error the solver's run ends with. So the path is then polished on that error
    itself (`refine_path`): the solver runs for real on the first ``refine_latents`` latents
    (default 64, at most half of them), and each inner point moves one fine index down or up
-   while that lowers the end-point RMS error against the teacher (at most 20 runs per step).
-   On the digits model this lowered iPNDM's end-point error at NFE 4 / 5 / 6 by a quarter to a
-   third (0.66 / 0.54 / 0.37 to 0.49 / 0.35 / 0.26) and turned the programme's FD at NFE 5,
-   0.153 (worse than rho = 7's 0.139), into 0.134 and 0.139 on two seed sets, in about a
-   teacher run's time. ``refine_latents=0`` returns the programme's path, as GITS does.
+   while that lowers the end-point RMS error against the teacher (at most 20 runs per step),
+   in about a teacher run's time (measured in benchmarks/RESULTS.md). ``refine_latents=0``
+   returns the programme's path, as GITS does.
 
 How the history enters the dynamic programme: a step of order q needs the path's last q
 points, so a state of the programme is the pair (previous point, current point). The newest
@@ -68,7 +66,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from itertools import combinations
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -203,12 +200,6 @@ class TrajectoryMoments:
     @property
     def perpendicular(self) -> np.ndarray:
         return (self._gram - self._chord) / max(self.count, 1)
-
-
-def trajectory_moments(traj: Trajectories) -> TrajectoryMoments:
-    moments = TrajectoryMoments(traj.sigmas)
-    moments.add(traj)
-    return moments
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,18 +548,6 @@ def path_costs(cost: Callable[[int, _Nodes], np.ndarray], path: Sequence[int]) -
     return out
 
 
-def brute_force_path(n: int, num_steps: int, cost: Callable[[int, _Nodes], np.ndarray],
-                     coeff: float = DEFAULT_COEFF) -> tuple[list[int], float]:
-    """Every path, for checking `dp_path` on small grids."""
-    best: tuple[list[int], float] = ([], math.inf)
-    for inner in combinations(range(1, n - 1), num_steps - 1):
-        path = [0, *inner, n - 1]
-        total = sum(coeff**k * c for k, c in enumerate(path_costs(cost, path)))
-        if total < best[1]:
-            best = (path, total)
-    return best
-
-
 # --------------------------------------------------------------------------------------------
 # The search
 
@@ -834,45 +813,90 @@ def search_schedule(
     before any network call.
     """
     if teacher_run is not None:
-        conflicts = [name for name, value in (("seeds", seeds), ("class_idx", class_idx), ("sigma_min", sigma_min),
-                                              ("sigma_max", sigma_max)) if value is not None]
-        conflicts += [name for name, value, default in (("num_latents", num_latents, DEFAULT_LATENTS),
-                                                        ("teacher", teacher, DEFAULT_TEACHER),
-                                                        ("fine_points", fine_points, DEFAULT_FINE_POINTS))
-                      if value != default]
-        if conflicts:
-            raise InputError(f"{conflicts[0]} does not apply with teacher_run (the teacher has run already)",
-                             param=conflicts[0])
+        _check_reuse(teacher_run, seeds, class_idx, sigma_min, sigma_max, num_latents, teacher, fine_points)
         teacher, fine_points = teacher_run.teacher, int(teacher_run.fine_sigmas.size)
     settings = plan_search(solver, nfe, afs=afs, denoise_to_zero=denoise_to_zero, max_order=max_order,
                            fine_points=fine_points, teacher=teacher, coeff=coeff, metric=metric, step=step)
     batch_size = check_int(batch_size, "batch_size", lo=1)
     refine_latents = check_int(refine_latents, "refine_latents", lo=0)
     den = as_denoiser(den)
-    if teacher_run is None:
+    if teacher_run is None:  # 1. the teacher's trajectories on the fine grid
         teacher_run = run_teacher_search_data(
             den, seeds=seeds, num_latents=num_latents, class_idx=class_idx, teacher=teacher, fine_points=fine_points,
             sigma_min=sigma_min, sigma_max=sigma_max, batch_size=batch_size, progress=progress)
     fine = teacher_run.fine_sigmas
-    n, K = fine.size, settings["num_steps"]
-    if K > n - 1:
-        raise InputError(f"nfe {nfe} of the {solver} solver takes {K} steps, more than the {n - 1} intervals of the "
-                         f"teacher's {n}-point fine grid", param="nfe")
+    if settings["num_steps"] > fine.size - 1:
+        raise InputError(f"nfe {nfe} of the {solver} solver takes {settings['num_steps']} steps, more than the "
+                         f"{fine.size - 1} intervals of the teacher's {fine.size}-point fine grid", param="nfe")
     spec = slv.get_solver(solver)
-    solver_options: dict[str, Any] = {}
-    if settings["max_order"] is not None and "max_order" in spec.options:
-        solver_options["max_order"] = settings["max_order"]
-    if afs:
-        solver_options["afs"] = True
+    options = _solver_options(spec, settings)
     report = progress or (lambda stage, done, total: None)
     seconds: dict[str, float] = {"teacher": teacher_run.seconds}
 
-    # 2. step costs (Heun's evaluated) and the dynamic programme over the fine grid
-    start = time.perf_counter()
+    start = time.perf_counter()  # 2. step costs and the dynamic programme
+    cost = _step_costs(den, teacher_run, settings, batch_size, report)
+    report("search", 0, 1)
+    path, total_cost = dp_path(fine.size, settings["num_steps"], cost, settings["coeff"])
+    report("search", 1, 1)
+    seconds["search"] = time.perf_counter() - start
+
+    start = time.perf_counter()  # 3. the polish on the solver's real end-point error
+    path, refined, held_out = _polish(den, spec, teacher_run, path, options, refine_latents, settings["num_steps"],
+                                      batch_size, report)
+    if refined:
+        seconds["refine"] = time.perf_counter() - start
+    step_costs = path_costs(cost, path)
+    if refined:
+        total_cost = float(sum(settings["coeff"] ** k * c for k, c in enumerate(step_costs)))
+    levels = fine[path]
+    sigmas = np.append(levels, 0.0) if (settings["appends_zero"] or denoise_to_zero) else levels.copy()
+    if spec.nfe_for_sigmas(sigmas, afs=afs) != settings["nfe"]:  # pragma: no cover - a bug if it happens
+        raise AssertionError(f"searched schedule spends {spec.nfe_for_sigmas(sigmas, afs=afs)} NFE, not {nfe}")
+
+    result_check: dict[str, Any] = {}
+    if check:  # 4. what it bought: the solver on the searched and on the EDM schedule, against the teacher
+        start = time.perf_counter()
+        result_check = _check_against_edm(den, spec, teacher_run, levels, settings, options, held_out, bool(refined),
+                                          batch_size, report)
+        seconds["check"] = time.perf_counter() - start
+    return ScheduleSearch(sigmas=sigmas, solver=solver, nfe=settings["nfe"], path=path, fine_sigmas=fine,
+                          cost=total_cost, step_costs=step_costs,
+                          settings=_settings_record(teacher_run, settings, spec, metric, step, refined),
+                          check=result_check, seconds=seconds)
+
+
+def _check_reuse(teacher_run: TeacherRun, seeds, class_idx, sigma_min, sigma_max, num_latents, teacher,
+                 fine_points) -> None:
+    """With a teacher that has run, the teacher's own settings must be left unset."""
+    conflicts = [name for name, value in (("seeds", seeds), ("class_idx", class_idx), ("sigma_min", sigma_min),
+                                          ("sigma_max", sigma_max)) if value is not None]
+    conflicts += [name for name, value, default in (("num_latents", num_latents, DEFAULT_LATENTS),
+                                                    ("teacher", teacher, DEFAULT_TEACHER),
+                                                    ("fine_points", fine_points, DEFAULT_FINE_POINTS))
+                  if value != default]
+    if conflicts:
+        raise InputError(f"{conflicts[0]} does not apply with teacher_run (the teacher has run already)",
+                         param=conflicts[0])
+
+
+def _solver_options(spec: slv.SolverSpec, settings: dict) -> dict[str, Any]:
+    """The options the solver runs with in the polish and the check."""
+    options: dict[str, Any] = {}
+    if settings["max_order"] is not None and "max_order" in spec.options:
+        options["max_order"] = settings["max_order"]
+    if settings["afs"]:
+        options["afs"] = True
+    return options
+
+
+def _step_costs(den: Any, teacher_run: TeacherRun, settings: dict, batch_size: int, report) -> StepCosts:
+    """Every step's cost: linear forms of the teacher's moments, Heun's second stage evaluated."""
+    solver, step, metric = settings["solver"], settings["step"], settings["metric"]
     pair = None
     if solver == "heun" and step == "solver":
         head = teacher_run.head
         count = head.x.shape[1]
+        n = teacher_run.fine_sigmas.size
         report("heun costs", 0, n - 1)
         done = [0]
 
@@ -883,77 +907,69 @@ def search_schedule(
         labels = None if teacher_run.labels is None else teacher_run.labels[:count]
         sums = heun_pair_costs(den, head, labels, metric, batch_size, progress=heun_tick)
         pair = _heun_cost_matrix(sums, count, teacher_run.moments, metric)
-    cost = StepCosts(teacher_run.moments, solver, K, metric=metric, step=step, afs=afs,
+    return StepCosts(teacher_run.moments, solver, settings["num_steps"], metric=metric, step=step, afs=settings["afs"],
                      max_order=settings["max_order"], pair_costs=pair)
-    report("search", 0, 1)
-    path, total_cost = dp_path(n, K, cost, settings["coeff"])
-    report("search", 1, 1)
-    seconds["search"] = time.perf_counter() - start
 
-    # 3. a polish on the solver's real end-point error, on the first latents
-    held_out = slice(0, None)
-    refined: dict[str, Any] = {}
+
+def _polish(den: Any, spec: slv.SolverSpec, teacher_run: TeacherRun, path: list, options: dict, refine_latents: int,
+            num_steps: int, batch_size: int, report) -> tuple[list, dict, slice]:
+    """`refine_path` on the first latents (at most half); returns the path, what the polish did, the held-out part."""
     used = min(refine_latents, len(teacher_run.seeds) // 2)
-    if used and K > 1:
-        start = time.perf_counter()
-        part = slice(0, used)
-        labels = None if teacher_run.labels is None else teacher_run.labels[part]
+    if not used or num_steps <= 1:
+        return path, {}, slice(0, None)
+    part = slice(0, used)
+    labels = None if teacher_run.labels is None else teacher_run.labels[part]
+    fine = teacher_run.fine_sigmas
 
-        def error(p: list[int]) -> float:
-            return _end_error(den, spec, teacher_run.latents[part], labels, fine[p], teacher_run.ends[part],
-                              solver_options, batch_size)
+    def error(p: list[int]) -> float:
+        return _end_error(den, spec, teacher_run.latents[part], labels, fine[p], teacher_run.ends[part], options,
+                          batch_size)
 
-        budget = REFINE_EVALUATIONS_PER_STEP * K
-        dp_result = list(path)
-        path, best, first, evaluations = refine_path(
-            error, path, budget, progress=lambda done, total: report("refine", done, total))
-        report("refine", budget, budget)
-        held_out = slice(used, None)
-        refined = {"latents": used, "evaluations": evaluations, "dp_path": dp_result, "dp_end_rms": first,
-                   "end_rms": best}
-        seconds["refine"] = time.perf_counter() - start
-    step_costs = path_costs(cost, path)
-    if refined:
-        total_cost = float(sum(settings["coeff"] ** k * c for k, c in enumerate(step_costs)))
-    levels = fine[path]
-    sigmas = np.append(levels, 0.0) if (settings["appends_zero"] or denoise_to_zero) else levels.copy()
-    if spec.nfe_for_sigmas(sigmas, afs=afs) != settings["nfe"]:  # pragma: no cover - a bug if it happens
-        raise AssertionError(f"searched schedule spends {spec.nfe_for_sigmas(sigmas, afs=afs)} NFE, not {nfe}")
+    budget = REFINE_EVALUATIONS_PER_STEP * num_steps
+    dp_result = list(path)
+    path, best, first, evaluations = refine_path(error, path, budget,
+                                                 progress=lambda done, total: report("refine", done, total))
+    report("refine", budget, budget)
+    refined = {"latents": used, "evaluations": evaluations, "dp_path": dp_result, "dp_end_rms": first, "end_rms": best}
+    return path, refined, slice(used, None)
 
-    # 4. what it bought: the solver itself on the searched and on the EDM schedule, against the teacher's ends
-    result_check: dict[str, Any] = {}
-    if check:
-        start = time.perf_counter()
-        report("check", 0, 2)
-        edm = np.asarray(den.round_sigma(sch.schedule_sigmas("edm", settings["num_points"], float(fine[-1]),
-                                                             float(fine[0]), rho=FINE_RHO)), dtype=np.float64)
-        args = (teacher_run.latents[held_out], None if teacher_run.labels is None else teacher_run.labels[held_out])
-        ends = teacher_run.ends[held_out]
-        searched_err = _end_error(den, spec, *args, levels, ends, solver_options, batch_size)
-        report("check", 1, 2)
-        edm_err = _end_error(den, spec, *args, edm, ends, solver_options, batch_size)
-        report("check", 2, 2)
-        result_check = {
-            "what": f"RMS over {len(ends)} latents{' (those the polish did not use)' if refined else ''} of "
-                    f"||x - teacher's x|| at sigma {float(fine[-1]):g}, the {solver} solver run on each schedule",
-            "latents": int(len(ends)),
-            "searched_rms": searched_err, "edm_rho7_rms": edm_err,
-            "edm_rho7_sigmas": [float(v) for v in edm],
-        }
-        seconds["check"] = time.perf_counter() - start
-    out_settings = {
-        "teacher": teacher_run.teacher, "fine_points": n, "fine_rho": FINE_RHO, "coeff": settings["coeff"],
-        "metric": metric, "step": step, "num_latents": len(teacher_run.seeds), "seeds": _seed_text(teacher_run.seeds),
-        "class_idx": teacher_run.class_idx, "afs": settings["afs"], "denoise_to_zero": settings["denoise_to_zero"],
-        "max_order": settings["max_order"] if "max_order" in spec.options else None,
-        "teacher_nfe_per_latent": teacher_run.nfe_per_latent,
+
+def _check_against_edm(den: Any, spec: slv.SolverSpec, teacher_run: TeacherRun, levels: np.ndarray, settings: dict,
+                       options: dict, held_out: slice, refined: bool, batch_size: int, report) -> dict[str, Any]:
+    """End-point errors of the solver on the searched and on the EDM rho = 7 schedule, on the held-out latents."""
+    fine = teacher_run.fine_sigmas
+    report("check", 0, 2)
+    edm = np.asarray(den.round_sigma(sch.schedule_sigmas("edm", settings["num_points"], float(fine[-1]),
+                                                         float(fine[0]), rho=FINE_RHO)), dtype=np.float64)
+    args = (teacher_run.latents[held_out], None if teacher_run.labels is None else teacher_run.labels[held_out])
+    ends = teacher_run.ends[held_out]
+    searched_err = _end_error(den, spec, *args, levels, ends, options, batch_size)
+    report("check", 1, 2)
+    edm_err = _end_error(den, spec, *args, edm, ends, options, batch_size)
+    report("check", 2, 2)
+    return {
+        "what": f"RMS over {len(ends)} latents{' (those the polish did not use)' if refined else ''} of "
+                f"||x - teacher's x|| at sigma {float(fine[-1]):g}, the {spec.name} solver run on each schedule",
+        "latents": int(len(ends)),
+        "searched_rms": searched_err, "edm_rho7_rms": edm_err,
+        "edm_rho7_sigmas": [float(v) for v in edm],
     }
-    out_settings["refine"] = refined or None
-    if pair is not None:
-        out_settings["heun_cost_latents"] = int(teacher_run.head.x.shape[1])
-    return ScheduleSearch(sigmas=sigmas, solver=solver, nfe=settings["nfe"], path=path, fine_sigmas=fine,
-                          cost=total_cost, step_costs=step_costs, settings=out_settings, check=result_check,
-                          seconds=seconds)
+
+
+def _settings_record(teacher_run: TeacherRun, settings: dict, spec: slv.SolverSpec, metric: str, step: str,
+                     refined: dict) -> dict[str, Any]:
+    """How the schedule was found, as the schedule file records it."""
+    out = {
+        "teacher": teacher_run.teacher, "fine_points": int(teacher_run.fine_sigmas.size), "fine_rho": FINE_RHO,
+        "coeff": settings["coeff"], "metric": metric, "step": step, "num_latents": len(teacher_run.seeds),
+        "seeds": _seed_text(teacher_run.seeds), "class_idx": teacher_run.class_idx, "afs": settings["afs"],
+        "denoise_to_zero": settings["denoise_to_zero"],
+        "max_order": settings["max_order"] if "max_order" in spec.options else None,
+        "teacher_nfe_per_latent": teacher_run.nfe_per_latent, "refine": refined or None,
+    }
+    if spec.name == "heun" and step == "solver":
+        out["heun_cost_latents"] = int(teacher_run.head.x.shape[1])
+    return out
 
 
 def _seed_text(seeds: Sequence[int]) -> str:

@@ -32,6 +32,7 @@ from edm_deploy.runtime.sampling import sample
 from edm_deploy.runtime.schedule_file import read_schedule
 from edm_deploy.runtime.schedules import edm_sigma_steps
 from tests.conftest import requires_onnx, run_cli
+from tests.search_oracles import brute_force_path, trajectory_moments
 
 GRAM_SOLVERS = ("euler", "ipndm", "ipndm-v", "deis", "dpmpp-2m", "dpmpp-3m", "unipc")
 
@@ -72,7 +73,7 @@ def test_a_costed_step_is_the_solvers_own_update(name, num_steps, afs):
     latents = StackedRandomGenerator(range(6)).randn((1, 8, 8)).astype(np.float64)
     sigmas = edm_sigma_steps(num_steps + 1, 0.002, 20.0, 7)
     traj = own_trajectory(name, den, latents, sigmas, afs)
-    cost = ss.StepCosts(ss.trajectory_moments(traj), name, num_steps, afs=afs, unipc_corrector=True)
+    cost = ss.StepCosts(trajectory_moments(traj), name, num_steps, afs=afs, unipc_corrector=True)
     costs = ss.path_costs(cost, range(num_steps + 1))
     scale = float(np.sqrt(np.mean(np.square(traj.x[0]).reshape(6, -1).sum(1))))
     assert max(abs(c) for c in costs) < 1e-7 * scale, costs
@@ -82,7 +83,7 @@ def test_unipc_steps_are_costed_by_their_predictor_by_default():
     den = finite_set()
     latents = StackedRandomGenerator(range(6)).randn((1, 8, 8)).astype(np.float64)
     sigmas = edm_sigma_steps(6, 0.002, 20.0, 7)
-    moments = ss.trajectory_moments(own_trajectory("unipc", den, latents, sigmas))
+    moments = trajectory_moments(own_trajectory("unipc", den, latents, sigmas))
     predictor = ss.path_costs(ss.StepCosts(moments, "unipc", 5), range(6))
     # The corrected steps (all but the last) differ from their predictions; the last has no corrector.
     assert min(predictor[:-1]) > 1e-4 and predictor[-1] < 1e-6
@@ -92,7 +93,7 @@ def _gaussian_moments(n=9, batch=16):
     den = GaussianDenoiser(1, 8, mu=0.3, std=0.5)
     latents = StackedRandomGenerator(range(batch)).randn((1, 8, 8))
     traj = ss.run_teacher(den, latents, None, edm_sigma_steps(n, 0.002, 80.0, 7), "ipndm")
-    return ss.trajectory_moments(traj)
+    return trajectory_moments(traj)
 
 
 @pytest.mark.parametrize("name,max_order", [("euler", None), ("dpmpp-2m", None), ("ipndm", 2), ("ipndm-v", 2),
@@ -103,7 +104,7 @@ def test_the_programme_finds_the_cheapest_path_when_steps_use_one_previous_point
     for metric in ss.METRICS:
         cost = ss.StepCosts(moments, name, num_steps, metric=metric, max_order=max_order)
         path, total = ss.dp_path(moments.n, num_steps, cost, 1.15)
-        best, best_total = ss.brute_force_path(moments.n, num_steps, cost, 1.15)
+        best, best_total = brute_force_path(moments.n, num_steps, cost, 1.15)
         assert total == pytest.approx(best_total, rel=1e-9, abs=1e-12) and path == best
 
 
@@ -113,7 +114,7 @@ def test_with_longer_histories_the_reported_cost_is_that_of_the_returned_path(na
     cost = ss.StepCosts(moments, name, 5)
     path, total = ss.dp_path(moments.n, 5, cost, 1.15)
     exact = sum(1.15**k * c for k, c in enumerate(ss.path_costs(cost, path)))
-    _, best_total = ss.brute_force_path(moments.n, 5, cost, 1.15)
+    _, best_total = brute_force_path(moments.n, 5, cost, 1.15)
     assert total == pytest.approx(exact, rel=1e-12) and total >= best_total - 1e-12
     assert total <= 1.05 * best_total  # near the optimum here
 
