@@ -89,6 +89,14 @@ def _wrapper(net: Any, conditional: bool):
     return Conditional() if conditional else Unconditional()
 
 
+def embed_manifest(model: Any, manifest: dict) -> None:
+    """The edm_deploy manifest as the ONNX model's only metadata entry (an export's, or a quantised copy's)."""
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, dumps(manifest)
+    model.producer_name, model.producer_version = "edm-deploy", __version__
+
+
 def export_onnx(
     net: Any,
     network: dict,
@@ -167,10 +175,7 @@ def export_onnx(
 
         model = onnx.load(raw, load_external_data=True)
         _check_symbolic_batch(model, input_names)
-        del model.metadata_props[:]
-        entry = model.metadata_props.add()
-        entry.key, entry.value = ONNX_METADATA_KEY, dumps(manifest)
-        model.producer_name, model.producer_version = "edm-deploy", __version__
+        embed_manifest(model, manifest)
         name = os.path.basename(out_path)
         staged = os.path.join(tmp_dir, name)
         external = model.ByteSize() > PROTOBUF_LIMIT

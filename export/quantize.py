@@ -74,6 +74,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from edm_deploy.export.onnx_export import embed_manifest
 from edm_deploy.runtime.errors import (
     BackendUnavailableError,
     EdmDeployError,
@@ -81,7 +82,7 @@ from edm_deploy.runtime.errors import (
     NumericalError,
     first_line,
 )
-from edm_deploy.runtime.manifest import CLASS_LABELS, DENOISED, ONNX_METADATA_KEY, SIGMA, X, dumps
+from edm_deploy.runtime.manifest import CLASS_LABELS, DENOISED, SIGMA, X
 
 INNER_SCOPE = "/net/model/"
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -542,23 +543,46 @@ def quantize_int8(
     whole run succeeds.
     """
     import onnx
-    import onnxruntime
-    from onnxruntime.quantization import (
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-        save_tensors_data,
-    )
 
-    from edm_deploy.runtime.backends.onnxrt import OnnxRuntimeDenoiser, read_onnx_manifest
-    from edm_deploy.runtime.fileio import atomic_path, refuse_overwriting_inputs, sha256_file
-    from edm_deploy.runtime.sampling import nfe
-    from edm_deploy.runtime.version import __version__
+    from edm_deploy.runtime.fileio import atomic_path, refuse_overwriting_inputs
 
     method = check_options(num_images, seed, method, steps, percentile)
     check_onnxruntime()
     refuse_overwriting_inputs({"fp32_onnx_path": fp32_onnx_path}, {"out_path": out_path})
+    manifest, dataset = _check_source(fp32_onnx_path, out_path, dataset, num_images)
+    start = time.perf_counter()
+    calib = _calibration_inputs(fp32_onnx_path, dataset, num_images, seed, steps, threads)
+    with tempfile.TemporaryDirectory(prefix="edm-deploy-int8-") as tmp:
+        model, quantized = _quantize_graph(fp32_onnx_path, calib.feeds, method, percentile, tmp)
+        surgery = keep_float_readers_float(model, set(quantized))
+        summary = _checked_summary(model)
+        int8_manifest = _int8_manifest(manifest, summary, method, num_images, seed, steps, percentile, calib, dataset,
+                                       fp32_onnx_path)
+        staged = os.path.join(tmp, "staged.onnx")
+        embed_manifest(model, int8_manifest)
+        onnx.save_model(model, staged)
+        onnx.checker.check_model(staged, full_check=True)
+        worst = _self_check(staged, calib.feeds, calib.check_indices, calib.reference, threads)
+        int8_manifest["quantization"]["self_check_max_rel_l2"] = worst
+        embed_manifest(model, int8_manifest)
+        with atomic_path(out_path) as tmp_out:
+            onnx.save_model(model, tmp_out)
+    notes = [f"rewired {surgery['rewired_inputs']} float-kept inputs, removed {surgery['removed_qdq_nodes']} Q/DQ nodes"]
+    if worst > 0.1:
+        notes.append(f"int8 differs from fp32 by up to {worst:.1%} (relative L2 per image) on its calibration inputs; "
+                     "check it with the verify gate before use")
+    return QuantizeResult(
+        path=out_path, manifest=int8_manifest, seconds=time.perf_counter() - start, size_bytes=os.path.getsize(out_path),
+        quantized_nodes=summary["int8_nodes"], calibration_rows=int(calib.sigmas.size), self_check_max_rel_l2=worst,
+        notes=notes,
+    )
+
+
+def _check_source(fp32_onnx_path: str, out_path: str, dataset: Optional[np.ndarray], num_images: int
+                  ) -> tuple[dict, Optional[np.ndarray]]:
+    """Stage 1: an fp32 edm-deploy export with its weights inside, an existing output folder, a fitting dataset."""
+    from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
+
     out_dir = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(out_dir):
         raise InputError(f"output folder does not exist: {out_dir}")
@@ -569,136 +593,145 @@ def quantize_int8(
     if os.path.exists(fp32_onnx_path + ".data"):
         raise InputError(f"{fp32_onnx_path} keeps its weights in external data (> 2 GB); int8 quantisation of "
                          "such models is not supported")
-    if dataset is not None:
-        dataset = check_dataset(dataset, manifest, num_images)
+    return manifest, None if dataset is None else check_dataset(dataset, manifest, num_images)
 
-    start = time.perf_counter()
-    den = OnnxRuntimeDenoiser(fp32_onnx_path, device="cpu", threads=threads)
-    if dataset is None:
-        feeds = trajectory_feeds(den, num_images, seed, steps)
-        source = "sampler trajectories"
-    else:
-        feeds = dataset_feeds(den, dataset, num_images, seed, steps)
-        source = "dataset plus noise"
-    sigmas = np.concatenate([f[SIGMA] for f in feeds])
-    check_indices = sorted({0, len(feeds) // 2, len(feeds) - 1})
-    reference = [np.asarray(den(feeds[i][X], feeds[i][SIGMA], feeds[i].get(CLASS_LABELS))) for i in check_indices]
+
+@dataclass
+class _Calibration:
+    """What the network is fed while calibrating, and the fp32 answers the self-check compares against."""
+
+    feeds: list
+    source: str
+    sigmas: np.ndarray
+    check_indices: list
+    reference: list
+
+
+def _calibration_inputs(fp32_onnx_path: str, dataset: Optional[np.ndarray], num_images: int, seed: int, steps: int,
+                        threads: Optional[int]) -> _Calibration:
+    """Stage 2: the network's real inputs (sampler trajectories, or data plus noise) and its fp32 outputs on a few."""
+    from edm_deploy.runtime.backends.onnxrt import OnnxRuntimeDenoiser
+
+    with OnnxRuntimeDenoiser(fp32_onnx_path, device="cpu", threads=threads) as den:
+        if dataset is None:
+            feeds, source = trajectory_feeds(den, num_images, seed, steps), "sampler trajectories"
+        else:
+            feeds, source = dataset_feeds(den, dataset, num_images, seed, steps), "dataset plus noise"
+        check_indices = sorted({0, len(feeds) // 2, len(feeds) - 1})
+        reference = [np.asarray(den(feeds[i][X], feeds[i][SIGMA], feeds[i].get(CLASS_LABELS))) for i in check_indices]
     if not all(np.isfinite(r).all() for r in reference):
         raise NumericalError("the fp32 model returns NaN/Inf on the calibration inputs; its activations have no finite range")
-    den.close()
+    return _Calibration(feeds, source, np.concatenate([f[SIGMA] for f in feeds]), check_indices, reference)
 
-    extra_options = {
-        "ActivationSymmetric": True,        # zero point 0: TensorRT's int8 is symmetric
-        "WeightSymmetric": True,
-        "QuantizeBias": False,              # float bias: TensorRT rejects int32 DequantizeLinear
-        "DedicatedQDQPair": True,           # one Q/DQ pair per int8 reader (TensorRT cannot share them)
-    }
 
-    notes: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="edm-deploy-int8-") as tmp:
-        pre = os.path.join(tmp, "pre.onnx")
-        raw = os.path.join(tmp, "int8.onnx")
-        try:
-            quant_pre_process(fp32_onnx_path, pre)
-        except Exception as exc:
-            raise InputError(f"onnxruntime could not prepare {fp32_onnx_path} for quantisation: {first_line(exc, 300)}") from exc
-        prepared = onnx.load(pre)
-        quantized = select_quantized_nodes(prepared)
-        excluded = [n.name for n in prepared.graph.node if n.name not in set(quantized)]
-        del prepared
-        ranges = calibrate(pre, feeds, method, percentile, tmp)
-        cache = os.path.join(tmp, "ranges.json")
-        save_tensors_data(ranges, cache)
-        try:
-            with np.errstate(all="ignore"), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore", RuntimeWarning)
-                quantize_static(
-                    pre, raw, None, quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True, reduce_range=False,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    nodes_to_quantize=quantized, nodes_to_exclude=excluded,
-                    calibrate_method=CALIBRATION_ENUM[method](), extra_options=extra_options,
-                    calibration_cache_path=cache,
-                )
-        except EdmDeployError:
-            raise
-        except Exception as exc:
-            message = first_line(exc, 300)
-            if re.search(r"\bnan\b|\binf|finite|scale", message, re.IGNORECASE):
-                raise NumericalError(f"quantisation found non-finite activation ranges ({message})") from exc
-            raise InputError(f"onnxruntime quantisation failed: {message}") from exc
+# onnxruntime's QDQ options for a graph TensorRT can build: symmetric, float bias, one Q/DQ pair per reader.
+QDQ_OPTIONS = {
+    "ActivationSymmetric": True,        # zero point 0: TensorRT's int8 is symmetric
+    "WeightSymmetric": True,
+    "QuantizeBias": False,              # float bias: TensorRT rejects int32 DequantizeLinear
+    "DedicatedQDQPair": True,           # one Q/DQ pair per int8 reader (TensorRT cannot share them)
+}
 
-        model = onnx.load(raw)
-        surgery = keep_float_readers_float(model, set(quantized))
-        summary = quantization_summary(model)
-        if not summary["scales_finite_positive"]:
-            raise NumericalError("calibration produced non-finite or zero activation ranges (NaN/Inf in the recorded "
-                                 "activations); the model cannot be quantised")
-        if not summary["int8_nodes"]:
-            raise InputError("quantisation left no node in int8; nothing to gain from this file")
-        violations = float_kept_violations(model)
-        if violations:
-            raise InputError(f"internal: float-kept nodes read quantised values: {violations[:3]}; this is a bug")
-        if summary["nonzero_zero_points"] or summary["int32_dequantize"]:
-            raise InputError("internal: the int8 graph is not symmetric with float biases; this is a bug")
-        _check_io(model)
 
-        int8_manifest = dict(manifest)
-        int8_manifest["precision"] = "int8"
-        int8_manifest["quantization"] = {
-            "format": "QDQ",
-            "activations": "int8, per tensor, symmetric",
-            "weights": "int8, per output channel, symmetric",
-            "bias": "float32",
-            "quantized_op_types": list(QUANTIZED_OP_TYPES),
-            "quantized_nodes": len(summary["int8_nodes"]),
-            "kept_float": ["preconditioning (c_in, c_skip, c_out, c_noise) and the final skip mix",
-                           "noise/label embedding and per-block affine", "softmax", "normalisation"],
-            "calibration": {
-                "method": method,
-                "num_images": int(num_images),
-                "seed": int(seed),
-                "source": source,
-                "steps": int(steps),
-                "evaluations": int(nfe(steps)),  # per image
-                "batches": len(feeds),
-                "rows": int(sigmas.size),
-                "sigma_range": [float(sigmas.min()), float(sigmas.max())],
-                **({"percentile": float(percentile)} if method == "percentile" else {}),
-                **({"dataset_images": int(len(dataset))} if dataset is not None else {}),
-            },
-            "tool": f"onnxruntime.quantization {onnxruntime.__version__}",
-            "fp32_sha256": sha256_file(fp32_onnx_path),
-        }
-        int8_manifest.setdefault("producer", {})
-        int8_manifest["producer"] = dict(int8_manifest["producer"], quantizer=f"onnxruntime {onnxruntime.__version__}")
-
-        staged = os.path.join(tmp, "staged.onnx")
-        _set_manifest(model, int8_manifest, __version__)
-        onnx.save_model(model, staged)
-        onnx.checker.check_model(staged, full_check=True)
-        worst = _self_check(staged, feeds, check_indices, reference, threads)
-        int8_manifest["quantization"]["self_check_max_rel_l2"] = worst
-        _set_manifest(model, int8_manifest, __version__)
-        with atomic_path(out_path) as tmp_out:
-            onnx.save_model(model, tmp_out)
-    notes.append(f"rewired {surgery['rewired_inputs']} float-kept inputs, removed {surgery['removed_qdq_nodes']} Q/DQ nodes")
-    if worst > 0.1:
-        notes.append(f"int8 differs from fp32 by up to {worst:.1%} (relative L2 per image) on its calibration inputs; "
-                     "check it with the verify gate before use")
-    return QuantizeResult(
-        path=out_path, manifest=int8_manifest, seconds=time.perf_counter() - start, size_bytes=os.path.getsize(out_path),
-        quantized_nodes=summary["int8_nodes"], calibration_rows=int(sigmas.size), self_check_max_rel_l2=worst,
-        notes=notes,
+def _quantize_graph(fp32_onnx_path: str, feeds: list, method: str, percentile: float, tmp: str) -> tuple[Any, list]:
+    """Stage 3: onnxruntime's static QDQ quantisation of the chosen nodes; its failures said in one line."""
+    import onnx
+    from onnxruntime.quantization import (
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+        save_tensors_data,
     )
 
+    pre = os.path.join(tmp, "pre.onnx")
+    raw = os.path.join(tmp, "int8.onnx")
+    try:
+        quant_pre_process(fp32_onnx_path, pre)
+    except Exception as exc:
+        raise InputError(f"onnxruntime could not prepare {fp32_onnx_path} for quantisation: {first_line(exc, 300)}") from exc
+    prepared = onnx.load(pre)
+    quantized = select_quantized_nodes(prepared)
+    excluded = [n.name for n in prepared.graph.node if n.name not in set(quantized)]
+    del prepared
+    ranges = calibrate(pre, feeds, method, percentile, tmp)
+    cache = os.path.join(tmp, "ranges.json")
+    save_tensors_data(ranges, cache)
+    try:
+        with np.errstate(all="ignore"), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            quantize_static(
+                pre, raw, None, quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True, reduce_range=False,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                nodes_to_quantize=quantized, nodes_to_exclude=excluded,
+                calibrate_method=CALIBRATION_ENUM[method](), extra_options=dict(QDQ_OPTIONS),
+                calibration_cache_path=cache,
+            )
+    except EdmDeployError:
+        raise
+    except Exception as exc:
+        message = first_line(exc, 300)
+        if re.search(r"\bnan\b|\binf|finite|scale", message, re.IGNORECASE):
+            raise NumericalError(f"quantisation found non-finite activation ranges ({message})") from exc
+        raise InputError(f"onnxruntime quantisation failed: {message}") from exc
+    return onnx.load(raw), quantized
 
-def _set_manifest(model, manifest: dict, version: str) -> None:
-    """The edm_deploy manifest is the only metadata entry kept (quantisation may drop or add some)."""
-    del model.metadata_props[:]
-    entry = model.metadata_props.add()
-    entry.key, entry.value = ONNX_METADATA_KEY, dumps(manifest)
-    model.producer_name, model.producer_version = "edm-deploy", version
+
+def _checked_summary(model: Any) -> dict:
+    """Stage 4: the int8 graph is what it must be (finite scales, int8 nodes, float-kept nodes float, fp32 I/O)."""
+    summary = quantization_summary(model)
+    if not summary["scales_finite_positive"]:
+        raise NumericalError("calibration produced non-finite or zero activation ranges (NaN/Inf in the recorded "
+                             "activations); the model cannot be quantised")
+    if not summary["int8_nodes"]:
+        raise InputError("quantisation left no node in int8; nothing to gain from this file")
+    violations = float_kept_violations(model)
+    if violations:
+        raise InputError(f"internal: float-kept nodes read quantised values: {violations[:3]}; this is a bug")
+    if summary["nonzero_zero_points"] or summary["int32_dequantize"]:
+        raise InputError("internal: the int8 graph is not symmetric with float biases; this is a bug")
+    _check_io(model)
+    return summary
+
+
+def _int8_manifest(manifest: dict, summary: dict, method: str, num_images: int, seed: int, steps: int,
+                   percentile: float, calib: _Calibration, dataset: Optional[np.ndarray], fp32_onnx_path: str) -> dict:
+    """Stage 5: the fp32 manifest with the precision and how the file was quantised and calibrated."""
+    import onnxruntime
+
+    from edm_deploy.runtime.fileio import sha256_file
+    from edm_deploy.runtime.sampling import nfe
+
+    out = dict(manifest)
+    out["precision"] = "int8"
+    out["quantization"] = {
+        "format": "QDQ",
+        "activations": "int8, per tensor, symmetric",
+        "weights": "int8, per output channel, symmetric",
+        "bias": "float32",
+        "quantized_op_types": list(QUANTIZED_OP_TYPES),
+        "quantized_nodes": len(summary["int8_nodes"]),
+        "kept_float": ["preconditioning (c_in, c_skip, c_out, c_noise) and the final skip mix",
+                       "noise/label embedding and per-block affine", "softmax", "normalisation"],
+        "calibration": {
+            "method": method,
+            "num_images": int(num_images),
+            "seed": int(seed),
+            "source": calib.source,
+            "steps": int(steps),
+            "evaluations": int(nfe(steps)),  # per image
+            "batches": len(calib.feeds),
+            "rows": int(calib.sigmas.size),
+            "sigma_range": [float(calib.sigmas.min()), float(calib.sigmas.max())],
+            **({"percentile": float(percentile)} if method == "percentile" else {}),
+            **({"dataset_images": int(len(dataset))} if dataset is not None else {}),
+        },
+        "tool": f"onnxruntime.quantization {onnxruntime.__version__}",
+        "fp32_sha256": sha256_file(fp32_onnx_path),
+    }
+    out["producer"] = dict(out.get("producer") or {}, quantizer=f"onnxruntime {onnxruntime.__version__}")
+    return out
 
 
 def _check_io(model) -> None:
