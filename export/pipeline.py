@@ -41,6 +41,72 @@ class ExportOutcome:
     report: Any  # the VerifyReport, or None with verify=False
 
 
+@dataclass
+class ExportPlan:
+    """What one export run writes: checked before any work, so a bad combination fails at once."""
+
+    model: str
+    kind: str                      # "pt" (export, then optionally build) or "onnx" (build an engine from it)
+    precision: str
+    onnx_path: str
+    plan_path: Optional[str]       # the TensorRT engine, when one is built
+    trt_reason: str                # why no engine is built ("" when one is)
+
+    @property
+    def finals(self) -> list[str]:
+        """The files that appear under their final names."""
+        return ([self.onnx_path] if self.kind == "pt" else []) + ([self.plan_path] if self.plan_path else [])
+
+
+def plan_export(model: str, kind: str, precision: str = "fp32", out_path: Optional[str] = None, fmt: str = "auto",
+                max_batch: int = 64, opt_batch: Optional[int] = None, calibration: Optional[dict] = None,
+                inputs: Optional[dict] = None) -> ExportPlan:
+    """Check an export's settings and derive its output names (`kind` is the model file's, "pt" or "onnx").
+
+    ``fmt`` "onnx", "trt" or "auto" (an engine when TensorRT and a GPU are here); ``calibration``
+    holds the int8 calibration options given; ``inputs`` other files the run reads (a timing
+    cache, calibration data), which no output may replace.
+    """
+    from edm_deploy.export.staging import companions
+    from edm_deploy.export.tensorrt_build import tensorrt_status
+    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", param="precision")
+    if calibration and precision != "int8":
+        raise InputError("calibration options apply to int8 exports only", param="calibration")
+    if opt_batch is not None and opt_batch > max_batch:
+        raise InputError(f"opt_batch must lie in [1, max_batch={max_batch}], got {opt_batch}", param="opt_batch")
+    if kind == "plan":
+        raise InputError("the model is already a TensorRT engine", param="model")
+    if out_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
+        raise InputError(f"output folder does not exist: {os.path.dirname(os.path.abspath(out_path))}", param="out_path")
+    if out_path is not None and not out_path.lower().endswith((".onnx", ".plan", ".engine")):
+        raise InputError(f"out_path must end in .onnx or .plan, got {out_path}", param="out_path")
+    if kind == "onnx" and precision != "fp32":
+        raise InputError("a precision takes effect when exporting a .pt checkpoint; an .onnx keeps its own",
+                         param="precision")
+    trt_ok, trt_reason = tensorrt_status()
+    want_trt = fmt == "trt" or (fmt == "auto" and trt_ok)
+    if fmt == "trt" and not trt_ok:
+        raise InputError(f"fmt trt: {trt_reason}", param="fmt")
+    if kind == "onnx" and not want_trt:
+        raise InputError("the model is already ONNX; use fmt trt to build an engine from it", param="fmt")
+    names_engine = out_path is not None and out_path.lower().endswith((".plan", ".engine"))
+    if names_engine and not want_trt:
+        raise InputError(f"out_path {out_path} names an engine, but no engine is built here ({trt_reason}); "
+                         "give an .onnx name or fmt trt", param=("out_path", "fmt"))
+    onnx_path = model if kind == "onnx" else (
+        out_path if out_path and out_path.endswith(".onnx") else default_onnx_path(out_path or model, precision))
+    plan_path = None
+    if want_trt:
+        plan_path = out_path if names_engine else os.path.splitext(onnx_path)[0] + ".plan"
+    plan = ExportPlan(model, kind, precision, onnx_path, plan_path, "" if want_trt else trt_reason)
+    refuse_overwriting_inputs({"model": model, **(inputs or {})},
+                              {f"output {os.path.basename(f)}": f for p in plan.finals for f in [p, *companions(p)]})
+    return plan
+
+
 def default_onnx_path(ckpt: str, precision: str) -> str:
     stem = os.path.splitext(ckpt)[0]
     return stem + ("" if precision == "fp32" else f"-{precision}") + ".onnx"

@@ -144,7 +144,8 @@ def refuse_overwriting_inputs(inputs: dict[str, str], outputs: dict[str, str]) -
         for in_label, in_path in inputs.items():
             if in_path and _same_file(out_path, in_path):
                 raise InputError(
-                    f"{out_label} {out_path} would overwrite {in_label} {in_path}; choose another output"
+                    f"{out_label} {out_path} would overwrite {in_label} {in_path}; choose another output",
+                    param=in_label,
                 )
 
 

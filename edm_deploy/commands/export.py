@@ -8,15 +8,14 @@ engine built from an .onnx) is said to be unverified.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import click
 
+from edm_deploy.export.quantize import CALIBRATION_METHODS
 from edm_deploy.runtime.errors import InputError
 
 MAX_BATCH_LIMIT = 1 << 16
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,15 +57,9 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
       edm-deploy export ckpt.pt --fp16 --max-batch 256 --format trt --out model.plan
       edm-deploy export model.onnx --format trt --timing-cache trt.cache
     """
-    from edm_deploy.export.pipeline import (
-        CalibrationOptions,
-        default_onnx_path,
-        export_checkpoint,
-        verify_staged,
-    )
-    from edm_deploy.export.staging import Staging, companions
+    from edm_deploy.export.pipeline import CalibrationOptions, export_checkpoint, plan_export, verify_staged
+    from edm_deploy.export.staging import Staging
     from edm_deploy.loading import check_model_file, model_kind
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
 
     calib_given = {k: v for k, v in dict(num_images=calib_images, seed=calib_seed, steps=calib_steps,
                                          method=calib_method, data=calib_data).items() if v is not None}
@@ -74,39 +67,11 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
         raise InputError("--fp16 and --int8 exclude each other: choose one precision")
     if calib_given and not int8:
         raise InputError("--calib-* options apply to --int8 exports only")
-    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
-    if opt_batch is not None and opt_batch > max_batch:
-        raise InputError(f"--opt-batch must lie in [1, --max-batch={max_batch}], got {opt_batch}")
     kind = model_kind(model)
     check_model_file(model)
-    if out_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
-        raise InputError(f"output folder does not exist: {os.path.dirname(os.path.abspath(out_path))}")
-    if kind == "plan":
-        raise InputError("MODEL is already a TensorRT engine")
-    if out_path is not None and not out_path.lower().endswith((".onnx", ".plan", ".engine")):
-        raise InputError(f"--out must end in .onnx or .plan, got {out_path}")
-    if kind == "onnx" and (fp16 or int8):
-        raise InputError("--fp16/--int8 take effect when exporting a .pt checkpoint; an .onnx keeps its precision")
-
-    from edm_deploy.export.tensorrt_build import tensorrt_status
-
-    trt_ok, trt_reason = tensorrt_status()
-    want_trt = fmt == "trt" or (fmt == "auto" and trt_ok)
-    if fmt == "trt" and not trt_ok:
-        raise InputError(f"--format trt: {trt_reason}")
-    if kind == "onnx" and not want_trt:
-        raise InputError("MODEL is already ONNX; use --format trt to build an engine from it")
-    if out_path is not None and out_path.lower().endswith((".plan", ".engine")) and not want_trt:
-        raise InputError(f"--out {out_path} names an engine, but no engine is built here ({trt_reason}); "
-                         "give an .onnx name or --format trt")
-    onnx_path = model if kind == "onnx" else (
-        out_path if out_path and out_path.endswith(".onnx") else default_onnx_path(out_path or model, precision))
-    plan_path = None
-    if want_trt:
-        plan_path = out_path if out_path and out_path.endswith((".plan", ".engine")) else os.path.splitext(onnx_path)[0] + ".plan"
-    finals = ([onnx_path] if kind == "pt" else []) + ([plan_path] if plan_path else [])
-    refuse_overwriting_inputs({"MODEL": model, "--timing-cache": timing_cache, "--calib-data": calib_data},
-                              {f"output {os.path.basename(f)}": f for p in finals for f in [p, *companions(p)]})
+    plan = plan_export(model, kind, "int8" if int8 else "fp16" if fp16 else "fp32", out_path, fmt, max_batch, opt_batch,
+                       calib_given, inputs={"--timing-cache": timing_cache, "--calib-data": calib_data})
+    precision, onnx_path, plan_path, want_trt = plan.precision, plan.onnx_path, plan.plan_path, bool(plan.plan_path)
 
     net = None
     if kind == "onnx":
@@ -131,7 +96,7 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
 
     if not want_trt:
         if fmt == "auto":
-            click.echo(f"stopped at ONNX: {trt_reason}")
+            click.echo(f"stopped at ONNX: {plan.trt_reason}")
         return
 
     from edm_deploy.export.tensorrt_build import build_engine
