@@ -199,7 +199,8 @@ def test_a_second_writer_is_refused(models, tmp_path, cli_env, out_flag, name):
 
 def test_shards_of_one_run_write_side_by_side_but_not_twice(models, tmp_path, cli_env):
     out = tmp_path / "o"
-    args = ["sample", models["uncond"], "-n", "400", "--batch", "2", "--steps", "200", "--outdir", str(out)]
+    # long enough (10^6 network calls) to be still writing while the other processes start, on any machine
+    args = ["sample", models["uncond"], "-n", "10000", "--batch", "2", "--steps", "200", "--outdir", str(out)]
     first = subprocess.Popen([sys.executable, "-m", "edm_deploy.cli", *args, "--shard", "0/2"], env=cli_env, cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

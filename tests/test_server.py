@@ -249,7 +249,7 @@ def test_a_client_that_goes_away_frees_its_rows_and_sigterm_drains(gauss_model):
     server = _start(gauss_model, "--max-batch", "1")
     try:
         with pytest.raises(httpx.TimeoutException):
-            httpx.post(server.url + "/v1/generate", json={"seeds": [0], "num_steps": 20000}, timeout=1.0)
+            httpx.post(server.url + "/v1/generate", json={"seeds": [0], "num_steps": 100_000}, timeout=1.0)
         deadline = time.time() + 10
         while time.time() < deadline:
             metrics = httpx.get(server.url + "/metrics").text
@@ -260,7 +260,7 @@ def test_a_client_that_goes_away_frees_its_rows_and_sigterm_drains(gauss_model):
         assert "edm_deploy_rows_in_flight 0.0" in metrics
         results = {}
         slow = threading.Thread(target=lambda: results.update(slow=httpx.post(
-            server.url + "/v1/generate", json={"seeds": [1], "num_steps": 1500}, timeout=120)))
+            server.url + "/v1/generate", json={"seeds": [1], "num_steps": 100_000}, timeout=300)))
         slow.start()
         time.sleep(0.5)
         server.send_signal(signal.SIGTERM)
@@ -269,7 +269,7 @@ def test_a_client_that_goes_away_frees_its_rows_and_sigterm_drains(gauss_model):
             r = httpx.post(server.url + "/v1/generate", json={"seeds": [2]}, timeout=5)
             assert r.status_code == 503  # a connection that got in: refused with 503, else refused outright
             raise httpx.HTTPError("refused with 503")
-        slow.join(timeout=120)
+        slow.join(timeout=300)
         assert results["slow"].status_code == 200 and results["slow"].headers["content-type"] == "image/png"
         assert server.wait(timeout=60) == 0
         assert any(line.startswith("stopped: 1 requests") for line in server.lines), server.lines
