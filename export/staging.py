@@ -46,7 +46,8 @@ class Staging:
         try:
             shutil.rmtree(self.folder, ignore_errors=True)  # left by a killed export of this output
             os.makedirs(self.folder)
-        except BaseException:
+        except BaseException:  # a signal may land right after the folder was made: it goes too
+            shutil.rmtree(self.folder, ignore_errors=True)
             self._lock.__exit__(None, None, None)
             raise
         return self
