@@ -24,16 +24,29 @@ from typing import Any, Callable, Optional
 from edm_deploy.runtime.backends.base import DenoiserBackend
 from edm_deploy.runtime.errors import InputError
 
-# Options of `load` that only some kinds of model take, with what they are for.
-OPTION_PURPOSE = {
-    "fp16": "fp16 compute in the torch network",
-    "bf16": "bfloat16 autocast in the torch network",
-    "compile": "torch.compile",
-    "compile_mode": "torch.compile's mode",
-    "channels_last": "channels-last memory format in torch",
-    "threads": "onnxruntime CPU threads",
-    "cuda_graph": "CUDA graph replay of TensorRT engines",
-}
+
+@dataclass(frozen=True)
+class LoadOption:
+    """An option of `load` that some kinds of model take, declared once: the CLI's flag, the
+    help and the "does not apply" errors are derived from it (`commands.common.backend_options`)."""
+
+    name: str                        # the keyword of `load`
+    purpose: str                     # what it is for (errors, help)
+    flag: Optional[str] = None       # its command-line flag; None: the Python API only
+    type: str = "flag"               # "flag" (on/off) or "int"
+    help: str = ""                   # the flag's help text
+
+
+FP16 = LoadOption("fp16", "fp16 compute in the torch network", "--fp16", help="torch backend: fp16 compute (CUDA).")
+BF16 = LoadOption("bf16", "bfloat16 autocast in the torch network", "--bf16",
+                  help="torch backend: bfloat16 autocast (CPUs with AVX-512 BF16/AMX, CUDA).")
+COMPILE = LoadOption("compile", "torch.compile", "--compile", help="torch backend: torch.compile the network.")
+COMPILE_MODE = LoadOption("compile_mode", "torch.compile's mode")
+CHANNELS_LAST = LoadOption("channels_last", "channels-last memory format in torch")
+THREADS = LoadOption("threads", "onnxruntime CPU threads", "--threads", "int",
+                     help="onnxruntime CPU threads [default: all cores].")
+CUDA_GRAPH = LoadOption("cuda_graph", "CUDA graph replay of TensorRT engines", "--cuda-graph",
+                        help="TensorRT backend: replay CUDA graphs per batch size.")
 
 
 @dataclass(frozen=True)
@@ -44,10 +57,14 @@ class ModelKind:
     suffixes: tuple[str, ...]        # file name endings (lower case)
     backends: tuple[str, ...]        # `backend=` values that run it (the first is its default)
     devices: tuple[str, ...]         # `device=` values it accepts
-    options: tuple[str, ...]         # load options that apply to it
+    options: tuple[LoadOption, ...]  # load options that apply to it
     open: Callable[..., DenoiserBackend]
     read_manifest: Callable[[str], dict]
     bench_variants: dict[str, dict] = field(default_factory=dict)  # bench name -> load options
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.options)
 
 
 def _open_plan(path: str, backend: str, device: str, gpu: int, max_batch: Optional[int], cuda_graph: bool = False):
@@ -97,15 +114,18 @@ def _pt_manifest(path: str) -> dict:
 
 
 MODEL_KINDS: dict[str, ModelKind] = {
-    "plan": ModelKind("TensorRT", (".plan", ".engine", ".trt"), ("tensorrt",), ("auto", "cuda"), ("cuda_graph",),
+    "plan": ModelKind("TensorRT", (".plan", ".engine", ".trt"), ("tensorrt",), ("auto", "cuda"), (CUDA_GRAPH,),
                       _open_plan, _plan_manifest, {"tensorrt": {}}),
-    "onnx": ModelKind("ONNX", (".onnx",), ("onnxruntime", "tensorrt"), ("auto", "cpu", "cuda", "tensorrt"), ("threads",),
+    "onnx": ModelKind("ONNX", (".onnx",), ("onnxruntime", "tensorrt"), ("auto", "cpu", "cuda", "tensorrt"), (THREADS,),
                       _open_onnx, _onnx_manifest, {"onnxruntime": {}}),
     "pt": ModelKind(".pt checkpoint", (".pt", ".pth", ".ckpt"), ("torch",), ("auto", "cpu", "cuda"),
-                    ("fp16", "bf16", "compile", "compile_mode", "channels_last"), _open_pt, _pt_manifest,
+                    (FP16, BF16, COMPILE, COMPILE_MODE, CHANNELS_LAST), _open_pt, _pt_manifest,
                     {"torch": {}, "torch-compile": {"compile": True}, "torch-fp16": {"fp16": True},
                      "torch-bf16": {"bf16": True}}),
 }
+
+# Every load option of every kind, by name (the CLI's backend flags are those with a flag).
+LOAD_OPTIONS: dict[str, LoadOption] = {o.name: o for k in MODEL_KINDS.values() for o in k.options}
 
 BACKENDS = ("auto",) + tuple(dict.fromkeys(b for k in MODEL_KINDS.values() for b in k.backends))
 DEVICES = tuple(dict.fromkeys(d for k in MODEL_KINDS.values() for d in k.devices))
@@ -132,8 +152,8 @@ def default_device_id() -> int:
 
 
 def _where_option_applies(option: str) -> str:
-    kinds = [k.name for k in MODEL_KINDS.values() if option in k.options]
-    return f"{OPTION_PURPOSE[option]}; it applies to {' and '.join(kinds)} models"
+    kinds = [k.name for k in MODEL_KINDS.values() if option in k.option_names]
+    return f"{LOAD_OPTIONS[option].purpose}; it applies to {' and '.join(kinds)} models"
 
 
 def check_model_file(path: str) -> None:
@@ -158,7 +178,7 @@ def load(
     `backend` picks the runtime ('auto' follows the file type); `device` is 'auto', 'cpu',
     'cuda' or (onnxruntime only) 'tensorrt'; `device_id` defaults to torchrun's LOCAL_RANK so
     each process of a multi-GPU run takes its own GPU. Kind-specific `options` (see
-    `OPTION_PURPOSE`): `fp16`, `bf16`, `compile`, `compile_mode`, `channels_last` for `.pt`
+    `LOAD_OPTIONS`): `fp16`, `bf16`, `compile`, `compile_mode`, `channels_last` for `.pt`
     checkpoints, `threads` for onnxruntime, `cuda_graph` for TensorRT engines; one given to
     another kind of model is an error rather than silently ignored.
     """
@@ -168,11 +188,11 @@ def load(
         raise InputError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     kind = MODEL_KINDS[model_kind(path)]
     check_model_file(path)
-    unknown = [o for o in options if o not in OPTION_PURPOSE]
+    unknown = [o for o in options if o not in LOAD_OPTIONS]
     if unknown:
         raise InputError(f"unknown load option(s): {', '.join(unknown)}")
     for option, value in options.items():
-        if value and option not in kind.options:
+        if value and option not in kind.option_names:
             raise InputError(f"{option} does not apply to {kind.name} models ({_where_option_applies(option)})",
                              param=option)
     if backend != "auto" and backend not in kind.backends:

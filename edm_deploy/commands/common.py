@@ -104,17 +104,21 @@ def max_threads() -> int:
 
 
 def backend_options(func: Callable) -> Callable:
-    from edm_deploy.loading import BACKENDS, DEVICES
+    """--backend, --device and every load option that has a flag, as `loading.MODEL_KINDS` declares them."""
+    from edm_deploy.loading import BACKENDS, DEVICES, LOAD_OPTIONS
 
     options = [
         click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help="Runtime; auto follows the file type."),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Device (tensorrt = onnxruntime's TensorRT provider)."),
-        click.option("--fp16", is_flag=True, help="torch backend: fp16 compute (CUDA)."),
-        click.option("--bf16", is_flag=True, help="torch backend: bfloat16 autocast (CPUs with AVX-512 BF16/AMX, CUDA)."),
-        click.option("--compile", "compile_", is_flag=True, help="torch backend: torch.compile the network."),
-        click.option("--cuda-graph", is_flag=True, help="TensorRT backend: replay CUDA graphs per batch size."),
-        click.option("--threads", type=click.IntRange(min=1, max=max_threads()), default=None, help="onnxruntime CPU threads [default: all cores]."),
     ]
+    for option in LOAD_OPTIONS.values():
+        if option.flag is None:
+            continue
+        if option.type == "int":
+            options.append(click.option(option.flag, option.name, type=click.IntRange(min=1, max=max_threads()),
+                                        default=None, help=option.help))
+        else:
+            options.append(click.option(option.flag, option.name, is_flag=True, help=option.help))
     for option in reversed(options):
         func = option(func)
     return func
@@ -123,13 +127,12 @@ def backend_options(func: Callable) -> Callable:
 def load_from_options(model: str, params: dict[str, Any], max_batch: Any = None, only_applicable: bool = False):
     """Load `model` with the backend flags; `only_applicable` drops the ones its kind does not take
     (a second model of another kind, e.g. an ONNX guide for a .pt model run with --compile)."""
-    from edm_deploy.loading import MODEL_KINDS, load, model_kind
+    from edm_deploy.loading import LOAD_OPTIONS, MODEL_KINDS, load, model_kind
 
-    options = dict(fp16=params.get("fp16", False), bf16=params.get("bf16", False), compile=params.get("compile_", False),
-                   cuda_graph=params.get("cuda_graph", False), threads=params.get("threads"))
+    options = {name: params[name] for name, o in LOAD_OPTIONS.items() if o.flag is not None and params.get(name)}
     backend = params["backend"]
     if only_applicable:
         kind = MODEL_KINDS[model_kind(model)]
-        options = {k: v for k, v in options.items() if k in kind.options}
+        options = {k: v for k, v in options.items() if k in kind.option_names}
         backend = backend if backend in kind.backends else "auto"
     return load(model, backend=backend, device=params["device"], max_batch=max_batch, **options)
