@@ -89,7 +89,7 @@ def grid_step(model_path: str, outdir: str, echo: Callable[[str], None], columns
 
     path = os.path.join(outdir, "grid.png")
     with load(model_path, device="cpu") as den:
-        grid = GridWriter(path, den.label_dim * columns, columns=columns, upscale=GRID_UPSCALE, pad=2)
+        grid = GridWriter(path, den.label_dim * columns, columns=columns, scale=GRID_UPSCALE, pad=2)
         for cls in range(den.label_dim):
             seeds = [1_000_000 + cls * columns + k for k in range(columns)]
             images, _ = sample_batch(den, seeds, cls, {"num_steps": 18})

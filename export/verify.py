@@ -201,6 +201,39 @@ def _check_arguments(precision: str, batches: Optional[Sequence[int]], seed: Any
                                           f"largest batch), got {list(batches)!r}")
 
 
+COMPARED_FIELDS = ("img_resolution", "img_channels", "label_dim")
+
+
+def check_comparable(net: Any, den: Any, artifact_path: str) -> None:
+    """An artifact can be measured against a network only if both take the same inputs.
+
+    Another network of another shape or class count would end in a backend's shape error or a
+    remark about labels; this says which field differs. (That it is *the* checkpoint the
+    artifact came from is `source_mismatch`'s question, which a user may overrule; this one not.)
+    """
+    for key in COMPARED_FIELDS:
+        a, b = getattr(den, key, None), getattr(net, key, None)
+        if a is not None and b is not None and int(a) != int(b):
+            raise InputError(f"{artifact_path} cannot be compared with this checkpoint: {key} is {a} in the artifact "
+                             f"and {b} in the checkpoint, so it is not the checkpoint it was exported from")
+
+
+def source_mismatch(manifest: dict, ckpt_path: str) -> Optional[str]:
+    """Why `ckpt_path` is not the checkpoint the artifact's manifest records (None when it is, or
+    when the manifest records none): the export writes the source checkpoint's sha256."""
+    from edm_deploy.runtime.fileio import sha256_file
+
+    recorded = (manifest.get("source") or {}).get("sha256")
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    actual = sha256_file(ckpt_path)
+    if actual == recorded:
+        return None
+    name = (manifest.get("source") or {}).get("checkpoint") or "?"
+    return (f"{ckpt_path} is not the checkpoint this was exported from: the manifest records {name} with sha256 "
+            f"{recorded[:16]}..., this file has {actual[:16]}...")
+
+
 def verify_artifact(
     artifact_path: str,
     net: Any,
@@ -218,6 +251,7 @@ def verify_artifact(
     """
     max_batch = int(den.max_batch or (den.manifest.get("batch") or {}).get("max") or 8)
     _check_arguments(precision, batches, seed, num_bands, max_batch)
+    check_comparable(net, den, artifact_path)
     batches = [int(b) for b in batches] if batches is not None else default_batches(max_batch)
     feeds = make_feeds(net, batches, int(seed))
     want = reference_outputs(net, feeds)

@@ -50,13 +50,26 @@ def _existing_folder(path: str) -> str:
     return directory
 
 
+def write_target(path: str) -> str:
+    """The file a write to `path` must replace: a symlink is followed to its target.
+
+    Renaming onto a symlink would replace the link by a plain file and leave its target stale,
+    and a lock taken beside the link would not exclude a writer that names the target; so every
+    atomic write and every output lock goes through the resolved path (as ``cp`` and a shell
+    redirect write through a link). Paths that are no symlinks come back absolute, unchanged.
+    """
+    return os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     """A temporary path beside `path` to write into; renamed onto `path` when the block succeeds.
 
     For writers that need a file name (zip archives, `onnx.save`). On any exception the
-    temporary file is removed and `path` is left as it was.
+    temporary file is removed and `path` is left as it was. A symlinked `path` is written
+    through (`write_target`): the link stays, its target gets the new bytes.
     """
+    path = write_target(path)
     directory = _existing_folder(path)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + os.path.basename(path) + TEMP_SUFFIX, dir=directory)
     os.close(fd)
@@ -149,10 +162,13 @@ def refuse_overwriting_inputs(inputs: dict[str, str], outputs: dict[str, str]) -
 
 
 def lock_path_for(output: str) -> str:
-    """The lock file guarding an output: inside an output folder, beside an output file (hidden)."""
+    """The lock file guarding an output: inside an output folder, beside an output file (hidden).
+
+    A symlinked output file is locked beside its target, so two names of one file share a lock.
+    """
     if os.path.isdir(output):
         return os.path.join(output, ".edm-deploy.lock")
-    directory, name = os.path.split(os.path.abspath(output))
+    directory, name = os.path.split(write_target(output))
     return os.path.join(directory, f".{name}.lock")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from typing import Optional, Sequence
@@ -14,9 +15,66 @@ SEED_LIMIT = 1 << 32  # the per-seed streams are seeded with seed mod 2^32, like
 MAX_SEEDS = 10_000_000  # per run; a larger list would not fit the run's bookkeeping in memory
 
 
-def check_seed_count(count: int) -> None:
+def check_seed_count(count: int, param: str = "seeds") -> None:
     if count > MAX_SEEDS:
-        raise InputError(f"{count} seeds is more than one run takes ({MAX_SEEDS:,}); split the seeds over several runs")
+        raise InputError(f"{count:,} seeds is more than one run takes ({MAX_SEEDS:,}); split the seeds over several runs",
+                         param=param)
+
+
+def check_seed(seed: object, param: str = "seeds", where: str = "") -> int:
+    """One seed: a whole number (Python or NumPy integer, never a bool, a float or text) in [0, 2^32).
+
+    `where` says which entry it was (``seeds[3]``) in the message.
+    """
+    name = where or param
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        hint = " (text such as '0-63,100' is for parse_seeds)" if isinstance(seed, str) else ""
+        raise InputError(f"{name} must be an integer seed, got {seed!r} ({type(seed).__name__}){hint}", param=param)
+    value = int(seed)
+    if not 0 <= value < SEED_LIMIT:
+        why = f" (a larger one would repeat the noise of seed {value % SEED_LIMIT})" if value >= SEED_LIMIT else ""
+        raise InputError(f"{name} = {value} is not a seed: seeds lie in 0..{SEED_LIMIT - 1}{why}", param=param)
+    return value
+
+
+def check_seeds(seeds: object, *, param: str = "seeds", unique: bool = True) -> list[int]:
+    """The one seed check of the CLI, the Python API and any server: a list of valid seeds.
+
+    `seeds` is a list, tuple, range, NumPy integer array or other iterable of seeds, each checked
+    by `check_seed`; a single int or a string is refused (``"01"`` would otherwise be seeds 0 and
+    1). At least one seed, at most `MAX_SEEDS` (counted before anything is built), and, with
+    `unique`, no seed twice (two identical images under one seed's name). Every problem is one
+    InputError tagged with `param`.
+    """
+    if isinstance(seeds, (str, bytes)):
+        raise InputError(f"{param} must be a list of integer seeds, got the text {seeds!r} (for '0-63,100' use "
+                         "parse_seeds)", param=param)
+    if isinstance(seeds, (bool, int, float, np.generic)):
+        raise InputError(f"{param} must be a list of integer seeds, got the single {type(seeds).__name__} {seeds!r} "
+                         f"(write [{seeds!r}] for one seed)", param=param)
+    if isinstance(seeds, np.ndarray) and seeds.ndim != 1:
+        raise InputError(f"{param} must be a flat list of seeds, got an array of shape {list(seeds.shape)}", param=param)
+    try:
+        count = len(seeds)  # type: ignore[arg-type]
+    except TypeError:
+        try:
+            seeds = list(itertools.islice(iter(seeds), MAX_SEEDS + 1))  # type: ignore[call-overload]
+        except TypeError:
+            raise InputError(f"{param} must be a list of integer seeds, got {type(seeds).__name__}", param=param) from None
+        count = len(seeds)
+    check_seed_count(count, param)
+    if count == 0:
+        raise InputError(f"{param} is empty; give at least one seed", param=param)
+    if isinstance(seeds, range) and seeds.step > 0:  # increasing: its ends bound every seed, none repeats
+        check_seed(seeds[0], param, f"{param}[0]")
+        check_seed(seeds[-1], param, f"{param}[{count - 1}]")
+        return list(seeds)
+    out = [check_seed(s, param, f"{param}[{i}]") for i, s in enumerate(seeds)]  # type: ignore[arg-type]
+    if unique and len(set(out)) != len(out):
+        seen: set[int] = set()
+        repeated = next(s for s in out if s in seen or seen.add(s))  # type: ignore[func-returns-value]
+        raise InputError(f"{param} repeats seed {repeated}; each seed names one image", param=param)
+    return out
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -38,7 +96,7 @@ def parse_seeds(text: str) -> list[int]:
         if hi < lo:
             raise InputError(f"bad seed range {part!r}: the end is before the start")
         if hi >= SEED_LIMIT:
-            raise InputError(f"bad seed {hi}: seeds must lie in 0..{SEED_LIMIT - 1}")
+            raise InputError(f"bad seed {hi}: seeds must lie in 0..{SEED_LIMIT - 1}", param="seeds")
         ranges.append((lo, hi))
     if not ranges:
         raise InputError(f"no seeds in {text!r}: use numbers and ranges like 0-63,100")

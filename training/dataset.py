@@ -25,11 +25,12 @@ import io
 import json
 import os
 import zipfile
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.jsonio import MAX_DATASET_JSON_BYTES, loads_bounded, read_json_file
 
 # --------------------------------------------------------------------------------------------
 # The built-in digits split.
@@ -103,8 +104,8 @@ class Dataset:
         self._label_dim = label_dim  # None: max label + 1
         self._cache: dict[int, np.ndarray] = {}
         check_image_shape(self.image_shape, name)
-        if self._labels is not None and len(self._labels) and self._labels.min() < 0:
-            raise InputError(f"{name}: class labels must be non-negative integers")
+        if self._labels is not None:
+            check_labels(self._labels, name)
 
     # -- sizes ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -203,14 +204,19 @@ class ArrayDataset(Dataset):
 
 
 class _FileDataset(Dataset):
-    """Images stored as files (a folder or a ZIP): headers checked at open, pixels decoded lazily."""
+    """Images stored as files (a folder or a ZIP): headers checked at open, pixels decoded lazily.
 
-    def __init__(self, name: str, names: list[str], opener: Callable[[str], bytes], labels_json, label_source: str):
+    `opener(name)` returns a file's bytes (bounded by `MAX_IMAGE_FILE_BYTES`), `stream(name)` an
+    open binary file, from which only the header is read when the dataset is checked.
+    """
+
+    def __init__(self, name: str, names: list[str], opener: Callable[[str], bytes], labels_json, label_source: str,
+                 stream: Callable[[str], BinaryIO]):
         if not names:
             raise InputError(f"{name}: no images found")
         self._names = names
         self._opener = opener
-        shape = _common_shape(name, names, opener)
+        shape = _common_shape(name, names, stream)
         labels = _resolve_labels(name, names, labels_json, label_source)
         super().__init__(name, shape, labels)
 
@@ -235,8 +241,36 @@ class ZipDataset(_FileDataset):
         super().__init__(*_zip_listing(path))
 
 
+# One image file may hold at most this many bytes (in a folder or, inflated, in a ZIP): far above
+# any image worth resizing into a dataset (a 1024x1024 16-bit RGB PNG, uncompressed, is 6 MB; a
+# 100-megapixel photo as JPEG ~50 MB), and a bound on what reading one costs. A ZIP entry is
+# refused on its declared size before it is inflated and again, while streaming, on the bytes it
+# actually inflates to (a forged header cannot get past the second check).
+MAX_IMAGE_FILE_BYTES = 256 << 20
+# The most pixels one image may decode to (PIL's own decompression-bomb limit, as an error here).
+MAX_IMAGE_PIXELS = 89_478_485
+# A ZIP may inflate to at most this many times its compressed size (PNGs barely compress; a
+# folder of BMPs of digits ~10x); beyond it the archive is a ZIP bomb, refused before inflating.
+MAX_ZIP_RATIO = 200
+_READ_CHUNK = 1 << 20
+
+
+def read_bounded(f: BinaryIO, limit: int, where: str) -> bytes:
+    """Read `f` to its end in chunks, refusing (one InputError) as soon as it passes `limit` bytes."""
+    parts, size = [], 0
+    while True:
+        block = f.read(_READ_CHUNK)
+        if not block:
+            return b"".join(parts)
+        size += len(block)
+        if size > limit:
+            raise InputError(f"{where} holds more than {limit:,} bytes (at most {limit:,} are read for one file "
+                             "of a dataset); it is not an image of a dataset, or a ZIP bomb")
+        parts.append(block)
+
+
 def _folder_listing(path: str):
-    """(name, sorted image names, opener, parsed dataset.json, label source) of a folder."""
+    """(name, sorted image names, opener, parsed dataset.json, label source, stream) of a folder."""
     if not os.path.isdir(path):
         raise InputError(f"dataset folder not found: {path}")
     names = sorted(
@@ -250,14 +284,18 @@ def _folder_listing(path: str):
     meta = os.path.join(path, "dataset.json")
     labels_json, source = None, "folders"
     if os.path.isfile(meta):
-        with open(meta, "rb") as f:
-            labels_json, source = _parse_dataset_json(f.read(), meta), "json"
+        labels_json = _parse_dataset_json(read_json_file(meta, max_bytes=MAX_DATASET_JSON_BYTES, what="dataset.json"),
+                                          meta)
+        source = "json"
+
+    def stream(rel: str) -> BinaryIO:
+        return open(os.path.join(path, rel), "rb")
 
     def opener(rel: str) -> bytes:
-        with open(os.path.join(path, rel), "rb") as f:
-            return f.read()
+        with stream(rel) as f:
+            return read_bounded(f, MAX_IMAGE_FILE_BYTES, f"{path}/{rel}")
 
-    return path, names, opener, labels_json, source
+    return path, names, opener, labels_json, source, stream
 
 
 def _zip_listing(path: str):
@@ -266,7 +304,8 @@ def _zip_listing(path: str):
         raise InputError(f"dataset ZIP not found: {path}")
     try:
         zf = zipfile.ZipFile(path)
-        bad = zf.testzip()
+        _check_zip_sizes(zf, path)
+        bad = _first_bad_member(zf, path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
         raise InputError(f"{path} is not a readable ZIP file ({exc})") from exc
     if bad is not None:
@@ -277,8 +316,60 @@ def _zip_listing(path: str):
         raise InputError(f"{path}: the ZIP holds no images")
     labels_json, source = None, "none"
     if "dataset.json" in members:
-        labels_json, source = _parse_dataset_json(zf.read("dataset.json"), f"{path}:dataset.json"), "json"
-    return path, names, zf.read, labels_json, source
+        where = f"{path}:dataset.json"
+        with zf.open("dataset.json") as f:
+            text = read_bounded(f, MAX_DATASET_JSON_BYTES, where)
+        labels_json = _parse_dataset_json(loads_bounded(text, where, max_bytes=MAX_DATASET_JSON_BYTES,
+                                                        what="dataset.json"), where)
+        source = "json"
+
+    def opener(name: str) -> bytes:
+        try:
+            with zf.open(name) as f:
+                return read_bounded(f, MAX_IMAGE_FILE_BYTES, f"{path}:{name}")
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read {name} ({exc})") from exc
+
+    def stream(name: str) -> BinaryIO:
+        return zf.open(name)  # type: ignore[return-value]
+
+    return path, names, opener, labels_json, source, stream
+
+
+def _check_zip_sizes(zf: zipfile.ZipFile, path: str) -> None:
+    """Refuse a ZIP bomb from its directory alone, before anything is inflated: an entry that
+    declares more than a dataset file holds, or an archive inflating beyond `MAX_ZIP_RATIO`."""
+    declared = compressed = 0
+    for info in zf.infolist():
+        limit = MAX_DATASET_JSON_BYTES if info.filename == "dataset.json" else MAX_IMAGE_FILE_BYTES
+        if info.file_size > limit:
+            raise InputError(f"{path}: member {info.filename} inflates to {info.file_size:,} bytes; a file of a "
+                             f"dataset holds at most {limit:,} (a ZIP bomb?)")
+        declared += info.file_size
+        compressed += info.compress_size
+    if declared > MAX_ZIP_RATIO * max(compressed, 1) + MAX_IMAGE_FILE_BYTES:
+        raise InputError(f"{path}: {compressed:,} compressed bytes inflate to {declared:,} (more than "
+                         f"{MAX_ZIP_RATIO}x); image datasets do not compress like that (a ZIP bomb?)")
+
+
+def _first_bad_member(zf: zipfile.ZipFile, path: str) -> Optional[str]:
+    """`ZipFile.testzip`, bounded: every member inflated in chunks, CRC checked, none past its cap."""
+    for info in zf.infolist():
+        limit = MAX_DATASET_JSON_BYTES if info.filename == "dataset.json" else MAX_IMAGE_FILE_BYTES
+        try:
+            with zf.open(info) as f:
+                size = 0
+                while True:
+                    block = f.read(_READ_CHUNK)
+                    if not block:
+                        break
+                    size += len(block)
+                    if size > limit:
+                        raise InputError(f"{path}: member {info.filename} inflates past {limit:,} bytes although "
+                                         f"it declares {info.file_size:,} (a forged ZIP bomb)")
+        except zipfile.BadZipFile:
+            return info.filename
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,20 +482,35 @@ def image_channels(mode: str, where: str) -> int:
     return _CHANNELS[mode]
 
 
-def _header_shape(data: bytes, where: str) -> tuple[int, int, int]:
-    img = _open_pil(data, where)
-    return image_channels(img.mode, where), img.size[1], img.size[0]
+def _header_shape(stream: Callable[[str], BinaryIO], name: str, where: str) -> tuple[int, int, int]:
+    """(channels, height, width) from an image file's header: only the header is read."""
+    from PIL import Image
+
+    try:
+        with stream(name) as f:
+            with Image.open(f) as img:
+                channels, size = image_channels(img.mode, where), img.size
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{where} is not a readable image ({exc})") from exc
+    check_pixel_count(size, where)
+    return channels, size[1], size[0]
 
 
-def _common_shape(name: str, names: list[str], opener: Callable[[str], bytes]) -> tuple[int, int, int]:
+def check_pixel_count(size: Sequence[int], where: str) -> None:
+    """An image's header may not promise more than `MAX_IMAGE_PIXELS` pixels (a decompression bomb)."""
+    w, h = int(size[0]), int(size[1])
+    if w * h > MAX_IMAGE_PIXELS:
+        raise InputError(f"{where} is {w}x{h} = {w * h:,} pixels; at most {MAX_IMAGE_PIXELS:,} are decoded "
+                         "(a decompression bomb, or a photo far larger than any dataset needs)")
+
+
+def _common_shape(name: str, names: list[str], stream: Callable[[str], BinaryIO]) -> tuple[int, int, int]:
     """Check that every image has one size and one channel count (headers only)."""
     first = None
     for n in names:
-        try:
-            data = opener(n)
-        except Exception as exc:
-            raise InputError(f"{name}: cannot read {n} ({exc})") from exc
-        shape = _header_shape(data, f"{name}/{n}")
+        shape = _header_shape(stream, n, f"{name}/{n}")
         if first is None:
             first = (n, shape)
         elif shape[1:] != first[1][1:]:
@@ -437,6 +543,7 @@ def pil_to_array(img, channels: int) -> np.ndarray:
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
     img = _open_pil(data, where)
+    check_pixel_count(img.size, where)
     channels = image_channels(img.mode, where)
     try:
         return pil_to_array(img, channels)
@@ -446,21 +553,53 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
         raise InputError(f"{where} is not a readable image ({exc})") from exc
 
 
-def _parse_dataset_json(data: bytes, where: str):
-    """dataset.json -> {name: label} or None (labels: null)."""
-    try:
-        meta = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{where} is not valid JSON ({exc})") from exc
+def _parse_dataset_json(meta: Any, where: str):
+    """Parsed dataset.json -> {name: label} or None (labels: null).
+
+    Labels must be JSON integers in [0, `MAX_CLASSES`): ``"3"``, 3.7 or true are refused rather
+    than read as 3, 3 and 1.
+    """
     if not isinstance(meta, dict) or "labels" not in meta:
         raise InputError(f'{where}: expected {{"labels": [[file, label], ...]}} or {{"labels": null}}')
     labels = meta["labels"]
     if labels is None:
         return None
-    try:
-        return {str(k).replace("\\", "/"): int(v) for k, v in labels}
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{where}: labels must be a list of [file name, integer] pairs") from exc
+    pairs_error = InputError(f"{where}: labels must be a list of [file name, integer] pairs")
+    if not isinstance(labels, list):
+        raise pairs_error
+    out = {}
+    for entry in labels:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise pairs_error
+        name, label = entry
+        check_label(label, f"{where}: the label of {name}")
+        out[name.replace("\\", "/")] = label
+    return out
+
+
+# The most classes a dataset may have (labels lie in [0, MAX_CLASSES)): ImageNet-21k has 21,841;
+# a conditional network spends label_dim x (4 x channels) weights on its label embedding, so a
+# label of 10^9 would ask train for a 10^9-row embedding (128 GB at 32 channels).
+MAX_CLASSES = 100_000
+
+
+def check_label(label: Any, where: str) -> None:
+    """One class label: an integer (not a bool, float or text) in [0, `MAX_CLASSES`)."""
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+        raise InputError(f"{where} must be an integer class label, got {label!r}")
+    if not 0 <= label < MAX_CLASSES:
+        raise InputError(f"{where} is {label}; class labels must lie in 0..{MAX_CLASSES - 1}")
+
+
+def check_labels(labels: np.ndarray, source: str) -> None:
+    """Every label of a dataset in [0, `MAX_CLASSES`): what `dataset` writes, `train` reads."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= MAX_CLASSES:
+        bad = lo if lo < 0 else hi
+        raise InputError(f"{source}: class label {bad} is out of range; labels must lie in 0..{MAX_CLASSES - 1}")
 
 
 def _resolve_labels(name: str, names: list[str], labels_json, source: str) -> Optional[np.ndarray]:
@@ -531,18 +670,20 @@ def iter_source_images(spec: str, max_images: Optional[int] = None):
         ds = open_dataset(spec, max_images=max_images)
         return len(ds), ds.has_labels, (ds[i] for i in range(len(ds)))
     if os.path.isdir(spec):
-        name, names, opener, labels_json, source = _folder_listing(spec)
+        name, names, opener, labels_json, source, stream = _folder_listing(spec)
     elif spec.lower().endswith(".zip") and os.path.isfile(spec):
-        name, names, opener, labels_json, source = _zip_listing(spec)
+        name, names, opener, labels_json, source, stream = _zip_listing(spec)
     else:
         open_dataset(spec)  # raises the right InputError
         raise AssertionError("unreachable")
     if max_images is not None:
         names = names[:max_images]
     labels = _resolve_labels(name, names, labels_json, source)
+    if labels is not None:
+        check_labels(labels, name)
     channels = None
     for n in names:
-        c = _header_shape(opener(n), f"{name}/{n}")[0]
+        c = _header_shape(stream, n, f"{name}/{n}")[0]
         if channels is None:
             channels = c
         elif c != channels:
