@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 import zipfile
 from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence
 
@@ -252,6 +253,7 @@ MAX_IMAGE_PIXELS = 89_478_485
 # A ZIP may inflate to at most this many times its compressed size (PNGs barely compress; a
 # folder of BMPs of digits ~10x); beyond it the archive is a ZIP bomb, refused before inflating.
 MAX_ZIP_RATIO = 200
+ZIP_RATIO_SLACK = 64 << 20  # bytes a small archive may inflate to whatever its ratio
 _READ_CHUNK = 1 << 20
 
 
@@ -347,7 +349,7 @@ def _check_zip_sizes(zf: zipfile.ZipFile, path: str) -> None:
                              f"dataset holds at most {limit:,} (a ZIP bomb?)")
         declared += info.file_size
         compressed += info.compress_size
-    if declared > MAX_ZIP_RATIO * max(compressed, 1) + MAX_IMAGE_FILE_BYTES:
+    if declared > MAX_ZIP_RATIO * compressed + ZIP_RATIO_SLACK:
         raise InputError(f"{path}: {compressed:,} compressed bytes inflate to {declared:,} (more than "
                          f"{MAX_ZIP_RATIO}x); image datasets do not compress like that (a ZIP bomb?)")
 
@@ -465,13 +467,26 @@ def check_image_shape(shape: Sequence[int], source: str) -> None:
         )
 
 
-def _open_pil(data: bytes, where: str):
+def _pil_open(f: BinaryIO, where: str):
+    """PIL's Image.open with its decompression-bomb warning silenced (`check_pixel_count` is the
+    check, as an error) and its bomb error told as one."""
     from PIL import Image
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(f)
+        except Image.DecompressionBombError as exc:
+            raise InputError(f"{where}: {exc}; at most {MAX_IMAGE_PIXELS:,} pixels are decoded") from None
+
+
+def _open_pil(data: bytes, where: str):
     try:
-        img = Image.open(io.BytesIO(data))
+        img = _pil_open(io.BytesIO(data), where)
         img.size  # noqa: B018 - force header parsing
         return img
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(f"{where} is not a readable image ({exc})") from exc
 
@@ -484,11 +499,9 @@ def image_channels(mode: str, where: str) -> int:
 
 def _header_shape(stream: Callable[[str], BinaryIO], name: str, where: str) -> tuple[int, int, int]:
     """(channels, height, width) from an image file's header: only the header is read."""
-    from PIL import Image
-
     try:
         with stream(name) as f:
-            with Image.open(f) as img:
+            with _pil_open(f, where) as img:
                 channels, size = image_channels(img.mode, where), img.size
     except InputError:
         raise
