@@ -266,3 +266,12 @@ def test_a_searched_schedule_file_records_what_the_warnings_compare(tmp_path):
     _, meta = read_schedule(str(path))
     assert {k: meta[k] for k in ("solver", "nfe", "afs", "denoise_to_zero", "max_order")} == {
         "solver": "ipndm", "nfe": 3, "afs": True, "denoise_to_zero": False, "max_order": 4}
+
+
+def test_calibration_seeds_stay_below_2_to_the_32():
+    from edm_deploy.export.quantize import check_options
+
+    assert check_options(16, 2**32 - 16, "minmax", 18, 99.99) == "minmax"
+    with pytest.raises(InputError, match="needs seeds up to 4294967299") as info:
+        check_options(16, 2**32 - 12, "minmax", 18, 99.99)
+    assert info.value.param == "seed"
