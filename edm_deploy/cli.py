@@ -103,8 +103,8 @@ def cli() -> None:
     \b
     Quick start:
       edm-deploy demo                          # digits: train -> export -> sample -> report
-      edm-deploy export ckpt.pt --fp16         # -> ckpt.onnx (+ engine with TensorRT)
-      edm-deploy sample ckpt.onnx -n 64 --grid grid.png
+      edm-deploy export ckpt.pt --fp16         # -> ckpt-fp16.onnx (+ ckpt-fp16.plan with TensorRT)
+      edm-deploy sample ckpt-fp16.onnx -n 64 --grid grid.png
     """
 
 

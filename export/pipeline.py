@@ -46,6 +46,32 @@ def default_onnx_path(ckpt: str, precision: str) -> str:
     return stem + ("" if precision == "fp32" else f"-{precision}") + ".onnx"
 
 
+ENGINE_SUFFIXES = (".plan", ".engine")
+
+
+def output_paths(model: str, precision: str, out_path: Optional[str], engine: bool) -> tuple[str, Optional[str]]:
+    """(the ONNX file, the engine or None) that `edm-deploy export MODEL` writes.
+
+    The one place output names are derived (the command uses it, and a test checks the names its
+    help examples promise): an .onnx MODEL is its own ONNX file; otherwise `out_path` when it is
+    an .onnx name, else the checkpoint's name with the precision (``ckpt.onnx``,
+    ``ckpt-fp16.onnx``, ``ckpt-int8.onnx``) beside `out_path` or the checkpoint. The engine
+    (with `engine`) is `out_path` when it names one, else the ONNX file's name with ``.plan``.
+    Companion files (``.plan.json``, ``.onnx.data``) are `staging.companions` of these.
+    """
+    if model.lower().endswith(".onnx"):
+        onnx_path = model
+    elif out_path and out_path.lower().endswith(".onnx"):
+        onnx_path = out_path
+    else:
+        onnx_path = default_onnx_path(out_path or model, precision)
+    plan_path = None
+    if engine:
+        plan_path = (out_path if out_path and out_path.lower().endswith(ENGINE_SUFFIXES)
+                     else os.path.splitext(onnx_path)[0] + ".plan")
+    return onnx_path, plan_path
+
+
 def calibration_images(data: str, count: int, seed: int) -> np.ndarray:
     """`count` images of a dataset (seeded pick), as float32 NCHW in [-1, 1]."""
     from edm_deploy.training.dataset import open_dataset

@@ -60,8 +60,8 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
     """
     from edm_deploy.export.pipeline import (
         CalibrationOptions,
-        default_onnx_path,
         export_checkpoint,
+        output_paths,
         verify_staged,
     )
     from edm_deploy.export.staging import Staging, companions
@@ -99,11 +99,7 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
     if out_path is not None and out_path.lower().endswith((".plan", ".engine")) and not want_trt:
         raise InputError(f"--out {out_path} names an engine, but no engine is built here ({trt_reason}); "
                          "give an .onnx name or --format trt")
-    onnx_path = model if kind == "onnx" else (
-        out_path if out_path and out_path.endswith(".onnx") else default_onnx_path(out_path or model, precision))
-    plan_path = None
-    if want_trt:
-        plan_path = out_path if out_path and out_path.endswith((".plan", ".engine")) else os.path.splitext(onnx_path)[0] + ".plan"
+    onnx_path, plan_path = output_paths(model, precision, out_path, engine=want_trt)
     finals = ([onnx_path] if kind == "pt" else []) + ([plan_path] if plan_path else [])
     refuse_overwriting_inputs({"MODEL": model, "--timing-cache": timing_cache, "--calib-data": calib_data},
                               {f"output {os.path.basename(f)}": f for p in finals for f in [p, *companions(p)]})
