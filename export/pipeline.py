@@ -18,7 +18,6 @@ import numpy as np
 from edm_deploy.runtime.errors import InputError
 
 PRECISIONS = ("fp32", "fp16", "int8")
-VERIFY_BATCH_LIMIT = 64  # verification runs batches 1, an odd size and this at most (memory stays small)
 
 
 @dataclass
@@ -94,12 +93,12 @@ def _runner(path: str, device: str):
     return TensorRTDenoiser(path)
 
 
-def verify_staged(stage, final: str, net: Any, precision: str, device: str, max_batch: int):
+def verify_staged(stage, final: str, net: Any, precision: str, device: str):
     """Verify a staged artifact; a failure keeps it under a name that says so, and raises."""
-    from edm_deploy.export.verify import default_batches, verify_artifact
+    from edm_deploy.export.verify import verify_artifact
 
     with _runner(stage.path(final), device) as den:
-        report = verify_artifact(final, net, den, precision, batches=default_batches(min(max_batch, VERIFY_BATCH_LIMIT)))
+        report = verify_artifact(final, net, den, precision)  # the inputs `edm-deploy verify` uses by default
     if not report.passed:
         kept = stage.keep_failed(final)
         raise InputError(f"verification of {final} failed; nothing was written under that name, the failed file is "
@@ -155,6 +154,6 @@ def export_checkpoint(
             result = export_onnx(net, ckpt["network"], stage.path(out_path), fp16=precision == "fp16", opset=opset,
                                  max_batch=max_batch, opt_batch=opt_batch, source_path=ckpt_path)
             manifest, size = result.manifest, result.size_bytes
-        report = verify_staged(stage, out_path, net, precision, "cpu", max_batch) if verify else None
+        report = verify_staged(stage, out_path, net, precision, "cpu") if verify else None
         stage.commit([out_path])
     return ExportOutcome(out_path, manifest, time.perf_counter() - start, size, report)

@@ -164,8 +164,15 @@ def reference_outputs(net: Any, feeds: list[dict[str, np.ndarray]]) -> list[np.n
     return outs
 
 
+# The largest batch verification runs by default: the export gate and `edm-deploy verify` measure
+# on the same inputs, so both print the same figure for one artifact (memory stays small too).
+VERIFY_BATCH_LIMIT = 64
+
+
 def default_batches(max_batch: int) -> list[int]:
-    """{1, an odd size strictly between when one exists, max}: 1, 5, 8 for 8; 1, 33, 64 for 64."""
+    """{1, an odd size strictly between when one exists, max} with max capped at `VERIFY_BATCH_LIMIT`:
+    1, 5, 8 for 8; 1, 33, 64 for 64 and above."""
+    max_batch = min(max_batch, VERIFY_BATCH_LIMIT)
     mid = max_batch // 2
     odd = mid if mid % 2 else mid + 1
     return sorted({1, odd, max_batch} if 1 < odd < max_batch else {1, max_batch})

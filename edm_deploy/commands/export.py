@@ -138,7 +138,7 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
                               timing_cache=timing_cache, optimization_level=opt_level, workspace_gib=workspace,
                               hardware_compatible=hardware_compat)
         if net is not None:
-            click.echo(verify_staged(stage, plan_path, net, manifest.get("precision", "fp32"), "cuda", max_batch).table())
+            click.echo(verify_staged(stage, plan_path, net, manifest.get("precision", "fp32"), "cuda").table())
         stage.commit([plan_path])
     unverified = ("not verified: --no-verify" if no_verify else
                   "not verified: built from an .onnx, there is no checkpoint to compare with; "

@@ -6,7 +6,7 @@ from typing import Optional
 
 import click
 
-from edm_deploy.export.verify import tolerance_summary
+from edm_deploy.export.verify import VERIFY_BATCH_LIMIT, tolerance_summary
 from edm_deploy.loading import DEVICES
 from edm_deploy.runtime.errors import InputError
 
@@ -40,7 +40,8 @@ Examples:
 @click.option("--bf16", is_flag=True, help="MODEL .pt: verify the torch backend's bfloat16 autocast path.")
 @click.option("--fp16", is_flag=True, help="MODEL .pt: verify the torch backend's fp16 path.")
 @click.option("--batches", default=None, help="Comma-separated batch sizes, each at most the artifact's max batch "
-                                              "[default: 1, an odd size, max].")
+                                              f"[default: 1, an odd size, min(max, {VERIFY_BATCH_LIMIT}): the inputs "
+                                              "the export gate measured].")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Where the artifact runs.")
 @click.option("--seed", default="0", show_default=True, help="Seed of the test inputs (a non-negative integer).")
 @click.option("--other-checkpoint", is_flag=True,
