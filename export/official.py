@@ -40,7 +40,7 @@ from typing import Any, BinaryIO, Optional
 import torch
 
 from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+from edm_deploy.runtime.fileio import refuse_overwriting_inputs, write_target
 from edm_deploy.training import precond as precond_module
 from edm_deploy.training.presets import ARCHITECTURE_NAMES
 
@@ -751,7 +751,7 @@ def convert_official(source: str, out: Optional[str] = None, key: str = "ema", s
     from edm_deploy.runtime.download import fetch, file_sha256, is_url
     from edm_deploy.training.checkpoint import save_checkpoint
 
-    out = os.path.abspath(out or default_output(source))
+    out = os.path.abspath(write_target(out or default_output(source)))  # a symlinked out is written through
     if os.path.isdir(out):
         raise InputError(f"out {out} is a folder; name the checkpoint file to write")
     if not os.path.isdir(os.path.dirname(out)):

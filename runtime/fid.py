@@ -59,7 +59,7 @@ from edm_deploy.runtime.fid_stats import (
     save_ref,
     trace_sqrt_product,
 )
-from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+from edm_deploy.runtime.fileio import refuse_overwriting_inputs, write_target
 
 DEFAULT_NUM = 50000
 DEFAULT_BATCH = 64
@@ -264,6 +264,7 @@ def make_ref(
     not be the image source or the detector file.
     """
     check_output_file(dest, "dest")
+    dest = write_target(dest)  # a symlinked dest: its target gets the statistics, the link stays
     refuse_overwriting_inputs({"data": data if isinstance(data, str) else getattr(data, "path", None),
                                "detector": getattr(detector, "path", None)}, {"dest": dest})
     mu, sigma = compute_stats(data, detector, num=num, seed=seed, batch=batch, progress=progress,

@@ -51,14 +51,17 @@ def _existing_folder(path: str) -> str:
 
 
 def write_target(path: str) -> str:
-    """The file a write to `path` must replace: a symlink is followed to its target.
+    """The file a write to the output a user named `path` must replace: a symlink is followed.
 
     Renaming onto a symlink would replace the link by a plain file and leave its target stale,
-    and a lock taken beside the link would not exclude a writer that names the target; so every
-    atomic write and every output lock goes through the resolved path (as ``cp`` and a shell
-    redirect write through a link). Paths that are no symlinks come back absolute, unchanged.
+    and a lock taken beside the link would not exclude a writer that names the target; so a
+    command resolves each output file the user names (``--npz``, ``--grid``, ``--dest``, ``--out``,
+    ``--json``) with this before it writes or locks, and writes through the link as ``cp`` and a
+    shell redirect do. Files a command names itself inside an output folder (images, records,
+    parts) are not resolved: a symlink planted there is replaced, never written through.
+    A path that is no symlink comes back as given.
     """
-    return os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
+    return os.path.realpath(path) if os.path.islink(path) else path
 
 
 @contextlib.contextmanager
@@ -66,10 +69,8 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     """A temporary path beside `path` to write into; renamed onto `path` when the block succeeds.
 
     For writers that need a file name (zip archives, `onnx.save`). On any exception the
-    temporary file is removed and `path` is left as it was. A symlinked `path` is written
-    through (`write_target`): the link stays, its target gets the new bytes.
+    temporary file is removed and `path` is left as it was.
     """
-    path = write_target(path)
     directory = _existing_folder(path)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + os.path.basename(path) + TEMP_SUFFIX, dir=directory)
     os.close(fd)
@@ -168,7 +169,7 @@ def lock_path_for(output: str) -> str:
     """
     if os.path.isdir(output):
         return os.path.join(output, ".edm-deploy.lock")
-    directory, name = os.path.split(write_target(output))
+    directory, name = os.path.split(os.path.abspath(write_target(output)))
     return os.path.join(directory, f".{name}.lock")
 
 

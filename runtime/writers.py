@@ -519,11 +519,13 @@ def check_output(count: int, *, outdir: Optional[str] = None, npz_path: Optional
     given = [p for p in (outdir, npz_path, grid_path) if p]
     if len(given) != 1:
         raise InputError("give exactly one output: a folder, an .npz file or a grid image")
+    if npz_path and not npz_path.lower().endswith(".npz"):
+        raise InputError(f"{npz_path}: an .npz output must end in .npz")
+    npz_path = write_target(npz_path) if npz_path else npz_path  # a symlink: what is checked is its target
+    grid_path = write_target(grid_path) if grid_path else grid_path
     if outdir:
         check_writable_dir(outdir)
     elif npz_path:
-        if not npz_path.lower().endswith(".npz"):
-            raise InputError(f"{npz_path}: an .npz output must end in .npz")
         if os.path.isdir(npz_path):
             raise InputError(f"{npz_path} is a folder; an .npz output needs a file name")
         check_writable_dir(os.path.dirname(os.path.abspath(npz_path)))

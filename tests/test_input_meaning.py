@@ -204,33 +204,88 @@ def test_labels_out_of_range_in_an_existing_zip_are_refused_when_opened(tmp_path
 
 # -- a symlinked output is written through, and locked where it lands ---------------------------
 
+NAMED_OUTPUTS = ["sample --npz", "sample --grid", "dataset --dest", "bench --json", "fid ref (API dest)",
+                 "convert --out", "export --out"]
 
-@requires_onnx
-@pytest.mark.parametrize("kind", ["npz", "grid"])
+
+def _write_named_output(kind: str, link: str, tmp_path, capsys) -> None:
+    """Run the command that writes the output `kind` to the path `link`."""
+    if kind == "fid ref (API dest)":
+        from edm_deploy.runtime.fid import make_ref
+        from edm_deploy.training.dataset import write_dataset_zip
+
+        data = str(tmp_path / "d.zip")
+        write_dataset_zip("digits", data, max_images=4)
+        make_ref(data, link, lambda x: x.reshape(len(x), -1)[:, :4].astype(np.float64), progress=False)
+        return
+    if kind.startswith("sample") or kind == "bench --json":
+        if not has_module("onnxruntime"):
+            pytest.skip("needs onnxruntime")
+        from tests.onnx_oracles import gaussian_onnx
+
+        model = gaussian_onnx(str(tmp_path / "g.onnx"))
+        args = {"sample --npz": ["sample", model, "-n", "3", "--steps", "3", "--npz", link],
+                "sample --grid": ["sample", model, "-n", "3", "--steps", "3", "--grid", link],
+                "bench --json": ["bench", model, "--batch", "2", "--repeats", "1", "--no-sampling", "--json", link]}[kind]
+    elif kind == "dataset --dest":
+        args = ["dataset", "--source", "digits", "--max-images", "4", "--dest", link]
+    else:
+        if not has_module("torch"):
+            pytest.skip("needs torch")
+        if kind == "convert --out":
+            from tests.test_convert import _real_pickle  # a small network pickled the reference way
+
+            _, pkl = _real_pickle(tmp_path)
+            args = ["convert", pkl, "--out", link]
+        else:
+            from tests.factories import tiny_checkpoint
+
+            args = ["export", tiny_checkpoint(tmp_path / "c.pt"), "--format", "onnx", "--max-batch", "4", "--out", link]
+    code, _, err = run_main(args, capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("kind", NAMED_OUTPUTS)
 def test_a_symlinked_output_is_written_through_and_locked_at_its_target(kind, tmp_path, capsys):
     from edm_deploy.runtime.fileio import lock_path_for
-    from tests.onnx_oracles import gaussian_onnx
 
-    model = gaussian_onnx(str(tmp_path / "g.onnx"))
+    suffix = {"sample --npz": ".npz", "sample --grid": ".png", "dataset --dest": ".zip", "bench --json": ".json",
+              "fid ref (API dest)": ".npz", "convert --out": ".pt", "export --out": ".onnx"}[kind]
     store = tmp_path / "store"
     store.mkdir()
-    suffix = ".npz" if kind == "npz" else ".png"
     target = store / f"real{suffix}"
     link = tmp_path / f"link{suffix}"
     link.symlink_to(target)
-    flag = "--npz" if kind == "npz" else "--grid"
-    code, _, err = run_main(["sample", model, "-n", "3", "--steps", "3", flag, str(link)], capsys)
-    assert code == 0, err
-    assert link.is_symlink() and os.readlink(link) == str(target)
+    _write_named_output(kind, str(link), tmp_path, capsys)
+    assert link.is_symlink() and os.readlink(link) == str(target), "the link was replaced"
     assert target.is_file() and target.stat().st_size > 0
     assert lock_path_for(str(link)) == lock_path_for(str(target)) == str(store / f".real{suffix}.lock")
     assert not (tmp_path / f".link{suffix}.lock").exists()
-    if kind == "npz":
+    if kind == "sample --npz":
         assert not (tmp_path / "link.npz.parts").exists()
         with np.load(target) as data:
             assert data["images"].shape == (3, 8, 8, 1)
-        code, _, err = run_main(["sample", model, "-n", "3", "--steps", "3", flag, str(link)], capsys)
-        assert code == 0, err  # the finished file behind the link is recognised: nothing to do
+        _write_named_output(kind, str(link), tmp_path, capsys)  # the finished file behind the link: nothing to do
+
+
+@requires_onnx
+def test_a_symlink_planted_inside_an_output_folder_is_replaced_never_written_through(tmp_path, capsys):
+    from tests.onnx_oracles import gaussian_onnx
+
+    model = gaussian_onnx(str(tmp_path / "g.onnx"))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".edm-deploy-sample.json").symlink_to(victim)
+    code, _, err = run_main(["sample", model, "-n", "2", "--steps", "3", "--outdir", str(out)], capsys)
+    assert code == 0, err
+    (out / "000001.png").unlink()
+    (out / "000001.png").symlink_to(victim)  # counted as an image? it is not one: redone, the link replaced
+    code, _, err = run_main(["sample", model, "-n", "2", "--steps", "3", "--outdir", str(out)], capsys)
+    assert code == 0, err
+    assert victim.read_text() == "precious"
+    assert not (out / ".edm-deploy-sample.json").is_symlink() and not (out / "000001.png").is_symlink()
 
 
 # -- a schedule file spent differently from how it was searched ---------------------------------

@@ -750,9 +750,10 @@ def write_dataset_zip(
     each image is centre-cropped to a square and resized (Lanczos). Returns a summary dict.
     The destination appears only when complete; an error or Ctrl-C leaves no partial file.
     """
-    from edm_deploy.runtime.fileio import atomic_path
+    from edm_deploy.runtime.fileio import atomic_path, write_target
 
     check_zip_arguments(source, dest, resolution)
+    named, dest = dest, write_target(dest)  # a symlinked dest is written through
     count, has_labels, items = iter_source_images(source, max_images)
     shape = None
     labels: list = []
@@ -778,4 +779,4 @@ def write_dataset_zip(
                 raise InputError(f"{source}: no images found")
             meta = {"labels": labels if has_labels else None}
             zf.writestr("dataset.json", json.dumps(meta))
-    return {"images": len(labels), "shape": list(shape), "labels": has_labels, "dest": dest}
+    return {"images": len(labels), "shape": list(shape), "labels": has_labels, "dest": named}

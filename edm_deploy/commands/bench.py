@@ -66,12 +66,13 @@ def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int
         raise InputError("--solvers compares solvers on MODEL's own backend at one --batch; drop "
                          "--backend/--steps/--no-sampling or the extra --batch")
     if json_path:
-        from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+        from edm_deploy.runtime.fileio import refuse_overwriting_inputs, write_target
         from edm_deploy.runtime.writers import ensure_writable_dir
 
         refuse_overwriting_inputs({"MODEL": model}, {"--json": json_path})
         if os.path.isdir(json_path):
             raise InputError(f"--json {json_path} is a folder; give a file name")
+        json_path = write_target(json_path)  # a symlink is written through
         ensure_writable_dir(os.path.dirname(os.path.abspath(json_path)))
     if solver_sweep:
         from edm_deploy.sweep import check_sweep_arguments, sweep, sweep_table

@@ -66,7 +66,7 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
     )
     from edm_deploy.export.staging import Staging, companions
     from edm_deploy.loading import check_model_file, model_kind
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+    from edm_deploy.runtime.fileio import refuse_overwriting_inputs, write_target
 
     calib_given = {k: v for k, v in dict(num_images=calib_images, seed=calib_seed, steps=calib_steps,
                                          method=calib_method, data=calib_data).items() if v is not None}
@@ -100,6 +100,9 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
         raise InputError(f"--out {out_path} names an engine, but no engine is built here ({trt_reason}); "
                          "give an .onnx name or --format trt")
     onnx_path, plan_path = output_paths(model, precision, out_path, engine=want_trt)
+    if kind == "pt":
+        onnx_path = write_target(onnx_path)  # a symlinked output is written through
+    plan_path = write_target(plan_path) if plan_path else None
     finals = ([onnx_path] if kind == "pt" else []) + ([plan_path] if plan_path else [])
     refuse_overwriting_inputs({"MODEL": model, "--timing-cache": timing_cache, "--calib-data": calib_data},
                               {f"output {os.path.basename(f)}": f for p in finals for f in [p, *companions(p)]})
