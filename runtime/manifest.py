@@ -41,8 +41,16 @@ PRECOND_CLASSES = {kind: name for name, kind in PRECOND_KINDS.items()}
 
 REQUIRED_KEYS = ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max", "precond", "sigma_rounding")
 
-# The smallest value each integer field may take (a manifest is read from a file: check it).
-INT_FIELDS = {"img_resolution": 1, "img_channels": 1, "label_dim": 0}
+# The largest image side and the most classes any model or dataset of this project may have
+# (datasets are checked against the same numbers in `training.dataset`). EDM networks train at
+# 32-64 pixels (the paper's largest dataset is 64x64), and at 1024 one RGB image is already 12 MB
+# as a float32 input; ImageNet-21k has 21,841 classes, and a label embedding of label_dim rows
+# grows with it (a label of 10^9 would ask for a 128 GB embedding at 32 channels).
+MAX_RESOLUTION = 1024
+MAX_CLASSES = 100_000
+
+# The range each integer field may take (a manifest is read from a file: check it).
+INT_FIELDS = {"img_resolution": (1, MAX_RESOLUTION), "img_channels": (1, 64), "label_dim": (0, MAX_CLASSES)}
 
 
 def encode_limit(value: float) -> Optional[float]:
@@ -77,9 +85,10 @@ def validate(manifest: dict[str, Any], source: str = "manifest") -> dict[str, An
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise InputError(f"{source}: manifest lacks {', '.join(missing)}")
-    for key, lowest in INT_FIELDS.items():
-        if not _is_int(manifest[key]) or manifest[key] < lowest:
-            raise InputError(f"{source}: manifest {key} must be an integer >= {lowest}, got {manifest[key]!r}")
+    for key, (lowest, highest) in INT_FIELDS.items():
+        if not _is_int(manifest[key]) or not lowest <= manifest[key] <= highest:
+            raise InputError(f"{source}: manifest {key} must be an integer from {lowest} to {highest:,}, "
+                             f"got {manifest[key]!r}")
     for key in ("sigma_min", "sigma_max"):
         value = manifest[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))

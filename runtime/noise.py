@@ -56,7 +56,9 @@ def one_hot(labels: np.ndarray, label_dim: int) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     if labels.size and (labels.min() < 0 or labels.max() >= label_dim):
         raise InputError(f"class labels must lie in [0, {label_dim - 1}], got {labels.min()}..{labels.max()}")
-    return np.eye(label_dim, dtype=np.float32)[labels]
+    out = np.zeros((labels.size, label_dim), dtype=np.float32)  # not np.eye: that is label_dim^2 floats
+    out[np.arange(labels.size), labels] = 1.0
+    return out
 
 
 def check_class(class_idx: Optional[int], label_dim: int) -> None:

@@ -150,6 +150,14 @@ def test_a_deep_run_record_is_treated_as_foreign_not_as_a_crash(tmp_path, capsys
     assert json.loads((out / ".edm-deploy-sample.json").read_text())["model_sha256"]
 
 
+def test_class_labels_cost_rows_times_classes_not_classes_squared():
+    from edm_deploy.runtime.manifest import MAX_CLASSES
+    from edm_deploy.runtime.noise import one_hot
+
+    labels = one_hot(np.array([0, MAX_CLASSES - 1]), MAX_CLASSES)  # np.eye(100,000) would be 40 GB
+    assert labels.shape == (2, MAX_CLASSES) and labels.sum() == 2 and labels[1, -1] == 1
+
+
 # -- explicit time-point lists are capped like --steps ----------------------------------------
 
 

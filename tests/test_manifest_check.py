@@ -47,13 +47,17 @@ _DROP = object()
 
 # (model it starts from, forged fields, what the one line must say)
 FORGERIES = {
-    "label_dim 10^9 on a 10-class graph": ("cond", {"label_dim": 10**9}, "label_dim 1000000000, but the graph's "
-                                                                          "class_labels input has 10"),
+    "label_dim 10^9 on a 10-class graph": ("cond", {"label_dim": 10**9}, "label_dim must be an integer from 0 to "
+                                                                          "100,000, got 1000000000"),
+    "label_dim 1000 on a 10-class graph": ("cond", {"label_dim": 1000}, "label_dim 1000, but the graph's "
+                                                                        "class_labels input has 10"),
+    "resolution past the limit": ("cond", {"img_resolution": 10**6}, "img_resolution must be an integer from 1 to "
+                                                                     "1,024"),
     "resolution": ("cond", {"img_resolution": 64}, "img_resolution 64, but the graph's x input has 8"),
     "channels": ("uncond", {"img_channels": 3}, "img_channels 3, but the graph's x input has 1"),
     "unconditional manifest, conditional graph": ("cond", {"label_dim": 0}, "do not match the manifest"),
     "conditional manifest, unconditional graph": ("uncond", {"label_dim": 10}, "do not match the manifest"),
-    "label_dim as text": ("cond", {"label_dim": "10"}, "label_dim must be an integer >= 0, got '10'"),
+    "label_dim as text": ("cond", {"label_dim": "10"}, "label_dim must be an integer from 0 to 100,000, got '10'"),
     "negative batch limit": ("uncond", {"batch": {"min": 1, "opt": 1, "max": -5}}, "batch must hold positive"),
     "io section disagrees": ("uncond", {"io": {"inputs": {"x": ["batch", 3, 8, 8]}}}, "io section gives x"),
     "sigma limit as text": ("uncond", {"sigma_max": "80"}, "sigma_max must be a non-negative number"),

@@ -32,6 +32,7 @@ import numpy as np
 
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.jsonio import MAX_DATASET_JSON_BYTES, loads_bounded, read_json_file
+from edm_deploy.runtime.manifest import MAX_CLASSES, MAX_RESOLUTION
 
 # --------------------------------------------------------------------------------------------
 # The built-in digits split.
@@ -440,12 +441,10 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not os.path.basename(name).startswith(".")
 
 
-# The largest image side a dataset may have. EDM's networks are trained at 32 and 64 pixels (the
-# paper's largest dataset is 64x64) and their cost grows with the pixel count; at 1024 an RGB image
-# is already a 3 MB uncompressed PNG in the ZIP and 12 MB as a float32 training input, so a
-# batch of them fills a GPU. Far above it (--resolution 65536: one 12.9 GB PNG per RGB image) a
-# dataset cannot be written, let alone trained on.
-MAX_RESOLUTION = 1024
+# The largest image side a dataset may have is the largest a model may have (`MAX_RESOLUTION`
+# of the manifest schema): at 1024 an RGB image is already a 3 MB uncompressed PNG in the ZIP,
+# and far above it (--resolution 65536: one 12.9 GB PNG per RGB image) a dataset cannot be
+# written, let alone trained on.
 
 
 def check_image_shape(shape: Sequence[int], source: str) -> None:
@@ -590,10 +589,8 @@ def _parse_dataset_json(meta: Any, where: str):
     return out
 
 
-# The most classes a dataset may have (labels lie in [0, MAX_CLASSES)): ImageNet-21k has 21,841;
-# a conditional network spends label_dim x (4 x channels) weights on its label embedding, so a
-# label of 10^9 would ask train for a 10^9-row embedding (128 GB at 32 channels).
-MAX_CLASSES = 100_000
+# Labels lie in [0, MAX_CLASSES) (the manifest schema's limit, so what `dataset` writes `train`
+# can build and a runtime can load).
 
 
 def check_label(label: Any, where: str) -> None:
