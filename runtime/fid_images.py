@@ -29,6 +29,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.fileio import check_regular_file
 
 _EXTENSIONS: Optional[frozenset] = None
 
@@ -129,6 +130,7 @@ class FolderSource(ImageSource):
             for fname in files:
                 rel = os.path.relpath(os.path.join(root, fname), start=path)
                 if _is_image_name(rel):
+                    check_regular_file(os.path.join(root, fname), "image")
                     names.append(rel)
         self.names = sorted(names)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from typing import Iterator
 
@@ -32,6 +33,18 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_regular_file(path: str, what: str = "file") -> None:
+    """A path to read must be a regular file (symlinks followed): opening a FIFO or a device waits
+    for a writer that may never come, so that would hang instead of failing."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise InputError(f"{what} {path} is {kind}, not a regular file")
 
 
 def _read_umask() -> int:

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.fileio import check_regular_file
 
 # Every legitimate file nests a handful of levels (a manifest: manifest -> network -> init_kwargs
 # -> channel_mult, 4); 64 leaves room for any hand-written extra and stays far below the depth at
@@ -95,6 +96,7 @@ def read_json_file(path: str, source: Optional[str] = None, max_bytes: int = MAX
                    what: str = "JSON", param: Optional[str] = None, allow_constants: bool = False) -> Any:
     """`loads_bounded` of a file: its size is checked before a byte of it is read."""
     source = source or path
+    check_regular_file(path, what)
     try:
         size = os.path.getsize(path)
         if size > max_bytes:

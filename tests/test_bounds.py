@@ -386,3 +386,44 @@ def test_sigterm_stops_a_run_stuck_in_a_long_call_promptly(tmp_path):
     assert proc.returncode == 143, err
     assert took < 3, took
     assert err.count("error:") <= 1 and "Traceback" not in err
+
+
+# -- a FIFO where a file is read never blocks ---------------------------------------------------
+
+
+@pytest.fixture
+def fails_after_10s():
+    """A hang becomes a test failure: opening a FIFO blocks in a call that SIGALRM interrupts."""
+    def hung(signum, frame):
+        raise AssertionError("blocked reading a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("place", ["a dataset image", "a dataset.json", "a plan sidecar", "an FID image"])
+def test_a_fifo_where_a_file_is_read_is_refused_not_waited_on(place, tmp_path, capsys, fails_after_10s):
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("L", (8, 8)).save(src / "a.png")
+    if place == "a plan sidecar":
+        (tmp_path / "m.plan").write_bytes(b"engine")
+        os.mkfifo(tmp_path / "m.plan.json")
+        args = ["info", str(tmp_path / "m.plan")]
+    elif place == "an FID image":
+        from edm_deploy.runtime.fid import open_images
+
+        os.mkfifo(src / "b.png")
+        with pytest.raises(InputError, match="b.png is a FIFO, not a regular file"):
+            open_images(str(src))
+        return
+    else:
+        os.mkfifo(src / ("b.png" if place == "a dataset image" else "dataset.json"))
+        args = ["dataset", "--source", str(src), "--dest", str(tmp_path / "d.zip")]
+    code, _, err = run_main(args, capsys)
+    assert "is a FIFO, not a regular file" in one_error_line(code, err)

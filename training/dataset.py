@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.fileio import check_regular_file
 from edm_deploy.runtime.jsonio import MAX_DATASET_JSON_BYTES, loads_bounded, read_json_file
 from edm_deploy.runtime.manifest import MAX_CLASSES, MAX_RESOLUTION
 
@@ -284,9 +285,11 @@ def _folder_listing(path: str):
     )
     if not names:
         raise InputError(f"{path}: the folder holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    for name in names:
+        check_regular_file(os.path.join(path, name), "image")
     meta = os.path.join(path, "dataset.json")
     labels_json, source = None, "folders"
-    if os.path.isfile(meta):
+    if os.path.lexists(meta):
         labels_json = _parse_dataset_json(read_json_file(meta, max_bytes=MAX_DATASET_JSON_BYTES, what="dataset.json"),
                                           meta)
         source = "json"
