@@ -33,6 +33,9 @@ REFERENCE = ("heun", 35)          # the paper's deterministic setting at 32x32 (
 DEFAULT_NFES = (4, 5, 6, 8, 10, 15, 20, 35)
 DEFAULT_MAX_ERROR = 0.05          # RMS end-point error in [-1, 1] data units (about 6/255)
 DEFAULT_LATENTS = 64
+# The sweep holds every latent (float32), the reference end points and one setting's end points
+# (float64) at once: 20 bytes per pixel per latent, bounded here before anything is drawn.
+MAX_SWEEP_BYTES = 2 << 30
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -171,8 +174,14 @@ def sweep(model: str, solvers: Sequence[str], nfes: Sequence[int] = DEFAULT_NFES
         options = {"threads": threads} if threads and path.lower().endswith(".onnx") else {}
         with load(path, device=device, **options) as den:
             precision = den.precision
-            rnd = StackedRandomGenerator(range(num_latents))
             shape = (den.img_channels, den.img_resolution, den.img_resolution)
+            need = num_latents * int(np.prod(shape)) * 20
+            if need > MAX_SWEEP_BYTES:
+                raise InputError(f"latents {num_latents} of {shape[0]}x{shape[1]}x{shape[2]} would hold "
+                                 f"{need / 2**30:.1f} GiB of images at once; at most {MAX_SWEEP_BYTES / 2**30:.0f} GiB "
+                                 f"(use at most {MAX_SWEEP_BYTES // (20 * int(np.prod(shape))):,} latents)",
+                                 param="latents")
+            rnd = StackedRandomGenerator(range(num_latents))
             latents, labels = draw_latents_and_labels(rnd, shape, int(den.label_dim))
             _sample_all(den, latents[:batch], None if labels is None else labels[:batch], "euler", 2, batch)  # warm-up
             if ref_points is None:

@@ -230,9 +230,11 @@ def source_mismatch(manifest: dict, ckpt_path: str) -> Optional[str]:
     when the manifest records none): the export writes the source checkpoint's sha256."""
     from edm_deploy.runtime.fileio import sha256_file
 
+    import os
+
     recorded = (manifest.get("source") or {}).get("sha256")
-    if not isinstance(recorded, str) or not recorded:
-        return None
+    if not isinstance(recorded, str) or not recorded or not os.path.isfile(ckpt_path):
+        return None  # nothing to compare with (a missing file is load_checkpoint's to report)
     actual = sha256_file(ckpt_path)
     if actual == recorded:
         return None

@@ -108,3 +108,15 @@ def test_a_model_with_a_name_of_its_own_is_compared_with_nothing_else(oracle_fam
     lone = tmp_path / "custom-name.onnx"
     shutil.copy(base, lone)
     assert precision_variants(str(lone)) == [str(lone)]
+
+
+@requires_onnx
+def test_the_sweep_bounds_the_images_it_holds_before_drawing_them(tmp_path):
+    from edm_deploy.runtime.errors import InputError
+    from edm_deploy.sweep import sweep
+    from tests.onnx_oracles import gaussian_onnx
+
+    model = gaussian_onnx(str(tmp_path / "big.onnx"), channels=3, resolution=64)
+    with pytest.raises(InputError, match="latents 30000 of 3x64x64 would hold 6.9 GiB") as info:
+        sweep(model, ["ipndm"], [5], num_latents=30_000)
+    assert info.value.param == "latents"
