@@ -49,8 +49,14 @@ REQUIRED_KEYS = ("img_resolution", "img_channels", "label_dim", "sigma_min", "si
 MAX_RESOLUTION = 1024
 MAX_CLASSES = 100_000
 
+# The largest batch an artifact may declare (export's --max-batch takes the same bound).
+MAX_BATCH = 1 << 16
+# The most entries a discrete sigma table may have (iDDPM's has M = 1000).
+MAX_TABLE = 100_000
+
 # The range each integer field may take (a manifest is read from a file: check it).
 INT_FIELDS = {"img_resolution": (1, MAX_RESOLUTION), "img_channels": (1, 64), "label_dim": (0, MAX_CLASSES)}
+SECTIONS = ("network", "io", "tensorrt", "quantization", "source", "producer")
 
 
 def encode_limit(value: float) -> Optional[float]:
@@ -66,12 +72,40 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate(manifest: dict[str, Any], source: str = "manifest") -> dict[str, Any]:
-    """Check format tag, version, required keys and their types; return the manifest unchanged.
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-    Types are checked because a manifest is read from a file anyone can edit: a label_dim of
-    ``"10"`` or a batch limit of -1 is one clear error here rather than a traceback later.
+
+def validate(manifest: dict[str, Any], source: str = "manifest") -> dict[str, Any]:
+    """Check format tag, version, required keys and every field's type and range; return it unchanged.
+
+    A manifest is read from a file anyone can edit, so a label_dim of ``"10"``, a batch limit of
+    -1, a sigma table of text or sigma_min above sigma_max is one clear error here, naming the
+    file and the field, rather than a traceback (or a misleading message) later.
     """
+    _check_header(manifest, source)
+    for key, (lowest, highest) in INT_FIELDS.items():
+        if not _is_int(manifest[key]) or not lowest <= manifest[key] <= highest:
+            raise InputError(f"{source}: manifest {key} must be an integer from {lowest} to {highest:,}, "
+                             f"got {manifest[key]!r}")
+    _check_sigma_range(manifest, source)
+    _check_rounding(manifest["sigma_rounding"], source)
+    _check_batch(manifest.get("batch"), source)
+    for key in SECTIONS:
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise InputError(f"{source}: manifest {key} must be an object, got a {type(manifest[key]).__name__}")
+    if manifest.get("precision") is not None and not isinstance(manifest["precision"], str):
+        raise InputError(f"{source}: manifest precision must be a name such as fp32, got {manifest['precision']!r}")
+    kwargs = (manifest.get("network") or {}).get("init_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise InputError(f"{source}: manifest network.init_kwargs must be an object, got a {type(kwargs).__name__}")
+    dropout = (kwargs or {}).get("label_dropout")
+    if dropout is not None and not (_is_number(dropout) and 0 <= dropout <= 1):
+        raise InputError(f"{source}: manifest label_dropout must be a number in [0, 1], got {dropout!r}")
+    return manifest
+
+
+def _check_header(manifest: Any, source: str) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise InputError(f"{source}: not an edm-deploy manifest")
     version = manifest.get("version", 0)
@@ -85,26 +119,36 @@ def validate(manifest: dict[str, Any], source: str = "manifest") -> dict[str, An
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise InputError(f"{source}: manifest lacks {', '.join(missing)}")
-    for key, (lowest, highest) in INT_FIELDS.items():
-        if not _is_int(manifest[key]) or not lowest <= manifest[key] <= highest:
-            raise InputError(f"{source}: manifest {key} must be an integer from {lowest} to {highest:,}, "
-                             f"got {manifest[key]!r}")
+
+
+def _check_sigma_range(manifest: dict[str, Any], source: str) -> None:
     for key in ("sigma_min", "sigma_max"):
         value = manifest[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value < 0):
+        if value is not None and not (_is_number(value) and value >= 0):
             raise InputError(f"{source}: manifest {key} must be a non-negative number or null, got {value!r}")
-    if not isinstance(manifest["sigma_rounding"], dict):
-        raise InputError(f"{source}: manifest sigma_rounding must be an object, got {manifest['sigma_rounding']!r}")
-    batch = manifest.get("batch")
-    if batch is not None:
-        if not isinstance(batch, dict) or not all(_is_int(batch.get(k, 1)) and batch.get(k, 1) >= 1
-                                                  for k in ("min", "opt", "max")):
-            raise InputError(f"{source}: manifest batch must hold positive integers min, opt, max; got {batch!r}")
-    for key in ("network", "io", "tensorrt", "quantization", "source", "producer"):
-        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
-            raise InputError(f"{source}: manifest {key} must be an object, got a {type(manifest[key]).__name__}")
-    return manifest
+    lo, hi = manifest["sigma_min"], manifest["sigma_max"]
+    if lo is not None and hi is not None and not lo < hi:
+        raise InputError(f"{source}: the manifest's sigma range is empty (sigma_min {lo:g} >= sigma_max {hi:g})")
+
+
+def _check_rounding(rule: Any, source: str) -> None:
+    if not isinstance(rule, dict) or rule.get("kind", "identity") not in ("identity", "table"):
+        raise InputError(f"{source}: manifest sigma_rounding must be {{'kind': 'identity'}} or a table, got {rule!r}"[:300])
+    if rule.get("kind") == "table":
+        values = rule.get("values")
+        if not (isinstance(values, list) and 2 <= len(values) <= MAX_TABLE
+                and all(_is_number(v) and v >= 0 for v in values)):
+            raise InputError(f"{source}: manifest sigma_rounding table must be a list of 2 to {MAX_TABLE:,} "
+                             "non-negative numbers")
+
+
+def _check_batch(batch: Any, source: str) -> None:
+    if batch is None:
+        return
+    values = [batch.get(k, 1) for k in ("min", "opt", "max")] if isinstance(batch, dict) else None
+    if values is None or not all(_is_int(v) and 1 <= v <= MAX_BATCH for v in values) or not values[0] <= values[2]:
+        raise InputError(f"{source}: manifest batch must hold integers 1 <= min <= max <= {MAX_BATCH:,} "
+                         f"(and opt); got {batch!r}"[:300])
 
 
 def dumps(manifest: dict[str, Any]) -> str:
