@@ -271,6 +271,7 @@ class _Inflater:
 @pytest.mark.parametrize("bomb", ["one huge entry", "forged small size", "many entries", "pixel bomb",
                                   "pixel bomb in a folder"])
 def test_dataset_bombs_are_refused_before_they_inflate(bomb, tmp_path, capsys, monkeypatch):
+    from edm_deploy.runtime import archives
     from edm_deploy.training import dataset as D
 
     path = tmp_path / "bomb.zip"
@@ -281,6 +282,7 @@ def test_dataset_bombs_are_refused_before_they_inflate(bomb, tmp_path, capsys, m
             _Inflater.write(zf, "00000/img00000001.png", D.MAX_IMAGE_FILE_BYTES + 1, _png_bytes())
         elif bomb == "forged small size":
             monkeypatch.setattr(D, "MAX_IMAGE_FILE_BYTES", 4 << 20)  # keep the test's inflating small
+            monkeypatch.setattr(archives, "MAX_IMAGE_FILE_BYTES", 4 << 20)
             _Inflater.write(zf, "00000/img00000001.png", 6 << 20, _png_bytes())
         elif bomb == "many entries":
             for i in range(3):
@@ -311,6 +313,34 @@ def test_dataset_bombs_are_refused_before_they_inflate(bomb, tmp_path, capsys, m
     assert not (tmp_path / "out.zip").exists()
     with pytest.raises(InputError):
         D.open_dataset(source)  # what train reads refuses it the same way
+    if bomb in ("one huge entry", "many entries", "pixel bomb in a folder"):
+        from edm_deploy.runtime.fid import open_images
+
+        with pytest.raises(InputError, match=expected.split(" bytes")[0]):  # and what fid ref/calc read
+            src = open_images(source)
+            list(src.iter_batches(range(len(src)), 2))
+
+
+def test_an_encrypted_archive_is_one_clear_error_for_datasets_and_fid(tmp_path, capsys):
+    import struct
+
+    from edm_deploy.runtime.fid import open_images
+
+    path = tmp_path / "enc.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("a.png", _png_bytes())
+        zf.writestr("b.png", _png_bytes())
+    data = bytearray(path.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # set the "encrypted" flag bit
+        pos = data.find(signature)
+        while pos != -1:
+            struct.pack_into("<H", data, pos + offset, 1)
+            pos = data.find(signature, pos + 4)
+    path.write_bytes(bytes(data))
+    code, _, err = run_main(["dataset", "--source", str(path), "--dest", str(tmp_path / "d.zip")], capsys)
+    assert "is encrypted" in one_error_line(code, err)
+    with pytest.raises(InputError, match="is encrypted"):
+        list(open_images(str(path)).iter_batches([0, 1], 2))
 
 
 def _forge_declared_size(path, name: str, size: int) -> None:

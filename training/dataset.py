@@ -24,13 +24,20 @@ from __future__ import annotations
 import io
 import json
 import os
-import warnings
 import zipfile
 from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.archives import (
+    MAX_IMAGE_FILE_BYTES,
+    ZIP_ERRORS,
+    check_zip_sizes,
+    first_bad_member,
+    open_image,
+    read_bounded,
+)
+from edm_deploy.runtime.errors import InputError, first_line
 from edm_deploy.runtime.fileio import check_regular_file
 from edm_deploy.runtime.jsonio import MAX_DATASET_JSON_BYTES, loads_bounded, read_json_file
 from edm_deploy.runtime.manifest import MAX_CLASSES, MAX_RESOLUTION
@@ -244,33 +251,9 @@ class ZipDataset(_FileDataset):
         super().__init__(*_zip_listing(path))
 
 
-# One image file may hold at most this many bytes (in a folder or, inflated, in a ZIP): far above
-# any image worth resizing into a dataset (a 1024x1024 16-bit RGB PNG, uncompressed, is 6 MB; a
-# 100-megapixel photo as JPEG ~50 MB), and a bound on what reading one costs. A ZIP entry is
-# refused on its declared size before it is inflated and again, while streaming, on the bytes it
-# actually inflates to (a forged header cannot get past the second check).
-MAX_IMAGE_FILE_BYTES = 256 << 20
-# The most pixels one image may decode to (PIL's own decompression-bomb limit, as an error here).
-MAX_IMAGE_PIXELS = 89_478_485
-# A ZIP may inflate to at most this many times its compressed size (PNGs barely compress; a
-# folder of BMPs of digits ~10x); beyond it the archive is a ZIP bomb, refused before inflating.
-MAX_ZIP_RATIO = 200
-ZIP_RATIO_SLACK = 64 << 20  # bytes a small archive may inflate to whatever its ratio
-_READ_CHUNK = 1 << 20
-
-
-def read_bounded(f: BinaryIO, limit: int, where: str) -> bytes:
-    """Read `f` to its end in chunks, refusing (one InputError) as soon as it passes `limit` bytes."""
-    parts, size = [], 0
-    while True:
-        block = f.read(_READ_CHUNK)
-        if not block:
-            return b"".join(parts)
-        size += len(block)
-        if size > limit:
-            raise InputError(f"{where} holds more than {limit:,} bytes (at most {limit:,} are read for one file "
-                             "of a dataset); it is not an image of a dataset, or a ZIP bomb")
-        parts.append(block)
+def _member_limit(name: str) -> int:
+    """What one file of a dataset may hold: its labels file more than an image."""
+    return MAX_DATASET_JSON_BYTES if name == "dataset.json" else MAX_IMAGE_FILE_BYTES
 
 
 def _folder_listing(path: str):
@@ -310,10 +293,10 @@ def _zip_listing(path: str):
         raise InputError(f"dataset ZIP not found: {path}")
     try:
         zf = zipfile.ZipFile(path)
-        _check_zip_sizes(zf, path)
-        bad = _first_bad_member(zf, path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-        raise InputError(f"{path} is not a readable ZIP file ({exc})") from exc
+        check_zip_sizes(zf, path, _member_limit)
+        bad = first_bad_member(zf, path, _member_limit)
+    except ZIP_ERRORS as exc:
+        raise InputError(f"{path} is not a readable ZIP file ({first_line(exc)})") from exc
     if bad is not None:
         raise InputError(f"{path} is corrupt: member {bad} fails its CRC check")
     members = set(zf.namelist())
@@ -333,49 +316,13 @@ def _zip_listing(path: str):
         try:
             with zf.open(name) as f:
                 return read_bounded(f, MAX_IMAGE_FILE_BYTES, f"{path}:{name}")
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise InputError(f"{path}: cannot read {name} ({exc})") from exc
+        except ZIP_ERRORS as exc:
+            raise InputError(f"{path}: cannot read {name} ({first_line(exc)})") from exc
 
     def stream(name: str) -> BinaryIO:
         return zf.open(name)  # type: ignore[return-value]
 
     return path, names, opener, labels_json, source, stream
-
-
-def _check_zip_sizes(zf: zipfile.ZipFile, path: str) -> None:
-    """Refuse a ZIP bomb from its directory alone, before anything is inflated: an entry that
-    declares more than a dataset file holds, or an archive inflating beyond `MAX_ZIP_RATIO`."""
-    declared = compressed = 0
-    for info in zf.infolist():
-        limit = MAX_DATASET_JSON_BYTES if info.filename == "dataset.json" else MAX_IMAGE_FILE_BYTES
-        if info.file_size > limit:
-            raise InputError(f"{path}: member {info.filename} inflates to {info.file_size:,} bytes; a file of a "
-                             f"dataset holds at most {limit:,} (a ZIP bomb?)")
-        declared += info.file_size
-        compressed += info.compress_size
-    if declared > MAX_ZIP_RATIO * compressed + ZIP_RATIO_SLACK:
-        raise InputError(f"{path}: {compressed:,} compressed bytes inflate to {declared:,} (more than "
-                         f"{MAX_ZIP_RATIO}x); image datasets do not compress like that (a ZIP bomb?)")
-
-
-def _first_bad_member(zf: zipfile.ZipFile, path: str) -> Optional[str]:
-    """`ZipFile.testzip`, bounded: every member inflated in chunks, CRC checked, none past its cap."""
-    for info in zf.infolist():
-        limit = MAX_DATASET_JSON_BYTES if info.filename == "dataset.json" else MAX_IMAGE_FILE_BYTES
-        try:
-            with zf.open(info) as f:
-                size = 0
-                while True:
-                    block = f.read(_READ_CHUNK)
-                    if not block:
-                        break
-                    size += len(block)
-                    if size > limit:
-                        raise InputError(f"{path}: member {info.filename} inflates past {limit:,} bytes although "
-                                         f"it declares {info.file_size:,} (a forged ZIP bomb)")
-        except zipfile.BadZipFile:
-            return info.filename
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,22 +416,9 @@ def check_image_shape(shape: Sequence[int], source: str) -> None:
         )
 
 
-def _pil_open(f: BinaryIO, where: str):
-    """PIL's Image.open with its decompression-bomb warning silenced (`check_pixel_count` is the
-    check, as an error) and its bomb error told as one."""
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            return Image.open(f)
-        except Image.DecompressionBombError as exc:
-            raise InputError(f"{where}: {exc}; at most {MAX_IMAGE_PIXELS:,} pixels are decoded") from None
-
-
 def _open_pil(data: bytes, where: str):
     try:
-        img = _pil_open(io.BytesIO(data), where)
+        img = open_image(io.BytesIO(data), where)
         img.size  # noqa: B018 - force header parsing
         return img
     except InputError:
@@ -503,22 +437,13 @@ def _header_shape(stream: Callable[[str], BinaryIO], name: str, where: str) -> t
     """(channels, height, width) from an image file's header: only the header is read."""
     try:
         with stream(name) as f:
-            with _pil_open(f, where) as img:
+            with open_image(f, where) as img:
                 channels, size = image_channels(img.mode, where), img.size
     except InputError:
         raise
     except Exception as exc:
         raise InputError(f"{where} is not a readable image ({exc})") from exc
-    check_pixel_count(size, where)
     return channels, size[1], size[0]
-
-
-def check_pixel_count(size: Sequence[int], where: str) -> None:
-    """An image's header may not promise more than `MAX_IMAGE_PIXELS` pixels (a decompression bomb)."""
-    w, h = int(size[0]), int(size[1])
-    if w * h > MAX_IMAGE_PIXELS:
-        raise InputError(f"{where} is {w}x{h} = {w * h:,} pixels; at most {MAX_IMAGE_PIXELS:,} are decoded "
-                         "(a decompression bomb, or a photo far larger than any dataset needs)")
 
 
 def _common_shape(name: str, names: list[str], stream: Callable[[str], BinaryIO]) -> tuple[int, int, int]:
@@ -558,7 +483,6 @@ def pil_to_array(img, channels: int) -> np.ndarray:
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
     img = _open_pil(data, where)
-    check_pixel_count(img.size, where)
     channels = image_channels(img.mode, where)
     try:
         return pil_to_array(img, channels)
