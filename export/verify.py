@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -167,6 +168,7 @@ def reference_outputs(net: Any, feeds: list[dict[str, np.ndarray]]) -> list[np.n
 # The largest batch verification runs by default: the export gate and `edm-deploy verify` measure
 # on the same inputs, so both print the same figure for one artifact (memory stays small too).
 VERIFY_BATCH_LIMIT = 64
+MAX_VERIFY_BATCHES = 16  # batch sizes one verification may be asked to measure
 
 
 def default_batches(max_batch: int) -> list[int]:
@@ -201,6 +203,9 @@ def _check_arguments(precision: str, batches: Optional[Sequence[int]], seed: Any
     if not isinstance(num_bands, numbers.Integral) or isinstance(num_bands, bool) or num_bands < 1:
         raise _param_error("num_bands", f"num_bands must be a positive integer, got {num_bands!r}")
     if batches is not None:
+        if len(batches) > MAX_VERIFY_BATCHES:
+            raise _param_error("batches", f"batches lists {len(batches)} batch sizes; at most {MAX_VERIFY_BATCHES} "
+                                          "are measured in one run")
         bad = [b for b in batches if not isinstance(b, numbers.Integral) or isinstance(b, bool)
                or not 1 <= b <= max_batch]
         if not batches or bad:
@@ -229,8 +234,6 @@ def source_mismatch(manifest: dict, ckpt_path: str) -> Optional[str]:
     """Why `ckpt_path` is not the checkpoint the artifact's manifest records (None when it is, or
     when the manifest records none): the export writes the source checkpoint's sha256."""
     from edm_deploy.runtime.fileio import sha256_file
-
-    import os
 
     recorded = (manifest.get("source") or {}).get("sha256")
     if not isinstance(recorded, str) or not recorded or not os.path.isfile(ckpt_path):
