@@ -61,9 +61,11 @@ TOLERANCES = {
     "fp32": Tolerance(1e-4, "fp32 rounding of x - D near sigma_min (one ulp of x over sigma ~ 3e-5 per "
                             "element), with room for reordered sums; correct exports measure <= 4e-6"),
     "fp16": Tolerance(1e-2, "about 20 unit roundoffs of fp16 (4.9e-4); correct exports measure <= 1e-3"),
-    "int8": Tolerance(0.2, "twice the 0.10 measured on the trained digits model (MinMax calibration on 16 "
-                           "sampling trajectories, largest at sigma < 0.012; <= 0.06 above 0.07), three orders "
-                           "below a wrongly quantised graph (296 with the skip path in int8)"),
+    "int8": Tolerance(0.2, "four times the 0.050 the trained digits model measures on the default inputs "
+                           "(98 rows: batches 1, 33, 64; MinMax calibration on 16 sampling trajectories; largest "
+                           "for 0.07 < sigma < 0.4, <= 0.035 above 0.4), 1.75x its largest over 1502 rows (0.114, "
+                           "batches up to 1000), three orders below a wrongly quantised graph (296 with the skip "
+                           "path in int8)"),
     "bf16": Tolerance(5e-2, "about 13 unit roundoffs of bf16 (3.9e-3), for the torch backend's bf16 autocast of "
                             "the inner network; the trained digits model measures 8.0e-3"),
 }
