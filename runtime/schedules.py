@@ -351,7 +351,8 @@ def _check_number_types(sigmas: object, name: str) -> None:
     for i, v in enumerate(sigmas):  # type: ignore[union-attr]
         if isinstance(v, (list, tuple, np.ndarray)):
             continue  # a nested list: the shape check names it
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        # a number: int, float, NumPy scalars, or any scalar type with __float__ (a 0-d torch tensor)
+        if isinstance(v, (bool, np.bool_)) or not (isinstance(v, (int, float, np.number)) or hasattr(v, "__float__")):
             raise param_error(name, f"{name} must be a list of numbers: {name}[{i}] = {_short(v)} is a {type(v).__name__}")
 
 

@@ -62,6 +62,10 @@ def test_the_api_takes_numbers_only_as_time_points():
             check_sigma_list(bad)
     assert check_sigma_list(np.array([80, 1], dtype=np.int32)).tolist() == [80.0, 1.0]
     assert check_sigma_list([np.float32(80), 1, 0.0]).tolist() == [80.0, 1.0, 0.0]
+    if has_module("torch"):
+        import torch
+
+        assert check_sigma_list(torch.tensor([80.0, 1.0])).tolist() == [80.0, 1.0]  # scalars with __float__
 
 
 # -- seeds: one check ---------------------------------------------------------------------------
