@@ -67,8 +67,9 @@ class SweepResult:
         return max(fits, key=lambda r: r.images_per_s) if fits else None
 
     def pareto(self) -> list[SweepRow]:
-        """Settings no other setting beats on both speed and error, fastest first."""
-        rows = sorted(self.rows, key=lambda r: (-r.images_per_s, r.rms_error))
+        """Stable settings no other beats on both speed and error, fastest first (an unstable
+        timing's speed is unknown, so it is on no front)."""
+        rows = sorted((r for r in self.rows if r.stable), key=lambda r: (-r.images_per_s, r.rms_error))
         front, best = [], math.inf
         for r in rows:
             if r.rms_error < best:
@@ -203,22 +204,36 @@ def sweep(model: str, solvers: Sequence[str], nfes: Sequence[int] = DEFAULT_NFES
 
 
 def sweep_table(result: SweepResult, max_error: float = DEFAULT_MAX_ERROR) -> str:
-    """The rows (fastest first), the Pareto front marked, and the one-line answer."""
+    """The settings worth knowing and the one-line answer.
+
+    Shown: the Pareto front (no other setting is both faster and closer to the reference) and,
+    per precision, the fastest setting within `max_error`; every row is in `SweepResult.as_dict`
+    (`bench --json`).
+    """
     ref = result.reference
-    front = {id(r) for r in result.pareto()}
+    front = result.pareto()
+    per_precision = [best for best in (SweepResult([r for r in result.rows if r.precision == p], ref).fastest(max_error)
+                                       for p in dict.fromkeys(r.precision for r in result.rows)) if best is not None]
+    shown = sorted({id(r): r for r in front + per_precision}.values(), key=lambda r: -r.images_per_s)
     lines = [f"quality: RMS end-point error against {ref.solver} NFE {ref.nfe} on {os.path.basename(ref.model)} "
-             f"({ref.precision}), same {result.latents} latents; speed: images/s through the whole sampler",
+             f"({ref.precision}, {ref.images_per_s:.1f} img/s), same {result.latents} latents; speed: images/s "
+             "through the whole sampler",
              f"{'model':<28} {'precision':<10} {'solver':<9} {'NFE':>4} {'img/s':>9} {'vs ref':>7} {'RMS err':>9} "
-             f"{'max err':>8}  "]
-    for r in sorted(result.rows, key=lambda r: -r.images_per_s):
+             f"{'max err':>8}  why shown"]
+    front_ids, best_ids = {id(r) for r in front}, {id(r) for r in per_precision}
+    for r in shown:
         speed = f"{r.images_per_s:>9.1f}" if r.stable else f"{'unstable':>9}"
         ratio = f"{r.images_per_s / ref.images_per_s:>6.1f}x" if r.stable and ref.stable else f"{'-':>7}"
+        why = ", ".join(w for w, on in (("pareto", id(r) in front_ids),
+                                        (f"fastest {r.precision} within {max_error:g}", id(r) in best_ids)) if on)
         lines.append(f"{os.path.basename(r.model)[:28]:<28} {r.precision[:10]:<10} {r.solver:<9} {r.nfe:>4} {speed} "
-                     f"{ratio} {r.rms_error:>9.2e} {r.max_error:>8.2e}  {'pareto' if id(r) in front else ''}")
-    unstable = [r for r in result.rows if not r.stable]
-    if unstable or not ref.stable:
-        lines.append(f"note: {len(unstable) + (not ref.stable)} timings were unstable (the slowest repeat took more "
-                     "than twice the fastest: a busy machine); their speed is not shown; rerun on an idle machine")
+                     f"{ratio} {r.rms_error:>9.2e} {r.max_error:>8.2e}  {why}")
+    lines.append(f"({len(result.rows)} settings measured; all of them with --json)")
+    unstable = [r for r in result.rows if not r.stable] + ([ref] if not ref.stable else [])
+    if unstable:
+        lines.append(f"note: {len(unstable)} timings were unstable (the slowest repeat took more than twice the "
+                     "fastest: a busy machine); their speed is not shown and they are not recommended; rerun on an "
+                     "idle machine")
     best = result.fastest(max_error)
     if best is None:
         lines.append(f"fastest within RMS error {max_error:g}: none of these settings (try larger NFEs)")
