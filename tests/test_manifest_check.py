@@ -212,3 +212,18 @@ def test_verify_against_another_checkpoint_says_so_and_measures_only_when_told(t
     code, out, err = run_main(["verify", model, "--against", unconditional, "--other-checkpoint"], capsys)
     line = one_error_line(code, err)
     assert "label_dim is 10 in the artifact and 0 in the checkpoint" in line
+
+
+def test_info_tells_a_sidecar_copied_beside_another_engine(tmp_path, capsys):
+    import hashlib
+
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"engine bytes")
+    manifest = {**oracle_manifest(1, 8), "tensorrt": {"profile": {"max": 64}, "version": "10.13",
+                                                      "plan_sha256": hashlib.sha256(b"engine bytes").hexdigest()}}
+    (tmp_path / "m.plan.json").write_text(json.dumps(manifest))
+    code, out, err = run_main(["info", str(plan)], capsys)
+    assert code == 0 and "1x8x8" in out, err
+    plan.write_bytes(b"another engine")
+    code, _, err = run_main(["info", str(plan)], capsys)
+    assert "describes another engine than" in one_error_line(code, err)
