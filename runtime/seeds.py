@@ -11,7 +11,8 @@ import numpy as np
 
 from edm_deploy.runtime.errors import InputError
 
-SEED_LIMIT = 1 << 32  # the per-seed streams are seeded with seed mod 2^32, like the reference's
+SEED_LIMIT = 1 << 32  # seeds lie in [0, 2^32): the reference seeds its streams with seed mod 2^32, so a larger
+                     # seed would repeat a smaller one's noise
 MAX_SEEDS = 10_000_000  # per run; a larger list would not fit the run's bookkeeping in memory
 
 
@@ -72,8 +73,10 @@ def check_seeds(seeds: object, *, param: str = "seeds", unique: bool = True) -> 
     out = [check_seed(s, param, f"{param}[{i}]") for i, s in enumerate(seeds)]  # type: ignore[arg-type]
     if unique and len(set(out)) != len(out):
         seen: set[int] = set()
-        repeated = next(s for s in out if s in seen or seen.add(s))  # type: ignore[func-returns-value]
-        raise InputError(f"{param} repeats seed {repeated}; each seed names one image", param=param)
+        for s in out:
+            if s in seen:
+                raise InputError(f"{param} repeats seed {s}; each seed names one image", param=param)
+            seen.add(s)
     return out
 
 
