@@ -171,6 +171,9 @@ def sweep(model: str, solvers: Sequence[str], nfes: Sequence[int] = DEFAULT_NFES
                 plans.append((solver, int(k), steps_for_nfe(solver, int(k))))
             except InputError as exc:
                 skipped.append(str(exc))
+    if not plans:
+        raise InputError(f"none of the settings asked for exists ({'; '.join(skipped)}); choose other NFEs",
+                         param="nfe")
     for path in variants:
         options = {"threads": threads} if threads and path.lower().endswith(".onnx") else {}
         with load(path, device=device, **options) as den:

@@ -95,7 +95,8 @@ def test_bench_solvers_gives_the_answer_in_one_line(oracle_family, tmp_path, cap
     assert len(data["rows"]) == 8 and data["reference"]["solver"] == "heun" and data["reference"]["nfe"] == 35
     for args, message in [(["--nfe", "5"], "--nfe applies to bench --solvers only"),
                           (["--solvers", "--backend", "onnxruntime"], "drop --backend"),
-                          (["--solvers", "--solver", "nope"], "Invalid value for '--solver'")]:
+                          (["--solvers", "--solver", "nope"], "Invalid value for '--solver'"),
+                          (["--solvers", "--solver", "heun", "--nfe", "6"], "none of the settings asked for exists (heun cannot spend exactly NFE 6")]:
         code, _, err = run_main(["bench", base, *args], capsys)
         assert message in one_error_line(code, err), err
 
