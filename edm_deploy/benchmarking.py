@@ -35,6 +35,21 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
+# A measurement is unstable when its slowest repeat took more than this many times its fastest.
+# On an idle machine repeats of one evaluation agree to a few per cent (the recorded runs of
+# benchmarks/RESULTS.md: spreads of 1-15 %); a busy one gave 29 to 447 ms for the same batch, and
+# a ratio of two such medians says nothing about the backends.
+UNSTABLE_RATIO = 2.0
+MIN_REPEATS_TO_JUDGE = 3
+
+
+def timing_is_stable(times: list[float]) -> bool:
+    """Whether repeated timings of one thing agree well enough for a ratio to mean something."""
+    if len(times) < MIN_REPEATS_TO_JUDGE:
+        return True  # too few to tell; `results_table` says so
+    return max(times) <= UNSTABLE_RATIO * min(times)
+
+
 def _median_spread(times: list[float]) -> tuple[float, float]:
     med = statistics.median(times)
     return med, (max(times) - min(times)) / med if med else 0.0
@@ -47,6 +62,8 @@ class BackendResult:
     evals_per_s: float
     image_evals_per_s: float
     spread: float
+    stable: bool = True              # `timing_is_stable` of the evaluation repeats (and of the sampling runs)
+    repeats: int = 0
     img_per_s_at_nfe: Optional[float] = None
     nfe: Optional[int] = None
     overhead_fraction: Optional[float] = None
@@ -54,8 +71,9 @@ class BackendResult:
     notes: list[str] = field(default_factory=list)
 
 
-def time_denoiser(den: Any, batch: int, repeats: int = 5, warmup: int = 2, seed: int = 0) -> tuple[float, float]:
-    """(median seconds per evaluation, spread) at `batch`, inputs on the backend's device."""
+def time_denoiser(den: Any, batch: int, repeats: int = 5, warmup: int = 2,
+                  seed: int = 0) -> tuple[float, float, bool]:
+    """(median seconds per evaluation, spread, stable) at `batch`, inputs on the backend's device."""
     rng = np.random.default_rng(seed)
     shape = (batch, den.img_channels, den.img_resolution, den.img_resolution)
     x = den.to_device(rng.standard_normal(shape).astype(np.float32))
@@ -69,11 +87,11 @@ def time_denoiser(den: Any, batch: int, repeats: int = 5, warmup: int = 2, seed:
         den(x, sigma, labels)
         den.synchronize()
         times.append(time.perf_counter() - start)
-    return _median_spread(times)
+    return (*_median_spread(times), timing_is_stable(times))
 
 
-def time_sampling(den: Any, batch: int, num_steps: int, repeats: int = 1) -> tuple[float, float]:
-    """(images per second, overhead fraction) for the deterministic sampler at `num_steps`."""
+def time_sampling(den: Any, batch: int, num_steps: int, repeats: int = 1) -> tuple[float, float, bool]:
+    """(images per second, overhead fraction, stable) for the deterministic sampler at `num_steps`."""
     from edm_deploy.runtime.generate import sample_batch
 
     seeds = list(range(batch))
@@ -88,7 +106,7 @@ def time_sampling(den: Any, batch: int, num_steps: int, repeats: int = 1) -> tup
         walls.append(wall)
         overheads.append(max(0.0, 1 - den.eval_seconds / wall))
     wall = statistics.median(walls)
-    return batch / wall, statistics.median(overheads)
+    return batch / wall, statistics.median(overheads), timing_is_stable(walls)
 
 
 def bench_backend(name: str, make: Callable[[], Any], batch: int, repeats: int, sample_steps: Optional[int]) -> BackendResult:
@@ -98,15 +116,17 @@ def bench_backend(name: str, make: Callable[[], Any], batch: int, repeats: int, 
         setup = time.perf_counter() - start
         if sample_steps == 0:
             sample_steps = paper_steps(den.img_resolution)
-        per_eval, spread = time_denoiser(den, batch, repeats=repeats)
+        per_eval, spread, stable = time_denoiser(den, batch, repeats=repeats)
         result = BackendResult(backend=name if name == den.describe() else f"{name} [{den.describe()}]", batch=batch,
-                               evals_per_s=1 / per_eval, image_evals_per_s=batch / per_eval, spread=spread, setup_s=setup)
+                               evals_per_s=1 / per_eval, image_evals_per_s=batch / per_eval, spread=spread,
+                               stable=stable, repeats=repeats, setup_s=setup)
         result.notes.extend(den.warnings)
         if sample_steps:
             from edm_deploy.runtime.sampling import nfe
 
-            ips, overhead = time_sampling(den, batch, sample_steps, repeats=max(1, min(repeats, 3)))
+            ips, overhead, sampling_stable = time_sampling(den, batch, sample_steps, repeats=max(1, min(repeats, 3)))
             result.img_per_s_at_nfe, result.nfe, result.overhead_fraction = ips, nfe(sample_steps), overhead
+            result.stable = result.stable and sampling_stable
     return result
 
 
@@ -148,13 +168,28 @@ def backend_factories(model: str, backends: list[str], device: str = "auto", thr
 
 
 def results_table(results: list[BackendResult]) -> str:
-    base = results[0].image_evals_per_s if results else 1.0
+    """The side-by-side table; a ratio is printed only between stable measurements.
+
+    An unstable row (see `timing_is_stable`) keeps its median but shows ``unstable`` instead of
+    a ratio, and a note under the table says why, so a busy machine never reads as a finding.
+    """
+    first = results[0] if results else None
+    base = first.image_evals_per_s if first else 1.0
     lines = [f"{'backend':<44} {'batch':>5} {'img-evals/s':>12} {'spread':>7} {'vs first':>8} {'img/s @NFE':>11} {'overhead':>8}"]
     for r in results:
         ips = f"{r.img_per_s_at_nfe:.2f} @{r.nfe}" if r.img_per_s_at_nfe else "-"
         ovh = f"{r.overhead_fraction:.1%}" if r.overhead_fraction is not None else "-"
+        ratio = f"{r.image_evals_per_s / base:>7.2f}x" if r.stable and first.stable else f"{'unstable':>8}"
         lines.append(f"{r.backend[:44]:<44} {r.batch:>5} {r.image_evals_per_s:>12.2f} {r.spread:>7.1%} "
-                     f"{r.image_evals_per_s / base:>7.2f}x {ips:>11} {ovh:>8}")
+                     f"{ratio} {ips:>11} {ovh:>8}")
+    unstable = [r for r in results if not r.stable]
+    if unstable:
+        names = ", ".join(f"{r.backend.split(' [')[0]} at batch {r.batch}" for r in unstable)
+        lines.append(f"note: unstable timings for {names}: the slowest repeat took more than {UNSTABLE_RATIO:g}x the "
+                     "fastest (a busy machine?), so no ratio is shown for them; rerun on an idle machine or with more "
+                     "--repeats")
+    elif results and min(r.repeats for r in results) < MIN_REPEATS_TO_JUDGE:
+        lines.append(f"note: fewer than {MIN_REPEATS_TO_JUDGE} repeats cannot show whether the timings are stable")
     return "\n".join(lines)
 
 

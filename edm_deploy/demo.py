@@ -4,8 +4,8 @@ Steps (each skipped when its output is already complete, so a rerun resumes):
 
 1. train a class-conditional EDM (the `tiny` preset) on scikit-learn's 8x8 handwritten digits
    (train split), writing ``demo/train/`` (ckpt.pt resume point, snapshots, log, stats);
-2. export the EMA network to ``demo/model.onnx`` (fp32) and ``demo/model-fp16.onnx``, each
-   verified against the torch model;
+2. export the EMA network to ``demo/model.onnx`` (fp32), ``demo/model-fp16.onnx`` and
+   ``demo/model-int8.onnx``, each verified against the torch model;
 3. sample a 10x10 class grid through the NumPy runtime with onnxruntime -> ``demo/grid.png``;
 4. sample ``per_class`` images per class (deterministic Heun, 18 steps, NFE 35) and score them
    with an independent classifier (an RBF SVM trained on the real train split, checked on the
@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 from edm_deploy.runtime.fileio import atomic_write_bytes
 
 GRID_UPSCALE = 4
+GRID_NAME, REPORT_NAME = "grid.png", "report.md"  # in the demo's output folder
 
 
 def _done_kimg(ckpt_path: str) -> Optional[float]:
@@ -87,9 +88,9 @@ def grid_step(model_path: str, outdir: str, echo: Callable[[str], None], columns
     from edm_deploy.runtime.generate import sample_batch
     from edm_deploy.runtime.writers import GridWriter
 
-    path = os.path.join(outdir, "grid.png")
+    path = os.path.join(outdir, GRID_NAME)
     with load(model_path, device="cpu") as den:
-        grid = GridWriter(path, den.label_dim * columns, columns=columns, upscale=GRID_UPSCALE, pad=2)
+        grid = GridWriter(path, den.label_dim * columns, columns=columns, scale=GRID_UPSCALE, pad=2)
         for cls in range(den.label_dim):
             seeds = [1_000_000 + cls * columns + k for k in range(columns)]
             images, _ = sample_batch(den, seeds, cls, {"num_steps": 18})
@@ -215,7 +216,7 @@ def run_demo(outdir: str = "demo", duration_kimg: Optional[float] = None, per_cl
     results.update({"grid": grid, "checkpoint": ckpt, "train_seconds": train_seconds,
                     "demo_seconds_this_run": time.perf_counter() - start})
     report = format_report(results, train_seconds)
-    atomic_write_bytes(os.path.join(outdir, "report.md"), report.encode())
+    atomic_write_bytes(os.path.join(outdir, REPORT_NAME), report.encode())
     atomic_write_bytes(os.path.join(outdir, "report.json"), json.dumps(results, indent=2).encode())
     echo("")
     echo(report)

@@ -91,10 +91,21 @@ def _open_pt(path: str, backend: str, device: str, gpu: int, max_batch: Optional
 
 
 def _plan_manifest(path: str) -> dict:
+    """The sidecar of an engine, checked to describe this very engine file (its recorded sha256).
+
+    Without TensorRT the engine's tensors cannot be read (that check runs when it loads), but
+    a sidecar copied beside another engine is told here too, from the hash it records.
+    """
     from edm_deploy.runtime.backends.tensorrt import sidecar_path
+    from edm_deploy.runtime.fileio import sha256_file
     from edm_deploy.runtime.manifest import read_sidecar
 
-    return read_sidecar(sidecar_path(path))
+    manifest = read_sidecar(sidecar_path(path))
+    recorded = (manifest.get("tensorrt") or {}).get("plan_sha256")
+    if isinstance(recorded, str) and recorded and sha256_file(path) != recorded:
+        raise InputError(f"{sidecar_path(path)} describes another engine than {path} (the sha256 it records differs); "
+                         "rebuild the engine or restore its own sidecar")
+    return manifest
 
 
 def _onnx_manifest(path: str) -> dict:

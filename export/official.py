@@ -40,7 +40,7 @@ from typing import Any, BinaryIO, Optional
 import torch
 
 from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+from edm_deploy.runtime.fileio import refuse_overwriting_inputs, write_target
 from edm_deploy.training import precond as precond_module
 from edm_deploy.training.presets import ARCHITECTURE_NAMES
 
@@ -70,6 +70,14 @@ PERSISTENCE_VERSION = 6  # the only version the reference loader accepts
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 _MAX_DEPTH = 64
+# The most nodes (values of init kwargs, modules, tensors) one file's walk may visit. A depth
+# limit alone does not bound the work: a 14 KB pickle of shared references (``a = [a, a]``
+# forty times, a "billion laughs") is a tree of 2^40 nodes only 41 levels deep. The largest
+# official network (ImageNet-64 ADM) has about 2,000 tensors and 1,000 modules.
+_MAX_NODES = 200_000
+# How many bytes of weights may be named beyond the bytes actually stored: one stored tensor
+# named under many names would otherwise be copied once per name when the checkpoint is saved.
+_MAX_SHARED_BYTES = 16 << 20
 
 # torch.<Name>Storage in the nested legacy blob -> element dtype
 _STORAGE_DTYPES = {
@@ -481,27 +489,43 @@ def _unreadable_pickle(file: BinaryIO, exc: Exception) -> str:
 # From records to a state dict and a network description
 # --------------------------------------------------------------------------------------------
 
-def _plain(value: Any, where: str, depth: int = 0) -> Any:
+class _Budget:
+    """The work one file may cause: every node a walk visits is spent here (see `_MAX_NODES`)."""
+
+    def __init__(self, limit: int = _MAX_NODES) -> None:
+        self.limit, self.spent = limit, 0
+
+    def spend(self, where: str) -> None:
+        self.spent += 1
+        if self.spent > self.limit:
+            raise InputError(f"{where}: the pickle describes more than {self.limit:,} values and modules (shared "
+                             "references repeated into an exponentially large tree?); an EDM network has a few "
+                             "thousand, so it was refused before the walk could use the memory it asks for")
+
+
+def _plain(value: Any, where: str, depth: int = 0, budget: Optional[_Budget] = None) -> Any:
     """Init kwargs as plain Python values (numpy scalars were already turned into numbers)."""
+    budget = budget or _Budget()
+    budget.spend(where)
     if depth > _MAX_DEPTH:
         raise InputError(f"{where} is nested too deeply (or refers to itself)")
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v, where, depth + 1) for v in value)
+        return type(value)(_plain(v, where, depth + 1, budget) for v in value)
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise InputError(f"{where} has a non-string key {k!r}")
-            out[k] = _plain(v, f"{where}[{k!r}]", depth + 1)
+            out[k] = _plain(v, f"{where}[{k!r}]", depth + 1, budget)
         return out
     raise InputError(f"{where} holds a value of unsupported type {type(value).__name__}")
 
 
-def _network_description(precond: PersistentRecord) -> dict:
+def _network_description(precond: PersistentRecord, budget: _Budget) -> dict:
     name = precond.class_name
-    kwargs = _plain(precond.init_kwargs, f"{name} init kwargs")
+    kwargs = _plain(precond.init_kwargs, f"{name} init kwargs", budget=budget)
     if precond.init_args:
         names = PRECOND_POSITIONAL[name]
         if len(precond.init_args) > len(names):
@@ -510,7 +534,7 @@ def _network_description(precond: PersistentRecord) -> dict:
         for arg_name, value in zip(names, precond.init_args):
             if arg_name in kwargs:
                 raise InputError(f"{name} init argument {arg_name!r} is given twice")
-            kwargs[arg_name] = _plain(value, f"{name} init argument {arg_name!r}")
+            kwargs[arg_name] = _plain(value, f"{name} init argument {arg_name!r}", budget=budget)
     for key in ("img_resolution", "img_channels"):
         if key not in kwargs:
             raise InputError(f"{name} init kwargs lack {key}; cannot describe the network")
@@ -524,13 +548,15 @@ class _Collected:
     num_buffers: int = 0
 
 
-def _collect(node: Any, prefix: str, out: _Collected, depth: int, allowed: tuple) -> None:
+def _collect(node: Any, prefix: str, out: _Collected, depth: int, allowed: tuple, budget: _Budget) -> None:
     """Depth-first walk in state_dict order: own parameters, own buffers, then children.
 
     `allowed` names the classes this node may be: the precond at depth 0, the inner network
-    (SongUNet/DhariwalUNet) at depth 1 and the reference layer classes below it.
+    (SongUNet/DhariwalUNet) at depth 1 and the reference layer classes below it. Every module
+    and tensor visited is spent from `budget`, so shared subtrees cannot multiply the work.
     """
     where = prefix[:-1] or "network"
+    budget.spend(where)
     if depth > _MAX_DEPTH:
         raise InputError(f"{where}: module tree is nested too deeply (or refers to itself)")
     if isinstance(node, PersistentRecord):
@@ -554,6 +580,7 @@ def _collect(node: Any, prefix: str, out: _Collected, depth: int, allowed: tuple
                 continue
             if not isinstance(name, str) or not isinstance(tensor, TensorRecord):
                 raise InputError(f"{where}: malformed entry {name!r} in {group}")
+            budget.spend(prefix + name)
             tensor = tensor.tensor
             out.tensors[prefix + name] = tensor
             if group == "_parameters":
@@ -569,7 +596,17 @@ def _collect(node: Any, prefix: str, out: _Collected, depth: int, allowed: tuple
         if not isinstance(name, str) or not name or "." in name:
             raise InputError(f"{where}: malformed child module name {name!r}")
         below = INNER_CLASSES if depth == 0 else LAYER_CLASSES + ("ModuleDict",)
-        _collect(child, f"{prefix}{name}.", out, depth + 1, below)
+        _collect(child, f"{prefix}{name}.", out, depth + 1, below, budget)
+
+
+def _check_shared_bytes(tensors: dict) -> None:
+    """Refuse weights that name far more bytes than they store (one tensor under many names):
+    saving the checkpoint copies each name's tensor, so the copies would multiply the file."""
+    named = sum(t.numel() * t.element_size() for t in tensors.values())
+    stored = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors.values()}.values())
+    if named > stored + _MAX_SHARED_BYTES:
+        raise InputError(f"the pickle names {named / 1e6:,.1f} MB of weights but stores {stored / 1e6:,.1f} MB (one "
+                         "tensor reused under many names); an EDM network shares no weights, so it was refused")
 
 
 @dataclasses.dataclass
@@ -621,7 +658,8 @@ def parse_official(data: Any, module_sources: dict, key: Optional[str] = "ema") 
     if precond.class_name not in PRECOND_POSITIONAL:
         raise InputError(f"unknown preconditioner class {precond.class_name!r} "
                          f"(expected one of {', '.join(PRECOND_POSITIONAL)})")
-    network = _network_description(precond)
+    budget = _Budget()
+    network = _network_description(precond, budget)
     children = precond.state.get("_modules") or {}
     inner = children.get("model") if isinstance(children, dict) else None
     if not isinstance(inner, PersistentRecord):
@@ -635,9 +673,10 @@ def parse_official(data: Any, module_sources: dict, key: Optional[str] = "ema") 
         if child is not None and name != "model":
             raise InputError(f"{precond.class_name} has an unexpected child module {name!r}")
     collected = _Collected(tensors={})
-    _collect(precond, "", collected, 0, (precond.class_name,))
+    _collect(precond, "", collected, 0, (precond.class_name,), budget)
     if not collected.tensors:
         raise InputError("the network holds no weights")
+    _check_shared_bytes(collected.tensors)
     return OfficialNetwork(network, collected.tensors, inner.class_name, collected.num_params,
                            collected.num_buffers, dict(module_sources), used_key, top_keys)
 
@@ -712,7 +751,7 @@ def convert_official(source: str, out: Optional[str] = None, key: str = "ema", s
     from edm_deploy.runtime.download import fetch, file_sha256, is_url
     from edm_deploy.training.checkpoint import save_checkpoint
 
-    out = os.path.abspath(out or default_output(source))
+    out = os.path.abspath(write_target(out or default_output(source)))  # a symlinked out is written through
     if os.path.isdir(out):
         raise InputError(f"out {out} is a folder; name the checkpoint file to write")
     if not os.path.isdir(os.path.dirname(out)):

@@ -18,7 +18,6 @@ import numpy as np
 from edm_deploy.runtime.errors import InputError
 
 PRECISIONS = ("fp32", "fp16", "int8")
-VERIFY_BATCH_LIMIT = 64  # verification runs batches 1, an odd size and this at most (memory stays small)
 
 
 @dataclass
@@ -69,7 +68,7 @@ def plan_export(model: str, kind: str, precision: str = "fp32", out_path: Option
     """
     from edm_deploy.export.staging import companions
     from edm_deploy.export.tensorrt_build import tensorrt_status
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+    from edm_deploy.runtime.fileio import refuse_overwriting_inputs, write_target
 
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", param="precision")
@@ -81,7 +80,7 @@ def plan_export(model: str, kind: str, precision: str = "fp32", out_path: Option
         raise InputError("the model is already a TensorRT engine", param="model")
     if out_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
         raise InputError(f"output folder does not exist: {os.path.dirname(os.path.abspath(out_path))}", param="out_path")
-    if out_path is not None and not out_path.lower().endswith((".onnx", ".plan", ".engine")):
+    if out_path is not None and not out_path.lower().endswith((".onnx", *ENGINE_SUFFIXES)):
         raise InputError(f"out_path must end in .onnx or .plan, got {out_path}", param="out_path")
     if kind == "onnx" and precision != "fp32":
         raise InputError("a precision takes effect when exporting a .pt checkpoint; an .onnx keeps its own",
@@ -92,15 +91,13 @@ def plan_export(model: str, kind: str, precision: str = "fp32", out_path: Option
         raise InputError(f"fmt trt: {trt_reason}", param="fmt")
     if kind == "onnx" and not want_trt:
         raise InputError("the model is already ONNX; use fmt trt to build an engine from it", param="fmt")
-    names_engine = out_path is not None and out_path.lower().endswith((".plan", ".engine"))
-    if names_engine and not want_trt:
+    if out_path is not None and out_path.lower().endswith(ENGINE_SUFFIXES) and not want_trt:
         raise InputError(f"out_path {out_path} names an engine, but no engine is built here ({trt_reason}); "
                          "give an .onnx name or fmt trt", param=("out_path", "fmt"))
-    onnx_path = model if kind == "onnx" else (
-        out_path if out_path and out_path.endswith(".onnx") else default_onnx_path(out_path or model, precision))
-    plan_path = None
-    if want_trt:
-        plan_path = out_path if names_engine else os.path.splitext(onnx_path)[0] + ".plan"
+    onnx_path, plan_path = output_paths(model, precision, out_path, engine=want_trt)
+    if kind == "pt":
+        onnx_path = write_target(onnx_path)  # a symlinked output is written through
+    plan_path = write_target(plan_path) if plan_path else None
     plan = ExportPlan(model, kind, precision, onnx_path, plan_path, "" if want_trt else trt_reason)
     refuse_overwriting_inputs({"model": model, **(inputs or {})},
                               {f"output {os.path.basename(f)}": f for p in plan.finals for f in [p, *companions(p)]})
@@ -110,6 +107,32 @@ def plan_export(model: str, kind: str, precision: str = "fp32", out_path: Option
 def default_onnx_path(ckpt: str, precision: str) -> str:
     stem = os.path.splitext(ckpt)[0]
     return stem + ("" if precision == "fp32" else f"-{precision}") + ".onnx"
+
+
+ENGINE_SUFFIXES = (".plan", ".engine")
+
+
+def output_paths(model: str, precision: str, out_path: Optional[str], engine: bool) -> tuple[str, Optional[str]]:
+    """(the ONNX file, the engine or None) that `edm-deploy export MODEL` writes.
+
+    The one place output names are derived (the command uses it, and a test checks the names its
+    help examples promise): an .onnx MODEL is its own ONNX file; otherwise `out_path` when it is
+    an .onnx name, else the checkpoint's name with the precision (``ckpt.onnx``,
+    ``ckpt-fp16.onnx``, ``ckpt-int8.onnx``) beside `out_path` or the checkpoint. The engine
+    (with `engine`) is `out_path` when it names one, else the ONNX file's name with ``.plan``.
+    Companion files (``.plan.json``, ``.onnx.data``) are `staging.companions` of these.
+    """
+    if model.lower().endswith(".onnx"):
+        onnx_path = model
+    elif out_path and out_path.lower().endswith(".onnx"):
+        onnx_path = out_path
+    else:
+        onnx_path = default_onnx_path(out_path or model, precision)
+    plan_path = None
+    if engine:
+        plan_path = (out_path if out_path and out_path.lower().endswith(ENGINE_SUFFIXES)
+                     else os.path.splitext(onnx_path)[0] + ".plan")
+    return onnx_path, plan_path
 
 
 def calibration_images(data: str, count: int, seed: int) -> np.ndarray:
@@ -134,12 +157,12 @@ def _runner(path: str, device: str):
     return TensorRTDenoiser(path)
 
 
-def verify_staged(stage, final: str, net: Any, precision: str, device: str, max_batch: int):
+def verify_staged(stage, final: str, net: Any, precision: str, device: str):
     """Verify a staged artifact; a failure keeps it under a name that says so, and raises."""
-    from edm_deploy.export.verify import default_batches, verify_artifact
+    from edm_deploy.export.verify import verify_artifact
 
     with _runner(stage.path(final), device) as den:
-        report = verify_artifact(final, net, den, precision, batches=default_batches(min(max_batch, VERIFY_BATCH_LIMIT)))
+        report = verify_artifact(final, net, den, precision)  # the inputs `edm-deploy verify` uses by default
     if not report.passed:
         kept = stage.keep_failed(final)
         raise InputError(f"verification of {final} failed; nothing was written under that name, the failed file is "
@@ -195,6 +218,6 @@ def export_checkpoint(
             result = export_onnx(net, ckpt["network"], stage.path(out_path), fp16=precision == "fp16", opset=opset,
                                  max_batch=max_batch, opt_batch=opt_batch, source_path=ckpt_path)
             manifest, size = result.manifest, result.size_bytes
-        report = verify_staged(stage, out_path, net, precision, "cpu", max_batch) if verify else None
+        report = verify_staged(stage, out_path, net, precision, "cpu") if verify else None
         stage.commit([out_path])
     return ExportOutcome(out_path, manifest, time.perf_counter() - start, size, report)

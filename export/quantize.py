@@ -83,6 +83,7 @@ from edm_deploy.runtime.errors import (
     first_line,
 )
 from edm_deploy.runtime.manifest import CLASS_LABELS, DENOISED, SIGMA, X
+from edm_deploy.runtime.seeds import SEED_LIMIT
 
 INNER_SCOPE = "/net/model/"
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -348,6 +349,9 @@ def check_options(num_images: Any, seed: Any, method: Any, steps: Any, percentil
         raise InputError(f"num_images must be a whole number >= 1, got {num_images!r}")
     if not is_int(seed) or seed < 0:
         raise InputError(f"seed must be a non-negative whole number, got {seed!r}")
+    if seed + num_images > SEED_LIMIT:
+        raise InputError(f"seed {seed} with {num_images} images needs seeds up to {seed + num_images - 1}, past the "
+                         f"last seed {SEED_LIMIT - 1}; choose seed <= {SEED_LIMIT - num_images}", param="seed")
     if not is_int(steps) or steps < 1:
         raise InputError(f"steps must be a whole number >= 1, got {steps!r}")
     name = str(method).lower() if isinstance(method, str) else None

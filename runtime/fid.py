@@ -59,7 +59,7 @@ from edm_deploy.runtime.fid_stats import (
     save_ref,
     trace_sqrt_product,
 )
-from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+from edm_deploy.runtime.fileio import refuse_overwriting_inputs, write_target
 
 DEFAULT_NUM = 50000
 DEFAULT_BATCH = 64
@@ -90,12 +90,15 @@ def compute_stats(
     progress: bool = True,
     desc: str = "FID features",
     feature_dim: Optional[int] = None,
+    ref_label: str = "the reference statistics",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (mu, sigma) of detector features over `num` images of `images` (None = all).
 
     `indices` overrides the selection (used to split one source into seed ranges). Images are
     streamed batch by batch, so memory is bounded by `batch` whatever the image count.
-    `feature_dim` None takes the size of the first batch's features (a `Detector` checks 2048).
+    `feature_dim` None takes the size of the first batch's features (a `Detector` checks 2048);
+    given (the reference's size, named `ref_label` in messages), a detector of another size is
+    one error after its first batch.
     """
     source = _as_source(images)
     if indices is None:
@@ -110,11 +113,34 @@ def compute_stats(
         for x in source.iter_batches(indices, batch):
             features = np.asarray(detector(x))
             if stats is None:
+                if feature_dim and features.ndim == 2 and features.shape[1] != feature_dim:
+                    raise InputError(feature_mismatch(ref_label, feature_dim, features.shape[1],
+                                                      getattr(detector, "path", None)))
                 stats = FeatureStats(feature_dim or (features.shape[-1] if features.ndim == 2 else FEATURE_DIM))
             stats.update(features)
             bar.update(x.shape[0])
     assert stats is not None  # at least 2 indices, so at least one batch
     return stats.mean_cov()
+
+
+def feature_mismatch(ref_label: str, ref_dim: int, detector_dim: int, detector_path: Optional[str]) -> str:
+    """The message for reference statistics and a detector of different feature sizes."""
+    detector = f"the detector {detector_path}" if detector_path else "the detector"
+    return (f"{ref_label}: statistics of {ref_dim}-feature vectors, but {detector} gives {detector_dim} "
+            f"features; a reference must be computed with the detector that scores against it "
+            f"(`edm-deploy fid ref --detector ...`)")
+
+
+def check_reference_fits(mu_ref: np.ndarray, detector: DetectorFn, ref_label: str) -> None:
+    """Reference statistics and a detector must agree on the feature size, checked before any image
+    is scored (for detectors that state their size, as every `Detector` does)."""
+    dim = getattr(detector, "feature_dim", None)
+    if dim is not None and int(dim) != mu_ref.shape[0]:
+        raise InputError(feature_mismatch(ref_label, mu_ref.shape[0], int(dim), getattr(detector, "path", None)))
+
+
+def _ref_label(ref: Union[str, tuple], ref_label: Optional[str]) -> str:
+    return ref_label or (f"the reference {ref}" if isinstance(ref, str) else "the reference statistics")
 
 
 def _reference(ref: Union[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -134,11 +160,15 @@ def calc_fid(
     seed: int = 0,
     batch: int = DEFAULT_BATCH,
     progress: bool = True,
+    ref_label: Optional[str] = None,
 ) -> float:
-    """FID of `num` images against reference statistics (a path/URL to an .npz, or (mu, sigma))."""
+    """FID of `num` images against reference statistics (a path/URL to an .npz, or (mu, sigma);
+    `ref_label` names them in messages)."""
     mu_r, sigma_r = _reference(ref)
+    label = _ref_label(ref, ref_label)
+    check_reference_fits(mu_r, detector, label)
     mu, sigma = compute_stats(images, detector, num=num, seed=seed, batch=batch, progress=progress,
-                              feature_dim=mu_r.shape[0])
+                              feature_dim=mu_r.shape[0], ref_label=label)
     return frechet_distance(mu, sigma, mu_r, sigma_r)
 
 
@@ -183,19 +213,23 @@ def fid_min_of(
     progress: bool = True,
     on_result: Optional[Callable[[FidResult], None]] = None,
     sets: Optional[list[tuple[str, ImageSource, np.ndarray]]] = None,
+    ref_label: Optional[str] = None,
 ) -> tuple[list[FidResult], float]:
     """Score each image set (see `plan_sets`) against `ref`; return all results and the minimum FID.
 
     `sets` passes an already computed `plan_sets(...)` (then `images`, `min_of`, `num`, `seed`
-    are not used), so a caller can check the input before loading the detector.
+    are not used), so a caller can check the input before loading the detector; `ref_label`
+    names the reference in messages (a loaded (mu, sigma) pair has no name of its own).
     """
     mu_r, sigma_r = _reference(ref)
+    label = _ref_label(ref, ref_label)
+    check_reference_fits(mu_r, detector, label)
     if sets is None:
         sets = plan_sets(images, min_of, num, seed)  # opened and checked before any detector work
     results = []
     for i, (label, source, indices) in enumerate(sets):
         mu, sigma = compute_stats(source, detector, indices=indices, batch=batch, progress=progress,
-                                  desc=f"FID set {i + 1}/{len(sets)}", feature_dim=mu_r.shape[0])
+                                  desc=f"FID set {i + 1}/{len(sets)}", feature_dim=mu_r.shape[0], ref_label=label)
         result = FidResult(label=label, num=len(indices), fid=frechet_distance(mu, sigma, mu_r, sigma_r))
         results.append(result)
         if on_result is not None:
@@ -230,6 +264,7 @@ def make_ref(
     not be the image source or the detector file.
     """
     check_output_file(dest, "dest")
+    dest = write_target(dest)  # a symlinked dest: its target gets the statistics, the link stays
     refuse_overwriting_inputs({"data": data if isinstance(data, str) else getattr(data, "path", None),
                                "detector": getattr(detector, "path", None)}, {"dest": dest})
     mu, sigma = compute_stats(data, detector, num=num, seed=seed, batch=batch, progress=progress,
@@ -250,6 +285,7 @@ __all__ = [
     "TorchScriptDetector",
     "calc_fid",
     "check_output_file",
+    "check_reference_fits",
     "check_statistics",
     "compute_stats",
     "fid_min_of",

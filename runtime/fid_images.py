@@ -28,7 +28,15 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.archives import (
+    MAX_IMAGE_FILE_BYTES,
+    ZIP_ERRORS,
+    check_zip_sizes,
+    open_image,
+    read_bounded,
+)
+from edm_deploy.runtime.errors import InputError, first_line
+from edm_deploy.runtime.fileio import check_regular_file
 
 _EXTENSIONS: Optional[frozenset] = None
 
@@ -50,10 +58,8 @@ def _is_image_name(name: str) -> bool:
 
 def _decode(data: bytes | str, name: str) -> np.ndarray:
     """Decode one image file to HWC uint8 with C in {1, 3}."""
-    import PIL.Image
-
     try:
-        with PIL.Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+        with open_image(io.BytesIO(data) if isinstance(data, bytes) else data, name) as img:
             mode = img.mode
             if mode not in ("L", "RGB"):
                 raise InputError(
@@ -129,6 +135,7 @@ class FolderSource(ImageSource):
             for fname in files:
                 rel = os.path.relpath(os.path.join(root, fname), start=path)
                 if _is_image_name(rel):
+                    check_regular_file(os.path.join(root, fname), "image")
                     names.append(rel)
         self.names = sorted(names)
 
@@ -144,9 +151,10 @@ class ZipSource(ImageSource):
         self.path = path
         try:
             with zipfile.ZipFile(path) as zf:
+                check_zip_sizes(zf, path)  # a ZIP bomb is refused from its directory, before inflating
                 self.names = sorted(n for n in zf.namelist() if not n.endswith("/") and _is_image_name(n))
-        except zipfile.BadZipFile as exc:
-            raise InputError(f"{path}: not a valid ZIP file ({exc})") from exc
+        except ZIP_ERRORS as exc:
+            raise InputError(f"{path}: not a valid ZIP file ({first_line(exc)})") from exc
 
     def describe(self, index: int) -> str:
         return f"{self.path}:{self.names[index]}"
@@ -154,7 +162,12 @@ class ZipSource(ImageSource):
     def _iter_images(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
         with zipfile.ZipFile(self.path) as zf:
             for i in indices:
-                yield _decode(zf.read(self.names[i]), self.describe(i))
+                try:
+                    with zf.open(self.names[i]) as f:
+                        data = read_bounded(f, MAX_IMAGE_FILE_BYTES, self.describe(i))
+                except ZIP_ERRORS as exc:
+                    raise InputError(f"{self.describe(i)}: cannot read it ({first_line(exc)})") from exc
+                yield _decode(data, self.describe(i))
 
 
 class NpzSource(ImageSource):

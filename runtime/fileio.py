@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from typing import Iterator
 
@@ -34,6 +35,18 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def check_regular_file(path: str, what: str = "file") -> None:
+    """A path to read must be a regular file (symlinks followed): opening a FIFO or a device waits
+    for a writer that may never come, so that would hang instead of failing."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise InputError(f"{what} {path} is {kind}, not a regular file")
+
+
 def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -48,6 +61,20 @@ def _existing_folder(path: str) -> str:
     if not os.path.isdir(directory):
         raise InputError(f"output folder does not exist: {directory}")
     return directory
+
+
+def write_target(path: str) -> str:
+    """The file a write to the output a user named `path` must replace: a symlink is followed.
+
+    Renaming onto a symlink would replace the link by a plain file and leave its target stale,
+    and a lock taken beside the link would not exclude a writer that names the target; so a
+    command resolves each output file the user names (``--npz``, ``--grid``, ``--dest``, ``--out``,
+    ``--json``) with this before it writes or locks, and writes through the link as ``cp`` and a
+    shell redirect do. Files a command names itself inside an output folder (images, records,
+    parts) are not resolved: a symlink planted there is replaced, never written through.
+    A path that is no symlink comes back as given.
+    """
+    return os.path.realpath(path) if os.path.islink(path) else path
 
 
 @contextlib.contextmanager
@@ -150,10 +177,13 @@ def refuse_overwriting_inputs(inputs: dict[str, str], outputs: dict[str, str]) -
 
 
 def lock_path_for(output: str) -> str:
-    """The lock file guarding an output: inside an output folder, beside an output file (hidden)."""
+    """The lock file guarding an output: inside an output folder, beside an output file (hidden).
+
+    A symlinked output file is locked beside its target, so two names of one file share a lock.
+    """
     if os.path.isdir(output):
         return os.path.join(output, ".edm-deploy.lock")
-    directory, name = os.path.split(os.path.abspath(output))
+    directory, name = os.path.split(os.path.abspath(write_target(output)))
     return os.path.join(directory, f".{name}.lock")
 
 

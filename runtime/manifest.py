@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.fileio import atomic_write_bytes
+from edm_deploy.runtime.jsonio import MAX_MANIFEST_BYTES, loads_bounded, read_json_file
 
 MANIFEST_FORMAT = "edm-deploy-manifest"
 MANIFEST_VERSION = 1
@@ -40,6 +41,23 @@ PRECOND_CLASSES = {kind: name for name, kind in PRECOND_KINDS.items()}
 
 REQUIRED_KEYS = ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max", "precond", "sigma_rounding")
 
+# The largest image side and the most classes any model or dataset of this project may have
+# (datasets are checked against the same numbers in `training.dataset`). EDM networks train at
+# 32-64 pixels (the paper's largest dataset is 64x64), and at 1024 one RGB image is already 12 MB
+# as a float32 input; ImageNet-21k has 21,841 classes, and a label embedding of label_dim rows
+# grows with it (a label of 10^9 would ask for a 128 GB embedding at 32 channels).
+MAX_RESOLUTION = 1024
+MAX_CLASSES = 100_000
+
+# The largest batch an artifact may declare (export's --max-batch takes the same bound).
+MAX_BATCH = 1 << 16
+# The most entries a discrete sigma table may have (iDDPM's has M = 1000).
+MAX_TABLE = 100_000
+
+# The range each integer field may take (a manifest is read from a file: check it).
+INT_FIELDS = {"img_resolution": (1, MAX_RESOLUTION), "img_channels": (1, 64), "label_dim": (0, MAX_CLASSES)}
+SECTIONS = ("network", "io", "tensorrt", "quantization", "source", "producer")
+
 
 def encode_limit(value: float) -> Optional[float]:
     """float('inf') -> None so the manifest stays valid JSON."""
@@ -50,11 +68,50 @@ def decode_limit(value: Optional[float], default: float) -> float:
     return default if value is None else float(value)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate(manifest: dict[str, Any], source: str = "manifest") -> dict[str, Any]:
-    """Check format tag, version and required keys; return the manifest unchanged."""
+    """Check format tag, version, required keys and every field's type and range; return it unchanged.
+
+    A manifest is read from a file anyone can edit, so a label_dim of ``"10"``, a batch limit of
+    -1, a sigma table of text or sigma_min above sigma_max is one clear error here, naming the
+    file and the field, rather than a traceback (or a misleading message) later.
+    """
+    _check_header(manifest, source)
+    for key, (lowest, highest) in INT_FIELDS.items():
+        if not _is_int(manifest[key]) or not lowest <= manifest[key] <= highest:
+            raise InputError(f"{source}: manifest {key} must be an integer from {lowest} to {highest:,}, "
+                             f"got {manifest[key]!r}")
+    _check_sigma_range(manifest, source)
+    _check_rounding(manifest["sigma_rounding"], source)
+    _check_batch(manifest.get("batch"), source)
+    for key in SECTIONS:
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise InputError(f"{source}: manifest {key} must be an object, got a {type(manifest[key]).__name__}")
+    if manifest.get("precision") is not None and not isinstance(manifest["precision"], str):
+        raise InputError(f"{source}: manifest precision must be a name such as fp32, got {manifest['precision']!r}")
+    kwargs = (manifest.get("network") or {}).get("init_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise InputError(f"{source}: manifest network.init_kwargs must be an object, got a {type(kwargs).__name__}")
+    dropout = (kwargs or {}).get("label_dropout")
+    if dropout is not None and not (_is_number(dropout) and 0 <= dropout <= 1):
+        raise InputError(f"{source}: manifest label_dropout must be a number in [0, 1], got {dropout!r}")
+    return manifest
+
+
+def _check_header(manifest: Any, source: str) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise InputError(f"{source}: not an edm-deploy manifest")
-    if int(manifest.get("version", 0)) > MANIFEST_VERSION:
+    version = manifest.get("version", 0)
+    if not _is_int(version):
+        raise InputError(f"{source}: manifest version must be an integer, got {version!r}")
+    if version > MANIFEST_VERSION:
         raise InputError(
             f"{source}: manifest version {manifest.get('version')} is newer than this edm-deploy "
             f"understands ({MANIFEST_VERSION}); upgrade edm-deploy"
@@ -62,19 +119,45 @@ def validate(manifest: dict[str, Any], source: str = "manifest") -> dict[str, An
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise InputError(f"{source}: manifest lacks {', '.join(missing)}")
-    return manifest
+
+
+def _check_sigma_range(manifest: dict[str, Any], source: str) -> None:
+    for key in ("sigma_min", "sigma_max"):
+        value = manifest[key]
+        if value is not None and not (_is_number(value) and value >= 0):
+            raise InputError(f"{source}: manifest {key} must be a non-negative number or null, got {value!r}")
+    lo, hi = manifest["sigma_min"], manifest["sigma_max"]
+    if lo is not None and hi is not None and not lo < hi:
+        raise InputError(f"{source}: the manifest's sigma range is empty (sigma_min {lo:g} >= sigma_max {hi:g})")
+
+
+def _check_rounding(rule: Any, source: str) -> None:
+    if not isinstance(rule, dict) or rule.get("kind", "identity") not in ("identity", "table"):
+        raise InputError(f"{source}: manifest sigma_rounding must be {{'kind': 'identity'}} or a table, got {rule!r}"[:300])
+    if rule.get("kind") == "table":
+        values = rule.get("values")
+        if not (isinstance(values, list) and 2 <= len(values) <= MAX_TABLE
+                and all(_is_number(v) and v >= 0 for v in values)):
+            raise InputError(f"{source}: manifest sigma_rounding table must be a list of 2 to {MAX_TABLE:,} "
+                             "non-negative numbers")
+
+
+def _check_batch(batch: Any, source: str) -> None:
+    if batch is None:
+        return
+    values = [batch.get(k, 1) for k in ("min", "opt", "max")] if isinstance(batch, dict) else None
+    if values is None or not all(_is_int(v) and 1 <= v <= MAX_BATCH for v in values) or not values[0] <= values[2]:
+        raise InputError(f"{source}: manifest batch must hold integers 1 <= min <= max <= {MAX_BATCH:,} "
+                         f"(and opt); got {batch!r}"[:300])
 
 
 def dumps(manifest: dict[str, Any]) -> str:
     return json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False)
 
 
-def loads(text: str, source: str = "manifest") -> dict[str, Any]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{source}: manifest is not valid JSON ({exc})") from exc
-    return validate(data, source)
+def loads(text: Union[str, bytes], source: str = "manifest") -> dict[str, Any]:
+    """A manifest from JSON text (an ONNX file's metadata, a sidecar), bounded and validated."""
+    return validate(loads_bounded(text, source, max_bytes=MAX_MANIFEST_BYTES, what="manifest JSON"), source)
 
 
 def write_sidecar(path: str, manifest: dict[str, Any]) -> None:
@@ -84,5 +167,81 @@ def write_sidecar(path: str, manifest: dict[str, Any]) -> None:
 def read_sidecar(path: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise InputError(f"manifest not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return loads(f.read(), path)
+    return validate(read_json_file(path, max_bytes=MAX_MANIFEST_BYTES, what="manifest JSON"), path)
+
+
+# --------------------------------------------------------------------------------------------
+# The manifest against the graph it describes
+
+
+Dim = Union[int, str, None]  # a graph dimension: a fixed size, or symbolic / dynamic (a name, None or -1)
+
+
+def _fixed(dim: Dim) -> Optional[int]:
+    return dim if _is_int(dim) and dim >= 0 else None
+
+
+def expected_shapes(manifest: dict[str, Any]) -> dict[str, tuple]:
+    """The tensor shapes the manifest's fields imply, batch dimension as None."""
+    c, r, k = manifest["img_channels"], manifest["img_resolution"], manifest["label_dim"]
+    shapes = {X: (None, c, r, r), SIGMA: (None,), DENOISED: (None, c, r, r)}
+    if k:
+        shapes[CLASS_LABELS] = (None, k)
+    return shapes
+
+
+_FIELD_OF_DIM = {(X, 1): "img_channels", (X, 2): "img_resolution", (X, 3): "img_resolution",
+                 (DENOISED, 1): "img_channels", (DENOISED, 2): "img_resolution", (DENOISED, 3): "img_resolution",
+                 (CLASS_LABELS, 1): "label_dim"}
+
+
+def check_against_graph(manifest: dict[str, Any], tensors: dict[str, Sequence[Dim]], source: str,
+                        batch_range: Optional[tuple[int, int]] = None) -> None:
+    """Refuse, in one line, a manifest that disagrees with the graph it came with.
+
+    `tensors` maps each graph input and output name to its shape as the graph states it (fixed
+    sizes as ints; symbolic or dynamic ones as a name, None or -1); `batch_range` is the
+    (min, max) batch the graph itself accepts where it says (a TensorRT profile). Compared:
+    the tensor names (class_labels exactly when label_dim > 0), ranks, every fixed dimension
+    against img_channels, img_resolution and label_dim, the manifest's own ``io`` section, and
+    the batch limits. A file whose manifest was edited, or copied from another model, fails
+    here instead of allocating what the forged fields ask for or failing deep in a backend.
+    """
+    wanted = expected_shapes(manifest)
+    inputs = sorted(n for n in tensors if n != DENOISED)
+    if inputs != sorted(input_names(manifest["label_dim"])) or DENOISED not in tensors:
+        raise InputError(f"{source}: the graph's tensors {sorted(tensors)} do not match the manifest (label_dim "
+                         f"{manifest['label_dim']} means {sorted(wanted)}); the file was altered or is not an "
+                         "edm-deploy export")
+    batch = manifest.get("batch") or {}
+    for name, want in wanted.items():
+        got = tuple(tensors[name])
+        if len(got) != len(want):
+            raise InputError(f"{source}: the graph's {name} has {len(got)} dimensions, the manifest implies "
+                             f"{len(want)}; the file was altered or is not an edm-deploy export")
+        for axis, (g, w) in enumerate(zip(got, want)):
+            g = _fixed(g)
+            if g is None:
+                continue
+            if axis == 0:
+                if batch.get("max") is not None and not batch.get("min", 1) == batch["max"] == g:
+                    raise InputError(f"{source}: the graph takes batches of exactly {g}, but the manifest says "
+                                     f"batch {batch.get('min', 1)}..{batch['max']}; the file was altered")
+                continue
+            if g != w:
+                field = _FIELD_OF_DIM[(name, axis)]
+                raise InputError(f"{source}: the manifest says {field} {manifest[field]}, but the graph's {name} "
+                                 f"input has {g} there (shape {list(tensors[name])}); the manifest was altered or "
+                                 "belongs to another model: re-export it")
+    declared = (manifest.get("io") or {})
+    for group in ("inputs", "outputs"):
+        for name, shape in (declared.get(group) or {}).items():
+            if name not in wanted or not isinstance(shape, list) or len(shape) != len(wanted[name]) or any(
+                    _fixed(d) is not None and d != w for d, w in zip(shape[1:], wanted[name][1:])):
+                raise InputError(f"{source}: the manifest's io section gives {name} as {shape!r}, which disagrees "
+                                 f"with its own img_channels/img_resolution/label_dim; the manifest was altered")
+    if batch_range is not None and batch.get("max") is not None:
+        lo, hi = batch_range
+        if batch["max"] > hi or batch.get("min", 1) < lo:
+            raise InputError(f"{source}: the manifest says batch {batch.get('min', 1)}..{batch['max']}, but the "
+                             f"engine accepts {lo}..{hi}; the manifest was altered or belongs to another engine")

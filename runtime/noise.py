@@ -15,19 +15,17 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.seeds import check_seeds
 
 
 class StackedRandomGenerator:
     """One independent NumPy generator per seed, stacked along the batch dimension."""
 
     def __init__(self, seeds: Iterable[int]):
-        seeds = [int(s) for s in seeds]
-        if not seeds:
-            raise InputError("at least one seed is needed")
-        if any(s < 0 for s in seeds):
-            raise InputError("seeds must be non-negative integers")
-        self.seeds = seeds
-        self.generators = [np.random.Generator(np.random.PCG64(s % (1 << 32))) for s in seeds]
+        # The one seed check (`seeds.check_seeds`): whole numbers in [0, 2^32), so 1.9, "01" or
+        # 2^32 (which would repeat seed 0's stream) never become another seed's image.
+        self.seeds = check_seeds(seeds, unique=False)
+        self.generators = [np.random.Generator(np.random.PCG64(s)) for s in self.seeds]
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -58,19 +56,19 @@ def one_hot(labels: np.ndarray, label_dim: int) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     if labels.size and (labels.min() < 0 or labels.max() >= label_dim):
         raise InputError(f"class labels must lie in [0, {label_dim - 1}], got {labels.min()}..{labels.max()}")
-    return np.eye(label_dim, dtype=np.float32)[labels]
+    out = np.zeros((labels.size, label_dim), dtype=np.float32)  # not np.eye: that is label_dim^2 floats
+    out[np.arange(labels.size), labels] = 1.0
+    return out
 
 
 def check_class(class_idx: Any, label_dim: int, count: Optional[int] = None) -> Any:
     """A forced class must exist: None, one class for all images, or (with ``count``) one per image.
 
-    Returns None, an int, or a tuple of ints. Strings ('3'), floats (3.7) and booleans are refused
-    as what they are, not reported as out of range.
+    Returns None, an int, or a tuple of ints. A value of the wrong type (the text ``'3'``, 3.7,
+    True) is told as a type error, not as out of range, so the message says what to change.
     """
     if class_idx is None:
         return None
-    if label_dim <= 0:
-        raise InputError("this model is unconditional; class_idx cannot be given", param="class_idx")
     if not isinstance(class_idx, (int, np.integer)) and hasattr(class_idx, "__iter__") \
             and not isinstance(class_idx, (str, bytes)):
         classes = tuple(class_idx)
@@ -81,7 +79,10 @@ def check_class(class_idx: Any, label_dim: int, count: Optional[int] = None) -> 
                              "single class for all", param="class_idx")
         return tuple(check_class(c, label_dim) for c in classes)
     if isinstance(class_idx, (bool, np.bool_)) or not isinstance(class_idx, (int, np.integer)):
-        raise InputError(f"class_idx must be an integer class, got {class_idx!r}", param="class_idx")
+        raise InputError(f"class_idx must be an integer class label, got {class_idx!r} ({type(class_idx).__name__})",
+                         param="class_idx")
+    if label_dim <= 0:
+        raise InputError("this model is unconditional; class_idx cannot be given", param="class_idx")
     if not 0 <= class_idx < label_dim:
         raise InputError(f"class_idx {class_idx} is out of range: this model has classes 0..{label_dim - 1}",
                          param="class_idx")

@@ -42,9 +42,18 @@ VP_BETA_MIN = 0.1
 VP_EPSILON_S = 1e-3
 
 
+# The most time points one schedule may have, however it is given (`num_steps`, an explicit
+# `sigmas` list, a schedule file): far beyond any useful sampler (the paper's largest is 256), and
+# small enough that the list, its checks and a run record holding it stay a few MB.
+MAX_STEPS = 100_000
+
+
 def check_num_steps(num_steps: int) -> int:
-    """Reject non-integer or non-positive step counts with one clear message."""
-    return check_int(num_steps, "num_steps", lo=1)
+    """Reject non-integer, non-positive or more than `MAX_STEPS` step counts with one clear message."""
+    num_steps = check_int(num_steps, "num_steps", lo=1)
+    if num_steps > MAX_STEPS:
+        raise InputError(f"num_steps must be at most {MAX_STEPS:,}, got {num_steps:,}", param="num_steps")
+    return num_steps
 
 
 def check_sigma_range(sigma_min: float, sigma_max: float) -> None:
@@ -283,10 +292,15 @@ def check_sigma_list(sigmas, name: str = "sigmas") -> np.ndarray:
     Anything else is one InputError naming the first offending entry, so a hand-written or
     searched schedule (AYS, GITS) fails before any network evaluation.
     """
+    count = _count_time_points(sigmas, name)
+    if count > MAX_STEPS + 1:  # a final 0 is not a step
+        raise param_error(name, f"{name} holds {count:,} time points; at most {MAX_STEPS:,} (plus a final 0) "
+                                "are allowed, as for num_steps")
+    _check_number_types(sigmas, name)
     try:
         arr = np.asarray(sigmas, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise param_error(name, f"{name} must be a list of numbers, got {sigmas!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise param_error(name, f"{name} must be a list of numbers, got {_short(sigmas)}") from None
     if arr.ndim != 1:
         raise param_error(name, f"{name} must be a flat list of numbers, got shape {list(arr.shape)}")
     if arr.size == 0:
@@ -301,6 +315,37 @@ def check_sigma_list(sigmas, name: str = "sigmas") -> np.ndarray:
     if arr[0] == 0:
         raise param_error(name, f"{name} must start with a positive noise level, got {arr.tolist()}")
     return arr
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _count_time_points(sigmas: object, name: str) -> int:
+    """How many entries `sigmas` has, found without converting it (so a huge list costs nothing)."""
+    if isinstance(sigmas, np.ndarray):
+        return int(sigmas.shape[0]) if sigmas.ndim else 1
+    try:
+        return len(sigmas)  # type: ignore[arg-type]
+    except TypeError:
+        raise param_error(name, f"{name} must be a list of numbers, got {_short(sigmas)}") from None
+
+
+def _check_number_types(sigmas: object, name: str) -> None:
+    """Entries must be numbers: NumPy would read ``"80"`` as 80.0 and ``True`` as 1.0 without a word."""
+    if isinstance(sigmas, np.ndarray) and sigmas.dtype.kind != "O":
+        if sigmas.dtype.kind not in "iuf":
+            raise param_error(name, f"{name} must hold numbers, got an array of {sigmas.dtype}")
+        return
+    if isinstance(sigmas, (str, bytes)):
+        raise param_error(name, f"{name} must be a list of numbers, got the text {_short(sigmas)}")
+    for i, v in enumerate(sigmas):  # type: ignore[union-attr]
+        if isinstance(v, (list, tuple, np.ndarray)):
+            continue  # a nested list: the shape check names it
+        # a number: int, float, NumPy scalars, or any scalar type with __float__ (a 0-d torch tensor)
+        if isinstance(v, (bool, np.bool_)) or not (isinstance(v, (int, float, np.number)) or hasattr(v, "__float__")):
+            raise param_error(name, f"{name} must be a list of numbers: {name}[{i}] = {_short(v)} is a {type(v).__name__}")
 
 
 # --------------------------------------------------------------------------------------------

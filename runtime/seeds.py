@@ -2,21 +2,82 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from edm_deploy.runtime.errors import InputError, check_int
 
-SEED_LIMIT = 1 << 32  # the per-seed streams are seeded with seed mod 2^32, like the reference's
+SEED_LIMIT = 1 << 32  # seeds lie in [0, 2^32): the reference seeds its streams with seed mod 2^32, so a larger
+                     # seed would repeat a smaller one's noise
 MAX_SEEDS = 10_000_000  # per run; a larger list would not fit the run's bookkeeping in memory
 
 
-def check_seed_count(count: int) -> None:
+def check_seed_count(count: int, param: str = "seeds") -> None:
     if count > MAX_SEEDS:
-        raise InputError(f"{count} seeds is more than one run takes ({MAX_SEEDS:,}); split the seeds over several runs")
+        raise InputError(f"{count:,} seeds is more than one run takes ({MAX_SEEDS:,}); split the seeds over several runs",
+                         param=param)
+
+
+def check_seed(seed: object, param: str = "seeds", where: str = "") -> int:
+    """One seed: a whole number (Python or NumPy integer, never a bool, a float or text) in [0, 2^32).
+
+    `where` says which entry it was (``seeds[3]``) in the message.
+    """
+    name = where or param
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        hint = " (text such as '0-63,100' is for parse_seeds)" if isinstance(seed, str) else ""
+        raise InputError(f"{name} must be an integer seed, got {seed!r} ({type(seed).__name__}){hint}", param=param)
+    value = int(seed)
+    if not 0 <= value < SEED_LIMIT:
+        why = f" (a larger one would repeat the noise of seed {value % SEED_LIMIT})" if value >= SEED_LIMIT else ""
+        raise InputError(f"{name} = {value} is not a seed: seeds lie in 0..{SEED_LIMIT - 1}{why}", param=param)
+    return value
+
+
+def check_seeds(seeds: object, *, param: str = "seeds", unique: bool = True) -> list[int]:
+    """The one seed check of the CLI, the Python API and any server: a list of valid seeds.
+
+    `seeds` is a list, tuple, range, NumPy integer array or other iterable of seeds, each checked
+    by `check_seed`; a single int or a string is refused (``"01"`` would otherwise be seeds 0 and
+    1). At least one seed, at most `MAX_SEEDS` (counted before anything is built), and, with
+    `unique`, no seed twice (two identical images under one seed's name). Every problem is one
+    InputError tagged with `param`.
+    """
+    if isinstance(seeds, (str, bytes)):
+        raise InputError(f"{param} must be a list of integer seeds, got the text {seeds!r} (for '0-63,100' use "
+                         "parse_seeds)", param=param)
+    if isinstance(seeds, (bool, int, float, np.generic)):
+        raise InputError(f"{param} must be a list of integer seeds, got the single {type(seeds).__name__} {seeds!r} "
+                         f"(write [{seeds!r}] for one seed)", param=param)
+    if isinstance(seeds, np.ndarray) and seeds.ndim != 1:
+        raise InputError(f"{param} must be a flat list of seeds, got an array of shape {list(seeds.shape)}", param=param)
+    try:
+        count = len(seeds)  # type: ignore[arg-type]
+    except TypeError:
+        try:
+            seeds = list(itertools.islice(iter(seeds), MAX_SEEDS + 1))  # type: ignore[call-overload]
+        except TypeError:
+            raise InputError(f"{param} must be a list of integer seeds, got {type(seeds).__name__}", param=param) from None
+        count = len(seeds)
+    check_seed_count(count, param)
+    if count == 0:
+        raise InputError(f"{param} is empty; give at least one seed", param=param)
+    if isinstance(seeds, range) and seeds.step > 0:  # increasing: its ends bound every seed, none repeats
+        check_seed(seeds[0], param, f"{param}[0]")
+        check_seed(seeds[-1], param, f"{param}[{count - 1}]")
+        return list(seeds)
+    out = [check_seed(s, param, f"{param}[{i}]") for i, s in enumerate(seeds)]  # type: ignore[arg-type]
+    if unique and len(set(out)) != len(out):
+        seen: set[int] = set()
+        for s in out:
+            if s in seen:
+                raise InputError(f"{param} repeats seed {s}; each seed names one image", param=param)
+            seen.add(s)
+    return out
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -38,7 +99,7 @@ def parse_seeds(text: str) -> list[int]:
         if hi < lo:
             raise InputError(f"bad seed range {part!r}: the end is before the start")
         if hi >= SEED_LIMIT:
-            raise InputError(f"bad seed {hi}: seeds must lie in 0..{SEED_LIMIT - 1}")
+            raise InputError(f"bad seed {hi}: seeds must lie in 0..{SEED_LIMIT - 1}", param="seeds")
         ranges.append((lo, hi))
     if not ranges:
         raise InputError(f"no seeds in {text!r}: use numbers and ranges like 0-63,100")
@@ -47,31 +108,6 @@ def parse_seeds(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise InputError("the seed list repeats seeds")
     return seeds
-
-
-def check_seeds(seeds: Any) -> list[int]:
-    """A seed list given as data (the API, the server): integers in [0, 2^32), no repeats, at least one.
-
-    The one check behind every front end: the CLI's text goes through `parse_seeds`, which
-    enforces the same. Floats (1.9), strings ("01"), booleans and out-of-range values are refused
-    rather than converted, so a seed never silently means another one.
-    """
-    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
-        raise InputError(f"seeds must be a list of integers, got {seeds!r}", param="seeds")
-    out: list[int] = []
-    for s in seeds:
-        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
-            raise InputError(f"seeds must be integers, got {s!r}", param="seeds")
-        if not 0 <= int(s) < SEED_LIMIT:
-            raise InputError(f"bad seed {int(s)}: seeds must lie in 0..{SEED_LIMIT - 1}", param="seeds")
-        out.append(int(s))
-        if len(out) > MAX_SEEDS:
-            check_seed_count(len(out))
-    if not out:
-        raise InputError("no seeds given", param="seeds")
-    if len(set(out)) != len(out):
-        raise InputError("the seed list repeats seeds", param="seeds")
-    return out
 
 
 def seeds_from_count(n: int) -> list[int]:

@@ -39,7 +39,9 @@ from edm_deploy.runtime.fileio import (
     is_locked,
     lock_path_for,
     remove_stale_temps,
+    write_target,
 )
+from edm_deploy.runtime.jsonio import MAX_RECORD_BYTES, loads_bounded, read_json_file
 
 RUN_RECORD = ".edm-deploy-sample.json"
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # grid suffix -> PIL format
@@ -290,8 +292,10 @@ def npz_record(path: str) -> tuple[Optional[dict], list[int]]:
     try:
         with np.load(path) as data:
             seeds = [int(s) for s in data["seeds"].tolist()] if "seeds" in data.files else []
-            record = json.loads(str(data["record"])) if "record" in data.files else None
-    except Exception:  # not an npz this tool can read
+            record = (loads_bounded(str(data["record"]), path, max_bytes=MAX_RECORD_BYTES, what="run record",
+                                    allow_constants=True)
+                      if "record" in data.files else None)
+    except Exception:  # not an npz this tool can read (or its record is unreadable, oversized, too deep)
         return None, []
     return record, seeds
 
@@ -328,29 +332,57 @@ def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 1) -
     return grid
 
 
+def grid_size(count: int, image_hw: tuple[int, int], columns: Optional[int] = None, scale: int = 1,
+              pad: int = 1) -> tuple[int, int]:
+    """(height, width) in pixels of the grid `make_grid` builds from `count` images scaled by `scale`."""
+    h, w = image_hw[0] * scale, image_hw[1] * scale
+    columns = min(columns or int(math.ceil(math.sqrt(count))), count)
+    rows = int(math.ceil(count / columns))
+    return rows * (h + pad) + pad, columns * (w + pad) + pad
+
+
 class GridWriter:
     """Collects images and writes them as one grid image at the end (small n only).
 
-    The file format follows the suffix (`.png`, `.jpg`, `.webp`).
+    The file format follows the suffix (`.png`, `.jpg`, `.webp`). `scale` enlarges every image
+    by an integer factor (nearest neighbour, so pixels stay exact): 64 digits of 8x8 make a
+    73x73 grid at scale 1, 521x521 at scale 8.
     """
 
     MAX_IMAGES = 4096
+    MAX_SCALE = 64
+    MAX_SIDE = 16383  # pixels: the largest WebP (and far beyond any screen); PNG/JPEG follow the same bound
 
-    def __init__(self, path: str, count: int, columns: Optional[int] = None, upscale: int = 1, pad: int = 1):
-        self.format = self.check(path, count, columns)
+    def __init__(self, path: str, count: int, columns: Optional[int] = None, scale: int = 1, pad: int = 1,
+                 image_shape: Optional[tuple[int, int, int]] = None):
+        self.format = self.check(path, count, columns, scale, image_shape, pad)
         ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
-        self.path, self.columns, self.upscale, self.pad = path, columns, upscale, pad
+        self.path, self.columns, self.scale, self.pad = path, columns, int(scale), pad
         self.images: dict[int, np.ndarray] = {}
         self.order: list[int] = []
         self.written = 0
 
     @classmethod
-    def check(cls, path: str, count: int, columns: Optional[int] = None) -> str:
-        """Validate a grid output without creating anything; returns its image format."""
+    def check(cls, path: str, count: int, columns: Optional[int] = None, scale: int = 1,
+              image_shape: Optional[tuple[int, int, int]] = None, pad: int = 1) -> str:
+        """Validate a grid output without creating anything; returns its image format.
+
+        With `image_shape` (H, W, C) known, the grid's size in pixels is bounded too, before any
+        image is sampled.
+        """
         if count > cls.MAX_IMAGES:
             raise InputError(f"a grid holds up to {cls.MAX_IMAGES} images; write {count} to a folder instead")
         if columns is not None and not 1 <= columns <= max(count, 1):
             raise InputError(f"grid_cols must lie in [1, {count}] for {count} images, got {columns}", param="grid_cols")
+        if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or not 1 <= scale <= cls.MAX_SCALE:
+            raise InputError(f"grid_scale must be an integer from 1 to {cls.MAX_SCALE}, got {scale!r}",
+                             param="grid_scale")
+        if image_shape is not None and count > 0:
+            height, width = grid_size(count, (image_shape[0], image_shape[1]), columns, int(scale), pad)
+            if max(height, width) > cls.MAX_SIDE:
+                raise InputError(f"grid_scale {scale} makes a {width}x{height} px grid of {count} images; at most "
+                                 f"{cls.MAX_SIDE} px a side: use a smaller scale or write a folder",
+                                 param="grid_scale")
         fmt = image_format_for(path)
         if os.path.isdir(path):
             raise InputError(f"{path} is a folder; a grid needs a file name")
@@ -374,8 +406,8 @@ class GridWriter:
         if not self.images:
             return
         stacked = np.stack([self.images[s] for s in self.order])
-        if self.upscale > 1:
-            stacked = stacked.repeat(self.upscale, axis=1).repeat(self.upscale, axis=2)
+        if self.scale > 1:
+            stacked = stacked.repeat(self.scale, axis=1).repeat(self.scale, axis=2)
         grid = make_grid(stacked, self.columns, pad=self.pad)
         atomic_write_bytes(self.path, encode_image(grid, self.format, compress_level=6))
 
@@ -390,10 +422,9 @@ def _read_record(folder: str) -> tuple[bool, Optional[dict]]:
     if not os.path.exists(path):
         return False, None
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json_file(path, max_bytes=MAX_RECORD_BYTES, what="run record", allow_constants=True)
         return True, data if isinstance(data, dict) else None
-    except (OSError, ValueError):
+    except InputError:  # unreadable, oversized or nested too deeply: a record that matches nothing
         return True, None
 
 
@@ -478,24 +509,30 @@ def claim_folder(folder: str, record: dict, shard: tuple[int, int] = (0, 1)) -> 
 
 
 def check_output(count: int, *, outdir: Optional[str] = None, npz_path: Optional[str] = None,
-                 grid_path: Optional[str] = None, grid_columns: Optional[int] = None,
-                 shard: tuple[int, int] = (0, 1)) -> None:
-    """Everything about an output that can fail, checked before any model loads or sample runs."""
+                 grid_path: Optional[str] = None, grid_columns: Optional[int] = None, grid_scale: int = 1,
+                 image_shape: Optional[tuple[int, int, int]] = None, shard: tuple[int, int] = (0, 1)) -> None:
+    """Everything about an output that can fail, checked before any model loads or sample runs.
+
+    `grid_scale` enlarges a grid's images by that integer factor (see `GridWriter`); with the
+    model's `image_shape` (H, W, C) known, the grid's pixel size is checked too.
+    """
     given = [p for p in (outdir, npz_path, grid_path) if p]
     if len(given) != 1:
         raise InputError("give exactly one output: a folder, an .npz file or a grid image")
+    if npz_path and not npz_path.lower().endswith(".npz"):
+        raise InputError(f"{npz_path}: an .npz output must end in .npz")
+    npz_path = write_target(npz_path) if npz_path else npz_path  # a symlink: what is checked is its target
+    grid_path = write_target(grid_path) if grid_path else grid_path
     if outdir:
         check_writable_dir(outdir)
     elif npz_path:
-        if not npz_path.lower().endswith(".npz"):
-            raise InputError(f"{npz_path}: an .npz output must end in .npz")
         if os.path.isdir(npz_path):
             raise InputError(f"{npz_path} is a folder; an .npz output needs a file name")
         check_writable_dir(os.path.dirname(os.path.abspath(npz_path)))
     else:
         if shard[1] > 1:
             raise InputError("a grid cannot be sharded; write it from one process")
-        GridWriter.check(grid_path, count, grid_columns)
+        GridWriter.check(grid_path, count, grid_columns, grid_scale, image_shape)
 
 
 @contextlib.contextmanager
@@ -509,20 +546,24 @@ def open_output(
     subdirs: bool = False,
     workers: int = 2,
     grid_columns: Optional[int] = None,
-    grid_upscale: int = 1,
+    grid_scale: int = 1,
     image_shape: Optional[tuple[int, int, int]] = None,
     shard: tuple[int, int] = (0, 1),
 ) -> Iterator[object]:
     """The writer for exactly one of `outdir`, `npz_path`, `grid_path`, locked and record-checked.
 
     `record` describes the settings that make the images (`generate.run_record`); `seeds` are
-    the seeds this process will write. Everything that can be checked is checked here, before any
-    sampling.
+    the seeds this process will write; `grid_scale` enlarges a grid's images by an integer
+    factor. Everything that can be checked is checked here, before any sampling. A symlinked
+    `npz_path` or `grid_path` is written through (`fileio.write_target`): the link stays, its
+    target receives the output, and the lock and the ``.parts`` folder sit beside the target.
     """
     check_output(len(seeds), outdir=outdir, npz_path=npz_path, grid_path=grid_path, grid_columns=grid_columns,
-                 shard=shard)
+                 grid_scale=grid_scale, image_shape=image_shape, shard=shard)
+    npz_path = write_target(npz_path) if npz_path else npz_path
+    grid_path = write_target(grid_path) if grid_path else grid_path
     if grid_path:
-        writer = GridWriter(grid_path, len(seeds), columns=grid_columns, upscale=grid_upscale)
+        writer = GridWriter(grid_path, len(seeds), columns=grid_columns, scale=grid_scale, image_shape=image_shape)
         with exclusive_output(grid_path):
             yield writer
         return

@@ -75,3 +75,16 @@ def _run_in_process(args, env, cwd):
         os.environ.update(saved_env)
         signal.signal(signal.SIGTERM, saved_sigterm)
     return subprocess.CompletedProcess(["edm-deploy", *args], code, out.getvalue(), err.getvalue())
+
+
+def run_main(args, capsys=None):
+    """The CLI in this process as (exit code, stdout, stderr): `run_cli` for tests that unpack the three."""
+    res = run_cli(args)
+    return res.returncode, res.stdout, res.stderr
+
+
+def one_error_line(code, err) -> str:
+    """The single `error:` line of a refused command (exit 1, no traceback); fails otherwise."""
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]

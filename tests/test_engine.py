@@ -105,9 +105,9 @@ def test_bad_requests_get_the_messages_the_api_gives():
     cases = [
         (dict(seeds=[0], settings={"solver": "heun", "afs": True}), "afs does not apply to the heun solver"),
         (dict(seeds=[0], settings={"solver": "ipndm", "nfe": 5, "steps": 3}), "unknown sampler option 'steps'"),
-        (dict(seeds=[2**32]), "seeds must lie in"),
-        (dict(seeds=[1.9]), "seeds must be integers"),
-        (dict(seeds="01"), "seeds must be a list"),
+        (dict(seeds=[2**32]), "seeds lie in 0..4294967295"),
+        (dict(seeds=[1.9]), "must be an integer seed"),
+        (dict(seeds="01"), "must be a list of integer seeds"),
         (dict(seeds=[0, 1], class_idx=[0]), "one per seed"),
         (dict(seeds=[0], class_idx="3"), "class_idx must be an integer"),
         (dict(seeds=[0], class_idx=7), "out of range"),

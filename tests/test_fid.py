@@ -750,3 +750,20 @@ def test_unreadable_torchscript_detectors_say_what_is_wrong(tmp_path):
             load_detector(str(path))
         message = str(info.value)
         assert message.startswith(f"{path}: not a TorchScript detector: ") and "miniz" not in message
+
+
+@requires_onnx
+def test_reference_statistics_of_another_feature_size_name_the_file_and_both_sizes(data, tmp_path, capsys):
+    """64-feature statistics scored with a 2048-feature detector: before any image is scored."""
+    det = make_onnx_detector(str(tmp_path / "det.onnx"), 2048)
+    ref = str(tmp_path / "ref64.npz")
+    save_ref(ref, np.zeros(64), np.eye(64))
+    code, _, err = run_main(["fid", "calc", "--images", data["npz"], "--ref", ref, "--num", "24",
+                             "--detector", det, "--quiet"], capsys)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"--ref {ref}: statistics of 64-feature vectors, but the detector {det} gives 2048" in lines[0]
+    # a plain callable states no size: its first batch is compared
+    with pytest.raises(InputError, match="the reference statistics: statistics of 64-feature vectors, but the "
+                                         "detector gives 2048"):
+        calc_fid(data["npz"], (np.zeros(64), np.eye(64)), tiny_detector(2048), num=24, progress=False)

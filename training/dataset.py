@@ -25,11 +25,22 @@ import io
 import json
 import os
 import zipfile
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.archives import (
+    MAX_IMAGE_FILE_BYTES,
+    ZIP_ERRORS,
+    check_zip_sizes,
+    first_bad_member,
+    open_image,
+    read_bounded,
+)
+from edm_deploy.runtime.errors import InputError, first_line
+from edm_deploy.runtime.fileio import check_regular_file
+from edm_deploy.runtime.jsonio import MAX_DATASET_JSON_BYTES, loads_bounded, read_json_file
+from edm_deploy.runtime.manifest import MAX_CLASSES, MAX_RESOLUTION
 
 # --------------------------------------------------------------------------------------------
 # The built-in digits split.
@@ -103,8 +114,8 @@ class Dataset:
         self._label_dim = label_dim  # None: max label + 1
         self._cache: dict[int, np.ndarray] = {}
         check_image_shape(self.image_shape, name)
-        if self._labels is not None and len(self._labels) and self._labels.min() < 0:
-            raise InputError(f"{name}: class labels must be non-negative integers")
+        if self._labels is not None:
+            check_labels(self._labels, name)
 
     # -- sizes ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -203,14 +214,19 @@ class ArrayDataset(Dataset):
 
 
 class _FileDataset(Dataset):
-    """Images stored as files (a folder or a ZIP): headers checked at open, pixels decoded lazily."""
+    """Images stored as files (a folder or a ZIP): headers checked at open, pixels decoded lazily.
 
-    def __init__(self, name: str, names: list[str], opener: Callable[[str], bytes], labels_json, label_source: str):
+    `opener(name)` returns a file's bytes (bounded by `MAX_IMAGE_FILE_BYTES`), `stream(name)` an
+    open binary file, from which only the header is read when the dataset is checked.
+    """
+
+    def __init__(self, name: str, names: list[str], opener: Callable[[str], bytes], labels_json, label_source: str,
+                 stream: Callable[[str], BinaryIO]):
         if not names:
             raise InputError(f"{name}: no images found")
         self._names = names
         self._opener = opener
-        shape = _common_shape(name, names, opener)
+        shape = _common_shape(name, names, stream)
         labels = _resolve_labels(name, names, labels_json, label_source)
         super().__init__(name, shape, labels)
 
@@ -235,8 +251,13 @@ class ZipDataset(_FileDataset):
         super().__init__(*_zip_listing(path))
 
 
+def _member_limit(name: str) -> int:
+    """What one file of a dataset may hold: its labels file more than an image."""
+    return MAX_DATASET_JSON_BYTES if name == "dataset.json" else MAX_IMAGE_FILE_BYTES
+
+
 def _folder_listing(path: str):
-    """(name, sorted image names, opener, parsed dataset.json, label source) of a folder."""
+    """(name, sorted image names, opener, parsed dataset.json, label source, stream) of a folder."""
     if not os.path.isdir(path):
         raise InputError(f"dataset folder not found: {path}")
     names = sorted(
@@ -247,17 +268,23 @@ def _folder_listing(path: str):
     )
     if not names:
         raise InputError(f"{path}: the folder holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    for name in names:
+        check_regular_file(os.path.join(path, name), "image")
     meta = os.path.join(path, "dataset.json")
     labels_json, source = None, "folders"
-    if os.path.isfile(meta):
-        with open(meta, "rb") as f:
-            labels_json, source = _parse_dataset_json(f.read(), meta), "json"
+    if os.path.lexists(meta):
+        labels_json = _parse_dataset_json(read_json_file(meta, max_bytes=MAX_DATASET_JSON_BYTES, what="dataset.json"),
+                                          meta)
+        source = "json"
+
+    def stream(rel: str) -> BinaryIO:
+        return open(os.path.join(path, rel), "rb")
 
     def opener(rel: str) -> bytes:
-        with open(os.path.join(path, rel), "rb") as f:
-            return f.read()
+        with stream(rel) as f:
+            return read_bounded(f, MAX_IMAGE_FILE_BYTES, f"{path}/{rel}")
 
-    return path, names, opener, labels_json, source
+    return path, names, opener, labels_json, source, stream
 
 
 def _zip_listing(path: str):
@@ -266,9 +293,10 @@ def _zip_listing(path: str):
         raise InputError(f"dataset ZIP not found: {path}")
     try:
         zf = zipfile.ZipFile(path)
-        bad = zf.testzip()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-        raise InputError(f"{path} is not a readable ZIP file ({exc})") from exc
+        check_zip_sizes(zf, path, _member_limit)
+        bad = first_bad_member(zf, path, _member_limit)
+    except ZIP_ERRORS as exc:
+        raise InputError(f"{path} is not a readable ZIP file ({first_line(exc)})") from exc
     if bad is not None:
         raise InputError(f"{path} is corrupt: member {bad} fails its CRC check")
     members = set(zf.namelist())
@@ -277,8 +305,24 @@ def _zip_listing(path: str):
         raise InputError(f"{path}: the ZIP holds no images")
     labels_json, source = None, "none"
     if "dataset.json" in members:
-        labels_json, source = _parse_dataset_json(zf.read("dataset.json"), f"{path}:dataset.json"), "json"
-    return path, names, zf.read, labels_json, source
+        where = f"{path}:dataset.json"
+        with zf.open("dataset.json") as f:
+            text = read_bounded(f, MAX_DATASET_JSON_BYTES, where)
+        labels_json = _parse_dataset_json(loads_bounded(text, where, max_bytes=MAX_DATASET_JSON_BYTES,
+                                                        what="dataset.json"), where)
+        source = "json"
+
+    def opener(name: str) -> bytes:
+        try:
+            with zf.open(name) as f:
+                return read_bounded(f, MAX_IMAGE_FILE_BYTES, f"{path}:{name}")
+        except ZIP_ERRORS as exc:
+            raise InputError(f"{path}: cannot read {name} ({first_line(exc)})") from exc
+
+    def stream(name: str) -> BinaryIO:
+        return zf.open(name)  # type: ignore[return-value]
+
+    return path, names, opener, labels_json, source, stream
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,12 +391,10 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not os.path.basename(name).startswith(".")
 
 
-# The largest image side a dataset may have. EDM's networks are trained at 32 and 64 pixels (the
-# paper's largest dataset is 64x64) and their cost grows with the pixel count; at 1024 an RGB image
-# is already a 3 MB uncompressed PNG in the ZIP and 12 MB as a float32 training input, so a
-# batch of them fills a GPU. Far above it (--resolution 65536: one 12.9 GB PNG per RGB image) a
-# dataset cannot be written, let alone trained on.
-MAX_RESOLUTION = 1024
+# The largest image side a dataset may have is the largest a model may have (`MAX_RESOLUTION`
+# of the manifest schema): at 1024 an RGB image is already a 3 MB uncompressed PNG in the ZIP,
+# and far above it (--resolution 65536: one 12.9 GB PNG per RGB image) a dataset cannot be
+# written, let alone trained on.
 
 
 def check_image_shape(shape: Sequence[int], source: str) -> None:
@@ -375,12 +417,12 @@ def check_image_shape(shape: Sequence[int], source: str) -> None:
 
 
 def _open_pil(data: bytes, where: str):
-    from PIL import Image
-
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(io.BytesIO(data), where)
         img.size  # noqa: B018 - force header parsing
         return img
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(f"{where} is not a readable image ({exc})") from exc
 
@@ -391,20 +433,24 @@ def image_channels(mode: str, where: str) -> int:
     return _CHANNELS[mode]
 
 
-def _header_shape(data: bytes, where: str) -> tuple[int, int, int]:
-    img = _open_pil(data, where)
-    return image_channels(img.mode, where), img.size[1], img.size[0]
+def _header_shape(stream: Callable[[str], BinaryIO], name: str, where: str) -> tuple[int, int, int]:
+    """(channels, height, width) from an image file's header: only the header is read."""
+    try:
+        with stream(name) as f:
+            with open_image(f, where) as img:
+                channels, size = image_channels(img.mode, where), img.size
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{where} is not a readable image ({exc})") from exc
+    return channels, size[1], size[0]
 
 
-def _common_shape(name: str, names: list[str], opener: Callable[[str], bytes]) -> tuple[int, int, int]:
+def _common_shape(name: str, names: list[str], stream: Callable[[str], BinaryIO]) -> tuple[int, int, int]:
     """Check that every image has one size and one channel count (headers only)."""
     first = None
     for n in names:
-        try:
-            data = opener(n)
-        except Exception as exc:
-            raise InputError(f"{name}: cannot read {n} ({exc})") from exc
-        shape = _header_shape(data, f"{name}/{n}")
+        shape = _header_shape(stream, n, f"{name}/{n}")
         if first is None:
             first = (n, shape)
         elif shape[1:] != first[1][1:]:
@@ -446,21 +492,51 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
         raise InputError(f"{where} is not a readable image ({exc})") from exc
 
 
-def _parse_dataset_json(data: bytes, where: str):
-    """dataset.json -> {name: label} or None (labels: null)."""
-    try:
-        meta = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{where} is not valid JSON ({exc})") from exc
+def _parse_dataset_json(meta: Any, where: str):
+    """Parsed dataset.json -> {name: label} or None (labels: null).
+
+    Labels must be JSON integers in [0, `MAX_CLASSES`): ``"3"``, 3.7 or true are refused rather
+    than read as 3, 3 and 1.
+    """
     if not isinstance(meta, dict) or "labels" not in meta:
         raise InputError(f'{where}: expected {{"labels": [[file, label], ...]}} or {{"labels": null}}')
     labels = meta["labels"]
     if labels is None:
         return None
-    try:
-        return {str(k).replace("\\", "/"): int(v) for k, v in labels}
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{where}: labels must be a list of [file name, integer] pairs") from exc
+    pairs_error = InputError(f"{where}: labels must be a list of [file name, integer] pairs")
+    if not isinstance(labels, list):
+        raise pairs_error
+    out = {}
+    for entry in labels:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise pairs_error
+        name, label = entry
+        check_label(label, f"{where}: the label of {name}")
+        out[name.replace("\\", "/")] = label
+    return out
+
+
+# Labels lie in [0, MAX_CLASSES) (the manifest schema's limit, so what `dataset` writes `train`
+# can build and a runtime can load).
+
+
+def check_label(label: Any, where: str) -> None:
+    """One class label: an integer (not a bool, float or text) in [0, `MAX_CLASSES`)."""
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+        raise InputError(f"{where} must be an integer class label, got {label!r}")
+    if not 0 <= label < MAX_CLASSES:
+        raise InputError(f"{where} is {label}; class labels must lie in 0..{MAX_CLASSES - 1}")
+
+
+def check_labels(labels: np.ndarray, source: str) -> None:
+    """Every label of a dataset in [0, `MAX_CLASSES`): what `dataset` writes, `train` reads."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= MAX_CLASSES:
+        bad = lo if lo < 0 else hi
+        raise InputError(f"{source}: class label {bad} is out of range; labels must lie in 0..{MAX_CLASSES - 1}")
 
 
 def _resolve_labels(name: str, names: list[str], labels_json, source: str) -> Optional[np.ndarray]:
@@ -531,18 +607,20 @@ def iter_source_images(spec: str, max_images: Optional[int] = None):
         ds = open_dataset(spec, max_images=max_images)
         return len(ds), ds.has_labels, (ds[i] for i in range(len(ds)))
     if os.path.isdir(spec):
-        name, names, opener, labels_json, source = _folder_listing(spec)
+        name, names, opener, labels_json, source, stream = _folder_listing(spec)
     elif spec.lower().endswith(".zip") and os.path.isfile(spec):
-        name, names, opener, labels_json, source = _zip_listing(spec)
+        name, names, opener, labels_json, source, stream = _zip_listing(spec)
     else:
         open_dataset(spec)  # raises the right InputError
         raise AssertionError("unreachable")
     if max_images is not None:
         names = names[:max_images]
     labels = _resolve_labels(name, names, labels_json, source)
+    if labels is not None:
+        check_labels(labels, name)
     channels = None
     for n in names:
-        c = _header_shape(opener(n), f"{name}/{n}")[0]
+        c = _header_shape(stream, n, f"{name}/{n}")[0]
         if channels is None:
             channels = c
         elif c != channels:
@@ -596,9 +674,10 @@ def write_dataset_zip(
     each image is centre-cropped to a square and resized (Lanczos). Returns a summary dict.
     The destination appears only when complete; an error or Ctrl-C leaves no partial file.
     """
-    from edm_deploy.runtime.fileio import atomic_path
+    from edm_deploy.runtime.fileio import atomic_path, write_target
 
     check_zip_arguments(source, dest, resolution)
+    named, dest = dest, write_target(dest)  # a symlinked dest is written through
     count, has_labels, items = iter_source_images(source, max_images)
     shape = None
     labels: list = []
@@ -624,4 +703,4 @@ def write_dataset_zip(
                 raise InputError(f"{source}: no images found")
             meta = {"labels": labels if has_labels else None}
             zf.writestr("dataset.json", json.dumps(meta))
-    return {"images": len(labels), "shape": list(shape), "labels": has_labels, "dest": dest}
+    return {"images": len(labels), "shape": list(shape), "labels": has_labels, "dest": named}

@@ -14,8 +14,7 @@ import click
 
 from edm_deploy.export.quantize import CALIBRATION_METHODS
 from edm_deploy.runtime.errors import InputError
-
-MAX_BATCH_LIMIT = 1 << 16
+from edm_deploy.runtime.manifest import MAX_BATCH
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,8 +28,8 @@ MAX_BATCH_LIMIT = 1 << 16
 @click.option("--calib-data", default=None, metavar="DATASET", help="int8: calibrate on a dataset (a .zip, a folder or 'digits') plus noise instead of trajectories.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Output file (.onnx, or .plan with --format trt) [default: next to MODEL].")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "trt", "auto"]), default="auto", show_default=True, help="auto builds a TensorRT engine when TensorRT and a GPU are present.")
-@click.option("--max-batch", type=click.IntRange(1, MAX_BATCH_LIMIT), default=64, show_default=True, help="Largest batch the artifact must serve.")
-@click.option("--opt-batch", type=click.IntRange(1, MAX_BATCH_LIMIT), default=None, help="Batch TensorRT optimises for [default: min(64, max)].")
+@click.option("--max-batch", type=click.IntRange(1, MAX_BATCH), default=64, show_default=True, help="Largest batch the artifact must serve.")
+@click.option("--opt-batch", type=click.IntRange(1, MAX_BATCH), default=None, help="Batch TensorRT optimises for [default: min(64, max)].")
 @click.option("--opset", type=click.IntRange(13, 21), default=17, show_default=True, help="ONNX opset (17: normalisation layers map cleanly to TensorRT, all ops run in onnxruntime).")
 @click.option("--no-verify", is_flag=True, help="Skip the fidelity check against the torch model.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="TensorRT timing cache file (read and updated).")
@@ -107,7 +106,7 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
                               timing_cache=timing_cache, optimization_level=opt_level, workspace_gib=workspace,
                               hardware_compatible=hardware_compat)
         if net is not None:
-            click.echo(verify_staged(stage, plan_path, net, manifest.get("precision", "fp32"), "cuda", max_batch).table())
+            click.echo(verify_staged(stage, plan_path, net, manifest.get("precision", "fp32"), "cuda").table())
         stage.commit([plan_path])
     unverified = ("not verified: --no-verify" if no_verify else
                   "not verified: built from an .onnx, there is no checkpoint to compare with; "

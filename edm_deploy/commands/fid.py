@@ -82,17 +82,18 @@ def calc(images, ref, num, seed, batch, detector, detector_sha256, min_of, quiet
       edm-deploy fid calc --images out/ --min-of 3 --detector inception.onnx \\
           --ref https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
     """
-    from edm_deploy.runtime.fid import fid_min_of, load_ref, plan_sets
+    from edm_deploy.runtime.fid import check_reference_fits, fid_min_of, load_ref, plan_sets
 
     ref_stats = load_ref(ref)
     sets = plan_sets(list(images), min_of, num, seed)  # fail on bad image input before loading the detector
     det = _open_detector(detector, detector_sha256)
+    check_reference_fits(ref_stats[0], det, f"--ref {ref}")  # before any image is scored
 
     def show(result) -> None:
         click.echo(f"FID = {result.fid:g}  ({result.num} images from {result.label})")
 
     results, best = fid_min_of(list(images), ref_stats, det, min_of=min_of, num=num, seed=seed, batch=batch,
-                               progress=not quiet, on_result=show, sets=sets)
+                               progress=not quiet, on_result=show, sets=sets, ref_label=f"--ref {ref}")
     if len(results) > 1:
         click.echo(f"FID (min of {len(results)}) = {best:g}")
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import click
 
-from edm_deploy.export.verify import tolerance_summary
+from edm_deploy.export.verify import VERIFY_BATCH_LIMIT, tolerance_summary
 from edm_deploy.loading import DEVICES
 from edm_deploy.runtime.errors import InputError
 
@@ -40,12 +40,16 @@ Examples:
 @click.option("--bf16", is_flag=True, help="MODEL .pt: verify the torch backend's bfloat16 autocast path.")
 @click.option("--fp16", is_flag=True, help="MODEL .pt: verify the torch backend's fp16 path.")
 @click.option("--batches", default=None, help="Comma-separated batch sizes, each at most the artifact's max batch "
-                                              "[default: 1, an odd size, max].")
+                                              f"[default: 1, an odd size, min(max, {VERIFY_BATCH_LIMIT}): the inputs "
+                                              "the export gate measured].")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Where the artifact runs.")
 @click.option("--seed", default="0", show_default=True, help="Seed of the test inputs (a non-negative integer).")
-def verify(model: str, ckpt: Optional[str], bf16: bool, fp16: bool, batches: Optional[str], device: str, seed: str) -> None:
-    from edm_deploy.export.verify import verify_artifact
-    from edm_deploy.loading import load, model_kind
+@click.option("--other-checkpoint", is_flag=True,
+              help="Measure even when --against is not the checkpoint MODEL's manifest says it was exported from.")
+def verify(model: str, ckpt: Optional[str], bf16: bool, fp16: bool, batches: Optional[str], device: str, seed: str,
+           other_checkpoint: bool) -> None:
+    from edm_deploy.export.verify import source_mismatch, verify_artifact
+    from edm_deploy.loading import load, model_kind, read_manifest
     from edm_deploy.training.checkpoint import load_checkpoint, load_network
 
     if not seed.strip().isdigit():
@@ -58,6 +62,12 @@ def verify(model: str, ckpt: Optional[str], bf16: bool, fp16: bool, batches: Opt
         ckpt = ckpt or model
     elif ckpt is None:
         raise InputError("--against CKPT is required: the .pt checkpoint the artifact came from")
+    else:
+        mismatch = source_mismatch(read_manifest(model), ckpt)
+        if mismatch and not other_checkpoint:
+            raise InputError(f"{mismatch}; pass the checkpoint it came from, or --other-checkpoint to measure anyway")
+        if mismatch:
+            click.echo(f"warning: {mismatch}; measuring anyway (--other-checkpoint)", err=True)
     net = load_network(load_checkpoint(ckpt))
     with load(model, device=device, bf16=bf16, fp16=fp16) as den:
         report = verify_artifact(model, net, den, den.precision, batches=batch_list, seed=int(seed))

@@ -34,7 +34,7 @@ from edm_deploy.runtime.manifest import (
     ONNX_METADATA_KEY,
     SIGMA,
     X,
-    input_names,
+    check_against_graph,
     loads,
 )
 from edm_deploy.runtime.optional import require
@@ -171,13 +171,11 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
         self._device_lib = device_array_library(device_id) if self.device != "cpu" else None
 
     def _check_io(self) -> None:
-        names = {i.name for i in self.session.get_inputs()}
-        wanted = set(input_names(self.label_dim))
-        if names != wanted:
-            raise InputError(f"{self.source}: inputs {sorted(names)} do not match the manifest (expected {sorted(wanted)})")
+        """The graph's inputs and outputs must be what the manifest describes (`check_against_graph`)."""
         outputs = [o.name for o in self.session.get_outputs()]
         if outputs != [DENOISED]:
             raise InputError(f"{self.source}: expected one output {DENOISED!r}, found {outputs}")
+        check_against_graph(self.manifest, session_shapes(self.session), self.source)
 
     def _release(self) -> None:
         self.session = None  # onnxruntime frees the session (and its device arena) with the object
@@ -238,8 +236,27 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
         return out
 
 
+def session_shapes(session) -> dict[str, list]:
+    """{tensor name: shape} of an onnxruntime session's inputs and outputs (symbolic dims as names)."""
+    return {t.name: list(t.shape) for t in (*session.get_inputs(), *session.get_outputs())}
+
+
+def proto_shapes(model) -> dict[str, list]:
+    """The same from an ONNX ModelProto's graph, initializers (weights listed as inputs) left out."""
+    weights = {init.name for init in model.graph.initializer}
+
+    def dims(value) -> list:
+        shape = value.type.tensor_type.shape
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
+
+    shapes = {v.name: dims(v) for v in model.graph.input if v.name not in weights}
+    shapes.update({v.name: dims(v) for v in model.graph.output})
+    return shapes
+
+
 def read_onnx_manifest(path: str) -> dict[str, Any]:
-    """The manifest in an ONNX file's metadata, read without loading its weights.
+    """The manifest in an ONNX file's metadata, read without loading its weights, checked
+    against the graph's inputs and outputs (`check_against_graph`).
 
     Uses the `onnx` package when installed; otherwise a minimal onnxruntime session (the
     runtime must work without onnx). Either way, no torch.
@@ -256,6 +273,7 @@ def read_onnx_manifest(path: str) -> dict[str, Any]:
         except Exception as exc:
             raise InputError(f"{path} is not a readable ONNX file ({first_line(exc)})") from exc
         meta = {p.key: p.value for p in model.metadata_props}
+        shapes = proto_shapes(model)
     else:
         ort = import_onnxruntime()
         try:
@@ -263,9 +281,12 @@ def read_onnx_manifest(path: str) -> dict[str, Any]:
         except Exception as exc:
             raise InputError(f"{path} is not a readable ONNX file ({first_line(exc)})") from exc
         meta = session.get_modelmeta().custom_metadata_map
+        shapes = session_shapes(session)
     if ONNX_METADATA_KEY not in meta:
         raise InputError(f"{path} has no edm-deploy manifest; export it with `edm-deploy export`")
-    return loads(meta[ONNX_METADATA_KEY], path)
+    manifest = loads(meta[ONNX_METADATA_KEY], path)
+    check_against_graph(manifest, shapes, path)
+    return manifest
 
 
 def light_session_options(ort):

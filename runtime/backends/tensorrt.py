@@ -24,7 +24,15 @@ from edm_deploy.runtime.backends.base import DenoiserBackend
 from edm_deploy.runtime.backends.device import device_array_library
 from edm_deploy.runtime.errors import BackendRuntimeError, BackendUnavailableError, InputError
 from edm_deploy.runtime.fileio import sha256_file
-from edm_deploy.runtime.manifest import CLASS_LABELS, DENOISED, SIGMA, X, input_names, read_sidecar
+from edm_deploy.runtime.manifest import (
+    CLASS_LABELS,
+    DENOISED,
+    SIGMA,
+    X,
+    check_against_graph,
+    input_names,
+    read_sidecar,
+)
 from edm_deploy.runtime.optional import require
 from edm_deploy.runtime.xp import library_of
 
@@ -72,6 +80,38 @@ def check_engine_compat(manifest: dict, trt_version: str, gpu_name: str, compute
 def _cc_tuple(cc: str) -> tuple[int, int]:
     major, _, minor = str(cc).partition(".")
     return int(major), int(minor or 0)
+
+
+def engine_io(engine: Any, trt: Any) -> tuple[dict[str, list], list[str], Optional[tuple[int, int]]]:
+    """({tensor name: shape, -1 for dynamic}, output names, (min, max) batch of profile 0 or None)."""
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    shapes = {n: [int(d) for d in engine.get_tensor_shape(n)] for n in names}
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    batch_range = None
+    if X in names and engine.get_tensor_mode(X) == trt.TensorIOMode.INPUT:
+        lo, _opt, hi = engine.get_tensor_profile_shape(X, 0)
+        batch_range = (int(lo[0]), int(hi[0]))
+    return shapes, outputs, batch_range
+
+
+def check_engine_io(engine: Any, trt: Any, manifest: dict, source: str) -> None:
+    """Refuse an engine whose tensors disagree with its sidecar manifest (one line, before any buffer).
+
+    Names, shapes and the batch profile go through `manifest.check_against_graph`, so a sidecar
+    edited or copied from another engine (a forged label_dim, resolution or batch limit) never
+    sizes the device buffers; the profile's max batch must also be the one the sidecar records.
+    """
+    shapes, outputs, batch_range = engine_io(engine, trt)
+    if outputs != [DENOISED]:
+        raise InputError(f"{source}: engine outputs {outputs} do not match the manifest (expected [{DENOISED!r}])")
+    check_against_graph(manifest, shapes, source, batch_range=batch_range)
+    profile = (manifest.get("tensorrt") or {}).get("profile") or {}
+    if batch_range is not None and profile.get("max") is not None and int(profile["max"]) != batch_range[1]:
+        raise InputError(f"{source}: the manifest's TensorRT profile says max batch {profile['max']}, the engine's "
+                         f"profile {batch_range[1]}; the sidecar belongs to another engine: rebuild it")
+    for n in shapes:
+        if engine.get_tensor_dtype(n) != trt.DataType.FLOAT:
+            raise InputError(f"{source}: tensor {n} is not float32; engines must keep fp32 I/O")
 
 
 class _DeviceLib:
@@ -163,7 +203,11 @@ class TensorRTDenoiser(DenoiserBackend):
         expected = manifest["tensorrt"].get("plan_sha256")
         if expected and sha256_file(path) != expected:
             raise InputError(f"{path} does not match the sha256 in its manifest (corrupted or replaced); rebuild it")
-        profile = manifest["tensorrt"]["profile"]
+        profile = manifest["tensorrt"].get("profile")
+        if not isinstance(profile, dict) or isinstance(profile.get("max"), bool) or not isinstance(profile.get("max"), int) \
+                or profile["max"] < 1:
+            raise InputError(f"{path}: the manifest's TensorRT profile has no positive max batch; "
+                             + rebuild_hint(manifest, path))
         limit = int(profile["max"]) if max_batch is None else min(int(max_batch), int(profile["max"]))
         super().__init__(manifest, max_batch=limit, source=path)
         self._notes.extend(notes)
@@ -198,15 +242,8 @@ class TensorRTDenoiser(DenoiserBackend):
         self._shared_batch: Optional[int] = None
 
     def _check_engine_io(self) -> None:
-        trt = self.trt
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if sorted(inputs) != sorted(self.input_names) or outputs != [DENOISED]:
-            raise InputError(f"{self.source}: engine tensors {names} do not match the manifest")
-        for n in names:
-            if self.engine.get_tensor_dtype(n) != trt.DataType.FLOAT:
-                raise InputError(f"{self.source}: tensor {n} is not float32; engines must keep fp32 I/O")
+        """The engine's tensors, shapes and batch profile must be what the sidecar describes."""
+        check_engine_io(self.engine, self.trt, self.manifest, self.source)
 
     def describe(self) -> str:
         return f"tensorrt {self.trt.__version__} on {self.device}" + (" with CUDA graphs" if self.cuda_graph else "")

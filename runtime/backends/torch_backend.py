@@ -54,6 +54,25 @@ def describe_denoiser(net: Any, precision: str = "fp32") -> dict[str, Any]:
     }
 
 
+# What a preconditioner module states about itself that a manifest states too.
+MODULE_FIELDS = ("img_resolution", "img_channels", "label_dim")
+
+
+def check_module_agrees(net: Any, manifest: dict, source: str) -> None:
+    """The torch counterpart of `manifest.check_against_graph`: the module's own shape fields and
+    preconditioner kind must be the manifest's, so a manifest given with another network is one
+    line here, not a shape error (or an allocation of what it claims) later."""
+    for key in MODULE_FIELDS:
+        have = getattr(net, key, None)
+        if have is not None and int(have) != manifest[key]:
+            raise InputError(f"{source}: the manifest says {key} {manifest[key]}, but the network has {int(have)}; "
+                             "the manifest belongs to another model")
+    kind = PRECOND_KINDS.get(type(net).__name__)
+    if kind is not None and manifest.get("precond") not in (None, kind):
+        raise InputError(f"{source}: the manifest says {manifest['precond']} preconditioning, but the network is a "
+                         f"{type(net).__name__}; the manifest belongs to another model")
+
+
 class TorchDenoiser(DenoiserBackend):
     """A preconditioned EDM network (EDMPrecond & co.) evaluated by PyTorch."""
 
@@ -83,6 +102,7 @@ class TorchDenoiser(DenoiserBackend):
             raise InputError("fp16 and bf16 exclude each other; choose one")
         manifest = dict(manifest, precision="fp16" if fp16 else "bf16" if bf16 else manifest.get("precision", "fp32"))
         super().__init__(manifest, max_batch=max_batch, source=source)
+        check_module_agrees(net, self.manifest, source)
         self.torch = torch
         self.device = device
         self.fp16 = bool(fp16)
