@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -232,7 +232,7 @@ def sample_into(
     den: Any,
     writer: Any,
     batches: Sequence[Sequence[int]],
-    class_idx: Optional[int] = None,
+    class_idx: Any = None,
     sampler_kwargs: Optional[dict] = None,
     progress: Optional[Callable[[int], None]] = None,
     plan: Optional[SamplingPlan] = None,
@@ -241,8 +241,9 @@ def sample_into(
 
     A partly done batch is sampled again whole, so each image is computed in the same batch as
     in an uninterrupted run (bit for bit, whatever the backend's kernels do per batch shape).
-    On failure the writer keeps what is complete and writes nothing partial. Returns the number
-    of images written; `progress(n)` is called after each batch.
+    On failure the writer keeps what is complete and writes nothing partial. `class_idx` is one
+    class for all, or a mapping seed -> class. Returns the number of images written;
+    `progress(n)` is called after each batch.
     """
     den = as_denoiser(den)
     plan = plan or plan_sampling(den, sampler_kwargs)
@@ -252,7 +253,8 @@ def sample_into(
             missing = [i for i, s in enumerate(batch) if not writer.is_done(s)]
             if not missing:
                 continue
-            images, labels = sample_batch(den, batch, class_idx, plan=plan)
+            classes = tuple(class_idx[s] for s in batch) if isinstance(class_idx, Mapping) else class_idx
+            images, labels = sample_batch(den, batch, classes, plan=plan)
             writer.submit(images[missing], [batch[i] for i in missing], None if labels is None else labels[missing])
             written += len(missing)
             if progress is not None:

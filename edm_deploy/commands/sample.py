@@ -26,13 +26,14 @@ from edm_deploy.runtime.errors import InputError
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None, help="Write one grid image (.png, .jpg or .webp).")
 @click.option("-n", "num", type=click.IntRange(min=1), default=None, help="Sample seeds 0..N-1.")
 @click.option("--seeds", default=None, help="Seed list, e.g. 0-63,100  [default: 0-63].")
-@click.option("--class", "class_idx", type=click.IntRange(min=0), default=None, help="Class label for all images [default: random per seed].")
+@click.option("--class", "class_idx", default=None, help="Class label for all images, or one per seed as a list like --seeds (0-9,3) [default: random per seed].")
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per denoiser batch.")
 @click.option("--fixed-batch", type=click.IntRange(min=1), default=None, help="Always run the network on exactly this many rows (splitting and padding), so images are bit-identical at any --batch.")
 @click.option("--subdirs", is_flag=True, help="One folder per 1000 seeds (as the reference).")
 @click.option("--shard", default=None, help="Take shard i of n of the seeds ('i/n'); torchrun's RANK/WORLD_SIZE by default.")
 @click.option("--workers", type=click.IntRange(min=1, max=64), default=2, show_default=True, help="PNG encoding threads.")
 @click.option("--grid-cols", type=click.IntRange(min=1), default=None, help="Grid width in images.")
+@click.option("--grid-scale", type=click.IntRange(1, 64), default=1, show_default=True, help="Grid pixels per image pixel (enlarges small images).")
 @click.option("--guide", type=click.Path(dir_okay=False), default=None, help="Autoguidance: the guide model (any file sample loads: an early snapshot, a smaller model); needs --guidance.")
 @click.option("--guidance", type=FiniteFloat(), default=None, help="Guidance weight W: D = D_guide + W (D - D_guide); without --guide, classifier-free (needs a model trained with --cond-drop).")
 @click.option("--guidance-interval", default=None, help="Guide only at noise levels LO < sigma <= HI, e.g. 0.28,1.6 [default: always].")
@@ -67,6 +68,7 @@ def sample(model: str, **params: Any) -> None:
     from edm_deploy.runtime.guidance import check_guidance_args
     from edm_deploy.runtime.noise import check_class
     from edm_deploy.runtime.schedule_file import mismatch_warnings
+    from edm_deploy.runtime.solvers import get_solver
     from edm_deploy.runtime.seeds import parse_seeds, parse_shard, seeds_from_count, shard_batches
     from edm_deploy.runtime.timing import TimedDenoiser
     from edm_deploy.runtime.writers import check_output, open_output, parts_dir_for
@@ -78,6 +80,7 @@ def sample(model: str, **params: Any) -> None:
         raise InputError("give either -n or --seeds, not both")
     seeds = seeds_from_count(params["num"]) if params["num"] is not None else parse_seeds(
         "0-63" if params["seeds"] is None else params["seeds"])
+    classes = _classes(params["class_idx"], seeds)
     rank, world = parse_shard(params["shard"])
     npz_path = params["npz_path"] and (params["npz_path"] if world == 1 else _shard_name(params["npz_path"], rank, world))
     if npz_path:
@@ -93,13 +96,13 @@ def sample(model: str, **params: Any) -> None:
 
     # Output first: an unwritable or invalid destination fails before the model loads (nothing is created yet).
     check_output(len(my_seeds), outdir=params["outdir"], npz_path=npz_path, grid_path=params["grid_path"],
-                 grid_columns=params["grid_cols"], shard=(rank, world))
+                 grid_columns=params["grid_cols"], grid_scale=params["grid_scale"], shard=(rank, world))
     settings, schedule_meta = settings_from(params)
     with contextlib.ExitStack() as models:
         den = models.enter_context(load_from_options(model, params))
         guide = (models.enter_context(load_from_options(params["guide"], params, only_applicable=True))
                  if params["guide"] else None)
-        check_class(params["class_idx"], den.label_dim)
+        check_class(None if classes is None else list(classes.values()), den.label_dim, len(classes or ()))
         if params["guidance"] is not None and guide is None and den.label_dim and den.label_dropout is not None \
                 and den.label_dropout <= 0:
             raise InputError("--guidance without --guide is classifier-free guidance, which needs a model trained with "
@@ -111,9 +114,12 @@ def sample(model: str, **params: Any) -> None:
         # Planned on the composed runner: a guide narrows the sigma range both models cover.
         plan = plan_sampling(runner, settings)  # checked on the model before any output is touched
         model_sha256 = sha256_file(model)
-        for note in runner.warnings + plan.warnings + mismatch_warnings(schedule_meta, model_sha256, plan.solver):
+        spec = get_solver(plan.solver)
+        used = dict(afs=settings.afs, nfe=plan.nfe, max_order=settings.max_order or spec.max_order,
+                    denoise_to_zero=None if spec.appends_zero else bool(plan.sigmas[-1] == 0))
+        for note in runner.warnings + plan.warnings + mismatch_warnings(schedule_meta, model_sha256, plan.solver, **used):
             click.echo(f"warning: {note}", err=True)
-        record = run_record(model_sha256, params["class_idx"], settings, batch_size=params["batch_size"],
+        record = run_record(model_sha256, _class_record(classes), settings, batch_size=params["batch_size"],
                             fixed_batch=params["fixed_batch"], solver=plan.solver,
                             time_points=[float(v) for v in plan.sigmas],
                             guide_sha256=sha256_file(params["guide"]) if params["guide"] else None,
@@ -124,6 +130,7 @@ def sample(model: str, **params: Any) -> None:
         image_shape = (den.img_resolution, den.img_resolution, den.img_channels)
         with open_output(record, my_seeds, outdir=params["outdir"], npz_path=npz_path, grid_path=params["grid_path"],
                          subdirs=params["subdirs"], workers=params["workers"], grid_columns=params["grid_cols"],
+                         grid_scale=params["grid_scale"],
                          image_shape=image_shape, shard=(rank, world)) as writer:
             missing = [[s for s in b if not writer.is_done(s)] for b in batches]
             todo = [b for b, m in zip(batches, missing) if m]  # a partly done batch is sampled again whole
@@ -135,7 +142,7 @@ def sample(model: str, **params: Any) -> None:
 
             start = time.perf_counter()
             with tqdm(total=total, unit="img", dynamic_ncols=True, disable=None) as bar:
-                written = sample_into(runner, writer, todo, params["class_idx"], progress=bar.update, plan=plan)
+                written = sample_into(runner, writer, todo, classes, progress=bar.update, plan=plan)
             wall = time.perf_counter() - start
 
     if written:
@@ -147,6 +154,40 @@ def sample(model: str, **params: Any) -> None:
     else:
         click.echo("done: nothing to do, every image already exists")
     click.echo(f"output: {params['outdir'] or npz_path or params['grid_path']}")
+
+
+def _classes(text: Optional[str], seeds: list[int]) -> Optional[dict[int, int]]:
+    """--class N (every image) or a list with one class per seed ('0-9,3', as --seeds is written): seed -> class."""
+    if text is None:
+        return None
+    values: list[int] = []
+    for part in str(text).split(","):
+        lo, _, hi = part.strip().partition("-")
+        first, last = _one_class(lo, text), _one_class(hi, text) if hi else None
+        if last is not None and last < first:
+            raise InputError(f"--class {text!r}: the range {part.strip()} ends before it starts")
+        values.extend(range(first, (first if last is None else last) + 1))
+        if len(values) > len(seeds):
+            break
+    if len(values) == 1:
+        return {s: values[0] for s in seeds}
+    if len(values) != len(seeds):
+        raise InputError(f"--class lists {len(values)} classes for {len(seeds)} seeds; give one per seed or one for all")
+    return dict(zip(seeds, values))
+
+
+def _one_class(part: str, text: str) -> int:
+    if not part.strip().isdigit():
+        raise InputError(f"--class {text!r} must be a class number or a list of them like --seeds, e.g. 3 or 0-9,3")
+    return int(part)
+
+
+def _class_record(classes: Optional[dict[int, int]]) -> Any:
+    """The run record's class: one number when all share it (as before), else the list in seed order."""
+    if classes is None:
+        return None
+    values = list(classes.values())
+    return values[0] if len(set(values)) == 1 else values
 
 
 def _interval(text: Optional[str]) -> Optional[tuple[float, float]]:
