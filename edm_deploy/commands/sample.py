@@ -68,8 +68,8 @@ def sample(model: str, **params: Any) -> None:
     from edm_deploy.runtime.guidance import check_guidance_args
     from edm_deploy.runtime.noise import check_class
     from edm_deploy.runtime.schedule_file import mismatch_warnings
-    from edm_deploy.runtime.solvers import get_solver
     from edm_deploy.runtime.seeds import parse_seeds, parse_shard, seeds_from_count, shard_batches
+    from edm_deploy.runtime.solvers import get_solver
     from edm_deploy.runtime.timing import TimedDenoiser
     from edm_deploy.runtime.writers import check_output, open_output, parts_dir_for
 
