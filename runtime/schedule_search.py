@@ -85,6 +85,9 @@ DEFAULT_COEFF = 1.15
 DEFAULT_METRIC = "l2"
 FINE_RHO = 7.0
 MAX_FINE_POINTS = 201
+# What the teacher's data may hold in memory: its trajectories per batch (x and D at every fine
+# point, float64) and the end points of all latents; a larger --latents or --batch is refused up front.
+MAX_TEACHER_BYTES = 2 << 30
 # Heun's second stage is evaluated per pair of fine points (n (n - 1) / 2 batches): on this many latents.
 HEUN_COST_LATENTS = 32
 # The polish on the solver's real error: latents it uses, and runs of the solver per step of the path.
@@ -607,9 +610,11 @@ def plan_search(solver: str, nfe: int, *, afs: bool = False, denoise_to_zero: bo
         raise InputError(f"nfe {nfe} of the {solver} solver is a single time point: nothing to search "
                          f"(its NFE is {spec.nfe_formula} for N time points; the search needs N >= 2)", param="nfe")
     if num_steps > fine_points - 1:
+        advice = (f"use a smaller NFE or more than {num_steps} fine points" if num_steps < MAX_FINE_POINTS else
+                  f"the fine grid has at most {MAX_FINE_POINTS} points, so a searched schedule has at most "
+                  f"{MAX_FINE_POINTS - 1} steps: use a smaller NFE (a schedule this long gains nothing from a search)")
         raise InputError(f"nfe {nfe} of the {solver} solver takes {num_steps} steps, more than the {fine_points - 1} "
-                         f"intervals of the {fine_points}-point fine grid: use a smaller NFE or more than {num_steps} "
-                         "fine points", param="nfe")
+                         f"intervals of the {fine_points}-point fine grid: {advice}", param="nfe")
     if teacher not in TEACHER_SOLVERS:
         raise InputError(f"teacher must be one of {', '.join(TEACHER_SOLVERS)}, got {teacher!r}", param="teacher")
     if isinstance(coeff, bool) or not isinstance(coeff, (int, float, np.floating)) or not (math.isfinite(coeff) and coeff > 0):
@@ -732,6 +737,7 @@ def run_teacher_search_data(
         raise InputError("no seeds given", param="seeds")
     fine = fine_grid(den, fine_points, sigma_min, sigma_max)
     n = fine.size
+    _check_teacher_memory(len(seeds), batch_size, n, den.img_channels * den.img_resolution**2)
     report = progress or (lambda stage, done, total: None)
     start = time.perf_counter()
     moments = TrajectoryMoments(fine)
@@ -765,6 +771,21 @@ def run_teacher_search_data(
         labels=None if labels_all[0] is None else np.concatenate(labels_all), ends=np.concatenate(ends), head=head,
         teacher=teacher, seeds=seeds, class_idx=class_idx, seconds=time.perf_counter() - start,
         nfe_per_latent=slv.get_solver(teacher).nfe_for_sigmas(fine) + 1)
+
+
+def _check_teacher_memory(num_latents: int, batch_size: int, fine_points: int, pixels: int) -> None:
+    """The teacher's arrays, sized before anything is drawn: one batch's trajectories, every latent's end."""
+    row = 8 * pixels  # one float64 image
+    per_batch = 2 * fine_points * min(batch_size, num_latents) * row
+    ends = num_latents * (row + 4 * pixels)  # end states and float32 latents
+    if per_batch + ends > MAX_TEACHER_BYTES:
+        fit_batch = max(1, (MAX_TEACHER_BYTES - ends) // (2 * fine_points * row))
+        fit_latents = MAX_TEACHER_BYTES // (2 * fine_points * row + 12 * pixels)
+        what = (f"batch_size {batch_size} (at most {fit_batch} fit)" if ends < MAX_TEACHER_BYTES // 2
+                else f"num_latents {num_latents} (at most {fit_latents} fit)")
+        raise InputError(f"the teacher would hold {(per_batch + ends) / 2**30:.1f} GiB of trajectories, more than "
+                         f"{MAX_TEACHER_BYTES / 2**30:.0f} GiB: lower {what}",
+                         param="batch_size" if ends < MAX_TEACHER_BYTES // 2 else "num_latents")
 
 
 def search_schedule(

@@ -60,7 +60,7 @@ def schedule(model: str, **params: Any) -> None:
       edm-deploy schedule model.onnx --solver ipndm --nfe 5 --out ipndm5.json
       edm-deploy sample model.onnx --solver ipndm --sigmas ipndm5.json -n 64 --grid grid.png
     """
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs, sha256_file
+    from edm_deploy.runtime.fileio import refuse_overwriting_inputs, sha256_file, write_target
     from edm_deploy.runtime.noise import check_class
     from edm_deploy.runtime.schedule_file import write_schedule
     from edm_deploy.runtime.schedule_search import plan_search, search_schedule
@@ -75,6 +75,7 @@ def schedule(model: str, **params: Any) -> None:
     plan_search(params["solver"], params["nfe"], afs=params["afs"], denoise_to_zero=params["denoise_to_zero"],
                 max_order=params["max_order"], fine_points=params["fine_points"], teacher=params["teacher"],
                 coeff=params["coeff"], metric=params["metric"], step=params["step"])
+    out = write_target(out)  # a symlinked output is written through
     refuse_overwriting_inputs({"MODEL": model}, {"--out": out})
     if not out.lower().endswith(".json"):
         raise InputError(f"--out {out} must end in .json, the schedule file `sample --sigmas` reads")
