@@ -131,8 +131,16 @@ def _exit_cleanly_on_sigterm() -> None:
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
+        signal.signal(signal.SIGTERM, _on_sigterm)
         _start_sigterm_watchdog()
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Remove the temporaries of the writes in progress first (the unwinding may not finish), then unwind."""
+    from edm_deploy.runtime.fileio import remove_live_temporaries
+
+    remove_live_temporaries()
+    sys.exit(143)
 
 
 def _start_sigterm_watchdog() -> None:
@@ -158,6 +166,9 @@ def _start_sigterm_watchdog() -> None:
         while signal.SIGTERM not in os.read(read_end, 64):
             pass
         time.sleep(SIGTERM_GRACE_S)
+        from edm_deploy.runtime.fileio import remove_live_temporaries
+
+        remove_live_temporaries()
         os.write(2, f"error: stopped {SIGTERM_GRACE_S:g} s after SIGTERM while a long call was running; outputs "
                     "are whole files or temporary ones the next run removes\n".encode())
         os._exit(143)

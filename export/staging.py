@@ -20,7 +20,13 @@ import os
 import shutil
 from typing import Iterable
 
-from edm_deploy.runtime.fileio import TEMP_PREFIX, TEMP_SUFFIX, exclusive_output
+from edm_deploy.runtime.fileio import (
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    exclusive_output,
+    track_temporary,
+    untrack_temporary,
+)
 
 
 def failed_name(path: str) -> str:
@@ -45,9 +51,11 @@ class Staging:
         self._lock.__enter__()
         try:
             shutil.rmtree(self.folder, ignore_errors=True)  # left by a killed export of this output
+            track_temporary(self.folder, is_folder=True)
             os.makedirs(self.folder)
         except BaseException:  # a signal may land right after the folder was made: it goes too
             shutil.rmtree(self.folder, ignore_errors=True)
+            untrack_temporary(self.folder)
             self._lock.__exit__(None, None, None)
             raise
         return self
@@ -55,6 +63,7 @@ class Staging:
     def __exit__(self, *exc_info) -> None:
         try:
             shutil.rmtree(self.folder, ignore_errors=True)
+            untrack_temporary(self.folder)
         finally:
             self._lock.__exit__(*exc_info)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import stat
 import tempfile
 from typing import Iterator
@@ -77,6 +78,33 @@ def write_target(path: str) -> str:
     return os.path.realpath(path) if os.path.islink(path) else path
 
 
+# Temporary files and folders being written right now: a stop (SIGTERM) removes them before it
+# unwinds, so none is left even when the unwinding itself is cut short (a library crashing on
+# the interrupt, the watchdog ending a call that does not return).
+_LIVE_TEMPORARIES: dict[str, bool] = {}
+
+
+def track_temporary(path: str, is_folder: bool = False) -> None:
+    _LIVE_TEMPORARIES[path] = is_folder
+
+
+def untrack_temporary(path: str) -> None:
+    _LIVE_TEMPORARIES.pop(path, None)
+
+
+def remove_live_temporaries() -> None:
+    """Remove every temporary file or folder a write in progress holds (called on SIGTERM)."""
+    for path, is_folder in list(_LIVE_TEMPORARIES.items()):
+        try:
+            if is_folder:
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.unlink(path)
+        except OSError:
+            pass
+        _LIVE_TEMPORARIES.pop(path, None)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     """A temporary path beside `path` to write into; renamed onto `path` when the block succeeds.
@@ -87,6 +115,7 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     directory = _existing_folder(path)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + os.path.basename(path) + TEMP_SUFFIX, dir=directory)
     os.close(fd)
+    track_temporary(tmp)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
@@ -97,6 +126,7 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
         if durable:
             _fsync_dir(directory)
     finally:
+        untrack_temporary(tmp)
         if os.path.exists(tmp):
             os.unlink(tmp)
 
