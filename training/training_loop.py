@@ -44,7 +44,7 @@ deterministic) when the world size, the per-round batch ``batch_gpu`` and the de
 those of the interrupted run: the data order, noise, dropout and augmentation streams pick up
 exactly where they stopped. What a resume may change is `RESUME_MUTABLE` (where files go, how
 long to run, reporting intervals, ``batch_gpu``, device and threads); every other option must
-equal the checkpoint's (`check_resume_options`, used by the CLI and by the API alike; build the
+equal the checkpoint's (`training.options.check_resume_options`, used by the CLI and by the API alike; build the
 options with `resume_options`). Changing ``batch_gpu`` keeps the mathematics (the gradient of a
 step is the same sum over the same images) but draws sigma and noise in per-round chunks of a
 different size, so the noise each image gets - and hence the run - is no longer bit-identical
@@ -68,10 +68,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import math
-import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -87,111 +85,27 @@ from edm_deploy.training import presets as presets_mod
 from edm_deploy.training.augment import TRAIN_PY_CONFIG, AugmentPipe
 from edm_deploy.training.checkpoint import build_network, load_checkpoint, load_weights, save_checkpoint
 from edm_deploy.training.dataset import Dataset, open_dataset
+from edm_deploy.training.options import (
+    RESUME_FILE,
+    RESUME_MUTABLE,
+    TrainingOptions,
+    _option_error,
+    _stored_options,
+    check_device,
+    check_options,
+    check_resume_options,
+    cpu_count,
+    options_from_preset,
+    resume_options,
+)
 
-RESUME_FILE = "ckpt.pt"
-
-
-@dataclass
-class TrainingOptions:
-    """Everything that defines a run. Durations, half-lives and ramp-ups are in kimg."""
-
-    data: str = "digits"                     # source spec: digits | folder | dataset .zip
-    outdir: Optional[str] = None             # None: train in memory, write nothing
-    cond: bool = False                       # class-conditional (needs labels)
-    arch: str = "ddpmpp"                     # ddpmpp | ncsnpp | adm
-    precond: str = "edm"                     # edm | vp | ve | iddpm
-    batch: int = 512                         # global batch size (all ranks together)
-    batch_gpu: Optional[int] = None          # per-rank batch per round (gradient accumulation)
-    duration_kimg: float = 200000            # stop after this many thousand images
-    lr: float = 1e-3
-    lr_rampup_kimg: float = 10000
-    ema_halflife_kimg: float = 500
-    ema_rampup_ratio: Optional[float] = 0.05  # None: no EMA ramp-up (reference --transfer)
-    dropout: float = 0.13
-    cond_drop: float = 0.0                   # label dropout: the network's label_dropout (classifier-free guidance)
-    augment: float = 0.12                    # AugmentPipe p; 0 disables the pipe (augment_dim 0)
-    xflip: bool = False                      # dataset x-flips (doubles the dataset)
-    fp16: bool = False                       # use_fp16 (takes effect on CUDA)
-    loss_scaling: float = 1
-    cbase: Optional[int] = None              # model_channels override
-    cres: Optional[list] = None              # channel_mult override
-    network_overrides: dict = field(default_factory=dict)  # any further inner-network kwargs
-    seed: int = 0
-    kimg_per_tick: float = 50
-    snapshot_kimg: float = 2500              # weights-only snapshot + resume point every this many kimg
-    ckpt_kimg: Optional[float] = None        # resume point interval (default: snapshot_kimg)
-    resume: Optional[str] = None             # path of a ckpt.pt to continue
-    device: str = "auto"                     # auto | cpu | cuda
-    deterministic: bool = True               # torch.use_deterministic_algorithms (warn-only)
-    threads: Optional[int] = None            # CPU threads for torch (None: torch's default)
-    max_images: Optional[int] = None         # use only the first N dataset images
-    preset: Optional[str] = None             # the preset the options were built from (record)
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainingOptions:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
-# What a resumed run may change: where it writes, how long it runs, how it reports, how each
-# process splits its share of the batch into rounds, and where it runs. Everything else shapes
-# the training trajectory and must equal the checkpoint's options.
-RESUME_MUTABLE = frozenset({
-    "outdir", "resume", "duration_kimg", "kimg_per_tick", "snapshot_kimg", "ckpt_kimg", "batch_gpu",
-    "device", "threads", "preset",
-})
-
-def _stored_options(ckpt: dict, path: str) -> dict:
-    state = ckpt.get("training_state")
-    if state is None:
-        raise InputError(f"{path} holds weights only (a snapshot); resume from a run's {RESUME_FILE}")
-    defaults = TrainingOptions().to_dict()
-    stored = dict(defaults)
-    stored.update({k: v for k, v in state["options"].items() if k in defaults})
-    return stored
-
-
-def resume_options(path: str, **changes: Any) -> TrainingOptions:
-    """The options stored in the resume point `path`, with `changes` applied (None values ignored).
-
-    This is how to continue a run through the API: ``training_loop(resume_options(ckpt,
-    duration_kimg=...))``. Only the fields in `RESUME_MUTABLE` may differ from the stored ones;
-    anything else is refused here (and again by `training_loop`) with one InputError.
-    """
-    ckpt = load_checkpoint(path)
-    values = _stored_options(ckpt, path)
-    values.update({k: v for k, v in changes.items() if v is not None})
-    values["resume"] = path
-    options = TrainingOptions.from_dict(values)
-    check_resume_options(options, ckpt, path)
-    return options
-
-
-def check_resume_options(options: TrainingOptions, ckpt: dict, path: str) -> None:
-    """Refuse a resume whose options differ from the checkpoint's outside `RESUME_MUTABLE`."""
-    stored = _stored_options(ckpt, path)
-    given = options.to_dict()
-    changed = [k for k in given if k not in RESUME_MUTABLE and given[k] != stored.get(k)]
-    if changed:
-        detail = ", ".join(f"{k}: {stored.get(k)!r} in the run, {given[k]!r} now" for k in changed)
-        raise InputError(
-            f"resume continues the stored run, so these options cannot change: {detail} "
-            f"(changeable: {', '.join(sorted(RESUME_MUTABLE - {'resume', 'preset'}))})",
-            param=["resume", *changed],
-        )
-
-
-def options_from_preset(name: Optional[str], **overrides: Any) -> TrainingOptions:
-    """Options = defaults <- preset <- explicit overrides (None values are ignored)."""
-    values: dict[str, Any] = {}
-    if name is not None:
-        values.update(presets_mod.preset(name))
-        values["preset"] = name
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainingOptions.from_dict(values)
+# The options' names stay importable from here, where the loop's callers have always found them.
+__all__ = [
+    "RESUME_FILE", "RESUME_MUTABLE", "TrainingOptions", "TrainingResult", "check_device", "check_options",
+    "check_resume_options", "cpu_count", "options_from_preset", "resume_options", "training_loop",
+    "make_loss", "network_description", "learning_rate", "ema_beta", "update_ema", "sanitize_gradients",
+    "RankSampler", "prepare_outdir", "check_run_files",
+]
 
 
 @dataclass
@@ -303,97 +217,6 @@ def make_loss(precond: str):
     _, loss_cls = presets_mod.precond_classes(precond)
     return getattr(loss_mod, loss_cls)()
 
-
-def _option_error(field_name: str, message: str) -> InputError:
-    """An InputError about one option; it names the field, and the CLI renames it to its flag."""
-    exc = InputError(message)
-    exc.param = field_name
-    return exc
-
-
-# Every number an option may hold: field -> (rule, what the rule says). Each must also be finite:
-# an infinite duration never ends, a NaN compares False with everything and slips through bounds.
-_NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "duration_kimg": (lambda v: v > 0, "a positive number of kimg"),
-    "lr": (lambda v: v > 0, "a positive number"),
-    "lr_rampup_kimg": (lambda v: v >= 0, "a non-negative number of kimg"),
-    "ema_halflife_kimg": (lambda v: v >= 0, "a non-negative number of kimg"),
-    "ema_rampup_ratio": (lambda v: v >= 0, "a non-negative number (or None: no ramp-up)"),
-    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "cond_drop": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "augment": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-    "loss_scaling": (lambda v: v > 0, "a positive number"),
-    "kimg_per_tick": (lambda v: v > 0, "a positive number of kimg"),
-    "snapshot_kimg": (lambda v: v > 0, "a positive number of kimg"),
-    "ckpt_kimg": (lambda v: v > 0, "a positive number of kimg (or None: every snapshot_kimg)"),
-}
-_OPTIONAL_NUMBERS = {"ema_rampup_ratio", "ckpt_kimg"}
-# Integer fields -> smallest value (None: any integer).
-_INTEGER_RULES = {"batch": 1, "batch_gpu": 1, "seed": None, "cbase": 1, "max_images": 1, "threads": 1}
-_OPTIONAL_INTEGERS = {"batch_gpu", "cbase", "max_images", "threads"}
-
-
-def cpu_count() -> int:
-    """The CPUs this process may run on (its affinity where the OS tells, else all of them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def check_options(o: TrainingOptions, world_size: int = 1) -> None:
-    """Every option problem as one InputError naming the field, before anything is built or written."""
-    for name, (rule, what) in _NUMBER_RULES.items():
-        value = getattr(o, name)
-        if value is None and name in _OPTIONAL_NUMBERS:
-            continue
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise _option_error(name, f"{name} must be {what}, got {value!r}")
-        if not math.isfinite(value):
-            raise _option_error(name, f"{name} must be a finite number ({what}), got {value!r}")
-        if not rule(value):
-            raise _option_error(name, f"{name} must be {what}, got {value!r}")
-    for name, low in _INTEGER_RULES.items():
-        value = getattr(o, name)
-        if value is None and name in _OPTIONAL_INTEGERS:
-            continue
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (low is not None and value < low):
-            raise _option_error(name, f"{name} must be an integer{f' >= {low}' if low is not None else ''}, "
-                                      f"got {value!r}")
-    presets_mod.arch_kwargs(o.arch)
-    presets_mod.precond_classes(o.precond)
-    if o.cond_drop > 0 and not o.cond:
-        raise _option_error("cond_drop", "cond_drop (label dropout) needs class-conditional training (cond)")
-    if o.batch % world_size:
-        raise _option_error("batch", f"batch {o.batch} is not divisible by the {world_size} training processes")
-    per_rank = o.batch // world_size
-    if o.batch_gpu is not None and per_rank % o.batch_gpu:
-        raise _option_error("batch_gpu", f"batch_gpu {o.batch_gpu} must divide the per-process batch {per_rank}")
-    if o.threads is not None and o.threads > cpu_count():
-        raise _option_error("threads", f"threads must be at most {cpu_count()} (the CPUs this process may use), "
-                                       f"got {o.threads}")
-    if o.cres is not None and (not isinstance(o.cres, (list, tuple)) or not o.cres
-                               or any(not isinstance(c, numbers.Integral) or c < 1 for c in o.cres)):
-        raise _option_error("cres", f"cres must be a list of positive integers, got {o.cres!r}")
-    if not isinstance(o.device, str) or not (o.device in ("auto", "cpu", "cuda") or o.device.startswith("cuda:")):
-        raise _option_error("device", f"unknown device {o.device!r} (auto, cpu, cuda or cuda:N)")
-    if o.device.startswith("cuda:"):
-        index = o.device.split(":", 1)[1]
-        if not index.isdigit():
-            raise _option_error("device", f"device {o.device}: the GPU index must be a non-negative integer")
-        if world_size > 1:
-            raise _option_error(
-                "device",
-                f"device {o.device} names one GPU, but {world_size} processes were started; use cuda (each "
-                f"process then takes the GPU of its LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)")
-
-
-def check_device(o: TrainingOptions, device: torch.device) -> None:
-    """Options that depend on where the run computes: fp16 is real only on CUDA."""
-    if o.fp16 and device.type != "cuda":
-        raise _option_error(
-            "fp16", f"fp16 needs a CUDA device: on {device.type} the network would compute in fp32 while its "
-                    f"checkpoints record use_fp16 (train in fp32 there, or on a GPU)")
 
 
 # ----------------------------------------------------------------------------------------------
