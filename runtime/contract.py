@@ -59,6 +59,10 @@ class DenoiserBase:
     # The label dropout the model was trained with, when known: classifier-free guidance needs
     # it > 0 (the unconditional branch is untrained otherwise); None = unknown.
     label_dropout: Optional[float] = None
+    # True for a consistency-tuned model (its manifest's `consistency` record, e.g. ECT): one
+    # evaluation maps a noisy image to a clean one, so it wants the consistency sampler and an
+    # ODE solver gives poor images; False for a plain denoiser (and when unknown).
+    consistency_tuned: bool = False
 
     @property
     def warnings(self) -> list[str]:
@@ -102,7 +106,7 @@ class DelegatingDenoiser(DenoiserBase):
     guidance) subclass it and override only what they change."""
 
     CONTRACT = ("sigma_min", "sigma_max", "img_channels", "img_resolution", "label_dim", "max_batch", "device",
-                "label_dropout")
+                "label_dropout", "consistency_tuned")
 
     def __init__(self, den: Any):
         self.den = as_denoiser(den)
@@ -144,6 +148,7 @@ class _Adapted(DenoiserBase):
             setattr(self, name, getattr(net, name))
         self.max_batch = getattr(net, "max_batch", None)
         self.label_dropout = getattr(net, "label_dropout", None)
+        self.consistency_tuned = bool(getattr(net, "consistency_tuned", False))
 
     def round_sigma(self, sigma: Any) -> Any:
         return self.net.round_sigma(sigma)

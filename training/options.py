@@ -57,12 +57,25 @@ class TrainingOptions:
     kimg_per_tick: float = 50
     snapshot_kimg: float = 2500              # weights-only snapshot + resume point every this many kimg
     ckpt_kimg: Optional[float] = None        # resume point interval (default: snapshot_kimg)
+    ckpt_seconds: Optional[float] = 600      # also a resume point at the first tick this long after the last
     resume: Optional[str] = None             # path of a ckpt.pt to continue
     device: str = "auto"                     # auto | cpu | cuda
     deterministic: bool = True               # torch.use_deterministic_algorithms (warn-only)
     threads: Optional[int] = None            # CPU threads for torch (None: torch's default)
     max_images: Optional[int] = None         # use only the first N dataset images
     preset: Optional[str] = None             # the preset the options were built from (record)
+    optimizer: str = "adam"                  # adam | radam (ECT tunes with RAdam)
+    # Consistency tuning (training/consistency.py): ECT of the EDM checkpoint `tune_from`. The
+    # ect_* fields are the ECT objective's (training/consistency_loss.py, ECTLoss).
+    consistency: bool = False
+    tune_from: Optional[str] = None          # the EDM checkpoint that consistency tuning starts from
+    ect_q: float = 2.0                       # the gap t - r shrinks by q every stage
+    ect_stage_kimg: float = 3200             # kimg per stage (ECT: --double 250 ticks of 12.8 kimg)
+    ect_k: float = 8.0                       # r(t)'s sigmoid adjustment 1 + k sigmoid(-b t)
+    ect_b: float = 1.0
+    ect_c: float = 0.0                       # pseudo-Huber c; 0: the L2 distance (ECT's default)
+    ect_p_mean: float = -1.1                 # ln t ~ N(ect_p_mean, ect_p_std^2)
+    ect_p_std: float = 2.0
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -77,7 +90,7 @@ class TrainingOptions:
 # process splits its share of the batch into rounds, and where it runs. Everything else shapes
 # the training trajectory and must equal the checkpoint's options.
 RESUME_MUTABLE = frozenset({
-    "outdir", "resume", "duration_kimg", "kimg_per_tick", "snapshot_kimg", "ckpt_kimg", "batch_gpu",
+    "outdir", "resume", "duration_kimg", "kimg_per_tick", "snapshot_kimg", "ckpt_kimg", "ckpt_seconds", "batch_gpu",
     "device", "threads", "preset",
 })
 
@@ -131,6 +144,25 @@ def options_from_preset(name: Optional[str], **overrides: Any) -> TrainingOption
     return TrainingOptions.from_dict(values)
 
 
+def consistency_options(tune_from: str, preset: Optional[str] = None, **overrides: Any) -> TrainingOptions:
+    """Options for consistency tuning (ECT) of the EDM checkpoint `tune_from`.
+
+    Options = defaults <- ECT's published settings (`presets.CONSISTENCY_DEFAULTS`) <- the
+    consistency preset `preset` (`presets.CONSISTENCY_PRESETS`) <- explicit overrides (None values
+    ignored). The network, and so whether the run is class-conditional, is the checkpoint's:
+    ``cond`` follows its label_dim unless given.
+    """
+    values: dict[str, Any] = dict(presets_mod.CONSISTENCY_DEFAULTS)
+    if preset is not None:
+        values.update(presets_mod.consistency_preset(preset))
+        values["preset"] = preset
+    ckpt = load_checkpoint(tune_from)
+    values["cond"] = int(ckpt["network"]["init_kwargs"].get("label_dim", 0) or 0) > 0
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(consistency=True, tune_from=tune_from)
+    return TrainingOptions.from_dict(values)
+
+
 def _option_error(field_name: str, message: str) -> InputError:
     """An InputError about one option; it names the field, and the CLI renames it to its flag."""
     exc = InputError(message)
@@ -153,8 +185,20 @@ _NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "kimg_per_tick": (lambda v: v > 0, "a positive number of kimg"),
     "snapshot_kimg": (lambda v: v > 0, "a positive number of kimg"),
     "ckpt_kimg": (lambda v: v > 0, "a positive number of kimg (or None: every snapshot_kimg)"),
+    "ckpt_seconds": (lambda v: v >= 0, "a non-negative number of seconds (0 or None: by kimg only)"),
+    "ect_q": (lambda v: v > 1, "a number above 1"),
+    "ect_stage_kimg": (lambda v: v > 0, "a positive number of kimg"),
+    "ect_k": (lambda v: v >= 0, "a non-negative number"),
+    "ect_b": (lambda v: v >= 0, "a non-negative number"),
+    "ect_c": (lambda v: v >= 0, "a non-negative number (0: the L2 distance)"),
+    "ect_p_mean": (lambda v: True, "a number"),
+    "ect_p_std": (lambda v: v > 0, "a positive number"),
 }
-_OPTIONAL_NUMBERS = {"ema_rampup_ratio", "ckpt_kimg"}
+_OPTIONAL_NUMBERS = {"ema_rampup_ratio", "ckpt_kimg", "ckpt_seconds"}
+OPTIMIZERS = ("adam", "radam")
+# The options a consistency tuning takes from its checkpoint (the network and what shapes it).
+_NETWORK_FIELDS = ("arch", "precond", "cbase", "cres", "network_overrides", "cond_drop")
+_ECT_FIELDS = ("ect_q", "ect_stage_kimg", "ect_k", "ect_b", "ect_c", "ect_p_mean", "ect_p_std")
 # Integer fields -> smallest value (None: any integer).
 _INTEGER_RULES = {"batch": 1, "batch_gpu": 1, "seed": None, "cbase": 1, "max_images": 1, "threads": 1}
 _OPTIONAL_INTEGERS = {"batch_gpu", "cbase", "max_images", "threads"}
@@ -189,6 +233,9 @@ def check_options(o: TrainingOptions, world_size: int = 1) -> None:
                                       f"got {value!r}")
     presets_mod.arch_kwargs(o.arch)
     presets_mod.precond_classes(o.precond)
+    if o.optimizer not in OPTIMIZERS:
+        raise _option_error("optimizer", f"unknown optimizer {o.optimizer!r} (choose one of {', '.join(OPTIMIZERS)})")
+    _check_consistency_options(o)
     if o.cond_drop > 0 and not o.cond:
         raise _option_error("cond_drop", "cond_drop (label dropout) needs class-conditional training (cond)")
     if o.batch % world_size:
@@ -213,6 +260,27 @@ def check_options(o: TrainingOptions, world_size: int = 1) -> None:
                 "device",
                 f"device {o.device} names one GPU, but {world_size} processes were started; use cuda (each "
                 f"process then takes the GPU of its LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)")
+
+
+def _check_consistency_options(o: TrainingOptions) -> None:
+    """Consistency tuning needs its checkpoint and takes the network from it; ECT settings need it."""
+    defaults = TrainingOptions()
+    if not o.consistency:
+        if o.tune_from is not None:
+            raise _option_error("tune_from", "tune_from is the checkpoint of a consistency tuning: add consistency "
+                                             "(--consistency), or drop it to train from scratch")
+        given = [name for name in _ECT_FIELDS if getattr(o, name) != getattr(defaults, name)]
+        if given:
+            raise _option_error(given[0], f"{given[0]} is a setting of consistency tuning (ECT); it needs "
+                                          f"consistency (--consistency --from CKPT)")
+        return
+    if not isinstance(o.tune_from, str) or not o.tune_from:
+        raise _option_error("tune_from", "consistency tuning starts from a trained EDM checkpoint: give it as "
+                                         "tune_from (--from CKPT)")
+    for name in _NETWORK_FIELDS:
+        if getattr(o, name) != getattr(defaults, name):
+            raise _option_error(name, f"{name} cannot be set for a consistency tuning: the network is the one in "
+                                      f"tune_from ({o.tune_from}), as it was trained")
 
 
 def check_device(o: TrainingOptions, device: torch.device) -> None:

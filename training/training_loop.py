@@ -79,11 +79,18 @@ import numpy as np
 import torch
 
 from edm_deploy.runtime.errors import InputError, NumericalError
-from edm_deploy.runtime.fileio import atomic_write_bytes, exclusive_output, refuse_overwriting_inputs
+from edm_deploy.runtime.fileio import (
+    atomic_write_bytes,
+    exclusive_output,
+    refuse_overwriting_inputs,
+    sha256_file,
+)
 from edm_deploy.training import distributed as dist_utils
 from edm_deploy.training import presets as presets_mod
 from edm_deploy.training.augment import TRAIN_PY_CONFIG, AugmentPipe
 from edm_deploy.training.checkpoint import build_network, load_checkpoint, load_weights, save_checkpoint
+from edm_deploy.training.consistency import check_tuning_fits, load_teacher, tuned_network
+from edm_deploy.training.consistency_loss import ECTLoss, ect_stage
 from edm_deploy.training.dataset import Dataset, open_dataset
 from edm_deploy.training.options import (
     RESUME_FILE,
@@ -212,10 +219,23 @@ def network_description(options: TrainingOptions, img_resolution: int, img_chann
 
 
 def make_loss(precond: str):
+    """The EDM paper's loss of a --precond (`training.loss`)."""
     from edm_deploy.training import loss as loss_mod
 
     _, loss_cls = presets_mod.precond_classes(precond)
     return getattr(loss_mod, loss_cls)()
+
+
+def make_consistency_loss(options: TrainingOptions, images_seen: Callable[[], int]):
+    """ECT's objective with the run's settings; `images_seen` gives the loop's image count (its stage)."""
+    return ECTLoss(P_mean=options.ect_p_mean, P_std=options.ect_p_std, q=options.ect_q, k=options.ect_k,
+                   b=options.ect_b, c=options.ect_c, stage_kimg=options.ect_stage_kimg, images_seen=images_seen)
+
+
+def make_optimizer(options: TrainingOptions, params) -> torch.optim.Optimizer:
+    """Adam (EDM) or RAdam (ECT's tuning), betas (0.9, 0.999), eps 1e-8, no weight decay."""
+    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[options.optimizer]
+    return cls(params, lr=options.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 
@@ -350,7 +370,8 @@ def check_run_files(options: TrainingOptions) -> None:
     outputs = {f"outdir file {name}": os.path.join(options.outdir, name) for name in RUN_FILES}
     if options.resume is not None and os.path.abspath(options.resume) == os.path.abspath(outputs[f"outdir file {RESUME_FILE}"]):
         del outputs[f"outdir file {RESUME_FILE}"]
-    inputs = {"resume": options.resume, "data": options.data if os.path.exists(str(options.data)) else None}
+    inputs = {"resume": options.resume, "tune_from": options.tune_from,
+              "data": options.data if os.path.exists(str(options.data)) else None}
     refuse_overwriting_inputs(inputs, outputs)
 
 
@@ -414,6 +435,8 @@ class _Run:
     ctx: dist_utils.DistContext
     device: torch.device
     ckpt: Optional[dict]
+    teacher: Optional[dict] = None  # the checkpoint a consistency tuning starts from (until its weights are loaded)
+    teacher_sha256: Optional[str] = None
     files: _RunFiles = None  # type: ignore[assignment]
     dataset: Dataset = None  # type: ignore[assignment]
     label_dim: int = 0
@@ -462,11 +485,16 @@ def _train(options: TrainingOptions, ctx: dist_utils.DistContext, echo, progress
 
 def _check_run(options: TrainingOptions, ctx: dist_utils.DistContext) -> _Run:
     """Stage 1, every rank (read-only): the options, the resume point, the device, the run folder."""
-    ckpt = None
+    ckpt = teacher = teacher_sha256 = None
     if options.resume is not None:
         ckpt = load_checkpoint(options.resume)
         check_resume_options(options, ckpt, options.resume)
     check_options(options, ctx.world_size)
+    if ckpt is not None:
+        _check_left_to_train(options, ckpt)
+    elif options.consistency:
+        teacher = load_teacher(options.tune_from)  # a resumed tuning has its network in its resume point
+        teacher_sha256 = sha256_file(options.tune_from)
     device = _resolve_device(options.device, ctx)
     check_device(options, device)
     if options.outdir is not None:
@@ -474,7 +502,25 @@ def _check_run(options: TrainingOptions, ctx: dist_utils.DistContext) -> _Run:
         check_run_files(options)
     if options.threads is not None:
         torch.set_num_threads(int(options.threads))
-    return _Run(options=options, ctx=ctx, device=device, ckpt=ckpt)
+    return _Run(options=options, ctx=ctx, device=device, ckpt=ckpt, teacher=teacher, teacher_sha256=teacher_sha256)
+
+
+def _check_left_to_train(options: TrainingOptions, ckpt: dict) -> None:
+    """A resume into another folder must have something to train: else it would write nothing there.
+
+    Resuming into the run's own folder with the duration already reached is a no-op (the folder
+    holds the finished run); into a new folder it is refused, since the user asked for a run there.
+    """
+    done_nimg = int(ckpt["training_state"]["cur_nimg"])
+    if done_nimg < int(round(options.duration_kimg * 1000)) or options.outdir is None:
+        return
+    if os.path.abspath(os.path.dirname(options.resume)) == os.path.abspath(options.outdir):
+        return
+    raise _option_error(
+        "duration_kimg",
+        f"{options.resume} is already at {done_nimg / 1000:g} kimg, which reaches duration_kimg "
+        f"{options.duration_kimg:g}: resuming into {options.outdir} would train nothing and write nothing there; "
+        f"give a duration_kimg above {done_nimg / 1000:g} to continue the run in {options.outdir}")
 
 
 def _set_up_data(run: _Run) -> None:
@@ -489,16 +535,23 @@ def _set_up_data(run: _Run) -> None:
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     _seed_everything(options.seed, run.ctx.rank, run.ctx.world_size)
 
+    if run.teacher is not None:
+        check_tuning_fits(run.teacher["network"], options.tune_from, options.cond, options.augment)
     run.dataset = _load_data(options)
     run.label_dim = run.dataset.label_dim if options.cond else 0
-    if run.ckpt is not None:
-        run.network = run.ckpt["network"]
+    if run.ckpt is not None or run.teacher is not None:
+        source = options.resume if run.ckpt is not None else options.tune_from
+        if run.ckpt is not None:
+            run.network = run.ckpt["network"]
+        else:
+            run.network = tuned_network(run.teacher, options.tune_from, run.teacher_sha256, options.dropout,
+                                        options.fp16)
         kw = run.network["init_kwargs"]
         got = (int(kw["img_resolution"]), int(kw["img_channels"]), int(kw.get("label_dim", 0)))
         want = (run.dataset.resolution, run.dataset.num_channels, run.label_dim)
         if got != want:
             raise InputError(
-                f"{options.resume} was trained on {got[1]}x{got[0]}x{got[0]} images with label_dim {got[2]}, "
+                f"{source} was trained on {got[1]}x{got[0]}x{got[0]} images with label_dim {got[2]}, "
                 f"but {options.data} gives {want[1]}x{want[0]}x{want[0]} with label_dim {want[2]}"
             )
     else:
@@ -534,10 +587,17 @@ def _build_network(run: _Run) -> None:
     """Stage 4: network, EMA, optimizer, loss and augmentation (the network draws from the seeded RNG)."""
     options = run.options
     run.net = build_network(run.network, options.resume or "options").train().requires_grad_(True).to(run.device)
+    if run.teacher is not None:
+        # ECT starts the network and its EMA at the teacher's EMA weights.
+        load_weights(run.net, run.teacher["ema"], options.tune_from, "the weights to tune")
+        run.teacher = None  # held only until here
     dist_utils.broadcast_module(run.ctx, run.net)
     run.ema = copy.deepcopy(run.net).eval().requires_grad_(False)
-    run.optimizer = torch.optim.Adam(run.net.parameters(), lr=options.lr, betas=(0.9, 0.999), eps=1e-8)
-    run.loss_fn = make_loss(options.precond)
+    run.optimizer = make_optimizer(options, run.net.parameters())
+    if options.consistency:
+        run.loss_fn = make_consistency_loss(options, lambda: run.cur_nimg)
+    else:
+        run.loss_fn = make_loss(options.precond)
     run.augment_pipe = AugmentPipe(p=options.augment, **TRAIN_PY_CONFIG) if options.augment > 0 else None
     run.ddp = run.net
 
@@ -594,8 +654,9 @@ def _start_records(run: _Run) -> None:
                       "augment": run.augment_pipe.init_kwargs if run.augment_pipe else None}
             atomic_write_bytes(opts_path, (json.dumps(record, indent=2, default=str) + "\n").encode(), durable=True)
     n_params = sum(p.numel() for p in run.net.parameters())
+    what = f"consistency tuning (ECT) of {options.tune_from}" if options.consistency else "training"
     files.log(
-        f"{'resuming at ' + format(run.cur_nimg / 1000, '.1f') + ' kimg' if run.ckpt else 'training'}: "
+        f"{'resuming at ' + format(run.cur_nimg / 1000, '.1f') + ' kimg' if run.ckpt else what}: "
         f"{run.dataset.describe()}; {run.network['class_name']}/{run.network['init_kwargs'].get('model_type')} "
         f"{n_params:,} parameters; batch {options.batch} ({ctx.world_size} x {run.rounds} x {run.batch_gpu}); "
         f"device {run.device}; {options.duration_kimg:g} kimg"
@@ -610,7 +671,7 @@ def _train_steps(run: _Run, progress: bool) -> None:
     snap_nimg = max(int(round(options.snapshot_kimg * 1000)), 1)
     ckpt_nimg = max(int(round((options.ckpt_kimg or options.snapshot_kimg) * 1000)), 1)
     run.tick_start_nimg, run.tick_start_time = run.cur_nimg, time.time()
-    last = {"snap": run.cur_nimg // snap_nimg, "ckpt": run.cur_nimg // ckpt_nimg}
+    last = {"snap": run.cur_nimg // snap_nimg, "ckpt": run.cur_nimg // ckpt_nimg, "ckpt_time": time.time()}
     bar = _progress_bar(run, total_nimg) if progress and run.ctx.is_main else None
     done = run.cur_nimg >= total_nimg
     try:
@@ -623,9 +684,12 @@ def _train_steps(run: _Run, progress: bool) -> None:
                 continue
             mean_loss = _tick(run, bar)
             snap_due = done or run.cur_nimg // snap_nimg > last["snap"]
-            ckpt_due = done or snap_due or run.cur_nimg // ckpt_nimg > last["ckpt"]
+            ckpt_due = (done or snap_due or run.cur_nimg // ckpt_nimg > last["ckpt"]
+                        or _seconds_due(run, time.time() - last["ckpt_time"]))
             _save(run, mean_loss, snap_due, ckpt_due)
             last["snap"], last["ckpt"] = run.cur_nimg // snap_nimg, run.cur_nimg // ckpt_nimg
+            if ckpt_due:
+                last["ckpt_time"] = time.time()
             dist_utils.barrier(run.ctx)
             run.cur_tick += 1
             run.tick_start_nimg, run.tick_start_time = run.cur_nimg, time.time()
@@ -635,11 +699,24 @@ def _train_steps(run: _Run, progress: bool) -> None:
             bar.close()
 
 
+def _seconds_due(run: _Run, elapsed: float) -> bool:
+    """Whether ckpt_seconds have passed since the last resume point, by rank 0's clock (all ranks agree).
+
+    Writing a resume point reads the random streams but draws nothing, so when it happens does
+    not change the run: a run resumed from any of them equals the uninterrupted one.
+    """
+    if not run.options.ckpt_seconds:
+        return False
+    (elapsed,) = dist_utils.all_reduce_sum(run.ctx, [elapsed if run.ctx.is_main else 0.0], run.device)
+    return elapsed >= run.options.ckpt_seconds
+
+
 def _progress_bar(run: _Run, total_nimg: int):
     from tqdm import tqdm
 
     bar = tqdm(total=round(total_nimg / 1000, 3), initial=round(min(run.cur_nimg, total_nimg) / 1000, 3),
-               unit="kimg", desc="train", dynamic_ncols=True, leave=False, disable=None)
+               unit="kimg", desc="tune" if run.options.consistency else "train", dynamic_ncols=True, leave=False,
+               disable=None)
     if run.files.echo is not None and not bar.disable:
         run.files.echo = tqdm.write
     return bar
@@ -682,11 +759,14 @@ def _tick(run: _Run, bar) -> float:
         "img_per_sec": round((run.cur_nimg - run.tick_start_nimg) / max(tick_time, 1e-9), 2),
         "total_sec": round(run.total_time, 2), "timestamp": round(now, 3),
     }
+    if run.options.consistency:  # the ECT stage the tick ended in (the gap t - r is q^-(stage+1) t adj(t))
+        entry["ect_stage"] = ect_stage(run.cur_nimg, run.options.ect_stage_kimg)
     run.stats.append(entry)
     run.files.stats(entry)
     run.files.log(
         f"tick {run.cur_tick:<5d} kimg {run.cur_nimg / 1000:<9.2f} loss {mean_loss:<8.4f} lr {run.lr_now:<9.3g} "
         f"sec/kimg {entry['sec_per_kimg']:<7.2f} time {_fmt_time(run.total_time)}"
+        + (f" ect stage {entry['ect_stage']}" if "ect_stage" in entry else "")
     )
     if bar is not None:
         bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)

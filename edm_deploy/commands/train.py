@@ -94,6 +94,27 @@ def _parse_cres(text: Optional[str]) -> Optional[list]:
 @click.option("--max-images", type=int, default=None, help="Use only the first N images of the dataset.")
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch (1 is often fastest on a busy or 2-core machine).")
+@click.option("--ckpt-seconds", "ckpt_seconds", type=float, default=None, metavar="S",
+              help="Also write a resume point at the first tick S seconds after the last one (0: by kimg only).  "
+                   "[default: 600; the tiny presets 30]")
+@click.option("--optim", "optimizer", metavar="adam|radam", default=None,
+              help="Optimizer.  [default: adam; radam with --consistency, as ECT]")
+@click.option("--consistency", is_flag=True, default=None,
+              help="Consistency tuning (ECT, Geng et al. 2024) of the EDM checkpoint --from into a 1-2 step model; "
+                   "--preset then names a consistency preset (tiny, cifar10).")
+@click.option("--from", "tune_from", metavar="CKPT", default=None,
+              help="With --consistency: the EDM checkpoint to tune (its network, classes and resolution are kept).")
+@click.option("--ect-q", "ect_q", type=float, default=None, metavar="Q",
+              help="ECT: the gap t - r shrinks by Q every stage.  [default: 2]")
+@click.option("--ect-stage", "ect_stage_kimg", type=float, default=None, metavar="KIMG",
+              help="ECT: kimg per stage.  [default: 3200]")
+@click.option("--ect-k", "ect_k", type=float, default=None, help="ECT: r(t)'s adjustment 1 + k sigmoid(-b t).  [default: 8]")
+@click.option("--ect-b", "ect_b", type=float, default=None, help="ECT: see --ect-k.  [default: 1]")
+@click.option("--ect-c", "ect_c", type=float, default=None,
+              help="ECT: pseudo-Huber constant c; 0 is the L2 distance.  [default: 0]")
+@click.option("--ect-p-mean", "ect_p_mean", type=float, default=None,
+              help="ECT: ln t ~ N(P_mean, P_std^2).  [default: -1.1]")
+@click.option("--ect-p-std", "ect_p_std", type=float, default=None, help="ECT: see --ect-p-mean.  [default: 2.0]")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @click.pass_context
 def train(ctx: click.Context, **kw) -> None:
@@ -105,13 +126,15 @@ def train(ctx: click.Context, **kw) -> None:
       edm-deploy train --data cifar10.zip --outdir runs/c10 --preset cifar10 --batch-gpu 64
       edm-deploy train --outdir runs/digits --resume runs/digits/ckpt.pt --duration 600
       torchrun --nproc_per_node=8 -m edm_deploy.cli train --data ffhq-64x64.zip --outdir runs/ffhq --preset ffhq64
+      edm-deploy train --consistency --from runs/digits/ckpt.pt --preset tiny --outdir runs/digits-ect
     """
-    from edm_deploy.training.training_loop import (
+    from edm_deploy.training.options import (
         TrainingOptions,
+        consistency_options,
         options_from_preset,
         resume_options,
-        training_loop,
     )
+    from edm_deploy.training.training_loop import training_loop
 
     fields = {f.name for f in dataclasses.fields(TrainingOptions)}
     given = {
@@ -132,6 +155,14 @@ def train(ctx: click.Context, **kw) -> None:
         # Python API) refuses any change outside RESUME_MUTABLE. A flag repeating the stored value
         # is accepted.
         options = resume_options(kw["resume"], **overrides)
+    elif kw["consistency"]:
+        if kw["tune_from"] is None:
+            raise InputError("--consistency tunes a trained EDM checkpoint: give it with --from CKPT")
+        if kw["data"] is None and kw["preset"] is None:
+            raise InputError("--data is required: the data the --from model was trained on (or --preset tiny "
+                             "for the digits)")
+        overrides = {k: v for k, v in overrides.items() if k not in ("consistency", "tune_from")}
+        options = consistency_options(kw["tune_from"], kw["preset"], **overrides)
     else:
         if kw["data"] is None and kw["preset"] is None:
             raise InputError("--data is required (or pick a --preset that names its data, e.g. tiny)")
