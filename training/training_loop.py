@@ -520,7 +520,7 @@ def _check_left_to_train(options: TrainingOptions, ckpt: dict) -> None:
         "duration_kimg",
         f"{options.resume} is already at {done_nimg / 1000:g} kimg, which reaches duration_kimg "
         f"{options.duration_kimg:g}: resuming into {options.outdir} would train nothing and write nothing there; "
-        f"give a duration_kimg above {done_nimg / 1000:g} to continue the run in {options.outdir}")
+        f"to continue the run in {options.outdir}, make it longer than {done_nimg / 1000:g} kimg")
 
 
 def _set_up_data(run: _Run) -> None:
