@@ -61,3 +61,15 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def write_section(text: str, begin: str, end: str, path: str) -> None:
+    """Replace a benchmark's section of RESULTS.md (between its markers `begin` and `end`), or append it."""
+    old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Recorded benchmark results\n"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + text.rstrip("\n") + rest.split(end, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)

@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from benchmarks import common
 from benchmarks.common import save, table
 
 NFES = (3, 4, 5, 6, 8, 10, 15, 20, 35)
@@ -203,14 +204,7 @@ def markdown(out: dict[str, Any], cpu: dict[str, Any], solvers: list[str], nfes:
 
 def write_section(text: str, path: str = RESULTS_MD) -> None:
     """Replace this benchmark's section of RESULTS.md (between its markers), or append it."""
-    old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Recorded benchmark results\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new)
+    common.write_section(text, BEGIN, END, path)
 
 
 def plot(out: dict[str, Any], solvers: list[str], nfes: list[int], path: str = PLOT) -> None:
