@@ -2,8 +2,8 @@
 
 The teacher is the demo's `tiny` preset model (``--ckpt``, else the demo's when complete, else
 trained here as `benchmarks/precision.py` does). It is tuned with `edm-deploy train --consistency
---preset tiny` (Easy Consistency Tuning, `training/consistency_loss.py`; ``--duration`` and the
-ECT flags below override the preset), then both are exported to ONNX and sampled through the
+--preset tiny` (Easy Consistency Tuning, `training/consistency_loss.py`; ``--tune-duration-kimg``,
+``--tune-ect-q`` and the other ``--tune-*`` flags override the preset), then both are exported to ONNX and sampled through the
 NumPy runtime with onnxruntime on the CPU, on the same 1000 images (100 per class, seeds 0-999,
 the latents `training.digits_eval.sample_digits` draws), scored as the demo does: pixel Fréchet
 distance against the 359-image test split and the independent classifier's accuracy.
@@ -239,7 +239,8 @@ def markdown(out: dict[str, Any]) -> str:
              f"`python -m benchmarks.consistency`. CPU: {out['cpu']['model']} ({out['cpu']['logical_cpus']} logical "
              "CPUs), shared with other jobs while it ran (compare FD and accuracy, and the side-by-side cost ratio; "
              "wall times and img/s are noisy). onnxruntime fp32 for sampling. "
-             f"{10 * out['per_class']} images per row (100 per class, seeds 0-999), pixel FD against the test split "
+             f"{10 * out['per_class']} images per row ({out['per_class']} per class, seeds 0-{10 * out['per_class'] - 1}), "
+             "pixel FD against the test split "
              f"(train vs test: {out['fd_train_test']:.3f}); classifier test accuracy "
              f"{out['classifier_test_accuracy']:.1%}.", "",
              f"Teacher: `tiny` preset, {teacher_run['kimg']:.0f} kimg in {_fmt_s(teacher_run['seconds'])}. Tuned: "
@@ -327,11 +328,11 @@ def main(argv=None) -> dict:
                         help="where the tuning run goes (a stopped one resumes)")
     parser.add_argument("--nfes", default="1,2,3", help="NFEs of the consistency sampler")
     parser.add_argument("--per-class", type=int, default=100, help="images per class per row")
-    parser.add_argument("--batch", type=int, default=500, help="rows per network call")
+    parser.add_argument("--batch", dest="sample_batch", type=int, default=500, help="rows per network call")
     parser.add_argument("--quick", action="store_true", help="a short tuning and 20 images per class; no writing")
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md and the plot")
     for name in ECT_FLAGS:
-        parser.add_argument("--" + name.replace("_", "-"), default=None,
+        parser.add_argument("--tune-" + name.replace("_", "-"), dest=name, default=None,
                             type=str if name == "optimizer" else float if name != "batch" else int,
                             help=f"tuning: {name} (default: the tiny consistency preset's)")
     args = parser.parse_args(argv)
@@ -347,7 +348,7 @@ def main(argv=None) -> dict:
     tuned = args.tuned or tune(teacher, args.tune_dir, overrides, print)
     with tempfile.TemporaryDirectory(prefix="edm-consistency-") as tmp:
         out = run(teacher, tuned, tmp, [int(n) for n in args.nfes.split(",") if n.strip()], args.per_class,
-                  args.batch, print)
+                  args.sample_batch, print)
     from edm_deploy.training.checkpoint import load_checkpoint
 
     out["step_cost"] = step_cost_ratio(teacher, load_checkpoint(tuned)["training_state"]["options"])
