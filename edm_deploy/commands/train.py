@@ -23,12 +23,28 @@ line (a crash can cut the last line short); on ``--resume`` the ``stats.jsonl`` 
 resume point are dropped so that redone ticks are not listed twice, while ``log.txt`` keeps
 everything. Starting a new run in a folder that already holds ``ckpt.pt`` is refused; continue
 it with ``--resume DIR/ckpt.pt``: the stored options are reused, and only --outdir, --duration,
---tick, --snap-kimg, --batch-gpu, --device and --threads may be given anew (the training loop
+--tick, --snap-kimg, --ckpt-seconds, --batch-gpu, --device and --threads may be given anew (the training loop
 checks this, for the CLI and the Python API alike). A resumed run is bit-identical to an
 uninterrupted one unless --batch-gpu, the device type or the number of processes changes (see
 `edm_deploy.training.training_loop`). Multi-GPU / multi-process: launch with
 ``torchrun --nproc_per_node=N -m edm_deploy.cli train ...``; with ``--device auto`` or ``cuda``
 each process uses the GPU of its LOCAL_RANK (an explicit ``--device cuda:N`` is refused there).
+
+Resume points come by kimg (``--snap-kimg``) and by time: ``--ckpt-seconds S`` (default 600, the
+tiny presets 30) also writes ``ckpt.pt`` at the first tick S seconds after the last one, so a run
+stopped early still resumes; when they are written does not change the run. ``--resume`` into
+another ``--outdir`` with ``--duration`` already reached is refused (it would write nothing
+there); into the run's own folder it is a no-op.
+
+Consistency tuning: ``--consistency --from CKPT`` tunes the EDM checkpoint CKPT with Easy
+Consistency Tuning (ECT, Geng et al. 2024; `edm_deploy.training.consistency_loss` says which of
+its formulas and defaults are followed) into a model sampled in one or two evaluations. The
+network (architecture, classes, resolution) is CKPT's, so --arch, --precond, --cbase, --cres and
+--cond-drop are refused; the data must match it. The defaults are ECT's published CIFAR-10 run
+(RAdam, lr 1e-4, batch 128, dropout 0.2, the gap halving every 3200 kimg); ``--preset tiny``
+is the setting measured on the digits (benchmarks/consistency.py). Checkpoints, snapshots and
+every export record ``consistency: {method, from_checkpoint, from_sha256, from_kimg}``; ``info``
+shows it. EMA, resume, DDP, locks and atomic writes are those of plain training.
 """
 
 from __future__ import annotations
@@ -88,7 +104,8 @@ def _parse_cres(text: Optional[str]) -> Optional[list]:
               help="Snapshot + resume-point interval.  [default: 2500]")
 @click.option("--resume", metavar="CKPT", default=None,
               help="Continue a run from its ckpt.pt with its stored options; only --outdir, --duration, --tick, "
-                   "--snap-kimg, --batch-gpu (then not bit-identical), --device and --threads may change.")
+                   "--snap-kimg, --ckpt-seconds, --batch-gpu (then not bit-identical), --device and --threads "
+                   "may change.")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (N: single process only; under torchrun each process "
                    "takes the GPU of its LOCAL_RANK).  [default: auto]")
 @click.option("--max-images", type=int, default=None, help="Use only the first N images of the dataset.")
