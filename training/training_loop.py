@@ -5,10 +5,11 @@ What one step does (the semantics of the reference NVlabs/edm `training/training
 1. ``batch`` images are split over ``W`` ranks (``batch / W`` each) and, per rank, into rounds of
    ``batch_gpu``; gradients accumulate over rounds (DDP synchronises only on the last round).
    Each round: uint8 -> x/127.5 - 1, one-hot labels, ``loss_fn(net, images, labels,
-   augment_pipe)`` (per-element), ``loss.sum() * loss_scaling / (batch / W)`` backward.
+   augment_pipe)`` (per-element, or per image for ECT), ``loss.sum() * loss_scaling / (batch /
+   W)`` backward.
 2. lr = lr_max * min(cur_nimg / (lr_rampup_kimg * 1000), 1) (so the very first step has lr 0,
    as in the reference), NaN gradients -> 0 and +-inf -> +-1e5, then ``Adam(betas=(0.9, 0.999),
-   eps=1e-8)`` steps. No weight decay, no clipping, and the static loss scale is not divided out
+   eps=1e-8)`` steps (``RAdam`` with the same settings for ``optimizer="radam"``, ECT's choice). No weight decay, no clipping, and the static loss scale is not divided out
    (Adam is invariant to it up to eps, exactly as the reference).
 3. EMA of the *parameters* (buffers are constant): half-life h = min(ema_halflife_kimg * 1000,
    cur_nimg * ema_rampup_ratio) images, beta = 0.5 ** (batch / max(h, 1e-8)),
@@ -19,7 +20,8 @@ Files (rank 0 only) in ``outdir``::
     training_options.json        the options of the run (written once, atomically)
     log.txt                      the human log (appended line by line across resumes)
     stats.jsonl                  one JSON object per tick (appended line by line)
-    ckpt.pt                      the latest *resume point*: EMA weights + training_state
+    ckpt.pt                      the latest *resume point*: EMA weights + training_state, written
+                                 every ckpt_kimg and at the first tick ckpt_seconds after the last
     network-snapshot-XXXXXX.pt   weights-only snapshots (EMA), XXXXXX = kimg; never overwritten
 
 While a run writes, it holds an OS lock on its folder (``.edm-deploy.lock`` inside it, taken by rank
@@ -57,6 +59,13 @@ point, device, run folder - read-only, on every rank, which agree on the verdict
 `_build_network`, `_resume`, `_start_records` (DDP, training_options.json, first log line) and
 `_train_steps`, which repeats `_one_step` and, every tick, `_tick` (log, stats, the divergence
 check) and `_save` (snapshots and resume points).
+
+The loss is the pluggable part: `make_loss` gives the EDM paper's loss of a --precond, and with
+``consistency`` the run is a consistency tuning (ECT, `training/consistency_loss.py`): `_check_run`
+checks the checkpoint ``tune_from`` (`training/consistency.py`), `_set_up_data` takes its network
+description (plus the run's dropout and the consistency record), `_build_network` starts the
+network and its EMA at its EMA weights, and `make_consistency_loss` reads the stage from the
+run's image count. Everything else - EMA, resume, DDP, the files and locks - is the same loop.
 
 Data order: each epoch is a fresh permutation drawn from ``RandomState([seed, epoch])`` and
 dealt round-robin to the ranks (the reference uses a windowed shuffle instead; either is an
