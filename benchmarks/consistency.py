@@ -79,25 +79,6 @@ class ConsistencyPlan:
         return x
 
 
-def tune(teacher: str, outdir: str, overrides: dict[str, Any], echo) -> str:
-    """Consistency-tune `teacher` into `outdir` (`--preset tiny` plus `overrides`); resumes a stopped run."""
-    from edm_deploy.training.checkpoint import load_checkpoint
-    from edm_deploy.training.options import consistency_options, resume_options
-    from edm_deploy.training.training_loop import training_loop
-
-    ckpt = os.path.join(outdir, "ckpt.pt")
-    options = consistency_options(teacher, "tiny", outdir=outdir, **overrides)
-    if os.path.exists(ckpt):
-        state = load_checkpoint(ckpt)["training_state"]
-        if state["options"].get("tune_from") == teacher and state["cur_nimg"] >= options.duration_kimg * 1000:
-            echo(f"tuning: already done ({ckpt})")
-            return ckpt
-        options = resume_options(ckpt, duration_kimg=options.duration_kimg)
-    echo(f"tuning {teacher} with ECT for {options.duration_kimg:g} kimg into {outdir}")
-    training_loop(options, echo=echo, progress=False)
-    return ckpt
-
-
 def step_cost_ratio(teacher: str, tuned_options: dict, repeats: int = 3, steps: int = 4) -> dict[str, Any]:
     """Seconds per ECT step / seconds per EDM step, same network and batch, interleaved in one process."""
     import torch
@@ -320,6 +301,7 @@ def plot(out: dict[str, Any], path: str = PLOT) -> None:
 
 def main(argv=None) -> dict:
     from benchmarks.precision import cpu_info, digits_checkpoint
+    from edm_deploy.demo import tune_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default=None, help="trained digits checkpoint (default: the demo's, else train one)")
@@ -345,7 +327,7 @@ def main(argv=None) -> dict:
     cpu = cpu_info()
     print(f"CPU: {cpu['model']} ({cpu['logical_cpus']} logical CPUs)")
     teacher = digits_checkpoint(args.ckpt, print)
-    tuned = args.tuned or tune(teacher, args.tune_dir, overrides, print)
+    tuned = args.tuned or tune_step(teacher, args.tune_dir, print, **overrides)
     with tempfile.TemporaryDirectory(prefix="edm-consistency-") as tmp:
         out = run(teacher, tuned, tmp, [int(n) for n in args.nfes.split(",") if n.strip()], args.per_class,
                   args.sample_batch, print)
