@@ -390,3 +390,32 @@ def test_train_cli_tunes_and_resumes(teacher, tmp_path, capsys):
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["training_state"]["cur_nimg"] == 48
     assert "--ect-q: 4.0 in the run, 2.0 now" in _cli_error(
         capsys, ["train", "--outdir", out, "--resume", os.path.join(out, "ckpt.pt"), "--ect-q", "2"])
+
+
+def _ddp_tune_worker(rank: int, world: int, port: int, teacher: str, outdir: str, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    res = TL.training_loop(tune(teacher, outdir=outdir, duration_kimg=0.016 * 3, device="cpu"), echo=None,
+                           progress=False)
+    torch.save({"net": res.net.state_dict(), "ema": res.ema.state_dict()}, os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def test_ddp_tuning_keeps_the_two_processes_identical(teacher, tmp_path):
+    # The r side runs through the DDP module without gradient between the t side's forward and
+    # the backward; the gradients must still be synchronised, so both ranks end with equal weights.
+    import torch.multiprocessing as mp
+
+    from tests.test_training import _free_port
+
+    outdir, result_dir = str(tmp_path / "run"), str(tmp_path / "res")
+    os.makedirs(result_dir)
+    mp.spawn(_ddp_tune_worker, args=(2, _free_port(), teacher, outdir, result_dir), nprocs=2, join=True)
+    r0 = torch.load(os.path.join(result_dir, "rank0.pt"), weights_only=True)
+    r1 = torch.load(os.path.join(result_dir, "rank1.pt"), weights_only=True)
+    assert _equal_states(r0["net"], r1["net"]) and _equal_states(r0["ema"], r1["ema"])
+    teacher_ema = load_checkpoint(teacher)["ema"]
+    assert not _equal_states(r0["net"], teacher_ema)  # it did train
+    ckpt = load_checkpoint(os.path.join(outdir, "ckpt.pt"))
+    assert ckpt["training_state"]["world_size"] == 2 and ckpt["network"]["consistency"]["method"] == "ect"
+    assert _equal_states(ckpt["ema"], r0["ema"])

@@ -9,8 +9,9 @@ What one step does (the semantics of the reference NVlabs/edm `training/training
    W)`` backward.
 2. lr = lr_max * min(cur_nimg / (lr_rampup_kimg * 1000), 1) (so the very first step has lr 0,
    as in the reference), NaN gradients -> 0 and +-inf -> +-1e5, then ``Adam(betas=(0.9, 0.999),
-   eps=1e-8)`` steps (``RAdam`` with the same settings for ``optimizer="radam"``, ECT's choice). No weight decay, no clipping, and the static loss scale is not divided out
-   (Adam is invariant to it up to eps, exactly as the reference).
+   eps=1e-8)`` steps (``RAdam`` with the same settings for ``optimizer="radam"``, ECT's choice).
+   No weight decay, no clipping, and the static loss scale is not divided out (Adam is invariant
+   to it up to eps, exactly as the reference).
 3. EMA of the *parameters* (buffers are constant): half-life h = min(ema_halflife_kimg * 1000,
    cur_nimg * ema_rampup_ratio) images, beta = 0.5 ** (batch / max(h, 1e-8)),
    ema <- beta * ema + (1 - beta) * net; then cur_nimg += batch.
