@@ -51,7 +51,7 @@ PLOT = os.path.join(REPO, "docs", "consistency-fd-vs-nfe.png")
 BEGIN, END = "<!-- benchmarks.consistency:begin -->", "<!-- benchmarks.consistency:end -->"
 SIGMA_MAX = 80.0  # ECT's t_max, EDM's sigma_max
 ECT_MID = 0.821  # ECT's 2-step mid point on CIFAR-10 (ct_train.py --mid_t)
-MID_GRID = (0.1, 0.2, 0.3, 0.5, ECT_MID, 1.2, 2.0, 4.0)
+MID_GRID = (0.2, 0.5, ECT_MID, 1.2, 2.0, 4.0, 6.0, 10.0)
 SELECT_SEEDS = range(100_000, 100_500)
 TEACHER_RUNS = [("heun", 35), ("ipndm", 5), ("ipndm", 4), ("ipndm", 3), ("euler", 3), ("euler", 2), ("euler", 1)]
 ECT_FLAGS = ("duration_kimg", "batch", "lr", "dropout", "ema_halflife_kimg", "ect_q", "ect_stage_kimg", "ect_c",
@@ -113,7 +113,7 @@ def step_cost_ratio(teacher: str, tuned_options: dict, repeats: int = 3, steps: 
         times["ect"].append(measure(ect, repeats=1, warmup=0)["median_s"] / steps)
     edm_s, ect_s = float(np.median(times["edm"])), float(np.median(times["ect"]))
     return {"edm_step_s": edm_s, "ect_step_s": ect_s, "ratio": ect_s / edm_s, "batch": batch,
-            "spread": max(np.ptp(times["edm"]) / edm_s, np.ptp(times["ect"]) / ect_s)}
+            "spread": float(max(np.ptp(times["edm"]) / edm_s, np.ptp(times["ect"]) / ect_s))}
 
 
 def sample_images(den, plan, seeds, batch: int) -> tuple[np.ndarray, np.ndarray]:
