@@ -1,8 +1,9 @@
 """`python -m benchmarks` (`make bench`): every CPU benchmark in sequence (`--quick` for a short pass).
 
 The GPU benchmark is separate (`benchmarks/gpu.sh`) because it needs a CUDA machine. The digits
-benchmarks (precision, solvers, guidance) reuse the demo's trained model when `make demo` has
-run, and train one otherwise (~2.5 min on an idle 2-core CPU).
+benchmarks (precision, solvers, guidance, consistency) reuse the demo's trained model when `make
+demo` has run, and train one otherwise (~2.5 min on an idle 2-core CPU); the consistency
+benchmark tunes it (its run is kept in benchmarks/results/consistency-digits and resumes).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from benchmarks import (
     backends_cpu,
     batch_invariance,
+    consistency,
     guidance,
     precision,
     sample_scale,
@@ -39,6 +41,8 @@ def main() -> None:
     guidance.main(["--per-class", "20", "--no-write"] if quick else [])
     print("\n== serving: continuous batching against request-level and one-request scheduling ==")
     serving.main(["--quick"] if quick else [])
+    print("\n== consistency tuning (ECT) on the digits: NFE 1-3 against the teacher's solvers ==")
+    consistency.main(["--quick"] if quick else [])
 
 
 if __name__ == "__main__":

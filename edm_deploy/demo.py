@@ -55,6 +55,31 @@ def train_step(outdir: str, duration_kimg: Optional[float], seed: int, echo: Cal
     return ckpt
 
 
+def tune_step(teacher: str, run_dir: str, echo: Callable[[str], None], **overrides: Any) -> str:
+    """Consistency-tune (ECT, `--consistency --preset tiny`) the demo's model into `run_dir`; resumes a stopped run.
+
+    `overrides` are TrainingOptions fields over the tiny consistency preset. A finished run of the
+    same teacher is kept as it is.
+    """
+    from edm_deploy.training.checkpoint import load_checkpoint
+    from edm_deploy.training.options import consistency_options, resume_options
+    from edm_deploy.training.training_loop import training_loop
+
+    ckpt = os.path.join(run_dir, "ckpt.pt")
+    options = consistency_options(teacher, "tiny", outdir=run_dir, **overrides)
+    if os.path.exists(ckpt):
+        state = load_checkpoint(ckpt)["training_state"]
+        if state["options"].get("tune_from") == teacher and state["cur_nimg"] >= options.duration_kimg * 1000:
+            echo(f"consistency tuning: already done ({state['cur_nimg'] / 1000:.0f} kimg in {ckpt})")
+            return ckpt
+        options = resume_options(ckpt, duration_kimg=options.duration_kimg)
+        echo(f"consistency tuning: resuming {ckpt} at {state['cur_nimg'] / 1000:.1f} of {options.duration_kimg:.0f} kimg")
+    else:
+        echo(f"consistency tuning (ECT) of {teacher} for {options.duration_kimg:.0f} kimg into {run_dir}")
+    training_loop(options, echo=None, progress=True)
+    return ckpt
+
+
 PRECISIONS = ("fp32", "fp16", "int8")
 # The fast-sampling rows of the report: the best fast solver at NFE <= 6 on this model
 # (benchmarks/solvers.py), and autoguidance by the run's own early snapshot (benchmarks/guidance.py).

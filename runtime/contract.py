@@ -59,7 +59,9 @@ class DenoiserBase:
     # The label dropout the model was trained with, when known: classifier-free guidance needs
     # it > 0 (the unconditional branch is untrained otherwise); None = unknown.
     label_dropout: Optional[float] = None
-    # Consistency-tuned (ECT): one evaluation maps noise to data; sample it with the consistency solver.
+    # True for a consistency-tuned model (its manifest's `consistency` record, e.g. ECT): one
+    # evaluation maps a noisy image to a clean one, so it wants the consistency sampler and an
+    # ODE solver gives poor images; False for a plain denoiser (and when unknown).
     consistency_tuned: bool = False
 
     @property

@@ -4,8 +4,9 @@ Every exported artifact carries one: ONNX files in `metadata_props` (key ``edm_d
 the onnxruntime backend), TensorRT engines in a ``*.plan.json`` sidecar, checkpoints implicitly
 through their network description. It records the data shape, the supported sigma range, the
 preconditioner and its sigma rounding rule (iDDPM carries its discrete table), the precision,
-batch limits, producer versions and the source checkpoint's hash. Unbounded sigma limits are
-written as null (JSON has no infinity).
+batch limits, producer versions and the source checkpoint's hash; a consistency-tuned model also
+its ``consistency`` record (`consistency_record`). Unbounded sigma limits are written as null
+(JSON has no infinity).
 
 This module also names the facts every artifact shares: the tensor names of the denoiser graph
 and the preconditioner kinds.
@@ -59,6 +60,26 @@ INT_FIELDS = {"img_resolution": (1, MAX_RESOLUTION), "img_channels": (1, 64), "l
 SECTIONS = ("network", "io", "tensorrt", "quantization", "source", "producer")
 
 
+# A consistency-tuned model (training/consistency.py) records how it was made: {"method": "ect",
+# "from_checkpoint": name, "from_sha256": the teacher checkpoint's sha256, "from_kimg": ...}. The
+# runtime reads it (`DenoiserBackend.consistency_tuned`): such a model maps a noisy image to a
+# clean one in one evaluation and is sampled by the consistency sampler, not by an ODE solver.
+CONSISTENCY_KEY = "consistency"
+CONSISTENCY_METHODS = ("ect",)
+
+
+def consistency_record(entry: Any, source: str = "manifest") -> Optional[dict[str, Any]]:
+    """None for a plain denoiser, else the checked consistency record (method, teacher hash)."""
+    if entry is None:
+        return None
+    sha = entry.get("from_sha256") if isinstance(entry, dict) else None
+    if (not isinstance(entry, dict) or entry.get("method") not in CONSISTENCY_METHODS or not isinstance(sha, str)
+            or len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha)):
+        raise InputError(f"{source}: the {CONSISTENCY_KEY} entry must name a method ({', '.join(CONSISTENCY_METHODS)}) "
+                         f"and the 64-digit sha256 of the checkpoint it was tuned from, got {entry!r:.120}")
+    return entry
+
+
 def encode_limit(value: float) -> Optional[float]:
     """float('inf') -> None so the manifest stays valid JSON."""
     return None if value is None or math.isinf(value) else float(value)
@@ -102,6 +123,7 @@ def validate(manifest: dict[str, Any], source: str = "manifest") -> dict[str, An
     dropout = (kwargs or {}).get("label_dropout")
     if dropout is not None and not (_is_number(dropout) and 0 <= dropout <= 1):
         raise InputError(f"{source}: manifest label_dropout must be a number in [0, 1], got {dropout!r}")
+    consistency_record(manifest.get(CONSISTENCY_KEY), source)
     return manifest
 
 

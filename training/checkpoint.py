@@ -5,6 +5,7 @@ A checkpoint never pickles classes. It is a dict::
     {
       "format": "edm-deploy-checkpoint", "version": 1,
       "network": {"class_name": "EDMPrecond", "init_kwargs": {...}},   # reference constructor kwargs
+                                                # (+ "consistency": {...} when consistency-tuned)
       "ema": {state-dict name -> tensor},       # names follow the reference ("model.enc.32x32_conv.weight")
       "training_state": None | {...},           # only in resume points, see TRAINING_STATE_KEYS
       "meta": {"producer": ..., "created": ..., ...},
@@ -13,7 +14,9 @@ A checkpoint never pickles classes. It is a dict::
 `network.init_kwargs` are exactly the keyword arguments of the reference preconditioner
 constructors (img_resolution, img_channels, label_dim, use_fp16, model_type and the inner
 network's kwargs), which is also what an official pickle stores in `_init_kwargs`, so a converted
-official model and a model trained here look the same.
+official model and a model trained here look the same. A consistency-tuned network's description
+also holds its ``consistency`` record (`training.consistency`): how it was tuned and the sha256
+of the checkpoint it was tuned from; `network_manifest` carries it into every manifest.
 
 A resume point's `training_state` holds the raw network and optimizer state dicts (``net``,
 ``optimizer``), the counters ``cur_nimg`` and ``cur_tick``, one RNG state and one data-sampler
@@ -37,7 +40,7 @@ from typing import Any, Optional
 from edm_deploy.runtime.backends.torch_backend import describe_denoiser
 from edm_deploy.runtime.errors import InputError, first_line
 from edm_deploy.runtime.fileio import atomic_write_bytes, sha256_file
-from edm_deploy.runtime.manifest import PRECOND_KINDS
+from edm_deploy.runtime.manifest import CONSISTENCY_KEY, PRECOND_KINDS, consistency_record
 from edm_deploy.runtime.optional import require
 from edm_deploy.runtime.version import __version__
 from edm_deploy.training.presets import ARCHITECTURE_NAMES
@@ -69,6 +72,7 @@ def check_network_description(network: Any, source: str = "checkpoint") -> dict:
     for key in ("img_resolution", "img_channels"):
         if key not in kwargs:
             raise InputError(f"{source}: network description lacks {key}")
+    consistency_record(network.get(CONSISTENCY_KEY), source)
     return network
 
 
@@ -280,7 +284,9 @@ def network_manifest(net, network: dict, source_path: Optional[str] = None, prec
     """The runtime manifest of a preconditioned network (schema in `edm_deploy.runtime.manifest`)."""
     torch = _torch()
     manifest = describe_denoiser(net, precision=precision)
-    manifest["network"] = sanitize_for_json(network)
+    manifest["network"] = sanitize_for_json({k: v for k, v in network.items() if k != CONSISTENCY_KEY})
+    if network.get(CONSISTENCY_KEY) is not None:
+        manifest[CONSISTENCY_KEY] = sanitize_for_json(network[CONSISTENCY_KEY])
     manifest["producer"] = {"edm_deploy": __version__, "torch": torch.__version__.split("+")[0]}
     if source_path is not None:
         manifest["source"] = {"checkpoint": os.path.basename(source_path), "sha256": sha256_file(source_path)}

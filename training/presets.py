@@ -86,9 +86,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         data="digits", cond=True, arch="ddpmpp", precond="edm", cbase=32, cres=[1, 2],
         network_overrides=dict(num_blocks=1, attn_resolutions=[]),
         batch=128, lr=2e-3, lr_rampup_kimg=5, ema_halflife_kimg=10, ema_rampup_ratio=0.05,
-        dropout=0.0, augment=0.0, duration_kimg=150, kimg_per_tick=10, snapshot_kimg=50,
+        dropout=0.0, augment=0.0, duration_kimg=150, kimg_per_tick=10, snapshot_kimg=50, ckpt_seconds=30,
     ),
 }
+
+
+# Consistency tuning (`train --consistency --from CKPT`): ECT's published CIFAR-10 run (locuslab/ect
+# `run_ecm.sh`: batch 128, RAdam at lr 1e-4 without ramp-up, dropout 0.2, no augmentation,
+# 25.6 Mimg, ticks of 12.8 kimg, the gap halving (q = 2) every 250 ticks = 3200 kimg, EMA beta
+# 0.9999 per step), the base of every tuning. An EMA beta per step is a half-life here: 0.9999 at
+# batch 128 is 0.5 ** (128 / h) with h = 128 ln 2 / -ln 0.9999 = 887 kimg, without ramp-up (ECT
+# starts the EMA at the teacher's weights, like EDM's --transfer). The ect_* values are
+# TrainingOptions' defaults (ECT's ECMLoss defaults: P_mean -1.1, P_std 2.0, k 8, b 1, c 0).
+CONSISTENCY_DEFAULTS: dict[str, Any] = dict(
+    batch=128, optimizer="radam", lr=1e-4, lr_rampup_kimg=0, dropout=0.2, augment=0.0,
+    ema_halflife_kimg=887.0, ema_rampup_ratio=None, duration_kimg=25600, kimg_per_tick=12.8,
+    snapshot_kimg=6400, ckpt_kimg=640, ect_q=2.0, ect_stage_kimg=3200,
+)
+
+# Consistency presets, named after the training preset of the model they tune.
+CONSISTENCY_PRESETS: dict[str, dict[str, Any]] = {
+    "cifar10": {},  # CONSISTENCY_DEFAULTS are ECT's CIFAR-10 run
+    # The `tiny` digits model: measured in benchmarks/consistency.py (see its section of RESULTS.md).
+    "tiny": dict(
+        data="digits", batch=128, lr=2e-4, dropout=0.0, ema_halflife_kimg=10, duration_kimg=100,
+        kimg_per_tick=10, snapshot_kimg=50, ckpt_seconds=30, ect_q=2.0, ect_stage_kimg=25,
+    ),
+}
+
+
+def consistency_preset(name: str) -> dict[str, Any]:
+    """A deep copy of a consistency preset; an unknown name is an InputError listing the known ones."""
+    if name not in CONSISTENCY_PRESETS:
+        raise InputError(f"unknown consistency preset {name!r} (known: {', '.join(sorted(CONSISTENCY_PRESETS))})")
+    return copy.deepcopy(CONSISTENCY_PRESETS[name])
 
 
 def preset(name: str) -> dict[str, Any]:

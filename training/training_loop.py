@@ -5,11 +5,13 @@ What one step does (the semantics of the reference NVlabs/edm `training/training
 1. ``batch`` images are split over ``W`` ranks (``batch / W`` each) and, per rank, into rounds of
    ``batch_gpu``; gradients accumulate over rounds (DDP synchronises only on the last round).
    Each round: uint8 -> x/127.5 - 1, one-hot labels, ``loss_fn(net, images, labels,
-   augment_pipe)`` (per-element), ``loss.sum() * loss_scaling / (batch / W)`` backward.
+   augment_pipe)`` (per-element, or per image for ECT), ``loss.sum() * loss_scaling / (batch /
+   W)`` backward.
 2. lr = lr_max * min(cur_nimg / (lr_rampup_kimg * 1000), 1) (so the very first step has lr 0,
    as in the reference), NaN gradients -> 0 and +-inf -> +-1e5, then ``Adam(betas=(0.9, 0.999),
-   eps=1e-8)`` steps. No weight decay, no clipping, and the static loss scale is not divided out
-   (Adam is invariant to it up to eps, exactly as the reference).
+   eps=1e-8)`` steps (``RAdam`` with the same settings for ``optimizer="radam"``, ECT's choice).
+   No weight decay, no clipping, and the static loss scale is not divided out (Adam is invariant
+   to it up to eps, exactly as the reference).
 3. EMA of the *parameters* (buffers are constant): half-life h = min(ema_halflife_kimg * 1000,
    cur_nimg * ema_rampup_ratio) images, beta = 0.5 ** (batch / max(h, 1e-8)),
    ema <- beta * ema + (1 - beta) * net; then cur_nimg += batch.
@@ -19,7 +21,8 @@ Files (rank 0 only) in ``outdir``::
     training_options.json        the options of the run (written once, atomically)
     log.txt                      the human log (appended line by line across resumes)
     stats.jsonl                  one JSON object per tick (appended line by line)
-    ckpt.pt                      the latest *resume point*: EMA weights + training_state
+    ckpt.pt                      the latest *resume point*: EMA weights + training_state, written
+                                 every ckpt_kimg and at the first tick ckpt_seconds after the last
     network-snapshot-XXXXXX.pt   weights-only snapshots (EMA), XXXXXX = kimg; never overwritten
 
 While a run writes, it holds an OS lock on its folder (``.edm-deploy.lock`` inside it, taken by rank
@@ -44,7 +47,7 @@ deterministic) when the world size, the per-round batch ``batch_gpu`` and the de
 those of the interrupted run: the data order, noise, dropout and augmentation streams pick up
 exactly where they stopped. What a resume may change is `RESUME_MUTABLE` (where files go, how
 long to run, reporting intervals, ``batch_gpu``, device and threads); every other option must
-equal the checkpoint's (`check_resume_options`, used by the CLI and by the API alike; build the
+equal the checkpoint's (`training.options.check_resume_options`, used by the CLI and by the API alike; build the
 options with `resume_options`). Changing ``batch_gpu`` keeps the mathematics (the gradient of a
 step is the same sum over the same images) but draws sigma and noise in per-round chunks of a
 different size, so the noise each image gets - and hence the run - is no longer bit-identical
@@ -58,6 +61,13 @@ point, device, run folder - read-only, on every rank, which agree on the verdict
 `_train_steps`, which repeats `_one_step` and, every tick, `_tick` (log, stats, the divergence
 check) and `_save` (snapshots and resume points).
 
+The loss is the pluggable part: `make_loss` gives the EDM paper's loss of a --precond, and with
+``consistency`` the run is a consistency tuning (ECT, `training/consistency_loss.py`): `_check_run`
+checks the checkpoint ``tune_from`` (`training/consistency.py`), `_set_up_data` takes its network
+description (plus the run's dropout and the consistency record), `_build_network` starts the
+network and its EMA at its EMA weights, and `make_consistency_loss` reads the stage from the
+run's image count. Everything else - EMA, resume, DDP, the files and locks - is the same loop.
+
 Data order: each epoch is a fresh permutation drawn from ``RandomState([seed, epoch])`` and
 dealt round-robin to the ranks (the reference uses a windowed shuffle instead; either is an
 unbiased infinite sampler). Seeds: NumPy is seeded with (seed * W + rank) mod 2^31 and torch
@@ -68,10 +78,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import math
-import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -81,117 +89,40 @@ import numpy as np
 import torch
 
 from edm_deploy.runtime.errors import InputError, NumericalError
-from edm_deploy.runtime.fileio import atomic_write_bytes, exclusive_output, refuse_overwriting_inputs
+from edm_deploy.runtime.fileio import (
+    atomic_write_bytes,
+    exclusive_output,
+    refuse_overwriting_inputs,
+    sha256_file,
+)
 from edm_deploy.training import distributed as dist_utils
 from edm_deploy.training import presets as presets_mod
 from edm_deploy.training.augment import TRAIN_PY_CONFIG, AugmentPipe
 from edm_deploy.training.checkpoint import build_network, load_checkpoint, load_weights, save_checkpoint
+from edm_deploy.training.consistency import check_tuning_fits, load_teacher, tuned_network
+from edm_deploy.training.consistency_loss import ECTLoss, ect_stage
 from edm_deploy.training.dataset import Dataset, open_dataset
+from edm_deploy.training.options import (
+    RESUME_FILE,
+    RESUME_MUTABLE,
+    TrainingOptions,
+    _option_error,
+    _stored_options,
+    check_device,
+    check_options,
+    check_resume_options,
+    cpu_count,
+    options_from_preset,
+    resume_options,
+)
 
-RESUME_FILE = "ckpt.pt"
-
-
-@dataclass
-class TrainingOptions:
-    """Everything that defines a run. Durations, half-lives and ramp-ups are in kimg."""
-
-    data: str = "digits"                     # source spec: digits | folder | dataset .zip
-    outdir: Optional[str] = None             # None: train in memory, write nothing
-    cond: bool = False                       # class-conditional (needs labels)
-    arch: str = "ddpmpp"                     # ddpmpp | ncsnpp | adm
-    precond: str = "edm"                     # edm | vp | ve | iddpm
-    batch: int = 512                         # global batch size (all ranks together)
-    batch_gpu: Optional[int] = None          # per-rank batch per round (gradient accumulation)
-    duration_kimg: float = 200000            # stop after this many thousand images
-    lr: float = 1e-3
-    lr_rampup_kimg: float = 10000
-    ema_halflife_kimg: float = 500
-    ema_rampup_ratio: Optional[float] = 0.05  # None: no EMA ramp-up (reference --transfer)
-    dropout: float = 0.13
-    cond_drop: float = 0.0                   # label dropout: the network's label_dropout (classifier-free guidance)
-    augment: float = 0.12                    # AugmentPipe p; 0 disables the pipe (augment_dim 0)
-    xflip: bool = False                      # dataset x-flips (doubles the dataset)
-    fp16: bool = False                       # use_fp16 (takes effect on CUDA)
-    loss_scaling: float = 1
-    cbase: Optional[int] = None              # model_channels override
-    cres: Optional[list] = None              # channel_mult override
-    network_overrides: dict = field(default_factory=dict)  # any further inner-network kwargs
-    seed: int = 0
-    kimg_per_tick: float = 50
-    snapshot_kimg: float = 2500              # weights-only snapshot + resume point every this many kimg
-    ckpt_kimg: Optional[float] = None        # resume point interval (default: snapshot_kimg)
-    resume: Optional[str] = None             # path of a ckpt.pt to continue
-    device: str = "auto"                     # auto | cpu | cuda
-    deterministic: bool = True               # torch.use_deterministic_algorithms (warn-only)
-    threads: Optional[int] = None            # CPU threads for torch (None: torch's default)
-    max_images: Optional[int] = None         # use only the first N dataset images
-    preset: Optional[str] = None             # the preset the options were built from (record)
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainingOptions:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
-# What a resumed run may change: where it writes, how long it runs, how it reports, how each
-# process splits its share of the batch into rounds, and where it runs. Everything else shapes
-# the training trajectory and must equal the checkpoint's options.
-RESUME_MUTABLE = frozenset({
-    "outdir", "resume", "duration_kimg", "kimg_per_tick", "snapshot_kimg", "ckpt_kimg", "batch_gpu",
-    "device", "threads", "preset",
-})
-
-def _stored_options(ckpt: dict, path: str) -> dict:
-    state = ckpt.get("training_state")
-    if state is None:
-        raise InputError(f"{path} holds weights only (a snapshot); resume from a run's {RESUME_FILE}")
-    defaults = TrainingOptions().to_dict()
-    stored = dict(defaults)
-    stored.update({k: v for k, v in state["options"].items() if k in defaults})
-    return stored
-
-
-def resume_options(path: str, **changes: Any) -> TrainingOptions:
-    """The options stored in the resume point `path`, with `changes` applied (None values ignored).
-
-    This is how to continue a run through the API: ``training_loop(resume_options(ckpt,
-    duration_kimg=...))``. Only the fields in `RESUME_MUTABLE` may differ from the stored ones;
-    anything else is refused here (and again by `training_loop`) with one InputError.
-    """
-    ckpt = load_checkpoint(path)
-    values = _stored_options(ckpt, path)
-    values.update({k: v for k, v in changes.items() if v is not None})
-    values["resume"] = path
-    options = TrainingOptions.from_dict(values)
-    check_resume_options(options, ckpt, path)
-    return options
-
-
-def check_resume_options(options: TrainingOptions, ckpt: dict, path: str) -> None:
-    """Refuse a resume whose options differ from the checkpoint's outside `RESUME_MUTABLE`."""
-    stored = _stored_options(ckpt, path)
-    given = options.to_dict()
-    changed = [k for k in given if k not in RESUME_MUTABLE and given[k] != stored.get(k)]
-    if changed:
-        detail = ", ".join(f"{k}: {stored.get(k)!r} in the run, {given[k]!r} now" for k in changed)
-        raise InputError(
-            f"resume continues the stored run, so these options cannot change: {detail} "
-            f"(changeable: {', '.join(sorted(RESUME_MUTABLE - {'resume', 'preset'}))})",
-            param=["resume", *changed],
-        )
-
-
-def options_from_preset(name: Optional[str], **overrides: Any) -> TrainingOptions:
-    """Options = defaults <- preset <- explicit overrides (None values are ignored)."""
-    values: dict[str, Any] = {}
-    if name is not None:
-        values.update(presets_mod.preset(name))
-        values["preset"] = name
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainingOptions.from_dict(values)
+# The options' names stay importable from here, where the loop's callers have always found them.
+__all__ = [
+    "RESUME_FILE", "RESUME_MUTABLE", "TrainingOptions", "TrainingResult", "check_device", "check_options",
+    "check_resume_options", "cpu_count", "options_from_preset", "resume_options", "training_loop",
+    "make_loss", "network_description", "learning_rate", "ema_beta", "update_ema", "sanitize_gradients",
+    "RankSampler", "prepare_outdir", "check_run_files",
+]
 
 
 @dataclass
@@ -298,102 +229,24 @@ def network_description(options: TrainingOptions, img_resolution: int, img_chann
 
 
 def make_loss(precond: str):
+    """The EDM paper's loss of a --precond (`training.loss`)."""
     from edm_deploy.training import loss as loss_mod
 
     _, loss_cls = presets_mod.precond_classes(precond)
     return getattr(loss_mod, loss_cls)()
 
 
-def _option_error(field_name: str, message: str) -> InputError:
-    """An InputError about one option; it names the field, and the CLI renames it to its flag."""
-    exc = InputError(message)
-    exc.param = field_name
-    return exc
+def make_consistency_loss(options: TrainingOptions, images_seen: Callable[[], int]):
+    """ECT's objective with the run's settings; `images_seen` gives the loop's image count (its stage)."""
+    return ECTLoss(P_mean=options.ect_p_mean, P_std=options.ect_p_std, q=options.ect_q, k=options.ect_k,
+                   b=options.ect_b, c=options.ect_c, stage_kimg=options.ect_stage_kimg, images_seen=images_seen)
 
 
-# Every number an option may hold: field -> (rule, what the rule says). Each must also be finite:
-# an infinite duration never ends, a NaN compares False with everything and slips through bounds.
-_NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "duration_kimg": (lambda v: v > 0, "a positive number of kimg"),
-    "lr": (lambda v: v > 0, "a positive number"),
-    "lr_rampup_kimg": (lambda v: v >= 0, "a non-negative number of kimg"),
-    "ema_halflife_kimg": (lambda v: v >= 0, "a non-negative number of kimg"),
-    "ema_rampup_ratio": (lambda v: v >= 0, "a non-negative number (or None: no ramp-up)"),
-    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "cond_drop": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "augment": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-    "loss_scaling": (lambda v: v > 0, "a positive number"),
-    "kimg_per_tick": (lambda v: v > 0, "a positive number of kimg"),
-    "snapshot_kimg": (lambda v: v > 0, "a positive number of kimg"),
-    "ckpt_kimg": (lambda v: v > 0, "a positive number of kimg (or None: every snapshot_kimg)"),
-}
-_OPTIONAL_NUMBERS = {"ema_rampup_ratio", "ckpt_kimg"}
-# Integer fields -> smallest value (None: any integer).
-_INTEGER_RULES = {"batch": 1, "batch_gpu": 1, "seed": None, "cbase": 1, "max_images": 1, "threads": 1}
-_OPTIONAL_INTEGERS = {"batch_gpu", "cbase", "max_images", "threads"}
+def make_optimizer(options: TrainingOptions, params) -> torch.optim.Optimizer:
+    """Adam (EDM) or RAdam (ECT's tuning), betas (0.9, 0.999), eps 1e-8, no weight decay."""
+    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[options.optimizer]
+    return cls(params, lr=options.lr, betas=(0.9, 0.999), eps=1e-8)
 
-
-def cpu_count() -> int:
-    """The CPUs this process may run on (its affinity where the OS tells, else all of them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def check_options(o: TrainingOptions, world_size: int = 1) -> None:
-    """Every option problem as one InputError naming the field, before anything is built or written."""
-    for name, (rule, what) in _NUMBER_RULES.items():
-        value = getattr(o, name)
-        if value is None and name in _OPTIONAL_NUMBERS:
-            continue
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise _option_error(name, f"{name} must be {what}, got {value!r}")
-        if not math.isfinite(value):
-            raise _option_error(name, f"{name} must be a finite number ({what}), got {value!r}")
-        if not rule(value):
-            raise _option_error(name, f"{name} must be {what}, got {value!r}")
-    for name, low in _INTEGER_RULES.items():
-        value = getattr(o, name)
-        if value is None and name in _OPTIONAL_INTEGERS:
-            continue
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (low is not None and value < low):
-            raise _option_error(name, f"{name} must be an integer{f' >= {low}' if low is not None else ''}, "
-                                      f"got {value!r}")
-    presets_mod.arch_kwargs(o.arch)
-    presets_mod.precond_classes(o.precond)
-    if o.cond_drop > 0 and not o.cond:
-        raise _option_error("cond_drop", "cond_drop (label dropout) needs class-conditional training (cond)")
-    if o.batch % world_size:
-        raise _option_error("batch", f"batch {o.batch} is not divisible by the {world_size} training processes")
-    per_rank = o.batch // world_size
-    if o.batch_gpu is not None and per_rank % o.batch_gpu:
-        raise _option_error("batch_gpu", f"batch_gpu {o.batch_gpu} must divide the per-process batch {per_rank}")
-    if o.threads is not None and o.threads > cpu_count():
-        raise _option_error("threads", f"threads must be at most {cpu_count()} (the CPUs this process may use), "
-                                       f"got {o.threads}")
-    if o.cres is not None and (not isinstance(o.cres, (list, tuple)) or not o.cres
-                               or any(not isinstance(c, numbers.Integral) or c < 1 for c in o.cres)):
-        raise _option_error("cres", f"cres must be a list of positive integers, got {o.cres!r}")
-    if not isinstance(o.device, str) or not (o.device in ("auto", "cpu", "cuda") or o.device.startswith("cuda:")):
-        raise _option_error("device", f"unknown device {o.device!r} (auto, cpu, cuda or cuda:N)")
-    if o.device.startswith("cuda:"):
-        index = o.device.split(":", 1)[1]
-        if not index.isdigit():
-            raise _option_error("device", f"device {o.device}: the GPU index must be a non-negative integer")
-        if world_size > 1:
-            raise _option_error(
-                "device",
-                f"device {o.device} names one GPU, but {world_size} processes were started; use cuda (each "
-                f"process then takes the GPU of its LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)")
-
-
-def check_device(o: TrainingOptions, device: torch.device) -> None:
-    """Options that depend on where the run computes: fp16 is real only on CUDA."""
-    if o.fp16 and device.type != "cuda":
-        raise _option_error(
-            "fp16", f"fp16 needs a CUDA device: on {device.type} the network would compute in fp32 while its "
-                    f"checkpoints record use_fp16 (train in fp32 there, or on a GPU)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,7 +380,8 @@ def check_run_files(options: TrainingOptions) -> None:
     outputs = {f"outdir file {name}": os.path.join(options.outdir, name) for name in RUN_FILES}
     if options.resume is not None and os.path.abspath(options.resume) == os.path.abspath(outputs[f"outdir file {RESUME_FILE}"]):
         del outputs[f"outdir file {RESUME_FILE}"]
-    inputs = {"resume": options.resume, "data": options.data if os.path.exists(str(options.data)) else None}
+    inputs = {"resume": options.resume, "tune_from": options.tune_from,
+              "data": options.data if os.path.exists(str(options.data)) else None}
     refuse_overwriting_inputs(inputs, outputs)
 
 
@@ -591,6 +445,8 @@ class _Run:
     ctx: dist_utils.DistContext
     device: torch.device
     ckpt: Optional[dict]
+    teacher: Optional[dict] = None  # the checkpoint a consistency tuning starts from (until its weights are loaded)
+    teacher_sha256: Optional[str] = None
     files: _RunFiles = None  # type: ignore[assignment]
     dataset: Dataset = None  # type: ignore[assignment]
     label_dim: int = 0
@@ -639,11 +495,16 @@ def _train(options: TrainingOptions, ctx: dist_utils.DistContext, echo, progress
 
 def _check_run(options: TrainingOptions, ctx: dist_utils.DistContext) -> _Run:
     """Stage 1, every rank (read-only): the options, the resume point, the device, the run folder."""
-    ckpt = None
+    ckpt = teacher = teacher_sha256 = None
     if options.resume is not None:
         ckpt = load_checkpoint(options.resume)
         check_resume_options(options, ckpt, options.resume)
     check_options(options, ctx.world_size)
+    if ckpt is not None:
+        _check_left_to_train(options, ckpt)
+    elif options.consistency:
+        teacher = load_teacher(options.tune_from)  # a resumed tuning has its network in its resume point
+        teacher_sha256 = sha256_file(options.tune_from)
     device = _resolve_device(options.device, ctx)
     check_device(options, device)
     if options.outdir is not None:
@@ -651,7 +512,25 @@ def _check_run(options: TrainingOptions, ctx: dist_utils.DistContext) -> _Run:
         check_run_files(options)
     if options.threads is not None:
         torch.set_num_threads(int(options.threads))
-    return _Run(options=options, ctx=ctx, device=device, ckpt=ckpt)
+    return _Run(options=options, ctx=ctx, device=device, ckpt=ckpt, teacher=teacher, teacher_sha256=teacher_sha256)
+
+
+def _check_left_to_train(options: TrainingOptions, ckpt: dict) -> None:
+    """A resume into another folder must have something to train: else it would write nothing there.
+
+    Resuming into the run's own folder with the duration already reached is a no-op (the folder
+    holds the finished run); into a new folder it is refused, since the user asked for a run there.
+    """
+    done_nimg = int(ckpt["training_state"]["cur_nimg"])
+    if done_nimg < int(round(options.duration_kimg * 1000)) or options.outdir is None:
+        return
+    if os.path.abspath(os.path.dirname(options.resume)) == os.path.abspath(options.outdir):
+        return
+    raise _option_error(
+        "duration_kimg",
+        f"{options.resume} is already at {done_nimg / 1000:g} kimg, which reaches duration_kimg "
+        f"{options.duration_kimg:g}: resuming into {options.outdir} would train nothing and write nothing there; "
+        f"to continue the run in {options.outdir}, make it longer than {done_nimg / 1000:g} kimg")
 
 
 def _set_up_data(run: _Run) -> None:
@@ -666,16 +545,23 @@ def _set_up_data(run: _Run) -> None:
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     _seed_everything(options.seed, run.ctx.rank, run.ctx.world_size)
 
+    if run.teacher is not None:
+        check_tuning_fits(run.teacher["network"], options.tune_from, options.cond, options.augment)
     run.dataset = _load_data(options)
     run.label_dim = run.dataset.label_dim if options.cond else 0
-    if run.ckpt is not None:
-        run.network = run.ckpt["network"]
+    if run.ckpt is not None or run.teacher is not None:
+        source = options.resume if run.ckpt is not None else options.tune_from
+        if run.ckpt is not None:
+            run.network = run.ckpt["network"]
+        else:
+            run.network = tuned_network(run.teacher, options.tune_from, run.teacher_sha256, options.dropout,
+                                        options.fp16)
         kw = run.network["init_kwargs"]
         got = (int(kw["img_resolution"]), int(kw["img_channels"]), int(kw.get("label_dim", 0)))
         want = (run.dataset.resolution, run.dataset.num_channels, run.label_dim)
         if got != want:
             raise InputError(
-                f"{options.resume} was trained on {got[1]}x{got[0]}x{got[0]} images with label_dim {got[2]}, "
+                f"{source} was trained on {got[1]}x{got[0]}x{got[0]} images with label_dim {got[2]}, "
                 f"but {options.data} gives {want[1]}x{want[0]}x{want[0]} with label_dim {want[2]}"
             )
     else:
@@ -711,10 +597,17 @@ def _build_network(run: _Run) -> None:
     """Stage 4: network, EMA, optimizer, loss and augmentation (the network draws from the seeded RNG)."""
     options = run.options
     run.net = build_network(run.network, options.resume or "options").train().requires_grad_(True).to(run.device)
+    if run.teacher is not None:
+        # ECT starts the network and its EMA at the teacher's EMA weights.
+        load_weights(run.net, run.teacher["ema"], options.tune_from, "the weights to tune")
+        run.teacher = None  # held only until here
     dist_utils.broadcast_module(run.ctx, run.net)
     run.ema = copy.deepcopy(run.net).eval().requires_grad_(False)
-    run.optimizer = torch.optim.Adam(run.net.parameters(), lr=options.lr, betas=(0.9, 0.999), eps=1e-8)
-    run.loss_fn = make_loss(options.precond)
+    run.optimizer = make_optimizer(options, run.net.parameters())
+    if options.consistency:
+        run.loss_fn = make_consistency_loss(options, lambda: run.cur_nimg)
+    else:
+        run.loss_fn = make_loss(options.precond)
     run.augment_pipe = AugmentPipe(p=options.augment, **TRAIN_PY_CONFIG) if options.augment > 0 else None
     run.ddp = run.net
 
@@ -771,8 +664,9 @@ def _start_records(run: _Run) -> None:
                       "augment": run.augment_pipe.init_kwargs if run.augment_pipe else None}
             atomic_write_bytes(opts_path, (json.dumps(record, indent=2, default=str) + "\n").encode(), durable=True)
     n_params = sum(p.numel() for p in run.net.parameters())
+    what = f"consistency tuning (ECT) of {options.tune_from}" if options.consistency else "training"
     files.log(
-        f"{'resuming at ' + format(run.cur_nimg / 1000, '.1f') + ' kimg' if run.ckpt else 'training'}: "
+        f"{'resuming at ' + format(run.cur_nimg / 1000, '.1f') + ' kimg' if run.ckpt else what}: "
         f"{run.dataset.describe()}; {run.network['class_name']}/{run.network['init_kwargs'].get('model_type')} "
         f"{n_params:,} parameters; batch {options.batch} ({ctx.world_size} x {run.rounds} x {run.batch_gpu}); "
         f"device {run.device}; {options.duration_kimg:g} kimg"
@@ -787,7 +681,7 @@ def _train_steps(run: _Run, progress: bool) -> None:
     snap_nimg = max(int(round(options.snapshot_kimg * 1000)), 1)
     ckpt_nimg = max(int(round((options.ckpt_kimg or options.snapshot_kimg) * 1000)), 1)
     run.tick_start_nimg, run.tick_start_time = run.cur_nimg, time.time()
-    last = {"snap": run.cur_nimg // snap_nimg, "ckpt": run.cur_nimg // ckpt_nimg}
+    last = {"snap": run.cur_nimg // snap_nimg, "ckpt": run.cur_nimg // ckpt_nimg, "ckpt_time": time.time()}
     bar = _progress_bar(run, total_nimg) if progress and run.ctx.is_main else None
     done = run.cur_nimg >= total_nimg
     try:
@@ -800,9 +694,12 @@ def _train_steps(run: _Run, progress: bool) -> None:
                 continue
             mean_loss = _tick(run, bar)
             snap_due = done or run.cur_nimg // snap_nimg > last["snap"]
-            ckpt_due = done or snap_due or run.cur_nimg // ckpt_nimg > last["ckpt"]
+            ckpt_due = (done or snap_due or run.cur_nimg // ckpt_nimg > last["ckpt"]
+                        or _seconds_due(run, time.time() - last["ckpt_time"]))
             _save(run, mean_loss, snap_due, ckpt_due)
             last["snap"], last["ckpt"] = run.cur_nimg // snap_nimg, run.cur_nimg // ckpt_nimg
+            if ckpt_due:
+                last["ckpt_time"] = time.time()
             dist_utils.barrier(run.ctx)
             run.cur_tick += 1
             run.tick_start_nimg, run.tick_start_time = run.cur_nimg, time.time()
@@ -812,11 +709,24 @@ def _train_steps(run: _Run, progress: bool) -> None:
             bar.close()
 
 
+def _seconds_due(run: _Run, elapsed: float) -> bool:
+    """Whether ckpt_seconds have passed since the last resume point, by rank 0's clock (all ranks agree).
+
+    Writing a resume point reads the random streams but draws nothing, so when it happens does
+    not change the run: a run resumed from any of them equals the uninterrupted one.
+    """
+    if not run.options.ckpt_seconds:
+        return False
+    (elapsed,) = dist_utils.all_reduce_sum(run.ctx, [elapsed if run.ctx.is_main else 0.0], run.device)
+    return elapsed >= run.options.ckpt_seconds
+
+
 def _progress_bar(run: _Run, total_nimg: int):
     from tqdm import tqdm
 
     bar = tqdm(total=round(total_nimg / 1000, 3), initial=round(min(run.cur_nimg, total_nimg) / 1000, 3),
-               unit="kimg", desc="train", dynamic_ncols=True, leave=False, disable=None)
+               unit="kimg", desc="tune" if run.options.consistency else "train", dynamic_ncols=True, leave=False,
+               disable=None)
     if run.files.echo is not None and not bar.disable:
         run.files.echo = tqdm.write
     return bar
@@ -859,11 +769,14 @@ def _tick(run: _Run, bar) -> float:
         "img_per_sec": round((run.cur_nimg - run.tick_start_nimg) / max(tick_time, 1e-9), 2),
         "total_sec": round(run.total_time, 2), "timestamp": round(now, 3),
     }
+    if run.options.consistency:  # the ECT stage the tick ended in (the gap t - r is q^-(stage+1) t adj(t))
+        entry["ect_stage"] = ect_stage(run.cur_nimg, run.options.ect_stage_kimg)
     run.stats.append(entry)
     run.files.stats(entry)
     run.files.log(
         f"tick {run.cur_tick:<5d} kimg {run.cur_nimg / 1000:<9.2f} loss {mean_loss:<8.4f} lr {run.lr_now:<9.3g} "
         f"sec/kimg {entry['sec_per_kimg']:<7.2f} time {_fmt_time(run.total_time)}"
+        + (f" ect stage {entry['ect_stage']}" if "ect_stage" in entry else "")
     )
     if bar is not None:
         bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)

@@ -28,6 +28,13 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
     if manifest["label_dim"]:
         lines.append(f"guidance    : classifier-free possible (trained with label dropout {dropout:g})" if dropout
                      else "guidance    : autoguidance only (trained without label dropout; --cond-drop enables CFG)")
+    tuned = manifest.get("consistency")
+    if tuned:
+        kimg = tuned.get("from_kimg")
+        lines.append(f"consistency : {tuned['method']}-tuned from {tuned.get('from_checkpoint', '?')}"
+                     + (f" ({kimg:g} kimg)" if isinstance(kimg, (int, float)) else "")
+                     + f", sha256 {tuned['from_sha256'][:16]}...; sample it in 1-2 steps with the consistency "
+                       f"sampler (ODE solvers give poor images)")
     quant = manifest.get("quantization")
     if quant:
         cal = quant.get("calibration", {})

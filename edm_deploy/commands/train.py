@@ -23,12 +23,28 @@ line (a crash can cut the last line short); on ``--resume`` the ``stats.jsonl`` 
 resume point are dropped so that redone ticks are not listed twice, while ``log.txt`` keeps
 everything. Starting a new run in a folder that already holds ``ckpt.pt`` is refused; continue
 it with ``--resume DIR/ckpt.pt``: the stored options are reused, and only --outdir, --duration,
---tick, --snap-kimg, --batch-gpu, --device and --threads may be given anew (the training loop
+--tick, --snap-kimg, --ckpt-seconds, --batch-gpu, --device and --threads may be given anew (the training loop
 checks this, for the CLI and the Python API alike). A resumed run is bit-identical to an
 uninterrupted one unless --batch-gpu, the device type or the number of processes changes (see
 `edm_deploy.training.training_loop`). Multi-GPU / multi-process: launch with
 ``torchrun --nproc_per_node=N -m edm_deploy.cli train ...``; with ``--device auto`` or ``cuda``
 each process uses the GPU of its LOCAL_RANK (an explicit ``--device cuda:N`` is refused there).
+
+Resume points come by kimg (``--snap-kimg``) and by time: ``--ckpt-seconds S`` (default 600, the
+tiny presets 30) also writes ``ckpt.pt`` at the first tick S seconds after the last one, so a run
+stopped early still resumes; when they are written does not change the run. ``--resume`` into
+another ``--outdir`` with ``--duration`` already reached is refused (it would write nothing
+there); into the run's own folder it is a no-op.
+
+Consistency tuning: ``--consistency --from CKPT`` tunes the EDM checkpoint CKPT with Easy
+Consistency Tuning (ECT, Geng et al. 2024; `edm_deploy.training.consistency_loss` says which of
+its formulas and defaults are followed) into a model sampled in one or two evaluations. The
+network (architecture, classes, resolution) is CKPT's, so --arch, --precond, --cbase, --cres and
+--cond-drop are refused; the data must match it. The defaults are ECT's published CIFAR-10 run
+(RAdam, lr 1e-4, batch 128, dropout 0.2, the gap halving every 3200 kimg); ``--preset tiny``
+is the setting measured on the digits (benchmarks/consistency.py). Checkpoints, snapshots and
+every export record ``consistency: {method, from_checkpoint, from_sha256, from_kimg}``; ``info``
+shows it. EMA, resume, DDP, locks and atomic writes are those of plain training.
 """
 
 from __future__ import annotations
@@ -88,12 +104,34 @@ def _parse_cres(text: Optional[str]) -> Optional[list]:
               help="Snapshot + resume-point interval.  [default: 2500]")
 @click.option("--resume", metavar="CKPT", default=None,
               help="Continue a run from its ckpt.pt with its stored options; only --outdir, --duration, --tick, "
-                   "--snap-kimg, --batch-gpu (then not bit-identical), --device and --threads may change.")
+                   "--snap-kimg, --ckpt-seconds, --batch-gpu (then not bit-identical), --device and --threads "
+                   "may change.")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (N: single process only; under torchrun each process "
                    "takes the GPU of its LOCAL_RANK).  [default: auto]")
 @click.option("--max-images", type=int, default=None, help="Use only the first N images of the dataset.")
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch (1 is often fastest on a busy or 2-core machine).")
+@click.option("--ckpt-seconds", "ckpt_seconds", type=float, default=None, metavar="S",
+              help="Also write a resume point at the first tick S seconds after the last one (0: by kimg only).  "
+                   "[default: 600; the tiny presets 30]")
+@click.option("--optim", "optimizer", metavar="adam|radam", default=None,
+              help="Optimizer.  [default: adam; radam with --consistency, as ECT]")
+@click.option("--consistency", is_flag=True, default=None,
+              help="Consistency tuning (ECT, Geng et al. 2024) of the EDM checkpoint --from into a 1-2 step model; "
+                   "--preset then names a consistency preset (tiny, cifar10).")
+@click.option("--from", "tune_from", metavar="CKPT", default=None,
+              help="With --consistency: the EDM checkpoint to tune (its network, classes and resolution are kept).")
+@click.option("--ect-q", "ect_q", type=float, default=None, metavar="Q",
+              help="ECT: the gap t - r shrinks by Q every stage.  [default: 2]")
+@click.option("--ect-stage", "ect_stage_kimg", type=float, default=None, metavar="KIMG",
+              help="ECT: kimg per stage.  [default: 3200]")
+@click.option("--ect-k", "ect_k", type=float, default=None, help="ECT: r(t)'s adjustment 1 + k sigmoid(-b t).  [default: 8]")
+@click.option("--ect-b", "ect_b", type=float, default=None, help="ECT: see --ect-k.  [default: 1]")
+@click.option("--ect-c", "ect_c", type=float, default=None,
+              help="ECT: pseudo-Huber constant c; 0 is the L2 distance.  [default: 0]")
+@click.option("--ect-p-mean", "ect_p_mean", type=float, default=None,
+              help="ECT: ln t ~ N(P_mean, P_std^2).  [default: -1.1]")
+@click.option("--ect-p-std", "ect_p_std", type=float, default=None, help="ECT: see --ect-p-mean.  [default: 2.0]")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @click.pass_context
 def train(ctx: click.Context, **kw) -> None:
@@ -105,13 +143,15 @@ def train(ctx: click.Context, **kw) -> None:
       edm-deploy train --data cifar10.zip --outdir runs/c10 --preset cifar10 --batch-gpu 64
       edm-deploy train --outdir runs/digits --resume runs/digits/ckpt.pt --duration 600
       torchrun --nproc_per_node=8 -m edm_deploy.cli train --data ffhq-64x64.zip --outdir runs/ffhq --preset ffhq64
+      edm-deploy train --consistency --from runs/digits/ckpt.pt --preset tiny --outdir runs/digits-ect
     """
-    from edm_deploy.training.training_loop import (
+    from edm_deploy.training.options import (
         TrainingOptions,
+        consistency_options,
         options_from_preset,
         resume_options,
-        training_loop,
     )
+    from edm_deploy.training.training_loop import training_loop
 
     fields = {f.name for f in dataclasses.fields(TrainingOptions)}
     given = {
@@ -132,6 +172,14 @@ def train(ctx: click.Context, **kw) -> None:
         # Python API) refuses any change outside RESUME_MUTABLE. A flag repeating the stored value
         # is accepted.
         options = resume_options(kw["resume"], **overrides)
+    elif kw["consistency"]:
+        if kw["tune_from"] is None:
+            raise InputError("--consistency tunes a trained EDM checkpoint: give it with --from CKPT")
+        if kw["data"] is None and kw["preset"] is None:
+            raise InputError("--data is required: the data the --from model was trained on (or --preset tiny "
+                             "for the digits)")
+        overrides = {k: v for k, v in overrides.items() if k not in ("consistency", "tune_from")}
+        options = consistency_options(kw["tune_from"], kw["preset"], **overrides)
     else:
         if kw["data"] is None and kw["preset"] is None:
             raise InputError("--data is required (or pick a --preset that names its data, e.g. tiny)")

@@ -19,7 +19,7 @@ import numpy as np
 
 from edm_deploy.runtime.contract import DenoiserBase
 from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.manifest import decode_limit, validate
+from edm_deploy.runtime.manifest import CONSISTENCY_KEY, consistency_record, decode_limit, validate
 from edm_deploy.runtime.rounding import round_sigma_from_rule
 from edm_deploy.runtime.xp import concatenate
 
@@ -43,6 +43,9 @@ class DenoiserBackend(DenoiserBase):
         self.max_batch = max_batch
         init_kwargs = (manifest.get("network") or {}).get("init_kwargs")
         self.label_dropout = None if init_kwargs is None else float(init_kwargs.get("label_dropout") or 0.0)
+        # How the model was consistency-tuned (method, teacher checkpoint and its sha256), or None.
+        self.consistency: Optional[dict] = consistency_record(manifest.get(CONSISTENCY_KEY), source)
+        self.consistency_tuned = self.consistency is not None
         self.calls = 0
         self.device = "cpu"
         self._notes: list[str] = []
