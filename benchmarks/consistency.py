@@ -10,8 +10,7 @@ distance against the 359-image test split and the independent classifier's accur
 
 The tuned model is sampled with the consistency sampler of ECT (its `generator_fn`): x =
 D(sigma_max z; sigma_max), then for each further time point s, x = D(x + s eps; s), eps from the
-seed's own noise stream. It is written here as a small local function until the runtime has a
-`consistency` solver. The time points for NFE 2 and 3 are chosen on a grid by the FD against the
+seed's own noise stream: the runtime's `consistency` solver (`runtime/solvers.py`). The time points for NFE 2 and 3 are chosen on a grid by the FD against the
 *train* split of 500 held-out seeds (100000-100499), then scored on seeds 0-999 against the test
 split like everything else; ECT's CIFAR-10 mid point 0.821 is always on the grid.
 
@@ -37,7 +36,6 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -58,25 +56,11 @@ ECT_FLAGS = ("duration_kimg", "batch", "lr", "dropout", "ema_halflife_kimg", "ec
              "ect_p_mean", "ect_p_std", "optimizer")
 
 
-@dataclass
-class ConsistencyPlan:
-    """ECT's few-step consistency sampler with the `SamplingPlan.run` signature (`sample_scored` runs it)."""
+def consistency_plan(den, sigmas):
+    """The runtime's consistency solver on exactly these time points."""
+    from edm_deploy.runtime.generate import plan_sampling
 
-    sigmas: np.ndarray
-    solver: str = "consistency"
-
-    @property
-    def nfe(self) -> int:
-        return len(self.sigmas)
-
-    def run(self, den, latents, class_labels, randn_like, callback=None):
-        x = np.asarray(latents, dtype=np.float64) * self.sigmas[0]
-        for i, s in enumerate(self.sigmas):
-            if i:
-                x = x + s * np.asarray(randn_like(x), dtype=np.float64)
-            sigma = np.full(len(x), s, dtype=np.float32)
-            x = np.asarray(den(x.astype(np.float32), sigma, class_labels), dtype=np.float64)
-        return x
+    return plan_sampling(den, {"solver": "consistency", "sigmas": [float(v) for v in sigmas]})
 
 
 def step_cost_ratio(teacher: str, tuned_options: dict, repeats: int = 3, steps: int = 4) -> dict[str, Any]:
@@ -139,7 +123,7 @@ def choose_time_points(den, nfe: int, batch: int, train_images) -> dict[str, Any
     tried = []
     for mids in itertools.combinations(sorted(MID_GRID, reverse=True), nfe - 1):
         sigmas = np.array([SIGMA_MAX, *mids])
-        images, _ = sample_images(den, ConsistencyPlan(sigmas), SELECT_SEEDS, batch)
+        images, _ = sample_images(den, consistency_plan(den, sigmas), SELECT_SEEDS, batch)
         tried.append({"sigmas": [float(s) for s in sigmas], "fd_train": frechet_pixels(images, train_images)})
     best = min(tried, key=lambda r: r["fd_train"])
     return {"sigmas": best["sigmas"], "tried": tried}
@@ -180,7 +164,7 @@ def run(teacher: str, tuned: str, workdir: str, nfes: list[int], per_class: int,
         out["tuned_record"] = den.consistency
         for nfe in nfes:
             choice = {"sigmas": [SIGMA_MAX], "tried": []} if nfe == 1 else choose_time_points(den, nfe, batch, train_x)
-            r = sample_scored(den, ConsistencyPlan(np.array(choice["sigmas"])), per_class, batch, classifier, test_x)
+            r = sample_scored(den, consistency_plan(den, choice["sigmas"]), per_class, batch, classifier, test_x)
             r["tried"] = choice["tried"]
             out["tuned"][f"consistency@{nfe}"] = r
             echo(f"  tuned   consistency NFE {nfe}: FD {r['fd']:.4f}  accuracy {r['accuracy']:.1%}  sigmas "
