@@ -1,5 +1,4 @@
-"""Output writers for sampled images: a PNG tree, one `.npz`, or a grid image, and the run
-record and locks that make resuming into them safe.
+"""Output writers for sampled images: a PNG tree, one `.npz`, or a grid image.
 
 Every file appears atomically (temporary name + rename; see `runtime.fileio`), so a killed run
 never leaves a truncated image under a final name. A rerun with the same settings skips what is
@@ -9,10 +8,10 @@ redone. PNG encoding runs on worker threads while the next batch is sampled; at 
 batches are in flight, so memory does not grow with the number of images. The `.npz` writer
 stages batches as small part files and assembles the final archive by streaming.
 
-`open_output` is the one entry point: it takes the output's locks (one writer per output, or per
-shard of a torchrun run), checks or writes the run record (the settings that made the images,
-refusing to mix other settings or a folder this tool did not write), clears stale temporary
-files and returns the writer.
+Each format is declared once in `OUTPUT_KINDS` (its parameter and `sample` flag, its checks,
+how it is opened); every writer follows the `ImageWriter` protocol. `open_output` is the one
+entry point: it takes the output's locks and checks the run record (`runtime.run_record`), and
+returns the writer. A new format is a writer class and one `OutputKind` entry.
 """
 
 from __future__ import annotations
@@ -26,24 +25,17 @@ import os
 import shutil
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
+from edm_deploy.runtime import run_record
 from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.fileio import (
-    atomic_path,
-    atomic_write_bytes,
-    exclusive_lock,
-    exclusive_output,
-    is_locked,
-    lock_path_for,
-    remove_stale_temps,
-    write_target,
-)
-from edm_deploy.runtime.jsonio import MAX_RECORD_BYTES, loads_bounded, read_json_file
+from edm_deploy.runtime.fileio import atomic_path, atomic_write_bytes, exclusive_output, write_target
+from edm_deploy.runtime.jsonio import MAX_RECORD_BYTES, loads_bounded
+from edm_deploy.runtime.run_record import RUN_RECORD  # noqa: F401  (the record's name, as callers know it)
 
-RUN_RECORD = ".edm-deploy-sample.json"
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # grid suffix -> PIL format
 
 
@@ -412,100 +404,128 @@ class GridWriter:
         atomic_write_bytes(self.path, encode_image(grid, self.format, compress_level=6))
 
 
-# --------------------------------------------------------------------------------------------
-# The run record and the locks: what makes resuming into an output safe.
-
-
-def _read_record(folder: str) -> tuple[bool, Optional[dict]]:
-    """(exists, content or None when unreadable)."""
-    path = os.path.join(folder, RUN_RECORD)
-    if not os.path.exists(path):
-        return False, None
-    try:
-        data = read_json_file(path, max_bytes=MAX_RECORD_BYTES, what="run record", allow_constants=True)
-        return True, data if isinstance(data, dict) else None
-    except InputError:  # unreadable, oversized or nested too deeply: a record that matches nothing
-        return True, None
-
-
-def _holds_images(folder: str) -> bool:
+def holds_images(folder: str) -> bool:
+    """Whether `folder` holds anything a writer here produces (images, npz parts)."""
     for _, _, files in os.walk(folder):
         if any(f.lower().endswith(tuple(IMAGE_FORMATS)) or (f.startswith("part-") and f.endswith(".npz")) for f in files):
             return True
     return False
 
 
-def _shard_lock(folder: str, shard: tuple[int, int]) -> str:
-    return os.path.join(folder, f".edm-deploy-shard{shard[0]}of{shard[1]}.lock")
+def claim_folder(folder: str, record: dict, shard: tuple[int, int] = (0, 1)) -> Any:
+    """`run_record.claim_folder` for the folders these writers fill (what counts as images is theirs)."""
+    return run_record.claim_folder(folder, record, shard, holds_images=holds_images)
 
 
-def _others_writing(folder: str, own_shard_lock: str) -> bool:
-    """Whether another process holds a shard lock of `folder` right now."""
-    own = os.path.abspath(own_shard_lock) if own_shard_lock else None
-    return any(is_locked(p) for p in glob.glob(os.path.join(folder, ".edm-deploy-shard*.lock"))
-               if os.path.abspath(p) != own)
+# --------------------------------------------------------------------------------------------
+# The output formats: one declaration each (what the CLI offers, how it is checked and opened)
 
 
-def check_run_record(folder: str, record: dict, others_writing: bool = False) -> None:
-    """Refuse to resume into `folder` when it holds output made with other settings.
+class ImageWriter(Protocol):
+    """What `generate.sample_into` drives: every output format's writer."""
 
-    Resuming skips seeds whose output exists, so mixing runs (another model, class or sampler
-    setting) would silently keep stale images. The first run writes `record`; later runs must
-    match. A folder that holds images but no record was not written by this tool and is refused
-    rather than mixed into; a record whose folder holds no images (a run that failed before its
-    first image) is replaced, unless another process is still writing there.
-    """
-    exists, previous = _read_record(folder)
-    if previous == record:
-        return
-    if not exists:
-        if _holds_images(folder):
-            raise InputError(f"{folder} already holds images but no edm-deploy run record, so they cannot be "
-                             "resumed safely; choose an empty or new output")
-    elif _holds_images(folder) or others_writing:
-        changed = sorted(k for k in set(record) | set(previous or {}) if (previous or {}).get(k) != record.get(k))
-        raise InputError(
-            f"{folder} holds images sampled with other settings ({', '.join(changed) or 'unreadable record'} "
-            "differ); use another output or delete it to start over"
-        )
-    atomic_write_bytes(os.path.join(folder, RUN_RECORD), json.dumps(record, sort_keys=True).encode())
+    def is_done(self, seed: int) -> bool:
+        """Whether the image of `seed` is already there, whole (a resumed run skips it)."""
+
+    def submit(self, images: np.ndarray, seeds: Sequence[int], labels: Optional[np.ndarray] = None) -> None:
+        """Write uint8 NHWC images of `seeds` (atomically, perhaps on worker threads)."""
+
+    def close(self) -> None:
+        """Finish: wait for pending writes, assemble what is assembled at the end."""
+
+    def abort(self) -> None:
+        """After a failure: keep what is whole, write nothing partial."""
 
 
-# The ranks of one torchrun run check the record one after another under the folder lock; they
-# start together, so a rank waits this long for its turn (the check walks the folder once).
-RECORD_CHECK_WAIT_S = 120.0
+@dataclass(frozen=True)
+class OutputOptions:
+    """How a run's images are laid out, whatever the format (each format reads what concerns it)."""
+
+    count: int
+    image_shape: Optional[tuple[int, int, int]] = None   # (H, W, C) of the model
+    subdirs: bool = False                                # PNG tree: one folder per 1000 seeds
+    workers: int = 2                                     # PNG tree: encoding threads
+    grid_columns: Optional[int] = None                   # grid: width in images
+    grid_scale: int = 1                                  # grid: pixels per image pixel
+    shard: tuple[int, int] = (0, 1)                      # this process's shard of a torchrun run
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """One output format: its `open_output` parameter and flag, its checks, and how it is opened."""
+
+    param: str                                       # keyword of `check_output` / `open_output`
+    flag: str                                        # the `sample` flag that gives it
+    metavar: str
+    help: str
+    check: Callable[[str, OutputOptions], None]      # everything that can fail before sampling
+    open: Callable[[str, dict, Sequence[int], OutputOptions], Any]  # context manager -> ImageWriter
+
+
+def _check_tree(outdir: str, o: OutputOptions) -> None:
+    check_writable_dir(outdir)
+
+
+def _check_npz(npz_path: str, o: OutputOptions) -> None:
+    if not npz_path.lower().endswith(".npz"):
+        raise InputError(f"{npz_path}: an .npz output must end in .npz")
+    if os.path.isdir(npz_path):
+        raise InputError(f"{npz_path} is a folder; an .npz output needs a file name")
+    check_writable_dir(os.path.dirname(os.path.abspath(npz_path)))
+
+
+def _check_grid(grid_path: str, o: OutputOptions) -> None:
+    if o.shard[1] > 1:
+        raise InputError("a grid cannot be sharded; write it from one process")
+    GridWriter.check(grid_path, o.count, o.grid_columns, o.grid_scale, o.image_shape)
 
 
 @contextlib.contextmanager
-def claim_folder(folder: str, record: dict, shard: tuple[int, int] = (0, 1)) -> Iterator[None]:
-    """Own `folder` as the writer of `shard` for the block, its run record checked first.
+def _open_tree(outdir: str, record: dict, seeds: Sequence[int], o: OutputOptions) -> Iterator[ImageWriter]:
+    ensure_writable_dir(outdir)
+    with claim_folder(outdir, record, o.shard):
+        yield PngTreeWriter(outdir, subdirs=o.subdirs, workers=o.workers, image_shape=o.image_shape)
 
-    One process writes an unsharded output: it holds the folder lock for the whole run, and is
-    refused while any shard of another run is live there. The ranks of a sharded run write the
-    same folder side by side: each holds its own shard lock for the run and the folder lock only
-    while checking the record (waiting its turn behind the other ranks), and takes its shard lock
-    before releasing the folder lock, so a run with other settings arriving next sees it as a
-    live writer. Stale temporary files are cleared only when no other writer is live.
-    """
-    os.makedirs(folder, exist_ok=True)
-    sharded = shard[1] > 1
-    with contextlib.ExitStack() as run:
-        with contextlib.ExitStack() as check:
-            check.enter_context(exclusive_lock(lock_path_for(folder), folder,
-                                               wait=RECORD_CHECK_WAIT_S if sharded else 0))
-            own = _shard_lock(folder, shard) if sharded else ""
-            if sharded:
-                run.enter_context(exclusive_lock(own, f"{folder} (shard {shard[0]}/{shard[1]})"))
-            others = _others_writing(folder, own)
-            if others and not sharded:
-                raise InputError(f"another edm-deploy process is writing {folder} (a sharded run); wait for it or "
-                                 "choose another output")
-            check_run_record(folder, record, others_writing=others)
-            if not others:
-                remove_stale_temps(folder)
-            if not sharded:
-                run.enter_context(check.pop_all())  # keep the folder lock for the whole run
-        yield
+
+@contextlib.contextmanager
+def _open_npz(npz_path: str, record: dict, seeds: Sequence[int], o: OutputOptions) -> Iterator[ImageWriter]:
+    with exclusive_output(npz_path):
+        if os.path.exists(npz_path):
+            # A finished file: the same run finds nothing to do; anything else would replace it.
+            previous, done = npz_record(npz_path)
+            if previous != record or not set(seeds) <= set(done):
+                what = "was not written by edm-deploy sample" if previous is None else (
+                    "holds images sampled with other settings" if previous != record else "holds other seeds")
+                raise InputError(f"{npz_path} already exists and {what}; choose another output or delete it")
+            yield FinishedNpz(npz_path, done)
+            return
+        with claim_folder(parts_dir_for(npz_path), record):
+            yield NpzWriter(npz_path, seeds, image_shape=o.image_shape, record=record)
+
+
+@contextlib.contextmanager
+def _open_grid(grid_path: str, record: dict, seeds: Sequence[int], o: OutputOptions) -> Iterator[ImageWriter]:
+    writer = GridWriter(grid_path, len(seeds), columns=o.grid_columns, scale=o.grid_scale, image_shape=o.image_shape)
+    with exclusive_output(grid_path):
+        yield writer
+
+
+OUTPUT_KINDS: dict[str, OutputKind] = {k.param: k for k in (
+    OutputKind("outdir", "--outdir", "DIR", "Write one PNG per seed here.", _check_tree, _open_tree),
+    OutputKind("npz_path", "--npz", "FILE", "Write all images to one .npz (uint8 NHWC + seeds + labels).", _check_npz,
+               _open_npz),
+    OutputKind("grid_path", "--grid", "FILE", "Write one grid image (.png, .jpg or .webp).", _check_grid, _open_grid),
+)}
+
+
+def _the_output(paths: dict[str, Optional[str]]) -> tuple[OutputKind, str]:
+    """The one output given, a symlink resolved to its target (`fileio.write_target`)."""
+    given = [(OUTPUT_KINDS[k], p) for k, p in paths.items() if p]
+    if len(given) != 1:
+        raise InputError("give exactly one output: " + ", ".join(f"{k.flag} {k.metavar}" for k in OUTPUT_KINDS.values()),
+                         param=tuple(OUTPUT_KINDS))
+    kind, path = given[0]
+    return kind, path if kind.param == "outdir" else write_target(path)
 
 
 def check_output(count: int, *, outdir: Optional[str] = None, npz_path: Optional[str] = None,
@@ -516,23 +536,8 @@ def check_output(count: int, *, outdir: Optional[str] = None, npz_path: Optional
     `grid_scale` enlarges a grid's images by that integer factor (see `GridWriter`); with the
     model's `image_shape` (H, W, C) known, the grid's pixel size is checked too.
     """
-    given = [p for p in (outdir, npz_path, grid_path) if p]
-    if len(given) != 1:
-        raise InputError("give exactly one output: a folder, an .npz file or a grid image")
-    if npz_path and not npz_path.lower().endswith(".npz"):
-        raise InputError(f"{npz_path}: an .npz output must end in .npz")
-    npz_path = write_target(npz_path) if npz_path else npz_path  # a symlink: what is checked is its target
-    grid_path = write_target(grid_path) if grid_path else grid_path
-    if outdir:
-        check_writable_dir(outdir)
-    elif npz_path:
-        if os.path.isdir(npz_path):
-            raise InputError(f"{npz_path} is a folder; an .npz output needs a file name")
-        check_writable_dir(os.path.dirname(os.path.abspath(npz_path)))
-    else:
-        if shard[1] > 1:
-            raise InputError("a grid cannot be sharded; write it from one process")
-        GridWriter.check(grid_path, count, grid_columns, grid_scale, image_shape)
+    kind, path = _the_output(dict(outdir=outdir, npz_path=npz_path, grid_path=grid_path))
+    kind.check(path, OutputOptions(count, image_shape, grid_columns=grid_columns, grid_scale=grid_scale, shard=shard))
 
 
 @contextlib.contextmanager
@@ -549,7 +554,7 @@ def open_output(
     grid_scale: int = 1,
     image_shape: Optional[tuple[int, int, int]] = None,
     shard: tuple[int, int] = (0, 1),
-) -> Iterator[object]:
+) -> Iterator[ImageWriter]:
     """The writer for exactly one of `outdir`, `npz_path`, `grid_path`, locked and record-checked.
 
     `record` describes the settings that make the images (`generate.run_record`); `seeds` are
@@ -558,29 +563,8 @@ def open_output(
     `npz_path` or `grid_path` is written through (`fileio.write_target`): the link stays, its
     target receives the output, and the lock and the ``.parts`` folder sit beside the target.
     """
-    check_output(len(seeds), outdir=outdir, npz_path=npz_path, grid_path=grid_path, grid_columns=grid_columns,
-                 grid_scale=grid_scale, image_shape=image_shape, shard=shard)
-    npz_path = write_target(npz_path) if npz_path else npz_path
-    grid_path = write_target(grid_path) if grid_path else grid_path
-    if grid_path:
-        writer = GridWriter(grid_path, len(seeds), columns=grid_columns, scale=grid_scale, image_shape=image_shape)
-        with exclusive_output(grid_path):
-            yield writer
-        return
-    if outdir:
-        ensure_writable_dir(outdir)
-        with claim_folder(outdir, record, shard):
-            yield PngTreeWriter(outdir, subdirs=subdirs, workers=workers, image_shape=image_shape)
-        return
-    with exclusive_output(npz_path):
-        if os.path.exists(npz_path):
-            # A finished file: the same run finds nothing to do; anything else would replace it.
-            previous, done = npz_record(npz_path)
-            if previous != record or not set(seeds) <= set(done):
-                what = "was not written by edm-deploy sample" if previous is None else (
-                    "holds images sampled with other settings" if previous != record else "holds other seeds")
-                raise InputError(f"{npz_path} already exists and {what}; choose another output or delete it")
-            yield FinishedNpz(npz_path, done)
-            return
-        with claim_folder(parts_dir_for(npz_path), record):
-            yield NpzWriter(npz_path, seeds, image_shape=image_shape, record=record)
+    kind, path = _the_output(dict(outdir=outdir, npz_path=npz_path, grid_path=grid_path))
+    options = OutputOptions(len(seeds), image_shape, subdirs, workers, grid_columns, grid_scale, shard)
+    kind.check(path, options)
+    with kind.open(path, record, seeds, options) as writer:
+        yield writer

@@ -136,3 +136,13 @@ def load_from_options(model: str, params: dict[str, Any], max_batch: Any = None,
         options = {k: v for k, v in options.items() if k in kind.option_names}
         backend = backend if backend in kind.backends else "auto"
     return load(model, backend=backend, device=params["device"], max_batch=max_batch, **options)
+
+
+def output_options(func: Callable) -> Callable:
+    """One flag per output format of `runtime.writers.OUTPUT_KINDS` (a folder, or a file)."""
+    from edm_deploy.runtime.writers import OUTPUT_KINDS
+
+    for kind in reversed(list(OUTPUT_KINDS.values())):
+        path = click.Path(file_okay=False) if kind.metavar == "DIR" else click.Path(dir_okay=False)
+        func = click.option(kind.flag, kind.param, type=path, default=None, help=kind.help)(func)
+    return func

@@ -13,17 +13,17 @@ from edm_deploy.commands.common import (
     FiniteFloat,
     backend_options,
     load_from_options,
+    output_options,
     sampler_options,
     settings_from,
 )
 from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.writers import OUTPUT_KINDS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--outdir", type=click.Path(file_okay=False), default=None, help="Write one PNG per seed here.")
-@click.option("--npz", "npz_path", type=click.Path(dir_okay=False), default=None, help="Write all images to one .npz (uint8 NHWC + seeds + labels).")
-@click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None, help="Write one grid image (.png, .jpg or .webp).")
+@output_options
 @click.option("-n", "num", type=click.IntRange(min=1), default=None, help="Sample seeds 0..N-1.")
 @click.option("--seeds", default=None, help="Seed list, e.g. 0-63,100  [default: 0-63].")
 @click.option("--class", "class_idx", default=None, help="Class label for all images, or one per seed as a list like --seeds (0-9,3) [default: random per seed].")
@@ -73,9 +73,7 @@ def sample(model: str, **params: Any) -> None:
     from edm_deploy.runtime.timing import TimedDenoiser
     from edm_deploy.runtime.writers import check_output, open_output, parts_dir_for
 
-    outputs = {"--outdir": params["outdir"], "--npz": params["npz_path"], "--grid": params["grid_path"]}
-    if sum(1 for p in outputs.values() if p) != 1:
-        raise InputError("give exactly one output: --outdir DIR, --npz FILE or --grid FILE")
+    outputs = {kind.flag: params[kind.param] for kind in OUTPUT_KINDS.values()}
     if params["num"] is not None and params["seeds"] is not None:
         raise InputError("give either -n or --seeds, not both")
     seeds = seeds_from_count(params["num"]) if params["num"] is not None else parse_seeds(
@@ -153,7 +151,7 @@ def sample(model: str, **params: Any) -> None:
         click.echo(line)
     else:
         click.echo("done: nothing to do, every image already exists")
-    click.echo(f"output: {params['outdir'] or npz_path or params['grid_path']}")
+    click.echo(f"output: {npz_path or next(params[k] for k in OUTPUT_KINDS if params[k])}")
 
 
 def _classes(text: Optional[str], seeds: list[int]) -> Optional[dict[int, int]]:
