@@ -99,7 +99,8 @@ def export_detector(
     exercise the dynamic batch) at each resolution and requires
     max|onnx - torch| <= rtol * max|torch| + 1e-6.
     """
-    from edm_deploy.runtime.download import fetch, file_sha256
+    from edm_deploy.runtime.download import fetch
+    from edm_deploy.runtime.fileio import sha256_file
 
     if src.lower().split("?")[0].endswith(".pkl"):
         raise InputError(f"{src}: pickled detectors are refused (loading one executes code); use the TorchScript .pt")
@@ -143,7 +144,7 @@ def export_detector(
         entry = model.metadata_props.add()
         entry.key = METADATA_KEY
         entry.value = json.dumps({
-            "source": os.path.basename(path), "sha256": file_sha256(path), "feature_dim": feature_dim,
+            "source": os.path.basename(path), "sha256": sha256_file(path), "feature_dim": feature_dim,
             "call": "detector(images_uint8_nchw, return_features=True)",
         })
         onnx.save(model, tmp)

@@ -748,7 +748,8 @@ def convert_official(source: str, out: Optional[str] = None, key: str = "ema", s
 
     The output is written atomically, so a failure never leaves a partial file behind.
     """
-    from edm_deploy.runtime.download import fetch, file_sha256, is_url
+    from edm_deploy.runtime.download import fetch, is_url
+    from edm_deploy.runtime.fileio import sha256_file
     from edm_deploy.training.checkpoint import save_checkpoint
 
     out = os.path.abspath(write_target(out or default_output(source)))  # a symlinked out is written through
@@ -762,7 +763,7 @@ def convert_official(source: str, out: Optional[str] = None, key: str = "ema", s
     refuse_overwriting_inputs({"source": local}, {"out": out})  # a URL's cached download, too
     official = read_official(local, key)
     check_loadable(official, local)
-    digest = file_sha256(local)
+    digest = sha256_file(local)
     meta = {
         "source": {
             "file": os.path.basename(urllib.parse.urlparse(source).path if is_url(source) else source),

@@ -36,11 +36,6 @@ def _cache_name(url: str) -> str:
     return f"{digest}_{base}"
 
 
-def file_sha256(path: str) -> str:
-    """sha256 of a file (the same helper the manifests use)."""
-    return sha256_file(path)
-
-
 def fetch(path_or_url: str, sha256: Optional[str] = None, progress: bool = True, timeout: float = 60.0) -> str:
     """Return a local path for `path_or_url`, downloading URLs into the cache once.
 
@@ -50,7 +45,7 @@ def fetch(path_or_url: str, sha256: Optional[str] = None, progress: bool = True,
     if not is_url(path_or_url):
         if not os.path.exists(path_or_url):
             raise InputError(f"file not found: {path_or_url}")
-        if sha256 and file_sha256(path_or_url) != sha256.lower():
+        if sha256 and sha256_file(path_or_url) != sha256.lower():
             raise InputError(f"{path_or_url}: sha256 does not match the expected {sha256}")
         return path_or_url
 
@@ -59,7 +54,7 @@ def fetch(path_or_url: str, sha256: Optional[str] = None, progress: bool = True,
     os.makedirs(directory, exist_ok=True)
     target = os.path.join(directory, _cache_name(url))
     if os.path.exists(target):
-        if not sha256 or file_sha256(target) == sha256.lower():
+        if not sha256 or sha256_file(target) == sha256.lower():
             return target
         os.unlink(target)  # stale or corrupted cache entry: fetch again
 

@@ -30,9 +30,6 @@ from edm_deploy.runtime.fid_stats import FEATURE_DIM
 DEFAULT_DETECTOR_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 )
-REFERENCE_PICKLE_URL = (
-    "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl"
-)
 DETECTOR_ENV = "EDM_DEPLOY_FID_DETECTOR"
 
 

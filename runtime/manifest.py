@@ -38,7 +38,6 @@ def input_names(label_dim: int) -> list[str]:
 
 # Preconditioner class name -> manifest `precond` kind (the reverse map is derived from it).
 PRECOND_KINDS = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve", "iDDPMPrecond": "iddpm"}
-PRECOND_CLASSES = {kind: name for name, kind in PRECOND_KINDS.items()}
 
 REQUIRED_KEYS = ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max", "precond", "sigma_rounding")
 

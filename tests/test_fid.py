@@ -676,7 +676,7 @@ def test_a_reference_that_is_not_a_covariance_is_refused(tmp_path):
     feats = rng.standard_normal((20, dim))
     mu, sigma = feats.mean(0), np.cov(feats.T)
     bad = _not_psd(dim, rng)
-    # This is what used to come out: a negative "distance".
+    # The plain formula gives a negative "distance" for a non-PSD reference; the library refuses it.
     assert frechet_distance(mu, sigma, np.zeros(dim), -2 * np.eye(dim)) < 0
     for what, matrix, match in (("not-psd", bad, "not positive semi-definite"),
                                 ("asymmetric", sigma + np.triu(np.ones((dim, dim)), 1), "not symmetric"),

@@ -243,7 +243,7 @@ def test_resume_refuses_other_settings_and_failed_grids_write_nothing(oracle_fil
     out = str(tmp_path / "o")
     base = ["sample", oracle_files["cond"], "-n", "8", "--outdir", out, "--steps", "4"]
     assert run_cli(base, env=cli_env).returncode == 0
-    res = run_cli(base[:-1] + ["5"], env=cli_env)  # other --steps: the old images would be stale
+    res = run_cli(base[:-1] + ["5"], env=cli_env)  # other --steps: the images there would not match
     assert res.returncode == 1 and "other settings" in res.stderr and "sampler" in res.stderr
     res = run_cli(base + ["--class", "2"], env=cli_env)
     assert res.returncode == 1 and "class" in res.stderr

@@ -3,7 +3,7 @@
 * convergence orders under step doubling (global) and from an exact history (local);
 * parities that must hold between solvers, NFE = counted network calls, AFS saves one call;
 * values of the reference implementations (k-diffusion, diff-sampler) on a tiny case;
-* bit-identity of `edm_sampler` / `ablation_sampler` with the fused loop they replaced;
+* bit-identity of `edm_sampler` / `ablation_sampler` with a fused reference loop written out here;
 * batch invariance, a torch state, and one clear InputError for everything a user can get wrong.
 """
 
@@ -564,13 +564,14 @@ def test_torch_state_gives_the_numpy_result(name):
 
 
 # --------------------------------------------------------------------------------------------
-# edm_sampler / ablation_sampler are bit for bit the fused loop they replaced
+# edm_sampler / ablation_sampler are bit for bit a fused loop of the reference's arithmetic
 
 
 def frozen_edm_loop(net, latents, class_labels, randn_like, t_steps, solver, S_churn, S_min, S_max, S_noise):
-    """The sampler loop as of commit 35bdd28 for sigma(t) = t, s(t) = 1, alpha = 1, arithmetic unchanged.
+    """The reference's sampler loop for sigma(t) = t, s(t) = 1, alpha = 1, fused in one function, its arithmetic
+    in the reference's order.
 
-    Kept here so the flat solvers are held to the old bits whatever later becomes of sampling.py.
+    It lives in the tests so the step programs are held to these bits whatever becomes of sampling.py.
     """
     num_steps = len(t_steps) - 1
 
@@ -629,7 +630,7 @@ NETS = {"gaussian": lambda: gaussian(batch=3), "finite": lambda: finite_set(3), 
 @pytest.mark.parametrize("net", list(NETS))
 @pytest.mark.parametrize("num_steps", [1, 2, 13, 256])
 @pytest.mark.parametrize("churn", range(len(CHURN)))
-def test_edm_sampler_is_bit_identical_to_the_old_loop(net, num_steps, churn):
+def test_edm_sampler_is_bit_identical_to_the_fused_reference_loop(net, num_steps, churn):
     den, latents = NETS[net]()
     kw = CHURN[churn]
     lo, hi = max(0.002, den.sigma_min), min(80.0, den.sigma_max)
@@ -643,7 +644,7 @@ def test_edm_sampler_is_bit_identical_to_the_old_loop(net, num_steps, churn):
 @pytest.mark.parametrize("solver", ["euler", "heun"])
 @pytest.mark.parametrize("disc", sch.DISCRETIZATIONS)
 @pytest.mark.parametrize("churn", [0, 1])
-def test_ablation_sampler_edm_form_is_bit_identical_to_the_old_loop(solver, disc, churn):
+def test_ablation_sampler_edm_form_is_bit_identical_to_the_fused_reference_loop(solver, disc, churn):
     den, latents = iddpm_net(3) if disc == "iddpm" else gaussian(batch=3)
     kw = CHURN[churn]
     lo, hi = sch.default_sigma_range(disc)

@@ -17,8 +17,9 @@ from tests.conftest import requires_onnx, requires_torch
 
 pytestmark = [requires_torch, requires_onnx]
 
-# (preconditioner, architecture): VP with ADM is the case whose absolute error near sigma = 80
-# exceeded the old gate's 1e-4; iDDPM needs DhariwalUNet's two output halves.
+# (preconditioner, architecture): VP with ADM is the case whose absolute error near sigma = 80 is
+# large although the export is right (an absolute gate of 1e-4 would fail it: the gate is relative);
+# iDDPM needs DhariwalUNet's two output halves.
 PRECONDS = [("EDMPrecond", "ddpmpp"), ("VPPrecond", "adm"), ("VEPrecond", "ncsnpp"), ("iDDPMPrecond", "adm")]
 
 
