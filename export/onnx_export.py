@@ -32,7 +32,8 @@ from typing import Any, Optional
 
 from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
 from edm_deploy.runtime.errors import InputError, first_line
-from edm_deploy.runtime.manifest import ONNX_METADATA_KEY, dumps
+from edm_deploy.runtime.manifest import CLASS_LABELS, DENOISED, ONNX_METADATA_KEY, SIGMA, X, dumps
+from edm_deploy.runtime.manifest import input_names as graph_input_names
 from edm_deploy.runtime.version import __version__
 
 DEFAULT_OPSET = 17
@@ -140,15 +141,15 @@ def export_onnx(
     conditional = bool(net.label_dim)
     x, sigma, labels = _example_inputs(net, example_batch)
     args = (x, sigma, labels) if conditional else (x, sigma)
-    input_names = ["x", "sigma"] + (["class_labels"] if conditional else [])
-    dynamic_axes = {name: {0: "batch"} for name in input_names + ["denoised"]}
+    input_names = graph_input_names(net.label_dim)
+    dynamic_axes = {name: {0: "batch"} for name in input_names + [DENOISED]}
 
     manifest = network_manifest(net, network, source_path=source_path, precision="fp16" if fp16 else "fp32")
     manifest["batch"] = {"min": 1, "opt": int(opt_batch), "max": int(max_batch)}
     manifest["io"] = {
-        "inputs": {"x": ["batch", net.img_channels, net.img_resolution, net.img_resolution], "sigma": ["batch"]}
-        | ({"class_labels": ["batch", net.label_dim]} if conditional else {}),
-        "outputs": {"denoised": ["batch", net.img_channels, net.img_resolution, net.img_resolution]},
+        "inputs": {X: ["batch", net.img_channels, net.img_resolution, net.img_resolution], SIGMA: ["batch"]}
+        | ({CLASS_LABELS: ["batch", net.label_dim]} if conditional else {}),
+        "outputs": {DENOISED: ["batch", net.img_channels, net.img_resolution, net.img_resolution]},
         "dtype": "float32",
     }
     manifest["producer"].update({"onnx": onnx.__version__, "opset": int(opset), "exporter": "torch.onnx (TorchScript)"})
@@ -161,7 +162,7 @@ def export_onnx(
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     _wrapper(net, conditional), args, raw,
-                    input_names=input_names, output_names=["denoised"], dynamic_axes=dynamic_axes,
+                    input_names=input_names, output_names=[DENOISED], dynamic_axes=dynamic_axes,
                     opset_version=opset, do_constant_folding=True, dynamo=False,
                 )
         except InputError:
@@ -203,7 +204,7 @@ def _check_symbolic_batch(model, input_names, outputs: bool = False) -> None:
     """Every input (and output) must keep the symbolic `batch` as its first dimension."""
     values = list(model.graph.input) + (list(model.graph.output) if outputs else [])
     for value in values:
-        if value.name not in input_names and value.name != "denoised":
+        if value.name not in input_names and value.name != DENOISED:
             continue
         dim0 = value.type.tensor_type.shape.dim[0]
         if dim0.dim_param != "batch":

@@ -32,7 +32,7 @@ from typing import Optional
 
 from edm_deploy.runtime.errors import BackendUnavailableError, InputError
 from edm_deploy.runtime.fileio import atomic_write_bytes, sha256_file
-from edm_deploy.runtime.manifest import write_sidecar
+from edm_deploy.runtime.manifest import CLASS_LABELS, SIGMA, X, write_sidecar
 from edm_deploy.runtime.optional import require
 
 
@@ -60,9 +60,9 @@ def profile_shapes(manifest: dict, min_batch: int, opt_batch: int, max_batch: in
     c, r, label_dim = int(manifest["img_channels"]), int(manifest["img_resolution"]), int(manifest["label_dim"])
 
     def per_input(b: int) -> dict[str, tuple]:
-        shapes = {"x": (b, c, r, r), "sigma": (b,)}
+        shapes = {X: (b, c, r, r), SIGMA: (b,)}
         if label_dim:
-            shapes["class_labels"] = (b, label_dim)
+            shapes[CLASS_LABELS] = (b, label_dim)
         return shapes
 
     lo, mid, hi = per_input(min_batch), per_input(opt_batch), per_input(max_batch)

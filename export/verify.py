@@ -45,6 +45,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.manifest import CLASS_LABELS, SIGMA, X
 
 
 @dataclass(frozen=True)
@@ -148,9 +149,9 @@ def make_feeds(net: Any, batches: Sequence[int], seed: int = 0) -> list[dict[str
         sigma = np.asarray(net.round_sigma(torch.from_numpy(sigma).float()), dtype=np.float32).reshape(b)
         y = np.clip(rng.standard_normal((b, net.img_channels, net.img_resolution, net.img_resolution)) * 0.5, -1, 1)
         x = (y + sigma.reshape(-1, 1, 1, 1) * rng.standard_normal(y.shape)).astype(np.float32)
-        feed = {"x": x, "sigma": sigma}
+        feed = {X: x, SIGMA: sigma}
         if net.label_dim:
-            feed["class_labels"] = np.eye(net.label_dim, dtype=np.float32)[np.arange(b) % net.label_dim]
+            feed[CLASS_LABELS] = np.eye(net.label_dim, dtype=np.float32)[np.arange(b) % net.label_dim]
         feeds.append(feed)
     return feeds
 
@@ -162,8 +163,8 @@ def reference_outputs(net: Any, feeds: list[dict[str, np.ndarray]]) -> list[np.n
     net = net.eval()
     with torch.no_grad():
         for feed in feeds:
-            labels = torch.from_numpy(feed["class_labels"]) if "class_labels" in feed else None
-            outs.append(net(torch.from_numpy(feed["x"]), torch.from_numpy(feed["sigma"]), labels).float().numpy())
+            labels = torch.from_numpy(feed[CLASS_LABELS]) if CLASS_LABELS in feed else None
+            outs.append(net(torch.from_numpy(feed[X]), torch.from_numpy(feed[SIGMA]), labels).float().numpy())
     return outs
 
 
@@ -269,7 +270,7 @@ def verify_artifact(
     batches = [int(b) for b in batches] if batches is not None else default_batches(max_batch)
     feeds = make_feeds(net, batches, int(seed))
     want = reference_outputs(net, feeds)
-    got = [np.asarray(den(f["x"], f["sigma"], f.get("class_labels")), dtype=np.float32) for f in feeds]
+    got = [np.asarray(den(f[X], f[SIGMA], f.get(CLASS_LABELS)), dtype=np.float32) for f in feeds]
 
     lo, hi = sigma_range(net)
     edges = np.exp(np.linspace(math.log(lo), math.log(hi), num_bands + 1))
@@ -278,12 +279,12 @@ def verify_artifact(
     max_deriv = max_rel = max_abs = 0.0
     nonfinite = 0
     for feed, a, b in zip(feeds, got, want):
-        scale = derivative_scale(feed["x"], b)
+        scale = derivative_scale(feed[X], b)
         for row in range(len(a)):
             if not np.isfinite(a[row]).all():
                 nonfinite += 1
                 continue
-            s = float(feed["sigma"][row])
+            s = float(feed[SIGMA][row])
             k = int(np.clip(np.searchsorted(edges, s, side="right") - 1, 0, num_bands - 1))
             diff = a[row].astype(np.float64) - b[row].astype(np.float64)
             err = float(np.linalg.norm(diff))
@@ -319,8 +320,8 @@ def normalized_derivatives(feeds: list, outputs: list, references: list) -> list
     """
     rows = []
     for feed, out, ref in zip(feeds, outputs, references):
-        scale = np.maximum(derivative_scale(feed["x"], ref), 1e-30)
-        x = feed["x"].astype(np.float64)
+        scale = np.maximum(derivative_scale(feed[X], ref), 1e-30)
+        x = feed[X].astype(np.float64)
         for row in range(len(out)):
             rows.append((x[row] - out[row].astype(np.float64)) / scale[row])
     return rows
