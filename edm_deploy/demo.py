@@ -7,7 +7,9 @@ Steps (each skipped when its output is already complete, so a rerun resumes):
 2. export the EMA network to ``demo/model.onnx`` (fp32), ``demo/model-fp16.onnx`` and
    ``demo/model-int8.onnx``, each verified against the torch model;
 3. sample a 10x10 class grid through the NumPy runtime with onnxruntime -> ``demo/grid.png``;
-4. sample ``per_class`` images per class (deterministic Heun, 18 steps, NFE 35) and score them
+4. consistency-tune the model with ECT for a few minutes (``demo/consistency/``) and export it,
+   verified, to ``demo/model-consistency.onnx``;
+5. sample ``per_class`` images per class (deterministic Heun, 18 steps, NFE 35) and score them
    with an independent classifier (an RBF SVM trained on the real train split, checked on the
    test split): per-class accuracy, and the Fréchet distance between sample and test-set pixels
    next to the train-vs-test distance as a yardstick; write ``demo/report.md`` and ``report.json``.
@@ -44,15 +46,33 @@ def train_step(outdir: str, duration_kimg: Optional[float], seed: int, echo: Cal
     options = options_from_preset("tiny", outdir=run_dir, seed=seed, duration_kimg=duration_kimg)
     done = _done_kimg(ckpt)
     if done is not None and done >= options.duration_kimg:
-        echo(f"[1/4] training: already done ({done:.0f} kimg in {ckpt})")
+        echo(f"[1/5] training: already done ({done:.0f} kimg in {ckpt})")
         return ckpt
     if done is not None:
-        echo(f"[1/4] training: resuming {ckpt} at {done:.1f} of {options.duration_kimg:.0f} kimg")
+        echo(f"[1/5] training: resuming {ckpt} at {done:.1f} of {options.duration_kimg:.0f} kimg")
         options.resume = ckpt
     else:
-        echo(f"[1/4] training the tiny class-conditional EDM on the digits for {options.duration_kimg:.0f} kimg")
+        echo(f"[1/5] training the tiny class-conditional EDM on the digits for {options.duration_kimg:.0f} kimg")
     training_loop(options, echo=None, progress=True)
     return ckpt
+
+
+def consistency_step(ckpt: str, outdir: str, duration_kimg: Optional[float], echo: Callable[[str], None]) -> str:
+    """Consistency-tune the trained model (ECT, a few minutes) and export it, verified: demo/model-consistency.onnx."""
+    from edm_deploy.export.pipeline import export_checkpoint
+    from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
+    from edm_deploy.runtime.fileio import sha256_file
+
+    overrides = {} if duration_kimg is None else {"duration_kimg": duration_kimg}
+    tuned = tune_step(ckpt, os.path.join(outdir, "consistency"), lambda line: echo(f"[4/5] {line}"), **overrides)
+    path = os.path.join(outdir, CONSISTENCY_MODEL)
+    if os.path.exists(path) and read_onnx_manifest(path).get("source", {}).get("sha256") == sha256_file(tuned):
+        echo(f"[4/5] export consistency-tuned: up to date ({path})")
+        return path
+    outcome = export_checkpoint(tuned, path, max_batch=1000, opt_batch=100)
+    echo(f"[4/5] export consistency-tuned: {path} ({outcome.size_bytes / 1e6:.1f} MB); verified: max derivative "
+         f"error {outcome.report.max_deriv:.1e} -> PASS")
+    return path
 
 
 def tune_step(teacher: str, run_dir: str, echo: Callable[[str], None], **overrides: Any) -> str:
@@ -85,6 +105,11 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # (benchmarks/solvers.py), and autoguidance by the run's own early snapshot (benchmarks/guidance.py).
 FAST_SOLVER = {"solver": "ipndm", "nfe": 5}
 SEARCHED = {"solver": "ipndm", "nfe": 4}  # on a GITS-style searched schedule (`edm-deploy schedule`)
+# The consistency-tuned model's rows: NFE 1 (sigma_max) and NFE 2 with the digits' mid point, the best of
+# benchmarks/consistency.py's grid on held-out seeds (ECT's CIFAR-10 point 0.821 is on that grid).
+CONSISTENCY_MODEL = "model-consistency.onnx"
+CONSISTENCY_SIGMAS = {1: [80.0], 2: [80.0, 2.0]}
+SCHEDULE_FILE = "schedule-ipndm-nfe4.json"  # the searched schedule, kept so a rerun only re-scores
 AUTOGUIDE_SNAPSHOT_KIMG = 50
 AUTOGUIDANCE_WEIGHT = 1.25
 AUTOGUIDANCE_INTERVAL = (0.28, 1.6)  # the best setting of benchmarks/guidance.py on this model (FD 0.1263 vs 0.1265)
@@ -100,10 +125,10 @@ def export_step(ckpt: str, outdir: str, echo: Callable[[str], None]) -> dict[str
     paths = {p: os.path.join(outdir, "model.onnx" if p == "fp32" else f"model-{p}.onnx") for p in PRECISIONS}
     for precision, path in paths.items():
         if os.path.exists(path) and read_onnx_manifest(path).get("source", {}).get("sha256") == ckpt_hash:
-            echo(f"[2/4] export {precision}: up to date ({path})")
+            echo(f"[2/5] export {precision}: up to date ({path})")
             continue
         outcome = export_checkpoint(ckpt, path, precision=precision, max_batch=1000, opt_batch=100)
-        echo(f"[2/4] export {precision}: {path} ({outcome.size_bytes / 1e6:.1f} MB, {outcome.seconds:.1f} s); "
+        echo(f"[2/5] export {precision}: {path} ({outcome.size_bytes / 1e6:.1f} MB, {outcome.seconds:.1f} s); "
              f"verified: max derivative error {outcome.report.max_deriv:.1e} -> PASS")
     return paths
 
@@ -121,7 +146,7 @@ def grid_step(model_path: str, outdir: str, echo: Callable[[str], None], columns
             images, _ = sample_batch(den, seeds, cls, {"num_steps": 18})
             grid.submit(images, seeds)
     grid.close()
-    echo(f"[3/4] class grid (row k = digit k, {columns} seeds each) -> {path}")
+    echo(f"[3/5] class grid (row k = digit k, {columns} seeds each) -> {path}")
     return path
 
 
@@ -138,14 +163,15 @@ def _scored(den, per_class: int, classifier, test_images, **sampler: Any) -> dic
 
 
 def evaluate_step(paths: dict[str, str], per_class: int, echo: Callable[[str], None],
-                  guide_ckpt: Optional[str] = None) -> dict[str, Any]:
+                  guide_ckpt: Optional[str] = None, consistency_model: Optional[str] = None,
+                  schedule_path: Optional[str] = None) -> dict[str, Any]:
     from edm_deploy.loading import load
     from edm_deploy.runtime.guidance import GuidedDenoiser
     from edm_deploy.runtime.sampling import nfe
     from edm_deploy.training.dataset import load_digits_split
     from edm_deploy.training.digits_eval import frechet_pixels, train_classifier
 
-    echo(f"[4/4] scoring {per_class} samples per class with an independent classifier")
+    echo(f"[5/5] scoring {per_class} samples per class with an independent classifier")
     classifier, clf_acc = train_classifier()
     tr_x, _, te_x, _ = load_digits_split()
     results: dict[str, Any] = {"classifier": "RBF SVM on the digits train split (pixels)",
@@ -156,21 +182,42 @@ def evaluate_step(paths: dict[str, str], per_class: int, echo: Callable[[str], N
             results[precision] = {"model": path, **_scored(den, per_class, classifier, te_x, num_steps=18)}
     with load(paths["fp32"], device="cpu") as den:
         results["fast"] = {**FAST_SOLVER, **_scored(den, per_class, classifier, te_x, num_steps=None, **FAST_SOLVER)}
-        from edm_deploy.runtime.schedule_search import search_schedule
-
-        start = time.perf_counter()
-        found = search_schedule(den, **SEARCHED)
-        results["searched"] = {**SEARCHED, "sigmas": [float(v) for v in found.sigmas],
-                               "search_seconds": time.perf_counter() - start,
+        sigmas, search_seconds = _searched_schedule(den, paths["fp32"], schedule_path)
+        results["searched"] = {**SEARCHED, "sigmas": sigmas, "search_seconds": search_seconds,
                                **_scored(den, per_class, classifier, te_x, num_steps=None, solver=SEARCHED["solver"],
-                                         sigmas=found.sigmas)}
+                                         sigmas=sigmas)}
         if guide_ckpt is not None:
             with load(guide_ckpt, device="cpu") as guide:
                 guided = GuidedDenoiser(den, guide, AUTOGUIDANCE_WEIGHT, AUTOGUIDANCE_INTERVAL)
                 results["autoguidance"] = {"guide": guide_ckpt, "guidance": AUTOGUIDANCE_WEIGHT,
                                            "interval": list(AUTOGUIDANCE_INTERVAL),
                                            **_scored(guided, per_class, classifier, te_x, num_steps=18)}
+    if consistency_model is not None:
+        with load(consistency_model, device="cpu") as den:
+            for nfe, sigmas in CONSISTENCY_SIGMAS.items():
+                results[f"consistency_nfe{nfe}"] = {"sigmas": sigmas, **_scored(
+                    den, per_class, classifier, te_x, num_steps=None, solver="consistency", sigmas=sigmas)}
     return results
+
+
+def _searched_schedule(den: Any, model_path: str, schedule_path: Optional[str]) -> tuple[list[float], float]:
+    """The GITS-style schedule for SEARCHED on this model: searched once, kept in the demo's folder."""
+    from edm_deploy.runtime.fileio import sha256_file
+    from edm_deploy.runtime.schedule_file import read_schedule, write_schedule
+    from edm_deploy.runtime.schedule_search import search_schedule
+
+    model_sha256 = sha256_file(model_path)
+    if schedule_path and os.path.exists(schedule_path):
+        sigmas, meta = read_schedule(schedule_path)
+        if meta.get("model_sha256") == model_sha256 and meta.get("solver") == SEARCHED["solver"] \
+                and meta.get("nfe") == SEARCHED["nfe"]:
+            return [float(v) for v in sigmas], float(sum((meta.get("search") or {}).get("seconds", {}).values()))
+    start = time.perf_counter()
+    found = search_schedule(den, **SEARCHED)
+    seconds = time.perf_counter() - start
+    if schedule_path:
+        write_schedule(schedule_path, found.sigmas, model_sha256=model_sha256, **found.metadata())
+    return [float(v) for v in found.sigmas], seconds
 
 
 def format_report(r: dict[str, Any], train_seconds: Optional[float]) -> str:
@@ -216,6 +263,11 @@ def format_report(r: dict[str, Any], train_seconds: Optional[float]) -> str:
         extra.append(f"| Heun NFE {r['nfe']}, autoguided by the {AUTOGUIDE_SNAPSHOT_KIMG}-kimg snapshot, w = {guided['guidance']:g} "
                      f"for {lo:g} < sigma <= {hi:g} | "
                      f"{guided['accuracy']:.1%} | {guided['fd_samples_test']:.3f} | {guided['img_per_s']:.1f} |")
+    for nfe, sigmas in CONSISTENCY_SIGMAS.items():
+        c = r.get(f"consistency_nfe{nfe}")
+        if c:
+            extra.append(f"| consistency-tuned (ECT) at NFE {nfe}, sigmas {', '.join(f'{v:g}' for v in sigmas)} | "
+                         f"{c['accuracy']:.1%} | {c['fd_samples_test']:.3f} | {c['img_per_s']:.1f} |")
     if extra:
         base = r["fp32"]
         lines += ["", "Faster or better per evaluation (same seeds):", "",
@@ -228,8 +280,8 @@ def format_report(r: dict[str, Any], train_seconds: Optional[float]) -> str:
 
 
 def run_demo(outdir: str = "demo", duration_kimg: Optional[float] = None, per_class: int = 100, seed: int = 0,
-             echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the whole demo; returns the report data."""
+             echo: Callable[[str], None] = print, tune_kimg: Optional[float] = None) -> dict[str, Any]:
+    """Run (or resume) the whole demo; returns the report data. `tune_kimg`: the consistency tuning's length."""
     os.makedirs(outdir, exist_ok=True)
     start = time.perf_counter()
     ckpt = train_step(outdir, duration_kimg, seed, echo)
@@ -237,7 +289,9 @@ def run_demo(outdir: str = "demo", duration_kimg: Optional[float] = None, per_cl
     paths = export_step(ckpt, outdir, echo)
     grid = grid_step(paths["fp32"], outdir, echo)
     guide = os.path.join(os.path.dirname(ckpt), f"network-snapshot-{AUTOGUIDE_SNAPSHOT_KIMG:06d}.pt")
-    results = evaluate_step(paths, per_class, echo, guide_ckpt=guide if os.path.exists(guide) else None)
+    consistency_model = consistency_step(ckpt, outdir, tune_kimg, echo)
+    results = evaluate_step(paths, per_class, echo, guide_ckpt=guide if os.path.exists(guide) else None,
+                            consistency_model=consistency_model, schedule_path=os.path.join(outdir, SCHEDULE_FILE))
     results.update({"grid": grid, "checkpoint": ckpt, "train_seconds": train_seconds,
                     "demo_seconds_this_run": time.perf_counter() - start})
     report = format_report(results, train_seconds)

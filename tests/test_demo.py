@@ -12,16 +12,22 @@ pytestmark = [requires_torch, requires_onnx]
 
 def test_shortened_demo_end_to_end_and_resume(tmp_path, cli_env):
     out = tmp_path / "demo"
-    res = run_cli(["demo", "--outdir", str(out), "--kimg", "0.5", "--per-class", "3"], env=cli_env, timeout=1200)
+    args = ["demo", "--outdir", str(out), "--kimg", "0.5", "--tune-kimg", "0.3", "--per-class", "3"]
+    res = run_cli(args, env=cli_env, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("grid.png", "report.md", "report.json", "model.onnx", "model-fp16.onnx", "model-int8.onnx",
-                 os.path.join("train", "ckpt.pt")):
+                 "model-consistency.onnx", "schedule-ipndm-nfe4.json", os.path.join("train", "ckpt.pt"),
+                 os.path.join("consistency", "ckpt.pt")):
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
     assert report["nfe"] == 35 and report["classifier_test_accuracy"] > 0.95
     assert report["fast"]["solver"] == "ipndm" and report["fast"]["nfe"] == 5 and report["fast"]["img_per_s"] > 0
     assert report["searched"]["nfe"] == 4 and len(report["searched"]["sigmas"]) == 5
     assert "ipndm at NFE 5" in (out / "report.md").read_text() and "searched schedule" in (out / "report.md").read_text()
+    for nfe in (1, 2):
+        c = report[f"consistency_nfe{nfe}"]
+        assert len(c["sigmas"]) == nfe and 0 <= c["accuracy"] <= 1 and c["img_per_s"] > 0
+        assert f"consistency-tuned (ECT) at NFE {nfe}" in (out / "report.md").read_text()
     for precision in ("fp32", "fp16", "int8"):
         r = report[precision]
         assert len(r["per_class"]) == 10 and 0 <= r["accuracy"] <= 1 and r["img_per_s"] > 0
@@ -32,6 +38,8 @@ def test_shortened_demo_end_to_end_and_resume(tmp_path, cli_env):
     grid = Image.open(out / "grid.png")
     assert grid.size[0] >= 10 * 8 * 4 and grid.size[1] >= 10 * 8 * 4
     # A second run finds every step complete and only re-scores.
-    res = run_cli(["demo", "--outdir", str(out), "--kimg", "0.5", "--per-class", "3"], env=cli_env, timeout=1200)
+    res = run_cli(args, env=cli_env, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "already done" in res.stdout and "up to date" in res.stdout
+    assert "consistency tuning: already done" in res.stdout
+    assert json.loads((out / "report.json").read_text())["searched"]["sigmas"] == report["searched"]["sigmas"]

@@ -12,8 +12,9 @@ from edm_deploy.demo import GRID_NAME, PRECISIONS, REPORT_NAME
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=f"""\
 Train a class-conditional EDM on the built-in digits, export it to ONNX ({', '.join(PRECISIONS)},
 each verified against the torch model), sample a class grid with the NumPy runtime and
-onnxruntime, and write a report with classifier accuracy, Fréchet distance, NFE and images/s,
-for the paper's Heun and the fast settings. Resumable: rerun after a stop.
+onnxruntime, consistency-tune a copy for one- and two-evaluation sampling, and write a report
+with classifier accuracy, Fréchet distance, NFE and images/s, for the paper's Heun and the fast
+settings. Resumable: rerun after a stop.
 
 \b
 Example:
@@ -23,7 +24,9 @@ Example:
 @click.option("--kimg", "duration_kimg", type=click.FloatRange(min=0, min_open=True), default=None, help="Training length in thousands of images [default: the tiny preset's].")
 @click.option("--per-class", type=click.IntRange(min=1), default=100, show_default=True, help="Samples per class for the report.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
-def demo(outdir: str, duration_kimg: Optional[float], per_class: int, seed: int) -> None:
+@click.option("--tune-kimg", type=click.FloatRange(min=0, min_open=True), default=None, help="Consistency tuning length in thousands of images [default: the tiny consistency preset's].")
+def demo(outdir: str, duration_kimg: Optional[float], per_class: int, seed: int, tune_kimg: Optional[float]) -> None:
     from edm_deploy.demo import run_demo
 
-    run_demo(outdir=outdir, duration_kimg=duration_kimg, per_class=per_class, seed=seed, echo=click.echo)
+    run_demo(outdir=outdir, duration_kimg=duration_kimg, per_class=per_class, seed=seed, echo=click.echo,
+             tune_kimg=tune_kimg)
