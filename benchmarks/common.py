@@ -76,3 +76,13 @@ def replace_section(text: str, begin: str, end: str, path: str = RESULTS_MD) -> 
         new = old.rstrip("\n") + "\n\n" + text
     with open(path, "w", encoding="utf-8") as f:
         f.write(new)
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out, write (creating the folder) and release a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

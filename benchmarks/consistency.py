@@ -41,7 +41,7 @@ from typing import Any, Optional
 import numpy as np
 
 from benchmarks import common
-from benchmarks.common import RESULTS_DIR, measure, save, table
+from benchmarks.common import RESULTS_DIR, measure, save, save_figure, table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_MD = os.path.join(REPO, "benchmarks", "RESULTS.md")
@@ -277,10 +277,7 @@ def plot(out: dict[str, Any], path: str = PLOT) -> None:
     ax.set_title(f"digits: ECT-tuned vs its teacher's solvers, {10 * out['per_class']} images per point")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from benchmarks.common import replace_section, save
+from benchmarks.common import replace_section, save, save_figure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_MD = os.path.join(REPO, "benchmarks", "RESULTS.md")
@@ -272,10 +272,7 @@ def plot(results: list[dict], path: str = PLOT) -> None:
             ax.set_title(f"{r['model']}, batch limit {r['batch']}")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> list:

@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from benchmarks.common import replace_section, save, table
+from benchmarks.common import replace_section, save, save_figure, table
 
 NFES = (3, 4, 5, 6, 8, 10, 15, 20, 35)
 SEARCHED_NFES = (4, 5, 6)
@@ -238,10 +238,7 @@ def plot(out: dict[str, Any], solvers: list[str], nfes: list[int], path: str = P
     ax.set_title(f"digits ({out.get('preset')} preset): sample quality vs NFE, {10 * out['per_class']} images per point")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -18,7 +18,7 @@ settings. Resumable: rerun after a stop.
 
 \b
 Example:
-  edm-deploy demo                # about 3 minutes on a 2-core CPU -> demo/{GRID_NAME}, demo/{REPORT_NAME}
+  edm-deploy demo                # about 4.5 minutes on a 2-core CPU -> demo/{GRID_NAME}, demo/{REPORT_NAME}
 """)
 @click.option("--outdir", default="demo", show_default=True, type=click.Path(file_okay=False), help="Where everything goes.")
 @click.option("--kimg", "duration_kimg", type=click.FloatRange(min=0, min_open=True), default=None, help="Training length in thousands of images [default: the tiny preset's].")
