@@ -18,6 +18,7 @@ import click
 from edm_deploy.runtime.errors import EdmDeployError
 from edm_deploy.runtime.optional import install_hint
 from edm_deploy.runtime.version import __version__
+from edm_deploy.sigterm import exit_cleanly_on_sigterm
 
 # name -> (module, attribute, one-line help shown by `edm-deploy --help` without importing it)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -109,76 +110,10 @@ def cli() -> None:
     """
 
 
-# How long a SIGTERM may wait for the run to unwind before the process stops without it.
-# Schedulers send SIGKILL after a grace of their own (docker 10 s, Slurm 30 s); this is below both.
-SIGTERM_GRACE_S = 5.0
-_watchdog_started = False
-
-
-def _exit_cleanly_on_sigterm() -> None:
-    """SIGTERM (a scheduler stopping a job) unwinds like Ctrl-C, so temporary files are removed.
-
-    Python runs a signal handler only between bytecodes of the main thread, so a SIGTERM that
-    arrives during one long call (a network evaluation, a BLAS product, a zlib stream) would
-    wait for it to return. A watchdog thread woken by the signal itself (`signal.set_wakeup_fd`:
-    the interpreter's C-level handler writes the signal number to a pipe) gives the unwinding
-    `SIGTERM_GRACE_S` seconds and then ends the process. That is safe because every output is
-    written atomically: what a stop leaves is whole files and temporary ones the next run
-    removes. (A call that holds the GIL throughout delays the watchdog too; the inputs that
-    made such calls long are bounded before anything is allocated.)
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        _start_sigterm_watchdog()
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    """Remove the temporaries of the writes in progress first (the unwinding may not finish), then unwind."""
-    from edm_deploy.runtime.fileio import remove_live_temporaries
-
-    remove_live_temporaries()
-    sys.exit(143)
-
-
-def _start_sigterm_watchdog() -> None:
-    import os
-    import signal
-    import threading
-    import time
-
-    global _watchdog_started
-    if _watchdog_started:
-        return
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    try:
-        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-    except ValueError:  # not the main thread of the main interpreter
-        os.close(read_end)
-        os.close(write_end)
-        return
-    _watchdog_started = True
-
-    def watch() -> None:
-        while signal.SIGTERM not in os.read(read_end, 64):
-            pass
-        time.sleep(SIGTERM_GRACE_S)
-        from edm_deploy.runtime.fileio import remove_live_temporaries
-
-        remove_live_temporaries()
-        os.write(2, f"error: stopped {SIGTERM_GRACE_S:g} s after SIGTERM while a long call was running; outputs "
-                    "are whole files or temporary ones the next run removes\n".encode())
-        os._exit(143)
-
-    threading.Thread(target=watch, name="sigterm-watchdog", daemon=True).start()
-
 
 def main(argv: Optional[list[str]] = None) -> Any:
     """Entry point: run the CLI, turning user errors into one line and a non-zero exit."""
-    _exit_cleanly_on_sigterm()
+    exit_cleanly_on_sigterm()
     try:
         rv = cli.main(args=argv, prog_name="edm-deploy", standalone_mode=False)
         if isinstance(rv, int) and rv != 0:

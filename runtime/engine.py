@@ -126,29 +126,83 @@ class _Request:
         return self.w is not None and self.w != 1.0 and self.lo < sigma <= self.hi
 
 
+@dataclass
+class _Member:
+    """One request's share of a chunk: its images ``index`` (in the request) at ``rows`` (in the chunk)."""
+
+    request: _Request
+    index: slice
+    rows: slice
+    seeds: list
+    class_idx: Any
+
+
 class _Chunk:
-    """Up to ``rows`` images of one request, driven by one step program."""
+    """Rows driven by one step program: a part of one request, or several requests with one plan.
+
+    Requests admitted at the same tick with the same plan (solver, time points, guidance) share a
+    program: their rows advance together, so the per-step host work is paid once per plan, not
+    once per request. Each row still has its own seed's noise, so an image is what it would be
+    alone. A member that leaves early (cancelled, timed out) keeps its rows in the program's
+    arrays but not in the network call: they are answered with D = x (finite, unused).
+    """
 
     def __init__(self, request: _Request, index: slice, seeds: list[int], class_idx: Any, engine: Engine):
-        self.request, self.index, self.seeds = request, index, seeds
-        self.class_idx = class_idx
+        self.members = [_Member(request, index, slice(0, len(seeds)), seeds, class_idx)]
+        self.plan = request.plan
         self.engine = engine
         self.program: Optional[slv.Program] = None
         self.pending: Optional[tuple[Any, float]] = None
         self.answer: Any = None
         self.labels: Any = None
+        self._live: Optional[np.ndarray] = None  # row indices of live members, when some have left
+
+    @property
+    def request(self) -> _Request:
+        """The first member's request (the plan, guidance and cost are the same for every member)."""
+        return self.members[0].request
+
+    @property
+    def settled(self) -> bool:
+        return all(m.request.settled for m in self.members)
+
+    @property
+    def rows(self) -> int:
+        return sum(len(m.seeds) for m in self.members)
 
     @property
     def cost(self) -> int:
-        return len(self.seeds) * self.request.guided_rows_cost
+        live = sum(len(m.seeds) for m in self.members if not m.request.settled)
+        return live * self.request.guided_rows_cost
+
+    def absorb(self, other: _Chunk) -> None:
+        """Take the members of another waiting chunk with the same plan (before either starts)."""
+        offset = self.rows
+        for m in other.members:
+            self.members.append(_Member(m.request, m.index, slice(offset, offset + len(m.seeds)), m.seeds, m.class_idx))
+            offset += len(m.seeds)
 
     def start(self) -> None:
         den = self.engine.den
-        rnd = StackedRandomGenerator(self.seeds)
+        seeds = [s for m in self.members for s in m.seeds]
+        rnd = StackedRandomGenerator(seeds)
         img_shape = (den.img_channels, den.img_resolution, den.img_resolution)
-        latents, self.labels = draw_latents_and_labels(rnd, img_shape, int(den.label_dim), self.class_idx)
-        self.program = self.request.plan.program(den.to_device(latents), rnd.randn_like)
+        forced = [m for m in self.members if m.class_idx is not None]
+        if len(self.members) == 1:
+            latents, self.labels = draw_latents_and_labels(rnd, img_shape, int(den.label_dim), self.members[0].class_idx)
+        else:  # the seeds' own random labels, then each member's forced classes (the draw order of `sample`)
+            latents, self.labels = draw_latents_and_labels(rnd, img_shape, int(den.label_dim), None)
+            for m in forced:
+                classes = np.asarray(m.class_idx if isinstance(m.class_idx, tuple) else [m.class_idx] * len(m.seeds))
+                self.labels[m.rows] = np.eye(int(den.label_dim), dtype=np.float32)[classes]
+        self.program = self.plan.program(den.to_device(latents), rnd.randn_like)
         self._advance(lambda: next(self.program))
+
+    def live_rows(self) -> Optional[np.ndarray]:
+        """Indices of the rows whose requests are still live, or None when all are."""
+        if not any(m.request.settled for m in self.members):
+            return None
+        return np.concatenate([np.arange(m.rows.start, m.rows.stop) for m in self.members if not m.request.settled])
 
     def send(self, denoised: Any) -> None:
         self._advance(lambda: self.program.send(denoised))
@@ -434,7 +488,7 @@ class Engine:
                         return
                     self._lock.wait(timeout=self._wait_timeout())
                     continue
-            for chunk in admitted:
+            for chunk in _cohorts(admitted):
                 self._admit(chunk)
             if self._in_flight:
                 self._tick()
@@ -445,18 +499,19 @@ class Engine:
         return max(0.0, min(r.deadline for r in self._deadlines) - time.perf_counter())
 
     def _admit(self, chunk: _Chunk) -> None:
-        request = chunk.request
-        if request.admitted is None:  # its first chunk leaves the queue
-            request.admitted = time.perf_counter()
-            with self._lock:
-                self._queued_requests -= 1
-        if request.settled:
+        for member in chunk.members:
+            request = member.request
+            if request.admitted is None:  # its first chunk leaves the queue
+                request.admitted = time.perf_counter()
+                with self._lock:
+                    self._queued_requests -= 1
+        if chunk.settled:
             return
         self._in_flight.append(chunk)
         try:
             chunk.start()
-        except Exception as exc:  # a bad program start (a bug or a backend error) fails only this request
-            self._settle(chunk.request, exc, "error")
+        except Exception as exc:  # a bad program start (a bug or a backend error) fails only its requests
+            self._fail_chunk(chunk, exc)
 
     def _on_future_done(self, request: _Request, future: Future) -> None:
         """A client's cancel: flag it for the loop, which frees the rows before the next call."""
@@ -483,44 +538,46 @@ class Engine:
                 self._settle(request, DeadlineError(f"the request ran past its timeout of {request.spec.timeout:g} s"),
                              "timeout")
         for chunk in list(self._waiting) + self._in_flight:
-            request = chunk.request
-            if request.cancelled and not request.settled:
-                request.settled = True
-                self.stats.requests_cancelled += 1
-                self.observer.request_done("cancelled", len(request.spec.seeds), None)
-        gone = [c for c in self._waiting if c.request.settled]
+            for member in chunk.members:
+                request = member.request
+                if request.cancelled and not request.settled:
+                    request.settled = True
+                    self.stats.requests_cancelled += 1
+                    self.observer.request_done("cancelled", len(request.spec.seeds), None)
+        gone = [c for c in self._waiting if c.settled]
         if gone:
-            self._waiting = collections.deque(c for c in self._waiting if not c.request.settled)
+            self._waiting = collections.deque(c for c in self._waiting if not c.settled)
         for request in {id(c.request): c.request for c in gone}.values():
             if request.admitted is None:
                 request.admitted = now
                 self._queued_requests -= 1
-        self._in_flight = [c for c in self._in_flight if not c.request.settled]
+        self._in_flight = [c for c in self._in_flight if not c.settled]
 
     def _tick(self) -> None:
         """One network call for every pending evaluation in flight (and one guide call if any row needs it)."""
         chunks = [c for c in self._in_flight if c.pending is not None]
         if not chunks:
             return
-        xs, sigmas, counts, labels = [], [], [], []
+        xs, sigmas, counts, labels, live = [], [], [], [], []
         uncond, auto = [], []
         for chunk in chunks:
             x, sigma = chunk.pending
-            xs.append(x)
+            rows = chunk.live_rows()  # the rows of members that left are not evaluated
+            live.append(rows)
+            xs.append(x if rows is None else x[rows])
             sigmas.append(sigma)
-            counts.append(x.shape[0])
-            labels.append(chunk.labels)
+            counts.append(int(xs[-1].shape[0]))
+            labels.append(chunk.labels if rows is None or chunk.labels is None else chunk.labels[rows])
             request = chunk.request
             if request.w is not None and request.guided_at(sigma):
-                (uncond if request.cfg else auto).append(chunk)
-        owners = chunks
+                (uncond if request.cfg else auto).append(len(xs) - 1)
+        owners = len(chunks)
         label_dim = int(self.den.label_dim)
-        for chunk in uncond:  # classifier-free: the zero-label twin rows in the same call
-            x, sigma = chunk.pending
-            xs.append(x)
-            sigmas.append(sigma)
-            counts.append(x.shape[0])
-            labels.append(np.zeros((int(x.shape[0]), label_dim), np.float32))
+        for k in uncond:  # classifier-free: the zero-label twin rows in the same call
+            xs.append(xs[k])
+            sigmas.append(sigmas[k])
+            counts.append(counts[k])
+            labels.append(np.zeros((counts[k], label_dim), np.float32))
         x_all = xs[0] if len(xs) == 1 else concatenate(xs)
         sigma_all = np.repeat(np.array(sigmas, dtype=np.float64), counts)
         labels_all = None if label_dim == 0 else np.concatenate(labels)
@@ -529,63 +586,73 @@ class Engine:
             out = to_float64(self.den(x_all, sigma_all, labels_all))
             guide_out = None
             if auto:
-                gx = concatenate([c.pending[0] for c in auto]) if len(auto) > 1 else auto[0].pending[0]
-                gs = np.concatenate([np.full(int(c.pending[0].shape[0]), c.pending[1]) for c in auto])
-                gl = None if label_dim == 0 else np.concatenate([c.labels for c in auto])
+                gx = concatenate([xs[k] for k in auto]) if len(auto) > 1 else xs[auto[0]]
+                gs = np.repeat(np.array([sigmas[k] for k in auto], dtype=np.float64), [counts[k] for k in auto])
+                gl = None if label_dim == 0 else np.concatenate([labels[k] for k in auto])
                 guide_out = to_float64(self.guide(gx, gs, gl))
                 self.stats.guide_calls += 1
         except Exception as exc:  # the call failed: every request in it fails, the engine goes on
-            for request in {id(c.request): c.request for c in chunks}.values():
-                self._settle(request, exc, "error")
-            self._in_flight = [c for c in self._in_flight if not c.request.settled]
+            for chunk in chunks:
+                self._fail_chunk(chunk, exc)
+            self._in_flight = [c for c in self._in_flight if not c.settled]
             return
         seconds = time.perf_counter() - start
         self.stats.network_calls += 1
         self.stats.rows += int(x_all.shape[0])
         self.stats.network_seconds += seconds
         self.observer.network_call(int(x_all.shape[0]), seconds)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        answers = [out[bounds[k]:bounds[k + 1]] for k in range(owners)]
+        for j, k in enumerate(uncond):
+            twin = owners + j
+            answers[k] = mix(answers[k], out[bounds[twin]:bounds[twin + 1]], chunks[k].request.w)
         offset = 0
-        for chunk, rows in zip(owners, counts):
-            chunk.answer = out[offset:offset + rows]
-            offset += rows
-        for chunk, rows in zip(uncond, counts[len(owners):]):
-            chunk.answer = mix(chunk.answer, out[offset:offset + rows], chunk.request.w)
-            offset += rows
-        offset = 0
-        for chunk in auto:
-            rows = int(chunk.pending[0].shape[0])
-            chunk.answer = mix(chunk.answer, guide_out[offset:offset + rows], chunk.request.w)
-            offset += rows
-        for chunk in owners:
-            if chunk.request.settled:
+        for k in auto:
+            answers[k] = mix(answers[k], guide_out[offset:offset + counts[k]], chunks[k].request.w)
+            offset += counts[k]
+        for chunk, answer, rows in zip(chunks, answers, live):
+            if chunk.settled:
                 continue
+            if rows is not None:  # rows of members that left: D = x keeps them finite, nothing reads them
+                full = to_float64(chunk.pending[0]).copy()
+                full[rows] = answer
+                answer = full
             try:
-                chunk.send(chunk.answer)
+                chunk.send(answer)
             except Exception as exc:
-                self._settle(chunk.request, exc, "error")
-            chunk.answer = None
-        self._in_flight = [c for c in self._in_flight if c.pending is not None and not c.request.settled]
+                self._fail_chunk(chunk, exc)
+        self._in_flight = [c for c in self._in_flight if c.pending is not None and not c.settled]
+
+    def _fail_chunk(self, chunk: _Chunk, exc: BaseException) -> None:
+        for member in chunk.members:
+            self._settle(member.request, exc, "error")
 
     def _finish_chunk(self, chunk: _Chunk, x: Any) -> None:
-        request = chunk.request
         finite = all_finite_rows(x)
-        if not finite.all():
-            bad = [s for s, ok in zip(chunk.seeds, finite) if not ok]
-            raise NumericalError(f"the denoiser produced NaN/Inf for seeds {', '.join(map(str, bad[:10]))}")
         images = quantize_uint8(x)
         ints = None if chunk.labels is None else chunk.labels.argmax(axis=1).astype(np.int64)
-        for k, i in enumerate(range(chunk.index.start, chunk.index.stop)):
-            request.images[i] = images[k]
-            request.labels[i] = None if ints is None else ints[k]
-        request.chunks_left -= 1
-        if request.chunks_left == 0:
-            now = time.perf_counter()
-            labels = None if request.labels[0] is None else np.array(request.labels, dtype=np.int64)
-            result = GenerationResult(np.stack(request.images), list(request.spec.seeds), labels, request.plan.solver,
-                                      request.plan.nfe, request.admitted - request.submitted, now - request.admitted,
-                                      now - request.submitted, request.admitted, tuple(request.plan.warnings))
-            if self._settle(request, result, "ok"):
-                self.stats.images_done += len(request.spec.seeds)
+        for member in chunk.members:
+            request = member.request
+            if request.settled:
+                continue
+            ok = finite[member.rows]
+            if not ok.all():
+                bad = [s for s, good in zip(member.seeds, ok) if not good]
+                self._settle(request, NumericalError(f"the denoiser produced NaN/Inf for seeds "
+                                                     f"{', '.join(map(str, bad[:10]))}"), "error")
+                continue
+            for k, i in zip(range(member.rows.start, member.rows.stop), range(member.index.start, member.index.stop)):
+                request.images[i] = images[k]
+                request.labels[i] = None if ints is None else ints[k]
+            request.chunks_left -= 1
+            if request.chunks_left == 0:
+                now = time.perf_counter()
+                labels = None if request.labels[0] is None else np.array(request.labels, dtype=np.int64)
+                result = GenerationResult(np.stack(request.images), list(request.spec.seeds), labels, request.plan.solver,
+                                          request.plan.nfe, request.admitted - request.submitted, now - request.admitted,
+                                          now - request.submitted, request.admitted, tuple(request.plan.warnings))
+                if self._settle(request, result, "ok"):
+                    self.stats.images_done += len(request.spec.seeds)
 
     def _settle(self, request: _Request, outcome: Any, status: str) -> bool:
         """Resolve a request's future once (it may have been cancelled meanwhile)."""
@@ -608,6 +675,27 @@ class Engine:
             self.stats.requests_failed += 1
         self.observer.request_done(status, len(request.spec.seeds), outcome if status == "ok" else None)
         return True
+
+
+def _cohorts(chunks: list) -> list:
+    """Chunks admitted together merged by plan (same solver, time points, guidance) into one program each.
+
+    Merging is per tick and never past the batch limit the scheduler admitted under, so what
+    runs is the same set of rows; only the host work per step is shared.
+    """
+    merged: dict[int, _Chunk] = {}
+    out = []
+    for chunk in chunks:
+        if chunk.settled:
+            out.append(chunk)
+            continue
+        head = merged.get(id(chunk.plan))
+        if head is None:
+            merged[id(chunk.plan)] = chunk
+            out.append(chunk)
+        else:
+            head.absorb(chunk)
+    return out
 
 
 __all__ = [

@@ -394,9 +394,9 @@ def test_sigterm_stops_a_run_stuck_in_a_long_call_promptly(tmp_path):
         import sys, time
         sys.path.insert(0, {REPO!r})
         import numpy as np
-        from edm_deploy import cli
-        cli.SIGTERM_GRACE_S = 0.5
-        cli._exit_cleanly_on_sigterm()
+        from edm_deploy import sigterm
+        sigterm.SIGTERM_GRACE_S = 0.5
+        sigterm.exit_cleanly_on_sigterm()
         a = np.ones((6000, 6000))
         print("ready", flush=True)
         for _ in range(100):

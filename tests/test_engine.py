@@ -256,3 +256,50 @@ def test_served_unet_images_equal_sample_fixed_batch_bit_for_bit(tmp_path):
         offline = FixedShapeDenoiser(den, 8)
         for (seeds, cls, settings), result in zip(jobs, results):
             np.testing.assert_array_equal(result.images, generate(offline, seeds, cls, batch_size=3, **settings))
+
+
+def _engine_paused(den, **kwargs):
+    """An engine whose loop has not started, so requests submitted now are admitted together."""
+    engine = Engine(den, **kwargs)
+    engine._thread = threading.current_thread()  # submit() starts no loop; run it with engine._loop
+    return engine
+
+
+def test_requests_with_one_plan_share_a_program_and_keep_their_own_images():
+    den = conditional()
+    engine = _engine_paused(den, max_batch=16)
+    jobs = [([0, 1], None), ([2], 3), ([3, 4], (1, 2)), ([5], None)]
+    futures = [engine.submit(seeds, cls, {"solver": "ipndm", "nfe": 5}) for seeds, cls in jobs]
+    engine._stopping = True
+    engine._loop()
+    assert engine.stats.network_calls == 5  # one program for all four: one call per evaluation
+    for (seeds, cls), f in zip(jobs, futures):
+        want = generate(den, seeds, class_idx=list(cls) if isinstance(cls, tuple) else cls, solver="ipndm", nfe=5)
+        np.testing.assert_array_equal(f.result().images, want)
+
+
+class CancelsAtCall(Recording):
+    """Cancels ``future`` right after its ``at``-th call, as a client that goes away mid-program."""
+
+    def __init__(self, at, **kwargs):
+        super().__init__(**kwargs)
+        self.at, self.future = at, None
+
+    def __call__(self, x, sigma, class_labels=None):
+        out = super().__call__(x, sigma, class_labels)
+        if len(self.calls) == self.at:
+            self.future.cancel()
+        return out
+
+
+def test_a_member_that_leaves_a_shared_program_frees_its_rows():
+    den = CancelsAtCall(at=2)
+    engine = _engine_paused(den, max_batch=16)
+    stay = engine.submit([0, 1], None, {"solver": "heun", "num_steps": 6})
+    den.future = leave = engine.submit([2, 3, 4], None, {"solver": "heun", "num_steps": 6})
+    engine._stopping = True
+    engine._loop()
+    rows = [len(s) for s in den.calls]
+    assert rows[:2] == [5, 5] and set(rows[2:]) == {2}  # the cancel is seen before the next call
+    assert len(rows) == 11 and leave.cancelled()
+    np.testing.assert_array_equal(stay.result().images, generate(Recording(), [0, 1], solver="heun", num_steps=6))

@@ -270,6 +270,7 @@ def test_a_client_that_goes_away_frees_its_rows_and_sigterm_drains(gauss_model):
             assert r.status_code == 503  # a connection that got in: refused with 503, else refused outright
             raise httpx.HTTPError("refused with 503")
         slow.join(timeout=300)
+        assert "slow" in results, server.lines
         assert results["slow"].status_code == 200 and results["slow"].headers["content-type"] == "image/png"
         assert server.wait(timeout=60) == 0
         assert any(line.startswith("stopped: 1 requests") for line in server.lines), server.lines

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import click
 
+from edm_deploy import sigterm
 from edm_deploy.commands.common import FiniteFloat, backend_options, load_from_options
 
 
@@ -65,6 +66,7 @@ def serve(model: str, **params: Any) -> None:
         config = uvicorn.Config(app, host=params["host"], port=params["port"], log_level="warning",
                                 timeout_graceful_shutdown=params["drain_timeout"], lifespan="on")
         server = draining_server(uvicorn, config, engine)
+        sigterm.extend_sigterm_grace(params["drain_timeout"] + sigterm.SIGTERM_GRACE_S)
         click.echo(f"serving {model} ({den.describe()}) with {engine.scheduler.name} batching, at most "
                    f"{engine.max_batch} rows per call", err=True)
         server.run()
