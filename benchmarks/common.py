@@ -50,8 +50,9 @@ def save(name: str, payload: dict[str, Any]) -> str:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}.json")
     payload = {"benchmark": name, "machine": machine(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2, default=float)
+    from edm_deploy.runtime.fileio import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(payload, indent=2, default=float).encode("utf-8"))
     return path
 
 
@@ -74,15 +75,37 @@ def replace_section(text: str, begin: str, end: str, path: str = RESULTS_MD) -> 
         new = head + text.rstrip("\n") + rest.split(end, 1)[1]
     else:
         new = old.rstrip("\n") + "\n\n" + text
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new)
+    from edm_deploy.runtime.fileio import atomic_write_bytes
+
+    atomic_write_bytes(path, new.encode("utf-8"))  # a stop mid-write leaves the old file whole
+
+
+FD_TICKS = (0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10, 20, 50)
+
+
+def fd_vs_nfe_axes(ax, nfes) -> None:
+    """Log-log axes for a quality-against-NFE plot: the NFEs and round FD values as tick labels."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(nfes)
+    ax.set_xticklabels([str(n) for n in nfes])
+    ax.minorticks_off()
+    lo, hi = ax.get_ylim()
+    ticks = [t for t in FD_TICKS if lo <= t <= hi]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([f"{t:g}" for t in ticks])
+    ax.set_xlabel("NFE (network evaluations per image)")
+    ax.set_ylabel("pixel Fréchet distance to the test split")
 
 
 def save_figure(fig, path: str) -> None:
     """Lay out, write (creating the folder) and release a matplotlib figure."""
     import matplotlib.pyplot as plt
 
+    from edm_deploy.runtime.fileio import atomic_path
+
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=os.path.splitext(path)[1].lstrip(".") or "png")
     plt.close(fig)

@@ -41,7 +41,7 @@ from typing import Any, Optional
 import numpy as np
 
 from benchmarks import common
-from benchmarks.common import RESULTS_DIR, measure, save, save_figure, table
+from benchmarks.common import RESULTS_DIR, fd_vs_nfe_axes, measure, save, save_figure, table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_MD = os.path.join(REPO, "benchmarks", "RESULTS.md")
@@ -262,18 +262,7 @@ def plot(out: dict[str, Any], path: str = PLOT) -> None:
     ax.axhline(ref, color="grey", linestyle="--", linewidth=1, label=f"teacher Heun NFE 35 ({ref:.3f})")
     ax.axhline(out["fd_train_test"], color="green", linestyle=":", linewidth=1,
                label=f"real digits: train vs test ({out['fd_train_test']:.3f})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    nfes = sorted({n for pts in by_solver.values() for n, _ in pts} | {n for n, _ in pts})
-    ax.set_xticks(nfes)
-    ax.set_xticklabels([str(n) for n in nfes])
-    ax.minorticks_off()
-    lo, hi = ax.get_ylim()
-    ticks = [t for t in (0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10, 20, 50) if lo <= t <= hi]
-    ax.set_yticks(ticks)
-    ax.set_yticklabels([f"{t:g}" for t in ticks])
-    ax.set_xlabel("NFE (network evaluations per image)")
-    ax.set_ylabel("pixel Fréchet distance to the test split")
+    fd_vs_nfe_axes(ax, sorted({n for pts in by_solver.values() for n, _ in pts} | {n for n, _ in pts}))
     ax.set_title(f"digits: ECT-tuned vs its teacher's solvers, {10 * out['per_class']} images per point")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from benchmarks.common import replace_section, save, save_figure, table
+from benchmarks.common import fd_vs_nfe_axes, replace_section, save, save_figure, table
 
 NFES = (3, 4, 5, 6, 8, 10, 15, 20, 35)
 SEARCHED_NFES = (4, 5, 6)
@@ -224,17 +224,7 @@ def plot(out: dict[str, Any], solvers: list[str], nfes: list[int], path: str = P
     ref = out["grid"].get(f"{REFERENCE[0]}@{REFERENCE[1]}")
     if ref:
         ax.axhline(ref["fd"], color="grey", linestyle="--", linewidth=1, label=f"Heun NFE 35 ({ref['fd']:.3f})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks(nfes)
-    ax.set_xticklabels([str(n) for n in nfes])
-    ax.minorticks_off()
-    lo, hi = ax.get_ylim()
-    ticks = [t for t in (0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10, 20, 50) if lo <= t <= hi]
-    ax.set_yticks(ticks)
-    ax.set_yticklabels([f"{t:g}" for t in ticks])
-    ax.set_xlabel("NFE (network evaluations per image)")
-    ax.set_ylabel("pixel Fréchet distance to the test split")
+    fd_vs_nfe_axes(ax, nfes)
     ax.set_title(f"digits ({out.get('preset')} preset): sample quality vs NFE, {10 * out['per_class']} images per point")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)

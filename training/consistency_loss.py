@@ -45,7 +45,7 @@ from typing import Callable, Optional
 import torch
 
 from edm_deploy.runtime.errors import InputError
-from edm_deploy.training.loss import _check_images, _draw
+from edm_deploy.training.loss import _check_images, _draw, _lognormal_sigma
 
 __all__ = ["ECTLoss", "ect_stage", "ect_r"]
 
@@ -125,8 +125,7 @@ class ECTLoss:
         generator: Optional[torch.Generator] = None,
     ) -> torch.Tensor:
         _check_images(images)
-        rnd_normal = _draw("randn", [images.shape[0], 1, 1, 1], images.device, generator)
-        t = (rnd_normal * self.P_std + self.P_mean).exp()
+        t = _lognormal_sigma(images, self.P_mean, self.P_std, generator)
         r = self.r_of(t)
         if augment_pipe is None:
             y, augment_labels = images, None

@@ -23,6 +23,13 @@ from edm_deploy.training.precond import vp_sigma
 __all__ = ["EDMLoss", "VPLoss", "VELoss"]
 
 
+def _lognormal_sigma(images: torch.Tensor, P_mean: float, P_std: float,
+                     generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One noise level per image with ln sigma ~ N(P_mean, P_std^2): EDM's training sigmas, ECT's t."""
+    rnd_normal = _draw("randn", [images.shape[0], 1, 1, 1], images.device, generator)
+    return (rnd_normal * P_std + P_mean).exp()
+
+
 def _draw(kind: str, shape: Sequence[int], device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
     """float32 uniform ('rand') or normal ('randn') numbers on ``device``.
 
@@ -143,7 +150,6 @@ class EDMLoss:
         generator: Optional[torch.Generator] = None,
     ) -> torch.Tensor:
         _check_images(images)
-        rnd_normal = _draw("randn", [images.shape[0], 1, 1, 1], images.device, generator)
-        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
+        sigma = _lognormal_sigma(images, self.P_mean, self.P_std, generator)
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         return _denoising_loss(net, images, labels, augment_pipe, sigma, weight, generator)
