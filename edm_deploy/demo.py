@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable, Optional
 
@@ -81,6 +82,8 @@ def tune_step(teacher: str, run_dir: str, echo: Callable[[str], None], **overrid
     `overrides` are TrainingOptions fields over the tiny consistency preset. A finished run of the
     same teacher is kept as it is.
     """
+    from edm_deploy.runtime.fileio import sha256_file
+    from edm_deploy.runtime.manifest import CONSISTENCY_KEY
     from edm_deploy.training.checkpoint import load_checkpoint
     from edm_deploy.training.options import consistency_options, resume_options
     from edm_deploy.training.training_loop import training_loop
@@ -88,11 +91,17 @@ def tune_step(teacher: str, run_dir: str, echo: Callable[[str], None], **overrid
     ckpt = os.path.join(run_dir, "ckpt.pt")
     options = consistency_options(teacher, "tiny", outdir=run_dir, **overrides)
     if os.path.exists(ckpt):
-        state = load_checkpoint(ckpt)["training_state"]
-        if state["options"].get("tune_from") == teacher and state["cur_nimg"] >= options.duration_kimg * 1000:
+        stored = load_checkpoint(ckpt)
+        state = stored["training_state"]
+        record = stored["network"].get(CONSISTENCY_KEY) or {}
+        if record.get("from_sha256") != sha256_file(teacher):  # the teacher was retrained since: start over
+            echo(f"consistency tuning: {ckpt} tuned another teacher than {teacher}; tuning again")
+            shutil.rmtree(run_dir)
+            return tune_step(teacher, run_dir, echo, **overrides)
+        if state["cur_nimg"] >= options.duration_kimg * 1000:
             echo(f"consistency tuning: already done ({state['cur_nimg'] / 1000:.0f} kimg in {ckpt})")
             return ckpt
-        options = resume_options(ckpt, duration_kimg=options.duration_kimg)
+        options = resume_options(ckpt, outdir=run_dir, duration_kimg=options.duration_kimg)
         echo(f"consistency tuning: resuming {ckpt} at {state['cur_nimg'] / 1000:.1f} of {options.duration_kimg:.0f} kimg")
     else:
         echo(f"consistency tuning (ECT) of {teacher} for {options.duration_kimg:.0f} kimg into {run_dir}")

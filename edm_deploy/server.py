@@ -312,21 +312,24 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
             return error(400, str(exc))
         waiting = asyncio.wrap_future(future)
         gone = asyncio.ensure_future(_client_gone(request))
-        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this handler is cancelled (a forced shutdown): nobody waits for its rows
+            gone.cancel()
+            if not waiting.done():
+                future.cancel()
         if not waiting.done():  # the client went away: its rows leave before the next network call
-            future.cancel()
             return Response(status_code=499)
-        gone.cancel()
         try:
             result = waiting.result()
         except DeadlineError as exc:
             return error(504, str(exc))
         except NumericalError as exc:
             return error(500, str(exc))
-        except EdmDeployError as exc:
-            return error(500, first_line(exc))
         except asyncio.CancelledError:
             return error(503, "the request was cancelled (the server is stopping)", **{"Retry-After": "5"})
+        except Exception as exc:  # a backend's own error (onnxruntime, torch): one line, not a traceback
+            return error(500, first_line(exc))
         content, media = encode_result(result, call)
         headers = {"X-Seconds": f"{result.total_s:.6f}", "X-NFE": str(result.nfe), "X-Solver": result.solver,
                    "X-Seeds": ",".join(map(str, result.seeds))}

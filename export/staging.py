@@ -16,6 +16,7 @@ builds them in one hidden folder beside the outputs, named after the first outpu
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from typing import Iterable
@@ -44,7 +45,10 @@ class Staging:
 
     def __init__(self, final: str):
         self.final = os.path.abspath(final)
-        self.folder = os.path.join(os.path.dirname(self.final), f"{TEMP_PREFIX}export-{os.path.basename(final)}{TEMP_SUFFIX}")
+        name = os.path.basename(self.final)
+        if len(name) > 96:  # keep the folder's name under the 255 limit, and apart from other long names
+            name = name[:80] + "-" + hashlib.sha1(name.encode()).hexdigest()[:12]
+        self.folder = os.path.join(os.path.dirname(self.final), f"{TEMP_PREFIX}export-{name}{TEMP_SUFFIX}")
         self._lock = exclusive_output(self.final)
 
     def __enter__(self) -> Staging:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 import zipfile
+import zlib
 from typing import BinaryIO, Callable, Optional, Sequence, Union
 
 from edm_deploy.runtime.errors import InputError
@@ -33,9 +34,10 @@ MAX_IMAGE_PIXELS = 89_478_485
 MAX_ZIP_RATIO = 200
 ZIP_RATIO_SLACK = 64 << 20  # bytes a small archive may inflate to whatever its ratio
 READ_CHUNK = 1 << 20
-# What zipfile raises for an archive it cannot read (RuntimeError: an encrypted member).
+# What zipfile raises for an archive it cannot read (RuntimeError: an encrypted member; zlib.error:
+# a corrupt deflate stream).
 ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
-              RuntimeError)
+              RuntimeError, zlib.error)
 
 MemberLimit = Callable[[str], int]  # member name -> the most bytes it may hold
 
@@ -90,7 +92,7 @@ def first_bad_member(zf: zipfile.ZipFile, path: str, limit_for: MemberLimit = _i
                     if size > limit:  # CPython stops at the declared size; another zipfile might not
                         raise InputError(f"{path}: member {info.filename} inflates past {limit:,} bytes although "
                                          f"it declares {info.file_size:,} (a forged ZIP bomb)")
-        except zipfile.BadZipFile:
+        except (zipfile.BadZipFile, zlib.error):
             return info.filename
     return None
 

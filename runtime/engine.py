@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import math
 import threading
 import time
@@ -45,13 +46,15 @@ import numpy as np
 
 from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.contract import as_denoiser
-from edm_deploy.runtime.errors import EdmDeployError, InputError, NumericalError, check_int
+from edm_deploy.runtime.errors import EdmDeployError, InputError, NumericalError, check_int, check_number
 from edm_deploy.runtime.generate import SamplingPlan, guided, plan_sampling, quantize_uint8
 from edm_deploy.runtime.guidance import check_guidance_args, check_interval, check_weight, mix
 from edm_deploy.runtime.noise import StackedRandomGenerator, check_class, draw_latents_and_labels
 from edm_deploy.runtime.seeds import check_seeds
 from edm_deploy.runtime.settings import SamplerSettings
 from edm_deploy.runtime.xp import all_finite_rows, concatenate, to_float64
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUE = 256          # requests waiting beyond those in flight
 DEFAULT_MAX_IMAGES = 64          # images one request may ask for
@@ -198,11 +201,24 @@ class _Chunk:
         self.program = self.plan.program(den.to_device(latents), rnd.randn_like)
         self._advance(lambda: next(self.program))
 
-    def live_rows(self) -> Optional[np.ndarray]:
-        """Indices of the rows whose requests are still live, or None when all are."""
-        if not any(m.request.settled for m in self.members):
-            return None
-        return np.concatenate([np.arange(m.rows.start, m.rows.stop) for m in self.members if not m.request.settled])
+    def live_members(self) -> Optional[list[bool]]:
+        """Which members are still live, or None when all are (the common case: nothing to slice)."""
+        live = [not m.request.settled for m in self.members]
+        return None if all(live) else live
+
+    def live_part(self, x: Any, live: list[bool]) -> Any:
+        """The rows of `x` that belong to the live members (any array library)."""
+        parts = [x[m.rows] for m, keep in zip(self.members, live) if keep]
+        return parts[0] if len(parts) == 1 else concatenate(parts)
+
+    def widen(self, answer: Any, x: Any, live: list[bool]) -> Any:
+        """The live members' rows from `answer`, D = x for those that left (finite; nothing reads them)."""
+        parts, k = [], 0
+        for m, keep in zip(self.members, live):
+            n = m.rows.stop - m.rows.start
+            parts.append(answer[k:k + n] if keep else x[m.rows])
+            k += n if keep else 0
+        return concatenate(parts)
 
     def send(self, denoised: Any) -> None:
         self._advance(lambda: self.program.send(denoised))
@@ -339,6 +355,7 @@ class Engine:
         self._lock = threading.Condition()
         self._accepting = True
         self._stopping = False
+        self._abandon = False              # shutdown(drain=False): cancel whatever is left
         self._thread: Optional[threading.Thread] = None
 
     # ----- lifecycle
@@ -360,10 +377,9 @@ class Engine:
         """Stop taking requests; with ``drain`` finish those in flight and queued, else cancel them."""
         with self._lock:
             self._accepting = False
-            if not drain:
-                for chunk in list(self._waiting) + self._in_flight:
-                    chunk.request.future.cancel()
-                    chunk.request.cancelled = True
+            if not drain:  # every request now and any the loop holds between queue and flight
+                self._abandon = True
+                self._cancel_all()
                 self._check_needed = True
             self._stopping = True
             self._lock.notify_all()
@@ -403,8 +419,7 @@ class Engine:
         if guidance is not None:
             guidance = check_weight(guidance)
             guidance_interval = None if guidance_interval is None else check_interval(guidance_interval)
-        if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-                                        and math.isfinite(timeout) and timeout > 0):
+        if timeout is not None and not check_number(timeout, "timeout") > 0:
             raise InputError(f"timeout must be a positive number of seconds, got {timeout!r}", param="timeout")
         request = ImageRequest(tuple(seeds), class_idx, settings, guidance, guidance_interval,
                                None if timeout is None else float(timeout))
@@ -440,7 +455,11 @@ class Engine:
         cfg = w is not None and w != 1.0 and self.guide is None
         future: Future = Future()
         entry = _Request(request, plan, future, cfg, w is not None and self.guide is not None, w, lo, hi)
-        per_chunk = max(1, self.max_batch // entry.guided_rows_cost)
+        if entry.guided_rows_cost > self.max_batch:
+            raise InputError(f"classifier-free guidance evaluates 2 rows per image, more than this engine's batch "
+                             f"limit of {self.max_batch}; serve with a larger max_batch or ask without guidance",
+                             param="guidance")
+        per_chunk = self.max_batch // entry.guided_rows_cost
         seeds = list(request.seeds)
         classes = request.class_idx
         chunks = []
@@ -488,10 +507,16 @@ class Engine:
                         return
                     self._lock.wait(timeout=self._wait_timeout())
                     continue
-            for chunk in _cohorts(admitted):
-                self._admit(chunk)
-            if self._in_flight:
-                self._tick()
+            try:
+                for chunk in _cohorts(admitted):
+                    self._admit(chunk)
+                if self._in_flight:
+                    self._tick()
+            except Exception as exc:  # a fault of the engine itself: fail what it holds, keep serving
+                _log.exception("the engine loop failed; its requests in flight fail with it")
+                for chunk in admitted + self._in_flight:
+                    self._fail_chunk(chunk, exc)
+                self._in_flight = []
 
     def _wait_timeout(self) -> Optional[float]:
         if not self._deadlines:
@@ -507,11 +532,13 @@ class Engine:
                     self._queued_requests -= 1
         if chunk.settled:
             return
-        self._in_flight.append(chunk)
         try:
             chunk.start()
         except Exception as exc:  # a bad program start (a bug or a backend error) fails only its requests
             self._fail_chunk(chunk, exc)
+            return
+        if chunk.pending is not None:  # (a program may finish without an evaluation)
+            self._in_flight.append(chunk)
 
     def _on_future_done(self, request: _Request, future: Future) -> None:
         """A client's cancel: flag it for the loop, which frees the rows before the next call."""
@@ -521,15 +548,24 @@ class Engine:
                 self._check_needed = True
                 self._lock.notify_all()
 
+    def _cancel_all(self) -> None:
+        """Cancel every request queued or in flight (caller holds the lock)."""
+        for chunk in list(self._waiting) + self._in_flight:
+            for member in chunk.members:
+                member.request.cancelled = True
+                member.request.future.cancel()
+
     def _drop_cancelled(self) -> None:
         """Cancelled and timed-out requests leave before the next call (caller holds the lock).
 
         Only runs when a request was cancelled or one with a deadline is in the engine, so the
         common tick costs nothing here.
         """
-        if not (self._check_needed or self._deadlines):
+        if not (self._check_needed or self._deadlines or self._abandon):
             return
         self._check_needed = False
+        if self._abandon:
+            self._cancel_all()
         now = time.perf_counter()
         for request in list(self._deadlines):
             if request.settled:
@@ -562,12 +598,12 @@ class Engine:
         uncond, auto = [], []
         for chunk in chunks:
             x, sigma = chunk.pending
-            rows = chunk.live_rows()  # the rows of members that left are not evaluated
-            live.append(rows)
-            xs.append(x if rows is None else x[rows])
+            keep = chunk.live_members()  # the rows of members that left are not evaluated
+            live.append(keep)
+            xs.append(x if keep is None else chunk.live_part(x, keep))
             sigmas.append(sigma)
             counts.append(int(xs[-1].shape[0]))
-            labels.append(chunk.labels if rows is None or chunk.labels is None else chunk.labels[rows])
+            labels.append(chunk.labels if keep is None or chunk.labels is None else chunk.live_part(chunk.labels, keep))
             request = chunk.request
             if request.w is not None and request.guided_at(sigma):
                 (uncond if request.cfg else auto).append(len(xs) - 1)
@@ -610,14 +646,12 @@ class Engine:
         for k in auto:
             answers[k] = mix(answers[k], guide_out[offset:offset + counts[k]], chunks[k].request.w)
             offset += counts[k]
-        for chunk, answer, rows in zip(chunks, answers, live):
+        for chunk, answer, keep in zip(chunks, answers, live):
             if chunk.settled:
                 continue
-            if rows is not None:  # rows of members that left: D = x keeps them finite, nothing reads them
-                full = to_float64(chunk.pending[0]).copy()
-                full[rows] = answer
-                answer = full
             try:
+                if keep is not None:
+                    answer = chunk.widen(answer, to_float64(chunk.pending[0]), keep)
                 chunk.send(answer)
             except Exception as exc:
                 self._fail_chunk(chunk, exc)
@@ -664,10 +698,11 @@ class Engine:
                 request.future.set_exception(outcome)
             else:
                 request.future.set_result(outcome)
-        except InvalidStateError:  # cancelled by its client a moment ago
+        except InvalidStateError:  # cancelled by its client a moment ago: that is its outcome
             request.cancelled = True
-            request.settled = False
-            self._check_needed = True
+            self._deadlines.discard(request)
+            self.stats.requests_cancelled += 1
+            self.observer.request_done("cancelled", len(request.spec.seeds), None)
             return False
         if status == "ok":
             self.stats.requests_done += 1

@@ -56,6 +56,34 @@ def param_error(param: str, message: str) -> InputError:
     return InputError(message, param=param)
 
 
+def shown(value: object) -> str:
+    """A value for an error line: short however large (a 400-digit int, a long string)."""
+    import reprlib
+
+    try:
+        return reprlib.repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return f"an integer of about {int(value).bit_length() * 0.30103:.0f} digits"  # type: ignore[call-overload]
+
+
+def check_number(value: object, name: str, allow_inf: bool = False) -> float:
+    """``value`` as a float when it is given as a number (not a bool or a string); NaN refused, and
+    infinity unless ``allow_inf`` (an int too large for a float counts as infinite)."""
+    import math
+
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"{name} must be a number, got {shown(value)}", param=name)
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf if value > 0 else -math.inf  # type: ignore[operator]
+    if math.isnan(out) or (math.isinf(out) and not allow_inf):
+        raise InputError(f"{name} must be a finite number, got {shown(value)}", param=name)
+    return out
+
+
 def check_int(value: object, name: str, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
     """``value`` as an int within [lo, hi]; a bool, float, string or out-of-range value is one InputError naming ``name``.
 
@@ -64,10 +92,10 @@ def check_int(value: object, name: str, lo: Optional[int] = None, hi: Optional[i
     import numpy as np
 
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"{name} must be an integer, got {value!r}", param=name)
+        raise InputError(f"{name} must be an integer, got {shown(value)}", param=name)
     value = int(value)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bound = (f"an integer from {lo} to {hi}" if lo is not None and hi is not None else
                  "a positive integer" if lo == 1 else f"an integer >= {lo}" if lo is not None else f"an integer <= {hi}")
-        raise InputError(f"{name} must be {bound}, got {value}", param=name)
+        raise InputError(f"{name} must be {bound}, got {shown(value)}", param=name)
     return value

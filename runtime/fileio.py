@@ -113,7 +113,8 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     temporary file is removed and `path` is left as it was.
     """
     directory = _existing_folder(path)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + os.path.basename(path) + TEMP_SUFFIX, dir=directory)
+    # The name's head only: the temporary adds ~22 characters, and a name near the 255 limit is valid.
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + os.path.basename(path)[:96] + TEMP_SUFFIX, dir=directory)
     os.close(fd)
     track_temporary(tmp)
     try:

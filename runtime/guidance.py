@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from edm_deploy.runtime.contract import DelegatingDenoiser, as_denoiser
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.errors import InputError, check_number, shown
 from edm_deploy.runtime.xp import concatenate, to_float64, where_rows
 
 # Noise levels at which two rounding rules must agree for a guide to match its model.
@@ -35,9 +35,9 @@ _ROUNDING_PROBE = np.exp(np.linspace(np.log(0.002), np.log(80.0), 257))
 def check_interval(interval: Any) -> tuple[float, float]:
     """(lo, hi) with 0 <= lo < hi <= inf; guided iff lo < sigma <= hi."""
     try:
-        lo, hi = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise InputError(f"guidance_interval must be two numbers (lo, hi), got {interval!r}",
+        lo, hi = (check_number(v, "guidance_interval", allow_inf=True) for v in interval)
+    except (TypeError, ValueError, InputError):
+        raise InputError(f"guidance_interval must be two numbers (lo, hi), got {shown(interval)}",
                          param="guidance_interval") from None
     if math.isnan(lo) or math.isnan(hi) or lo < 0 or not lo < hi:
         raise InputError(f"guidance_interval must satisfy 0 <= lo < hi, got ({lo:g}, {hi:g})", param="guidance_interval")
@@ -52,10 +52,8 @@ def check_guidance_args(guide_given: bool, guidance: Optional[float], interval: 
 
 
 def check_weight(guidance: Any) -> float:
-    w = float(guidance)
-    if not math.isfinite(w):
-        raise InputError(f"guidance must be a finite number, got {guidance!r}", param="guidance")
-    return w
+    """The guidance weight W: a finite number."""
+    return check_number(guidance, "guidance")
 
 
 def mix(denoised: Any, guided_by: Any, w: float) -> Any:

@@ -18,6 +18,7 @@ line and before the parser runs:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any, Optional
@@ -59,6 +60,13 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: a number too large for a float, not a value to compute with
+        raise ValueError(f"{text[:40]} is beyond the range of a float")
+    return value
+
+
 def loads_bounded(text: Any, source: str, max_bytes: int = MAX_MANIFEST_BYTES, what: str = "JSON",
                   param: Optional[str] = None, allow_constants: bool = False) -> Any:
     """Parse JSON `text` (str or bytes) from `source`, bounded in size and depth (see the module doc).
@@ -86,7 +94,8 @@ def loads_bounded(text: Any, source: str, max_bytes: int = MAX_MANIFEST_BYTES, w
         raise InputError(f"{source}: {what} nested {depth} levels deep; at most {MAX_JSON_DEPTH} are read "
                          "(no edm-deploy file nests more than a few)", param=param)
     try:
-        return json.loads(text, **({} if allow_constants else {"parse_constant": _refuse_constant}))
+        return json.loads(text, **({} if allow_constants else {"parse_constant": _refuse_constant,
+                                                               "parse_float": _finite_float}))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, a refused constant, a huge integer
         detail = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
         raise InputError(f"{source} is not valid {what} ({detail})", param=param) from None

@@ -91,7 +91,7 @@ def parse_seeds(text: str) -> list[int]:
         part = part.strip()
         if not part:
             continue
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = re.fullmatch(r"(\d{1,20})(?:-(\d{1,20}))?", part)  # (seeds are below 2^32: 20 digits is plenty)
         if not m:
             raise InputError(f"bad seed list {text!r}: use numbers and ranges like 0-63,100")
         lo = int(m.group(1))

@@ -24,7 +24,7 @@ import numpy as np
 
 from edm_deploy.runtime import schedules as sch
 from edm_deploy.runtime import solvers as slv
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.errors import InputError, check_int, check_number, shown
 from edm_deploy.runtime.schedules import MAX_STEPS
 
 # Largest finite float32: what the network sees of sigma (and of a guided mix).
@@ -160,6 +160,8 @@ class SamplerSettings:
             for name in ("num_steps", "discretization", "sigma_min", "sigma_max", "rho", "epsilon_s", "C_1", "C_2", "M"):
                 if getattr(self, name) is not None:
                     raise InputError(f"{name} does not apply when sigmas is given (the list is the schedule)", param=name)
+        if self.nfe is not None and spec.time_points_for_nfe is not None and self.discretization is None:
+            self._check_own_time_points(solver)
         if self.S_min is not None and self.S_max is not None and self.S_min > self.S_max:
             raise InputError(f"S_min ({self.S_min:g}) must not exceed S_max ({self.S_max:g})", param="S_min")
         slv.check_solver_options(solver, self.churn, afs=self.afs, denoise_to_zero=self.denoise_to_zero,
@@ -183,6 +185,17 @@ class SamplerSettings:
             if getattr(self, name) is not None and name not in sch.SCHEDULE_PARAMS[disc]:
                 takes = ", ".join(sch.SCHEDULE_PARAMS[disc]) or "no parameters"
                 raise InputError(f"{name} does not apply to the {disc} schedule (it takes {takes})", param=name)
+
+    def _check_own_time_points(self, solver: str) -> None:
+        """`nfe` on a solver with its own time points (consistency: sigma_max down to 0.821): only sigma_max applies."""
+        for name in ("sigma_min", "rho", "epsilon_s", "C_1", "C_2", "M"):
+            if getattr(self, name) is not None:
+                raise InputError(f"{name} does not apply to the {solver} solver's own time points for nfe (sigma_max "
+                                 f"down to {slv.CONSISTENCY_MID_SIGMA:g}); give sigmas to choose others", param=name)
+        if self.sigma_max is not None and self.nfe > 1 and self.sigma_max <= slv.CONSISTENCY_MID_SIGMA:
+            raise InputError(f"sigma_max must be above {slv.CONSISTENCY_MID_SIGMA:g}, the last of the {solver} "
+                             f"solver's time points for nfe {self.nfe}; give sigmas to choose others",
+                             param="sigma_max")
 
     def _check_reference_parameters(self) -> None:
         """The reference samplers read rho only on edm, epsilon_s only where VP appears, C_1/C_2/M only on iddpm."""
@@ -216,20 +229,14 @@ def _check_value(f: dataclasses.Field, value: Any) -> Any:
         _check_float32(name, float(arr[0]))
         return tuple(float(v) for v in arr)
     if kind == "int":
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise InputError(f"{name} must be an integer, got {value!r}", param=name)
-        value = int(value)
+        value = check_int(value, name)
     else:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise InputError(f"{name} must be a number, got {value!r}", param=name)
-        value = float(value)
-        if math.isnan(value) or (math.isinf(value) and not meta["allow_inf"]):
-            raise InputError(f"{name} must be a finite number, got {value!r}", param=name)
+        value = check_number(value, name, allow_inf=meta["allow_inf"])
     lo, hi = meta["lo"], meta["hi"]
     if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
-        raise InputError(f"{name} must be {'>' if meta['lo_open'] else '>='} {lo:g}, got {value:g}", param=name)
+        raise InputError(f"{name} must be {'>' if meta['lo_open'] else '>='} {lo:g}, got {shown(value)}", param=name)
     if hi is not None and value > hi:
-        raise InputError(f"{name} must be <= {hi:g}, got {value:g}", param=name)
+        raise InputError(f"{name} must be <= {hi:g}, got {shown(value)}", param=name)
     if kind == "float" and not math.isinf(value):
         _check_float32(name, value)
     return value

@@ -457,3 +457,43 @@ def test_a_fifo_where_a_file_is_read_is_refused_not_waited_on(place, tmp_path, c
         args = ["dataset", "--source", str(src), "--dest", str(tmp_path / "d.zip")]
     code, _, err = run_main(args, capsys)
     assert "is a FIFO, not a regular file" in one_error_line(code, err)
+
+
+# -- corrupt or out-of-range values that the parsers let through --------------------------------
+
+
+def test_a_corrupt_deflate_stream_in_a_dataset_zip_is_one_error(tmp_path):
+    import zipfile
+
+    from edm_deploy.training import dataset as D
+
+    src = str(tmp_path / "ok.zip")
+    D.write_dataset_zip("digits", src, max_images=8)
+    bad = str(tmp_path / "bad.zip")
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w", zipfile.ZIP_DEFLATED) as zout:
+        for name in zin.namelist():
+            zout.writestr(name, zin.read(name) * 4)
+    raw = bytearray(open(bad, "rb").read())
+    with zipfile.ZipFile(bad) as zf:
+        info = zf.getinfo("00000/img00000000.png")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw[start + 5:start + 9] = b"\xff\xff\xff\xff"  # inside the deflate stream: zlib fails before the CRC check
+    open(bad, "wb").write(bytes(raw))
+    with pytest.raises(InputError, match="bad.zip"):
+        D.open_dataset(bad)
+
+
+def test_json_numbers_beyond_a_float_are_refused():
+    from edm_deploy.runtime.jsonio import loads_bounded
+
+    with pytest.raises(InputError, match="1e400 is beyond the range of a float"):
+        loads_bounded("[80, 1e400]", "schedule.json")
+    assert loads_bounded("[80, 1e-400]", "schedule.json") == [80, 0.0]
+
+
+def test_an_output_name_near_the_length_limit_is_written(tmp_path):
+    from edm_deploy.runtime.fileio import atomic_write_bytes
+
+    path = tmp_path / ("x" * 245 + ".npz")
+    atomic_write_bytes(str(path), b"data")
+    assert path.read_bytes() == b"data" and os.listdir(tmp_path) == [path.name]

@@ -26,7 +26,7 @@ from tests.test_training import _cli_error, _equal_states, micro  # noqa: E402
 
 # A consistency tuning of the micro network: ticks and resume points every step, stages of 2 steps.
 TUNE = dict(data="digits", batch=16, max_images=40, seed=3, lr=1e-3, kimg_per_tick=0.016, snapshot_kimg=0.016,
-            ect_stage_kimg=0.032, dropout=0.1)
+            ect_stage_kimg=0.032, dropout=0.1, duration_kimg=0.048)
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +180,29 @@ def test_boundary_condition_at_r_zero():
 
 
 def test_loss_settings_are_checked():
-    for kw in (dict(q=1.0), dict(P_std=0), dict(c=-1), dict(stage_kimg=0), dict(P_mean=float("nan"))):
+    for kw in (dict(q=1.0), dict(P_std=0), dict(c=-1), dict(stage_kimg=0)):
         with pytest.raises(InputError, match="ECTLoss: need"):
             ECTLoss(**kw)
+    for kw in (dict(P_mean=float("nan")), dict(q=float("inf")), dict(P_std=float("inf")), dict(stage_kimg=float("inf")),
+               dict(q=True), dict(k="8")):
+        with pytest.raises(InputError, match="ECTLoss: (P_mean|q|P_std|stage_kimg|k) must be a (finite )?number"):
+            ECTLoss(**kw)
+
+
+def test_a_stage_past_float32_resolution_is_refused_before_it_divides_by_zero(teacher):
+    from edm_deploy.training.options import check_options, consistency_options
+
+    t = torch.tensor([0.01, 1.0, 80.0])
+    loss = ECTLoss(stage_kimg=1, images_seen=lambda: 15_000)  # stage 15: the gap shrunk by 2^16, still resolved
+    images = torch.zeros(3, 1, 8, 8)
+    out = loss(lambda x, sigma, labels, augment_labels=None: x * 0, images)
+    assert torch.isfinite(out).all()
+    gap = t * (1 + 8 * torch.sigmoid(-t)) / 2.0**16
+    assert torch.allclose(t - ect_r(t, 15), gap, rtol=0.05)  # t - r is already only a few hundred ulps
+    with pytest.raises(InputError, match="stage 17: the gap t - r has shrunk by q\\^18"):
+        ECTLoss(stage_kimg=1, images_seen=lambda: 17_000)(lambda x, *a, **k: x, images)
+    with pytest.raises(InputError, match="reaches stage 30"):
+        check_options(consistency_options(teacher, preset="tiny", duration_kimg=750))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ def test_the_wrong_kind_of_model_is_a_warning_saying_why():
     ({"denoise_to_zero": True}, "every evaluation already predicts"),
     ({"S_churn": 1.0}, "S_churn does not apply to the consistency solver"),
     ({"max_order": 2}, "max_order does not apply"),
+    ({"sigma_min": 0.1}, "sigma_min does not apply to the consistency solver's own time points for nfe"),
+    ({"rho": 3}, "rho does not apply to the consistency solver's own time points for nfe"),
+    ({"sigma_max": 0.5}, "sigma_max must be above 0.821, the last of the consistency solver's time points"),
 ])
 def test_options_of_the_ode_solvers_are_refused(options, match):
     with pytest.raises(InputError, match=match):

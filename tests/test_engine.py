@@ -303,3 +303,91 @@ def test_a_member_that_leaves_a_shared_program_frees_its_rows():
     assert rows[:2] == [5, 5] and set(rows[2:]) == {2}  # the cancel is seen before the next call
     assert len(rows) == 11 and leave.cancelled()
     np.testing.assert_array_equal(stay.result().images, generate(Recording(), [0, 1], solver="heun", num_steps=6))
+
+
+class TorchRecording(Recording):
+    """The same oracle on torch tensors (as the torch backend and device-resident state give them)."""
+
+    def to_device(self, x):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+    def __call__(self, x, sigma, class_labels=None):
+        import torch
+
+        return torch.from_numpy(super().__call__(x.numpy(), sigma, class_labels))
+
+
+@requires_torch
+def test_a_member_leaving_a_shared_program_on_torch_tensors():
+    class Leaves(TorchRecording):
+        def __call__(self, x, sigma, class_labels=None):
+            out = super().__call__(x, sigma, class_labels)
+            if len(self.calls) == 2:
+                self.future.cancel()
+            return out
+
+    den = Leaves()
+    engine = _engine_paused(den, max_batch=16)
+    stay = engine.submit([0, 1], None, {"solver": "ipndm", "nfe": 4})
+    den.future = engine.submit([2, 3, 4], None, {"solver": "ipndm", "nfe": 4})
+    engine._stopping = True
+    engine._loop()
+    assert [len(s) for s in den.calls] == [5, 5, 2, 2]
+    np.testing.assert_array_equal(stay.result().images, generate(Recording(), [0, 1], solver="ipndm", nfe=4))
+
+
+def test_a_cancel_that_races_the_last_call_is_final_and_the_loop_does_not_spin():
+    engine = _engine_paused(conditional(), max_batch=4)
+    future = engine.submit([0], 1, {"solver": "euler", "num_steps": 2}, timeout=0.05)
+    entry = engine._waiting[0].request
+    future.cancel()  # the client leaves while its last call runs; then the engine tries to resolve it
+    assert engine._settle(entry, "images", "ok") is False
+    assert entry.settled and entry not in engine._deadlines and engine.stats.requests_cancelled == 1
+    time.sleep(0.1)  # past its deadline: a request still counted as live would make the loop wait 0 s forever
+    engine._stopping = True
+    done = threading.Thread(target=engine._loop, daemon=True)
+    done.start()
+    done.join(timeout=10)
+    assert not done.is_alive() and engine.stats.requests_cancelled == 1 and engine.stats.requests_failed == 0
+
+
+class FailsToStart(Recording):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.starts = 0
+
+    def to_device(self, x):
+        self.starts += 1
+        if self.starts == 1:
+            raise MemoryError("out of device memory (a planted failure)")
+        return x
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "request-batch", "one-request"])
+def test_a_program_that_fails_to_start_fails_its_request_only(scheduler):
+    with Engine(FailsToStart(), max_batch=8, scheduler=scheduler) as engine:
+        first = engine.submit([0], 1, {"solver": "ipndm", "nfe": 3})
+        with pytest.raises(MemoryError, match="planted"):
+            first.result(timeout=10)
+        second = engine.submit([1], 1, {"solver": "ipndm", "nfe": 3})
+        assert second.result(timeout=10).images.shape == (1, 8, 8, 1)  # the engine still admits and runs
+
+
+def test_guidance_that_cannot_fit_the_batch_limit_is_refused_not_queued():
+    engine = Engine(conditional(), max_batch=1)
+    with pytest.raises(InputError, match="2 rows per image, more than this engine's batch limit of 1"):
+        engine.submit([0], 1, {"solver": "euler", "num_steps": 2}, guidance=2.0)
+    assert engine.queue_length == 0
+
+
+def test_shutdown_without_drain_cancels_every_member_of_a_shared_program():
+    engine = _engine_paused(conditional(delay=0.02), max_batch=16)
+    futures = [engine.submit([k], 1, {"solver": "heun", "num_steps": 30}) for k in range(3)]
+    engine._thread = None
+    engine.start()
+    time.sleep(0.1)  # admitted together: one program for all three
+    engine.shutdown(drain=False, timeout=10)
+    assert not engine._thread.is_alive()
+    assert all(f.cancelled() for f in futures) and engine.stats.requests_cancelled == 3

@@ -100,6 +100,12 @@ def test_requests_the_api_cannot_take_say_why(client):
              ({"seeds": [0], "format": "gif"}, "unknown format"),
              ({"seeds": [0], "class_idx": 3}, "unconditional"),
              ({"seeds": [0], "grid_scale": 99}, "grid_scale must be"),
+             ({"seeds": [0], "guidance": "abc"}, "guidance must be a number"),
+             ({"seeds": [0], "guidance": [1]}, "guidance must be a number"),
+             ({"seeds": [0], "timeout": 10**400}, "timeout must be a finite number"),
+             ({"seeds": [0], "sigma_max": 10**400}, "sigma_max must be a finite number"),
+             ({"seeds": [0], "nfe": -10**400}, "nfe must be"),
+             ({"seeds": "9" * 5000}, "bad seed list"),
              ([1, 2], "JSON object")]
     for body, match in cases:
         r = client.post("/v1/generate", json=body)
@@ -124,6 +130,28 @@ def test_model_health_metrics_and_openapi(client):
     props = schema["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert {"seeds", "solver", "nfe", "num_steps", "sigmas", "guidance", "format"} <= set(props)
     assert "<form" in client.get("/").text
+
+
+def test_a_backend_error_is_a_one_line_500_and_the_server_goes_on():
+    from fastapi.testclient import TestClient
+
+    from edm_deploy.runtime.engine import Engine
+    from edm_deploy.server import create_app
+    from tests.test_engine import Recording
+
+    class FailsOnce(Recording):
+        def __call__(self, x, sigma, class_labels=None):
+            if not self.calls:
+                self.calls.append(None)
+                raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : a kernel failed\nstack frame 1")
+            return super().__call__(x, sigma, class_labels)
+
+    engine = Engine(FailsOnce(), max_batch=8)
+    with TestClient(create_app(engine, {"file": "fails-once"})) as c:
+        r = c.post("/v1/generate", json={"seeds": [0], "class_idx": 1, "solver": "ipndm", "nfe": 3})
+        assert r.status_code == 500 and r.json() == {"error": "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : a kernel failed"}
+        r = c.post("/v1/generate", json={"seeds": [0], "class_idx": 1, "solver": "ipndm", "nfe": 3})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
 
 
 def test_a_full_queue_is_a_503_with_retry_after_never_a_hang(gauss_model):

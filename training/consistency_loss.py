@@ -44,7 +44,7 @@ from typing import Callable, Optional
 
 import torch
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.errors import InputError, check_number
 from edm_deploy.training.loss import _check_images, _draw, _lognormal_sigma
 
 __all__ = ["ECTLoss", "ect_stage", "ect_r"]
@@ -53,6 +53,16 @@ __all__ = ["ECTLoss", "ect_stage", "ect_r"]
 def ect_stage(cur_nimg: int, stage_kimg: float) -> int:
     """The ECT stage after `cur_nimg` training images: it grows by one every `stage_kimg` kimg."""
     return int(cur_nimg // max(stage_kimg * 1000, 1e-8))
+
+
+# The gap t - r is t (1 + k sigmoid(-b t)) / q^(stage+1); past this shrink factor it is a few float32
+# ulps of t, so x_r rounds to x_t and the 1 / (t - r) weight is noise (ECT's CIFAR-10 run ends at 2^8).
+MAX_GAP_SHRINK = 1e5
+
+
+def stages_fit(q: float, stage: int) -> bool:
+    """Whether q^(stage+1) stays within MAX_GAP_SHRINK (computed in logs: no overflow)."""
+    return (stage + 1) * math.log(q) <= math.log(MAX_GAP_SHRINK)
 
 
 def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> torch.Tensor:
@@ -100,7 +110,9 @@ class ECTLoss:
         stage_kimg: float = 3200,
         images_seen: Optional[Callable[[], int]] = None,
     ):
-        if not (math.isfinite(P_mean) and P_std > 0 and q > 1 and k >= 0 and b >= 0 and c >= 0 and stage_kimg > 0):
+        P_mean, P_std, q, k, b, c, stage_kimg = (check_number(v, f"ECTLoss: {name}") for v, name in (
+            (P_mean, "P_mean"), (P_std, "P_std"), (q, "q"), (k, "k"), (b, "b"), (c, "c"), (stage_kimg, "stage_kimg")))
+        if not (P_std > 0 and q > 1 and k >= 0 and b >= 0 and c >= 0 and stage_kimg > 0):
             raise InputError(
                 f"ECTLoss: need finite P_mean, P_std > 0, q > 1, k >= 0, b >= 0, c >= 0 and stage_kimg > 0, got "
                 f"P_mean {P_mean}, P_std {P_std}, q {q}, k {k}, b {b}, c {c}, stage_kimg {stage_kimg}")
@@ -113,9 +125,6 @@ class ECTLoss:
     def stage(self) -> int:
         return ect_stage(self.images_seen(), self.stage_kimg)
 
-    def r_of(self, t: torch.Tensor) -> torch.Tensor:
-        return ect_r(t, self.stage, self.q, self.k, self.b)
-
     def __call__(
         self,
         net: Callable,
@@ -125,8 +134,12 @@ class ECTLoss:
         generator: Optional[torch.Generator] = None,
     ) -> torch.Tensor:
         _check_images(images)
+        stage = self.stage
+        if not stages_fit(self.q, stage):
+            raise InputError(f"ECT stage {stage}: the gap t - r has shrunk by q^{stage + 1}, beyond float32's "
+                             f"resolution (at most {MAX_GAP_SHRINK:g}); tune for fewer kimg or raise stage_kimg")
         t = _lognormal_sigma(images, self.P_mean, self.P_std, generator)
-        r = self.r_of(t)
+        r = ect_r(t, stage, self.q, self.k, self.b)
         if augment_pipe is None:
             y, augment_labels = images, None
         elif generator is None:
@@ -151,4 +164,5 @@ class ECTLoss:
             D_r = y
         squared = ((D_t - D_r) ** 2).reshape(len(y), -1).sum(dim=1)
         distance = torch.sqrt(squared + self.c**2) - self.c if self.c > 0 else torch.sqrt(squared)
-        return distance / (t - r).flatten()
+        gap = torch.minimum(t * (1 + self.k * torch.sigmoid(-self.b * t)) / self.q ** (stage + 1), t)
+        return distance / gap.flatten()  # = t - r, without the cancellation of computing t - r

@@ -281,6 +281,14 @@ def _check_consistency_options(o: TrainingOptions) -> None:
         if getattr(o, name) != getattr(defaults, name):
             raise _option_error(name, f"{name} cannot be set for a consistency tuning: the network is the one in "
                                       f"tune_from ({o.tune_from}), as it was trained")
+    from edm_deploy.training.consistency_loss import MAX_GAP_SHRINK, ect_stage, stages_fit
+
+    last = ect_stage(int(o.duration_kimg * 1000), o.ect_stage_kimg)
+    if not stages_fit(o.ect_q, last):
+        raise _option_error("ect_stage_kimg", f"a tuning of {o.duration_kimg:g} kimg at {o.ect_stage_kimg:g} kimg "
+                                              f"per stage reaches stage {last}, where the gap t - r has shrunk by "
+                                              f"{o.ect_q:g}^{last + 1}, beyond float32's resolution (at most "
+                                              f"{MAX_GAP_SHRINK:g}); raise ect_stage_kimg or tune for fewer kimg")
 
 
 def check_device(o: TrainingOptions, device: torch.device) -> None:

@@ -86,7 +86,10 @@ def schedule(model: str, **params: Any) -> None:
     den = load_from_options(model, params)
     with den:
         check_class(params["class_idx"], den.label_dim)
-        for note in den.warnings:
+        from edm_deploy.runtime.generate import model_mismatch
+        from edm_deploy.runtime.solvers import get_solver
+
+        for note in list(den.warnings) + model_mismatch(get_solver(params["solver"]), den):
             click.echo(f"warning: {note}", err=True)
         click.echo(f"searching {params['solver']} time points for NFE {params['nfe']} on {len(seeds)} teacher "
                    f"trajectories ({params['teacher']}, {params['fine_points']} points) with {den.describe()}", err=True)
