@@ -202,7 +202,7 @@ def markdown(out: dict[str, Any]) -> str:
     cost = out["step_cost"]
     lines = [BEGIN, f"## Consistency tuning (ECT) of the digits model ({out['time'][:10]})", "",
              f"`python -m benchmarks.consistency`. CPU: {out['cpu']['model']} ({out['cpu']['logical_cpus']} logical "
-             "CPUs), shared with other jobs while it ran (compare FD and accuracy, and the side-by-side cost ratio; "
+             "CPUs), a shared VM whose speed drifts (compare FD and accuracy, and the side-by-side cost ratio; "
              "wall times and img/s are noisy). onnxruntime fp32 for sampling. "
              f"{10 * out['per_class']} images per row ({out['per_class']} per class, seeds 0-{10 * out['per_class'] - 1}), "
              "pixel FD against the test split "
