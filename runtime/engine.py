@@ -15,6 +15,10 @@ loops:
 3. finished programs leave at once, their images quantised exactly as `sample` quantises them;
    cancelled or timed-out requests free their rows before the next call.
 
+Requests admitted at the same tick with the same plan share one program (`_Chunk.members`), so
+the host's Python work per step is paid per plan, not per request; each row keeps its own seed's
+noise stream, so sharing changes no image.
+
 Fairness: admission is FIFO and a request in flight advances on every call, so a long (Heun 35)
 request is never starved by short ones, and the requests in flight never exceed the batch limit.
 A queue limit bounds what waits; beyond it `submit` refuses at once with `BusyError`.
@@ -156,7 +160,6 @@ class _Chunk:
         self.engine = engine
         self.program: Optional[slv.Program] = None
         self.pending: Optional[tuple[Any, float]] = None
-        self.answer: Any = None
         self.labels: Any = None
         self._live: Optional[np.ndarray] = None  # row indices of live members, when some have left
 
