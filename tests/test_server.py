@@ -287,8 +287,9 @@ def test_a_client_that_goes_away_frees_its_rows_and_sigterm_drains(gauss_model):
         assert 'edm_deploy_requests_total{status="cancelled"} 1.0' in metrics
         assert "edm_deploy_rows_in_flight 0.0" in metrics
         results = {}
+        # 30,000 Heun steps: seconds on a 2-core CPU, so the SIGTERM below lands while it runs
         slow = threading.Thread(target=lambda: results.update(slow=httpx.post(
-            server.url + "/v1/generate", json={"seeds": [1], "num_steps": 100_000}, timeout=300)))
+            server.url + "/v1/generate", json={"seeds": [1], "num_steps": 30_000}, timeout=300)))
         slow.start()
         time.sleep(0.5)
         server.send_signal(signal.SIGTERM)
@@ -300,6 +301,7 @@ def test_a_client_that_goes_away_frees_its_rows_and_sigterm_drains(gauss_model):
         slow.join(timeout=300)
         assert "slow" in results, server.lines
         assert results["slow"].status_code == 200 and results["slow"].headers["content-type"] == "image/png"
+        assert float(results["slow"].headers["X-Seconds"]) > 0.8  # it was in flight when SIGTERM came
         assert server.wait(timeout=60) == 0
         assert any(line.startswith("stopped: 1 requests") for line in server.lines), server.lines
     finally:
