@@ -53,7 +53,7 @@ from edm_deploy.runtime.contract import as_denoiser
 from edm_deploy.runtime.errors import EdmDeployError, InputError, NumericalError, check_int, check_number
 from edm_deploy.runtime.generate import SamplingPlan, guided, plan_sampling, quantize_uint8
 from edm_deploy.runtime.guidance import check_guidance_args, check_interval, check_weight, mix
-from edm_deploy.runtime.noise import StackedRandomGenerator, check_class, draw_latents_and_labels
+from edm_deploy.runtime.noise import StackedRandomGenerator, check_class, draw_latents_and_labels, one_hot
 from edm_deploy.runtime.seeds import check_seeds
 from edm_deploy.runtime.settings import SamplerSettings
 from edm_deploy.runtime.xp import all_finite_rows, concatenate, to_float64
@@ -161,7 +161,6 @@ class _Chunk:
         self.program: Optional[slv.Program] = None
         self.pending: Optional[tuple[Any, float]] = None
         self.labels: Any = None
-        self._live: Optional[np.ndarray] = None  # row indices of live members, when some have left
 
     @property
     def request(self) -> _Request:
@@ -193,14 +192,14 @@ class _Chunk:
         seeds = [s for m in self.members for s in m.seeds]
         rnd = StackedRandomGenerator(seeds)
         img_shape = (den.img_channels, den.img_resolution, den.img_resolution)
-        forced = [m for m in self.members if m.class_idx is not None]
-        if len(self.members) == 1:
-            latents, self.labels = draw_latents_and_labels(rnd, img_shape, int(den.label_dim), self.members[0].class_idx)
-        else:  # the seeds' own random labels, then each member's forced classes (the draw order of `sample`)
-            latents, self.labels = draw_latents_and_labels(rnd, img_shape, int(den.label_dim), None)
-            for m in forced:
-                classes = np.asarray(m.class_idx if isinstance(m.class_idx, tuple) else [m.class_idx] * len(m.seeds))
-                self.labels[m.rows] = np.eye(int(den.label_dim), dtype=np.float32)[classes]
+        label_dim = int(den.label_dim)
+        # The seeds' own random labels are drawn either way (the draw order of `sample`); then
+        # each member's forced classes, one for all its seeds or one per seed, replace them.
+        latents, self.labels = draw_latents_and_labels(rnd, img_shape, label_dim, None)
+        for m in self.members:
+            if m.class_idx is not None:
+                classes = m.class_idx if isinstance(m.class_idx, tuple) else [m.class_idx] * len(m.seeds)
+                self.labels[m.rows] = one_hot(np.asarray(classes), label_dim)
         self.program = self.plan.program(den.to_device(latents), rnd.randn_like)
         self._advance(lambda: next(self.program))
 

@@ -188,12 +188,13 @@ class SamplerSettings:
 
     def _check_own_time_points(self, solver: str) -> None:
         """`nfe` on a solver with its own time points (consistency: sigma_max down to 0.821): only sigma_max applies."""
+        last = float(slv.get_solver(solver).time_points_for_nfe(2, 80.0)[-1])  # where the solver's points end
         for name in ("sigma_min", "rho", "epsilon_s", "C_1", "C_2", "M"):
             if getattr(self, name) is not None:
                 raise InputError(f"{name} does not apply to the {solver} solver's own time points for nfe (sigma_max "
-                                 f"down to {slv.CONSISTENCY_MID_SIGMA:g}); give sigmas to choose others", param=name)
-        if self.sigma_max is not None and self.nfe > 1 and self.sigma_max <= slv.CONSISTENCY_MID_SIGMA:
-            raise InputError(f"sigma_max must be above {slv.CONSISTENCY_MID_SIGMA:g}, the last of the {solver} "
+                                 f"down to {last:g}); give sigmas to choose others", param=name)
+        if self.sigma_max is not None and self.nfe > 1 and self.sigma_max <= last:
+            raise InputError(f"sigma_max must be above {last:g}, the last of the {solver} "
                              f"solver's time points for nfe {self.nfe}; give sigmas to choose others",
                              param="sigma_max")
 

@@ -20,7 +20,7 @@ from edm_deploy.runtime.errors import InputError  # noqa: E402
 from edm_deploy.runtime.fileio import sha256_file  # noqa: E402
 from edm_deploy.training import training_loop as TL  # noqa: E402
 from edm_deploy.training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from edm_deploy.training.consistency_loss import ECTLoss, ect_r, ect_stage  # noqa: E402
+from edm_deploy.training.consistency_loss import ECTLoss, ect_gap, ect_r, ect_stage  # noqa: E402
 from edm_deploy.training.options import consistency_options  # noqa: E402
 from tests.test_training import _cli_error, _equal_states, micro  # noqa: E402
 
@@ -198,6 +198,7 @@ def test_a_stage_past_float32_resolution_is_refused_before_it_divides_by_zero(te
     out = loss(lambda x, sigma, labels, augment_labels=None: x * 0, images)
     assert torch.isfinite(out).all()
     gap = t * (1 + 8 * torch.sigmoid(-t)) / 2.0**16
+    assert torch.allclose(ect_gap(t, 15), gap, rtol=1e-6)
     assert torch.allclose(t - ect_r(t, 15), gap, rtol=0.05)  # t - r is already only a few hundred ulps
     with pytest.raises(InputError, match="stage 17: the gap t - r has shrunk by q\\^18"):
         ECTLoss(stage_kimg=1, images_seen=lambda: 17_000)(lambda x, *a, **k: x, images)

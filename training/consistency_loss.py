@@ -47,7 +47,7 @@ import torch
 from edm_deploy.runtime.errors import InputError, check_number
 from edm_deploy.training.loss import _check_images, _draw, _lognormal_sigma
 
-__all__ = ["ECTLoss", "ect_stage", "ect_r"]
+__all__ = ["ECTLoss", "ect_gap", "ect_stage", "ect_r"]
 
 
 def ect_stage(cur_nimg: int, stage_kimg: float) -> int:
@@ -65,11 +65,19 @@ def stages_fit(q: float, stage: int) -> bool:
     return (stage + 1) * math.log(q) <= math.log(MAX_GAP_SHRINK)
 
 
+def _shrink(t: torch.Tensor, stage: int, q: float, k: float, b: float) -> torch.Tensor:
+    """q^-(stage+1) (1 + k sigmoid(-b t)): the fraction of t that separates r from it."""
+    return (1 + k * torch.sigmoid(-b * t)) / q ** (stage + 1)
+
+
 def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> torch.Tensor:
     """r(t) = max(t (1 - q^-(stage+1) (1 + k sigmoid(-b t))), 0): the lower noise level paired with t."""
-    adj = 1 + k * torch.sigmoid(-b * t)
-    ratio = 1 - adj / q ** (stage + 1)
-    return torch.clamp(t * ratio, min=0)
+    return torch.clamp(t * (1 - _shrink(t, stage, q, k, b)), min=0)
+
+
+def ect_gap(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> torch.Tensor:
+    """t - r(t), computed directly (no cancellation when r is close to t); t where r is clamped at 0."""
+    return torch.minimum(t * _shrink(t, stage, q, k, b), t)
 
 
 class _DropoutStream:
@@ -164,5 +172,4 @@ class ECTLoss:
             D_r = y
         squared = ((D_t - D_r) ** 2).reshape(len(y), -1).sum(dim=1)
         distance = torch.sqrt(squared + self.c**2) - self.c if self.c > 0 else torch.sqrt(squared)
-        gap = torch.minimum(t * (1 + self.k * torch.sigmoid(-self.b * t)) / self.q ** (stage + 1), t)
-        return distance / gap.flatten()  # = t - r, without the cancellation of computing t - r
+        return distance / ect_gap(t, stage, self.q, self.k, self.b).flatten()
