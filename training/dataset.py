@@ -346,7 +346,7 @@ def load_fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     return pad_to(images, FASHION_RESOLUTION, images_path), labels
 
 
-def _idx_dataset(path: str) -> "ArrayDataset":
+def _idx_dataset(path: str) -> ArrayDataset:
     from edm_deploy.training.idx import read_idx_dataset
 
     images, labels = read_idx_dataset(path)
