@@ -6,6 +6,7 @@ from typing import Optional
 
 import click
 
+from edm_deploy.commands.common import POSITIVE
 from edm_deploy.demo import GRID_NAME, PRECISIONS, REPORT_NAME
 
 
@@ -21,10 +22,10 @@ Example:
   edm-deploy demo                # about 4.5 minutes on a 2-core CPU -> demo/{GRID_NAME}, demo/{REPORT_NAME}
 """)
 @click.option("--outdir", default="demo", show_default=True, type=click.Path(file_okay=False), help="Where everything goes.")
-@click.option("--kimg", "duration_kimg", type=click.FloatRange(min=0, min_open=True), default=None, help="Training length in thousands of images [default: the tiny preset's].")
+@click.option("--kimg", "duration_kimg", type=POSITIVE, default=None, help="Training length in thousands of images [default: the tiny preset's].")
 @click.option("--per-class", type=click.IntRange(min=1), default=100, show_default=True, help="Samples per class for the report.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
-@click.option("--tune-kimg", type=click.FloatRange(min=0, min_open=True), default=None, help="Consistency tuning length in thousands of images [default: the tiny consistency preset's].")
+@click.option("--tune-kimg", type=POSITIVE, default=None, help="Consistency tuning length in thousands of images [default: the tiny consistency preset's].")
 def demo(outdir: str, duration_kimg: Optional[float], per_class: int, seed: int, tune_kimg: Optional[float]) -> None:
     from edm_deploy.demo import run_demo
 
