@@ -162,14 +162,15 @@ def inception_stats(det, images_uint8: np.ndarray, batch: int = 100, desc: str =
     return stats.mean_cov()
 
 
-def reference(cache: str, det, echo) -> tuple[np.ndarray, np.ndarray]:
-    """Inception statistics of all 60,000 training images (cached)."""
+def reference(cache: str, det, echo, num: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Inception statistics of all 60,000 training images (cached); `num`: the first `num` only (smoke runs)."""
     from edm_deploy.runtime.fid_stats import load_ref, save_ref
     from edm_deploy.training.dataset import load_fashion_mnist
 
-    path = os.path.join(cache, "fid-ref-train.npz")
+    path = os.path.join(cache, "fid-ref-train.npz" if num is None else f"fid-ref-train-first{num}.npz")
     if not os.path.exists(path):
         images, _ = load_fashion_mnist("train")
+        images = images[:num]
         echo(f"Inception statistics of the {len(images)} training images -> {path}")
         start = time.perf_counter()
         mu, sigma = inception_stats(det, images, desc="FID reference")
@@ -469,16 +470,20 @@ def main(argv=None) -> dict:
     p.add_argument("--stage", choices=("teacher", "judge", "ref", "grid", "levers", "all"), default="all")
     p.add_argument("--num", type=int, default=10_000, help="images per FID [10000]")
     p.add_argument("--grid-per-class", type=int, default=100, help="images per class in the grid [100]")
+    p.add_argument("--ckpt", default=None, help="the teacher checkpoint [default: the cached preset run, trained "
+                                                "when missing]")
     p.add_argument("--tuned", default=None, help="a consistency-tuned checkpoint of the teacher (NFE 1-3 rows)")
     p.add_argument("--speed-images", type=int, default=200)
     p.add_argument("--speed-rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--ref-num", type=int, default=None, help="reference statistics of the first N training images "
+                                                             "only (smoke runs) [all 60,000]")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the plot alone")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     echo = print
     cache = cache_dir()
-    ckpt = teacher(cache, echo)
+    ckpt = args.ckpt or teacher(cache, echo)
     if args.stage == "teacher":
         return {}
     clf = judge(cache, echo)
@@ -490,7 +495,7 @@ def main(argv=None) -> dict:
     from edm_deploy.training.dataset import load_fashion_mnist
 
     det = load_detector(det_path)
-    fid_ref = reference(cache, det, echo)
+    fid_ref = reference(cache, det, echo, args.ref_num)
     if args.stage == "ref":
         return {}
     results = Results(os.path.join(cache, "results.json"))
