@@ -153,3 +153,26 @@ def test_fashion_mnist_missing_says_what_to_install(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("EDM_DEPLOY_FASHION_MNIST", str(tmp_path / "nowhere"))
     code, _, err = run_main(["dataset", "--source", "fashion-mnist", "--dest", str(tmp_path / "o.zip")], capsys)
     assert_one_error(code, err, "apt-get install dataset-fashion-mnist")
+
+
+def test_fashion_demo_judge_scores_against_the_test_split(tmp_path, monkeypatch):
+    """The fashion demo's judge on a small stand-in of the package: its classifier learns, its distance ranks."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    rng = np.random.RandomState(0)
+    labels = np.arange(200, dtype=np.uint8) % 10
+    images = (rng.randint(0, 40, size=(200, 28, 28)) + labels[:, None, None] * 20).astype(np.uint8)  # class = brightness
+    for prefix, sl in (("train", slice(0, 150)), ("t10k", slice(150, 200))):
+        write(tmp_path / f"{prefix}-images-idx3-ubyte", idx_bytes(images[sl]), gz=True)
+        write(tmp_path / f"{prefix}-labels-idx1-ubyte", idx_bytes(labels[sl]), gz=True)
+    monkeypatch.setenv("EDM_DEPLOY_FASHION_MNIST", str(tmp_path))
+    from edm_deploy.training.dataset import load_fashion_mnist
+    from edm_deploy.training.fashion_eval import FashionDemoJudge
+
+    judge = FashionDemoJudge(str(tmp_path / "clf"), echo=lambda line: None, epochs=25)
+    assert judge.test_accuracy > 0.5 and judge.yardstick >= 0
+    real, real_y = load_fashion_mnist("t10k")
+    good = judge.score(real, real_y)
+    noise = judge.score(rng.randint(0, 256, size=real.shape).astype(np.uint8), real_y)
+    assert good["accuracy"] > noise["accuracy"] and good["fd_samples_test"] < noise["fd_samples_test"]
+    assert len(good["per_class"]) == 10

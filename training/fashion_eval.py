@@ -133,14 +133,48 @@ class FashionJudge:
         return stats.mean_cov()
 
     def score(self, images_uint8: np.ndarray, classes: np.ndarray,
-              ref: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict[str, float]:
-        """Accuracy against the requested classes and, given reference stats, the classifier FD."""
+              ref: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict[str, Any]:
+        """Accuracy against the requested classes (overall and per class) and, given reference stats,
+        the classifier FD."""
         from edm_deploy.runtime.fid_stats import FeatureStats, frechet_distance
 
         preds, feats = self.run(images_uint8)
-        out = {"accuracy": float((preds == np.asarray(classes)).mean())}
+        classes = np.asarray(classes)
+        out: dict[str, Any] = {"accuracy": float((preds == classes).mean()),
+                               "per_class": [float((preds[classes == c] == c).mean()) for c in np.unique(classes)]}
         if ref is not None:
             stats = FeatureStats(FEATURE_DIM)
             stats.update(feats)
             out["classifier_fd"] = float(frechet_distance(*stats.mean_cov(), *ref))
+        return out
+
+
+class FashionDemoJudge:
+    """The demo's judge of a Fashion-MNIST model: the classifier's agreement, and the Fréchet distance of its
+    features to the test split's next to the training split's (the yardstick), trained once into `folder`."""
+
+    distance = "Fréchet distance samples vs test (classifier features)"
+
+    def __init__(self, folder: str, echo: Callable[[str], None] = print, epochs: int = 4) -> None:
+        from edm_deploy.training.dataset import load_fashion_mnist
+
+        if not os.path.exists(os.path.join(folder, "classifier.json")):
+            train_classifier(folder, epochs=epochs, echo=echo)
+        self.judge = FashionJudge(folder)
+        self.test_accuracy = self.judge.test_accuracy
+        self.description = f"a small CNN on the Fashion-MNIST training split ({self.judge.record['epochs']} epochs)"
+        self.test_stats = self.judge.stats(load_fashion_mnist("t10k")[0])
+        from edm_deploy.runtime.fid_stats import frechet_distance
+
+        self.yardstick = float(frechet_distance(*self.judge.stats(load_fashion_mnist("train")[0]), *self.test_stats))
+
+    def check(self, den: Any) -> None:
+        shape = (int(den.img_channels), int(den.img_resolution), int(getattr(den, "label_dim", 0) or 0))
+        if shape != (1, 32, 10):
+            raise InputError(f"the Fashion-MNIST judge needs a class-conditional 1x32x32 model with 10 classes, this "
+                             f"one is {shape[0]}x{shape[1]}x{shape[1]} with label_dim {shape[2]}")
+
+    def score(self, samples: np.ndarray, classes: np.ndarray) -> dict:
+        out = self.judge.score(samples, classes, self.test_stats)
+        out["fd_samples_test"] = out.pop("classifier_fd")
         return out
