@@ -495,19 +495,19 @@ def main(argv=None) -> dict:
     from edm_deploy.training.dataset import load_fashion_mnist
 
     det = load_detector(det_path)
-    fid_ref = reference(cache, det, echo, args.ref_num)
-    if args.stage == "ref":
-        return {}
     results = Results(os.path.join(cache, "results.json"))
     train_x, _ = load_fashion_mnist("train")
-    clf_ref = clf.stats(train_x)
-    scorer = Scorer(clf, clf_ref, det, fid_ref, args.batch)
+    scorer = Scorer(clf, clf.stats(train_x), det, None, args.batch)
     sha = file_sha256(ckpt)
-    echo(f"grid: {len(GRID_SOLVERS)} solvers x NFE {GRID_NFES}, {args.grid_per_class * NUM_CLASSES} images each")
+    if args.stage in ("grid", "all"):
+        echo(f"grid: {len(GRID_SOLVERS)} solvers x NFE {GRID_NFES}, {args.grid_per_class * NUM_CLASSES} images each")
     with load(export(ckpt, cache, "fp32", "teacher"), device="cpu") as den:
-        grid = run_grid(den, scorer, results, sha, args.grid_per_class, echo)
+        grid = run_grid(den, scorer, results, sha, args.grid_per_class, echo) if args.stage != "ref" else {}
     if args.stage == "grid":
         return {"grid": grid}
+    scorer.fid_ref = reference(cache, det, echo, args.ref_num)
+    if args.stage == "ref":
+        return {}
     echo(f"levers: FID-{args.num}")
     levers = run_levers(ckpt, cache, scorer, results, grid, args.num, args.tuned, echo)
     measure_speed(levers, args.speed_images, args.speed_rounds, echo)
