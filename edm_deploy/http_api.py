@@ -240,7 +240,7 @@ _API_NAMES: Optional[dict[str, str]] = None
 
 def request_schema() -> dict:
     """The generate body's JSON schema: the body fields' and the sampler settings' own metadata."""
-    props: dict[str, Any] = {f.name: {**f.metadata["schema"], "description": f.metadata["doc"] + "."}
+    props: dict[str, Any] = {f.name: {**_nullable(f.metadata["schema"]), "description": f.metadata["doc"] + "."}
                              for f in BODY_FIELDS}
     types = {"int": {"type": "integer"}, "float": {"type": "number"}, "flag": {"type": "boolean"},
              "sigmas": {"type": "array", "items": {"type": "number", "minimum": 0}, "minItems": 2}}
@@ -257,9 +257,19 @@ def request_schema() -> dict:
         if meta["kind"] == "sigmas":
             entry["examples"] = [[80.0, 10.0, 1.0, 0.002]]
         entry["description"] = meta["doc"] + "."
-        props[f.name] = entry
+        props[f.name] = _nullable(entry)
     return {"type": "object", "properties": props, "additionalProperties": False,
             "examples": [{"seeds": [0, 1, 2, 3], "solver": "ipndm", "nfe": 5, "format": "json"}]}
+
+
+def _nullable(schema: dict) -> dict:
+    """Every body field may be null: the same as leaving it out (its default)."""
+    if "anyOf" in schema:
+        return {**schema, "anyOf": [*schema["anyOf"], {"type": "null"}]}
+    out = {**schema, "type": [schema["type"], "null"]}
+    if "enum" in out:
+        out["enum"] = [*out["enum"], None]
+    return out
 
 
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "additionalProperties": False,
