@@ -43,7 +43,7 @@ from typing import Any, Optional
 
 import numpy as np
 from fastapi import Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     GC_COLLECTOR,
@@ -74,6 +74,7 @@ from edm_deploy.runtime.errors import EdmDeployError, InputError, first_line
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 RETRY_DRAINING_S = 5
+UNREAD = {"Connection": "close"}  # a body left unread: the connection cannot carry another request
 _log = logging.getLogger("edm_deploy.server")
 
 
@@ -187,10 +188,10 @@ def check_declared_body(headers: Any, limit: int) -> None:
     """Refuse a body on what the headers say, before a byte of it is read: its length, then its type."""
     declared = headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise Refused(413, "body_too_large", f"the request body is larger than {limit} bytes")
+        raise Refused(413, "body_too_large", f"the request body is larger than {limit} bytes", **UNREAD)
     if not _is_json(headers.get("content-type")):
         raise Refused(415, "unsupported_media_type", "the request body must be application/json (send the header "
-                                                     "Content-Type: application/json)")
+                                                     "Content-Type: application/json)", **UNREAD)
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
@@ -202,13 +203,13 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
         try:
             message = await asyncio.wait_for(request.receive(), timeout=max(left, 0.0))
         except asyncio.TimeoutError:
-            raise Refused(408, "body_timeout", f"the request body did not arrive within {timeout:g} s") from None
+            raise Refused(408, "body_timeout", f"the request body did not arrive within {timeout:g} s", **UNREAD) from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise Refused(413, "body_too_large", f"the request body is larger than {limit} bytes")
+            raise Refused(413, "body_too_large", f"the request body is larger than {limit} bytes", **UNREAD)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -357,7 +358,7 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
             "scheduler": engine.scheduler.name,
         }
 
-    @app.get("/metrics", summary="Prometheus metrics (text exposition format)",
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse,
              responses=get_responses("The metrics", {"text/plain": {"schema": {"type": "string"}}}))
     async def metrics() -> Any:
         return Response(generate_latest(observer.registry), media_type=CONTENT_TYPE_LATEST)
