@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup browser test test-all demo bench lint clean
+.PHONY: setup browser nginx test test-all demo bench lint clean
 
 setup: $(STAMP)
 
@@ -27,11 +27,19 @@ $(CHROMIUM):
 
 browser: $(CHROMIUM)
 
-test: setup browser
-	EDM_DEPLOY_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# The nginx recipe (deploy/nginx.conf) runs in front of two replicas in tests/test_deploy.py.
+NGINX ?= /usr/sbin/nginx
 
-test-all: setup browser
-	EDM_DEPLOY_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+$(NGINX):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx
+
+nginx: $(NGINX)
+
+test: setup browser nginx
+	EDM_DEPLOY_CHROMIUM=$(CHROMIUM) EDM_DEPLOY_NGINX=$(NGINX) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-all: setup browser nginx
+	EDM_DEPLOY_CHROMIUM=$(CHROMIUM) EDM_DEPLOY_NGINX=$(NGINX) $(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/edm-deploy demo
