@@ -19,6 +19,7 @@ leaves open:
 
 from __future__ import annotations
 
+import errno
 import logging
 import resource
 import signal
@@ -61,7 +62,7 @@ def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
         why = (exc.strerror or str(exc)).lower()
         raise InputError(f"cannot listen on {shown}: {why}"
                          + (" (another server holds the port: choose another --port)"
-                            if exc.errno == 98 else "")) from None
+                            if exc.errno == errno.EADDRINUSE else "")) from None
     sock.setblocking(False)
     return sock
 
@@ -90,14 +91,14 @@ class OverloadLog:
         self.on_refused = on_refused
         self.active = False
         self.refused = 0
+        self.refused_at_start = 0
 
     def refuse(self) -> None:
         self.refused += 1
         if self.on_refused is not None:
             self.on_refused()
         if not self.active:
-            self.active = True
-            self.refused_at_start = self.refused - 1
+            self.active, self.refused_at_start = True, self.refused - 1
             _log.warning(f"overloaded: {self.max_connections} connections are open (max_connections); new ones get "
                          "503 until some close")
 

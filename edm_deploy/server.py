@@ -376,7 +376,7 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
             return refused(exc.status, exc.reason, str(exc), **exc.headers)
         except ClientDisconnect:
             _log.info("a client went away while sending its request body")
-            return Response(status_code=400)
+            return Response(status_code=499)  # nobody reads it
         except BusyError as exc:
             reason = "draining" if not engine.accepting else "queue_full"
             return refused(503, reason, str(exc), **{"Retry-After": str(max(1, round(exc.retry_after)))})

@@ -378,8 +378,8 @@ def cond_client(tmp_path):
 
 def test_client_input_is_a_400_in_the_apis_words_never_a_500(cond_client):
     cases = [({"sigmas": [80]}, "sigmas needs at least two time points"),
-             ({"sigmas": [80, 1, 1e-300]}, "sigmas 1e-300 is below the smallest positive float32"),
-             ({"sigma_min": 1e-300}, "sigma_min 1e-300 is below the smallest positive float32"),
+             ({"sigmas": [80, 1, 1e-300]}, "sigmas 1e-300 is below the smallest float32 noise level"),
+             ({"sigma_min": 1e-300}, "sigma_min 1e-300 is below the smallest float32 noise level"),
              ({"guidance": 1e300, "class_idx": 1}, "guidance must lie in [-100, 100]"),
              ({"solver": "heun", "nfe": 10}, "heun cannot spend exactly NFE 10")]
     for body, match in cases:
