@@ -302,6 +302,8 @@ def run_levers(ckpt: str, cache: str, scorer: Scorer, results: Results, grid: di
              f"accuracy {row['accuracy']:.1%}  NFE {row['nfe']}")
 
     lever("Heun, NFE 35 (reference)", "heun@35", fp32, {"solver": "heun", "nfe": 35})
+    levers["real test images"] = dict(results.get_or_compute(f"fid:real-test:n{num}", lambda: real_floor(scorer, num)),
+                                      settings={}, model=None, guide=None, w=None)
     for nfe in LEVER_NFES:
         best = best_at(grid, nfe)
         if best:
@@ -341,6 +343,19 @@ def run_levers(ckpt: str, cache: str, scorer: Scorer, results: Results, grid: di
     return levers
 
 
+def real_floor(scorer: Scorer, num: int) -> dict[str, Any]:
+    """The same scores for `num` real test-split images: the floor a generator is compared with."""
+    from edm_deploy.runtime.fid_stats import frechet_distance
+    from edm_deploy.training.dataset import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("t10k")
+    images, labels = images[:num], labels[:num]
+    row = {"num": len(images), "nfe": 0}
+    row.update(scorer.judge.score(images, labels, scorer.clf_ref))
+    row["fid"] = float(frechet_distance(*inception_stats(scorer.det, images), *scorer.fid_ref))
+    return row
+
+
 def choose_weight(model: str, guide: str, solver: str, scorer: Scorer) -> dict:
     """The autoguidance weight with the lowest classifier FD on 1,000 images (FID is then measured once)."""
     from edm_deploy.loading import load
@@ -360,6 +375,8 @@ def measure_speed(levers: dict[str, Any], images: int, rounds: int, echo) -> Non
     from edm_deploy.runtime.generate import guided
 
     seeds, classes = seeds_and_classes(images, first=200_000)
+    real = {k: v for k, v in levers.items() if v.get("model") is None}
+    levers = {k: v for k, v in levers.items() if k not in real}
     times: dict[str, list[float]] = {k: [] for k in levers}
     opened = {}
     try:
@@ -396,13 +413,15 @@ def measure_speed(levers: dict[str, Any], images: int, rounds: int, echo) -> Non
 
 def verdicts(levers: dict[str, Any]) -> dict[str, Any]:
     ref = next(v for k, v in levers.items() if k.startswith("Heun, NFE 35"))
-    matched = {k: v for k, v in levers.items() if v["fid"] <= MATCHED * ref["fid"]}
+    matched = {k: v for k, v in levers.items() if v.get("model") and v["fid"] <= MATCHED * ref["fid"]}
     fastest = max(matched, key=lambda k: matched[k].get("img_per_s", 0)) if matched else None
     return {"reference_fid": ref["fid"], "matched": sorted(matched), "fastest_matched": fastest}
 
 
 def published_for(row: dict) -> str:
     settings = row["settings"]
+    if not settings:
+        return ""
     key = f"{settings.get('solver')}@{settings.get('nfe')}"
     if "sigmas" in settings or row.get("guide") or "export" in str(row.get("model", "")):
         return ""
@@ -426,7 +445,7 @@ def markdown(out: dict[str, Any]) -> str:
     for label, row in levers.items():
         speed = row.get("img_per_s")
         lines.append(
-            f"| {label} | {row['nfe']} | {row['fid']:.2f} | {row['fid'] / ref_fid:.2f}x | {row['accuracy']:.1%} | "
+            f"| {label} | {row['nfe'] or '-'} | {row['fid']:.2f} | {row['fid'] / ref_fid:.2f}x | {row['accuracy']:.1%} | "
             f"{'' if speed is None else f'{speed:.0f}'} | "
             f"{'' if speed is None or not ref_speed else f'{speed / ref_speed:.1f}x'} | {published_for(row)} |")
     lines += ["", f"Matched quality (FID within {MATCHED - 1:.0%} of Heun-35's {ref_fid:.2f}): "
