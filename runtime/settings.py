@@ -4,7 +4,7 @@
 them once, without a model: names, types, ranges, and which options apply together (churn to
 Euler/Heun, AFS and max_order to the multistep solvers, the paper's ablation options to the
 reference samplers, a schedule's own parameters to that schedule). What needs the model (its
-sigma range and rounding, the time points) is `generate.plan_sampling`'s job.
+sigma range and rounding, the time points) is `planner.plan_sampling`'s job.
 
 Each field's metadata says what the option is (`doc`), its command-line spelling where it is
 not ``--name`` (`flag`) and its bounds, so the CLI's flags (`commands/common.py`), the server's
@@ -25,7 +25,7 @@ import numpy as np
 from edm_deploy.runtime import schedules as sch
 from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.errors import InputError, check_int, check_number, shown
-from edm_deploy.runtime.schedules import MAX_STEPS
+from edm_deploy.runtime.schedules import MAX_STEPS, SCHEDULE_PARAM_NAMES
 
 # Largest finite float32: what the network sees of sigma (and of a guided mix).
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -133,6 +133,11 @@ class SamplerSettings:
         return [k for k in ("sigmas", "afs", "denoise_to_zero", "max_order") if getattr(self, k) not in (None, False)]
 
     @property
+    def schedule_params(self) -> dict[str, Any]:
+        """The schedule parameters set (rho, epsilon_s, ...: `schedules.SCHEDULE_PARAMS`)."""
+        return {k: getattr(self, k) for k in SCHEDULE_PARAM_NAMES if getattr(self, k) is not None}
+
+    @property
     def churn(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in ("S_churn", "S_min", "S_max", "S_noise") if getattr(self, k) is not None}
 
@@ -157,7 +162,7 @@ class SamplerSettings:
         if self.nfe is not None and (self.num_steps is not None or self.sigmas is not None):
             raise InputError("give nfe or num_steps (or sigmas), not both", param=("nfe", "num_steps", "sigmas"))
         if self.sigmas is not None:
-            for name in ("num_steps", "discretization", "sigma_min", "sigma_max", "rho", "epsilon_s", "C_1", "C_2", "M"):
+            for name in ("num_steps", "discretization", "sigma_min", "sigma_max", *SCHEDULE_PARAM_NAMES):
                 if getattr(self, name) is not None:
                     raise InputError(f"{name} does not apply when sigmas is given (the list is the schedule)", param=name)
         if self.nfe is not None and spec.time_points_for_nfe is not None and self.discretization is None:
@@ -181,15 +186,15 @@ class SamplerSettings:
                              f"{', '.join(sch.DISCRETIZATIONS)} discretizations without sigmas, afs or denoise_to_zero",
                              param=key)
         disc = self.discretization or "edm"
-        for name in ("rho", "epsilon_s", "C_1", "C_2", "M"):
-            if getattr(self, name) is not None and name not in sch.SCHEDULE_PARAMS[disc]:
+        for name in self.schedule_params:
+            if name not in sch.SCHEDULE_PARAMS[disc]:
                 takes = ", ".join(sch.SCHEDULE_PARAMS[disc]) or "no parameters"
                 raise InputError(f"{name} does not apply to the {disc} schedule (it takes {takes})", param=name)
 
     def _check_own_time_points(self, solver: str) -> None:
         """`nfe` on a solver with its own time points (consistency: sigma_max down to 0.821): only sigma_max applies."""
         last = float(slv.get_solver(solver).time_points_for_nfe(2, 80.0)[-1])  # where the solver's points end
-        for name in ("sigma_min", "rho", "epsilon_s", "C_1", "C_2", "M"):
+        for name in ("sigma_min", *SCHEDULE_PARAM_NAMES):
             if getattr(self, name) is not None:
                 raise InputError(f"{name} does not apply to the {solver} solver's own time points for nfe (sigma_max "
                                  f"down to {last:g}); give sigmas to choose others", param=name)

@@ -76,10 +76,11 @@ def sample_digits(net: Any, per_class: int = 50, seed: int = 0, num_steps: Optio
     """uint8 [10*per_class,1,R,R] samples and their requested classes.
 
     Deterministic EDM sampler by default; `sampler_kwargs` choose another solver or schedule
-    (`runtime.generate.plan_sampling`, e.g. ``solver="ipndm", nfe=5`` with ``num_steps=None``).
+    (`runtime.planner.plan_sampling`, e.g. ``solver="ipndm", nfe=5`` with ``num_steps=None``).
     """
-    from edm_deploy.runtime.generate import plan_sampling, quantize_uint8
+    from edm_deploy.runtime.generate import quantize_uint8
     from edm_deploy.runtime.noise import StackedRandomGenerator, one_hot
+    from edm_deploy.runtime.planner import plan_sampling
 
     den = as_denoiser(net)
     check_digits_model(den)

@@ -64,9 +64,10 @@ def sample(model: str, **params: Any) -> None:
     """
     from edm_deploy.runtime.fileio import refuse_overwriting_inputs, sha256_file
     from edm_deploy.runtime.fixed_shape import FixedShapeDenoiser
-    from edm_deploy.runtime.generate import guided, plan_sampling, run_record, sample_into
+    from edm_deploy.runtime.generate import guided, run_record, sample_into
     from edm_deploy.runtime.guidance import check_guidance_args
     from edm_deploy.runtime.noise import check_class
+    from edm_deploy.runtime.planner import plan_sampling
     from edm_deploy.runtime.schedule_file import mismatch_warnings
     from edm_deploy.runtime.seeds import parse_seeds, parse_shard, seeds_from_count, shard_batches
     from edm_deploy.runtime.solvers import get_solver
