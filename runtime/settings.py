@@ -25,6 +25,7 @@ import numpy as np
 from edm_deploy.runtime import schedules as sch
 from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.errors import InputError, check_int, check_number, shown
+from edm_deploy.runtime.sampling import SOLVERS as REFERENCE_SOLVERS
 from edm_deploy.runtime.schedules import MAX_STEPS, SCHEDULE_PARAM_NAMES
 
 # Largest finite float32: what the network sees of sigma (and of a guided mix).
@@ -145,7 +146,7 @@ class SamplerSettings:
     def uses_reference_sampler(self) -> bool:
         """heun/euler on the paper's discretizations with nothing of the fast family: `edm_sampler` /
         `ablation_sampler`, bit for bit as the reference `generate.py` would run them."""
-        return (self.solver_name in ("heun", "euler") and self.discretization in (None, *sch.DISCRETIZATIONS)
+        return (self.solver_name in REFERENCE_SOLVERS and self.discretization in (None, *sch.DISCRETIZATIONS)
                 and not self.fast_given)
 
     # ----- checks
@@ -182,8 +183,8 @@ class SamplerSettings:
             return
         if self.ablation_given:
             key = self.ablation_given[0]
-            raise InputError(f"{key} (an ablation option of the paper) applies to the heun and euler solvers on the "
-                             f"{', '.join(sch.DISCRETIZATIONS)} discretizations without sigmas, afs or denoise_to_zero",
+            raise InputError(f"{key} (an ablation option of the paper) applies to the {' and '.join(REFERENCE_SOLVERS)} "
+                             f"solvers on the {', '.join(sch.DISCRETIZATIONS)} discretizations without sigmas, afs or denoise_to_zero",
                              param=key)
         disc = self.discretization or "edm"
         for name in self.schedule_params:
