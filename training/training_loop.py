@@ -88,7 +88,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from edm_deploy.runtime.errors import InputError, NumericalError
+from edm_deploy.runtime.errors import InputError, NumericalError, param_error
 from edm_deploy.runtime.fileio import (
     atomic_write_bytes,
     exclusive_output,
@@ -106,17 +106,16 @@ from edm_deploy.training.options import (
     RESUME_FILE,
     RESUME_MUTABLE,
     TrainingOptions,
-    _option_error,
-    _stored_options,
     check_device,
     check_options,
     check_resume_options,
     cpu_count,
     options_from_preset,
     resume_options,
+    stored_options,
 )
 
-# The options' names stay importable from here, where the loop's callers have always found them.
+# The loop's API: the public names of `training.options` (to build a run's options) and the loop's own.
 __all__ = [
     "RESUME_FILE", "RESUME_MUTABLE", "TrainingOptions", "TrainingResult", "check_device", "check_options",
     "check_resume_options", "cpu_count", "options_from_preset", "resume_options", "training_loop",
@@ -359,7 +358,7 @@ def prepare_outdir(outdir: str, resume: Optional[str], create: bool = True) -> N
     Every rank runs the (read-only) checks so that all of them fail together; only rank 0 creates.
     """
     if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise _option_error("outdir", f"outdir {outdir} exists and is not a folder")
+        raise param_error("outdir", f"outdir {outdir} exists and is not a folder")
     if create:
         os.makedirs(outdir, exist_ok=True)
     existing = os.path.join(outdir, RESUME_FILE)
@@ -526,7 +525,7 @@ def _check_left_to_train(options: TrainingOptions, ckpt: dict) -> None:
         return
     if os.path.abspath(os.path.dirname(options.resume)) == os.path.abspath(options.outdir):
         return
-    raise _option_error(
+    raise param_error(
         "duration_kimg",
         f"{options.resume} is already at {done_nimg / 1000:g} kimg, which reaches duration_kimg "
         f"{options.duration_kimg:g}: resuming into {options.outdir} would train nothing and write nothing there; "
@@ -625,7 +624,7 @@ def _resume(run: _Run) -> None:
     run.cur_nimg, run.cur_tick = int(ts["cur_nimg"]), int(ts["cur_tick"])
     run.total_time = float(ts.get("total_time", 0))
     run.resume_point, run.resume_kimg = options.resume, run.cur_nimg / 1000
-    stored = _stored_options(ckpt, options.resume)
+    stored = stored_options(ckpt, options.resume)
     stored_world = int(ts["world_size"])
     stored_batch_gpu = stored["batch_gpu"] or stored["batch"] // stored_world
     if stored_world == ctx.world_size and stored_batch_gpu != run.batch_gpu:
@@ -739,7 +738,7 @@ def _one_step(run: _Run) -> None:
     for r in range(run.rounds):
         images, labels = _fetch(run.dataset, run.sampler.take(run.batch_gpu), options.xflip, run.label_dim, run.device)
         sync = (r == run.rounds - 1) or not ctx.enabled
-        with (run.ddp.no_sync() if not sync else _null()):
+        with (run.ddp.no_sync() if not sync else contextlib.nullcontext()):
             loss = run.loss_fn(net=run.ddp, images=images, labels=labels, augment_pipe=run.augment_pipe)
             loss.sum().mul(options.loss_scaling / run.batch_per_rank).backward()
         run.loss_sum += float(loss.detach().sum())
@@ -832,14 +831,6 @@ def _save(run: _Run, mean_loss: float, snap_due: bool, ckpt_due: bool) -> None:
         if ckpt_due:
             save_checkpoint(files.path(RESUME_FILE), run.network, run.ema.state_dict(), training_state, meta)
             run.resume_point, run.resume_kimg = files.path(RESUME_FILE), run.cur_nimg / 1000
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _fmt_time(seconds: float) -> str:
