@@ -84,7 +84,7 @@ def _reference_start(den: Any, s: SamplerSettings, spec: slv.SolverSpec, num_ste
     given = {"num_steps": num_steps} if num_steps is not None else {}
     setup = ablation_setup(den, sigma_min=s.sigma_min, sigma_max=s.sigma_max, discretization=s.discretization or "edm",
                            schedule=s.schedule or "linear", scaling=s.scaling or "none", **given, **s.schedule_params)
-    options = dict(solver=spec.name, alpha=1 if s.alpha is None else s.alpha, **s.churn)
+    options = dict(solver=spec.name, alpha=1 if s.alpha is None else s.alpha, **s.solver_options)
     round_sigma = den.round_sigma
 
     def start(latents, randn_like, callback):
@@ -102,11 +102,7 @@ def _solver_start(den: Any, s: SamplerSettings, spec: slv.SolverSpec, num_steps:
         sigmas, num_steps, sigma_max = spec.time_points_for_nfe(s.nfe, top), None, None
     t = sampling_sigmas(den, spec.name, sigmas, num_steps, s.discretization, s.sigma_min, sigma_max, s.denoise_to_zero,
                         **s.schedule_params)
-    options: dict[str, Any] = dict(s.churn)
-    if s.afs:
-        options["afs"] = True
-    if s.max_order is not None:
-        options["max_order"] = s.max_order
+    options = s.solver_options
     round_sigma = den.round_sigma
 
     def start(latents, randn_like, callback):

@@ -1,64 +1,12 @@
-"""Searched time steps (GITS, Chen et al., ICML 2024): the fine-grid path a solver follows best.
+"""Searched time steps (GITS, Chen et al., ICML 2024): the path over a fine grid a solver follows best.
 
-"On the Trajectory Regularity of ODE-based Diffusion Sampling" observes that sampling
-trajectories of one model have nearly the same shape whatever they generate, so a schedule
-fitted to a few hundred of them suits all. The search (`search_schedule`), training-free:
-
-1. **Teacher.** Latents and labels are drawn per seed exactly as `sample` draws them, and a
-   strong solver (`teacher`, default iPNDM as in gits-main) integrates them on a fine grid
-   (`fine_points`, default 61: the EDM rho = 7 schedule over the model's range), recording the
-   state x_m and the data prediction D_m = D(x_m; sigma_m) at every fine point (one extra
-   evaluation per latent gives D at the last point). Slopes are d_m = (x_m - D_m) / sigma_m.
-2. **Cost of a step.** A student step from fine point i to fine point j starts on the teacher's
-   trajectory, x_i, and is the chosen solver's own update with the history a multistep solver
-   carries along the path: the slopes or data predictions at the path's earlier points, taken
-   from the teacher (what the student would hold had it been exact so far), the order that
-   step has in the solver's warm-up and lower-order-final rules, and AFS at the first point
-   when asked. Its cost is the deviation of the result from the teacher's x_j. This is the
-   local error of the solver on that path. gits-main instead costs every solver's steps with
-   one Euler step along the teacher's slope (``step="euler"`` reproduces that).
-3. **Path.** Dynamic programming picks the path 0 = p_0 < p_1 < ... < p_K = last over the fine
-   points, with exactly the K steps the NFE buys (K = N - 1 for the N time points of
-   `solvers.steps_for_nfe`, e.g. K = NFE for iPNDM), that minimises
-   sum_k coeff^k cost(step k), as gits-main's ``dp`` (``coeff`` 1.15: later, low-noise steps
-   weigh more, the errors there are the ones left in the image).
-4. **Polish** (not in GITS). The programme minimises a sum of local errors, a proxy for what
-   matters: the error the solver's run ends with. So the path is then polished on that error
-   itself (`refine_path`): the solver runs for real on the first ``refine_latents`` latents
-   (default 64, at most half of them), and each inner point moves one fine index down or up
-   while that lowers the end-point RMS error against the teacher (at most 20 runs per step),
-   in about a teacher run's time (measured in benchmarks/RESULTS.md). ``refine_latents=0``
-   returns the programme's path, as GITS does.
-
-How the history enters the dynamic programme: a step of order q needs the path's last q
-points, so a state of the programme is the pair (previous point, current point). The newest
-history entry (all of order 2, the warm-up of every multistep solver, DPM-Solver++(2M)) is
-thereby exact; older entries (orders 3 and 4) are read from the cheapest path into that state,
-the usual way of carrying a longer history through Viterbi-style programmes (an exact state
-would hold up to four points: C(61, 4) = 521k states, against 1830 pairs). Whatever the order,
-the cost the search reports is the exact cost of the path it returns, because that path's
-history is the one its steps were costed with.
-
-What cannot be had from the teacher alone: Heun's second stage evaluates D off the trajectory,
-at x_i + (sigma_j - sigma_i) d_i; the search evaluates it (n (n - 1) / 2 batches on the first
-`HEUN_COST_LATENTS` latents, exact). UniPC's corrector evaluates D at the predicted point: with
-the teacher's D_j there instead, the corrected step is nearly exact however long it is and the
-search picks absurd first steps (80 -> 55 -> 0.26 on a digits model), so UniPC steps are
-costed by their predictor, whose error is what the corrector's evaluation and every later step
-see (``unipc_corrector=True`` costs the corrected step with the teacher's D_j).
-
-Cost metric: ``"l2"`` is the root mean square over the latents of ||x_j^student - x_j||_2;
-``"dev"`` is gits-main's default: the deviation of the point from the straight line joining
-each trajectory's ends, minus the teacher's at j (signed, as there), both root mean squares over
-the latents. gits-main averages per-latent norms where this takes root mean squares: that
-makes every cost a quadratic form in one batch-mean Gram matrix of the 2n teacher vectors
-(`TrajectoryMoments`), so the search needs no per-latent work after the teacher has run,
-whatever the image size, and its memory does not grow with the number of latents.
-
-`search_schedule` also runs the solver itself on the searched schedule and on the EDM rho = 7
-schedule with the same NFE, from the latents the polish did not use, and reports both end-point
-errors against the teacher (``check``): the honest measure of what the search bought. NumPy
-only; it works on any denoiser of the contract (`contract.py`).
+Sampling trajectories of one model have nearly the same shape whatever they generate, so time
+points fitted to a few hundred of them suit all, training-free: a teacher integrates them on a
+fine grid (`run_teacher_search_data`), every candidate step is costed with the solver's own
+update on the teacher's points (`StepCosts`, from the solver's `SearchRule`), dynamic
+programming picks the path with the NFE's steps (`dp_path`), a polish lowers the solver's real
+end-point error (`refine_path`), and a check compares it with EDM rho = 7 at the same NFE
+(`search_schedule`). NumPy only; any denoiser of the contract.
 """
 
 from __future__ import annotations
@@ -162,6 +110,9 @@ def run_teacher(
 
 class TrajectoryMoments:
     """Batch-mean second moments of the 2n teacher vectors, accumulated batch by batch.
+
+    Every step cost is a quadratic form in them, so the search needs no per-latent work after
+    the teacher has run, whatever the image size, and its memory does not grow with the latents.
 
     Vector index a: x_m is a = m, D_m is a = n + m. ``gram[a, b]`` is the mean over latents of
     <V_a, V_b>; ``perpendicular[a, b]`` subtracts the mean of (V_a . u)(V_b . u), u the unit
@@ -331,13 +282,23 @@ _EULER_STEP = slv.get_solver("euler").search.step
 class StepCosts:
     """cost(k, nodes): the deviation of step k (of num_steps) for a batch of transitions.
 
-    Built from teacher moments, with the solver's own update (`SolverSpec.search`), for every
-    solver but one whose second stage is evaluated (Heun): its pair costs come from the network
+    A student step from fine point i to j starts on the teacher's trajectory, x_i, with the
+    history a multistep solver carries taken from the teacher at the path's earlier points (what
+    it would hold had it been exact so far) and the order its rules give step k; its cost is the
+    deviation from the teacher's x_j, the solver's local error on that path. Built from teacher
+    moments with the solver's own update (`SolverSpec.search`), for every solver but one whose
+    second stage is evaluated (Heun): its pair costs come from the network
     (`second_stage_pair_costs`) as an [n, n] matrix ``pair_costs``. ``step`` "solver" costs the
-    solver's own update with its history and order at step k (and AFS at the first point when
-    ``afs``), "euler" one Euler step along the teacher's slope (gits-main). ``metric`` "l2" or
-    "dev" (see the module docstring). ``unipc_corrector``: cost UniPC's corrected step, its
-    corrector's D taken from the teacher, rather than its predictor.
+    solver's own update (and AFS at the first point when ``afs``), "euler" one Euler step along
+    the teacher's slope, as gits-main costs every solver.
+
+    ``metric`` "l2": the root mean square over latents of ||x_j^student - x_j||; "dev"
+    (gits-main's default): the deviation of the point from the chord joining each trajectory's
+    ends, minus the teacher's at j, root mean squares where gits-main averages norms (so costs
+    are quadratic forms in `TrajectoryMoments`). ``unipc_corrector``: cost UniPC's corrected step
+    with the teacher's D_j as its corrector's evaluation. Off by default: with it the corrected
+    step is nearly exact however long it is and the search picks absurd first steps (80 -> 55 ->
+    0.26 on a digits model), while the predictor's error is what every later step sees.
     """
 
     def __init__(self, moments: TrajectoryMoments, solver: str, num_steps: int, *, metric: str = DEFAULT_METRIC,
@@ -445,9 +406,14 @@ def dp_path(n: int, num_steps: int, cost: Callable[[int, _Nodes], np.ndarray], c
             ) -> tuple[list[int], float]:
     """The path 0 = p_0 < ... < p_K = n - 1 (K = num_steps) minimising sum_k coeff^k cost(k, step k).
 
-    States are pairs (p_{k-1}, p_k); the history older than that is read from each state's
-    cheapest path (see the module docstring). Returns (path, its weighted cost). Ties go to the
-    smaller previous point.
+    ``coeff`` > 1 (gits-main's 1.15) weighs later, low-noise steps more: their errors are the
+    ones left in the image. A step of order q needs the path's last q points, so the states are
+    pairs (p_{k-1}, p_k): the newest history entry (all of order 2) is exact, older ones (orders
+    3, 4) are read from each state's cheapest path, the usual way of carrying a longer history
+    through a Viterbi-style programme (an exact state of four points would be C(61, 4) = 521k
+    states against 1830 pairs). The cost reported is still exact for the path returned, whose
+    history is the one its steps were costed with. Returns (path, its weighted cost). Ties go to
+    the smaller previous point.
     """
     K, last = int(num_steps), n - 1
     if not 1 <= K <= last:
@@ -607,6 +573,9 @@ def refine_path(
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[list[int], float, float, int]:
     """Coordinate descent on a path's true error: move one inner point by one fine index while that helps.
+
+    The programme minimises a sum of local errors, a proxy; this polishes the path on what
+    matters, the error the solver's run ends with.
 
     ``error(path)`` is the solver's end-point error run on that path. Sweeps over the inner points
     (each tried one index down and one up, a move kept as soon as it lowers the error) until a

@@ -37,10 +37,14 @@ ALIASES = {"steps": "num_steps", "disc": "discretization", "class": "class_idx",
 
 def _opt(doc: str, *, flag: Optional[str] = None, lo: Optional[float] = None, hi: Optional[float] = None,
          lo_open: bool = False, allow_inf: bool = False, choices: Optional[tuple] = None, kind: str = "float",
-         ablation: bool = False) -> Any:
+         ablation: bool = False, solver_option: bool = False) -> Any:
     meta = dict(doc=doc, flag=flag, lo=lo, hi=hi, lo_open=lo_open, allow_inf=allow_inf, choices=choices, kind=kind,
-                ablation=ablation)
+                ablation=ablation, solver_option=solver_option)
     return field(default=None, metadata=meta)
+
+
+# The highest orders the multistep solvers take (their programs' max_order defaults).
+_MAX_ORDERS = sorted({spec.max_order for spec in slv.SOLVER_REGISTRY.values() if spec.max_order is not None})
 
 
 @dataclass(frozen=True)
@@ -72,16 +76,18 @@ class SamplerSettings:
     C_2: Optional[float] = _opt("iDDPM discretization constant C_2 [default: 0.008]", lo=0, lo_open=True)
     M: Optional[int] = _opt("iDDPM discretization: number of training noise levels [default: 1000]", kind="int",
                             lo=1, hi=MAX_STEPS)
-    S_churn: Optional[float] = _opt("Stochasticity strength (heun, euler) [default: 0]", lo=0)
-    S_min: Optional[float] = _opt("Lowest sigma with churn [default: 0]", lo=0)
-    S_max: Optional[float] = _opt("Highest sigma with churn [default: inf]", lo=0, allow_inf=True)
-    S_noise: Optional[float] = _opt("Noise inflation with churn [default: 1]", lo=0)
+    # Options of the solver's program (`solver_option`): checked against the solver, passed to it as given.
+    S_churn: Optional[float] = _opt("Stochasticity strength (heun, euler) [default: 0]", lo=0, solver_option=True)
+    S_min: Optional[float] = _opt("Lowest sigma with churn [default: 0]", lo=0, solver_option=True)
+    S_max: Optional[float] = _opt("Highest sigma with churn [default: inf]", lo=0, allow_inf=True, solver_option=True)
+    S_noise: Optional[float] = _opt("Noise inflation with churn [default: 1]", lo=0, solver_option=True)
     afs: bool = field(default=False, metadata=dict(doc="Analytical first step: saves one NFE (multistep solvers)",
-                                                   kind="flag", flag=None))
+                                                   kind="flag", flag=None, solver_option=True))
     denoise_to_zero: bool = field(default=False, metadata=dict(
         doc="Multistep solvers: finish with x = D(x; sigma_min) (one more NFE)", kind="flag", flag="--denoise-to-zero"))
-    max_order: Optional[int] = _opt("Highest order of a multistep solver [default: its own, 3 or 4]", kind="int",
-                                    lo=1, hi=4, flag="--max-order")
+    max_order: Optional[int] = _opt(f"Highest order of a multistep solver [default: its own, "
+                                    f"{' or '.join(map(str, _MAX_ORDERS))}]", kind="int", lo=1, hi=max(_MAX_ORDERS),
+                                    flag="--max-order", solver_option=True)
 
     # ----- construction
 
@@ -139,8 +145,10 @@ class SamplerSettings:
         return {k: getattr(self, k) for k in SCHEDULE_PARAM_NAMES if getattr(self, k) is not None}
 
     @property
-    def churn(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("S_churn", "S_min", "S_max", "S_noise") if getattr(self, k) is not None}
+    def solver_options(self) -> dict[str, Any]:
+        """The options set that go to the solver's program (churn, afs, max_order)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("solver_option") and getattr(self, f.name) not in (None, False)}
 
     @property
     def uses_reference_sampler(self) -> bool:
@@ -170,10 +178,9 @@ class SamplerSettings:
             self._check_own_time_points(solver)
         if self.S_min is not None and self.S_max is not None and self.S_min > self.S_max:
             raise InputError(f"S_min ({self.S_min:g}) must not exceed S_max ({self.S_max:g})", param="S_min")
-        slv.check_solver_options(solver, self.churn, afs=self.afs, denoise_to_zero=self.denoise_to_zero,
+        slv.check_solver_options(solver, self.solver_options, denoise_to_zero=self.denoise_to_zero,
                                  explicit_sigmas=self.sigmas is not None)
         if self.max_order is not None:
-            slv.check_solver_options(solver, {"max_order": self.max_order})
             highest = spec.max_order
             if self.max_order > highest:
                 raise InputError(f"max_order must be an integer from 1 to {highest} for the {solver} solver, "

@@ -9,10 +9,12 @@ and returns the final state. Nothing in a program calls a network, so one defini
 under every driver:
 
 * `run_program(den, program, class_labels)`: one network call per request, the batch loop of
-  `sample` / `generate` (and the k-diffusion style functions below, `heun(den, x, sigmas)`);
+  the planner (`planner.SamplingPlan.run`) and of each solver's k-diffusion style function
+  (`SolverSpec.fn`, ``fn(den, x, sigmas)``);
 * the schedule search (`schedule_search`), which runs the programs for its teacher and its
   polish and costs single steps with the same update functions (`dpmpp_update`,
-  `unipc_predict`, `ipndm_update`, ...) applied to linear forms of teacher trajectories;
+  `unipc_predict`, `ipndm_update`, ...) applied to linear forms of teacher trajectories
+  (`StepView`, each solver's `SearchRule`);
 * the serving engine (`engine`), which gathers the pending evaluations of many programs (other
   requests, solvers, NFEs, each at its own sigma) into one network call per tick.
 
@@ -31,9 +33,10 @@ The contract of a program ``<name>_program(x, sigmas, *, callback=None, round_si
   (Euler/Heun churn); ``callback(StepInfo)`` runs after every step.
 
 Each solver reproduces a public reference implementation (named in its registry entry) operation
-for operation, so on the same denoiser and sigmas the results agree to rounding.
-`SOLVER_REGISTRY` is the single description of the family: the program, the batch function, a
-summary, the reference, the NFE for N time points, the options, whether sigma = 0 is appended.
+for operation, so on the same denoiser and sigmas the results agree to rounding. A solver is
+its program and its `SolverSpec` in `SOLVER_REGISTRY` (built with keywords): the summary, the
+reference, the NFE for N time points, whether sigma = 0 is appended, how the schedule search
+costs it; its options and batch function are read from the program.
 """
 
 from __future__ import annotations

@@ -1,50 +1,9 @@
-"""`edm-deploy train`: train an EDM denoiser (the reference `train.py`, with presets).
+"""`edm-deploy train`: train an EDM denoiser (the reference `train.py`, with presets), or
+consistency-tune one (``--consistency --from CKPT``, ECT: `training.consistency_loss`).
 
-Output folder layout (``--outdir DIR``, created if needed; rank 0 writes everything)::
-
-    DIR/training_options.json        options, network description and dataset of the run
-    DIR/log.txt                      human-readable log, one status line per tick
-    DIR/stats.jsonl                  one JSON object per tick: kimg, loss, lr, sec/kimg, ...
-    DIR/ckpt.pt                      latest resume point (EMA weights + full training state)
-    DIR/network-snapshot-XXXXXX.pt   weights-only EMA snapshots at XXXXXX kimg
-
-While the run writes, ``DIR/.edm-deploy.lock`` is held: a second run into DIR is refused. A run
-whose loss turns NaN/Inf (too high a --lr, say) stops with an error and exit code 1 before saving
-anything from that point, so ``DIR/ckpt.pt`` stays the last finite resume point. Every number is
-checked before the run starts (finite, in range), --fp16 needs a CUDA device, --threads at most
-the CPUs of the machine, and --preset does not combine with --resume (a resumed run keeps its
-stored options).
-
-Every ``.pt`` is an edm-deploy checkpoint (`edm-deploy export`, `sample`, `info` read it).
-The ``.pt`` files and ``training_options.json`` are written atomically and durably (temporary
-file + fsync + rename) and never deleted; a snapshot name that already exists gets a ``-1``,
-``-2`` ... suffix instead of being replaced. ``log.txt`` and ``stats.jsonl`` are appended line by
-line (a crash can cut the last line short); on ``--resume`` the ``stats.jsonl`` entries after the
-resume point are dropped so that redone ticks are not listed twice, while ``log.txt`` keeps
-everything. Starting a new run in a folder that already holds ``ckpt.pt`` is refused; continue
-it with ``--resume DIR/ckpt.pt``: the stored options are reused, and only --outdir, --duration,
---tick, --snap-kimg, --ckpt-seconds, --batch-gpu, --device and --threads may be given anew (the training loop
-checks this, for the CLI and the Python API alike). A resumed run is bit-identical to an
-uninterrupted one unless --batch-gpu, the device type or the number of processes changes (see
-`edm_deploy.training.training_loop`). Multi-GPU / multi-process: launch with
-``torchrun --nproc_per_node=N -m edm_deploy.cli train ...``; with ``--device auto`` or ``cuda``
-each process uses the GPU of its LOCAL_RANK (an explicit ``--device cuda:N`` is refused there).
-
-Resume points come by kimg (``--snap-kimg``) and by time: ``--ckpt-seconds S`` (default 600, the
-tiny presets 30) also writes ``ckpt.pt`` at the first tick S seconds after the last one, so a run
-stopped early still resumes; when they are written does not change the run. ``--resume`` into
-another ``--outdir`` with ``--duration`` already reached is refused (it would write nothing
-there); into the run's own folder it is a no-op.
-
-Consistency tuning: ``--consistency --from CKPT`` tunes the EDM checkpoint CKPT with Easy
-Consistency Tuning (ECT, Geng et al. 2024; `edm_deploy.training.consistency_loss` says which of
-its formulas and defaults are followed) into a model sampled in one or two evaluations. The
-network (architecture, classes, resolution) is CKPT's, so --arch, --precond, --cbase, --cres and
---cond-drop are refused; the data must match it. The defaults are ECT's published CIFAR-10 run
-(RAdam, lr 1e-4, batch 128, dropout 0.2, the gap halving every 3200 kimg); ``--preset tiny``
-is the setting measured on the digits (benchmarks/consistency.py). Checkpoints, snapshots and
-every export record ``consistency: {method, from_checkpoint, from_sha256, from_kimg}``; ``info``
-shows it. EMA, resume, DDP, locks and atomic writes are those of plain training.
+The flags are `TrainingOptions` fields, unset unless given so that a preset or a resumed run
+keeps its own values; what a run writes, how it resumes and what it refuses is the training
+loop's (docs/DESIGN.md, "Training runs").
 """
 
 from __future__ import annotations
