@@ -61,6 +61,10 @@ def model_mismatch(spec: slv.SolverSpec, den: Any) -> list[str]:
     return []
 
 
+# How a plan starts its program for a batch, and the noise levels the steps start from.
+_Start = tuple[Callable[..., slv.Program], np.ndarray]
+
+
 def plan_sampling(den: Any, settings: Any = None) -> SamplingPlan:
     """Resolve a run's settings on ``den``: which program implements them, its time points, its NFE.
 
@@ -79,7 +83,7 @@ def plan_sampling(den: Any, settings: Any = None) -> SamplingPlan:
     return SamplingPlan(s, spec.name, spec.nfe_for_sigmas(sigmas, afs=s.afs), sigmas, start, model_mismatch(spec, den))
 
 
-def _reference_start(den: Any, s: SamplerSettings, spec: slv.SolverSpec, num_steps: Optional[int]):
+def _reference_start(den: Any, s: SamplerSettings, spec: slv.SolverSpec, num_steps: Optional[int]) -> _Start:
     """The paper's generalised sampler (`sampling.ablation_program`): its time steps t_i on ``den``."""
     given = {"num_steps": num_steps} if num_steps is not None else {}
     setup = ablation_setup(den, sigma_min=s.sigma_min, sigma_max=s.sigma_max, discretization=s.discretization or "edm",
@@ -93,7 +97,7 @@ def _reference_start(den: Any, s: SamplerSettings, spec: slv.SolverSpec, num_ste
     return start, setup.sigmas
 
 
-def _solver_start(den: Any, s: SamplerSettings, spec: slv.SolverSpec, num_steps: Optional[int]):
+def _solver_start(den: Any, s: SamplerSettings, spec: slv.SolverSpec, num_steps: Optional[int]) -> _Start:
     """The solver's own program on a named schedule, an explicit list, or its own time points for ``nfe``."""
     sigmas = None if s.sigmas is None else np.asarray(s.sigmas)
     sigma_max = s.sigma_max
