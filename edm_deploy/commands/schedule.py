@@ -86,7 +86,7 @@ def schedule(model: str, **params: Any) -> None:
     den = load_from_options(model, params)
     with den:
         check_class(params["class_idx"], den.label_dim)
-        from edm_deploy.runtime.generate import model_mismatch
+        from edm_deploy.runtime.planner import model_mismatch
         from edm_deploy.runtime.solvers import get_solver
 
         for note in list(den.warnings) + model_mismatch(get_solver(params["solver"]), den):
