@@ -226,7 +226,7 @@ class Scorer:
 
 
 def plan_for(den, settings: dict):
-    from edm_deploy.runtime.generate import plan_sampling
+    from edm_deploy.runtime.planner import plan_sampling
 
     return plan_sampling(den, settings)
 

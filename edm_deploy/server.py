@@ -288,7 +288,7 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
 
     from fastapi_offline import FastAPIOffline
 
-    from edm_deploy.runtime.generate import plan_sampling
+    from edm_deploy.runtime.planner import plan_sampling
     from edm_deploy.runtime.settings import SamplerSettings
     from edm_deploy.runtime.solvers import SOLVER_REGISTRY
     from edm_deploy.runtime.version import __version__
