@@ -8,6 +8,7 @@ thing wherever it is given; `sample` is the one-call form.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -16,7 +17,8 @@ import numpy as np
 from edm_deploy.runtime import schedules as sch
 from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.contract import check_batch, check_denoiser
-from edm_deploy.runtime.errors import param_error
+from edm_deploy.runtime.errors import InputError, param_error
+from edm_deploy.runtime.manifest import schedule_key
 from edm_deploy.runtime.sampling import ablation_program, ablation_setup, clamped_range
 from edm_deploy.runtime.settings import SamplerSettings
 from edm_deploy.runtime.xp import to_float64
@@ -37,6 +39,7 @@ class SamplingPlan:
     sigmas: np.ndarray
     _start: Callable[..., slv.Program]
     warnings: list = field(default_factory=list)  # why these settings will give poor images on this model
+    from_manifest: bool = False  # the time points are the model's own searched ones (manifest `schedules`)
 
     def program(self, latents: Any, randn_like: Callable, callback: Optional[Callable] = None) -> slv.Program:
         """The step program for ``latents`` (unit variance, the state is scaled here)."""
@@ -79,8 +82,31 @@ def plan_sampling(den: Any, settings: Any = None) -> SamplingPlan:
     num_steps = s.num_steps
     if s.nfe is not None:
         num_steps = slv.steps_for_nfe(spec.name, s.nfe, afs=s.afs, denoise_to_zero=s.denoise_to_zero)
+    searched = None if s.uses_reference_sampler else model_schedule(den, s, spec)
+    if searched is not None:
+        s, num_steps = dataclasses.replace(s, nfe=None, sigmas=searched), None
     start, sigmas = (_reference_start if s.uses_reference_sampler else _solver_start)(den, s, spec, num_steps)
-    return SamplingPlan(s, spec.name, spec.nfe_for_sigmas(sigmas, afs=s.afs), sigmas, start, model_mismatch(spec, den))
+    return SamplingPlan(s, spec.name, spec.nfe_for_sigmas(sigmas, afs=s.afs), sigmas, start, model_mismatch(spec, den),
+                        from_manifest=searched is not None)
+
+
+def model_schedule(den: Any, s: SamplerSettings, spec: slv.SolverSpec) -> Optional[list[float]]:
+    """The model's own time points for this solver and NFE (its manifest's `schedules`), when the run asks
+    for nothing but the solver and the NFE; None otherwise."""
+    table = getattr(den, "schedules", None) or {}
+    if s.nfe is None or not table:
+        return None
+    plain = SamplerSettings.coerce({"solver": spec.name, "nfe": s.nfe})
+    if s != plain:  # any other time-point or solver option: the run is not the one searched
+        return None
+    sigmas = table.get(schedule_key(spec.name, s.nfe))
+    if sigmas is None:
+        return None
+    if spec.nfe_for_sigmas(np.asarray(sigmas)) != s.nfe:
+        raise InputError(f"the model's manifest gives time points for {spec.name} at NFE {s.nfe} that spend "
+                         f"{spec.nfe_for_sigmas(np.asarray(sigmas))} evaluations; re-export it with a correct "
+                         f"--schedule file", param="nfe")
+    return list(sigmas)
 
 
 def _reference_start(den: Any, s: SamplerSettings, spec: slv.SolverSpec, num_steps: Optional[int]) -> _Start:

@@ -114,6 +114,9 @@ def sample(model: str, **params: Any) -> None:
                     denoise_to_zero=None if spec.appends_zero else bool(plan.sigmas[-1] == 0))
         for note in runner.warnings + plan.warnings + mismatch_warnings(schedule_meta, model_sha256, plan.solver, **used):
             click.echo(f"warning: {note}", err=True)
+        if plan.from_manifest:
+            click.echo(f"time points: the model's own for {plan.solver} at NFE {plan.nfe} (its manifest): "
+                       f"{', '.join(f'{v:.4g}' for v in plan.sigmas)}", err=True)
         record = run_record(model_sha256, _class_record(classes), settings, batch_size=params["batch_size"],
                             fixed_batch=params["fixed_batch"], solver=plan.solver,
                             time_points=[float(v) for v in plan.sigmas],
