@@ -336,11 +336,31 @@ def run_levers(ckpt: str, cache: str, scorer: Scorer, results: Results, grid: di
             lever(f"{solver}, NFE 10, autoguided (w {w['w']:g}, {GUIDE_KIMG}-kimg snapshot)",
                   f"{best10}:autoguide{w['w']:g}", fp32, {"solver": solver, "nfe": 10}, guide, w["w"])
     if tuned:
-        tuned_onnx = export(tuned, cache, "fp32", "tuned-" + file_sha256(tuned)[:8])
+        tuned_sha = file_sha256(tuned)[:16]
+        tuned_onnx = export(tuned, cache, "fp32", "tuned-" + tuned_sha[:8])
+        points = results.get_or_compute(f"points:{tuned_sha}", lambda: consistency_points(tuned_onnx, scorer))
         for nfe in (1, 2, 3):
-            lever(f"consistency-tuned, NFE {nfe}", f"consistency@{nfe}:{file_sha256(tuned)[:16]}", tuned_onnx,
-                  {"solver": "consistency", "nfe": nfe})
+            sigmas = points[str(nfe)]
+            lever(f"consistency-tuned, NFE {nfe} (time points {', '.join(f'{v:g}' for v in sigmas)})",
+                  f"consistency:{tuned_sha}:{sigmas}", tuned_onnx, {"solver": "consistency", "sigmas": sigmas})
+        lever("consistency-tuned, NFE 2, int8 export", f"consistency:{tuned_sha}:{points['2']}:int8",
+              export(tuned, cache, "int8", "tuned-" + tuned_sha[:8]), {"solver": "consistency", "sigmas": points["2"]})
     return levers
+
+
+def consistency_points(model: str, scorer: Scorer) -> dict[str, list[float]]:
+    """The tuned model's time points for NFE 1-3: the runtime's grid choice, judged by the classifier's
+    features on held-out seeds (as `edm-deploy schedule --solver consistency` does with Inception's)."""
+    from edm_deploy.loading import load
+    from edm_deploy.runtime.consistency_points import choose_consistency_points
+
+    out = {"1": [80.0]}
+    with load(model, device="cpu") as den:
+        for nfe in (2, 3):
+            out[str(nfe)] = choose_consistency_points(den, nfe, lambda images: scorer.judge.run(images)[1],
+                                                      scorer.clf_ref, seeds=range(300_000, 300_500),
+                                                      batch_size=scorer.batch).sigmas
+    return out
 
 
 def real_floor(scorer: Scorer, num: int) -> dict[str, Any]:
@@ -419,14 +439,19 @@ def verdicts(levers: dict[str, Any]) -> dict[str, Any]:
 
 
 def published_for(row: dict) -> str:
+    """The published CIFAR-10 FID of the same solver and NFE (plain fp32 sampling only), and its ratio."""
     settings = row["settings"]
-    if not settings:
+    solver = settings.get("solver")
+    if not solver or row.get("guide") or not str(row.get("model", "")).endswith("-fp32.onnx"):
         return ""
-    key = f"{settings.get('solver')}@{settings.get('nfe')}"
-    if "sigmas" in settings or row.get("guide") or "export" in str(row.get("model", "")):
+    if solver == "consistency":
+        nfe = len(settings["sigmas"])
+    elif "sigmas" in settings:  # a searched schedule
         return ""
-    value = PUBLISHED.get(key)
-    ref = PUBLISHED["heun@35"] if not key.startswith("consistency") else 2.01
+    else:
+        nfe = settings.get("nfe")
+    value = PUBLISHED.get(f"{solver}@{nfe}")
+    ref = 2.01 if solver == "consistency" else PUBLISHED["heun@35"]  # ECT's own Heun-35 evaluation
     return "" if value is None else f"{value:.2f} ({value / ref:.2f}x)"
 
 
