@@ -97,9 +97,10 @@ def _derived_outputs(args: list[str], ctx: click.Context) -> set[str]:
         finals = [f for f in (onnx_path, plan_path) if f]
         return {f for path in finals for f in (path, *companions(path))}
     if name == "demo":
-        from edm_deploy.demo import GRID_NAME, REPORT_NAME
+        from edm_deploy.demo import GRID_NAME, REPORT_NAME, default_outdir
 
-        return {os.path.join(ctx.params["outdir"], GRID_NAME), os.path.join(ctx.params["outdir"], REPORT_NAME)}
+        outdir = ctx.params["outdir"] or default_outdir(ctx.params["data"])
+        return {os.path.join(outdir, GRID_NAME), os.path.join(outdir, REPORT_NAME)}
     raise AssertionError(f"an example of `{name}` promises output names: teach this test how `{name}` derives them")
 
 
