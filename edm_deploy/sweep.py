@@ -82,6 +82,11 @@ class SweepResult:
                 "skipped": self.skipped, "latents": self.latents}
 
 
+# The end-point error ranks settings by distance from the converged sampler, not by FID: on real
+# images (Fashion-MNIST, Inception FID) the two disagree at low NFE.
+PROXY_NOTE = ("note: the RMS error is a proxy (distance from the converged Heun-35 images), not FID; "
+              "FID per solver and NFE on real images: benchmarks/RESULTS.md, 'Real images'")
+
 def precision_variants(model: str) -> list[str]:
     """`model` and its sibling exports that exist, full precision first (the reference runs on the first).
 
@@ -250,4 +255,5 @@ def sweep_table(result: SweepResult, max_error: float = DEFAULT_MAX_ERROR) -> st
         lines.append(f"fastest within RMS error {max_error:g}: --solver {best.solver} --nfe {best.nfe} on "
                      f"{best.model} ({best.precision}): {best.images_per_s:.1f} img/s{speedup}, "
                      f"RMS error {best.rms_error:.2e}")
+    lines.append(PROXY_NOTE)
     return "\n".join(lines)

@@ -91,6 +91,7 @@ def test_bench_solvers_gives_the_answer_in_one_line(oracle_family, tmp_path, cap
     assert code == 0, err
     answer = [ln for ln in stdout.splitlines() if ln.startswith("fastest within RMS error 0.5: --solver")]
     assert len(answer) == 1, stdout
+    assert stdout.rstrip().splitlines()[-1].startswith("note: the RMS error is a proxy"), stdout  # not FID: say so
     data = json.loads(out.read_text())
     assert len(data["rows"]) == 8 and data["reference"]["solver"] == "heun" and data["reference"]["nfe"] == 35
     for args, message in [(["--nfe", "5"], "--nfe applies to bench --solvers only"),

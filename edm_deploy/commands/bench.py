@@ -45,7 +45,9 @@ def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int
 
     With --solvers: which solver, NFE and precision to run this model with. Every setting samples
     the same latents; the table gives images/s and the end-point error against the paper's Heun
-    at NFE 35, and the last line the fastest setting within --max-error.
+    at NFE 35, and the last lines the fastest setting within --max-error. That error is a proxy
+    (distance from the converged sampler), not FID; FID per solver and NFE on real images is in
+    benchmarks/RESULTS.md ("Real images").
 
     \b
     Examples:
