@@ -47,6 +47,7 @@ ROWS: dict[str, tuple[str, dict]] = {
     "pmean": ("ln t ~ N(-0.8, 1.6^2) (ECT on ImageNet-64)", {"ect_p_mean": -0.8, "ect_p_std": 1.6}),
     "huber": ("pseudo-Huber c = 0.017 (ECT's 0.00054 sqrt(d), d = 1024)", {"ect_c": 0.017}),
     "lr2e-4": ("lr 2e-4", {"lr": 2e-4}),
+    "lr1e-3": ("lr 1e-3 (the teacher's own: a short tuning takes few steps)", {"lr": 1e-3}),
 }
 
 
