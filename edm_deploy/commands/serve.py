@@ -10,6 +10,7 @@ import click
 
 from edm_deploy import sigterm
 from edm_deploy.commands.common import FiniteFloat, backend_options, load_from_options
+from edm_deploy.runtime.serving.scheduler import SCHEDULERS
 
 
 @click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,7 +22,7 @@ from edm_deploy.commands.common import FiniteFloat, backend_options, load_from_o
 @click.option("--fixed-batch", type=click.IntRange(min=1), default=None, help="Every network call exactly N rows (padded), so a served image equals `sample --fixed-batch N` bit for bit.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True, help="Requests that may wait; beyond it a 503 with Retry-After.")
 @click.option("--max-images", type=click.IntRange(min=1), default=64, show_default=True, help="Images one request may ask for.")
-@click.option("--scheduler", type=click.Choice(["continuous", "request-batch", "one-request"]), default="continuous", show_default=True, help="How requests share network calls (the alternatives are for comparison).")
+@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="continuous", show_default=True, help="How requests share network calls (the alternatives are for comparison).")
 @click.option("--drain-timeout", type=FiniteFloat(0), default=600.0, show_default=True, help="Seconds SIGTERM waits for the requests in flight.")
 @backend_options
 def serve(model: str, **params: Any) -> None:
