@@ -43,55 +43,76 @@ class ModelRunner:
 
     def run(self, chunks: list[Chunk]) -> RunnerOutput:
         """Evaluate every chunk's pending (x, sigma); raises what the network raises."""
-        plain, auto, cfg = [], [], []       # chunk positions by how their rows are evaluated now
-        xs, sigmas, labels, live = [], [], [], []
+        rows = _Rows.gather(chunks, self.label_dim)
+        x, sigma, labels = rows.model_call()
+        start = time.perf_counter()
+        out = to_float64(self.model(x, sigma, labels if self.label_dim else None))
+        guide_out = None
+        if rows.auto:
+            gx, gs, gl = (_stack(part, rows.auto) for part in (rows.xs, rows.sigmas, rows.labels))
+            guide_out = to_float64(self.guide(gx, gs, gl if self.label_dim else None))
+        seconds = time.perf_counter() - start
+        guide_rows = 0 if guide_out is None else int(guide_out.shape[0])
+        return RunnerOutput(rows.answers(chunks, out, guide_out), int(x.shape[0]), _padding(self.model, int(x.shape[0])),
+                            guide_rows, _padding(self.guide, guide_rows) if guide_rows else 0, seconds)
+
+
+@dataclass
+class _Rows:
+    """The live rows of a tick's chunks, grouped by how they are evaluated at their sigma now."""
+
+    xs: list
+    sigmas: list
+    labels: list
+    live: list                      # per chunk: which members are live, None when all are
+    plain: list[int]                # chunk positions: unguided now
+    auto: list[int]                 # autoguided now (a second call, on the guide)
+    cfg: list[int]                  # classifier-free guided now (their zero-label twins in the same call)
+
+    @classmethod
+    def gather(cls, chunks: list[Chunk], label_dim: int) -> _Rows:
+        rows = cls([], [], [], [], [], [], [])
         for k, chunk in enumerate(chunks):
             x, sigma = chunk.pending
             keep = chunk.live_members()  # the rows of members that left are not evaluated
-            live.append(keep)
-            xs.append(x if keep is None else chunk.live_part(x, keep))
-            sigmas.append(np.full(int(xs[-1].shape[0]), sigma, dtype=np.float64))
-            labels.append(self._labels(chunk, keep, int(xs[-1].shape[0])))
+            x = x if keep is None else chunk.live_part(x, keep)
+            n = int(x.shape[0])
+            rows.xs.append(x)
+            rows.sigmas.append(np.full(n, sigma, dtype=np.float64))
+            rows.labels.append(np.zeros((n, 0), np.float32) if not label_dim else
+                               chunk.labels if keep is None else chunk.live_part(chunk.labels, keep))
+            rows.live.append(keep)
             request = chunk.request
             guided = request.guided_at(sigma)
-            (cfg if guided and request.cfg else auto if guided and request.auto else plain).append(k)
-        order = plain + auto + cfg
-        groups = [[_stack(p, plain + auto) for p in (xs, sigmas, labels)]] if plain or auto else []
-        if cfg:  # classifier-free: the guided rows and their zero-label twins, in the same call
-            groups.append(with_unconditional_twins(*(_stack(p, cfg) for p in (xs, sigmas, labels))))
-        x_call, sigma_call, label_call = (_join([g[i] for g in groups]) for i in range(3))
-        start = time.perf_counter()
-        out = to_float64(self.model(x_call, sigma_call, label_call if self.label_dim else None))
-        guide_out, guide_rows = None, 0
-        if auto:
-            gx, gs, gl = (_stack(p, auto) for p in (xs, sigmas, labels))
-            guide_out = to_float64(self.guide(gx, gs, gl if self.label_dim else None))
-            guide_rows = len(gs)
-        seconds = time.perf_counter() - start
+            (rows.cfg if guided and request.cfg else rows.auto if guided and request.auto else rows.plain).append(k)
+        return rows
 
+    def model_call(self) -> tuple[Any, np.ndarray, np.ndarray]:
+        """(x, sigma, labels) of the model's call: unguided and autoguided rows, then guided rows and their twins."""
+        parts = (self.xs, self.sigmas, self.labels)
+        groups = [[_stack(p, self.plain + self.auto) for p in parts]] if self.plain or self.auto else []
+        if self.cfg:
+            groups.append(with_unconditional_twins(*(_stack(p, self.cfg) for p in parts)))
+        return tuple(_join([g[i] for g in groups]) for i in range(3))
+
+    def answers(self, chunks: list[Chunk], out: Any, guide_out: Any) -> tuple[Any, ...]:
+        """Each chunk's D, mixed where guided (`guidance.mix`), with D = x for the rows of members that left."""
         answers: list[Any] = [None] * len(chunks)
         offset = 0
-        for k in order:
-            answers[k] = out[offset:offset + len(sigmas[k])]
-            offset += len(sigmas[k])
-        for k in cfg:  # the twins follow the guided rows, in the same order
-            answers[k] = mix(answers[k], out[offset:offset + len(sigmas[k])], chunks[k].request.w)
-            offset += len(sigmas[k])
+        for k in self.plain + self.auto + self.cfg:
+            answers[k] = out[offset:offset + len(self.sigmas[k])]
+            offset += len(self.sigmas[k])
+        for k in self.cfg:  # the twins follow the guided rows, in the same order
+            answers[k] = mix(answers[k], out[offset:offset + len(self.sigmas[k])], chunks[k].request.w)
+            offset += len(self.sigmas[k])
         offset = 0
-        for k in auto:
-            answers[k] = mix(answers[k], guide_out[offset:offset + len(sigmas[k])], chunks[k].request.w)
-            offset += len(sigmas[k])
-        for k, (chunk, keep) in enumerate(zip(chunks, live)):
+        for k in self.auto:
+            answers[k] = mix(answers[k], guide_out[offset:offset + len(self.sigmas[k])], chunks[k].request.w)
+            offset += len(self.sigmas[k])
+        for k, (chunk, keep) in enumerate(zip(chunks, self.live)):
             if keep is not None:
                 answers[k] = chunk.widen(answers[k], to_float64(chunk.pending[0]), keep)
-        rows = int(x_call.shape[0])
-        return RunnerOutput(tuple(answers), rows, _padding(self.model, rows), guide_rows,
-                            _padding(self.guide, guide_rows) if guide_rows else 0, seconds)
-
-    def _labels(self, chunk: Chunk, keep: Optional[list[bool]], rows: int) -> np.ndarray:
-        if not self.label_dim:
-            return np.zeros((rows, 0), np.float32)
-        return chunk.labels if keep is None else chunk.live_part(chunk.labels, keep)
+        return tuple(answers)
 
 
 def _join(parts: list) -> Any:
