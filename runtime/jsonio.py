@@ -32,6 +32,7 @@ from edm_deploy.runtime.fileio import check_regular_file
 # -> channel_mult, 4); 64 leaves room for any hand-written extra and stays far below the depth at
 # which Python's parser or a recursive walk over the result runs out of stack (~1000).
 MAX_JSON_DEPTH = 64
+MAX_INT_DIGITS = 4300  # Python's own limit on converting text to an int (sys.get_int_max_str_digits)
 
 # What each kind of file may hold at most, in bytes (a file beyond it is refused unread).
 MAX_MANIFEST_BYTES = 16 << 20    # an iDDPM manifest with its 1000-level table is ~30 KB
@@ -67,6 +68,16 @@ def _finite_float(text: str) -> float:
     return value
 
 
+class _LongInteger(Exception):
+    """Valid JSON that Python's int() refuses (more than MAX_INT_DIGITS digits): said as such, not "not valid"."""
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _LongInteger(len(text.lstrip("-")))
+    return int(text)
+
+
 def loads_bounded(text: Any, source: str, max_bytes: int = MAX_MANIFEST_BYTES, what: str = "JSON",
                   param: Optional[str] = None, allow_constants: bool = False) -> Any:
     """Parse JSON `text` (str or bytes) from `source`, bounded in size and depth (see the module doc).
@@ -94,8 +105,11 @@ def loads_bounded(text: Any, source: str, max_bytes: int = MAX_MANIFEST_BYTES, w
         raise InputError(f"{source}: {what} nested {depth} levels deep; at most {MAX_JSON_DEPTH} are read "
                          "(no edm-deploy file nests more than a few)", param=param)
     try:
-        return json.loads(text, **({} if allow_constants else {"parse_constant": _refuse_constant,
-                                                               "parse_float": _finite_float}))
+        return json.loads(text, parse_int=_bounded_int, **({} if allow_constants else {
+            "parse_constant": _refuse_constant, "parse_float": _finite_float}))
+    except _LongInteger as exc:
+        raise InputError(f"{source} holds an integer of {exc.args[0]:,} digits; at most {MAX_INT_DIGITS:,} are read",
+                         param=param) from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, a refused constant, a huge integer
         detail = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
         raise InputError(f"{source} is not valid {what} ({detail})", param=param) from None

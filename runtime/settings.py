@@ -228,6 +228,7 @@ def _check_value(f: dataclasses.Field, value: Any) -> Any:
     if kind == "sigmas":
         arr = sch.check_sigma_list(value)
         _check_float32(name, float(arr[0]))
+        _check_float32(name, float(arr[arr > 0][-1]))  # the lowest level too: 1e-300 would be 0 to the network
         return tuple(float(v) for v in arr)
     if kind == "int":
         value = check_int(value, name)

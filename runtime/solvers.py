@@ -38,6 +38,7 @@ summary, the reference, the NFE for N time points, the options, whether sigma = 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -687,6 +688,12 @@ def deis_tab_coefficients(sigmas, max_order: int = 4, num_points: int = DEIS_QUA
     return coeffs
 
 
+@functools.lru_cache(maxsize=32)
+def _deis_coefficients(levels: tuple, max_order: int) -> list[list[float]]:
+    """`deis_tab_coefficients` once per schedule: a server runs one schedule for many requests."""
+    return deis_tab_coefficients(levels, max_order)
+
+
 def deis_update(x: Any, h: Any, coeffs: list, slope: Callable[[int], Any], order: int) -> Any:
     """x + sum_m C_m d_m (order 1: the Euler step x + h d)."""
     if order == 1:
@@ -708,7 +715,7 @@ def deis_program(
     """
     max_order = _check_max_order(max_order, 4)
     levels, _ = _multistep_time_points(sigmas)
-    coeffs = deis_tab_coefficients(levels, max_order)
+    coeffs = _deis_coefficients(tuple(levels), max_order)
 
     def step(x, d, hist, i, order, t):
         return deis_update(x, t[i + 1] - t[i], coeffs[i], lambda k: d if k == 0 else hist[-k], order)
