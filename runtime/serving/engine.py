@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Optional, Sequence
 
@@ -177,9 +179,13 @@ class Engine:
 
     def request(self, seeds: Sequence[int], class_idx: Any = None, settings: Any = None,
                 guidance: Optional[float] = None, guidance_interval: Any = None,
-                timeout: Optional[float] = None, *, priority: int = 0, deadline: Optional[float] = None,
+                timeout: Optional[float] = None, *, priority: Optional[int] = 0, deadline: Optional[float] = None,
                 preview_every: Optional[int] = None) -> ImageRequest:
-        """A checked `ImageRequest` (the same checks `sample` and `generate` make); raises InputError."""
+        """A checked `ImageRequest` (the same checks `sample` and `generate` make); raises InputError.
+
+        ``priority`` (-10..10, None: 0) and ``deadline`` (seconds) are hints to a scheduler that
+        reads them; ``preview_every`` asks for a preview every that many solver steps.
+        """
         seeds = check_seeds(seeds)
         if len(seeds) > self.max_images:
             raise InputError(f"a request may ask for at most {self.max_images} images, got {len(seeds)}", param="seeds")
@@ -190,7 +196,7 @@ class Engine:
             guidance = check_weight(guidance)
             guidance_interval = None if guidance_interval is None else check_interval(guidance_interval)
         timeout, deadline = (_seconds(v, name) for v, name in ((timeout, "timeout"), (deadline, "deadline")))
-        priority = check_int(priority, "priority", lo=PRIORITY_RANGE[0], hi=PRIORITY_RANGE[1])
+        priority = 0 if priority is None else check_int(priority, "priority", lo=PRIORITY_RANGE[0], hi=PRIORITY_RANGE[1])
         if preview_every is not None:
             preview_every = check_int(preview_every, "preview_every", lo=1)
         request = ImageRequest(tuple(seeds), class_idx, settings, guidance, guidance_interval, timeout,
@@ -260,7 +266,9 @@ class Engine:
             if entry.deadline is not None:
                 self._deadlines.add(entry)
             self._lock.notify_all()
-        future.add_done_callback(lambda f, entry=entry: self._on_future_done(entry, f))
+        # The callback holds the request weakly: request -> future -> callback -> request would be a
+        # cycle, and every finished request would wait for the cyclic collector to free its images.
+        future.add_done_callback(functools.partial(self._on_future_done, weakref.ref(entry)))
         if self._thread is None:
             self.start()
         return future
@@ -389,9 +397,10 @@ class Engine:
 
     # ----- outcomes
 
-    def _on_future_done(self, request: RequestState, future: Future) -> None:
+    def _on_future_done(self, ref: weakref.ref, future: Future) -> None:
         """A client's cancel: flag it for the loop, which frees the rows before the next call."""
-        if future.cancelled():
+        request = ref()
+        if future.cancelled() and request is not None:
             request.cancelled = True
             with self._lock:
                 self._check_needed = True
