@@ -37,7 +37,7 @@ def served(tmp_path):
     import uvicorn
 
     from edm_deploy.loading import load
-    from edm_deploy.runtime.engine import Engine
+    from edm_deploy.runtime.serving import Engine
     from edm_deploy.server import create_app
     from tests.onnx_oracles import gaussian_onnx
 

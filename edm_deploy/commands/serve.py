@@ -12,6 +12,7 @@ import click
 from edm_deploy import sigterm
 from edm_deploy.commands.common import FiniteFloat, backend_options, load_from_options
 from edm_deploy.http_api import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_STEPS, DEFAULT_REQUEST_TIMEOUT
+from edm_deploy.runtime.errors import first_line
 from edm_deploy.runtime.schedules import MAX_STEPS
 from edm_deploy.runtime.serving.scheduler import SCHEDULERS
 
@@ -64,8 +65,8 @@ def serve(model: str, **params: Any) -> int:
     from edm_deploy import listener
     from edm_deploy.http_api import Limits
     from edm_deploy.loading import read_manifest
-    from edm_deploy.runtime.engine import Engine
     from edm_deploy.runtime.fileio import sha256_file
+    from edm_deploy.runtime.serving import Engine
     from edm_deploy.server import create_app
 
     listener.check_connection_limit(params["max_connections"])
@@ -94,15 +95,26 @@ def serve(model: str, **params: Any) -> int:
                                      + sigterm.SIGTERM_GRACE_S)
         click.echo(f"serving {model} ({den.describe()}) with {engine.scheduler.name} batching, at most "
                    f"{engine.max_batch} rows per call", err=True)
+        click.echo(f"determinism: {_check_shapes(engine)}", err=True)
         server.run(sockets=[sock])
         stats = engine.stats
         click.echo(f"stopped: {stats.requests_done} requests ({stats.images_done} images) served, "
-                   f"{stats.network_calls} network calls, {stats.rows_per_call:.1f} rows per call", err=True)
+                   f"{stats.network_calls} network calls, {stats.rows_per_call:.1f} rows per call, "
+                   f"{stats.padded_rows} padded rows", err=True)
         if drain.abandoned:
             click.echo(f"error: {drain.abandoned} requests were abandoned when the drain timeout of "
                        f"{params['drain_timeout']:g} s ran out (exit status {listener.ABANDONED_EXIT})", err=True)
             return listener.ABANDONED_EXIT
     return 0
+
+
+def _check_shapes(engine: Any) -> str:
+    """The engine's determinism guarantee, checked before the first request (or, if the network fails
+    now, with the first call)."""
+    try:
+        return str(engine.check_shapes())
+    except Exception as exc:  # a backend's own error: said in one line; the first call tries again
+        return f"{engine.determinism} (the check failed now: {first_line(exc)})"
 
 
 def _log_to_stderr() -> None:
