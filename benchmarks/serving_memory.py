@@ -89,11 +89,15 @@ def profile_soak(den, batch: int, rate: float, seconds: float, every: float, tra
     engine.check_shapes()
     engine.start()
     tally = {"ok": 0, "failed": 0}
+    errors: collections.Counter = collections.Counter()
     done = threading.Condition()
 
     def finished(f) -> None:
         with done:
-            tally["ok" if not f.cancelled() and f.exception() is None else "failed"] += 1
+            failed = f.cancelled() or f.exception() is not None
+            tally["failed" if failed else "ok"] += 1
+            if failed:
+                errors["cancelled" if f.cancelled() else repr(f.exception())[:200]] += 1
             done.notify_all()
 
     if trace:
@@ -123,7 +127,7 @@ def profile_soak(den, batch: int, rate: float, seconds: float, every: float, tra
     end = {"t": round(time.perf_counter() - t0, 1), "rss": rss_mb(), "objects": len(gc.get_objects()),
            "queued": 0, **malloc_mb()}
     growth = type_counts() - (first_types or collections.Counter())
-    out: dict[str, Any] = {"requests": count, **tally, "samples": samples, "end": end,
+    out: dict[str, Any] = {"requests": count, **tally, "errors": dict(errors), "samples": samples, "end": end,
                            "type_growth": growth.most_common(8), "padded_rows": engine.stats.padded_rows}
     if trace:
         end["traced"] = tracemalloc.get_traced_memory()[0] / 1e6
@@ -179,7 +183,7 @@ def summary(name: str, r: dict) -> dict[str, Any]:
     samples = r["samples"] + [r["end"]]
     warm = [s for s in samples if s["t"] >= samples[-1]["t"] / 4] or samples[-1:]
     rss = [s["rss"] for s in warm]
-    return {"variant": name, "requests": r["requests"], "ok": r["ok"], "failed": r["failed"],
+    return {"variant": name, "requests": r["requests"], "ok": r["ok"], "failed": r["failed"], "errors": r.get("errors"),
             "rss_first": samples[0]["rss"], "rss_warm": rss[0], "rss_max": max(rss), "rss_end": rss[-1],
             "rise_after_warmup": (max(rss) - rss[0]) / rss[0],
             "objects_warm": warm[0]["objects"], "objects_end": r["end"]["objects"],
