@@ -24,7 +24,6 @@ Rows are cached in the fashion cache (results.json), so a rerun only tunes what 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import time
 from typing import Any
@@ -36,7 +35,6 @@ from benchmarks.common import measure, replace_section, save, table
 
 BEGIN, END = "<!-- benchmarks.consistency_fashion:begin -->", "<!-- benchmarks.consistency_fashion:end -->"
 SIGMA_MAX = 80.0
-MID_GRID = (0.2, 0.4, 0.821, 1.5, 3.0, 6.0)
 SELECT_SEEDS = 500  # held-out seeds 300000.. pick the time points
 SCORE_IMAGES = 2000  # seeds 0..1999 are scored
 
@@ -81,17 +79,16 @@ def consistency_plan(den, sigmas):
 
 
 def choose_points(den, scorer: fashion.Scorer, nfe: int) -> dict[str, Any]:
-    """The grid's time points for `nfe` with the lowest classifier FD on the held-out seeds."""
+    """The grid's time points for `nfe` with the lowest classifier FD on held-out seeds (the runtime's chooser,
+    `edm-deploy schedule --solver consistency`, with the classifier's features instead of Inception's)."""
+    from edm_deploy.runtime.consistency_points import choose_consistency_points
+
     if nfe == 1:
         return {"sigmas": [SIGMA_MAX], "tried": []}
-    seeds, classes = fashion.seeds_and_classes(SELECT_SEEDS, first=300_000)
-    tried = []
-    for mids in itertools.combinations(sorted(MID_GRID, reverse=True), nfe - 1):
-        sigmas = [SIGMA_MAX, *mids]
-        images = fashion.sample(den, consistency_plan(den, sigmas), seeds, classes, scorer.batch)
-        tried.append({"sigmas": sigmas, **scorer.judge.score(images, classes, scorer.clf_ref)})
-    best = min(tried, key=lambda r: r["classifier_fd"])
-    return {"sigmas": best["sigmas"], "tried": tried}
+    choice = choose_consistency_points(den, nfe, lambda images: scorer.judge.run(images)[1], scorer.clf_ref,
+                                       seeds=range(300_000, 300_000 + SELECT_SEEDS), sigma_max=SIGMA_MAX,
+                                       batch_size=scorer.batch)
+    return {"sigmas": choice.sigmas, "tried": choice.tried}
 
 
 def score_tuned(onnx: str, scorer: fashion.Scorer, nfes=(1, 2, 3)) -> dict[str, Any]:

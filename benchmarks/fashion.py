@@ -226,7 +226,7 @@ class Scorer:
 
 
 def plan_for(den, settings: dict):
-    from edm_deploy.runtime.generate import plan_sampling
+    from edm_deploy.runtime.planner import plan_sampling
 
     return plan_sampling(den, settings)
 
@@ -302,6 +302,8 @@ def run_levers(ckpt: str, cache: str, scorer: Scorer, results: Results, grid: di
              f"accuracy {row['accuracy']:.1%}  NFE {row['nfe']}")
 
     lever("Heun, NFE 35 (reference)", "heun@35", fp32, {"solver": "heun", "nfe": 35})
+    levers["real test images"] = dict(results.get_or_compute(f"fid:real-test:n{num}", lambda: real_floor(scorer, num)),
+                                      settings={}, model=None, guide=None, w=None)
     for nfe in LEVER_NFES:
         best = best_at(grid, nfe)
         if best:
@@ -334,11 +336,44 @@ def run_levers(ckpt: str, cache: str, scorer: Scorer, results: Results, grid: di
             lever(f"{solver}, NFE 10, autoguided (w {w['w']:g}, {GUIDE_KIMG}-kimg snapshot)",
                   f"{best10}:autoguide{w['w']:g}", fp32, {"solver": solver, "nfe": 10}, guide, w["w"])
     if tuned:
-        tuned_onnx = export(tuned, cache, "fp32", "tuned-" + file_sha256(tuned)[:8])
+        tuned_sha = file_sha256(tuned)[:16]
+        tuned_onnx = export(tuned, cache, "fp32", "tuned-" + tuned_sha[:8])
+        points = results.get_or_compute(f"points:{tuned_sha}", lambda: consistency_points(tuned_onnx, scorer))
         for nfe in (1, 2, 3):
-            lever(f"consistency-tuned, NFE {nfe}", f"consistency@{nfe}:{file_sha256(tuned)[:16]}", tuned_onnx,
-                  {"solver": "consistency", "nfe": nfe})
+            sigmas = points[str(nfe)]
+            lever(f"consistency-tuned, NFE {nfe} (time points {', '.join(f'{v:g}' for v in sigmas)})",
+                  f"consistency:{tuned_sha}:{sigmas}", tuned_onnx, {"solver": "consistency", "sigmas": sigmas})
+        lever("consistency-tuned, NFE 2, int8 export", f"consistency:{tuned_sha}:{points['2']}:int8",
+              export(tuned, cache, "int8", "tuned-" + tuned_sha[:8]), {"solver": "consistency", "sigmas": points["2"]})
     return levers
+
+
+def consistency_points(model: str, scorer: Scorer) -> dict[str, list[float]]:
+    """The tuned model's time points for NFE 1-3: the runtime's grid choice, judged by the classifier's
+    features on held-out seeds (as `edm-deploy schedule --solver consistency` does with Inception's)."""
+    from edm_deploy.loading import load
+    from edm_deploy.runtime.consistency_points import choose_consistency_points
+
+    out = {"1": [80.0]}
+    with load(model, device="cpu") as den:
+        for nfe in (2, 3):
+            out[str(nfe)] = choose_consistency_points(den, nfe, lambda images: scorer.judge.run(images)[1],
+                                                      scorer.clf_ref, seeds=range(300_000, 300_500),
+                                                      batch_size=scorer.batch).sigmas
+    return out
+
+
+def real_floor(scorer: Scorer, num: int) -> dict[str, Any]:
+    """The same scores for `num` real test-split images: the floor a generator is compared with."""
+    from edm_deploy.runtime.fid_stats import frechet_distance
+    from edm_deploy.training.dataset import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("t10k")
+    images, labels = images[:num], labels[:num]
+    row = {"num": len(images), "nfe": 0}
+    row.update(scorer.judge.score(images, labels, scorer.clf_ref))
+    row["fid"] = float(frechet_distance(*inception_stats(scorer.det, images), *scorer.fid_ref))
+    return row
 
 
 def choose_weight(model: str, guide: str, solver: str, scorer: Scorer) -> dict:
@@ -360,6 +395,8 @@ def measure_speed(levers: dict[str, Any], images: int, rounds: int, echo) -> Non
     from edm_deploy.runtime.generate import guided
 
     seeds, classes = seeds_and_classes(images, first=200_000)
+    real = {k: v for k, v in levers.items() if v.get("model") is None}
+    levers = {k: v for k, v in levers.items() if k not in real}
     times: dict[str, list[float]] = {k: [] for k in levers}
     opened = {}
     try:
@@ -396,18 +433,25 @@ def measure_speed(levers: dict[str, Any], images: int, rounds: int, echo) -> Non
 
 def verdicts(levers: dict[str, Any]) -> dict[str, Any]:
     ref = next(v for k, v in levers.items() if k.startswith("Heun, NFE 35"))
-    matched = {k: v for k, v in levers.items() if v["fid"] <= MATCHED * ref["fid"]}
+    matched = {k: v for k, v in levers.items() if v.get("model") and v["fid"] <= MATCHED * ref["fid"]}
     fastest = max(matched, key=lambda k: matched[k].get("img_per_s", 0)) if matched else None
     return {"reference_fid": ref["fid"], "matched": sorted(matched), "fastest_matched": fastest}
 
 
 def published_for(row: dict) -> str:
+    """The published CIFAR-10 FID of the same solver and NFE (plain fp32 sampling only), and its ratio."""
     settings = row["settings"]
-    key = f"{settings.get('solver')}@{settings.get('nfe')}"
-    if "sigmas" in settings or row.get("guide") or "export" in str(row.get("model", "")):
+    solver = settings.get("solver")
+    if not solver or row.get("guide") or not str(row.get("model", "")).endswith("-fp32.onnx"):
         return ""
-    value = PUBLISHED.get(key)
-    ref = PUBLISHED["heun@35"] if not key.startswith("consistency") else 2.01
+    if solver == "consistency":
+        nfe = len(settings["sigmas"])
+    elif "sigmas" in settings:  # a searched schedule
+        return ""
+    else:
+        nfe = settings.get("nfe")
+    value = PUBLISHED.get(f"{solver}@{nfe}")
+    ref = 2.01 if solver == "consistency" else PUBLISHED["heun@35"]  # ECT's own Heun-35 evaluation
     return "" if value is None else f"{value:.2f} ({value / ref:.2f}x)"
 
 
@@ -426,7 +470,7 @@ def markdown(out: dict[str, Any]) -> str:
     for label, row in levers.items():
         speed = row.get("img_per_s")
         lines.append(
-            f"| {label} | {row['nfe']} | {row['fid']:.2f} | {row['fid'] / ref_fid:.2f}x | {row['accuracy']:.1%} | "
+            f"| {label} | {row['nfe'] or '-'} | {row['fid']:.2f} | {row['fid'] / ref_fid:.2f}x | {row['accuracy']:.1%} | "
             f"{'' if speed is None else f'{speed:.0f}'} | "
             f"{'' if speed is None or not ref_speed else f'{speed / ref_speed:.1f}x'} | {published_for(row)} |")
     lines += ["", f"Matched quality (FID within {MATCHED - 1:.0%} of Heun-35's {ref_fid:.2f}): "

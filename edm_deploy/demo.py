@@ -81,6 +81,11 @@ PROFILES = {p.data: p for p in (
 DIGITS = PROFILES["digits"]
 
 
+def default_outdir(data: str) -> str:
+    """Where a demo of `data` goes unless told: demo/ for the digits, demo-<data>/ otherwise."""
+    return "demo" if data == DIGITS.data else f"demo-{data.split('-')[0]}"
+
+
 def _done_kimg(ckpt_path: str) -> Optional[float]:
     """kimg reached by a resume point, or None if there is none."""
     if not os.path.exists(ckpt_path):

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import io
 import json
 import logging
 import os
@@ -162,29 +161,13 @@ class PrometheusObserver(EngineObserver):
 
 
 def encode_result(result: GenerationResult, call: GenerateRequest) -> bytes:
-    """The body of a finished request in the format it asked for.
+    """The body of a finished request in the format it asked for (png, grid and npz as `sample` writes them)."""
+    from edm_deploy.runtime.writers import encode_output
 
-    (`runtime.writers` has no in-memory encoder for a grid or an npz yet, only file writers, so
-    the grid and the npz are built here; the PNG is the writers' `encode_png`.)
-    """
-    from edm_deploy.runtime.writers import encode_png, make_grid
-
-    if call.format == "png":
-        return encode_png(result.images[0])
-    if call.format == "grid":
-        grid = make_grid(result.images, call.grid_cols)
-        scale = call.grid_scale or 1
-        if scale > 1:
-            grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-        return encode_png(grid)
-    if call.format == "npz":
-        buffer = io.BytesIO()
-        arrays = {"images": result.images, "seeds": np.asarray(result.seeds, dtype=np.int64)}
-        if result.labels is not None:
-            arrays["labels"] = result.labels
-        np.savez(buffer, **arrays)
-        return buffer.getvalue()
-    return json.dumps(result_body(result)).encode()
+    if call.format == "json":
+        return json.dumps(result_body(result)).encode()
+    return encode_output(call.format, result.images, result.seeds, result.labels, grid_columns=call.grid_cols,
+                         grid_scale=call.grid_scale or 1)[0]
 
 
 def result_body(result: GenerationResult) -> dict:
@@ -324,7 +307,7 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
 
     from fastapi_offline import FastAPIOffline
 
-    from edm_deploy.runtime.generate import plan_sampling
+    from edm_deploy.runtime.planner import plan_sampling
     from edm_deploy.runtime.settings import SamplerSettings
     from edm_deploy.runtime.solvers import SOLVER_REGISTRY
     from edm_deploy.runtime.version import __version__

@@ -74,7 +74,9 @@ def test_one_png_and_the_other_formats_hold_the_api_images(client):
     np.testing.assert_array_equal(np.stack([_png(base64.b64decode(b)) for b in body["images"]])[..., None], want)
     r = client.post("/v1/generate", json={"n": 4, "solver": "ipndm", "nfe": 5, "format": "grid", "grid_cols": 2,
                                           "grid_scale": 3})
-    assert _png(r.content).shape == (3 * (2 * 8 + 3), 3 * (2 * 8 + 3))  # 2x2 images, 1 px padding, x3
+    grid = _png(r.content)  # as `sample --grid --grid-scale 3` writes it: each image x3, then 1 px padding
+    assert grid.shape == (2 * 3 * 8 + 3, 2 * 3 * 8 + 3)
+    np.testing.assert_array_equal(grid[1:25, 26:50], want[1, :, :, 0].repeat(3, axis=0).repeat(3, axis=1))
 
 
 @pytest.mark.parametrize("body,api", [

@@ -747,7 +747,7 @@ def check_zip_arguments(source: str, dest: str, resolution: Optional[int] = None
         raise InputError(f"output folder does not exist: {directory}")
     if source not in BUILTIN_SPECS:
         refuse_overwriting_inputs({source_label: source}, {dest_label: dest})
-    if os.path.lexists(dest) and not _written_by_us(dest):
+    if os.path.exists(dest) and not _written_by_us(dest):  # a dangling link is written through
         raise InputError(f"{dest_label} {dest} already exists and was not written by edm-deploy dataset; choose "
                          f"another name or delete it")
 

@@ -84,11 +84,12 @@ def sample_classes(den: Any, per_class: int = 50, seed: int = 0, num_steps: Opti
     """uint8 [label_dim*per_class,C,R,R] samples of a class-conditional model and their requested classes.
 
     Classes in blocks of `per_class`, seeds seed.. in order. Deterministic EDM sampler by default;
-    `sampler_kwargs` choose another solver or schedule (`runtime.generate.plan_sampling`, e.g.
+    `sampler_kwargs` choose another solver or schedule (`runtime.planner.plan_sampling`, e.g.
     ``solver="ipndm", nfe=5`` with ``num_steps=None``).
     """
-    from edm_deploy.runtime.generate import plan_sampling, quantize_uint8
+    from edm_deploy.runtime.generate import quantize_uint8
     from edm_deploy.runtime.noise import StackedRandomGenerator, one_hot
+    from edm_deploy.runtime.planner import plan_sampling
 
     den = as_denoiser(den)
     plan = plan_sampling(den, {"num_steps": num_steps, **sampler_kwargs})

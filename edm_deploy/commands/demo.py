@@ -7,7 +7,7 @@ from typing import Optional
 import click
 
 from edm_deploy.commands.common import POSITIVE
-from edm_deploy.demo import GRID_NAME, PRECISIONS, PROFILES, REPORT_NAME
+from edm_deploy.demo import GRID_NAME, PRECISIONS, PROFILES, REPORT_NAME, default_outdir
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=f"""\
@@ -36,5 +36,5 @@ def demo(data: str, outdir: str, duration_kimg: Optional[float], per_class: int,
          tune_kimg: Optional[float]) -> None:
     from edm_deploy.demo import run_demo
 
-    run_demo(outdir=outdir or ("demo" if data == "digits" else "demo-fashion"), duration_kimg=duration_kimg, per_class=per_class, seed=seed, echo=click.echo,
+    run_demo(outdir=outdir or default_outdir(data), duration_kimg=duration_kimg, per_class=per_class, seed=seed, echo=click.echo,
              tune_kimg=tune_kimg, data=data)

@@ -23,9 +23,10 @@ import numpy as np
 
 from ..contract import as_denoiser
 from ..errors import InputError, NumericalError, check_int, check_number
-from ..generate import SamplingPlan, guided, plan_sampling, quantize_uint8
+from ..generate import guided, quantize_uint8
 from ..guidance import check_guidance_args, check_interval, check_weight
 from ..noise import check_class
+from ..planner import SamplingPlan, plan_sampling
 from ..seeds import check_seeds
 from ..settings import SamplerSettings
 from ..solvers import StepInfo

@@ -16,9 +16,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..errors import EdmDeployError
-from ..generate import SamplingPlan
 from ..guidance import guided_rows
 from ..noise import StackedRandomGenerator, draw_latents_and_labels, one_hot
+from ..planner import SamplingPlan
 from ..settings import SamplerSettings
 from ..solvers import Callback, Program
 from ..xp import concatenate
