@@ -25,7 +25,8 @@ allocator's settings are read at process start:
 time: what grows per request shows there first.
 
 `python -m benchmarks.serving_memory` (about the number of variants x --seconds); writes its part
-of the serving section of benchmarks/RESULTS.md.
+of the serving section of benchmarks/RESULTS.md (a run of some ``--models`` keeps the other
+models' tables from the last saved run).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import threading
 import time
 from typing import Any
 
-from benchmarks.common import replace_section, save
+from benchmarks.common import RESULTS_DIR, replace_section, save
 from benchmarks.serving import arrivals, offline_throughput, rss_mb
 
 BEGIN, END = "<!-- benchmarks.serving.memory:begin -->", "<!-- benchmarks.serving.memory:end -->"
@@ -192,15 +193,26 @@ def summary(name: str, r: dict) -> dict[str, Any]:
             "traced_growth": r.get("traced_growth")}
 
 
-def markdown(runs: dict[str, list[dict]], seconds: float, cpu: dict, batch: int) -> str:
+def markdown(runs: dict[str, dict], cpu: dict, batch: int) -> str:
     lines = [BEGIN, "### Memory over a soak", "",
-             f"`python -m benchmarks.serving_memory --seconds {seconds:g}`, {time.strftime('%Y-%m-%d')}, on "
-             f"{cpu.get('model')} ({cpu.get('logical_cpus')} logical CPUs), batch limit {batch}, 90 % of the offline "
-             "rate, each variant a fresh process; warm = the first sample after the first quarter.", ""]
-    for model, rows in runs.items():
-        lines += [f"**{model}**:", ""] + _table(rows) + [""]
+             f"`python -m benchmarks.serving_memory`, on {cpu.get('model')} ({cpu.get('logical_cpus')} logical CPUs), "
+             f"batch limit {batch}, 90 % of the offline rate, each variant a fresh process; warm = the first sample "
+             "after the first quarter.", ""]
+    for model, run in runs.items():
+        lines += [f"**{model}** ({run['seconds']:g} s per variant, {run['date']}):", ""] + _table(run["rows"]) + [""]
     lines += [END, ""]
     return "\n".join(lines)
+
+
+def earlier_runs(path: str, batch: int) -> dict[str, dict]:
+    """The models of the last saved run at this batch limit, so a run of one model keeps the other's table."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    runs = saved.get("runs") if saved.get("batch") == batch else None
+    return runs if isinstance(runs, dict) and all(isinstance(r, dict) and "rows" in r for r in runs.values()) else {}
 
 
 def _table(rows: list[dict]) -> list[str]:
@@ -236,11 +248,12 @@ def main(argv=None) -> list:
     from benchmarks.serving import digits_model
 
     cpu = cpu_info()
-    runs: dict[str, list[dict]] = {}
+    runs = earlier_runs(os.path.join(RESULTS_DIR, "serving_memory.json"), args.batch)
     with tempfile.TemporaryDirectory(prefix="edm-serving-memory-") as tmp:
         for which in [m.strip() for m in args.models.split(",") if m.strip()]:
             model = digits_model(tmp, args.batch, args.ckpt, print) if which == "digits" else "analytic"
-            runs[which] = rows = []
+            rows: list[dict] = []
+            runs[which] = {"seconds": args.seconds, "date": time.strftime("%Y-%m-%d"), "rows": rows}
             for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
                 r = summary(name, run_variant(name, model, args.batch, args.seconds, args.every))
                 rows.append(r)
@@ -249,10 +262,10 @@ def main(argv=None) -> list:
                       f"warm-up); objects {r['objects_warm']} -> {r['objects_end']}; malloc at the end "
                       f"{r['malloc_end']}; type growth {r['type_growth'][:4]}"
                       + (f"; traced {r['traced_end_mb']:.1f} MB, growth by line {r['traced_growth']}"
-                         if r["traced_end_mb"] else ""))
+                         if r["traced_end_mb"] else ""), flush=True)
     if not args.no_write:
-        replace_section(markdown(runs, args.seconds, cpu, args.batch), BEGIN, END)
-    print(f"saved {save('serving_memory', {'runs': runs, 'cpu': cpu, 'seconds': args.seconds})}")
+        replace_section(markdown(runs, cpu, args.batch), BEGIN, END)
+    print(f"saved {save('serving_memory', {'runs': runs, 'cpu': cpu, 'batch': args.batch})}")
     return runs
 
 
