@@ -93,6 +93,12 @@ def _interval(value: Any, limits: Limits) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+def _stream(value: Any, limits: Limits) -> Optional[bool]:
+    if value is not None and not isinstance(value, bool):
+        raise InputError(f"stream must be true or false, got {value!r}", param="stream")
+    return value
+
+
 def _grid_scale(value: Any, limits: Limits) -> Optional[int]:
     return None if value is None else check_int(value, "grid_scale", 1, MAX_GRID_SCALE)
 
@@ -127,6 +133,16 @@ class GenerateRequest:
     timeout: Optional[float] = _field("Seconds from arrival; a request still running then gets a 504 [default and "
                                       "most: the server's request_timeout in /v1/model limits]",
                                       {"type": "number", "exclusiveMinimum": 0}, _timeout, engine=True)
+    priority: Optional[int] = _field("Admission priority, -10 to 10, higher sooner, for a scheduler that reads it "
+                                     "(deadline; scheduler in /v1/model) [default: 0]",
+                                     {"type": "integer", "minimum": -10, "maximum": 10}, engine=True)
+    deadline: Optional[float] = _field("Seconds from arrival by which the images are wanted: the deadline scheduler "
+                                       "admits the earliest first (a hint; unlike timeout the request is not dropped "
+                                       "after it)", {"type": "number", "exclusiveMinimum": 0}, engine=True)
+    stream: Optional[bool] = _field("Answer as NDJSON lines (application/x-ndjson): the previews as they come, then "
+                                    "the result (format json's body) or an error line", {"type": "boolean"}, _stream)
+    preview_every: Optional[int] = _field("With stream: a preview line (the denoised estimate as PNG) every that many "
+                                          "solver steps", {"type": "integer", "minimum": 1}, engine=True)
     format: Optional[str] = _field("png (one image), grid, npz or json [default: png for one image, else json]",
                                    {"type": "string", "enum": list(FORMATS)}, _format)
     grid_cols: Optional[int] = _field("Grid width in images (format grid)", {"type": "integer", "minimum": 1}, _grid_cols)
@@ -182,10 +198,15 @@ def check_work(settings: SamplerSettings, limits: Limits) -> None:
 
 
 def _check_output(call: GenerateRequest, limits: Limits) -> GenerateRequest:
-    """The format against the image count, grid options only for grids, the grid's size bounded."""
+    """The format against the image count, grid options only for grids, the grid's size bounded; a stream is JSON."""
     from edm_deploy.runtime.writers import GridWriter, grid_size
 
-    fmt = call.format or ("png" if call.count == 1 else "json")
+    if call.preview_every is not None and not call.stream:
+        raise InputError("preview_every needs stream: true (the previews come as lines of a stream)",
+                         param="preview_every")
+    if call.stream and call.format not in (None, "json"):
+        raise InputError(f"a stream answers in JSON lines; format {call.format} applies without stream", param="format")
+    fmt = call.format or ("png" if call.count == 1 and not call.stream else "json")
     if fmt == "png" and call.count != 1:
         raise InputError(f"format png holds one image; {call.count} seeds were given (use grid, npz or json)",
                          param="format")
@@ -293,11 +314,11 @@ RESULT_SCHEMA = {
     },
 }
 RESULT_HEADERS = {
-    "X-Seconds": {"description": "Arrival to the last image, in seconds.", "required": True,
+    "X-Seconds": {"description": "Arrival to the last image, in seconds (every answer but a stream).",
                   "schema": {"type": "string"}},
-    "X-NFE": {"description": "Network evaluations per image.", "required": True, "schema": {"type": "string"}},
-    "X-Solver": {"description": "The solver that ran.", "required": True, "schema": {"type": "string"}},
-    "X-Seeds": {"description": "The seeds, comma-separated, in image order.", "required": True,
+    "X-NFE": {"description": "Network evaluations per image (every answer but a stream).", "schema": {"type": "string"}},
+    "X-Solver": {"description": "The solver that ran (every answer but a stream).", "schema": {"type": "string"}},
+    "X-Seeds": {"description": "The seeds, comma-separated, in image order (every answer but a stream).",
                 "schema": {"type": "string"}},
     "X-Warning": {"description": "Why these settings give poor images on this model ('|'-separated).",
                   "schema": {"type": "string"}},
@@ -326,10 +347,14 @@ def error_response(status: int) -> dict:
 
 
 def generate_responses() -> dict:
-    ok = {"description": "The images in the format asked for (X-* headers say how they were made).",
+    ok = {"description": "The images in the format asked for (X-* headers say how they were made); with stream, "
+                         "NDJSON lines: {\"preview\": {step, steps, sigma, seeds, index, images}} as they come, then "
+                         "{\"result\": GenerateResult} or {\"error\": ..., \"status\": ...} (no X-* headers: the "
+                         "status line is sent before the outcome is known).",
           "headers": RESULT_HEADERS,
           "content": {"image/png": {"schema": BINARY}, "application/octet-stream": {"schema": BINARY},
-                      "application/json": {"schema": {"$ref": "#/components/schemas/GenerateResult"}}}}
+                      "application/json": {"schema": {"$ref": "#/components/schemas/GenerateResult"}},
+                      "application/x-ndjson": {"schema": {"type": "string"}}}}
     return {200: ok, **{s: error_response(s) for s in (400, 405, 408, 413, 415, 500, 503, 504)}}
 
 
@@ -345,7 +370,7 @@ HEALTH_SCHEMA = {"type": "object", "required": ["status", "queue_length"], "addi
 MODEL_SCHEMA = {
     "type": "object",
     "required": ["model", "img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max",
-                 "model_sigma_min", "model_sigma_max", "solvers", "limits", "guidance", "scheduler"],
+                 "model_sigma_min", "model_sigma_max", "solvers", "limits", "guidance", "scheduler", "determinism"],
     "properties": {
         "model": {"type": "object", "description": "The model file's name, sha256, manifest and backend (and "
                                                    "the guide's name and sha256)."},
@@ -369,7 +394,11 @@ MODEL_SCHEMA = {
                                   "max_body_bytes": {"type": "integer"}}},
         "guidance": {"type": "object", "properties": {"guide": {"type": "boolean"},
                                                       "classifier_free": {"type": "boolean"}}},
-        "scheduler": {"type": "string"},
+        "scheduler": {"type": "string", "description": "How requests are admitted and share network calls."},
+        "determinism": {"type": "string", "description": "Which guarantee a served image has: batch-invariant "
+                                                         "(checked at the batch sizes named), padded to batch sizes "
+                                                         "that match the full batch, a fixed batch, pending (checked "
+                                                         "before the first network call), or none."},
     },
 }
 

@@ -1,12 +1,15 @@
-"""The HTTP face of the serving engine: a FastAPI app over `runtime.engine.Engine`.
+"""The HTTP face of the serving engine: a FastAPI app over `runtime.serving.Engine`.
 
 The app holds no state but the model (and the engine's queue), so replicas of it behind any load
-balancer answer the same request with the same images (under ``fixed_batch``, bit for bit: see
-`runtime/engine.py`). Endpoints:
+balancer answer the same request with the same images (bit for bit under the engine's determinism
+guarantee, reported in ``/v1/model``: batch-invariant, padded or fixed; see `runtime/serving/`). Endpoints:
 
 * ``POST /v1/generate`` (``application/json``): the body `http_api.GenerateRequest` declares
   (seeds or n, class_idx, guidance, format png|grid|npz|json, ...) and every sampler option of
-  `SamplerSettings` under its API name;
+  `SamplerSettings` under its API name; with ``stream: true`` the answer is NDJSON
+  (``application/x-ndjson``): a preview line every ``preview_every`` solver steps, then the
+  result line (format json's body) or an error line ``{"error": ..., "status": ...}``; a client
+  that goes away frees its rows before the next network call;
 * ``GET /v1/model`` (the model, the solvers, the limits), ``GET /healthz`` (readiness: 503 while
   draining), ``GET /metrics`` (Prometheus text), ``GET /`` the web page, ``/docs`` the OpenAPI
   page (Swagger UI from the installed `fastapi-offline` package: no network needed), and HEAD on
@@ -33,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import io
 import json
 import logging
 import os
@@ -43,7 +45,7 @@ from typing import Any, Optional
 
 import numpy as np
 from fastapi import Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     GC_COLLECTOR,
@@ -69,8 +71,15 @@ from edm_deploy.http_api import (
     get_responses,
     parse_generate,
 )
-from edm_deploy.runtime.engine import BusyError, DeadlineError, Engine, EngineObserver, GenerationResult
 from edm_deploy.runtime.errors import EdmDeployError, InputError, first_line
+from edm_deploy.runtime.serving import (
+    BusyError,
+    DeadlineError,
+    Engine,
+    EngineObserver,
+    GenerationResult,
+    Preview,
+)
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 RETRY_DRAINING_S = 5
@@ -91,6 +100,11 @@ class PrometheusObserver(EngineObserver):
         self.registry.register(GC_COLLECTOR)
         buckets = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, max_batch})
         self.calls = Counter("edm_deploy_network_calls", "Network calls made by the engine", registry=self.registry)
+        self.real_rows = Counter("edm_deploy_rows", "Real rows of the model's calls (classifier-free twins included, "
+                                 "padding not)", registry=self.registry)
+        self.padded_rows = Counter("edm_deploy_padded_rows", "Rows of padding added to reach a batch size whose "
+                                   "results match the full batch (see determinism in /v1/model)",
+                                   registry=self.registry)
         self.rows = Histogram("edm_deploy_rows_per_call", "Rows of one network call", buckets=buckets,
                               registry=self.registry)
         self.call_seconds = Histogram("edm_deploy_network_call_seconds", "Seconds of one network call",
@@ -116,8 +130,12 @@ class PrometheusObserver(EngineObserver):
 
     def network_call(self, rows: int, seconds: float) -> None:
         self.calls.inc()
+        self.real_rows.inc(rows)
         self.rows.observe(rows)
         self.call_seconds.observe(seconds)
+
+    def padding(self, rows: int) -> None:
+        self.padded_rows.inc(rows)
 
     def request_done(self, status: str, images: int, result: Optional[GenerationResult]) -> None:
         self.requests.labels(status=status).inc()
@@ -143,29 +161,20 @@ class PrometheusObserver(EngineObserver):
 
 
 def encode_result(result: GenerationResult, call: GenerateRequest) -> bytes:
-    """The body of a finished request in the format it asked for.
+    """The body of a finished request in the format it asked for (png, grid and npz as `sample` writes them)."""
+    from edm_deploy.runtime.writers import encode_output
 
-    (`runtime.writers` has no in-memory encoder for a grid or an npz yet, only file writers, so
-    the grid and the npz are built here; the PNG is the writers' `encode_png`.)
-    """
-    from edm_deploy.runtime.writers import encode_png, make_grid
+    if call.format == "json":
+        return json.dumps(result_body(result)).encode()
+    return encode_output(call.format, result.images, result.seeds, result.labels, grid_columns=call.grid_cols,
+                         grid_scale=call.grid_scale or 1)[0]
 
-    if call.format == "png":
-        return encode_png(result.images[0])
-    if call.format == "grid":
-        grid = make_grid(result.images, call.grid_cols)
-        scale = call.grid_scale or 1
-        if scale > 1:
-            grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-        return encode_png(grid)
-    if call.format == "npz":
-        buffer = io.BytesIO()
-        arrays = {"images": result.images, "seeds": np.asarray(result.seeds, dtype=np.int64)}
-        if result.labels is not None:
-            arrays["labels"] = result.labels
-        np.savez(buffer, **arrays)
-        return buffer.getvalue()
-    body = {
+
+def result_body(result: GenerationResult) -> dict:
+    """The JSON result (format json, and a stream's last line)."""
+    from edm_deploy.runtime.writers import encode_png
+
+    return {
         "seeds": result.seeds,
         "labels": None if result.labels is None else [int(v) for v in result.labels],
         "images": [base64.b64encode(encode_png(im)).decode("ascii") for im in result.images],
@@ -173,7 +182,17 @@ def encode_result(result: GenerationResult, call: GenerateRequest) -> bytes:
         "seconds": round(result.total_s, 6), "queued_seconds": round(result.queued_s, 6),
         "run_seconds": round(result.run_s, 6), "warnings": [api_words(w) for w in result.warnings],
     }
-    return json.dumps(body).encode()
+
+
+def preview_line(preview: Preview) -> bytes:
+    """A stream's preview: the denoised estimate quantised as the final images are, as PNGs."""
+    from edm_deploy.runtime.generate import quantize_uint8
+    from edm_deploy.runtime.writers import encode_png
+
+    images = [base64.b64encode(encode_png(im)).decode("ascii") for im in quantize_uint8(preview.denoised)]
+    return json.dumps({"preview": {"step": preview.step, "steps": preview.steps, "sigma": preview.sigma,
+                                   "seeds": list(preview.seeds), "index": [preview.index.start, preview.index.stop],
+                                   "images": images}}).encode() + b"\n"
 
 
 class Refused(Exception):
@@ -356,6 +375,7 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
             "guidance": {"guide": engine.guide is not None,
                          "classifier_free": bool(den.label_dim) and (den.label_dropout is None or den.label_dropout > 0)},
             "scheduler": engine.scheduler.name,
+            "determinism": str(engine.determinism),
         }
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse,
@@ -371,7 +391,9 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
             check_declared_body(request.headers, limits.max_body_bytes)
             raw = await read_body(request, limits.max_body_bytes, body_timeout)
             call = parse_generate(_loads(raw, limits.max_body_bytes), limits)
-            future = engine.submit(request=engine.request(**call.engine_args()))
+            previews: Optional[asyncio.Queue] = asyncio.Queue() if call.stream else None
+            future = engine.submit(request=engine.request(**call.engine_args()),
+                                   on_preview=_deliver(previews) if call.preview_every else None)
         except Refused as exc:
             return refused(exc.status, exc.reason, str(exc), **exc.headers)
         except ClientDisconnect:
@@ -382,7 +404,24 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
             return refused(503, reason, str(exc), **{"Retry-After": str(max(1, round(exc.retry_after)))})
         except EdmDeployError as exc:
             return refused(400, "bad_request", api_words(str(exc)))
+        if previews is not None:
+            return StreamingResponse(_lines(call, future, previews), media_type="application/x-ndjson")
         return await _answer(request, call, future)
+
+    def _failure(call: GenerateRequest, exc: BaseException) -> tuple[int, str, dict[str, str]]:
+        """A request's failure as (status, message in the API's words, headers)."""
+        if isinstance(exc, asyncio.CancelledError):  # the engine let it go: the drain timed out
+            if drain is not None:
+                drain.note_abandoned()
+            _log.warning(f"abandoned a request for seeds {_seeds_shown(call.seeds)} at the drain timeout")
+            return 503, ("the server stopped before this request finished (its drain timed out); retry on another "
+                         "replica"), {"Retry-After": str(RETRY_DRAINING_S)}
+        if isinstance(exc, DeadlineError):
+            return 504, str(exc), {}
+        if isinstance(exc, InputError):  # found when the program started (e.g. sigmas a solver cannot step)
+            observer.refuse("bad_request", 400)
+            return 400, api_words(str(exc)), {}
+        return 500, api_words(first_line(exc)), {}  # the model's or a backend's own failure: one line
 
     async def _answer(request: Request, call: GenerateRequest, future: Any) -> Any:
         waiting = asyncio.wrap_future(future)
@@ -397,18 +436,9 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
             return Response(status_code=499)
         try:
             result = waiting.result()
-        except asyncio.CancelledError:  # the engine let it go: the drain timed out
-            if drain is not None:
-                drain.note_abandoned()
-            _log.warning(f"abandoned a request for seeds {_seeds_shown(call.seeds)} at the drain timeout")
-            return error(503, "the server stopped before this request finished (its drain timed out); retry on "
-                              "another replica", **{"Retry-After": str(RETRY_DRAINING_S)})
-        except DeadlineError as exc:
-            return error(504, str(exc))
-        except InputError as exc:  # found when the program started (e.g. sigmas a solver cannot step)
-            return refused(400, "bad_request", api_words(str(exc)))
-        except Exception as exc:  # the model's or a backend's own failure (onnxruntime, torch, NaN): one line
-            return error(500, api_words(first_line(exc)))
+        except (asyncio.CancelledError, Exception) as exc:
+            status, message, headers = _failure(call, exc)
+            return error(status, message, **headers)
         content = encode_result(result, call)
         headers = {"X-Seconds": f"{result.total_s:.6f}", "X-NFE": str(result.nfe), "X-Solver": result.solver,
                    "X-Seeds": ",".join(map(str, result.seeds))}
@@ -416,6 +446,30 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
             warning = " | ".join(api_words(w) for w in result.warnings)
             headers["X-Warning"] = warning.encode("ascii", "replace").decode("ascii")
         return Response(content, media_type=MEDIA_TYPES[call.format], headers=headers)
+
+    async def _lines(call: GenerateRequest, future: Any, previews: asyncio.Queue) -> Any:
+        """A stream's lines: each preview as it comes, then the result or the error. If the client goes
+        away, Starlette cancels this generator and the request's rows leave before the next call."""
+        waiting = asyncio.wrap_future(future)
+        try:
+            while not waiting.done():
+                getter = asyncio.ensure_future(previews.get())
+                await asyncio.wait({waiting, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield preview_line(getter.result())
+                else:
+                    getter.cancel()
+            while not previews.empty():  # those the engine sent before it finished
+                yield preview_line(previews.get_nowait())
+            try:
+                last: dict = {"result": result_body(waiting.result())}
+            except (asyncio.CancelledError, Exception) as exc:
+                status, message, _ = _failure(call, exc)
+                last = {"error": message, "status": status}
+            yield json.dumps(last).encode() + b"\n"
+        finally:
+            if not waiting.done():
+                future.cancel()
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -433,6 +487,16 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
     app.add_middleware(HeadAsGet)
     app.add_middleware(CloseWhileDraining, engine=engine)
     return app
+
+
+def _deliver(previews: asyncio.Queue) -> Any:
+    """The engine's preview callback for a stream: hand each preview to the event loop's queue.
+
+    It runs in the engine's thread; if the loop has closed, the call raises and the engine ends
+    the request (its rows leave before the next network call).
+    """
+    loop = asyncio.get_running_loop()
+    return lambda preview: loop.call_soon_threadsafe(previews.put_nowait, preview)
 
 
 def _loads(raw: bytes, limit: int) -> Any:

@@ -70,6 +70,20 @@ def mix(denoised: Any, guided_by: Any, w: float) -> Any:
     return g + w * (d - g)
 
 
+def guided_rows(sigma: Any, w: float, lo: float, hi: float) -> Any:
+    """Which evaluations the guide changes: w != 1 and sigma inside the interval, lo < sigma <= hi.
+
+    Elementwise for an array of per-row noise levels, a bool for one level.
+    """
+    s = np.asarray(sigma, dtype=np.float64)
+    return (w != 1.0) & (s > lo) & (s <= hi)
+
+
+def with_unconditional_twins(x: Any, sigma: np.ndarray, labels: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The rows followed by their classifier-free twins (the zero label): both branches as one call of 2B rows."""
+    return concatenate([x, x]), np.concatenate([sigma, sigma]), np.concatenate([labels, np.zeros_like(labels)])
+
+
 class GuidedDenoiser(DelegatingDenoiser):
     """`den` guided by `guide` (or, with guide None, by its own unconditional branch)."""
 
@@ -139,8 +153,8 @@ class GuidedDenoiser(DelegatingDenoiser):
         sigma = np.asarray(sigma, dtype=np.float64).reshape(-1)
         if sigma.size == 1:
             sigma = np.full(batch, sigma.item())
-        guided = (sigma > self.lo) & (sigma <= self.hi)
-        if self.w == 1.0 or not guided.any():
+        guided = guided_rows(sigma, self.w, self.lo, self.hi)
+        if not guided.any():
             return self.den(x, sigma, class_labels)  # the guide's evaluation would not change the result
         denoised, by = self._both(x, sigma, class_labels)
         self.guide_calls += 1
@@ -152,8 +166,7 @@ class GuidedDenoiser(DelegatingDenoiser):
             return self.den(x, sigma, class_labels), self.guide(x, sigma, class_labels)
         batch = int(x.shape[0])
         labels = np.zeros((batch, self.label_dim), np.float32) if class_labels is None else np.asarray(class_labels, np.float32)
-        uncond = np.zeros_like(labels)
         if self.den.max_batch is None or 2 * batch <= self.den.max_batch:
-            both = self.den(concatenate([x, x]), np.concatenate([sigma, sigma]), np.concatenate([labels, uncond]))
+            both = self.den(*with_unconditional_twins(x, sigma, labels))
             return both[:batch], both[batch:]
-        return self.den(x, sigma, labels), self.den(x, sigma, uncond)
+        return self.den(x, sigma, labels), self.den(x, sigma, np.zeros_like(labels))

@@ -166,16 +166,17 @@ def test_time_point_lists_are_capped_before_they_are_converted():
     from edm_deploy.runtime.schedule_file import parse_sigmas
 
     huge = list(np.linspace(80, 0.002, sch.MAX_STEPS + 2))
-    start = time.perf_counter()
+    # entries that are not numbers: converting them would be a different error, so these are refused by counting
     for attempt in (lambda: sch.check_sigma_list(huge), lambda: sch.check_sigma_list(np.asarray(huge)),
+                    lambda: sch.check_sigma_list(["x"] * (sch.MAX_STEPS + 2)),
                     lambda: parse_sigmas(",".join(["1"] * (sch.MAX_STEPS + 2))),
-                    lambda: parse_sigmas(",".join(["1"] * 10_000_000))):
+                    lambda: parse_sigmas(",".join(["x"] * (sch.MAX_STEPS + 2))),
+                    lambda: parse_sigmas(",".join(["x"] * 10_000_000))):
         with pytest.raises(InputError, match="at most 100,000") as info:
             attempt()
         assert info.value.param == "sigmas"
     with pytest.raises(InputError, match="num_steps must be at most 100,000"):
         sch.check_num_steps(sch.MAX_STEPS + 1)
-    assert time.perf_counter() - start < 5  # 10^7 entries are refused by counting, not parsed
     assert len(sch.check_sigma_list(list(np.linspace(80, 0.002, sch.MAX_STEPS)) + [0.0])) == sch.MAX_STEPS + 1
 
 
@@ -184,11 +185,9 @@ def test_a_schedule_file_of_ten_million_entries_is_refused_unread(tmp_path):
 
     path = tmp_path / "s.json"
     with open(path, "w") as f:
-        f.write("[" + "1," * 10_000_000 + "1]")  # 20 MB
-    start = time.perf_counter()
+        f.write("[" + "x," * 10_000_000 + "1]")  # 20 MB, not JSON: parsing it would be a different error
     with pytest.raises(InputError, match="bytes is more than a JSON schedule file holds"):
         read_schedule(str(path))
-    assert time.perf_counter() - start < 2
 
 
 # -- pickles of shared references ("billion laughs") ------------------------------------------

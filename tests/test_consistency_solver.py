@@ -96,7 +96,7 @@ def test_the_schedule_search_refuses_it_before_any_work():
 
 
 def test_the_engine_serves_it_next_to_ode_requests():
-    from edm_deploy.runtime.engine import Engine
+    from edm_deploy.runtime.serving import Engine
 
     den = GaussianConsistency(1, 8, mu=0.3, std=0.4)
     with Engine(den, max_batch=8) as engine:

@@ -1,4 +1,4 @@
-"""The serving engine (`runtime/engine.py`): step-level continuous batching of step programs.
+"""The serving engine (`runtime/serving/`): step-level continuous batching of step programs.
 
 * served images equal `generate` / `sample` for the same seed and settings, whatever else is in
   flight (analytic oracles exactly; a real UNet export under --fixed-batch bit for bit);
@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from edm_deploy.runtime.contract import DenoiserBase
-from edm_deploy.runtime.engine import BusyError, DeadlineError, Engine
 from edm_deploy.runtime.errors import InputError, NumericalError
+from edm_deploy.runtime.fixed_shape import FixedShapeDenoiser
 from edm_deploy.runtime.generate import generate
+from edm_deploy.runtime.serving import BusyError, DeadlineError, Engine
 from tests.conftest import requires_onnx, requires_torch
 
 
@@ -391,3 +392,298 @@ def test_shutdown_without_drain_cancels_every_member_of_a_shared_program():
     engine.shutdown(drain=False, timeout=10)
     assert not engine._thread.is_alive()
     assert all(f.cancelled() for f in futures) and engine.stats.requests_cancelled == 3
+
+
+# ----- the scheduler registry
+
+
+def test_serve_offers_the_schedulers_of_the_registry():
+    from edm_deploy.commands.serve import serve
+    from edm_deploy.runtime.serving import SCHEDULERS
+
+    option = next(p for p in serve.params if p.name == "scheduler")
+    assert list(option.type.choices) == list(SCHEDULERS) and "deadline" in SCHEDULERS
+
+
+# ----- determinism: batch shapes checked at start-up, padding only where a row's result changes
+
+
+class ShapeDependent(Recording):
+    """Rows come out shifted unless the call has a multiple of 4 rows, as a kernel chosen by shape would."""
+
+    def __call__(self, x, sigma, class_labels=None):
+        out = super().__call__(x, sigma, class_labels)
+        return out if len(out) % 4 == 0 else out + 0.05
+
+
+def test_a_batch_invariant_model_is_called_unpadded_and_the_engine_says_so():
+    den = conditional()
+    engine = Engine(den, max_batch=8)
+    assert str(engine.determinism).startswith("pending") and str(engine.check_shapes()) == str(engine.determinism)
+    probes = len(den.calls)
+    with engine:
+        [f.result(timeout=30) for f in [engine.submit([k], 1, {"solver": "ipndm", "nfe": 3}) for k in range(3)]]
+    assert engine.determinism.kind == "batch-invariant" and not engine.determinism.pads
+    assert str(engine.determinism) == "batch-invariant (checked at batch sizes 1-8)"
+    assert probes == 9  # every size 1..8 once, and the full batch twice
+    assert engine.stats.padded_rows == 0 and engine.stats.rows == sum(len(c) for c in den.calls[probes:])
+
+
+def test_rows_that_depend_on_the_batch_shape_are_padded_to_the_shapes_that_match_the_full_batch():
+    den = ShapeDependent()
+    jobs = [([0, 1, 2], 3, {"solver": "ipndm", "nfe": 5}), ([3], None, {"solver": "heun", "num_steps": 4}),
+            ([4, 5], (1, 2), {"solver": "euler", "num_steps": 5})]
+    engine = Engine(den, max_batch=8)
+    engine.check_shapes()
+    probes = len(den.calls)
+    with engine:
+        results = [f.result(timeout=30) for f in [engine.submit(*job) for job in jobs]]
+    assert engine.determinism.kind == "padded" and engine.determinism.shapes == (4, 8)
+    assert "padded to batch sizes 4, 8" in str(engine.determinism)
+    served = [len(c) for c in den.calls[probes:]]
+    assert set(served) <= {4, 8}
+    assert engine.stats.rows + engine.stats.padded_rows == sum(served) and engine.stats.padded_rows > 0
+    reference = FixedShapeDenoiser(den, 8)  # every row as it comes out of a call of the full batch
+    for (seeds, cls, settings), result in zip(jobs, results):
+        want = generate(reference, seeds, list(cls) if isinstance(cls, tuple) else cls, **settings)
+        np.testing.assert_array_equal(result.images, want)
+        assert not np.array_equal(result.images, generate(den, seeds, list(cls) if isinstance(cls, tuple) else cls,
+                                                          batch_size=1, **settings))
+
+
+def test_a_network_that_differs_between_identical_calls_gets_no_guarantee():
+    class Noisy(Recording):
+        def __call__(self, x, sigma, class_labels=None):
+            return super().__call__(x, sigma, class_labels) + np.random.default_rng().normal(0, 1e-6)
+
+    engine = Engine(Noisy(), max_batch=4)
+    engine.check_shapes()
+    assert engine.determinism.kind == "nondeterministic" and "identical calls of the network differ" in str(engine.determinism)
+
+
+def test_fixed_batch_counts_its_padding_apart_from_the_real_rows():
+    den = conditional()
+    with Engine(den, fixed_batch=4) as engine:
+        engine.submit([0], 1, {"solver": "euler", "num_steps": 3}).result(timeout=30)
+    assert str(engine.determinism) == "fixed batch 4"
+    assert (engine.stats.rows, engine.stats.padded_rows, engine.stats.network_calls) == (3, 9, 3)
+
+
+def conv_onnx(path: str, label_dim: int = 10, width: int = 16, max_batch: int = 8) -> str:
+    """A small convolutional denoiser graph with random weights, D = c_skip x + c_out F(c_in x, labels):
+    real onnxruntime convolution kernels, built without torch."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edm_deploy.runtime.manifest import ONNX_METADATA_KEY
+    from tests.onnx_oracles import oracle_manifest
+
+    rng = np.random.default_rng(0)
+    const = {"w1": rng.normal(0, 0.3, (width, 1, 3, 3)), "w2": rng.normal(0, 0.1, (1, width, 3, 3)),
+             "emb": rng.normal(0, 0.5, (label_dim, width)), "one": 1.0, "four": [-1, 1, 1, 1],
+             "four_c": [-1, width, 1, 1]}
+    inits = [numpy_helper.from_array(np.asarray(v, np.int64 if k.startswith("four") else np.float32), k)
+             for k, v in const.items()]
+    nodes = [
+        helper.make_node("Reshape", ["sigma", "four"], ["s"]), helper.make_node("Mul", ["s", "s"], ["s2"]),
+        helper.make_node("Add", ["s2", "one"], ["v"]), helper.make_node("Div", ["one", "v"], ["c_skip"]),
+        helper.make_node("Sqrt", ["v"], ["r"]), helper.make_node("Div", ["s", "r"], ["c_out"]),
+        helper.make_node("Div", ["x", "r"], ["x_in"]),
+        helper.make_node("Conv", ["x_in", "w1"], ["h1"], pads=[1, 1, 1, 1]),
+        helper.make_node("MatMul", ["class_labels", "emb"], ["e"]), helper.make_node("Reshape", ["e", "four_c"], ["e4"]),
+        helper.make_node("Add", ["h1", "e4"], ["h2"]), helper.make_node("Tanh", ["h2"], ["h3"]),
+        helper.make_node("Conv", ["h3", "w2"], ["f"], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c_skip", "x"], ["a"]), helper.make_node("Mul", ["c_out", "f"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["denoised"]),
+    ]
+    image = ["batch", 1, 8, 8]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, image),
+              helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["batch"]),
+              helper.make_tensor_value_info("class_labels", TensorProto.FLOAT, ["batch", label_dim])]
+    graph = helper.make_graph(nodes, "conv_denoiser", inputs,
+                              [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, image)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    manifest = oracle_manifest(1, 8, label_dim, max_batch)
+    manifest.update(sigma_min=0.002, sigma_max=80.0, sigma_data=1.0)
+    helper.set_model_props(model, {ONNX_METADATA_KEY: json.dumps(manifest)})
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+@requires_onnx
+def test_a_served_image_equals_sample_at_the_full_batch_on_real_kernels_without_fixing_the_batch(tmp_path):
+    """Convolutions through onnxruntime: whatever the start-up check finds on this machine's kernels, a
+    row is evaluated only at batch sizes that match a call of the full limit: served = `sample --fixed-batch 8`."""
+    from edm_deploy.loading import load
+
+    jobs = [([0, 1, 2], 3, {"solver": "ipndm", "nfe": 4}), ([3], None, {"solver": "euler", "num_steps": 3}),
+            ([4, 5], (1, 7), {"solver": "dpmpp-2m", "nfe": 4})]
+    with load(conv_onnx(str(tmp_path / "m.onnx"))) as den:
+        with Engine(den, max_batch=8) as engine:
+            results = [f.result(timeout=120) for f in [engine.submit(*job) for job in jobs]]
+        assert engine.determinism.kind in ("batch-invariant", "padded"), engine.determinism
+        for (seeds, cls, settings), result in zip(jobs, results):
+            want = generate(FixedShapeDenoiser(den, 8), seeds, list(cls) if isinstance(cls, tuple) else cls, **settings)
+            np.testing.assert_array_equal(result.images, want)
+            assert len(np.unique(result.images)) > 2  # real images, not a constant
+
+
+# ----- admission by deadline: short work first, priorities, explicit deadlines, and no starvation
+
+
+def _waiting(entries, first=0):
+    """Scheduler-level queue: one single-row chunk per (submitted, nfe, priority, deadline), its seed its number."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from edm_deploy.runtime.serving.requests import Chunk, ImageRequest, RequestState
+
+    chunks = []
+    for seq, (submitted, nfe, priority, deadline) in enumerate(entries, start=first):
+        spec = ImageRequest((seq,), priority=priority, deadline=deadline)
+        state = RequestState(spec, SimpleNamespace(nfe=nfe), Future(), classifier_free=False, autoguided=False)
+        state.submitted = submitted
+        chunks.append(Chunk(state, slice(0, 1), [seq], None, seq))
+    return chunks
+
+
+def _admit(scheduler, waiting, free, now=0.0, call=0.01):
+    import collections
+
+    from edm_deploy.runtime.serving.scheduler import SchedulerState
+
+    queue = collections.deque(waiting)
+    taken = scheduler.admit(queue, [], free, SchedulerState(now, call))
+    return [c.members[0].seeds[0] for c in taken], queue
+
+
+def test_the_deadline_policy_admits_short_work_first_then_priority_and_explicit_deadlines():
+    from edm_deploy.runtime.serving import DeadlineScheduler
+
+    policy = DeadlineScheduler()
+    # a Heun-35 request, then an iPNDM-5 one 0.1 s later: the short one goes first (FIFO would not)
+    assert _admit(policy, _waiting([(0.0, 35, 0, None), (0.1, 5, 0, None)]), free=1)[0] == [1]
+    # ...unless the long one has waited longer than (stretch - 1) x the difference in work
+    assert _admit(policy, _waiting([(0.0, 35, 0, None), (0.4, 5, 0, None)]), free=1)[0] == [0]
+    # equal work: a higher priority first, and FIFO among equals
+    assert _admit(policy, _waiting([(0.0, 5, 0, None), (0.01, 5, 2, None), (0.02, 5, 0, None)]), free=3)[0] == [1, 0, 2]
+    # an explicit tight deadline goes before earlier requests without one
+    assert _admit(policy, _waiting([(0.0, 5, 0, None), (0.05, 5, 0, 0.02)]), free=1)[0] == [1]
+    # strict order: a first pick that does not fit is not overtaken by one that would
+    chunks = _waiting([(0.0, 5, 0, None), (0.2, 5, 0, None)])
+    chunks[0].members[0].seeds = [0, 0]  # two rows
+    taken, queue = _admit(policy, chunks, free=1)
+    assert taken == [] and len(queue) == 2
+
+
+def test_the_deadline_policy_starves_no_request_under_a_stream_of_short_ones():
+    from edm_deploy.runtime.serving import DeadlineScheduler
+
+    policy, call = DeadlineScheduler(), 0.01
+    waiting = _waiting([(0.0, 35, 0, None)])   # one long request, then one short request per call, one row free per call
+    admitted_at = None
+    for tick in range(1, 200):
+        waiting += _waiting([(tick * call, 5, 0, None)], first=tick)
+        taken, queue = _admit(policy, waiting, free=1, now=tick * call, call=call)
+        waiting = list(queue)
+        if 0 in taken:
+            admitted_at = tick
+            break
+    # its key is arrival + (stretch - 1) x 35 calls: shorts arriving after 35 - 5 = 30 calls sort behind it
+    assert admitted_at is not None and admitted_at <= 32
+
+
+def test_the_deadline_scheduler_serves_the_same_images():
+    den = conditional()
+    den.label_dropout = 0.1
+    with Engine(den, max_batch=4, scheduler="deadline") as engine:
+        futures = [engine.submit(job["seeds"], job.get("class_idx"), job["settings"], guidance=job.get("guidance"),
+                                 priority=k % 3, deadline=None if k % 2 else 5.0) for k, job in enumerate(MIX)]
+        results = [f.result(timeout=60) for f in futures]
+    for job, result in zip(MIX, results):
+        np.testing.assert_array_equal(result.images, _offline(den, job))
+
+
+def test_priority_deadline_and_previews_are_checked():
+    engine = Engine(conditional(), max_batch=4)
+    for kwargs, match in [(dict(priority=11), "priority must be an integer from -10 to 10"),
+                          (dict(priority=1.5), "priority must be an integer"),
+                          (dict(deadline=0), "deadline must be a positive number of seconds"),
+                          (dict(preview_every=0), "preview_every must be a positive integer"),
+                          (dict(preview_every=2), "preview_every and on_preview go together")]:
+        with pytest.raises(InputError, match=match):
+            engine.submit([0], 1, {"solver": "euler", "num_steps": 3}, **kwargs)
+    assert engine.queue_length == 0
+
+
+# ----- previews, and a consumer that goes away
+
+
+def test_previews_carry_the_solver_steps_denoised_estimate_as_offline():
+    from edm_deploy.runtime.generate import sample_batch
+
+    den = conditional()
+    got = []
+    with Engine(den, max_batch=8) as engine:
+        future = engine.submit([3, 4], 2, {"solver": "heun", "num_steps": 6}, preview_every=2, on_preview=got.append)
+        other = engine.submit([5], 1, {"solver": "heun", "num_steps": 6})  # shares the program, asked for none
+        result, _ = future.result(timeout=30), other.result(timeout=30)
+    offline = {}
+    sample_batch(den, [3, 4], 2, {"solver": "heun", "num_steps": 6},
+                 callback=lambda info: offline.setdefault(info.i + 1, np.asarray(info.denoised, np.float32)))
+    assert [(p.step, p.steps, p.seeds, p.index) for p in got] == [(s, 6, (3, 4), slice(0, 2)) for s in (2, 4, 6)]
+    for p in got:
+        np.testing.assert_array_equal(p.denoised, offline[p.step])
+    assert result.images.shape == (2, 8, 8, 1)
+
+
+def _calls_after_preview(on_preview):
+    """Rows per network call when a request's preview consumer does `on_preview(future)` at its first preview."""
+    den = Recording()
+    engine = _engine_paused(den, max_batch=16)
+    stay = engine.submit([0, 1], None, {"solver": "euler", "num_steps": 6})
+    box = {}
+    box["future"] = leave = engine.submit([2, 3, 4], None, {"solver": "euler", "num_steps": 6}, preview_every=2,
+                                          on_preview=lambda p: on_preview(box["future"]))
+    engine._stopping = True
+    engine._loop()
+    np.testing.assert_array_equal(stay.result().images, generate(Recording(), [0, 1], solver="euler", num_steps=6))
+    return [len(c) for c in den.calls], leave, engine
+
+
+def test_a_streaming_client_that_goes_away_frees_its_rows_at_the_next_call():
+    rows, leave, engine = _calls_after_preview(lambda future: future.cancel())
+    assert rows == [5, 5, 2, 2, 2, 2]  # its first preview follows step 2; the next call is without its rows
+    assert leave.cancelled() and engine.stats.requests_cancelled == 1
+
+
+def test_a_preview_consumer_that_fails_ends_its_request_and_frees_its_rows():
+    def closed(future):
+        raise RuntimeError("the event loop is closed")
+
+    rows, leave, engine = _calls_after_preview(closed)
+    assert rows == [5, 5, 2, 2, 2, 2]
+    with pytest.raises(RuntimeError, match="event loop is closed"):
+        leave.result()
+    assert engine.stats.requests_failed == 1
+
+
+def test_the_shapes_are_checked_with_the_first_call_and_a_network_failing_then_fails_only_that_call():
+    class FailsFirst(Recording):
+        def __call__(self, x, sigma, class_labels=None):
+            if not self.calls:
+                self.calls.append(None)
+                raise RuntimeError("a kernel failed")
+            return super().__call__(x, sigma, class_labels)
+
+    den = FailsFirst()
+    with Engine(den, max_batch=4) as engine:
+        assert engine.determinism.kind == "pending" and den.calls == []  # start() itself calls nothing
+        with pytest.raises(RuntimeError, match="a kernel failed"):
+            engine.submit([0], 1, {"solver": "euler", "num_steps": 3}).result(timeout=30)
+        assert engine.submit([1], 1, {"solver": "euler", "num_steps": 3}).result(timeout=30).nfe == 3
+    assert engine.determinism.kind == "batch-invariant"

@@ -7,6 +7,7 @@ that goes away, SIGTERM draining).
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -39,7 +40,7 @@ def client(gauss_model):
     from fastapi.testclient import TestClient
 
     from edm_deploy.loading import load
-    from edm_deploy.runtime.engine import Engine
+    from edm_deploy.runtime.serving import Engine
     from edm_deploy.server import create_app
 
     with load(gauss_model) as den:
@@ -73,7 +74,9 @@ def test_one_png_and_the_other_formats_hold_the_api_images(client):
     np.testing.assert_array_equal(np.stack([_png(base64.b64decode(b)) for b in body["images"]])[..., None], want)
     r = client.post("/v1/generate", json={"n": 4, "solver": "ipndm", "nfe": 5, "format": "grid", "grid_cols": 2,
                                           "grid_scale": 3})
-    assert _png(r.content).shape == (3 * (2 * 8 + 3), 3 * (2 * 8 + 3))  # 2x2 images, 1 px padding, x3
+    grid = _png(r.content)  # as `sample --grid --grid-scale 3` writes it: each image x3, then 1 px padding
+    assert grid.shape == (2 * 3 * 8 + 3, 2 * 3 * 8 + 3)
+    np.testing.assert_array_equal(grid[1:25, 26:50], want[1, :, :, 0].repeat(3, axis=0).repeat(3, axis=1))
 
 
 @pytest.mark.parametrize("body,api", [
@@ -135,7 +138,7 @@ def test_model_health_metrics_and_openapi(client):
 def test_a_backend_error_is_a_one_line_500_and_the_server_goes_on():
     from fastapi.testclient import TestClient
 
-    from edm_deploy.runtime.engine import Engine
+    from edm_deploy.runtime.serving import Engine
     from edm_deploy.server import create_app
     from tests.test_engine import Recording
 
@@ -159,7 +162,7 @@ def test_a_full_queue_is_a_503_with_retry_after_never_a_hang(gauss_model):
 
     from edm_deploy.loading import load
     from edm_deploy.runtime.contract import DelegatingDenoiser
-    from edm_deploy.runtime.engine import Engine
+    from edm_deploy.runtime.serving import Engine
     from edm_deploy.server import create_app
 
     class Slow(DelegatingDenoiser):
@@ -363,7 +366,7 @@ def cond_client(tmp_path):
 
     from edm_deploy.http_api import Limits
     from edm_deploy.loading import load
-    from edm_deploy.runtime.engine import Engine
+    from edm_deploy.runtime.serving import Engine
     from edm_deploy.server import create_app
     from tests.onnx_oracles import gaussian_onnx
 
@@ -448,7 +451,7 @@ def test_the_work_a_request_asks_is_bounded_before_it_is_planned_and_every_reque
 
 def test_deis_coefficients_are_computed_once_per_schedule(monkeypatch):
     from edm_deploy.runtime import solvers as slv
-    from edm_deploy.runtime.engine import Engine
+    from edm_deploy.runtime.serving import Engine
     from tests.test_engine import Recording
 
     calls = []
@@ -533,7 +536,7 @@ def test_the_http_fields_are_declared_once_and_reach_the_engine_by_name():
     import inspect
 
     from edm_deploy.http_api import BODY_FIELDS, GenerateRequest, request_schema
-    from edm_deploy.runtime.engine import Engine
+    from edm_deploy.runtime.serving import Engine
 
     props = request_schema()["properties"]
     assert all(f.name in props and props[f.name]["description"] for f in BODY_FIELDS)
@@ -566,7 +569,7 @@ def _read_all(sock):
 @requires_onnx
 def test_slow_and_surplus_clients_are_cut_off_and_overload_is_logged_once(gauss_model, caplog):
     from edm_deploy.loading import load
-    from edm_deploy.runtime.engine import Engine
+    from edm_deploy.runtime.serving import Engine
     from tests.live_server import live_server
 
     caplog.set_level("INFO", logger="edm_deploy.server")
@@ -602,7 +605,7 @@ def test_slow_and_surplus_clients_are_cut_off_and_overload_is_logged_once(gauss_
 @requires_onnx
 def test_a_client_leaving_mid_body_is_one_log_line_and_a_declared_gigabyte_is_refused_unread(gauss_model, caplog):
     from edm_deploy.loading import load
-    from edm_deploy.runtime.engine import Engine
+    from edm_deploy.runtime.serving import Engine
     from tests.live_server import live_server
 
     caplog.set_level("INFO")
@@ -656,3 +659,82 @@ def test_an_ipv6_address_is_printed_in_brackets():
         pytest.skip(f"no IPv6 loopback here: {exc}")
     with sock:
         assert url_of(sock) == f"http://[::1]:{sock.getsockname()[1]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Streams, priorities, the determinism guarantee
+
+
+def _lines(response):
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+def test_a_stream_carries_previews_as_they_come_then_the_same_result(client):
+    body = {"seeds": [0, 1], "solver": "heun", "num_steps": 6, "priority": 3, "deadline": 2.5}
+    r = client.post("/v1/generate", json={**body, "stream": True, "preview_every": 2})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    lines = _lines(r)
+    previews = [line["preview"] for line in lines[:-1]]
+    assert [(p["step"], p["steps"], p["seeds"], p["index"]) for p in previews] == [(s, 6, [0, 1], [0, 2]) for s in (2, 4, 6)]
+    assert all(_png(base64.b64decode(im)).shape[:2] == (8, 8) for p in previews for im in p["images"])
+    plain = client.post("/v1/generate", json={**body, "format": "json"}).json()
+    assert lines[-1]["result"]["images"] == plain["images"] and lines[-1]["result"]["seeds"] == [0, 1]
+    assert client.get("/v1/model").json()["determinism"] == "batch-invariant (checked at batch sizes 1-16)"
+
+
+def test_stream_options_and_priorities_are_checked_in_the_apis_words(client):
+    for body, match in [({"preview_every": 2}, "preview_every needs stream: true"),
+                        ({"stream": True, "format": "png"}, "a stream answers in JSON lines"),
+                        ({"stream": "yes"}, "stream must be true or false"),
+                        ({"priority": 11}, "priority must be an integer from -10 to 10"),
+                        ({"deadline": -1}, "deadline must be a positive number of seconds")]:
+        r = client.post("/v1/generate", json={"seeds": [0], **body})
+        assert r.status_code == 400 and match in r.json()["error"], (body, r.json())
+
+
+def test_a_stream_whose_failure_comes_after_its_start_ends_with_an_error_line():
+    from fastapi.testclient import TestClient
+
+    from edm_deploy.runtime.serving import Engine
+    from edm_deploy.server import create_app
+    from tests.test_engine import Recording
+
+    with TestClient(create_app(Engine(Recording(poison_sigma=1.5), max_batch=4), {"file": "m"})) as c:
+        r = c.post("/v1/generate", json={"seeds": [0], "class_idx": 1, "solver": "dpmpp-2m",
+                                         "sigmas": [80.0, 1.5, 0.002], "stream": True})
+    assert r.status_code == 200 and _lines(r) == [{"error": "the denoiser produced NaN/Inf for seeds 0", "status": 500}]
+
+
+def test_metrics_count_real_and_padded_rows_apart(gauss_model):
+    from fastapi.testclient import TestClient
+
+    from edm_deploy.loading import load
+    from edm_deploy.runtime.serving import Engine
+    from edm_deploy.server import create_app
+
+    with load(gauss_model) as den:
+        engine = Engine(den, fixed_batch=4)
+        with TestClient(create_app(engine, {"file": "m"})) as c:
+            assert c.post("/v1/generate", json={"seeds": [0], "solver": "euler", "num_steps": 3}).status_code == 200
+            text = c.get("/metrics").text
+            assert c.get("/v1/model").json()["determinism"] == "fixed batch 4"
+    assert "edm_deploy_rows_total 3.0" in text and "edm_deploy_padded_rows_total 9.0" in text
+
+
+@requires_onnx
+def test_a_streaming_client_that_goes_away_frees_its_rows_at_the_next_call(gauss_model):
+    import httpx
+
+    from edm_deploy.http_api import Limits
+    from edm_deploy.loading import load
+    from edm_deploy.runtime.serving import Engine
+    from tests.live_server import live_server
+
+    limits = Limits(max_images=1, img_resolution=8, max_steps=100_000)
+    with load(gauss_model) as den, live_server(Engine(den, max_batch=4), limits=limits) as server:
+        body = {"seeds": [0], "num_steps": 100_000, "stream": True, "preview_every": 1}
+        with httpx.stream("POST", server.url + "/v1/generate", json=body, timeout=60) as r:
+            first = json.loads(next(r.iter_lines()))
+            assert first["preview"]["step"] == 1 and server.engine.rows_in_flight == 1
+        _wait_for(lambda: server.engine.stats.requests_cancelled == 1 and server.engine.rows_in_flight == 0,
+                  "the stream's rows to leave")

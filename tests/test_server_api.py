@@ -31,7 +31,7 @@ def test_every_response_the_fuzzer_provokes_is_documented_and_none_is_a_500(tmp_
     from hypothesis import HealthCheck, Phase, given, settings
 
     from edm_deploy.loading import load
-    from edm_deploy.runtime.engine import Engine
+    from edm_deploy.runtime.serving import Engine
     from tests.live_server import live_server
     from tests.onnx_oracles import gaussian_onnx
 

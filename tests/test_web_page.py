@@ -7,6 +7,7 @@ download is not used) and sets EDM_DEPLOY_CHROMIUM; run by hand, the test looks 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -32,29 +33,36 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture
-def served(tmp_path):
+@contextlib.contextmanager
+def _serve(den):
     import uvicorn
 
-    from edm_deploy.loading import load
-    from edm_deploy.runtime.engine import Engine
+    from edm_deploy.runtime.serving import Engine
     from edm_deploy.server import create_app
-    from tests.onnx_oracles import gaussian_onnx
 
-    model = gaussian_onnx(str(tmp_path / "g.onnx"))
-    with load(model) as den:
-        engine = Engine(den, max_batch=16, max_images=16)
-        server = uvicorn.Server(uvicorn.Config(create_app(engine, {"file": model}), host="127.0.0.1", port=0,
-                                               log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.time() + 30
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
+    engine = Engine(den, max_batch=16, max_images=16)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, {"file": "g.onnx"}), host="127.0.0.1", port=0,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
         yield f"http://127.0.0.1:{port}", engine
+    finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.fixture
+def served(tmp_path):
+    from edm_deploy.loading import load
+    from tests.onnx_oracles import gaussian_onnx
+
+    with load(gaussian_onnx(str(tmp_path / "g.onnx"))) as den, _serve(den) as url_engine:
+        yield url_engine
 
 
 def test_the_page_samples_images_and_shows_errors_in_chromium(served, tmp_path):
@@ -116,3 +124,42 @@ def test_the_api_page_renders_offline_from_packaged_assets(served):
         finally:
             browser.close()
     assert outside == []  # nothing fetched from anywhere but this server
+
+
+def test_the_page_shows_previews_as_they_come_and_cancels_in_chromium(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from edm_deploy.loading import load
+    from edm_deploy.runtime.contract import DelegatingDenoiser
+    from tests.onnx_oracles import gaussian_onnx
+
+    class Slow(DelegatingDenoiser):
+        def __call__(self, x, sigma, class_labels=None):
+            time.sleep(0.01)
+            return self.den(x, sigma, class_labels)
+
+    with load(gaussian_onnx(str(tmp_path / "g.onnx"))) as den, _serve(Slow(den)) as (url, engine), \
+            sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_selector("#go[data-ready='1']", timeout=30_000)
+            assert "determinism: " in page.text_content("#model")
+            page.select_option("#solver", "heun")
+            page.fill("#nfe", "999")  # 500 steps of at least 10 ms: seconds, with a preview after each step
+            page.fill("#seeds", "0-2")
+            page.click("#go")
+            page.wait_for_function("/step [0-9]+ of 500/.test(document.querySelector('#status').textContent)",
+                                   timeout=60_000)
+            page.wait_for_function("document.querySelectorAll('#images img').length === 3")
+            assert "step" in page.text_content("#images figcaption")
+            page.click("#cancel")
+            page.wait_for_function("document.querySelector('#status').textContent === 'cancelled'", timeout=30_000)
+            assert page.eval_on_selector_all("#images img", "imgs => imgs.length") == 0
+        finally:
+            browser.close()
+        deadline = time.time() + 60
+        while engine.stats.requests_cancelled != 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.stats.requests_cancelled == 1 and engine.rows_in_flight == 0 and engine.stats.requests_done == 0

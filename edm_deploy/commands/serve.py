@@ -12,7 +12,9 @@ import click
 from edm_deploy import sigterm
 from edm_deploy.commands.common import FiniteFloat, backend_options, load_from_options
 from edm_deploy.http_api import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_STEPS, DEFAULT_REQUEST_TIMEOUT
+from edm_deploy.runtime.errors import first_line
 from edm_deploy.runtime.schedules import MAX_STEPS
+from edm_deploy.runtime.serving.scheduler import SCHEDULERS
 
 
 @click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,7 +31,7 @@ from edm_deploy.runtime.schedules import MAX_STEPS
 @click.option("--max-connections", type=click.IntRange(min=1), default=1024, show_default=True, help="Open connections; beyond them a new one gets 503 at once.")
 @click.option("--header-timeout", type=FiniteFloat(0, lo_open=True), default=10.0, show_default=True, help="Seconds a connection may take to send its request headers.")
 @click.option("--body-timeout", type=FiniteFloat(0, lo_open=True), default=DEFAULT_BODY_TIMEOUT, show_default=True, help="Seconds a request body may take to arrive (408 after).")
-@click.option("--scheduler", type=click.Choice(["continuous", "request-batch", "one-request"]), default="continuous", show_default=True, help="How requests share network calls (the alternatives are for comparison).")
+@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default="continuous", show_default=True, help="How requests share network calls (the alternatives are for comparison).")
 @click.option("--drain-grace", type=FiniteFloat(0), default=5.0, show_default=True, help="Seconds the listener stays open after SIGTERM, answering 503, while a load balancer notices /healthz failing.")
 @click.option("--drain-timeout", type=FiniteFloat(0), default=600.0, show_default=True, help="Seconds after SIGTERM the requests in flight may take; then they get 503 and the exit status is 75.")
 @backend_options
@@ -63,8 +65,8 @@ def serve(model: str, **params: Any) -> int:
     from edm_deploy import listener
     from edm_deploy.http_api import Limits
     from edm_deploy.loading import read_manifest
-    from edm_deploy.runtime.engine import Engine
     from edm_deploy.runtime.fileio import sha256_file
+    from edm_deploy.runtime.serving import Engine
     from edm_deploy.server import create_app
 
     listener.check_connection_limit(params["max_connections"])
@@ -93,15 +95,26 @@ def serve(model: str, **params: Any) -> int:
                                      + sigterm.SIGTERM_GRACE_S)
         click.echo(f"serving {model} ({den.describe()}) with {engine.scheduler.name} batching, at most "
                    f"{engine.max_batch} rows per call", err=True)
+        click.echo(f"determinism: {_check_shapes(engine)}", err=True)
         server.run(sockets=[sock])
         stats = engine.stats
         click.echo(f"stopped: {stats.requests_done} requests ({stats.images_done} images) served, "
-                   f"{stats.network_calls} network calls, {stats.rows_per_call:.1f} rows per call", err=True)
+                   f"{stats.network_calls} network calls, {stats.rows_per_call:.1f} rows per call, "
+                   f"{stats.padded_rows} padded rows", err=True)
         if drain.abandoned:
             click.echo(f"error: {drain.abandoned} requests were abandoned when the drain timeout of "
                        f"{params['drain_timeout']:g} s ran out (exit status {listener.ABANDONED_EXIT})", err=True)
             return listener.ABANDONED_EXIT
     return 0
+
+
+def _check_shapes(engine: Any) -> str:
+    """The engine's determinism guarantee, checked before the first request (or, if the network fails
+    now, with the first call)."""
+    try:
+        return str(engine.check_shapes())
+    except Exception as exc:  # a backend's own error: said in one line; the first call tries again
+        return f"{engine.determinism} (the check failed now: {first_line(exc)})"
 
 
 def _log_to_stderr() -> None:
