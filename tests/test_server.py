@@ -178,10 +178,9 @@ def test_a_full_queue_is_a_503_with_retry_after_never_a_hang(gauss_model):
             for t in slow:
                 t.start()
                 time.sleep(0.3)
-            start = time.perf_counter()
             r = c.post("/v1/generate", json={"seeds": [9]})
             assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "queue is full" in r.json()["error"]
-            assert time.perf_counter() - start < 1.0
+            assert any(t.is_alive() for t in slow)  # answered while the queue was still full
             for t in slow:
                 t.join()
 
