@@ -57,6 +57,14 @@ def base_options(kimg: float) -> dict[str, Any]:
             "kimg_per_tick": max(kimg / 10, 1.0), "snapshot_kimg": kimg, "ckpt_seconds": 120}
 
 
+def combined(names: list[str]) -> tuple[str, dict]:
+    """The rows' changes together: (what changed, overrides)."""
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise SystemExit(f"error: unknown rows {', '.join(unknown)}; rows: {', '.join(ROWS)}")
+    return " + ".join(ROWS[n][0] for n in names), {k: v for n in names for k, v in ROWS[n][1].items()}
+
+
 def tune(teacher: str, run_dir: str, overrides: dict[str, Any], echo) -> str:
     """Tune `teacher` into `run_dir` (resuming a stopped run); returns its checkpoint."""
     from edm_deploy.training.checkpoint import load_checkpoint
@@ -145,6 +153,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rows", default=",".join(ROWS), help="rows to run, comma-separated")
     p.add_argument("--combine", default=None,
                    help="a further row: rows whose changes are combined (e.g. dropout0,huber)")
+    p.add_argument("--final", default=None, metavar="ROWS@KIMG",
+                   help="the chosen settings (rows joined by +, e.g. dropout0+lr1e-3@60) tuned for longer, "
+                        "shown below the rows")
     p.add_argument("--ckpt", default=None, help="the teacher [default: benchmarks/fashion.py's cached preset run]")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -167,31 +178,37 @@ def main(argv=None) -> dict:
     cost = results.get_or_compute(f"step-cost:{sha}", lambda: step_cost_ratio(teacher))
     rows = {name: ROWS[name] for name in args.rows.split(",") if name}
     if args.combine:
-        parts = args.combine.split(",")
-        rows[args.combine.replace(",", "+")] = (" + ".join(ROWS[n][0] for n in parts),
-                                                {k: v for n in parts for k, v in ROWS[n][1].items()})
-    out_rows = {}
-    for name, (what, changes) in rows.items():
-        overrides = {**base_options(args.kimg), **changes}
-        key = f"ect:{sha}:{name}:{args.kimg:g}kimg"
+        rows[args.combine.replace(",", "+")] = combined(args.combine.split(","))
 
-        def compute(name=name, overrides=overrides):
-            run_dir = os.path.join(cache, "ect", f"{name}-{args.kimg:g}kimg")
+    def run_row(name: str, what: str, changes: dict, kimg: float) -> dict[str, Any]:
+        overrides = {**base_options(kimg), **changes}
+
+        def compute():
+            run_dir = os.path.join(cache, "ect", f"{name}-{kimg:g}kimg")
             start = time.perf_counter()
             ckpt = tune(teacher, run_dir, overrides, echo)
             tune_s = time.perf_counter() - start
-            onnx = fashion.export(ckpt, cache, "fp32", f"ect-{name}-{args.kimg:g}kimg")
+            onnx = fashion.export(ckpt, cache, "fp32", f"ect-{name}-{kimg:g}kimg")
             return {"checkpoint": ckpt, "tune_s_this_run": tune_s, "overrides": overrides,
                     "scores": score_tuned(onnx, scorer)}
 
-        row = results.get_or_compute(key, compute)
-        out_rows[name] = dict(row, what=what)
+        row = dict(results.get_or_compute(f"ect:{sha}:{name}:{kimg:g}kimg", compute), what=what, kimg=kimg,
+                   cost_fraction=kimg * cost["ratio"] / teacher_kimg)
         s = row["scores"]
-        echo(f"  {name:12s} " + "  ".join(
+        echo(f"  {name:12s} {kimg:g} kimg " + "  ".join(
             f"NFE {n}: FD {s[n]['classifier_fd']:.2f} ({s[n]['classifier_fd'] / ref['classifier_fd']:.2f}x) "
             f"acc {s[n]['accuracy']:.1%}" for n in ("1", "2", "3")))
+        return row
+
+    out_rows = {name: run_row(name, what, changes, args.kimg) for name, (what, changes) in rows.items()}
+    final = {}
+    if args.final:
+        names, _, kimg = args.final.partition("@")
+        what, changes = combined(names.split("+"))
+        final[names] = run_row(names, what, changes, float(kimg))
     out = {"kimg": args.kimg, "teacher": teacher, "teacher_kimg": teacher_kimg, "reference": ref,
-           "step_cost": cost, "rows": out_rows, "cost_fraction": args.kimg * cost["ratio"] / teacher_kimg}
+           "step_cost": cost, "rows": out_rows, "final": final,
+           "cost_fraction": args.kimg * cost["ratio"] / teacher_kimg}
     text = markdown(out)
     print(text)
     save("consistency_fashion", out)
@@ -200,22 +217,32 @@ def main(argv=None) -> dict:
     return out
 
 
+def cells(rows: dict[str, Any], ref: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for name, row in rows.items():
+        s = row["scores"]
+        out.append([name, row["what"]] + [
+            f"{s[n]['classifier_fd'] / ref['classifier_fd']:.2f}x ({s[n]['accuracy']:.0%})" for n in ("1", "2", "3")
+        ] + [", ".join(f"{v:g}" for v in s[n]["sigmas"]) for n in ("2", "3")])
+    return out
+
+
 def markdown(out: dict[str, Any]) -> str:
     ref = out["reference"]
     head = ["row", "changed from the base", "NFE 1", "NFE 2", "NFE 3", "NFE 2 points", "NFE 3 points"]
-    rows = []
-    for name, row in out["rows"].items():
-        s = row["scores"]
-        rows.append([name, row["what"]] + [
-            f"{s[n]['classifier_fd'] / ref['classifier_fd']:.2f}x ({s[n]['accuracy']:.0%})" for n in ("1", "2", "3")
-        ] + [", ".join(f"{v:g}" for v in s[n]["sigmas"]) for n in ("2", "3")])
+    rows = cells(out["rows"], ref)
+    final = []
+    for name, row in out.get("final", {}).items():
+        final += ["", f"The chosen settings ({name}) tuned for {row['kimg']:g} kimg, {row['cost_fraction']:.2f}x the "
+                  f"teacher's training cost:", "", "```", table(cells({name: row}, ref), head), "```"]
     return "\n".join([
         BEGIN, "## Consistency tuning settings on Fashion-MNIST (`benchmarks/consistency_fashion.py`)", "",
         f"Every row tunes the `fashion-mnist` teacher ({out['teacher_kimg']:g} kimg) for {out['kimg']:g} kimg, "
         f"{out['cost_fraction']:.2f}x the teacher's training cost (an ECT step costs "
         f"{out['step_cost']['ratio']:.2f}x an EDM step, measured side by side). Cells: classifier FD / the "
         f"teacher's Heun-35 ({ref['classifier_fd']:.2f}, accuracy {ref['accuracy']:.1%}) on the same "
-        f"{SCORE_IMAGES} seeds, and the classifier's accuracy.", "", "```", table(rows, head), "```", END]) + "\n"
+        f"{SCORE_IMAGES} seeds, and the classifier's accuracy (Inception FID for the chosen model only, in the "
+        f"real-images table: on every row it would cost more than this CPU had).", "", "```", table(rows, head), "```", *final, END]) + "\n"
 
 
 if __name__ == "__main__":
