@@ -94,10 +94,17 @@ class Results:
 
     def get_or_compute(self, key: str, compute: Callable[[], dict]) -> dict:
         if key not in self.rows:
-            self.rows[key] = compute()
+            row = compute()
+            from filelock import FileLock
+
             from edm_deploy.runtime.fileio import atomic_write_bytes
 
-            atomic_write_bytes(self.path, json.dumps(self.rows, indent=1, default=float).encode("utf-8"))
+            with FileLock(self.path + ".lock"):  # another benchmark process may have added rows meanwhile
+                if os.path.exists(self.path):
+                    with open(self.path, encoding="utf-8") as f:
+                        self.rows.update(json.load(f))
+                self.rows[key] = row
+                atomic_write_bytes(self.path, json.dumps(self.rows, indent=1, default=float).encode("utf-8"))
         return self.rows[key]
 
 
