@@ -116,3 +116,13 @@ def read_json_file(path: str, source: Optional[str] = None, max_bytes: int = MAX
     except OSError as exc:
         raise InputError(f"cannot read {source}: {exc.strerror or exc}", param=param) from None
     return loads_bounded(data, source, max_bytes=max_bytes, what=what, param=param, allow_constants=allow_constants)
+
+
+def has_format(path: str, formats: tuple[str, ...], max_bytes: int = MAX_RECORD_BYTES) -> bool:
+    """Whether `path` is a JSON object whose ``format`` tag is one of `formats` (an edm-deploy file
+    of that kind); anything unreadable, foreign or oversized is not."""
+    try:
+        data = read_json_file(path, max_bytes=max_bytes, allow_constants=True)
+    except InputError:
+        return False
+    return isinstance(data, dict) and data.get("format") in formats

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from edm_deploy.commands.common import POSITIVE, FiniteFloat, backend_options, load_from_options
+from edm_deploy.commands.common import POSITIVE, AsciiInt, FiniteFloat, backend_options, load_from_options
 from edm_deploy.runtime.errors import InputError
 
 
@@ -31,7 +31,7 @@ _SOLVERS, _TEACHERS, _METRICS, _STEPS = _choices()
 @click.option("--max-order", type=click.IntRange(min=1, max=4), default=None, help="The solver's max order (multistep solvers) [default: the solver's].")
 @click.option("--latents", "num_latents", type=click.IntRange(min=1, max=100_000), default=None, help="Teacher trajectories: seeds 0..N-1 [default: 256, as GITS].")
 @click.option("--seeds", default=None, help="Seeds of the teacher trajectories instead, e.g. 1000-1255.")
-@click.option("--class", "class_idx", type=click.IntRange(min=0), default=None, help="Class label of every trajectory [default: random per seed, as sample draws it].")
+@click.option("--class", "class_idx", type=AsciiInt(min=0), default=None, help="Class label of every trajectory [default: random per seed, as sample draws it].")
 @click.option("--teacher", type=click.Choice(_TEACHERS), default="ipndm", show_default=True, help="Solver of the teacher trajectories.")
 @click.option("--fine-points", type=click.IntRange(min=3, max=201), default=61, show_default=True, help="Points of the teacher's fine grid (EDM rho=7); the schedule is a subset of them.")
 @click.option("--coeff", type=FiniteFloat(0, lo_open=True), default=1.15, show_default=True, help="Weight growth per step in the path's cost: sum_k coeff^k cost_k (GITS's 1.15).")
@@ -60,9 +60,14 @@ def schedule(model: str, **params: Any) -> None:
       edm-deploy schedule model.onnx --solver ipndm --nfe 5 --out ipndm5.json
       edm-deploy sample model.onnx --solver ipndm --sigmas ipndm5.json -n 64 --grid grid.png
     """
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs, sha256_file, write_target
+    from edm_deploy.runtime.fileio import (
+        refuse_foreign_file,
+        refuse_overwriting_inputs,
+        sha256_file,
+        write_target,
+    )
     from edm_deploy.runtime.noise import check_class
-    from edm_deploy.runtime.schedule_file import write_schedule
+    from edm_deploy.runtime.schedule_file import is_schedule_file, write_schedule
     from edm_deploy.runtime.schedule_search import plan_search, search_schedule
     from edm_deploy.runtime.seeds import parse_seeds, seeds_from_count
     from edm_deploy.runtime.writers import ensure_writable_dir
@@ -82,6 +87,7 @@ def schedule(model: str, **params: Any) -> None:
     if os.path.isdir(out):
         raise InputError(f"--out {out} is a folder; give a .json file name")
     ensure_writable_dir(os.path.dirname(os.path.abspath(out)))
+    refuse_foreign_file(out, "--out", is_schedule_file, "a schedule file")
     model_sha256 = sha256_file(model)
     den = load_from_options(model, params)
     with den:
