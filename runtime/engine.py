@@ -449,8 +449,11 @@ class Engine:
         Bad input raises InputError here; a full queue or a draining engine raises `BusyError`.
         Cancelling the Future frees the request's rows before the next network call.
         """
-        if request is None:
-            request = self.request(seeds, class_idx, settings, guidance, guidance_interval, timeout)
+        if request is not None:  # built by hand, it has had none of the checks: the same as any request
+            seeds, class_idx, settings, guidance, guidance_interval, timeout = (
+                request.seeds, request.class_idx, request.settings, request.guidance, request.guidance_interval,
+                request.timeout)
+        request = self.request(seeds, class_idx, settings, guidance, guidance_interval, timeout)
         plan = self._plan(request)
         w = request.guidance
         lo, hi = (0.0, math.inf) if request.guidance_interval is None else request.guidance_interval

@@ -126,6 +126,11 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
         os.replace(tmp, path)
         if durable:
             _fsync_dir(directory)
+    except OSError as exc:
+        if exc.filename not in (None, tmp):
+            raise
+        # A failed write (a full disk, a file size limit) names no file, or the temporary one: name the output.
+        raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
     finally:
         untrack_temporary(tmp)
         if os.path.exists(tmp):

@@ -56,6 +56,16 @@ def nesting_depth(text: str) -> int:
     return int(np.cumsum(np.where(opens[brackets], 1, -1), dtype=np.int64).max())
 
 
+# The most digits an integer in any file this project reads may have: every count, size and seed
+# fits in 64 bits (20 digits). Python refuses integers beyond 4300 digits with a ValueError that
+# would read as invalid JSON, and spends quadratic time converting shorter ones.
+MAX_INT_DIGITS = 20
+
+
+class _BeyondRange(ValueError):
+    """A valid JSON number that is no value to compute with (too large for a float, too many digits)."""
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
@@ -63,8 +73,16 @@ def _refuse_constant(name: str) -> Any:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # 1e400: a number too large for a float, not a value to compute with
-        raise ValueError(f"{text[:40]} is beyond the range of a float")
+        raise _BeyondRange(f"{text[:40]} is beyond the range of a float")
     return value
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise _BeyondRange(f"its integer {text[:12]}... has {digits:,} digits, more than any value read here "
+                           f"({MAX_INT_DIGITS})")
+    return int(text)
 
 
 def loads_bounded(text: Any, source: str, max_bytes: int = MAX_MANIFEST_BYTES, what: str = "JSON",
@@ -94,11 +112,15 @@ def loads_bounded(text: Any, source: str, max_bytes: int = MAX_MANIFEST_BYTES, w
         raise InputError(f"{source}: {what} nested {depth} levels deep; at most {MAX_JSON_DEPTH} are read "
                          "(no edm-deploy file nests more than a few)", param=param)
     try:
-        return json.loads(text, **({} if allow_constants else {"parse_constant": _refuse_constant,
-                                                               "parse_float": _finite_float}))
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, a refused constant, a huge integer
-        detail = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
-        raise InputError(f"{source} is not valid {what} ({detail})", param=param) from None
+        return json.loads(text, parse_int=_bounded_int,
+                          **({} if allow_constants else {"parse_constant": _refuse_constant,
+                                                         "parse_float": _finite_float}))
+    except _BeyondRange as exc:
+        raise InputError(f"{source} is valid JSON, but {exc}: it is no {what}", param=param) from None
+    except RecursionError:
+        raise InputError(f"{source}: {what} nested too deeply to read", param=param) from None
+    except ValueError as exc:  # JSONDecodeError, a refused constant
+        raise InputError(f"{source} is not valid {what} ({exc})", param=param) from None
 
 
 def read_json_file(path: str, source: Optional[str] = None, max_bytes: int = MAX_MANIFEST_BYTES,

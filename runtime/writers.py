@@ -497,7 +497,8 @@ def _no_grid_options(o: OutputOptions, output: str) -> None:
     given = [name for name, value in (("grid_scale", o.grid_scale != 1), ("grid_cols", o.grid_columns is not None))
              if value]
     if given:
-        raise InputError(f"{' and '.join(given)} shape a grid image (grid_path); {output} has no grid: drop "
+        raise InputError(f"{' and '.join(given)} {'shape' if len(given) > 1 else 'shapes'} a grid image (grid_path); "
+                         f"{output} has no grid: drop "
                          f"{'them' if len(given) > 1 else 'it'}", param=(*given, "grid_path"))
 
 

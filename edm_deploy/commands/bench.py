@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from edm_deploy.commands.common import max_threads
+from edm_deploy.commands.common import POSITIVE, max_threads
 from edm_deploy.loading import BENCH_VARIANTS, DEVICES
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.solvers import SOLVER_NAMES
@@ -34,7 +34,7 @@ from edm_deploy.sweep import DEFAULT_LATENTS, DEFAULT_MAX_ERROR, DEFAULT_NFES
               help=f"--solvers: the NFEs to compare (repeatable) [default: {', '.join(map(str, DEFAULT_NFES))}].")
 @click.option("--latents", type=click.IntRange(1, 100_000), default=DEFAULT_LATENTS, show_default=True,
               help="--solvers: images (seeds 0..N-1) each setting samples.")
-@click.option("--max-error", type=click.FloatRange(0, min_open=True), default=DEFAULT_MAX_ERROR, show_default=True,
+@click.option("--max-error", type=POSITIVE, default=DEFAULT_MAX_ERROR, show_default=True,
               help="--solvers: the RMS end-point error (data units, [-1, 1]) the answer may have.")
 def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int, steps: Optional[int],
           no_sampling: bool, threads: Optional[int], json_path: Optional[str], solver_sweep: bool, solvers: tuple,

@@ -92,10 +92,9 @@ def schedule(model: str, **params: Any) -> None:
     den = load_from_options(model, params)
     with den:
         check_class(params["class_idx"], den.label_dim)
-        from edm_deploy.runtime.generate import model_mismatch
-        from edm_deploy.runtime.solvers import get_solver
+        from edm_deploy.runtime.schedule_search import model_warnings
 
-        for note in list(den.warnings) + model_mismatch(get_solver(params["solver"]), den):
+        for note in list(den.warnings) + model_warnings(den):
             click.echo(f"warning: {note}", err=True)
         click.echo(f"searching {params['solver']} time points for NFE {params['nfe']} on {len(seeds)} teacher "
                    f"trajectories ({params['teacher']}, {params['fine_points']} points) with {den.describe()}", err=True)

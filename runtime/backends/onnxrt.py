@@ -289,9 +289,9 @@ def read_onnx_manifest(path: str) -> dict[str, Any]:
         raise InputError(f"{path} has no edm-deploy manifest; export it with `edm-deploy export`")
     manifest = loads(meta[ONNX_METADATA_KEY], path)
     check_against_graph(manifest, shapes, path)
+    check_content_digest(path, manifest)
     if onnx is not None:
         check_precision(manifest, proto_precision(model), path)
-    check_content_digest(path, manifest)
     return manifest
 
 
