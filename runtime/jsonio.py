@@ -12,7 +12,9 @@ line and before the parser runs:
   checked on the file's size before it is read;
 * nesting deeper than `MAX_JSON_DEPTH`, measured without recursion;
 * the non-standard constants ``NaN``, ``Infinity`` and ``-Infinity`` (JSON has none; Python's
-  parser accepts them by default and they would pass as numbers).
+  parser accepts them by default and they would pass as numbers);
+* numbers no edm-deploy file holds: integers of more than `MAX_INT_DIGITS` digits and floats
+  beyond the range of a float, told as valid JSON holding such a value (not as invalid JSON).
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def validate(manifest: dict[str, Any], source: str = "manifest") -> dict[str, An
         if manifest.get(key) is not None and not isinstance(manifest[key], dict):
             raise InputError(f"{source}: manifest {key} must be an object, got a {type(manifest[key]).__name__}")
     if manifest.get("precision") is not None and manifest["precision"] not in PRECISIONS:
-        raise InputError(f"{source}: manifest precision must be one of {', '.join(PRECISIONS)}, "
+        raise InputError(f"{source}: manifest precision must be a name, one of {', '.join(PRECISIONS)}; "
                          f"got {manifest['precision']!r:.40}")
     digest = manifest.get(DIGEST_KEY)
     if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):

@@ -55,6 +55,17 @@ def _torch():
     return require("torch", "reading .pt checkpoints")
 
 
+# What bounds the work of building a network from its description on torch's meta device (its
+# module count, its tables): every published EDM network is far inside (2-4 blocks per level,
+# filters of 2-4 taps, M = 1000). The memory the network needs is bounded by the weights the
+# file holds instead (`check_network_fits`).
+STRUCTURE_LIMITS = {"num_blocks": 64, "attn_resolutions": 64, "resample_filter": 64, "channel_mult": 16,
+                    "M": MAX_TABLE}
+# Elements a network may hold beyond the weights its checkpoint stores (buffers that are rebuilt,
+# not stored, such as resampling filters of a few taps).
+MAX_UNSTORED_ELEMENTS = 1 << 20
+
+
 def check_network_description(network: Any, source: str = "checkpoint") -> dict:
     """The network entry must name a known preconditioner and architecture."""
     if not isinstance(network, dict) or "class_name" not in network or "init_kwargs" not in network:
@@ -76,21 +87,11 @@ def check_network_description(network: Any, source: str = "checkpoint") -> dict:
         value = kwargs.get(key)
         size = len(value) if isinstance(value, (list, tuple)) else value
         if isinstance(size, int) and size > limit:
-            raise InputError(f"{source}: network description has {key} {size:,} (length); at most {limit:,} is "
-                             "read: the file describes no network this project builds")
+            what = f"{key} of {size:,} entries" if isinstance(value, (list, tuple)) else f"{key} {size:,}"
+            raise InputError(f"{source}: network description has {what}; at most {limit:,} is read: the file "
+                             "describes no network this project builds")
     consistency_record(network.get(CONSISTENCY_KEY), source)
     return network
-
-
-# What bounds the work of building a network from its description on torch's meta device (its
-# module count, its tables): every published EDM network is far inside (2-4 blocks per level,
-# filters of 2-4 taps, M = 1000). The memory the network needs is bounded by the weights the
-# file holds instead (`check_network_fits`).
-STRUCTURE_LIMITS = {"num_blocks": 64, "attn_resolutions": 64, "resample_filter": 64, "channel_mult": 16,
-                    "M": MAX_TABLE}
-# Elements a network may hold beyond the weights its checkpoint stores (buffers that are rebuilt,
-# not stored, such as resampling filters of a few taps).
-MAX_UNSTORED_ELEMENTS = 1 << 20
 
 
 def network_skeleton(network: dict, source: str = "checkpoint"):
