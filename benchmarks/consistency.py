@@ -58,7 +58,7 @@ ECT_FLAGS = ("duration_kimg", "batch", "lr", "dropout", "ema_halflife_kimg", "ec
 
 def consistency_plan(den, sigmas):
     """The runtime's consistency solver on exactly these time points."""
-    from edm_deploy.runtime.generate import plan_sampling
+    from edm_deploy.runtime.planner import plan_sampling
 
     return plan_sampling(den, {"solver": "consistency", "sigmas": [float(v) for v in sigmas]})
 
@@ -133,7 +133,7 @@ def run(teacher: str, tuned: str, workdir: str, nfes: list[int], per_class: int,
     from benchmarks.solvers import sample_scored
     from edm_deploy.export.onnx_export import export_onnx
     from edm_deploy.loading import load
-    from edm_deploy.runtime.generate import plan_sampling
+    from edm_deploy.runtime.planner import plan_sampling
     from edm_deploy.training.checkpoint import load_checkpoint, load_network
     from edm_deploy.training.dataset import load_digits_split
     from edm_deploy.training.digits_eval import frechet_pixels, train_classifier

@@ -81,7 +81,7 @@ def run(ckpt_path: str, workdir: str, solvers: list[str], nfes: list[int], searc
     from edm_deploy.export.onnx_export import export_onnx
     from edm_deploy.loading import load
     from edm_deploy.runtime import schedule_search as ss
-    from edm_deploy.runtime.generate import plan_sampling
+    from edm_deploy.runtime.planner import plan_sampling
     from edm_deploy.training.checkpoint import load_checkpoint, load_network
     from edm_deploy.training.dataset import load_digits_split
     from edm_deploy.training.digits_eval import frechet_pixels, train_classifier

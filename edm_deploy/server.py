@@ -4,21 +4,28 @@ The app holds no state but the model (and the engine's queue), so replicas of it
 balancer answer the same request with the same images (under ``fixed_batch``, bit for bit: see
 `runtime/engine.py`). Endpoints:
 
-* ``POST /v1/generate``: images for ``seeds`` (a list, or the CLI's text form ``"0-7,10"``) or
-  ``n`` (seeds 0..n-1), with ``class_idx`` (one class, or one per seed), every sampler option of
-  `SamplerSettings` under its API name (``solver``, ``nfe``, ``num_steps``, ``sigmas``, ...),
-  ``guidance`` and ``guidance_interval``, and ``format``: ``png`` (one image), ``grid`` (one PNG
-  grid; ``grid_cols``, ``grid_scale``), ``npz`` (uint8 NHWC images, seeds, labels) or ``json``
-  (base64 PNGs with their seeds and labels; the default for several images);
-* ``GET /v1/model``: the manifest, the solvers, the limits; ``GET /healthz``; ``GET /metrics``
-  (Prometheus: queue length, rows per network call, images/s, latency histogram); ``GET /`` the
-  web page; ``/docs`` the OpenAPI page.
+* ``POST /v1/generate`` (``application/json``): the body `http_api.GenerateRequest` declares
+  (seeds or n, class_idx, guidance, format png|grid|npz|json, ...) and every sampler option of
+  `SamplerSettings` under its API name;
+* ``GET /v1/model`` (the model, the solvers, the limits), ``GET /healthz`` (readiness: 503 while
+  draining), ``GET /metrics`` (Prometheus text), ``GET /`` the web page, ``/docs`` the OpenAPI
+  page (Swagger UI from the installed `fastapi-offline` package: no network needed), and HEAD on
+  each GET path.
 
-Every request goes through the library's own checks (`SamplerSettings.from_options`,
-`seeds.check_seeds`, `noise.check_class`, the plan on the model), so a mistake gets the same one
-line the CLI and the Python API give (naming the JSON field where the CLI names its flag), as a
-400; a full queue or a draining server is a 503 with ``Retry-After``; a request past its
-``timeout`` a 504. A client that goes away cancels its request, which frees its rows.
+What the server trusts: nothing in a request. The body is refused on its declared length and
+while it streams (``max_body_bytes``), must arrive within ``body_timeout`` seconds, must be
+``application/json`` (a web page on another origin can send ``text/plain`` without asking: that
+is refused, so a browser cannot be used to spend this server's time), and is read by the
+project's bounded JSON reader; every field goes through the library's own checks
+(`SamplerSettings.from_options`, `seeds.check_seeds`, `noise.check_class`, the plan on the
+model) with the image count, the time points and the time a request may take bounded before any
+of it is spent. There is no authentication: put the server behind a proxy that has it, or keep
+it on a private network (it listens on 127.0.0.1 unless told otherwise).
+
+Every answer that is not the images is the one error shape ``{"error": "..."}``: 400 for a bad
+request (the library's own line, naming the JSON field), 404/405, 408 (body too slow), 413 (body
+too large), 415 (not JSON), 503 with ``Retry-After`` (queue full, draining, abandoned at the
+drain timeout), 504 (past the request's timeout), 500 (the model or the server failed).
 """
 
 from __future__ import annotations
@@ -26,120 +33,49 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import dataclasses
 import io
 import json
+import logging
 import os
 import threading
 import time
 from typing import Any, Optional
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from edm_deploy.http_api import (
+    DEFAULT_BODY_TIMEOUT,
+    MEDIA_TYPES,
+    GenerateRequest,
+    Limits,
+    api_words,
+    components,
+    error_response,
+    generate_responses,
+    get_responses,
+    parse_generate,
+)
 from edm_deploy.runtime.engine import BusyError, DeadlineError, Engine, EngineObserver, GenerationResult
-from edm_deploy.runtime.errors import EdmDeployError, InputError, NumericalError, check_int, first_line
-from edm_deploy.runtime.settings import ALIASES, SETTING_NAMES, SamplerSettings
+from edm_deploy.runtime.errors import EdmDeployError, InputError, first_line
 
-FORMATS = ("png", "grid", "npz", "json")
-MAX_BODY_BYTES = 1 << 20
-MAX_GRID_SCALE = 16
-REQUEST_FIELDS = ("seeds", "n", "class_idx", "guidance", "guidance_interval", "format", "grid_cols", "grid_scale",
-                  "timeout")
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-
-
-@dataclasses.dataclass
-class GenerateCall:
-    """A parsed ``POST /v1/generate`` body: the engine's request and how to answer it."""
-
-    seeds: list
-    class_idx: Any
-    settings: SamplerSettings
-    guidance: Optional[float]
-    guidance_interval: Any
-    timeout: Optional[float]
-    format: str
-    grid_cols: Optional[int]
-    grid_scale: int
-
-
-def parse_generate(body: Any) -> GenerateCall:
-    """The body's fields checked by the library's own functions; anything wrong is one InputError."""
-    from edm_deploy.runtime.seeds import parse_seeds, seeds_from_count
-
-    if not isinstance(body, dict):
-        raise InputError("the request body must be a JSON object")
-    unknown = [k for k in body if k not in REQUEST_FIELDS and k not in SETTING_NAMES]
-    if unknown:
-        meant = ALIASES.get(unknown[0])
-        hint = f" (the API calls it {meant})" if meant else ""
-        raise InputError(f"unknown field {unknown[0]!r}{hint}; the fields are "
-                         f"{', '.join(sorted(REQUEST_FIELDS + SETTING_NAMES))}", param=unknown[0])
-    if body.get("seeds") is not None and body.get("n") is not None:
-        raise InputError("give seeds or n, not both", param=("seeds", "n"))
-    seeds = body.get("seeds")
-    if body.get("n") is not None:
-        seeds = seeds_from_count(body["n"])
-    elif seeds is None:
-        seeds = [0]
-    elif isinstance(seeds, str):
-        seeds = parse_seeds(seeds)
-    settings = SamplerSettings.from_options(**{k: body[k] for k in SETTING_NAMES if k in body})
-    fmt = body.get("format")
-    if fmt is not None and fmt not in FORMATS:
-        raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", param="format")
-    scale = check_int(body.get("grid_scale", 1), "grid_scale", 1, MAX_GRID_SCALE)
-    cols = None if body.get("grid_cols") is None else check_int(body["grid_cols"], "grid_cols", lo=1)
-    if isinstance(seeds, list) and fmt == "png" and len(seeds) != 1:
-        raise InputError(f"format png holds one image; {len(seeds)} seeds were given (use grid, npz or json)",
-                         param="format")
-    interval = body.get("guidance_interval")
-    return GenerateCall(seeds, body.get("class_idx"), settings, body.get("guidance"),
-                        None if interval is None else tuple(interval) if isinstance(interval, list) else interval,
-                        body.get("timeout"), fmt or ("png" if isinstance(seeds, list) and len(seeds) == 1 else "json"),
-                        cols, scale)
-
-
-def request_schema() -> dict:
-    """The JSON schema of the generate body for the OpenAPI page, from the settings' own fields."""
-    props: dict[str, Any] = {
-        "seeds": {"description": "Seeds: a list of integers in [0, 2^32) or the CLI's text form '0-7,10' "
-                                 "[default: [0]]", "anyOf": [{"type": "array", "items": {"type": "integer"}},
-                                                              {"type": "string"}]},
-        "n": {"type": "integer", "description": "Seeds 0..n-1 instead of seeds."},
-        "class_idx": {"description": "One class for all images, or a list with one class per seed [default: random "
-                                     "per seed]", "anyOf": [{"type": "integer"},
-                                                            {"type": "array", "items": {"type": "integer"}}]},
-        "guidance": {"type": "number", "description": "Guidance weight W: D = D_g + W (D - D_g), by the server's "
-                                                      "guide model or, without one, classifier-free."},
-        "guidance_interval": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2,
-                              "description": "Guide only for lo < sigma <= hi."},
-        "format": {"type": "string", "enum": list(FORMATS),
-                   "description": "png (one image), grid, npz or json [default: png for one image, else json]."},
-        "grid_cols": {"type": "integer", "description": "Grid width in images."},
-        "grid_scale": {"type": "integer", "description": f"Grid pixels per image pixel, 1..{MAX_GRID_SCALE}."},
-        "timeout": {"type": "number", "description": "Seconds; a request still running then gets a 504."},
-    }
-    types = {"int": {"type": "integer"}, "float": {"type": "number"}, "flag": {"type": "boolean"},
-             "sigmas": {"type": "array", "items": {"type": "number"}}}
-    for f in dataclasses.fields(SamplerSettings):
-        meta = f.metadata
-        entry = dict(types.get(meta["kind"], {"type": "string"}))
-        if meta["kind"] == "choice":
-            entry["enum"] = list(meta["choices"])
-        entry["description"] = meta["doc"] + "."
-        props[f.name] = entry
-    return {"type": "object", "properties": props, "additionalProperties": False}
+RETRY_DRAINING_S = 5
+UNREAD = {"Connection": "close"}  # a body left unread: the connection cannot carry another request
+_log = logging.getLogger("edm_deploy.server")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,16 +83,23 @@ def request_schema() -> dict:
 
 
 class PrometheusObserver(EngineObserver):
-    """The engine's events as Prometheus metrics in the app's own registry."""
+    """The engine's events and the front door's refusals as Prometheus metrics in the app's own registry."""
 
     def __init__(self, engine_ref: Any, max_batch: int):
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.registry.register(GC_COLLECTOR)
         buckets = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, max_batch})
         self.calls = Counter("edm_deploy_network_calls", "Network calls made by the engine", registry=self.registry)
         self.rows = Histogram("edm_deploy_rows_per_call", "Rows of one network call", buckets=buckets,
                               registry=self.registry)
-        self.requests = Counter("edm_deploy_requests", "Requests finished, by outcome", ["status"],
+        self.call_seconds = Histogram("edm_deploy_network_call_seconds", "Seconds of one network call",
+                                      buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                                               5, 10), registry=self.registry)
+        self.requests = Counter("edm_deploy_requests", "Requests the engine finished, by outcome", ["status"],
                                 registry=self.registry)
+        self.refused = Counter("edm_deploy_refused_requests", "Requests refused before the engine ran them, by reason "
+                               "and status", ["reason", "status"], registry=self.registry)
         self.images = Counter("edm_deploy_images", "Images delivered", registry=self.registry)
         self.latency = Histogram("edm_deploy_request_latency_seconds", "Submission to last image",
                                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
@@ -174,6 +117,7 @@ class PrometheusObserver(EngineObserver):
     def network_call(self, rows: int, seconds: float) -> None:
         self.calls.inc()
         self.rows.observe(rows)
+        self.call_seconds.observe(seconds)
 
     def request_done(self, status: str, images: int, result: Optional[GenerationResult]) -> None:
         self.requests.labels(status=status).inc()
@@ -182,6 +126,9 @@ class PrometheusObserver(EngineObserver):
             self.latency.observe(result.total_s)
             with self._lock:
                 self._recent.append((time.monotonic(), images))
+
+    def refuse(self, reason: str, status: int) -> None:
+        self.refused.labels(reason=reason, status=str(status)).inc()
 
     def images_per_second(self, window: float = 60.0) -> float:
         now = time.monotonic()
@@ -195,33 +142,82 @@ class PrometheusObserver(EngineObserver):
 # Responses
 
 
-def encode_result(result: GenerationResult, call: GenerateCall) -> tuple[bytes, str]:
-    """(body, media type) of a finished request in the format it asked for."""
+def encode_result(result: GenerationResult, call: GenerateRequest) -> bytes:
+    """The body of a finished request in the format it asked for.
+
+    (`runtime.writers` has no in-memory encoder for a grid or an npz yet, only file writers, so
+    the grid and the npz are built here; the PNG is the writers' `encode_png`.)
+    """
     from edm_deploy.runtime.writers import encode_png, make_grid
 
     if call.format == "png":
-        return encode_png(result.images[0]), "image/png"
+        return encode_png(result.images[0])
     if call.format == "grid":
         grid = make_grid(result.images, call.grid_cols)
-        if call.grid_scale > 1:
-            grid = grid.repeat(call.grid_scale, axis=0).repeat(call.grid_scale, axis=1)
-        return encode_png(grid), "image/png"
+        scale = call.grid_scale or 1
+        if scale > 1:
+            grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+        return encode_png(grid)
     if call.format == "npz":
         buffer = io.BytesIO()
         arrays = {"images": result.images, "seeds": np.asarray(result.seeds, dtype=np.int64)}
         if result.labels is not None:
             arrays["labels"] = result.labels
         np.savez(buffer, **arrays)
-        return buffer.getvalue(), "application/octet-stream"
+        return buffer.getvalue()
     body = {
         "seeds": result.seeds,
         "labels": None if result.labels is None else [int(v) for v in result.labels],
         "images": [base64.b64encode(encode_png(im)).decode("ascii") for im in result.images],
         "solver": result.solver, "nfe": result.nfe,
         "seconds": round(result.total_s, 6), "queued_seconds": round(result.queued_s, 6),
-        "run_seconds": round(result.run_s, 6), "warnings": list(result.warnings),
+        "run_seconds": round(result.run_s, 6), "warnings": [api_words(w) for w in result.warnings],
     }
-    return json.dumps(body).encode(), "application/json"
+    return json.dumps(body).encode()
+
+
+class Refused(Exception):
+    """A request answered with an error before the engine saw it: (status, reason for /metrics, message)."""
+
+    def __init__(self, status: int, reason: str, message: str, **headers: str):
+        super().__init__(message)
+        self.status, self.reason, self.headers = status, reason, headers
+
+
+def check_declared_body(headers: Any, limit: int) -> None:
+    """Refuse a body on what the headers say, before a byte of it is read: its length, then its type."""
+    declared = headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise Refused(413, "body_too_large", f"the request body is larger than {limit} bytes", **UNREAD)
+    if not _is_json(headers.get("content-type")):
+        raise Refused(415, "unsupported_media_type", "the request body must be application/json (send the header "
+                                                     "Content-Type: application/json)", **UNREAD)
+
+
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, refused as soon as it streams past `limit` bytes or takes over `timeout` s to arrive."""
+    deadline = time.monotonic() + timeout
+    chunks, size = [], 0
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            message = await asyncio.wait_for(request.receive(), timeout=max(left, 0.0))
+        except asyncio.TimeoutError:
+            raise Refused(408, "body_timeout", f"the request body did not arrive within {timeout:g} s", **UNREAD) from None
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, "body_too_large", f"the request body is larger than {limit} bytes", **UNREAD)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _is_json(content_type: Optional[str]) -> bool:
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 async def _client_gone(request: Any) -> None:
@@ -232,16 +228,76 @@ async def _client_gone(request: Any) -> None:
             return
 
 
-def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str = "edm-deploy") -> Any:
-    """The FastAPI app serving ``engine`` (started with the app, drained when it stops)."""
+# ------------------------------------------------------------------------------------------------
+# ASGI wrappers
+
+
+class HeadAsGet:
+    """HEAD on any GET path: the GET's status and headers without its body (FastAPI routes lack HEAD)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+class CloseWhileDraining:
+    """While draining, every response says ``Connection: close``, so keep-alive clients move to another replica."""
+
+    def __init__(self, app: Any, engine: Engine):
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.engine.accepting:
+            return await self.app(scope, receive, send)
+
+        async def closing(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing)
+
+
+# ------------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str = "edm-deploy",
+               limits: Optional[Limits] = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+               drain: Any = None) -> Any:
+    """The FastAPI app serving ``engine`` (started with the app, drained when it stops).
+
+    ``limits`` bound what one request may ask (default: the engine's image limit and the
+    `http_api` defaults); ``drain`` (a `listener.Drain`) counts the requests abandoned when a
+    drain times out, for the process's exit status.
+    """
     import weakref
     from contextlib import asynccontextmanager
 
+    from fastapi_offline import FastAPIOffline
+
+    from edm_deploy.runtime.planner import plan_sampling
+    from edm_deploy.runtime.settings import SamplerSettings
     from edm_deploy.runtime.solvers import SOLVER_REGISTRY
     from edm_deploy.runtime.version import __version__
 
+    den = engine.model
+    limits = limits or Limits(max_images=engine.max_images, img_resolution=den.img_resolution)
     observer = PrometheusObserver(weakref.ref(engine), engine.max_batch)
     engine.observer = observer
+    default_plan = plan_sampling(den, SamplerSettings())
 
     @asynccontextmanager
     async def lifespan(app):
@@ -249,72 +305,91 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
         yield
         await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
 
-    app = FastAPI(title=title, version=__version__, lifespan=lifespan,
-                  description="EDM diffusion sampling with step-level continuous batching across requests.")
+    app = FastAPIOffline(title=title, version=__version__, lifespan=lifespan, redoc_url=None,
+                         description="EDM diffusion sampling with step-level continuous batching across requests.")
     app.state.engine = engine
+    app.state.observer = observer
 
     def error(status: int, message: str, **headers: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    def refused(status: int, reason: str, message: str, **headers: str) -> JSONResponse:
+        observer.refuse(reason, status)
+        return error(status, message, **headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        words = {404: f"no such path: {request.url.path}",
+                 405: f"{request.url.path} does not take {request.method}"}
+        return error(exc.status_code, words.get(exc.status_code, str(exc.detail)), **(exc.headers or {}))
+
+    json_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}
 
     @app.get("/", include_in_schema=False)
     async def page() -> Any:
         return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
 
-    @app.get("/healthz", summary="Liveness and readiness")
+    @app.get("/healthz", summary="Readiness: 200 while taking requests, 503 while draining",
+             responses=get_responses("Ready", json_content, 503))
     async def healthz() -> Any:
         if not engine.accepting:
-            return error(503, "draining: finishing the requests in flight", **{"Retry-After": "5"})
+            return error(503, "draining: finishing the requests in flight", **{"Retry-After": str(RETRY_DRAINING_S)})
         return {"status": "ok", "queue_length": engine.queue_length}
 
-    @app.get("/v1/model", summary="The model's manifest, the solvers and the limits")
+    @app.get("/v1/model", summary="The model, the solvers and the limits",
+             responses=get_responses("The model and the server's limits",
+                                     {"application/json": {"schema": {"$ref": "#/components/schemas/Model"}}}))
     async def model() -> Any:
-        den = engine.model
+        sigma_max = float(den.sigma_max) if np.isfinite(den.sigma_max) else None
+        positive = default_plan.sigmas[default_plan.sigmas > 0]
         return {
-            "model": model_info or {},
+            "model": dict(model_info or {}),
             "img_resolution": den.img_resolution, "img_channels": den.img_channels, "label_dim": den.label_dim,
-            "sigma_min": den.sigma_min, "sigma_max": den.sigma_max,
-            "solvers": {name: {"description": s.description, "reference": s.reference, "nfe": s.nfe_formula,
-                               "options": [o for o in s.options if o != "randn_like"]}
+            "sigma_min": float(f"{positive[-1]:.12g}"), "sigma_max": float(f"{positive[0]:.12g}"),
+            "model_sigma_min": float(den.sigma_min), "model_sigma_max": sigma_max,
+            "solvers": {name: {"description": api_words(s.description), "reference": s.reference,
+                               "nfe": api_words(s.nfe_formula), "options": [o for o in s.options if o != "randn_like"]}
                         for name, s in SOLVER_REGISTRY.items()},
             "limits": {"max_batch": engine.max_batch, "fixed_batch": engine.fixed_batch,
-                       "max_queue": engine.max_queue, "max_images": engine.max_images},
+                       "max_queue": engine.max_queue, "max_images": limits.max_images, "max_steps": limits.max_steps,
+                       "request_timeout": limits.request_timeout, "max_body_bytes": limits.max_body_bytes},
             "guidance": {"guide": engine.guide is not None,
                          "classifier_free": bool(den.label_dim) and (den.label_dropout is None or den.label_dropout > 0)},
             "scheduler": engine.scheduler.name,
         }
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse,
+             responses=get_responses("The metrics", {"text/plain": {"schema": {"type": "string"}}}))
     async def metrics() -> Any:
         return Response(generate_latest(observer.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/generate", summary="Generate images", openapi_extra={"requestBody": {
-        "required": True, "content": {"application/json": {"schema": request_schema()}}}},
-        responses={200: {"content": {"image/png": {}, "application/json": {}, "application/octet-stream": {}},
-                         "description": "The images in the asked format"},
-                   400: {"description": "A bad request: one line saying what is wrong"},
-                   503: {"description": "Queue full or draining; see Retry-After"},
-                   504: {"description": "Past the request's timeout"}})
+    @app.post("/v1/generate", summary="Generate images", responses=generate_responses(),
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}}}})
     async def generate(request: Request) -> Any:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            return error(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
         try:
-            body = json.loads(raw or b"{}")
-        except (ValueError, RecursionError):
-            return error(400, "the request body is not valid JSON")
-        try:
-            call = parse_generate(body)
-            future = engine.submit(call.seeds, call.class_idx, call.settings, call.guidance, call.guidance_interval,
-                                   call.timeout)
+            check_declared_body(request.headers, limits.max_body_bytes)
+            raw = await read_body(request, limits.max_body_bytes, body_timeout)
+            call = parse_generate(_loads(raw, limits.max_body_bytes), limits)
+            future = engine.submit(**call.engine_args())  # submit checks the request as `Engine.request` does
+        except Refused as exc:
+            return refused(exc.status, exc.reason, str(exc), **exc.headers)
+        except ClientDisconnect:
+            _log.info("a client went away while sending its request body")
+            return Response(status_code=499)  # nobody reads it
         except BusyError as exc:
-            return error(503, str(exc), **{"Retry-After": str(max(1, round(exc.retry_after)))})
+            reason = "draining" if not engine.accepting else "queue_full"
+            return refused(503, reason, str(exc), **{"Retry-After": str(max(1, round(exc.retry_after)))})
         except EdmDeployError as exc:
-            return error(400, str(exc))
+            return refused(400, "bad_request", api_words(str(exc)))
+        return await _answer(request, call, future)
+
+    async def _answer(request: Request, call: GenerateRequest, future: Any) -> Any:
         waiting = asyncio.wrap_future(future)
         gone = asyncio.ensure_future(_client_gone(request))
         try:
             await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:  # also when this handler is cancelled (a forced shutdown): nobody waits for its rows
+        finally:  # also when this handler is cancelled: nobody waits for its rows
             gone.cancel()
             if not waiting.done():
                 future.cancel()
@@ -322,19 +397,49 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
             return Response(status_code=499)
         try:
             result = waiting.result()
+        except asyncio.CancelledError:  # the engine let it go: the drain timed out
+            if drain is not None:
+                drain.note_abandoned()
+            _log.warning(f"abandoned a request for seeds {_seeds_shown(call.seeds)} at the drain timeout")
+            return error(503, "the server stopped before this request finished (its drain timed out); retry on "
+                              "another replica", **{"Retry-After": str(RETRY_DRAINING_S)})
         except DeadlineError as exc:
             return error(504, str(exc))
-        except NumericalError as exc:
-            return error(500, str(exc))
-        except asyncio.CancelledError:
-            return error(503, "the request was cancelled (the server is stopping)", **{"Retry-After": "5"})
-        except Exception as exc:  # a backend's own error (onnxruntime, torch): one line, not a traceback
-            return error(500, first_line(exc))
-        content, media = encode_result(result, call)
+        except InputError as exc:  # found when the program started (e.g. sigmas a solver cannot step)
+            return refused(400, "bad_request", api_words(str(exc)))
+        except Exception as exc:  # the model's or a backend's own failure (onnxruntime, torch, NaN): one line
+            return error(500, api_words(first_line(exc)))
+        content = encode_result(result, call)
         headers = {"X-Seconds": f"{result.total_s:.6f}", "X-NFE": str(result.nfe), "X-Solver": result.solver,
                    "X-Seeds": ",".join(map(str, result.seeds))}
         if result.warnings:
-            headers["X-Warning"] = " | ".join(result.warnings).encode("ascii", "replace").decode("ascii")
-        return Response(content, media_type=media, headers=headers)
+            warning = " | ".join(api_words(w) for w in result.warnings)
+            headers["X-Warning"] = warning.encode("ascii", "replace").decode("ascii")
+        return Response(content, media_type=MEDIA_TYPES[call.format], headers=headers)
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components())
+            for path in schema["paths"].values():  # every operation may meet an unknown path's 404 shape
+                for operation in path.values():
+                    operation["responses"].setdefault("404", error_response(404))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(CloseWhileDraining, engine=engine)
     return app
+
+
+def _loads(raw: bytes, limit: int) -> Any:
+    from edm_deploy.runtime.jsonio import loads_bounded
+
+    return loads_bounded(raw or b"{}", "the request body", max_bytes=limit)
+
+
+def _seeds_shown(seeds: list) -> str:
+    return ",".join(map(str, seeds[:8])) + (",..." if len(seeds) > 8 else "")

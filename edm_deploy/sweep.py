@@ -11,8 +11,8 @@ and the proxy costs seconds where FID costs 50,000 images and an Inception netwo
 Precisions are the model's exports that exist beside it under the export's own names
 (``model.onnx``, ``model-fp16.onnx``, ``model-int8.onnx``, `export.pipeline.default_onnx_path`).
 Speed is images per second through the whole sampler (median of repeats, with the stability
-rule of `benchmarking.timing_is_stable`). Everything goes through the public runtime API:
-`edm_deploy.load` and `runtime.sampling.sample`.
+rule of `benchmarking.timing_is_stable`). Every setting is planned as `sample --solver S --nfe K`
+plans it (`runtime.planner.plan_sampling`).
 """
 
 from __future__ import annotations
@@ -119,20 +119,19 @@ def check_sweep_arguments(solvers: Sequence[str], nfes: Sequence[int], num_laten
             raise InputError(f"{name} must be a positive integer, got {value!r}", param=name)
 
 
-def _sample_all(den: Any, latents: np.ndarray, labels: Optional[np.ndarray], solver: str, num_steps: int,
-                batch: int) -> np.ndarray:
-    from edm_deploy.runtime.sampling import sample
+def _sample_all(den: Any, latents: np.ndarray, labels: Optional[np.ndarray], plan: Any, batch: int) -> np.ndarray:
+    from edm_deploy.runtime.solvers import default_randn_like
     from edm_deploy.runtime.xp import to_host
 
     parts = []
     for lo in range(0, len(latents), batch):
         x = den.to_device(latents[lo:lo + batch])
         y = None if labels is None else labels[lo:lo + batch]
-        parts.append(to_host(sample(den, x, y, solver=solver, num_steps=num_steps)).astype(np.float64))
+        parts.append(to_host(plan.run(den, x, y, default_randn_like)).astype(np.float64))
     return np.concatenate(parts)
 
 
-def _timed(den: Any, latents, labels, solver: str, num_steps: int, batch: int, repeats: int):
+def _timed(den: Any, latents, labels, plan: Any, batch: int, repeats: int):
     """(end points, images/s median, spread, stable, evaluations per image) of one setting."""
     from edm_deploy.runtime.timing import TimedDenoiser
 
@@ -141,7 +140,7 @@ def _timed(den: Any, latents, labels, solver: str, num_steps: int, batch: int, r
     for _ in range(repeats):
         counted.reset()
         start = time.perf_counter()
-        out = _sample_all(counted, latents, labels, solver, num_steps, batch)
+        out = _sample_all(counted, latents, labels, plan, batch)
         walls.append(time.perf_counter() - start)
     calls_per_batch = counted.calls / math.ceil(len(latents) / batch)
     wall = statistics.median(walls)
@@ -155,6 +154,7 @@ def sweep(model: str, solvers: Sequence[str], nfes: Sequence[int] = DEFAULT_NFES
     """Every solver x NFE on every precision variant of `model` (see the module docstring)."""
     from edm_deploy.loading import load
     from edm_deploy.runtime.noise import StackedRandomGenerator, draw_latents_and_labels
+    from edm_deploy.runtime.planner import plan_sampling
     from edm_deploy.runtime.solvers import steps_for_nfe
 
     check_sweep_arguments(solvers, nfes, num_latents, batch, repeats)
@@ -168,7 +168,8 @@ def sweep(model: str, solvers: Sequence[str], nfes: Sequence[int] = DEFAULT_NFES
     for solver in solvers:
         for k in nfes:
             try:
-                plans.append((solver, int(k), steps_for_nfe(solver, int(k))))
+                steps_for_nfe(solver, int(k))  # a budget the solver cannot spend is skipped, saying why
+                plans.append((solver, int(k)))
             except InputError as exc:
                 skipped.append(str(exc))
     if not plans:
@@ -187,18 +188,22 @@ def sweep(model: str, solvers: Sequence[str], nfes: Sequence[int] = DEFAULT_NFES
                                  param="latents")
             rnd = StackedRandomGenerator(range(num_latents))
             latents, labels = draw_latents_and_labels(rnd, shape, int(den.label_dim))
-            _sample_all(den, latents[:batch], None if labels is None else labels[:batch], "euler", 2, batch)  # warm-up
+            warm_up = plan_sampling(den, {"solver": "euler", "num_steps": 2})
+            _sample_all(den, latents[:batch], None if labels is None else labels[:batch], warm_up, batch)
             if ref_points is None:
                 solver, k = REFERENCE
                 say(f"reference: {solver} NFE {k} on {path} ({num_latents} latents)")
-                ref_points, ips, spread, stable, _ = _timed(den, latents, labels, solver, steps_for_nfe(solver, k),
-                                                            batch, repeats)
+                ref_points, ips, spread, stable, _ = _timed(den, latents, labels,
+                                                            plan_sampling(den, {"solver": solver, "nfe": k}), batch,
+                                                            repeats)
                 reference = SweepRow(path, precision, solver, k, ips, spread, stable, 0.0, 0.0)
-            for solver, k, steps in plans:
+            for solver, k in plans:
                 say(f"{precision} {solver} NFE {k}")
-                points, ips, spread, stable, calls = _timed(den, latents, labels, solver, steps, batch, repeats)
-                if calls != k:  # the registry's NFE formula and the network calls must agree
-                    raise AssertionError(f"{solver} at {steps} time points made {calls} calls, not NFE {k}")
+                plan = plan_sampling(den, {"solver": solver, "nfe": k})
+                points, ips, spread, stable, calls = _timed(den, latents, labels, plan, batch, repeats)
+                if calls != plan.nfe:  # the registry's NFE formula and the network calls must agree
+                    raise AssertionError(f"{solver} at {len(plan.sigmas)} time points made {calls} calls, not NFE "
+                                         f"{plan.nfe}")
                 diff = points - ref_points
                 rows.append(SweepRow(path, precision, solver, k, ips, spread, stable,
                                      float(np.sqrt(np.mean(diff * diff))), float(np.abs(diff).max())))

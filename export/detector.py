@@ -184,7 +184,8 @@ def export_detector(
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=out_dir)
     os.close(fd)
     try:
-        used = opset or DEFAULT_OPSET
+        # The reference call resizes with affine_grid (opset 20): a wrapped network goes there directly.
+        used = opset or (FALLBACK_OPSET if kind == "layers" else DEFAULT_OPSET)
         try:
             _export(module, example, tmp, used)
         except torch.onnx.errors.UnsupportedOperatorError as exc:

@@ -32,7 +32,17 @@ from typing import Any, Optional
 
 from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
 from edm_deploy.runtime.errors import InputError, first_line
-from edm_deploy.runtime.manifest import CLASS_LABELS, DENOISED, DIGEST_KEY, ONNX_METADATA_KEY, SIGMA, X, dumps
+from edm_deploy.runtime.manifest import (
+    CLASS_LABELS,
+    DENOISED,
+    DIGEST_KEY,
+    ONNX_METADATA_KEY,
+    SCHEDULES_KEY,
+    SIGMA,
+    X,
+    dumps,
+    schedules_record,
+)
 from edm_deploy.runtime.manifest import input_names as graph_input_names
 from edm_deploy.runtime.onnx_file import digest_of_bytes
 from edm_deploy.runtime.version import __version__
@@ -117,6 +127,7 @@ def export_onnx(
     opt_batch: Optional[int] = None,
     example_batch: int = 2,
     source_path: Optional[str] = None,
+    schedules: Optional[dict] = None,
 ) -> ExportResult:
     """Trace `net` (a preconditioner in eval mode) into `out_path` with its manifest."""
     import onnx
@@ -155,6 +166,8 @@ def export_onnx(
 
     manifest = network_manifest(net, network, source_path=source_path, precision="fp16" if fp16 else "fp32")
     manifest["batch"] = {"min": 1, "opt": int(opt_batch), "max": int(max_batch)}
+    if schedules:
+        manifest[SCHEDULES_KEY] = schedules_record(schedules, "schedules")
     manifest["io"] = {
         "inputs": {X: ["batch", net.img_channels, net.img_resolution, net.img_resolution], SIGMA: ["batch"]}
         | ({CLASS_LABELS: ["batch", net.label_dim]} if conditional else {}),

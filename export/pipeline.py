@@ -181,8 +181,12 @@ def export_checkpoint(
     verify: bool = True,
     calibration: Optional[CalibrationOptions] = None,
     echo: Callable[[str], None] = lambda line: None,
+    schedules: Optional[dict] = None,
 ) -> ExportOutcome:
-    """Export `ckpt_path`'s EMA denoiser to a verified ONNX file at `out_path` (default beside it)."""
+    """Export `ckpt_path`'s EMA denoiser to a verified ONNX file at `out_path` (default beside it).
+
+    `schedules` ({"solver@nfe": time points}) ride in the manifest: the planner's default for that
+    solver and NFE on this file (`edm-deploy export --schedule`)."""
     import time
 
     from edm_deploy.export.onnx_export import export_onnx
@@ -208,7 +212,7 @@ def export_checkpoint(
             calib = calibration or CalibrationOptions()
             fp32_path = os.path.join(stage.folder, "fp32-" + os.path.basename(out_path))
             export_onnx(net, ckpt["network"], fp32_path, opset=opset, max_batch=max_batch, opt_batch=opt_batch,
-                        source_path=ckpt_path)
+                        source_path=ckpt_path, schedules=schedules)
             dataset = None if calib.data is None else calibration_images(calib.data, calib.num_images, calib.seed)
             echo(f"calibrating int8 on {calib.num_images} {'dataset images' if dataset is not None else 'sampling trajectories'}"
                  f" ({calib.method})")
@@ -218,7 +222,7 @@ def export_checkpoint(
             manifest, size = result.manifest, result.size_bytes
         else:
             result = export_onnx(net, ckpt["network"], stage.path(out_path), fp16=precision == "fp16", opset=opset,
-                                 max_batch=max_batch, opt_batch=opt_batch, source_path=ckpt_path)
+                                 max_batch=max_batch, opt_batch=opt_batch, source_path=ckpt_path, schedules=schedules)
             manifest, size = result.manifest, result.size_bytes
         report = verify_staged(stage, out_path, net, precision, "cpu") if verify else None
         stage.commit([out_path])

@@ -1,61 +1,11 @@
 """fp32 ONNX denoiser -> int8 (static QDQ) with onnxruntime's quantisation tooling.
 
-What is quantised, and what is not
-----------------------------------
-Only the inner UNet's convolutions and attention matrix products run in int8: every ``Conv``,
-``MatMul`` and ``Gemm`` node inside the inner network's module scope (``/net/model/...``, the
-name prefix the torch exporter gives every node of ``precond.model``; checked on real exports
-by the tests), except the noise/label embedding. Weights are int8 per output channel,
-activations int8 per tensor, both symmetric (zero point 0), and biases stay float: that is the
-form TensorRT's explicit quantisation accepts (signed symmetric int8, no int32 bias
-DequantizeLinear), and onnxruntime's CPU provider fuses the same graph into QLinearConv /
-QLinearMatMul kernels (it quantises a float bias itself). Inputs and outputs stay float32, the
-batch dimension stays the symbolic ``batch`` of the fp32 export.
-
-Kept in float32, with no QuantizeLinear/DequantizeLinear round trip on their inputs:
-
-* the preconditioning: every node outside ``/net/model/`` (the sigma reshape, c_in, c_skip,
-  c_out, c_noise = log(sigma)/4, and the final skip mix ``c_skip * x + c_out * F``);
-* the noise and label embedding: ``map_noise``, ``map_label``, ``map_augment``, ``map_layer0/1``
-  and every block's ``affine`` projection of the embedding (tiny [B, C] products that carry
-  sigma into each block);
-* attention ``Softmax`` (its logits, the output of the q.k product, are not quantised);
-* normalisation: ``InstanceNormalization`` (GroupNorm is exported as Reshape ->
-  InstanceNormalization -> Reshape -> Mul -> Add), ``LayerNormalization`` and
-  ``GroupNormalization``, including the Reshape/Shape glue that feeds them;
-* everything else that is not a Conv/MatMul/Gemm: SiLU, the residual additions, the resampling
-  ``ConvTranspose``, concatenations. Those compute in float32; where they read the output of an
-  int8 convolution they read its int8-rounded value (so that the convolution can run int8 in
-  and int8 out), never a value quantised for their own sake.
-
-The graph is produced by onnxruntime: ``quant_pre_process``, its calibrator
-(``create_calibrator``) for the activation ranges, and ``quantize_static`` (QDQ format,
-per-channel weights, ``nodes_to_quantize``/``nodes_to_exclude`` and ``op_types_to_quantize``),
-which reads those ranges through its ``calibration_cache_path`` (so a newer onnxruntime is
-needed; 1.32 has it). One rewiring pass follows: onnxruntime lets every reader of a quantised
-tensor read the DequantizeLinear output, and quantises the outputs of Conv/MatMul for their
-readers' sake; the pass points the float-kept readers listed above back at the float tensor and
-drops Q/DQ pairs left without readers. No quantisation parameters are computed here.
-
-Calibration
------------
-By default on what the sampler really feeds the network: the fp32 model itself samples
-``num_images`` seeds (``seed``, ``seed + 1``, ...) with the deterministic EDM sampler
-(``steps`` steps, 2 * steps - 1 evaluations from sigma_max down to sigma_min) and every
-(x, sigma, class_labels) it is called with is recorded. With ``dataset`` (images in [-1, 1],
-NCHW) instead: ``num_images`` of them, noised at per-row log-uniform sigma over the same range,
-2 * steps - 1 times. Calibration methods: MinMax (default), Entropy (512-bin histograms, 128
-levels) and Percentile (2048 bins); the calibrator sees one recorded batch at a time and merges,
-so memory does not grow with the number of feeds. Non-finite ranges are a NumericalError. The
-manifest records ``precision: "int8"`` and a ``quantization`` block: method, images, seed,
-source, steps, evaluations, sigma range covered, which ops were quantised and a self-check of
-the int8 file against fp32 on a few calibration batches.
-
-Measured (trained digits EDM, 16 trajectories): largest derivative error
-``||D - D_ref|| / ||x - D_ref||`` 0.11 with MinMax, 0.14 with Percentile, 0.29 with Entropy, all
-at sigma < 0.07 (<= 0.06 above); samples score the same as fp32 (benchmarks/precision.py). Only
-EDM preconditioning has been measured on a trained model: the random-weight VP/VE/iDDPM test
-networks reach derivative errors of 0.2-1.8, so check such exports with the verify gate.
+Only the inner UNet's convolutions and attention products run in int8 (`select_quantized_nodes`),
+calibrated by default on what the sampler really feeds the network (`trajectory_feeds`); the
+preconditioning, the embedding, softmax and normalisation stay float32, because that is where
+int8 loses the images (`keep_float_readers_float`). The graph is onnxruntime's
+(`_quantize_graph`) in the form TensorRT's explicit quantisation accepts; only EDM
+preconditioning has been measured on a trained model (`quantize_int8`).
 """
 
 from __future__ import annotations
@@ -129,6 +79,12 @@ def is_embedding_node(name: str) -> bool:
 def select_quantized_nodes(model) -> list[str]:
     """Names of the nodes to run in int8: the inner UNet's Conv/MatMul/Gemm outside the embedding.
 
+    Inner nodes are those under ``/net/model/``, the scope the torch exporter gives every node of
+    ``precond.model`` (checked on real exports by the tests). Weights are then int8 per output
+    channel, activations int8 per tensor, both symmetric (zero point 0), biases float: what
+    TensorRT's explicit quantisation accepts, and what onnxruntime's CPU provider fuses into
+    QLinearConv / QLinearMatMul. Inputs and outputs stay float32 with the symbolic batch.
+
     Raises InputError when the graph does not carry the exporter's module scopes (a graph from
     another exporter, or one whose node names were stripped): quantising blindly would take the
     preconditioning with it.
@@ -179,7 +135,8 @@ class _Recorder:
 
 
 def trajectory_feeds(den: Any, num_images: int, seed: int, steps: int) -> list[dict[str, np.ndarray]]:
-    """Every input the deterministic EDM sampler passes `den` while it samples the given seeds."""
+    """Every input the deterministic EDM sampler (``steps`` steps) passes `den` while it samples the given seeds:
+    the default calibration, on what the sampler really feeds the network."""
     from edm_deploy.runtime.noise import StackedRandomGenerator, draw_latents_and_labels
     from edm_deploy.runtime.sampling import edm_sampler
 
@@ -196,7 +153,8 @@ def trajectory_feeds(den: Any, num_images: int, seed: int, steps: int) -> list[d
 
 
 def dataset_feeds(den: Any, dataset: np.ndarray, num_images: int, seed: int, steps: int) -> list[dict[str, np.ndarray]]:
-    """`num_images` dataset images plus noise at per-row log-uniform sigma, 2 * steps - 1 rounds."""
+    """`num_images` dataset images plus noise at per-row log-uniform sigma over the sampler's range, one round
+    per evaluation of ``steps`` EDM sampler steps."""
     from edm_deploy.runtime.sampling import nfe
 
     rng = np.random.default_rng(seed)
@@ -410,6 +368,15 @@ def graph_links(graph) -> tuple[dict, dict]:
 def keep_float_readers_float(model, quantized: set[str]) -> dict[str, int]:
     """Point float-kept readers of DequantizeLinear(QuantizeLinear(t)) back at t; drop dead Q/DQ.
 
+    onnxruntime lets every reader of a quantised tensor read the DequantizeLinear output and
+    quantises Conv/MatMul outputs for their readers' sake. Kept float, with no Q/DQ round trip
+    on their inputs: the preconditioning (every node outside ``/net/model/``: c_in, c_skip,
+    c_out, c_noise and the final skip mix), the noise and label embedding (``map_*`` and every
+    block's ``affine`` projection, which carry sigma into each block), attention ``Softmax``
+    and normalisation (GroupNorm is exported as Reshape -> InstanceNormalization -> Reshape ->
+    Mul -> Add) with the shape glue feeding it. The rest (SiLU, residual additions,
+    ConvTranspose, concatenations) computes in float32 on what it reads.
+
     For a tensor t that onnxruntime quantised: if t is not the output of an int8 node (it was
     quantised as an int8 node's input), every other reader reads t itself. If t is the output of
     an int8 node, its readers keep the int8-rounded value (the node then runs int8 in and out),
@@ -542,9 +509,14 @@ def quantize_int8(
     num_images: calibration images (seeds seed..seed+num_images-1, or dataset rows);
     seed: first seed (trajectories) or the dataset sampling seed; method: minmax, entropy or
     percentile; dataset: optional float images [N, C, R, R] in [-1, 1] to calibrate on data plus
-    noise instead of sampler trajectories; steps: sampler steps (2 * steps - 1 evaluations per
-    image); percentile: for the percentile method. Nothing appears under `out_path` unless the
-    whole run succeeds.
+    noise instead of sampler trajectories; steps: EDM sampler steps of the calibration; percentile:
+    for the percentile method. Nothing appears under `out_path` unless the whole run succeeds.
+
+    Measured (trained digits EDM, 16 trajectories): largest derivative error
+    ``||D - D_ref|| / ||x - D_ref||`` 0.11 with MinMax, 0.14 with Percentile, 0.29 with Entropy,
+    all at sigma < 0.07 (<= 0.06 above); samples score as fp32 (benchmarks/precision.py). The
+    random-weight VP/VE/iDDPM test networks reach 0.2-1.8, so check such exports with the verify
+    gate.
     """
     import onnx
 
@@ -638,7 +610,12 @@ QDQ_OPTIONS = {
 
 
 def _quantize_graph(fp32_onnx_path: str, feeds: list, method: str, percentile: float, tmp: str) -> tuple[Any, list]:
-    """Stage 3: onnxruntime's static QDQ quantisation of the chosen nodes; its failures said in one line."""
+    """Stage 3: onnxruntime's static QDQ quantisation of the chosen nodes; its failures said in one line.
+
+    ``quant_pre_process``, then ``quantize_static`` (QDQ, per-channel weights, the chosen nodes)
+    reading the ranges `calibrate` computed through its ``calibration_cache_path`` (onnxruntime
+    1.32 has it), then `keep_float_readers_float`. No quantisation parameter is computed here.
+    """
     import onnx
     from onnxruntime.quantization import (
         QuantFormat,

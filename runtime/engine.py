@@ -51,9 +51,10 @@ import numpy as np
 from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.contract import as_denoiser
 from edm_deploy.runtime.errors import EdmDeployError, InputError, NumericalError, check_int, check_number
-from edm_deploy.runtime.generate import SamplingPlan, guided, plan_sampling, quantize_uint8
+from edm_deploy.runtime.generate import guided, quantize_uint8
 from edm_deploy.runtime.guidance import check_guidance_args, check_interval, check_weight, mix
 from edm_deploy.runtime.noise import StackedRandomGenerator, check_class, draw_latents_and_labels, one_hot
+from edm_deploy.runtime.planner import SamplingPlan, plan_sampling
 from edm_deploy.runtime.seeds import check_seeds
 from edm_deploy.runtime.settings import SamplerSettings
 from edm_deploy.runtime.xp import all_finite_rows, concatenate, to_float64

@@ -1,129 +1,31 @@
 """Seeds in, uint8 images out: the loop every front end (CLI, embedding API, demo) shares.
 
-`plan_sampling` resolves a run's `SamplerSettings` on a denoiser once (sampler, time points,
-NFE); `sample_batch` draws each batch's latents and labels from the per-seed streams, runs the
-plan's step program, checks for non-finite output naming the seeds, and quantises exactly like
-the reference: uint8 = clip(x * 127.5 + 128, 0, 255) truncated, NHWC.
-
-`sample_into` drives a writer (`runtime.writers.open_output`) and resumes: a batch with any
-image missing is sampled again whole, so every image comes out of the same batch as in an
-uninterrupted run, and `run_record` is the description of a run that guards resuming.
+`sample_batch` draws a batch's latents and labels from the per-seed streams, runs the plan
+(`planner.plan_sampling`), names the seeds of any non-finite image and quantises as the
+reference does; `sample_into` feeds a writer and resumes a run batch by batch, so a resumed run
+equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.contract import as_denoiser
 from edm_deploy.runtime.errors import NumericalError
 from edm_deploy.runtime.noise import StackedRandomGenerator, check_class, draw_latents_and_labels
+from edm_deploy.runtime.planner import SamplingPlan, plan_sampling
 from edm_deploy.runtime.seeds import check_batch_size, check_seeds
 from edm_deploy.runtime.settings import SamplerSettings
-from edm_deploy.runtime.xp import all_finite_rows, to_float64, to_host
+from edm_deploy.runtime.xp import all_finite_rows, to_host
 
 
 def quantize_uint8(x: Any) -> np.ndarray:
     """[B, C, H, W] float in [-1, 1] -> [B, H, W, C] uint8, the reference's rounding."""
     x = to_host(x).astype(np.float64, copy=False)
     return np.clip(x * 127.5 + 128, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-@dataclass
-class SamplingPlan:
-    """How one run samples on one denoiser: its settings, solver, exact noise levels and NFE.
-
-    Built once per run by `plan_sampling`, so every option is checked before any image is made.
-    `program` starts the run's step program for a batch of latents (any driver runs it: `run`
-    here, the serving engine); `sigmas` are the noise levels the steps start from, a final 0
-    where the run ends at sigma = 0.
-    """
-
-    settings: SamplerSettings
-    solver: str
-    nfe: int
-    sigmas: np.ndarray
-    _start: Callable[..., slv.Program]
-    warnings: list = field(default_factory=list)  # why these settings will give poor images on this model
-
-    def program(self, latents: Any, randn_like: Callable, callback: Optional[Callable] = None) -> slv.Program:
-        """The step program for ``latents`` (unit variance, the state is scaled here)."""
-        return self._start(latents, randn_like, callback)
-
-    def run(self, den: Any, latents: Any, class_labels: Any, randn_like: Callable,
-            callback: Optional[Callable] = None) -> Any:
-        """The float64 end state for one batch: the program driven by one call of ``den`` per evaluation."""
-        return slv.run_program(den, self.program(latents, randn_like, callback), class_labels)
-
-
-def model_mismatch(spec: slv.SolverSpec, den: Any) -> list[str]:
-    """A solver made for the other kind of model: the images will be poor, and the user is told why."""
-    tuned = bool(getattr(den, "consistency_tuned", False))
-    if spec.for_consistency_models and not tuned:
-        return [f"the {spec.name} solver expects a consistency-tuned model (edm-deploy train --consistency); this "
-                "one is a plain EDM denoiser, whose one-step prediction D(x; sigma) is the blurred mean of all images "
-                "that noise level could hide: use an ODE solver (heun, ipndm) instead"]
-    if tuned and not spec.for_consistency_models:
-        return [f"this model is consistency-tuned: it no longer predicts the denoiser an ODE solver integrates, so "
-                f"the {spec.name} solver will give poor images; use --solver consistency (NFE 1 or 2)"]
-    return []
-
-
-def plan_sampling(den: Any, settings: Any = None) -> SamplingPlan:
-    """Resolve a run's settings on ``den``: which sampler implements them, its time points, its NFE.
-
-    ``settings`` is a `SamplerSettings` or a mapping of its options. heun/euler on the paper's
-    discretizations with nothing from the fast family run the reference samplers' programs (bit
-    for bit `edm_sampler`, or `ablation_sampler` when an ablation option or a discretization is
-    given, as the reference `generate.py` decides); anything else the flat solver family on a
-    named schedule, ``num_steps`` or ``nfe`` time points, or an explicit ``sigmas`` list.
-    """
-    from edm_deploy.runtime.sampling import ablation_program, ablation_setup, sampling_sigmas
-    from edm_deploy.runtime.sampling import nfe as reference_nfe
-
-    s = SamplerSettings.coerce(settings)
-    solver = s.solver_name
-    spec = slv.get_solver(solver)
-    round_sigma = den.round_sigma
-    num_steps = s.num_steps
-    if s.nfe is not None:
-        num_steps = slv.steps_for_nfe(solver, s.nfe, afs=s.afs, denoise_to_zero=s.denoise_to_zero)
-    if s.uses_reference_sampler:
-        params = {k: getattr(s, k) for k in ("rho", "epsilon_s", "C_1", "C_2", "M") if getattr(s, k) is not None}
-        setup = ablation_setup(den, 18 if num_steps is None else num_steps, s.sigma_min, s.sigma_max,
-                               discretization=s.discretization or "edm", schedule=s.schedule or "linear",
-                               scaling=s.scaling or "none", **params)
-        options = dict(solver=solver, alpha=1 if s.alpha is None else s.alpha, **s.churn)
-
-        def start(latents, randn_like, callback):
-            return ablation_program(setup, latents, round_sigma, randn_like, callback=callback, **options)
-
-        return SamplingPlan(s, solver, reference_nfe(len(setup.t_steps) - 1, solver), setup.sigmas, start,
-                            model_mismatch(spec, den))
-    params = {k: getattr(s, k) for k in ("rho", "epsilon_s", "C_1", "C_2", "M") if getattr(s, k) is not None}
-    sigmas, sigma_max = (None if s.sigmas is None else np.asarray(s.sigmas)), s.sigma_max
-    if s.nfe is not None and spec.time_points_for_nfe is not None and s.discretization is None:
-        top = min(80.0 if sigma_max is None else sigma_max, float(den.sigma_max))
-        sigmas, num_steps, sigma_max = spec.time_points_for_nfe(s.nfe, top), None, None  # the solver's own points
-    t = sampling_sigmas(den, solver, sigmas, num_steps, s.discretization, s.sigma_min, sigma_max, s.denoise_to_zero,
-                        **params)
-    options: dict[str, Any] = dict(s.churn)
-    if s.afs:
-        options["afs"] = True
-    if s.max_order is not None:
-        options["max_order"] = s.max_order
-    takes_noise = spec.draws_noise
-
-    def start(latents, randn_like, callback):
-        extra = {"randn_like": randn_like} if takes_noise else {}
-        return spec.program(to_float64(latents) * float(t[0]), t, callback=callback, round_sigma=round_sigma,
-                            **options, **extra)
-
-    return SamplingPlan(s, solver, spec.nfe_for_sigmas(t, afs=s.afs), t, start, model_mismatch(spec, den))
 
 
 def sample_batch(

@@ -28,6 +28,8 @@ from edm_deploy.runtime.contract import DelegatingDenoiser, as_denoiser
 from edm_deploy.runtime.errors import InputError, check_number, shown
 from edm_deploy.runtime.xp import concatenate, to_float64, where_rows
 
+# The largest guidance weight |W|: D_g + W (D - D_g) far beyond it only amplifies float error into Inf.
+MAX_GUIDANCE = 100.0
 # Noise levels at which two rounding rules must agree for a guide to match its model.
 _ROUNDING_PROBE = np.exp(np.linspace(np.log(0.002), np.log(80.0), 257))
 
@@ -52,8 +54,12 @@ def check_guidance_args(guide_given: bool, guidance: Optional[float], interval: 
 
 
 def check_weight(guidance: Any) -> float:
-    """The guidance weight W: a finite number."""
-    return check_number(guidance, "guidance")
+    """The guidance weight W: a number in [-MAX_GUIDANCE, MAX_GUIDANCE] (beyond it the mix overflows)."""
+    w = check_number(guidance, "guidance")
+    if not -MAX_GUIDANCE <= w <= MAX_GUIDANCE:
+        raise InputError(f"guidance must lie in [-{MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}] (1 is unguided; useful weights are "
+                         f"about 1 to 10), got {shown(w)}", param="guidance")
+    return w
 
 
 def mix(denoised: Any, guided_by: Any, w: float) -> Any:

@@ -82,8 +82,7 @@ def _finite_float(text: str) -> float:
 def _bounded_int(text: str) -> int:
     digits = len(text.lstrip("-"))
     if digits > MAX_INT_DIGITS:
-        raise _BeyondRange(f"its integer {text[:12]}... has {digits:,} digits, more than any value read here "
-                           f"({MAX_INT_DIGITS})")
+        raise _BeyondRange(f"its integer {text[:12]}... has {digits:,} digits; at most {MAX_INT_DIGITS:,} are read")
     return int(text)
 
 
@@ -118,7 +117,8 @@ def loads_bounded(text: Any, source: str, max_bytes: int = MAX_MANIFEST_BYTES, w
                           **({} if allow_constants else {"parse_constant": _refuse_constant,
                                                          "parse_float": _finite_float}))
     except _BeyondRange as exc:
-        raise InputError(f"{source} is valid JSON, but {exc}: it is no {what}", param=param) from None
+        kind = "" if what == "JSON" else f": it is no {what}"
+        raise InputError(f"{source} is valid JSON, but {exc}{kind}", param=param) from None
     except RecursionError:
         raise InputError(f"{source}: {what} nested too deeply to read", param=param) from None
     except ValueError as exc:  # JSONDecodeError, a refused constant

@@ -84,6 +84,40 @@ def consistency_record(entry: Any, source: str = "manifest") -> Optional[dict[st
     return entry
 
 
+# Time points searched for this model (`edm-deploy schedule`), embedded at export (`export --schedule`):
+# {"<solver>@<nfe>": [sigma, ...]}. `sample --solver S --nfe K` uses the entry for S@K when no time
+# points are given, so a consistency model's tuned mid point travels with the model.
+SCHEDULES_KEY = "schedules"
+MAX_SCHEDULES = 64
+_SCHEDULE_KEY = re.compile(r"[a-z0-9][a-z0-9-]{0,31}@[1-9][0-9]{0,5}")
+
+
+def schedule_key(solver: str, nfe: int) -> str:
+    return f"{solver}@{int(nfe)}"
+
+
+def schedules_record(entry: Any, source: str = "manifest") -> dict[str, list[float]]:
+    """{} when absent, else the checked {"solver@nfe": time points} of a manifest."""
+    from edm_deploy.runtime.schedules import check_sigma_list
+
+    if entry is None:
+        return {}
+    if not isinstance(entry, dict) or len(entry) > MAX_SCHEDULES:
+        raise InputError(f"{source}: the {SCHEDULES_KEY} entry must map at most {MAX_SCHEDULES} names "
+                         f"'solver@nfe' to lists of time points, got {entry!r:.120}")
+    out = {}
+    for key, sigmas in entry.items():
+        if not isinstance(key, str) or not _SCHEDULE_KEY.fullmatch(key):
+            raise InputError(f"{source}: {SCHEDULES_KEY} key {key!r:.40} is not 'solver@nfe' (e.g. consistency@2)")
+        if not isinstance(sigmas, list):
+            raise InputError(f"{source}: {SCHEDULES_KEY}[{key}] must be a list of time points")
+        try:
+            out[key] = [float(v) for v in check_sigma_list(sigmas)]
+        except InputError as exc:
+            raise InputError(f"{source}: {SCHEDULES_KEY}[{key}]: {exc}") from None
+    return out
+
+
 def encode_limit(value: float) -> Optional[float]:
     """float('inf') -> None so the manifest stays valid JSON."""
     return None if value is None or math.isinf(value) else float(value)
@@ -132,6 +166,7 @@ def validate(manifest: dict[str, Any], source: str = "manifest") -> dict[str, An
     if dropout is not None and not (_is_number(dropout) and 0 <= dropout <= 1):
         raise InputError(f"{source}: manifest label_dropout must be a number in [0, 1], got {dropout!r}")
     consistency_record(manifest.get(CONSISTENCY_KEY), source)
+    schedules_record(manifest.get(SCHEDULES_KEY), source)
     return manifest
 
 

@@ -25,6 +25,7 @@ INSTALL_HINTS = {
     "fastapi": "pip install 'edm-deploy[serve]'",
     "uvicorn": "pip install 'edm-deploy[serve]'",
     "prometheus_client": "pip install 'edm-deploy[serve]'",
+    "fastapi_offline": "pip install 'edm-deploy[serve]'",
 }
 
 

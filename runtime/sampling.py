@@ -1,28 +1,9 @@
-"""The EDM paper's samplers around any denoiser that follows the contract (`contract.py`).
+"""The EDM paper's reference samplers, bit for bit, around any denoiser of the contract (`contract.py`).
 
-* `edm_sampler`: Algorithm 2 of the paper. Deterministic Heun with the EDM time steps when
-  S_churn = 0; with churn, noise is added inside [S_min, S_max] and scaled by S_noise. The last
-  step to sigma = 0 is Euler, so NFE = 2N - 1.
-* `ablation_sampler`: the generalised sampler of the paper's section 3 (Algorithm 1 + churn):
-  Euler or Heun (or any alpha for the second-order point), any discretization, sigma(t)
-  schedule and s(t) scaling of Table 1.
-
-* `sample`: the front end of the flat solver family (`solvers.py`: Euler, Heun, DPM-Solver++,
-  UniPC, iPNDM, DEIS): it turns a named schedule or an explicit sigma list into the time points
-  the solver visits and calls it.
-
-Whenever sigma(t) = t and s(t) = 1 (and alpha = 1) both samplers run the flat `solvers.heun` /
-`solvers.euler`, so `ablation_sampler(solver='heun', discretization='edm', schedule='linear',
-scaling='none')` returns exactly what `edm_sampler` returns, and both return bit for bit what
-the earlier fused loop did. Other schedules and scalings keep the general loop (`_sample_loop`).
-Names, defaults, clamping to the network's sigma range, `round_sigma` at every evaluated level
-and the float64 state follow the reference implementation. The network is called with float64 x
-and a float64 sigma per row; backends cast to what they run in. A callback receives a
-`solvers.StepInfo` after every step.
-
-Noise: `randn_like(x)` is called for every step whenever any step adds noise (the reference's
-stream order, so an external noise stream reproduces exactly) and never for a fully deterministic
-run, where it would be multiplied by zero anyway.
+`edm_sampler` is Algorithm 2 (Heun, churn, the last step Euler); `ablation_sampler` the
+generalised sampler of section 3 (Euler or Heun or any alpha, any discretization, sigma(t) and
+s(t) of Table 1), also as a step program (`ablation_program`) for the planner. In the EDM form
+(sigma(t) = t, s(t) = 1, alpha = 1) both run the flat Heun/Euler programs of `solvers.py`.
 """
 
 from __future__ import annotations
@@ -36,7 +17,7 @@ import numpy as np
 from edm_deploy.runtime import schedules as sch
 from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.contract import check_batch, check_denoiser
-from edm_deploy.runtime.errors import InputError, param_error
+from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.solvers import StepInfo
 from edm_deploy.runtime.xp import from_host, to_float64
 
@@ -46,14 +27,15 @@ Callback = Optional[Callable[[StepInfo], None]]
 
 
 def nfe(num_steps: int, solver: str = "heun") -> int:
-    """Network evaluations per image: 2N - 1 for Heun (the last step is Euler), N for Euler."""
-    return 2 * num_steps - 1 if solver == "heun" else num_steps
+    """Network evaluations per image of the reference samplers for ``num_steps`` time points (the registry's count)."""
+    return slv.get_solver(solver).nfe(num_steps)
 
 
 _default_randn_like = slv.default_randn_like
 
 
-def _clamped_range(net, sigma_min: float, sigma_max: float) -> tuple[float, float]:
+def clamped_range(net, sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    """[sigma_min, sigma_max] inside the network's range, as the reference clamps it."""
     lo = max(float(sigma_min), float(net.sigma_min))
     hi = min(float(sigma_max), float(net.sigma_max))
     sch.check_sigma_range(lo, hi)
@@ -79,12 +61,13 @@ def edm_sampler(
     check_denoiser(net)
     check_batch(net, latents, class_labels)
     num_steps = sch.check_num_steps(num_steps)
-    lo, hi = _clamped_range(net, sigma_min, sigma_max)
+    lo, hi = clamped_range(net, sigma_min, sigma_max)
     sigmas = sch.edm_sigma_steps(num_steps, lo, hi, rho)
     t_steps = np.append(np.asarray(net.round_sigma(sigmas), dtype=np.float64), 0.0)
     x = to_float64(latents) * float(t_steps[0])
-    return slv.heun(net, x, t_steps, class_labels, callback=callback, S_churn=S_churn, S_min=S_min, S_max=S_max,
-                    S_noise=S_noise, randn_like=randn_like)
+    program = slv.heun_program(x, t_steps, callback=callback, round_sigma=net.round_sigma, S_churn=S_churn, S_min=S_min,
+                               S_max=S_max, S_noise=S_noise, randn_like=randn_like)
+    return slv.run_program(net, program, class_labels)
 
 
 @dataclass
@@ -115,7 +98,7 @@ def ablation_setup(
     rounded by the network, mapped to t by the schedule's inverse; the VP schedule re-fitted to the range."""
     num_steps = sch.check_num_steps(num_steps)
     default_lo, default_hi = sch.default_sigma_range(discretization, epsilon_s)
-    lo, hi = _clamped_range(net, default_lo if sigma_min is None else sigma_min,
+    lo, hi = clamped_range(net, default_lo if sigma_min is None else sigma_min,
                             default_hi if sigma_max is None else sigma_max)
     beta_d, beta_min = sch.vp_betas_for_range(lo, hi, epsilon_s)
     sigma_fn = sch.make_schedule(schedule, beta_d, beta_min)
@@ -132,10 +115,7 @@ def ablation_program(
 ) -> slv.Program:
     """The generalised sampler as a step program: the flat Euler/Heun program in the EDM form
     (sigma(t) = t, s(t) = 1, alpha = 1), the general loop otherwise."""
-    if solver not in SOLVERS:
-        raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    if not 0 < alpha <= 1:
-        raise InputError(f"alpha must lie in (0, 1], got {alpha}")
+    _check_solver_and_alpha(solver, alpha)
     if setup.is_edm_form and alpha == 1:
         program = slv.heun_program if solver == "heun" else slv.euler_program
         x = to_float64(latents) * float(setup.t_steps[0])
@@ -173,15 +153,19 @@ def ablation_sampler(
     check_denoiser(net)
     check_batch(net, latents, class_labels)
     num_steps = sch.check_num_steps(num_steps)
-    if solver not in SOLVERS:
-        raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    if not 0 < alpha <= 1:
-        raise InputError(f"alpha must lie in (0, 1], got {alpha}")
+    _check_solver_and_alpha(solver, alpha)
     setup = ablation_setup(net, num_steps, sigma_min, sigma_max, rho, discretization, schedule, scaling, epsilon_s,
                            C_1, C_2, M)
     program = ablation_program(setup, latents, net.round_sigma, randn_like, solver, alpha, S_churn, S_min, S_max,
                                S_noise, callback)
     return slv.run_program(net, program, class_labels)
+
+
+def _check_solver_and_alpha(solver: str, alpha: float) -> None:
+    if solver not in SOLVERS:
+        raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if not 0 < alpha <= 1:
+        raise InputError(f"alpha must lie in (0, 1], got {alpha}")
 
 
 def _general_program(
@@ -246,119 +230,3 @@ def _general_program(
         if callback is not None:
             callback(StepInfo(i, num_steps, sigma_cur, sigma(t_hat), sigma(t_next), x_next, denoised))
     return x_next
-
-
-# --------------------------------------------------------------------------------------------
-# The front end of the flat solver family
-
-
-def _check_rounded(levels: np.ndarray, strict: bool) -> None:
-    """Rounding onto a network's table (iDDPM) may merge neighbouring levels; say so before sampling."""
-    for i in range(1, levels.size):
-        if levels[i] > levels[i - 1] or (strict and levels[i] == levels[i - 1]):
-            raise param_error(
-                "num_steps",
-                f"after rounding to the network's noise levels, sigma {levels[i]:g} (step {i}) does not fall below "
-                f"{levels[i - 1]:g}; this solver needs distinct levels, so use fewer steps",
-            )
-
-
-def sampling_sigmas(
-    den: Any,
-    solver: str = "heun",
-    sigmas: Any = None,
-    num_steps: Optional[int] = None,
-    schedule: Optional[str] = None,
-    sigma_min: Optional[float] = None,
-    sigma_max: Optional[float] = None,
-    denoise_to_zero: bool = False,
-    **schedule_params: Any,
-) -> np.ndarray:
-    """The exact float64 time points `solver` will visit on `den` (what `sample` passes to it).
-
-    Either an explicit list (``sigmas``, validated, inside the network's range) or a named
-    schedule (``schedule``, default 'edm', ``num_steps`` time points, default 18) between
-    sigma_min and sigma_max (the schedule's defaults, clamped to the network's range). Rounded
-    with ``den.round_sigma``. An explicit list is used as given, for every solver: a final 0 in it
-    (or ``denoise_to_zero``) asks for the last step into sigma = 0 (Euler/Heun: their Euler step;
-    the others: x = D(x; sigma_min)), and without one the run ends at its last level. A named
-    schedule gets the final 0 when the solver ends at sigma = 0 (``appends_zero``) or
-    ``denoise_to_zero`` asks for it. The length minus the final 0 is the N of ``SolverSpec.nfe``.
-    """
-    spec = slv.check_solver_options(solver, denoise_to_zero=denoise_to_zero, explicit_sigmas=sigmas is not None)
-    params = {k: v for k, v in schedule_params.items() if v is not None}
-    if sigmas is not None:
-        given = [k for k, v in (("num_steps", num_steps), ("schedule", schedule), ("sigma_min", sigma_min),
-                                ("sigma_max", sigma_max)) if v is not None] + sorted(params)
-        if given:
-            raise param_error(given[0], f"{given[0]} does not apply when sigmas is given (the list is the schedule)")
-        arr = sch.check_sigma_list(sigmas)
-        to_zero = bool(arr[-1] == 0)
-        levels = arr[:-1] if to_zero else arr
-        lo, hi = float(den.sigma_min), float(den.sigma_max)
-        if levels[0] > hi or levels[-1] < lo:
-            raise param_error(
-                "sigmas", f"sigmas must lie in the network's range [{lo:g}, {hi:g}], got {levels[0]:g} down to {levels[-1]:g}"
-            )
-    else:
-        schedule = "edm" if schedule is None else schedule
-        num_steps = 18 if num_steps is None else num_steps
-        default_lo, default_hi = sch.schedule_default_range(schedule)
-        lo, hi = _clamped_range(den, default_lo if sigma_min is None else sigma_min,
-                                default_hi if sigma_max is None else sigma_max)
-        levels = sch.schedule_sigmas(schedule, num_steps, lo, hi, **params)
-        to_zero = False
-    levels = np.asarray(den.round_sigma(levels), dtype=np.float64).reshape(-1)
-    _check_rounded(levels, strict=not spec.takes_churn)
-    if levels.size < spec.min_points:
-        raise param_error(
-            "sigmas" if sigmas is not None else "num_steps",
-            f"the {solver} solver needs at least {spec.min_points} time points, got {levels.size}",
-        )
-    if to_zero or denoise_to_zero or (spec.appends_zero and sigmas is None):
-        levels = np.append(levels, 0.0)
-    return levels
-
-
-def sample(
-    den: Any,
-    latents: Any,
-    class_labels: Any = None,
-    solver: str = "heun",
-    sigmas: Any = None,
-    num_steps: Optional[int] = None,
-    schedule: Optional[str] = None,
-    sigma_min: Optional[float] = None,
-    sigma_max: Optional[float] = None,
-    rho: Optional[float] = None,
-    afs: bool = False,
-    denoise_to_zero: bool = False,
-    randn_like: Callable = _default_randn_like,
-    callback: Callback = None,
-    schedule_params: Optional[dict] = None,
-    **solver_options: Any,
-):
-    """Sample with any solver of the registry: schedule -> time points -> solver. Returns the float64 end state.
-
-    ``solver`` is a name of `solvers.SOLVER_NAMES`; the time points come from `sampling_sigmas`
-    (``rho`` and ``schedule_params`` are the schedule's parameters, e.g. epsilon_s or C_1, C_2,
-    M; None means the schedule's default). ``afs`` (analytical first step) and
-    ``solver_options`` (S_churn, S_min, S_max, S_noise for Euler/Heun; max_order for the
-    multistep solvers) must apply to the solver, or this raises one InputError. ``randn_like``
-    is the churn noise stream; solvers that add no noise never draw from it.
-    """
-    check_denoiser(den)
-    check_batch(den, latents, class_labels)
-    spec = slv.check_solver_options(solver, solver_options, afs=afs, denoise_to_zero=denoise_to_zero,
-                                    explicit_sigmas=sigmas is not None)
-    params = dict(schedule_params or {})
-    if rho is not None:
-        params["rho"] = rho
-    t = sampling_sigmas(den, solver, sigmas, num_steps, schedule, sigma_min, sigma_max, denoise_to_zero, **params)
-    options = dict(solver_options)
-    if afs:
-        options["afs"] = True
-    if spec.draws_noise:
-        options["randn_like"] = randn_like
-    x = to_float64(latents) * float(t[0])
-    return spec.fn(den, x, t, class_labels, callback=callback, **options)

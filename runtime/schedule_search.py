@@ -1,64 +1,12 @@
-"""Searched time steps (GITS, Chen et al., ICML 2024): the fine-grid path a solver follows best.
+"""Searched time steps (GITS, Chen et al., ICML 2024): the path over a fine grid a solver follows best.
 
-"On the Trajectory Regularity of ODE-based Diffusion Sampling" observes that sampling
-trajectories of one model have nearly the same shape whatever they generate, so a schedule
-fitted to a few hundred of them suits all. The search (`search_schedule`), training-free:
-
-1. **Teacher.** Latents and labels are drawn per seed exactly as `sample` draws them, and a
-   strong solver (`teacher`, default iPNDM as in gits-main) integrates them on a fine grid
-   (`fine_points`, default 61: the EDM rho = 7 schedule over the model's range), recording the
-   state x_m and the data prediction D_m = D(x_m; sigma_m) at every fine point (one extra
-   evaluation per latent gives D at the last point). Slopes are d_m = (x_m - D_m) / sigma_m.
-2. **Cost of a step.** A student step from fine point i to fine point j starts on the teacher's
-   trajectory, x_i, and is the chosen solver's own update with the history a multistep solver
-   carries along the path: the slopes or data predictions at the path's earlier points, taken
-   from the teacher (what the student would hold had it been exact so far), the order that
-   step has in the solver's warm-up and lower-order-final rules, and AFS at the first point
-   when asked. Its cost is the deviation of the result from the teacher's x_j. This is the
-   local error of the solver on that path. gits-main instead costs every solver's steps with
-   one Euler step along the teacher's slope (``step="euler"`` reproduces that).
-3. **Path.** Dynamic programming picks the path 0 = p_0 < p_1 < ... < p_K = last over the fine
-   points, with exactly the K steps the NFE buys (K = N - 1 for the N time points of
-   `solvers.steps_for_nfe`, e.g. K = NFE for iPNDM), that minimises
-   sum_k coeff^k cost(step k), as gits-main's ``dp`` (``coeff`` 1.15: later, low-noise steps
-   weigh more, the errors there are the ones left in the image).
-4. **Polish** (not in GITS). The programme minimises a sum of local errors, a proxy for what
-   matters: the error the solver's run ends with. So the path is then polished on that error
-   itself (`refine_path`): the solver runs for real on the first ``refine_latents`` latents
-   (default 64, at most half of them), and each inner point moves one fine index down or up
-   while that lowers the end-point RMS error against the teacher (at most 20 runs per step),
-   in about a teacher run's time (measured in benchmarks/RESULTS.md). ``refine_latents=0``
-   returns the programme's path, as GITS does.
-
-How the history enters the dynamic programme: a step of order q needs the path's last q
-points, so a state of the programme is the pair (previous point, current point). The newest
-history entry (all of order 2, the warm-up of every multistep solver, DPM-Solver++(2M)) is
-thereby exact; older entries (orders 3 and 4) are read from the cheapest path into that state,
-the usual way of carrying a longer history through Viterbi-style programmes (an exact state
-would hold up to four points: C(61, 4) = 521k states, against 1830 pairs). Whatever the order,
-the cost the search reports is the exact cost of the path it returns, because that path's
-history is the one its steps were costed with.
-
-What cannot be had from the teacher alone: Heun's second stage evaluates D off the trajectory,
-at x_i + (sigma_j - sigma_i) d_i; the search evaluates it (n (n - 1) / 2 batches on the first
-`HEUN_COST_LATENTS` latents, exact). UniPC's corrector evaluates D at the predicted point: with
-the teacher's D_j there instead, the corrected step is nearly exact however long it is and the
-search picks absurd first steps (80 -> 55 -> 0.26 on a digits model), so UniPC steps are
-costed by their predictor, whose error is what the corrector's evaluation and every later step
-see (``unipc_corrector=True`` costs the corrected step with the teacher's D_j).
-
-Cost metric: ``"l2"`` is the root mean square over the latents of ||x_j^student - x_j||_2;
-``"dev"`` is gits-main's default: the deviation of the point from the straight line joining
-each trajectory's ends, minus the teacher's at j (signed, as there), both root mean squares over
-the latents. gits-main averages per-latent norms where this takes root mean squares: that
-makes every cost a quadratic form in one batch-mean Gram matrix of the 2n teacher vectors
-(`TrajectoryMoments`), so the search needs no per-latent work after the teacher has run,
-whatever the image size, and its memory does not grow with the number of latents.
-
-`search_schedule` also runs the solver itself on the searched schedule and on the EDM rho = 7
-schedule with the same NFE, from the latents the polish did not use, and reports both end-point
-errors against the teacher (``check``): the honest measure of what the search bought. NumPy
-only; it works on any denoiser of the contract (`contract.py`).
+Sampling trajectories of one model have nearly the same shape whatever they generate, so time
+points fitted to a few hundred of them suit all, training-free: a teacher integrates them on a
+fine grid (`run_teacher_search_data`), every candidate step is costed with the solver's own
+update on the teacher's points (`StepCosts`, from the solver's `SearchRule`), dynamic
+programming picks the path with the NFE's steps (`dp_path`), a polish lowers the solver's real
+end-point error (`refine_path`), and a check compares it with EDM rho = 7 at the same NFE
+(`search_schedule`). NumPy only; any denoiser of the contract.
 """
 
 from __future__ import annotations
@@ -75,6 +23,7 @@ from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.contract import as_denoiser
 from edm_deploy.runtime.errors import InputError, NumericalError, check_int
 from edm_deploy.runtime.noise import StackedRandomGenerator, draw_latents_and_labels
+from edm_deploy.runtime.planner import sampling_sigmas
 from edm_deploy.runtime.xp import all_finite_rows, to_float64, to_host
 
 # The widest range of step weights coeff^k a path's cost may span (in decades): far beyond it, the
@@ -92,21 +41,19 @@ MAX_FINE_POINTS = 201
 # What the teacher's data may hold in memory: its trajectories per batch (x and D at every fine
 # point, float64) and the end points of all latents; a larger --latents or --batch is refused up front.
 MAX_TEACHER_BYTES = 2 << 30
-# Heun's second stage is evaluated per pair of fine points (n (n - 1) / 2 batches): on this many latents.
+# A second stage evaluated off the trajectory (Heun's) is costed per pair of fine points (n (n - 1) / 2
+# batches): on this many latents.
 HEUN_COST_LATENTS = 32
 # The polish on the solver's real error: latents it uses, and runs of the solver per step of the path.
 DEFAULT_REFINE_LATENTS = 64
 REFINE_EVALUATIONS_PER_STEP = 20
 METRICS = ("l2", "dev")
-# Solvers whose steps the search can cost (Heun's second stage is evaluated; the rest are linear forms).
-SEARCHABLE_SOLVERS = ("euler", "heun", "dpmpp-2m", "dpmpp-3m", "unipc", "ipndm", "ipndm-v", "deis")
-STEP_MODELS = ("solver", "euler")
-# Teachers whose callback reports D at the point each step starts from (UniPC reports its corrector's D).
-TEACHER_SOLVERS = ("ipndm", "ipndm-v", "deis", "dpmpp-3m", "dpmpp-2m", "heun", "euler")
-# The highest order each multistep solver takes: its program's max_order default.
+# What the registry's entries say (`SolverSpec.search`): the solvers whose steps the search can cost,
+# those that can integrate the teacher, the highest order each multistep solver takes.
+SEARCHABLE_SOLVERS = tuple(name for name, spec in slv.SOLVER_REGISTRY.items() if spec.search is not None)
+TEACHER_SOLVERS = tuple(name for name in SEARCHABLE_SOLVERS if slv.SOLVER_REGISTRY[name].search.teacher)
 MAX_ORDERS = {name: spec.max_order for name, spec in slv.SOLVER_REGISTRY.items() if spec.max_order is not None}
-# Gauss-Legendre points for the DEIS weights, integrated in sigma where the integrand is smooth.
-_DEIS_GAUSS_POINTS = 16
+STEP_MODELS = ("solver", "euler")
 
 Progress = Optional[Callable[[str, int, int], None]]
 
@@ -167,6 +114,9 @@ def run_teacher(
 
 class TrajectoryMoments:
     """Batch-mean second moments of the 2n teacher vectors, accumulated batch by batch.
+
+    Every step cost is a quadratic form in them, so the search needs no per-latent work after
+    the teacher has run, whatever the image size, and its memory does not grow with the latents.
 
     Vector index a: x_m is a = m, D_m is a = n + m. ``gram[a, b]`` is the mean over latents of
     <V_a, V_b>; ``perpendicular[a, b]`` subtracts the mean of (V_a . u)(V_b . u), u the unit
@@ -262,18 +212,6 @@ class _Nodes:
     f: Optional[np.ndarray] = None
 
 
-def step_order(solver: str, k: int, num_steps: int, max_order: int) -> tuple[int, bool]:
-    """(order, whether the UniPC corrector runs) of step k of num_steps, by the solvers' own rules."""
-    if solver in ("euler", "heun"):
-        return 1, False
-    if solver == "dpmpp-2m":
-        return slv.warmup_order(k, 2), False
-    if solver in ("ipndm", "ipndm-v", "deis"):
-        return slv.warmup_order(k, max_order), False
-    order = slv.lower_order_final(k, num_steps, max_order)  # dpmpp-3m and unipc
-    return order, solver == "unipc" and slv.unipc_corrects(k, num_steps, max_order)
-
-
 class _StepBuilder:
     """The student's x_j for a batch of transitions, written like the solvers in `solvers.py`."""
 
@@ -312,101 +250,59 @@ class _StepBuilder:
                          (self._ix(m, self.n), np.where(first, 0.0, 1.0))])
         return _Lin([(self._ix(m, self.n), np.ones(m.shape))])
 
-    # ----- the solvers' own updates (`solvers.py`), applied to linear forms of the teacher's points
+    def view(self, nd: _Nodes) -> _StepView:
+        return _StepView(self, nd)
 
-    def _slopes(self, nd: _Nodes):
-        points = (nd.i, nd.h, nd.g, nd.f)
-        return lambda k: self.d(points[k])
 
-    def euler(self, nd: _Nodes) -> _Lin:
-        return slv.ipndm_update(self.X(nd.i), self.s[nd.j] - self.s[nd.i], self._slopes(nd), 1)
+class _StepView:
+    """`solvers.StepView` of a batch of transitions: the path's points as linear forms of teacher vectors."""
 
-    def ipndm(self, nd: _Nodes, order: int) -> _Lin:
-        return slv.ipndm_update(self.X(nd.i), self.s[nd.j] - self.s[nd.i], self._slopes(nd), order)
+    def __init__(self, builder: _StepBuilder, nd: _Nodes):
+        self._builder, self._points, self._j = builder, (nd.i, nd.h, nd.g, nd.f), nd.j
+        self.x = builder.X(nd.i)
+        self.sigma_next = builder.s[nd.j]
 
-    def ipndm_v(self, nd: _Nodes, order: int) -> _Lin:
-        s, points = self.s, (nd.j, nd.i, nd.h, nd.g, nd.f)
-        return slv.ipndm_v_update(self.X(nd.i), lambda k: s[points[k]] - s[points[k + 1]], self._slopes(nd), order)
+    @property
+    def denoised_next(self) -> _Lin:
+        return self._builder.D(self._j)
 
-    def deis(self, nd: _Nodes, order: int) -> _Lin:
-        """DEIS-tAB with `solvers.deis_weights`, by a quadrature rule cheaper than the reference's.
+    def sigma(self, k: int) -> np.ndarray:
+        return self._builder.s[self._points[k]]
 
-        The reference (`solvers.deis_tab_coefficients`) sums the integrand at N = 10000 evenly
-        spaced tau, both ends included, times (tau_j - tau_i) / N: that is (1 - 1/N) times the
-        integral plus (tau_j - tau_i) (f(tau_i) + f(tau_j)) / (2N) up to the trapezoid rule's
-        error. Here the integral is taken in sigma (sigma'(tau) dtau = dsigma: a smooth
-        integrand, where sigma'(tau) is steep near sigma_min) by Gauss-Legendre, and the two end
-        terms are added as two more nodes. The weights agree with the reference's to about 1e-7
-        of the step.
-        """
-        h = self.s[nd.j] - self.s[nd.i]
-        if order == 1:
-            return slv.deis_update(self.X(nd.i), h, [], self._slopes(nd), 1)
-        history = [nd.i, nd.h, nd.g, nd.f][:order]
-        taus = [slv.deis_tau(self.s[m])[:, None] for m in history]
-        s_i, s_j = self.s[nd.i][:, None], self.s[nd.j][:, None]
-        a, b = taus[0], slv.deis_tau(s_j)
-        xi, wi = np.polynomial.legendre.leggauss(_DEIS_GAUSS_POINTS)
-        tq = slv.deis_tau(s_i + (s_j - s_i) * (xi[None, :] + 1) / 2)
-        num = slv.DEIS_QUADRATURE_POINTS
-        gauss = (s_j - s_i) * wi[None, :] / 2 * (1 - 1 / num) / slv.deis_slope_weight(tq)  # dsigma = sigma'(tau) dtau
-        ends = np.broadcast_to((b - a) / (2 * num), a.shape)
-        nodes = np.concatenate([tq, a, b], axis=1)
-        weights = np.concatenate([gauss, ends, ends], axis=1)
-        return slv.deis_update(self.X(nd.i), h, slv.deis_weights(taus, nodes, weights), self._slopes(nd), order)
+    def slope(self, k: int) -> _Lin:
+        return self._builder.d(self._points[k])
 
-    def dpmpp_2m(self, nd: _Nodes, order: int) -> _Lin:
-        s = self.s
-        if order == 1:
-            return slv.dpmpp_2m_update(self.X(nd.i), self.D(nd.i), None, None, s[nd.i], s[nd.j])
-        return slv.dpmpp_2m_update(self.X(nd.i), self.D(nd.i), self.D(nd.h), s[nd.h], s[nd.i], s[nd.j])
-
-    def _history(self, nd: _Nodes, order: int) -> tuple[list, list]:
-        """The data predictions and sigmas of the step's last ``order`` points, newest last."""
-        points = [nd.g, nd.h, nd.i][3 - order:]
-        return [self.D(m) for m in points], [self.s[m] for m in points]
-
-    def dpmpp_3m(self, nd: _Nodes, order: int) -> _Lin:
-        models, times = self._history(nd, order)
-        return slv.dpmpp_update(self.X(nd.i), models, times, self.s[nd.j], order)
-
-    def unipc(self, nd: _Nodes, order: int, corrector: bool) -> _Lin:
-        """UniPC bh2 (`solvers.unipc_predict` / `unipc_correct`); the corrector's D at j is the teacher's D_j."""
-        models, times = self._history(nd, order)
-        x_pred, step = slv.unipc_predict(self.X(nd.i), models, times, self.s[nd.j], order)
-        return slv.unipc_correct(step, self.D(nd.j)) if corrector else x_pred
-
-    def step(self, solver: str, nd: _Nodes, order: int, corrector: bool) -> _Lin:
-        if solver == "euler":
-            return self.euler(nd)
-        if solver == "ipndm":
-            return self.ipndm(nd, order)
-        if solver == "ipndm-v":
-            return self.ipndm_v(nd, order)
-        if solver == "deis":
-            return self.deis(nd, order)
-        if solver == "dpmpp-2m":
-            return self.dpmpp_2m(nd, order)
-        if solver == "dpmpp-3m":
-            return self.dpmpp_3m(nd, order)
-        if solver == "unipc":
-            return self.unipc(nd, order, corrector)
-        raise InputError(f"the {solver} solver's step is not costed from the teacher alone", param="solver")
+    def denoised(self, k: int) -> _Lin:
+        return self._builder.D(self._points[k])
 
 
 # --------------------------------------------------------------------------------------------
 # Step costs and the dynamic programme
 
 
+_EULER_STEP = slv.get_solver("euler").search.step
+
+
 class StepCosts:
     """cost(k, nodes): the deviation of step k (of num_steps) for a batch of transitions.
 
-    Built from teacher moments for every solver but Heun, whose pair costs come from the network
-    (`heun_pair_costs`) as an [n, n] matrix ``pair_costs``. ``step`` "solver" costs the solver's
-    own update with its history and order at step k (and AFS at the first point when ``afs``),
-    "euler" one Euler step along the teacher's slope (gits-main). ``metric`` "l2" or "dev" (see
-    the module docstring). ``unipc_corrector``: cost UniPC's corrected step, its corrector's D
-    taken from the teacher, rather than its predictor.
+    A student step from fine point i to j starts on the teacher's trajectory, x_i, with the
+    history a multistep solver carries taken from the teacher at the path's earlier points (what
+    it would hold had it been exact so far) and the order its rules give step k; its cost is the
+    deviation from the teacher's x_j, the solver's local error on that path. Built from teacher
+    moments with the solver's own update (`SolverSpec.search`), for every solver but one whose
+    second stage is evaluated (Heun): its pair costs come from the network
+    (`second_stage_pair_costs`) as an [n, n] matrix ``pair_costs``. ``step`` "solver" costs the
+    solver's own update (and AFS at the first point when ``afs``), "euler" one Euler step along
+    the teacher's slope, as gits-main costs every solver.
+
+    ``metric`` "l2": the root mean square over latents of ||x_j^student - x_j||; "dev"
+    (gits-main's default): the deviation of the point from the chord joining each trajectory's
+    ends, minus the teacher's at j, root mean squares where gits-main averages norms (so costs
+    are quadratic forms in `TrajectoryMoments`). ``unipc_corrector``: cost UniPC's corrected step
+    with the teacher's D_j as its corrector's evaluation. Off by default: with it the corrected
+    step is nearly exact however long it is and the search picks absurd first steps (80 -> 55 ->
+    0.26 on a digits model), while the predictor's error is what every later step sees.
     """
 
     def __init__(self, moments: TrajectoryMoments, solver: str, num_steps: int, *, metric: str = DEFAULT_METRIC,
@@ -414,6 +310,12 @@ class StepCosts:
                  pair_costs: Optional[np.ndarray] = None, unipc_corrector: bool = False):
         self.moments, self.solver, self.num_steps = moments, solver, int(num_steps)
         self.metric, self.step_model, self.afs = metric, step, bool(afs) and step == "solver"
+        self.rule = slv.get_solver(solver).search
+        if self.rule is None:
+            raise InputError(f"the {solver} solver's steps cannot be costed (it integrates no ODE)", param="solver")
+        if step == "solver" and self.rule.step is None and pair_costs is None:
+            raise InputError(f"the {solver} solver's step is not costed from the teacher alone: give its pair costs",
+                             param="solver")
         self.max_order = MAX_ORDERS.get(solver, 1) if max_order is None else int(max_order)
         self.pair_costs = pair_costs
         self.unipc_corrector = bool(unipc_corrector)
@@ -432,10 +334,10 @@ class StepCosts:
             return self.pair_costs[nd.i, nd.j]
         builder = _StepBuilder(self.moments.sigmas, self.afs)
         if self.step_model == "euler":
-            student = builder.euler(nd)
+            student = _EULER_STEP(builder.view(nd), 1, False)
         else:
-            order, corrector = step_order(self.solver, k, self.num_steps, self.max_order)
-            student = builder.step(self.solver, nd, order, corrector and self.unipc_corrector)
+            order, corrector = self.rule.orders(k, self.num_steps, self.max_order)
+            student = self.rule.step(builder.view(nd), order, corrector and self.unipc_corrector)
         if self.metric == "l2":
             return np.sqrt(np.maximum((student - builder.X(nd.j)).quadratic(self.gram), 0.0))
         end = np.full(nd.j.shape, self.n - 1)
@@ -443,14 +345,16 @@ class StepCosts:
         return dev - self.teacher_dev[nd.j]
 
 
-def heun_pair_costs(den: Any, traj: Trajectories, class_labels: Optional[np.ndarray], metric: str = DEFAULT_METRIC,
-                    batch_size: int = 256, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """[n, n] sums over this batch of squared deviations of one Heun step i -> j (i < j), evaluated.
+def second_stage_pair_costs(den: Any, traj: Trajectories, class_labels: Optional[np.ndarray],
+                            second_stage: Callable[..., slv.Program], metric: str = DEFAULT_METRIC,
+                            batch_size: int = 256, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    """[n, n] sums over this batch of squared deviations of one step i -> j (i < j), evaluated.
 
-    Heun's second stage needs D at x_i + (sigma_j - sigma_i) d_i, off the teacher's trajectory,
-    so each pair costs one evaluation per latent. Entry [i, j] holds the sum over latents of
-    ||x_hat - x_j||^2 (metric l2) or of the squared chord deviation of x_hat (metric dev); the
-    caller divides by the number of latents and takes the root. ``progress(1)`` per target j.
+    ``second_stage(x_i, h, d_i, sigma_j)`` (`SearchRule.second_stage`, Heun's) evaluates D off
+    the teacher's trajectory, e.g. at x_i + (sigma_j - sigma_i) d_i, so each pair costs its
+    evaluations per latent. Entry [i, j] holds the sum over latents of ||x_hat - x_j||^2 (metric
+    l2) or of the squared chord deviation of x_hat (metric dev); the caller divides by the number
+    of latents and takes the root. ``progress(1)`` per target j.
     """
     den = as_denoiser(den)
     t = traj.sigmas
@@ -468,11 +372,8 @@ def heun_pair_costs(den: Any, traj: Trajectories, class_labels: Optional[np.ndar
             x_i = traj.x[ii, rr]
             d_i = (x_i - traj.denoised[ii, rr]) / t[ii].reshape(-1, *([1] * (x_i.ndim - 1)))
             h = (t[j] - t[ii]).reshape(-1, *([1] * (x_i.ndim - 1)))
-            x_prime = x_i + h * d_i
             labels = None if class_labels is None else class_labels[rr]
-            d_out = to_host(to_float64(den(den.to_device(x_prime), np.full(len(part), t[j]), labels)))
-            d_prime = (x_prime - d_out) / t[j]
-            x_hat = slv.heun_update(x_i, h, d_i, d_prime)
+            x_hat = _run_on_host(den, second_stage(x_i, h, d_i, t[j]), labels)
             if metric == "l2":
                 sq = np.square(flat(x_hat - traj.x[j, rr])).sum(axis=1)
             else:
@@ -482,6 +383,17 @@ def heun_pair_costs(den: Any, traj: Trajectories, class_labels: Optional[np.ndar
         if progress is not None:
             progress(1)
     return out
+
+
+def _run_on_host(den: Any, program: slv.Program, class_labels: Optional[np.ndarray]) -> np.ndarray:
+    """`solvers.run_program` for host states: each evaluation moved to the model's device and back."""
+    try:
+        x, sigma = next(program)
+        while True:
+            d = den(den.to_device(x), np.full(x.shape[0], sigma), class_labels)
+            x, sigma = program.send(to_host(to_float64(d)))
+    except StopIteration as finished:
+        return finished.value
 
 
 def _heun_cost_matrix(sums: np.ndarray, count: int, moments: TrajectoryMoments, metric: str) -> np.ndarray:
@@ -498,9 +410,14 @@ def dp_path(n: int, num_steps: int, cost: Callable[[int, _Nodes], np.ndarray], c
             ) -> tuple[list[int], float]:
     """The path 0 = p_0 < ... < p_K = n - 1 (K = num_steps) minimising sum_k coeff^k cost(k, step k).
 
-    States are pairs (p_{k-1}, p_k); the history older than that is read from each state's
-    cheapest path (see the module docstring). Returns (path, its weighted cost). Ties go to the
-    smaller previous point.
+    ``coeff`` > 1 (gits-main's 1.15) weighs later, low-noise steps more: their errors are the
+    ones left in the image. A step of order q needs the path's last q points, so the states are
+    pairs (p_{k-1}, p_k): the newest history entry (all of order 2) is exact, older ones (orders
+    3, 4) are read from each state's cheapest path, the usual way of carrying a longer history
+    through a Viterbi-style programme (an exact state of four points would be C(61, 4) = 521k
+    states against 1830 pairs). The cost reported is still exact for the path returned, whose
+    history is the one its steps were costed with. Returns (path, its weighted cost). Ties go to
+    the smaller previous point.
     """
     K, last = int(num_steps), n - 1
     if not 1 <= K <= last:
@@ -646,14 +563,12 @@ def model_warnings(den: Any) -> list[str]:
         return []
     return ["this model is consistency-tuned: it no longer predicts the denoiser an ODE solver integrates, so the "
             "teacher's trajectories and a schedule searched on them are poor; sample it with `sample --solver "
-            "consistency --nfe 1` (or 2), whose time points are ECT's and need no search"]
+            "consistency --nfe 1` (or 2), or choose its time points with `schedule --solver consistency --ref REF`"]
 
 
 def fine_grid(den: Any, fine_points: int = DEFAULT_FINE_POINTS, sigma_min: Optional[float] = None,
               sigma_max: Optional[float] = None) -> np.ndarray:
     """The teacher's grid: EDM rho = 7 over [sigma_min, sigma_max] (the model's range), rounded by the model."""
-    from edm_deploy.runtime.sampling import sampling_sigmas
-
     return sampling_sigmas(den, "ipndm", num_steps=fine_points, schedule="edm", sigma_min=sigma_min,
                            sigma_max=sigma_max, rho=FINE_RHO)
 
@@ -678,6 +593,9 @@ def refine_path(
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[list[int], float, float, int]:
     """Coordinate descent on a path's true error: move one inner point by one fine index while that helps.
+
+    The programme minimises a sum of local errors, a proxy; this polishes the path on what
+    matters, the error the solver's run ends with.
 
     ``error(path)`` is the solver's end-point error run on that path. Sweeps over the inner points
     (each tried one index down and one up, a move kept as soon as it lowers the error) until a
@@ -933,8 +851,9 @@ def _solver_options(spec: slv.SolverSpec, settings: dict) -> dict[str, Any]:
 def _step_costs(den: Any, teacher_run: TeacherRun, settings: dict, batch_size: int, report) -> StepCosts:
     """Every step's cost: linear forms of the teacher's moments, Heun's second stage evaluated."""
     solver, step, metric = settings["solver"], settings["step"], settings["metric"]
+    second_stage = slv.get_solver(solver).search.second_stage
     pair = None
-    if solver == "heun" and step == "solver":
+    if second_stage is not None and step == "solver":
         head = teacher_run.head
         count = head.x.shape[1]
         n = teacher_run.fine_sigmas.size
@@ -946,7 +865,7 @@ def _step_costs(den: Any, teacher_run: TeacherRun, settings: dict, batch_size: i
             report("heun costs", done[0], n - 1)
 
         labels = None if teacher_run.labels is None else teacher_run.labels[:count]
-        sums = heun_pair_costs(den, head, labels, metric, batch_size, progress=heun_tick)
+        sums = second_stage_pair_costs(den, head, labels, second_stage, metric, batch_size, progress=heun_tick)
         pair = _heun_cost_matrix(sums, count, teacher_run.moments, metric)
     return StepCosts(teacher_run.moments, solver, settings["num_steps"], metric=metric, step=step, afs=settings["afs"],
                      max_order=settings["max_order"], pair_costs=pair)
@@ -1008,7 +927,7 @@ def _settings_record(teacher_run: TeacherRun, settings: dict, spec: slv.SolverSp
         "max_order": settings["max_order"] if "max_order" in spec.options else None,
         "teacher_nfe_per_latent": teacher_run.nfe_per_latent, "refine": refined or None,
     }
-    if spec.name == "heun" and step == "solver":
+    if spec.search.second_stage is not None and step == "solver":
         out["heun_cost_latents"] = int(teacher_run.head.x.shape[1])
     return out
 

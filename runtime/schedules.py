@@ -208,6 +208,8 @@ SCHEDULE_PARAMS = {
     "logsnr": (),
     "time-uniform": ("rho", "epsilon_s"),
 }
+# Every schedule parameter, each once, in first-use order.
+SCHEDULE_PARAM_NAMES = tuple(dict.fromkeys(name for params in SCHEDULE_PARAMS.values() for name in params))
 
 # (sigma_min, sigma_max) of the schedules the EDM reference does not define: diff-sampler's defaults.
 _FAST_SAMPLER_RANGE = (0.002, 80.0)

@@ -93,6 +93,16 @@ def parse_seeds(text: str) -> list[int]:
     Seeds lie in [0, 2^32): larger ones would share a random stream with a smaller one. The
     count is checked before the list is built, so a huge range fails at once.
     """
+    ranges = seed_ranges(text)
+    check_seed_count(sum(hi - lo + 1 for lo, hi in ranges))
+    seeds = [s for lo, hi in ranges for s in range(lo, hi + 1)]
+    if len(set(seeds)) != len(seeds):
+        raise InputError("the seed list repeats seeds")
+    return seeds
+
+
+def seed_ranges(text: str) -> list[tuple[int, int]]:
+    """The inclusive ranges of a seed list's text, each checked, none expanded."""
     ranges: list[tuple[int, int]] = []
     for part in str(text).split(","):
         part = part.strip()
@@ -110,11 +120,7 @@ def parse_seeds(text: str) -> list[int]:
         ranges.append((lo, hi))
     if not ranges:
         raise InputError(f"no seeds in {text!r}: use numbers and ranges like 0-63,100")
-    check_seed_count(sum(hi - lo + 1 for lo, hi in ranges))
-    seeds = [s for lo, hi in ranges for s in range(lo, hi + 1)]
-    if len(set(seeds)) != len(seeds):
-        raise InputError("the seed list repeats seeds")
-    return seeds
+    return ranges
 
 
 def seeds_from_count(n: int) -> list[int]:

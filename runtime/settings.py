@@ -4,7 +4,7 @@
 them once, without a model: names, types, ranges, and which options apply together (churn to
 Euler/Heun, AFS and max_order to the multistep solvers, the paper's ablation options to the
 reference samplers, a schedule's own parameters to that schedule). What needs the model (its
-sigma range and rounding, the time points) is `generate.plan_sampling`'s job.
+sigma range and rounding, the time points) is `planner.plan_sampling`'s job.
 
 Each field's metadata says what the option is (`doc`), its command-line spelling where it is
 not ``--name`` (`flag`) and its bounds, so the CLI's flags (`commands/common.py`), the server's
@@ -25,7 +25,8 @@ import numpy as np
 from edm_deploy.runtime import schedules as sch
 from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.errors import InputError, check_int, check_number, shown
-from edm_deploy.runtime.schedules import MAX_STEPS
+from edm_deploy.runtime.sampling import SOLVERS as REFERENCE_SOLVERS
+from edm_deploy.runtime.schedules import MAX_STEPS, SCHEDULE_PARAM_NAMES
 
 # Largest finite float32: what the network sees of sigma (and of a guided mix).
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -36,10 +37,14 @@ ALIASES = {"steps": "num_steps", "disc": "discretization", "class": "class_idx",
 
 def _opt(doc: str, *, flag: Optional[str] = None, lo: Optional[float] = None, hi: Optional[float] = None,
          lo_open: bool = False, allow_inf: bool = False, choices: Optional[tuple] = None, kind: str = "float",
-         ablation: bool = False) -> Any:
+         ablation: bool = False, solver_option: bool = False) -> Any:
     meta = dict(doc=doc, flag=flag, lo=lo, hi=hi, lo_open=lo_open, allow_inf=allow_inf, choices=choices, kind=kind,
-                ablation=ablation)
+                ablation=ablation, solver_option=solver_option)
     return field(default=None, metadata=meta)
+
+
+# The highest orders the multistep solvers take (their programs' max_order defaults).
+_MAX_ORDERS = sorted({spec.max_order for spec in slv.SOLVER_REGISTRY.values() if spec.max_order is not None})
 
 
 @dataclass(frozen=True)
@@ -71,16 +76,18 @@ class SamplerSettings:
     C_2: Optional[float] = _opt("iDDPM discretization constant C_2 [default: 0.008]", lo=0, lo_open=True)
     M: Optional[int] = _opt("iDDPM discretization: number of training noise levels [default: 1000]", kind="int",
                             lo=1, hi=MAX_STEPS)
-    S_churn: Optional[float] = _opt("Stochasticity strength (heun, euler) [default: 0]", lo=0)
-    S_min: Optional[float] = _opt("Lowest sigma with churn [default: 0]", lo=0)
-    S_max: Optional[float] = _opt("Highest sigma with churn [default: inf]", lo=0, allow_inf=True)
-    S_noise: Optional[float] = _opt("Noise inflation with churn [default: 1]", lo=0)
+    # Options of the solver's program (`solver_option`): checked against the solver, passed to it as given.
+    S_churn: Optional[float] = _opt("Stochasticity strength (heun, euler) [default: 0]", lo=0, solver_option=True)
+    S_min: Optional[float] = _opt("Lowest sigma with churn [default: 0]", lo=0, solver_option=True)
+    S_max: Optional[float] = _opt("Highest sigma with churn [default: inf]", lo=0, allow_inf=True, solver_option=True)
+    S_noise: Optional[float] = _opt("Noise inflation with churn [default: 1]", lo=0, solver_option=True)
     afs: bool = field(default=False, metadata=dict(doc="Analytical first step: saves one NFE (multistep solvers)",
-                                                   kind="flag", flag=None))
+                                                   kind="flag", flag=None, solver_option=True))
     denoise_to_zero: bool = field(default=False, metadata=dict(
         doc="Multistep solvers: finish with x = D(x; sigma_min) (one more NFE)", kind="flag", flag="--denoise-to-zero"))
-    max_order: Optional[int] = _opt("Highest order of a multistep solver [default: its own, 3 or 4]", kind="int",
-                                    lo=1, hi=4, flag="--max-order")
+    max_order: Optional[int] = _opt(f"Highest order of a multistep solver [default: its own, "
+                                    f"{' or '.join(map(str, _MAX_ORDERS))}]", kind="int", lo=1, hi=max(_MAX_ORDERS),
+                                    flag="--max-order", solver_option=True)
 
     # ----- construction
 
@@ -137,14 +144,21 @@ class SamplerSettings:
         return [k for k in ("sigmas", "afs", "denoise_to_zero", "max_order") if getattr(self, k) not in (None, False)]
 
     @property
-    def churn(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("S_churn", "S_min", "S_max", "S_noise") if getattr(self, k) is not None}
+    def schedule_params(self) -> dict[str, Any]:
+        """The schedule parameters set (rho, epsilon_s, ...: `schedules.SCHEDULE_PARAMS`)."""
+        return {k: getattr(self, k) for k in SCHEDULE_PARAM_NAMES if getattr(self, k) is not None}
+
+    @property
+    def solver_options(self) -> dict[str, Any]:
+        """The options set that go to the solver's program (churn, afs, max_order)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("solver_option") and getattr(self, f.name) not in (None, False)}
 
     @property
     def uses_reference_sampler(self) -> bool:
         """heun/euler on the paper's discretizations with nothing of the fast family: `edm_sampler` /
         `ablation_sampler`, bit for bit as the reference `generate.py` would run them."""
-        return (self.solver_name in ("heun", "euler") and self.discretization in (None, *sch.DISCRETIZATIONS)
+        return (self.solver_name in REFERENCE_SOLVERS and self.discretization in (None, *sch.DISCRETIZATIONS)
                 and not self.fast_given)
 
     # ----- checks
@@ -161,17 +175,16 @@ class SamplerSettings:
         if self.nfe is not None and (self.num_steps is not None or self.sigmas is not None):
             raise InputError("give nfe or num_steps (or sigmas), not both", param=("nfe", "num_steps", "sigmas"))
         if self.sigmas is not None:
-            for name in ("num_steps", "discretization", "sigma_min", "sigma_max", "rho", "epsilon_s", "C_1", "C_2", "M"):
+            for name in ("num_steps", "discretization", "sigma_min", "sigma_max", *SCHEDULE_PARAM_NAMES):
                 if getattr(self, name) is not None:
                     raise InputError(f"{name} does not apply when sigmas is given (the list is the schedule)", param=name)
         if self.nfe is not None and spec.time_points_for_nfe is not None and self.discretization is None:
             self._check_own_time_points(solver)
         if self.S_min is not None and self.S_max is not None and self.S_min > self.S_max:
             raise InputError(f"S_min ({self.S_min:g}) must not exceed S_max ({self.S_max:g})", param="S_min")
-        slv.check_solver_options(solver, self.churn, afs=self.afs, denoise_to_zero=self.denoise_to_zero,
+        slv.check_solver_options(solver, self.solver_options, denoise_to_zero=self.denoise_to_zero,
                                  explicit_sigmas=self.sigmas is not None)
         if self.max_order is not None:
-            slv.check_solver_options(solver, {"max_order": self.max_order})
             highest = spec.max_order
             if self.max_order > highest:
                 raise InputError(f"max_order must be an integer from 1 to {highest} for the {solver} solver, "
@@ -181,19 +194,19 @@ class SamplerSettings:
             return
         if self.ablation_given:
             key = self.ablation_given[0]
-            raise InputError(f"{key} (an ablation option of the paper) applies to the heun and euler solvers on the "
-                             f"{', '.join(sch.DISCRETIZATIONS)} discretizations without sigmas, afs or denoise_to_zero",
+            raise InputError(f"{key} (an ablation option of the paper) applies to the {' and '.join(REFERENCE_SOLVERS)} "
+                             f"solvers on the {', '.join(sch.DISCRETIZATIONS)} discretizations without sigmas, afs or denoise_to_zero",
                              param=key)
         disc = self.discretization or "edm"
-        for name in ("rho", "epsilon_s", "C_1", "C_2", "M"):
-            if getattr(self, name) is not None and name not in sch.SCHEDULE_PARAMS[disc]:
+        for name in self.schedule_params:
+            if name not in sch.SCHEDULE_PARAMS[disc]:
                 takes = ", ".join(sch.SCHEDULE_PARAMS[disc]) or "no parameters"
                 raise InputError(f"{name} does not apply to the {disc} schedule (it takes {takes})", param=name)
 
     def _check_own_time_points(self, solver: str) -> None:
         """`nfe` on a solver with its own time points (consistency: sigma_max down to 0.821): only sigma_max applies."""
         last = float(slv.get_solver(solver).time_points_for_nfe(2, 80.0)[-1])  # where the solver's points end
-        for name in ("sigma_min", "rho", "epsilon_s", "C_1", "C_2", "M"):
+        for name in ("sigma_min", *SCHEDULE_PARAM_NAMES):
             if getattr(self, name) is not None:
                 raise InputError(f"{name} does not apply to the {solver} solver's own time points for nfe (sigma_max "
                                  f"down to {last:g}); give sigmas to choose others", param=name)
@@ -232,6 +245,7 @@ def _check_value(f: dataclasses.Field, value: Any) -> Any:
     if kind == "sigmas":
         arr = sch.check_sigma_list(value)
         _check_float32(name, float(arr[0]))
+        _check_float32(name, float(arr[arr > 0][-1]))  # the lowest level too: 1e-300 would be 0 to the network
         return tuple(float(v) for v in arr)
     if kind == "int":
         value = check_int(value, name)

@@ -9,10 +9,12 @@ and returns the final state. Nothing in a program calls a network, so one defini
 under every driver:
 
 * `run_program(den, program, class_labels)`: one network call per request, the batch loop of
-  `sample` / `generate` (and the k-diffusion style functions below, `heun(den, x, sigmas)`);
+  the planner (`planner.SamplingPlan.run`) and of each solver's k-diffusion style function
+  (`SolverSpec.fn`, ``fn(den, x, sigmas)``);
 * the schedule search (`schedule_search`), which runs the programs for its teacher and its
   polish and costs single steps with the same update functions (`dpmpp_update`,
-  `unipc_predict`, `ipndm_update`, ...) applied to linear forms of teacher trajectories;
+  `unipc_predict`, `ipndm_update`, ...) applied to linear forms of teacher trajectories
+  (`StepView`, each solver's `SearchRule`);
 * the serving engine (`engine`), which gathers the pending evaluations of many programs (other
   requests, solvers, NFEs, each at its own sigma) into one network call per tick.
 
@@ -31,17 +33,19 @@ The contract of a program ``<name>_program(x, sigmas, *, callback=None, round_si
   (Euler/Heun churn); ``callback(StepInfo)`` runs after every step.
 
 Each solver reproduces a public reference implementation (named in its registry entry) operation
-for operation, so on the same denoiser and sigmas the results agree to rounding.
-`SOLVER_REGISTRY` is the single description of the family: the program, the batch function, a
-summary, the reference, the NFE for N time points, the options, whether sigma = 0 is appended.
+for operation, so on the same denoiser and sigmas the results agree to rounding. A solver is
+its program and its `SolverSpec` in `SOLVER_REGISTRY` (built with keywords): the summary, the
+reference, the NFE for N time points, whether sigma = 0 is appended, how the schedule search
+costs it; its options and batch function are read from the program.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Mapping, Optional
+from typing import Any, Callable, Generator, Mapping, Optional, Protocol
 
 import numpy as np
 
@@ -234,9 +238,7 @@ def _edm_program(x, sigmas, callback, second_order, S_churn, S_min, S_max, S_noi
         if not second_order or sigma_next == 0:
             x = x_hat + h * d
         else:
-            x_prime = x_hat + h * d
-            d_prime = (x_prime - (yield x_prime, sigma_next)) / sigma_next
-            x = heun_update(x_hat, h, d, d_prime)
+            x = yield from heun_second_stage(x_hat, h, d, sigma_next)
         _report(callback, i, num_steps, sigma, sigma_hat, sigma_next, x, denoised)
     return x
 
@@ -244,6 +246,17 @@ def _edm_program(x, sigmas, callback, second_order, S_churn, S_min, S_max, S_noi
 def heun_update(x: Any, h: Any, d: Any, d_prime: Any) -> Any:
     """Heun's (trapezoidal) step from the slopes at both ends: x + h (d + d') / 2."""
     return x + h * (0.5 * d + 0.5 * d_prime)
+
+
+def heun_second_stage(x: Any, h: Any, d: Any, sigma_next: float) -> Program:
+    """Heun's correction of the Euler step x + h d: D at its end, then `heun_update`.
+
+    A sub-program of the Heun program, and what the schedule search evaluates per pair of fine
+    points (its end lies off the teacher's trajectory).
+    """
+    x_prime = x + h * d
+    d_prime = (x_prime - (yield x_prime, sigma_next)) / sigma_next
+    return heun_update(x, h, d, d_prime)
 
 
 def euler_program(
@@ -463,19 +476,6 @@ def unipc_correct(step: UniPCStep, model_t: Any) -> Any:
     return step.x_base - step.B_h * (rhos_c[-1] * D1_t)
 
 
-def _unipc_update(den, x, models, times, sigma_next, order, class_labels, use_corrector):
-    """One UniPC step with a denoiser at hand: predictor, then (optionally) the corrector.
-
-    Returns (x at sigma_next, D there or None). The corrector's evaluation is the next step's
-    model output, which is why the corrector costs no extra NFE in a run.
-    """
-    x_t, step = unipc_predict(x, models, times, sigma_next, order)
-    if not use_corrector:
-        return x_t, None
-    model_t = evaluate(den, x_t, sigma_next, class_labels)
-    return unipc_correct(step, model_t), model_t
-
-
 def unipc_program(
     x: Any, sigmas, *, callback: Callback = None, round_sigma: Optional[Callable] = None,
     afs: bool = False, max_order: int = 3,
@@ -687,6 +687,12 @@ def deis_tab_coefficients(sigmas, max_order: int = 4, num_points: int = DEIS_QUA
     return coeffs
 
 
+@functools.lru_cache(maxsize=32)
+def _deis_coefficients(levels: tuple, max_order: int) -> list[list[float]]:
+    """`deis_tab_coefficients` once per schedule: a server runs one schedule for many requests."""
+    return deis_tab_coefficients(levels, max_order)
+
+
 def deis_update(x: Any, h: Any, coeffs: list, slope: Callable[[int], Any], order: int) -> Any:
     """x + sum_m C_m d_m (order 1: the Euler step x + h d)."""
     if order == 1:
@@ -708,7 +714,7 @@ def deis_program(
     """
     max_order = _check_max_order(max_order, 4)
     levels, _ = _multistep_time_points(sigmas)
-    coeffs = deis_tab_coefficients(levels, max_order)
+    coeffs = _deis_coefficients(tuple(levels), max_order)
 
     def step(x, d, hist, i, order, t):
         return deis_update(x, t[i + 1] - t[i], coeffs[i], lambda k: d if k == 0 else hist[-k], order)
@@ -757,36 +763,138 @@ def consistency_program(
 
 
 # --------------------------------------------------------------------------------------------
-# Batch functions (k-diffusion's contract): fn(den, x, sigmas, class_labels=None, *, callback=None, **options)
+# What the schedule search needs: each solver's step on linear forms of teacher points
 
 
-def _batch_function(program: Callable[..., Program]) -> Callable[..., Any]:
-    def solve(den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None, **options: Any) -> Any:
-        return run_program(den, program(x, sigmas, callback=callback, round_sigma=den.round_sigma, **options),
-                           class_labels)
+class StepView(Protocol):
+    """One step as the schedule search (`schedule_search`) sees it, many candidate steps at once.
 
-    solve.__name__ = program.__name__.removesuffix("_program")
-    solve.__qualname__ = solve.__name__
-    solve.__doc__ = f"{program.__doc__}\n\n    Runs `{program.__name__}` with one call of ``den`` per evaluation."
-    return solve
+    Every value is a linear form of teacher data (or an array of sigmas, one per candidate), so a
+    solver's own update function, which only adds and scales, gives the student's x at the
+    step's end. ``k`` counts the path's points backwards: 0 is where the step starts.
+    """
+
+    x: Any              # the state where the step starts
+    sigma_next: Any     # where the step ends
+    denoised_next: Any  # the teacher's D at sigma_next (what UniPC's corrector evaluates)
+
+    def sigma(self, k: int) -> Any: ...
+
+    def slope(self, k: int) -> Any:
+        """d = (x - D) / sigma at the k-th newest point (AFS's slope at the first one)."""
+
+    def denoised(self, k: int) -> Any:
+        """D at the k-th newest point (AFS's x - sigma d at the first one)."""
 
 
-euler = _batch_function(euler_program)
-heun = _batch_function(heun_program)
-dpmpp_2m = _batch_function(dpmpp_2m_program)
-dpmpp_3m = _batch_function(dpmpp_3m_program)
-unipc = _batch_function(unipc_program)
-ipndm = _batch_function(ipndm_program)
-ipndm_v = _batch_function(ipndm_v_program)
-deis = _batch_function(deis_program)
-consistency = _batch_function(consistency_program)
+StepOrders = Callable[[int, int, int], tuple[int, bool]]
+
+
+def first_order_steps(i: int, num_steps: int, max_order: int) -> tuple[int, bool]:
+    """Euler and Heun: every step order 1 (Heun's second stage is no history)."""
+    return 1, False
+
+
+def _dpmpp_2m_steps(i: int, num_steps: int, max_order: int) -> tuple[int, bool]:
+    return warmup_order(i, 2), False
+
+
+def _warmup_steps(i: int, num_steps: int, max_order: int) -> tuple[int, bool]:
+    return warmup_order(i, max_order), False
+
+
+def _lower_order_final_steps(i: int, num_steps: int, max_order: int) -> tuple[int, bool]:
+    return lower_order_final(i, num_steps, max_order), False
+
+
+def _unipc_steps(i: int, num_steps: int, max_order: int) -> tuple[int, bool]:
+    return lower_order_final(i, num_steps, max_order), unipc_corrects(i, num_steps, max_order)
+
+
+def _history(v: StepView, order: int) -> tuple[list, list]:
+    """The data predictions and sigmas of the step's last ``order`` points, newest last."""
+    ks = range(order - 1, -1, -1)
+    return [v.denoised(k) for k in ks], [v.sigma(k) for k in ks]
+
+
+def _adams_bashforth_search_step(v: StepView, order: int, corrector: bool) -> Any:
+    """Fixed Adams-Bashforth weights (`ipndm_update`); order 1 is Euler's step."""
+    return ipndm_update(v.x, v.sigma_next - v.sigma(0), v.slope, order)
+
+
+def _ipndm_v_search_step(v: StepView, order: int, corrector: bool) -> Any:
+    return ipndm_v_update(v.x, lambda k: (v.sigma_next if k == 0 else v.sigma(k - 1)) - v.sigma(k), v.slope, order)
+
+
+def _dpmpp_2m_search_step(v: StepView, order: int, corrector: bool) -> Any:
+    if order == 1:
+        return dpmpp_2m_update(v.x, v.denoised(0), None, None, v.sigma(0), v.sigma_next)
+    return dpmpp_2m_update(v.x, v.denoised(0), v.denoised(1), v.sigma(1), v.sigma(0), v.sigma_next)
+
+
+def _dpmpp_3m_search_step(v: StepView, order: int, corrector: bool) -> Any:
+    models, times = _history(v, order)
+    return dpmpp_update(v.x, models, times, v.sigma_next, order)
+
+
+def _unipc_search_step(v: StepView, order: int, corrector: bool) -> Any:
+    """The predictor, or with ``corrector`` the corrected step with the teacher's D at sigma_next."""
+    models, times = _history(v, order)
+    x_pred, step = unipc_predict(v.x, models, times, v.sigma_next, order)
+    return unipc_correct(step, v.denoised_next) if corrector else x_pred
+
+
+# Gauss-Legendre points for the search's DEIS weights, integrated in sigma where the integrand is smooth.
+DEIS_SEARCH_GAUSS_POINTS = 16
+
+
+def _deis_search_step(v: StepView, order: int, corrector: bool) -> Any:
+    """DEIS-tAB with `deis_weights`, by a quadrature rule cheaper than the reference's.
+
+    The reference (`deis_tab_coefficients`) sums the integrand at N = 10000 evenly spaced tau,
+    both ends included, times (tau_j - tau_i) / N: that is (1 - 1/N) times the integral plus
+    (tau_j - tau_i) (f(tau_i) + f(tau_j)) / (2N) up to the trapezoid rule's error. Here the
+    integral is taken in sigma (sigma'(tau) dtau = dsigma: a smooth integrand, where sigma'(tau)
+    is steep near sigma_min) by Gauss-Legendre, and the two end terms are added as two more
+    nodes. The weights agree with the reference's to about 1e-7 of the step.
+    """
+    h = v.sigma_next - v.sigma(0)
+    if order == 1:
+        return deis_update(v.x, h, [], v.slope, 1)
+    taus = [deis_tau(v.sigma(k))[:, None] for k in range(order)]
+    s_i, s_j = v.sigma(0)[:, None], v.sigma_next[:, None]
+    a, b = taus[0], deis_tau(s_j)
+    xi, wi = np.polynomial.legendre.leggauss(DEIS_SEARCH_GAUSS_POINTS)
+    tq = deis_tau(s_i + (s_j - s_i) * (xi[None, :] + 1) / 2)
+    num = DEIS_QUADRATURE_POINTS
+    gauss = (s_j - s_i) * wi[None, :] / 2 * (1 - 1 / num) / deis_slope_weight(tq)  # dsigma = sigma'(tau) dtau
+    ends = np.broadcast_to((b - a) / (2 * num), a.shape)
+    nodes = np.concatenate([tq, a, b], axis=1)
+    weights = np.concatenate([gauss, ends, ends], axis=1)
+    return deis_update(v.x, h, deis_weights(taus, nodes, weights), v.slope, order)
+
+
+@dataclass(frozen=True)
+class SearchRule:
+    """What the schedule search needs to cost a solver's steps on teacher trajectories.
+
+    ``orders(i, num_steps, max_order)`` is (order of step i, whether a corrector evaluates at its
+    end), by the rules the program follows. ``step(view, order, corrector)`` is the solver's
+    update on a `StepView`. A step that evaluates off the teacher's trajectory (Heun's second
+    stage) cannot be a linear form: ``second_stage(x, h, d, sigma_next)`` is then that
+    sub-program, which the search runs on the network for every pair of fine points.
+    ``teacher``: the program's callback reports D at the point each step starts from, so it can
+    integrate the search's teacher trajectories.
+    """
+
+    orders: StepOrders
+    step: Optional[Callable[[StepView, int, bool], Any]] = None
+    second_stage: Optional[Callable[..., Program]] = None
+    teacher: bool = True
 
 
 # --------------------------------------------------------------------------------------------
 # The registry: the single description the CLI, --help, the NFE line, bench and the docs read
-
-
-CHURN_OPTIONS = ("S_churn", "S_min", "S_max", "S_noise", "randn_like")
 
 
 def _nfe_edm(second_order: bool):
@@ -808,35 +916,59 @@ def _nfe_unipc(n: int, to_zero: bool, afs: bool) -> int:
     return 1 - (1 if afs else 0) + corrector_calls + (1 if to_zero else 0)
 
 
+# A program's keyword parameters that every driver passes and that are no user option.
+_DRIVER_PARAMETERS = ("callback", "round_sigma")
+
+
 @dataclass(frozen=True)
 class SolverSpec:
-    """One solver's entry: what it is, what it matches, what it costs, what it accepts.
+    """One solver: its step program and what the program alone does not say.
 
-    ``program`` is the step program, ``fn`` the same run by `run_program`.
     ``count(n, to_zero, afs)`` is the exact number of network calls for ``n`` positive time
-    points, with or without a final sigma = 0. ``appends_zero``: the front end always appends
-    sigma = 0 (Euler/Heun/k-diffusion style) rather than stopping at sigma_min.
+    points, with or without a final sigma = 0. ``appends_zero``: a named schedule always gets
+    the final sigma = 0 (Euler/Heun/k-diffusion style) rather than stopping at sigma_min.
     ``nominal_order`` is the order the method is named for (the reference's max_order); what
     it converges at, warm start and reference formulas included, is measured in
     tests/test_solvers.py (e.g. 2 for dpmpp-3m and ipndm, 3 for ipndm-v, 4 for unipc and deis).
-    ``options`` lists every keyword option of ``program`` besides ``callback`` and ``round_sigma``.
+    ``search`` says how the schedule search costs its steps (None: not searchable).
+    The options, the batch function and the highest order are read from the program itself.
     """
 
     name: str
     program: Callable[..., Program]
-    fn: Callable[..., Any]
     description: str
     reference: str
     nominal_order: int
     nfe_formula: str
-    appends_zero: bool
-    options: tuple[str, ...]
     count: Callable[[int, bool, bool], int]
+    appends_zero: bool = False
     min_points: int = 2
     # The time points `nfe` means when no schedule is named (None: the EDM schedule's N points).
     time_points_for_nfe: Optional[Callable[[int, float], np.ndarray]] = None
     # Made for consistency-tuned networks (one evaluation maps noise to data), not for an ODE.
     for_consistency_models: bool = False
+    search: Optional[SearchRule] = None
+
+    @functools.cached_property
+    def options(self) -> tuple[str, ...]:
+        """Every keyword option of the program besides what the drivers pass."""
+        return tuple(name for name, p in inspect.signature(self.program).parameters.items()
+                     if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _DRIVER_PARAMETERS)
+
+    @functools.cached_property
+    def fn(self) -> Callable[..., Any]:
+        """The k-diffusion style function ``fn(den, x, sigmas, class_labels=None, *, callback=None, **options)``:
+        the program run by `run_program`, one call of ``den`` per evaluation."""
+        program = self.program
+
+        def solve(den: Any, x: Any, sigmas, class_labels: Any = None, *, callback: Callback = None,
+                  **options: Any) -> Any:
+            return run_program(den, program(x, sigmas, callback=callback, round_sigma=den.round_sigma, **options),
+                               class_labels)
+
+        solve.__name__ = solve.__qualname__ = program.__name__.removesuffix("_program")
+        solve.__doc__ = f"{program.__doc__}\n\n    Runs `{program.__name__}` with one call of ``den`` per evaluation."
+        return solve
 
     @property
     def max_order(self) -> Optional[int]:
@@ -870,60 +1002,76 @@ class SolverSpec:
         return self.count(int(arr.size - to_zero), to_zero, afs)
 
 
+_MULTISTEP_NFE = "N - 1 (AFS: -1, denoise_to_zero: +1)"
+
 SOLVER_REGISTRY: dict[str, SolverSpec] = {
     s.name: s
     for s in (
         SolverSpec(
-            "euler", euler_program, euler, "Euler steps in sigma (EDM Algorithm 1), optional churn",
-            "NVlabs/edm ablation_sampler(solver='euler')", 1, "N", True, CHURN_OPTIONS, _nfe_edm(False), min_points=1,
+            name="euler", program=euler_program, description="Euler steps in sigma (EDM Algorithm 1), optional churn",
+            reference="NVlabs/edm ablation_sampler(solver='euler')", nominal_order=1, nfe_formula="N",
+            count=_nfe_edm(False), appends_zero=True, min_points=1,
+            search=SearchRule(orders=first_order_steps, step=_adams_bashforth_search_step),
         ),
         SolverSpec(
-            "heun", heun_program, heun, "EDM Algorithm 2: Heun steps, Euler into sigma = 0, optional churn",
-            "NVlabs/edm edm_sampler", 2, "2N - 1 (always odd)", True, CHURN_OPTIONS, _nfe_edm(True), min_points=1,
+            name="heun", program=heun_program,
+            description="EDM Algorithm 2: Heun steps, Euler into sigma = 0, optional churn",
+            reference="NVlabs/edm edm_sampler", nominal_order=2, nfe_formula="2N - 1 (always odd)",
+            count=_nfe_edm(True), appends_zero=True, min_points=1,
+            search=SearchRule(orders=first_order_steps, second_stage=heun_second_stage),
         ),
         SolverSpec(
-            "dpmpp-2m", dpmpp_2m_program, dpmpp_2m, "DPM-Solver++(2M): 2nd-order multistep exponential integrator on D",
-            "crowsonkb/k-diffusion sample_dpmpp_2m", 2, "N", True, (), _nfe_one_per_step, min_points=1,
+            name="dpmpp-2m", program=dpmpp_2m_program,
+            description="DPM-Solver++(2M): 2nd-order multistep exponential integrator on D",
+            reference="crowsonkb/k-diffusion sample_dpmpp_2m", nominal_order=2, nfe_formula="N",
+            count=_nfe_one_per_step, appends_zero=True, min_points=1,
+            search=SearchRule(orders=_dpmpp_2m_steps, step=_dpmpp_2m_search_step),
         ),
         SolverSpec(
-            "dpmpp-3m", dpmpp_3m_program, dpmpp_3m,
-            "DPM-Solver++(3M): multistep exponential integrator on D, updates of order 1-3",
-            "zju-pi/diff-sampler dpm_pp_sampler(max_order=3, predict_x0=True, lower_order_final=True)",
-            3, "N - 1 (AFS: -1, denoise_to_zero: +1)", False, ("afs", "max_order"), _nfe_one_per_step,
+            name="dpmpp-3m", program=dpmpp_3m_program,
+            description="DPM-Solver++(3M): multistep exponential integrator on D, updates of order 1-3",
+            reference="zju-pi/diff-sampler dpm_pp_sampler(max_order=3, predict_x0=True, lower_order_final=True)",
+            nominal_order=3, nfe_formula=_MULTISTEP_NFE, count=_nfe_one_per_step,
+            search=SearchRule(orders=_lower_order_final_steps, step=_dpmpp_3m_search_step),
         ),
         SolverSpec(
-            "unipc", unipc_program, unipc, "UniPC-3 (bh2): multistep predictor-corrector on D, corrector for free",
-            "zju-pi/diff-sampler unipc_sampler(variant='bh2', max_order=3, lower_order_final=True)",
-            3, "N - 1 for N >= 4, N for N = 2, 3 (AFS: -1, denoise_to_zero: +1)", False, ("afs", "max_order"), _nfe_unipc,
+            name="unipc", program=unipc_program,
+            description="UniPC-3 (bh2): multistep predictor-corrector on D, corrector for free",
+            reference="zju-pi/diff-sampler unipc_sampler(variant='bh2', max_order=3, lower_order_final=True)",
+            nominal_order=3, nfe_formula="N - 1 for N >= 4, N for N = 2, 3 (AFS: -1, denoise_to_zero: +1)",
+            count=_nfe_unipc,
+            # Its callback reports the corrector's D at the step's end, not D where the step starts.
+            search=SearchRule(orders=_unipc_steps, step=_unipc_search_step, teacher=False),
         ),
         SolverSpec(
-            "ipndm", ipndm_program, ipndm, "improved PNDM: 4-step Adams-Bashforth on the slope, fixed weights",
-            "zju-pi/diff-sampler ipndm_sampler(max_order=4)", 4, "N - 1 (AFS: -1, denoise_to_zero: +1)", False,
-            ("afs", "max_order"), _nfe_one_per_step,
+            name="ipndm", program=ipndm_program,
+            description="improved PNDM: 4-step Adams-Bashforth on the slope, fixed weights",
+            reference="zju-pi/diff-sampler ipndm_sampler(max_order=4)", nominal_order=4, nfe_formula=_MULTISTEP_NFE,
+            count=_nfe_one_per_step, search=SearchRule(orders=_warmup_steps, step=_adams_bashforth_search_step),
         ),
         SolverSpec(
-            "ipndm-v", ipndm_v_program, ipndm_v, "iPNDM with variable-step Adams-Bashforth weights",
-            "zju-pi/diff-sampler ipndm_v_sampler(max_order=4)", 4, "N - 1 (AFS: -1, denoise_to_zero: +1)", False,
-            ("afs", "max_order"), _nfe_one_per_step,
+            name="ipndm-v", program=ipndm_v_program, description="iPNDM with variable-step Adams-Bashforth weights",
+            reference="zju-pi/diff-sampler ipndm_v_sampler(max_order=4)", nominal_order=4, nfe_formula=_MULTISTEP_NFE,
+            count=_nfe_one_per_step, search=SearchRule(orders=_warmup_steps, step=_ipndm_v_search_step),
         ),
         SolverSpec(
-            "deis", deis_program, deis, "DEIS-tAB4: Adams-Bashforth with weights integrated in VP time",
-            "zju-pi/diff-sampler deis_sampler(max_order=4), get_deis_coeff_list(deis_mode='tab')", 4,
-            "N - 1 (AFS: -1, denoise_to_zero: +1)", False, ("afs", "max_order"), _nfe_one_per_step,
+            name="deis", program=deis_program, description="DEIS-tAB4: Adams-Bashforth with weights integrated in VP time",
+            reference="zju-pi/diff-sampler deis_sampler(max_order=4), get_deis_coeff_list(deis_mode='tab')",
+            nominal_order=4, nfe_formula=_MULTISTEP_NFE, count=_nfe_one_per_step,
+            search=SearchRule(orders=_warmup_steps, step=_deis_search_step),
         ),
         SolverSpec(
-            "consistency", consistency_program, consistency,
-            "consistency-model sampling (ECT): x = D(x + s eps; s) at each time point, for consistency-tuned models",
-            "locuslab/ect generator_fn", 0, "N (--nfe K: K points from sigma_max to 0.821)", False, ("randn_like",),
-            _nfe_per_point, min_points=1, for_consistency_models=True,
-            time_points_for_nfe=lambda nfe, sigma_max: consistency_time_points(nfe, sigma_max),
+            name="consistency", program=consistency_program,
+            description="consistency-model sampling (ECT): x = D(x + s eps; s) at each time point, for "
+                        "consistency-tuned models",
+            reference="locuslab/ect generator_fn", nominal_order=0,
+            nfe_formula="N (--nfe K: K points from sigma_max to 0.821)", count=_nfe_per_point, min_points=1,
+            time_points_for_nfe=consistency_time_points, for_consistency_models=True,
         ),
     )
 }
 
 SOLVER_NAMES = tuple(SOLVER_REGISTRY)
-# The probability-flow ODE solvers (all but the consistency-model sampler).
-ODE_SOLVER_NAMES = tuple(name for name, spec in SOLVER_REGISTRY.items() if not spec.for_consistency_models)
 
 
 def get_solver(name: str) -> SolverSpec:

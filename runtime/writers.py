@@ -8,10 +8,12 @@ redone. PNG encoding runs on worker threads while the next batch is sampled; at 
 batches are in flight, so memory does not grow with the number of images. The `.npz` writer
 stages batches as small part files and assembles the final archive by streaming.
 
-Each format is declared once in `OUTPUT_KINDS` (its parameter and `sample` flag, its checks,
-how it is opened); every writer follows the `ImageWriter` protocol. `open_output` is the one
-entry point: it takes the output's locks and checks the run record (`runtime.run_record`), and
-returns the writer. A new format is a writer class and one `OutputKind` entry.
+Each format is declared once in `OUTPUT_KINDS` (its `sample` flag, its checks, how it is
+opened, its bytes for one batch); every writer follows the `ImageWriter` protocol. Outputs are
+given as ``{kind: path}``; `open_output` is the one entry point for files: it takes the
+output's locks and checks the run record (`runtime.run_record`), and returns the writer;
+`encode_output` gives one batch as bytes (what a server answers). A new format is a writer
+class and one `OutputKind` entry.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import shutil
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -259,12 +261,9 @@ class NpzWriter:
 
     def submit(self, images: np.ndarray, seeds: Sequence[int], labels: Optional[np.ndarray] = None) -> None:
         seeds = np.asarray(seeds, dtype=np.int64)
-        labels = np.full(len(seeds), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
         os.makedirs(self.parts_dir, exist_ok=True)  # claim_folder made it; direct library use may not have
         part = os.path.join(self.parts_dir, f"part-{int(seeds[0]):010d}-{len(seeds)}.npz")
-        buffer = io.BytesIO()
-        np.savez(buffer, images=images, seeds=seeds, labels=labels)
-        atomic_write_bytes(part, buffer.getvalue())
+        atomic_write_bytes(part, encode_npz(images, seeds, labels))
         for s in seeds.tolist():
             self.done[int(s)] = part
         self.written += len(seeds)
@@ -306,6 +305,15 @@ class NpzWriter:
         """After a failure: keep the finished parts, so the next run resumes; with none, no folder."""
         if not glob.glob(os.path.join(self.parts_dir, "part-*.npz")):
             shutil.rmtree(self.parts_dir, ignore_errors=True)
+
+
+def encode_npz(images: np.ndarray, seeds: Sequence[int], labels: Optional[np.ndarray] = None) -> bytes:
+    """One `.npz` of a batch: ``images`` (uint8 NHWC), ``seeds``, ``labels`` (-1 when unconditional)."""
+    seeds = np.asarray(seeds, dtype=np.int64)
+    labels = np.full(len(seeds), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images, seeds=seeds, labels=labels)
+    return buffer.getvalue()
 
 
 def npz_record(path: str) -> tuple[Optional[dict], list[int]]:
@@ -351,6 +359,16 @@ def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 1) -
         y, x = pad + r * (h + pad), pad + col * (w + pad)
         grid[y:y + h, x:x + w] = image
     return grid
+
+
+def encode_grid(images: np.ndarray, columns: Optional[int] = None, scale: int = 1, fmt: str = "PNG",
+                pad: int = 1) -> bytes:
+    """One grid image of uint8 NHWC images, each enlarged ``scale`` times (nearest neighbour, so
+    pixels stay exact) and tiled ``columns`` wide, in the PIL format ``fmt``; signed as edm-deploy's
+    (`written_by_us`), so a rerun may replace its own grid file and no other image."""
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    return encode_image(make_grid(images, columns, pad=pad), fmt, compress_level=6, signed=True)
 
 
 def grid_size(count: int, image_hw: tuple[int, int], columns: Optional[int] = None, scale: int = 1,
@@ -428,10 +446,7 @@ class GridWriter:
         if not self.images:
             return
         stacked = np.stack([self.images[s] for s in self.order])
-        if self.scale > 1:
-            stacked = stacked.repeat(self.scale, axis=1).repeat(self.scale, axis=2)
-        grid = make_grid(stacked, self.columns, pad=self.pad)
-        atomic_write_bytes(self.path, encode_image(grid, self.format, compress_level=6, signed=True))
+        atomic_write_bytes(self.path, encode_grid(stacked, self.columns, self.scale, self.format, self.pad))
 
 
 def holds_images(folder: str) -> bool:
@@ -482,14 +497,22 @@ class OutputOptions:
 
 @dataclass(frozen=True)
 class OutputKind:
-    """One output format: its `open_output` parameter and flag, its checks, and how it is opened."""
+    """One output format: its `sample` flag, its checks, how it is opened, and one batch as bytes."""
 
-    param: str                                       # keyword of `check_output` / `open_output`
-    flag: str                                        # the `sample` flag that gives it
-    metavar: str
+    param: str                                       # the `sample` parameter that gives its path
+    flag: str                                        # the `sample` flag
+    metavar: str                                     # DIR (a folder) or FILE
     help: str
+    media_type: str                                  # of `encode`'s bytes
     check: Callable[[str, OutputOptions], None]      # everything that can fail before sampling
     open: Callable[[str, dict, Sequence[int], OutputOptions], Any]  # context manager -> ImageWriter
+    encode: Callable[[np.ndarray, Sequence[int], Optional[np.ndarray], OutputOptions], bytes]
+    shards_own_file: bool = False                    # each shard of a torchrun run writes a file of its own
+    companions: Callable[[str], dict[str, str]] = lambda path: {}  # what else it writes beside the path, by what
+
+    @property
+    def is_folder(self) -> bool:
+        return self.metavar == "DIR"
 
 
 def _no_grid_options(o: OutputOptions, output: str) -> None:
@@ -552,44 +575,98 @@ def _open_grid(grid_path: str, record: dict, seeds: Sequence[int], o: OutputOpti
         yield writer
 
 
-OUTPUT_KINDS: dict[str, OutputKind] = {k.param: k for k in (
-    OutputKind("outdir", "--outdir", "DIR", "Write one PNG per seed here.", _check_tree, _open_tree),
-    OutputKind("npz_path", "--npz", "FILE", "Write all images to one .npz (uint8 NHWC + seeds + labels).", _check_npz,
-               _open_npz),
-    OutputKind("grid_path", "--grid", "FILE", "Write one grid image (.png, .jpg or .webp).", _check_grid, _open_grid),
-)}
+def _encode_png(images: np.ndarray, seeds: Sequence[int], labels: Optional[np.ndarray], o: OutputOptions) -> bytes:
+    if len(images) != 1:
+        raise InputError(f"a PNG holds one image, got {len(images)}; use the grid or npz format for several")
+    return encode_png(images[0])
 
 
-def _the_output(paths: dict[str, Optional[str]]) -> tuple[OutputKind, str]:
+def _encode_npz(images: np.ndarray, seeds: Sequence[int], labels: Optional[np.ndarray], o: OutputOptions) -> bytes:
+    return encode_npz(images, seeds, labels)
+
+
+def _encode_grid(images: np.ndarray, seeds: Sequence[int], labels: Optional[np.ndarray], o: OutputOptions) -> bytes:
+    return encode_grid(images, o.grid_columns, o.grid_scale)
+
+
+OUTPUT_KINDS: dict[str, OutputKind] = {
+    "png": OutputKind(param="outdir", flag="--outdir", metavar="DIR", help="Write one PNG per seed here.",
+                      media_type="image/png", check=_check_tree, open=_open_tree, encode=_encode_png),
+    "npz": OutputKind(param="npz_path", flag="--npz", metavar="FILE",
+                      help="Write all images to one .npz (uint8 NHWC + seeds + labels).",
+                      media_type="application/octet-stream", check=_check_npz, open=_open_npz, encode=_encode_npz,
+                      shards_own_file=True, companions=lambda path: {"its parts folder": parts_dir_for(path)}),
+    "grid": OutputKind(param="grid_path", flag="--grid", metavar="FILE",
+                       help="Write one grid image (.png, .jpg or .webp).", media_type="image/png", check=_check_grid,
+                       open=_open_grid, encode=_encode_grid),
+}
+
+
+def shard_path(path: str, rank: int, world: int) -> str:
+    """The file of shard ``rank`` of ``world`` for a format whose shards each write their own."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.shard{rank}of{world}{ext}"
+
+
+def outputs_for_shard(outputs: Mapping[str, Optional[str]], shard: tuple[int, int] = (0, 1)) -> dict[str, str]:
+    """The outputs given (``{kind: path}``, unset ones dropped) as shard (rank, world) writes them."""
+    rank, world = shard
+    return {k: shard_path(p, rank, world) if OUTPUT_KINDS[k].shards_own_file and world > 1 else p
+            for k, p in outputs.items() if p}
+
+
+def written_paths(outputs: Mapping[str, str]) -> dict[str, str]:
+    """Every path the outputs write, named by the flag that gives it (for `fileio.refuse_overwriting_inputs`)."""
+    out: dict[str, str] = {}
+    for k, path in outputs.items():
+        kind = OUTPUT_KINDS[k]
+        out[kind.flag] = path
+        out.update({f"{kind.flag} ({what})": p for what, p in kind.companions(path).items()})
+    return out
+
+
+def _the_output(outputs: Mapping[str, Optional[str]]) -> tuple[OutputKind, str]:
     """The one output given, a symlink resolved to its target (`fileio.write_target`)."""
-    given = [(OUTPUT_KINDS[k], p) for k, p in paths.items() if p]
+    unknown = [k for k in outputs if k not in OUTPUT_KINDS]
+    if unknown:
+        raise InputError(f"unknown output kind {unknown[0]!r}; choose one of {', '.join(OUTPUT_KINDS)}")
+    given = [(OUTPUT_KINDS[k], p) for k, p in outputs.items() if p]
     if len(given) != 1:
         raise InputError("give exactly one output: " + ", ".join(f"{k.flag} {k.metavar}" for k in OUTPUT_KINDS.values()),
-                         param=tuple(OUTPUT_KINDS))
+                         param=tuple(k.param for k in OUTPUT_KINDS.values()))
     kind, path = given[0]
-    return kind, path if kind.param == "outdir" else write_target(path)
+    return kind, path if kind.is_folder else write_target(path)
 
 
-def check_output(count: int, *, outdir: Optional[str] = None, npz_path: Optional[str] = None,
-                 grid_path: Optional[str] = None, grid_columns: Optional[int] = None, grid_scale: int = 1,
-                 image_shape: Optional[tuple[int, int, int]] = None, shard: tuple[int, int] = (0, 1)) -> None:
+def check_output(count: int, outputs: Mapping[str, Optional[str]], *, grid_columns: Optional[int] = None,
+                 grid_scale: int = 1, image_shape: Optional[tuple[int, int, int]] = None,
+                 shard: tuple[int, int] = (0, 1)) -> None:
     """Everything about an output that can fail, checked before any model loads or sample runs.
 
+    ``outputs`` is ``{kind: path}`` with exactly one path set (kinds: `OUTPUT_KINDS`).
     `grid_scale` enlarges a grid's images by that integer factor (see `GridWriter`); with the
     model's `image_shape` (H, W, C) known, the grid's pixel size is checked too.
     """
-    kind, path = _the_output(dict(outdir=outdir, npz_path=npz_path, grid_path=grid_path))
+    kind, path = _the_output(outputs)
     kind.check(path, OutputOptions(count, image_shape, grid_columns=grid_columns, grid_scale=grid_scale, shard=shard))
+
+
+def encode_output(kind: str, images: np.ndarray, seeds: Sequence[int], labels: Optional[np.ndarray] = None, *,
+                  grid_columns: Optional[int] = None, grid_scale: int = 1) -> tuple[bytes, str]:
+    """(bytes, media type) of uint8 NHWC ``images`` in the format ``kind`` of `OUTPUT_KINDS`, as its files hold them."""
+    if kind not in OUTPUT_KINDS:
+        raise InputError(f"unknown output kind {kind!r}; choose one of {', '.join(OUTPUT_KINDS)}")
+    spec = OUTPUT_KINDS[kind]
+    return spec.encode(images, seeds, labels, OutputOptions(len(images), grid_columns=grid_columns,
+                                                            grid_scale=grid_scale)), spec.media_type
 
 
 @contextlib.contextmanager
 def open_output(
     record: dict,
     seeds: Sequence[int],
+    outputs: Mapping[str, Optional[str]],
     *,
-    outdir: Optional[str] = None,
-    npz_path: Optional[str] = None,
-    grid_path: Optional[str] = None,
     subdirs: bool = False,
     workers: int = 2,
     grid_columns: Optional[int] = None,
@@ -597,15 +674,15 @@ def open_output(
     image_shape: Optional[tuple[int, int, int]] = None,
     shard: tuple[int, int] = (0, 1),
 ) -> Iterator[ImageWriter]:
-    """The writer for exactly one of `outdir`, `npz_path`, `grid_path`, locked and record-checked.
+    """The writer for the one output of ``outputs`` (``{kind: path}``), locked and record-checked.
 
     `record` describes the settings that make the images (`generate.run_record`); `seeds` are
     the seeds this process will write; `grid_scale` enlarges a grid's images by an integer
     factor. Everything that can be checked is checked here, before any sampling. A symlinked
-    `npz_path` or `grid_path` is written through (`fileio.write_target`): the link stays, its
-    target receives the output, and the lock and the ``.parts`` folder sit beside the target.
+    file output is written through (`fileio.write_target`): the link stays, its target receives
+    the output, and the lock and the ``.parts`` folder sit beside the target.
     """
-    kind, path = _the_output(dict(outdir=outdir, npz_path=npz_path, grid_path=grid_path))
+    kind, path = _the_output(outputs)
     options = OutputOptions(len(seeds), image_shape, subdirs, workers, grid_columns, grid_scale, shard)
     kind.check(path, options)
     with kind.open(path, record, seeds, options) as writer:

@@ -369,11 +369,11 @@ def test_grid_scale_is_checked_before_anything_is_sampled(tmp_path):
 
     out = str(tmp_path / "g.png")
     assert grid_size(64, (8, 8), scale=8) == (521, 521)
-    check_output(64, grid_path=out, grid_scale=8, image_shape=(8, 8, 1))
+    check_output(64, {"grid": out}, grid_scale=8, image_shape=(8, 8, 1))
     for scale, match in [(0, "from 1 to 64"), (65, "from 1 to 64"), (2.5, "from 1 to 64"), (True, "from 1 to 64"),
                          (64, "at most 16383 px a side")]:
         with pytest.raises(InputError, match=match) as info:
-            check_output(4096, grid_path=out, grid_scale=scale, image_shape=(64, 64, 3))
+            check_output(4096, {"grid": out}, grid_scale=scale, image_shape=(64, 64, 3))
         assert info.value.param == "grid_scale"
     writer = GridWriter(out, 4, columns=2, scale=3, image_shape=(2, 2, 1))
     writer.submit(np.arange(16, dtype=np.uint8).reshape(4, 2, 2, 1), [0, 1, 2, 3])

@@ -239,3 +239,35 @@ def test_dataset_never_writes_onto_its_source(tmp_path, capsys):
     assert "is a folder" in _dataset_cli_error(capsys, ["--source", "digits", "--dest", str(folder)])
     assert open(src, "rb").read() == before
     assert sorted(os.listdir(tmp_path)) == ["link.zip", "out.zip", "src.zip"] and not os.listdir(folder)
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([["a.png", 1]], "labels 1 of 2 images"),  # b.png unlabelled: refused, not silently unconditional
+    ([["a.png", 1], ["b.png", 2], ["c.png", 0]], "not images of the dataset (first: 'c.png')"),
+    ([["a.png", 1], ["b.png", 2], ["../x.png", 0]], "not images of the dataset (first: '../x.png')"),
+])
+def test_dataset_json_that_labels_part_or_strangers_is_refused(tmp_path, entries, message):
+    for n in ("a.png", "b.png"):
+        _png(str(tmp_path / "src" / n))
+    (tmp_path / "src" / "dataset.json").write_text(json.dumps({"labels": entries}))
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        D.open_dataset(str(tmp_path / "src"))
+    with pytest.raises(InputError, match="not images|of 2 images"):
+        D.write_dataset_zip(str(tmp_path / "src"), str(tmp_path / "out.zip"))
+    assert not os.path.exists(tmp_path / "out.zip")
+
+
+def test_dataset_dest_replaces_only_its_own_zips(tmp_path):
+    for n in ("a.png", "b.png"):
+        _png(str(tmp_path / "src" / n))
+    foreign = tmp_path / "other.zip"
+    with zipfile.ZipFile(foreign, "w") as zf:
+        zf.writestr("precious.txt", "not ours")
+    before = foreign.read_bytes()
+    with pytest.raises(InputError, match="was not written by edm-deploy dataset"):
+        D.write_dataset_zip(str(tmp_path / "src"), str(foreign))
+    assert foreign.read_bytes() == before
+    ours = str(tmp_path / "ours.zip")
+    D.write_dataset_zip(str(tmp_path / "src"), ours)
+    D.write_dataset_zip(str(tmp_path / "src"), ours, max_images=1)  # a rebuild of our own output is allowed
+    assert len(D.open_dataset(ours)) == 1

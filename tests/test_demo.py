@@ -43,3 +43,12 @@ def test_shortened_demo_end_to_end_and_resume(tmp_path, cli_env):
     assert "already done" in res.stdout and "up to date" in res.stdout
     assert "consistency tuning: already done" in res.stdout
     assert json.loads((out / "report.json").read_text())["searched"]["sigmas"] == report["searched"]["sigmas"]
+
+
+def test_demo_lengths_must_be_finite_and_positive(tmp_path):
+    for flag in ("--kimg", "--tune-kimg"):
+        for value in ("nan", "inf", "0"):
+            res = run_cli(["demo", "--outdir", str(tmp_path / "d"), flag, value])
+            assert res.returncode != 0 and "Traceback" not in res.stderr
+            assert f"Invalid value for '{flag}'" in res.stderr, res.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything is written

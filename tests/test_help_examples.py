@@ -97,9 +97,10 @@ def _derived_outputs(args: list[str], ctx: click.Context) -> set[str]:
         finals = [f for f in (onnx_path, plan_path) if f]
         return {f for path in finals for f in (path, *companions(path))}
     if name == "demo":
-        from edm_deploy.demo import GRID_NAME, REPORT_NAME
+        from edm_deploy.demo import GRID_NAME, REPORT_NAME, default_outdir
 
-        return {os.path.join(ctx.params["outdir"], GRID_NAME), os.path.join(ctx.params["outdir"], REPORT_NAME)}
+        outdir = ctx.params["outdir"] or default_outdir(ctx.params["data"])
+        return {os.path.join(outdir, GRID_NAME), os.path.join(outdir, REPORT_NAME)}
     raise AssertionError(f"an example of `{name}` promises output names: teach this test how `{name}` derives them")
 
 
@@ -154,3 +155,31 @@ def test_the_checks_above_catch_a_wrong_promise():
     with pytest.raises(click.UsageError):
         _check("sample model.onnx --no-such-flag", "")
     _check("export ckpt.pt --fp16", "-> ckpt-fp16.onnx (+ ckpt-fp16.plan with TensorRT)")
+
+
+def test_train_flags_show_the_training_options_defaults():
+    """`train --help` states each default as `TrainingOptions` (and ECT's start, `CONSISTENCY_DEFAULTS`) hold it."""
+    import dataclasses
+
+    from edm_deploy.training.options import TrainingOptions
+    from edm_deploy.training.presets import CONSISTENCY_DEFAULTS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingOptions)}
+
+    def same(shown: str, value, param) -> bool:
+        if isinstance(value, bool):
+            return shown == (param.opts[0] if value else param.secondary_opts[0]).lstrip("-")
+        return float(shown) == value if isinstance(value, (int, float)) else shown == value
+
+    command = cli.get_command(click.Context(cli), "train")
+    checked = 0
+    for param in command.params:
+        found = re.search(r"\[default: ([^;\]]+)(?:; (\S+) with --consistency)?\]", param.help or "")
+        if param.name not in defaults or param.name == "data" or not found:  # the CLI requires --data or a preset
+            continue
+        assert param.default is None, param.name  # unset unless given: a preset or a resume keeps its own value
+        assert same(found.group(1), defaults[param.name], param), (param.name, found.group(1))
+        if found.group(2) is not None:
+            assert same(found.group(2), CONSISTENCY_DEFAULTS[param.name], param), param.name
+        checked += 1
+    assert checked >= 20

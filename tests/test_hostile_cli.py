@@ -110,6 +110,8 @@ def test_no_output_replaces_a_file_edm_deploy_did_not_write(oracle, tmp_path):
         (["bench", model, "--batch", "2", "--repeats", "1", "--no-sampling", "--json", victims["victim.pt"]], "--json"),
         (["sample", model, "-n", "2", "--grid", photo], "--grid"),
         (["schedule", model, "--nfe", "4", "--out", victims["notes.json"]], "--out"),
+        (["schedule", model, "--solver", "consistency", "--nfe", "2", "--ref", tmp_path / "ref.npz", "--out",
+          victims["notes.json"]], "--out"),
         (["convert", tmp_path / "missing.pkl", "--out", victims["victim.pt"]], "--out"),
     ]
     if has_module("torch"):

@@ -3,7 +3,12 @@ docs/DESIGN.md is the current one."""
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+
 from tests import import_graph
+from tests.conftest import requires_onnx
 
 
 def test_no_module_imports_a_layer_above_its_own():
@@ -21,3 +26,51 @@ def test_the_checker_sees_lazy_imports_and_would_catch_an_upward_one(tmp_path):
     found = import_graph.imports_of(str(source), "edm_deploy.runtime.mod")
     assert "edm_deploy.loading" in found and "edm_deploy.runtime.errors" in found
     assert import_graph.layer_of("edm_deploy.loading") > import_graph.layer_of("edm_deploy.runtime.mod")
+
+
+SAMPLING_MODULES = {f"edm_deploy.runtime.{m}" for m in ("generate", "planner", "sampling", "settings", "solvers",
+                                                         "schedules")}
+
+
+@pytest.fixture(scope="module")
+def warm_model(tmp_path_factory):
+    """A model file, sampled once so that the imports happen before any profiler starts."""
+    from edm_deploy.cli import cli
+    from tests.onnx_oracles import gaussian_onnx
+
+    folder = tmp_path_factory.mktemp("walk")
+    model = gaussian_onnx(str(folder / "g.onnx"))
+    cli.main(["sample", model, "-n", "1", "--steps", "2", "--npz", str(folder / "warm.npz")], standalone_mode=False)
+    return model
+
+
+@requires_onnx
+@pytest.mark.parametrize("solver,nfe", [("ipndm", "5"), ("heun", "7")])
+def test_sample_reaches_the_solver_entering_no_module_twice(warm_model, tmp_path, solver, nfe):
+    """Every chain of calls from `sample --solver S --nfe K` into the sampling modules, recorded by a profiler:
+    no module is entered again below itself (the walk DESIGN.md draws under "The planner")."""
+    from edm_deploy.cli import cli
+
+    stack: list = []
+    chains: set = set()
+
+    def record(frame, event, arg):
+        if event == "call":
+            module = frame.f_globals.get("__name__", "")
+            stack.append(module if module.startswith("edm_deploy") else None)
+            walk = [m for m in stack if m is not None]
+            walk = [m for i, m in enumerate(walk) if i == 0 or walk[i - 1] != m]  # calls within a module: one step
+            if walk and walk[-1] in SAMPLING_MODULES:
+                chains.add(tuple(walk))
+        elif event == "return" and stack:
+            stack.pop()
+
+    sys.setprofile(record)
+    try:
+        cli.main(["sample", warm_model, "--solver", solver, "--nfe", nfe, "-n", "2", "--npz", str(tmp_path / "a.npz")],
+                 standalone_mode=False)
+    finally:
+        sys.setprofile(None)
+    assert any(chain[-1] == "edm_deploy.runtime.solvers" and "edm_deploy.runtime.planner" in chain for chain in chains)
+    entered_twice = [chain for chain in chains if len(set(chain)) != len(chain)]
+    assert entered_twice == []

@@ -28,7 +28,7 @@ from edm_deploy.runtime import (
 from edm_deploy.runtime import schedule_search as ss
 from edm_deploy.runtime import solvers as slv
 from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.sampling import sample
+from edm_deploy.runtime.planner import sample
 from edm_deploy.runtime.schedule_file import read_schedule
 from edm_deploy.runtime.schedules import edm_sigma_steps
 from tests.conftest import requires_onnx, run_cli

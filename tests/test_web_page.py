@@ -90,3 +90,29 @@ def test_the_page_samples_images_and_shows_errors_in_chromium(served, tmp_path):
         finally:
             browser.close()
     assert engine.stats.requests_done == 1 and engine.stats.images_done == 6
+
+
+def test_the_api_page_renders_offline_from_packaged_assets(served):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = served
+    outside = []
+
+    def only_this_server(route):
+        if route.request.url.startswith(url):
+            return route.continue_()
+        outside.append(route.request.url)
+        return route.abort()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.route("**/*", only_this_server)
+            page.goto(url + "/docs")
+            page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+            assert "edm-deploy" in page.text_content(".swagger-ui .info .title")
+            page.wait_for_selector(".opblock-summary-path[data-path='/v1/generate']", timeout=30_000)
+        finally:
+            browser.close()
+    assert outside == []  # nothing fetched from anywhere but this server

@@ -346,7 +346,7 @@ def load_fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     return pad_to(images, FASHION_RESOLUTION, images_path), labels
 
 
-def _idx_dataset(path: str) -> "ArrayDataset":
+def _idx_dataset(path: str) -> ArrayDataset:
     from edm_deploy.training.idx import read_idx_dataset
 
     images, labels = read_idx_dataset(path)
@@ -587,15 +587,27 @@ def check_labels(labels: np.ndarray, source: str) -> None:
         raise InputError(f"{source}: class label {bad} is out of range; labels must lie in 0..{MAX_CLASSES - 1}")
 
 
-def _resolve_labels(name: str, names: list[str], labels_json, source: str) -> Optional[np.ndarray]:
+def _resolve_labels(name: str, names: list[str], labels_json, source: str,
+                    all_names: Optional[list[str]] = None) -> Optional[np.ndarray]:
+    """The labels of `names` (a prefix of `all_names` under --max-images), or None when unlabelled.
+
+    A dataset.json that labels some images but not all, or names files that are not images of
+    the dataset (a missing file, a path out of it), is refused: silently dropping every label
+    would turn a conditional dataset into an unconditional one.
+    """
     if source == "json":
         if labels_json is None:
             return None
+        known = set(names if all_names is None else all_names)
+        strange = [n for n in labels_json if n not in known]
+        if strange:
+            raise InputError(f"{name}: dataset.json labels {len(strange)} file(s) that are not images of the dataset "
+                             f"(first: {strange[0]!r}); every entry must name an image in it")
         missing = [n for n in names if n not in labels_json]
         if missing:
-            # The reference writes labels: null when any label is missing; reading, we are strict
-            # only when a label is asked for (see open_dataset(require_labels=True)).
-            return None
+            raise InputError(f"{name}: dataset.json labels {len(names) - len(missing)} of {len(names)} images (first "
+                             f"unlabelled: {missing[0]}); label every image, or write {{\"labels\": null}} for an "
+                             f"unconditional dataset")
         return np.asarray([labels_json[n] for n in names], dtype=np.int64)
     if source == "folders":
         tops = [n.split("/", 1)[0] if "/" in n else None for n in names]
@@ -668,9 +680,10 @@ def iter_source_images(spec: str, max_images: Optional[int] = None):
     else:
         open_dataset(spec)  # raises the right InputError
         raise AssertionError("unreachable")
+    all_names = names
     if max_images is not None:
         names = names[:max_images]
-    labels = _resolve_labels(name, names, labels_json, source)
+    labels = _resolve_labels(name, names, labels_json, source, all_names)
     if labels is not None:
         check_labels(labels, name)
     channels = None
@@ -689,6 +702,18 @@ def iter_source_images(spec: str, max_images: Optional[int] = None):
             yield decode_image(opener(n), f"{name}/{n}"), (-1 if labels is None else int(labels[i]))
 
     return len(names), labels is not None, gen()
+
+
+# The comment `write_dataset_zip` puts on its ZIPs: an existing --dest is replaced only when it carries it.
+ZIP_COMMENT = b"written by edm-deploy dataset"
+
+
+def _written_by_us(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.comment == ZIP_COMMENT
+    except ZIP_ERRORS:
+        return False
 
 
 def check_zip_arguments(source: str, dest: str, resolution: Optional[int] = None,
@@ -722,6 +747,9 @@ def check_zip_arguments(source: str, dest: str, resolution: Optional[int] = None
         raise InputError(f"output folder does not exist: {directory}")
     if source not in BUILTIN_SPECS:
         refuse_overwriting_inputs({source_label: source}, {dest_label: dest})
+    if os.path.exists(dest) and not _written_by_us(dest):  # a dangling link is written through
+        raise InputError(f"{dest_label} {dest} already exists and was not written by edm-deploy dataset; choose "
+                         f"another name or delete it")
 
 
 def write_dataset_zip(
@@ -772,4 +800,5 @@ def write_dataset_zip(
                 raise InputError(f"{source}: no images found")
             meta = {"labels": labels if has_labels else None}
             zf.writestr("dataset.json", json.dumps(meta))
+            zf.comment = ZIP_COMMENT
     return {"images": len(labels), "shape": list(shape), "labels": has_labels, "dest": named}

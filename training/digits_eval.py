@@ -73,16 +73,25 @@ def train_classifier():
 
 def sample_digits(net: Any, per_class: int = 50, seed: int = 0, num_steps: Optional[int] = 18, batch: int = 250,
                   **sampler_kwargs: Any):
-    """uint8 [10*per_class,1,R,R] samples and their requested classes.
-
-    Deterministic EDM sampler by default; `sampler_kwargs` choose another solver or schedule
-    (`runtime.generate.plan_sampling`, e.g. ``solver="ipndm", nfe=5`` with ``num_steps=None``).
-    """
-    from edm_deploy.runtime.generate import plan_sampling, quantize_uint8
-    from edm_deploy.runtime.noise import StackedRandomGenerator, one_hot
-
+    """uint8 [10*per_class,1,8,8] samples of a digits model and their requested classes (`sample_classes`)."""
     den = as_denoiser(net)
     check_digits_model(den)
+    return sample_classes(den, per_class, seed, num_steps, batch, **sampler_kwargs)
+
+
+def sample_classes(den: Any, per_class: int = 50, seed: int = 0, num_steps: Optional[int] = 18, batch: int = 250,
+                   **sampler_kwargs: Any):
+    """uint8 [label_dim*per_class,C,R,R] samples of a class-conditional model and their requested classes.
+
+    Classes in blocks of `per_class`, seeds seed.. in order. Deterministic EDM sampler by default;
+    `sampler_kwargs` choose another solver or schedule (`runtime.planner.plan_sampling`, e.g.
+    ``solver="ipndm", nfe=5`` with ``num_steps=None``).
+    """
+    from edm_deploy.runtime.generate import quantize_uint8
+    from edm_deploy.runtime.noise import StackedRandomGenerator, one_hot
+    from edm_deploy.runtime.planner import plan_sampling
+
+    den = as_denoiser(den)
     plan = plan_sampling(den, {"num_steps": num_steps, **sampler_kwargs})
     classes = np.repeat(np.arange(den.label_dim), per_class)
     seeds = seed + np.arange(len(classes))
@@ -120,6 +129,24 @@ def evaluate(net: Any, per_class: int = 50, seed: int = 0, num_steps: int = 18, 
         "samples": samples,
         "classes": classes,
     }
+
+
+class DigitsJudge:
+    """The demo's judge of a digits model: the SVM's agreement and the pixel Fréchet distance to the test split."""
+
+    description = "RBF SVM on the digits train split (pixels)"
+    distance = "Fréchet distance samples vs test (pixels)"
+
+    def __init__(self) -> None:
+        self.classifier, self.test_accuracy = train_classifier()
+        tr_x, _, self.test_images, _ = load_digits_split()
+        self.yardstick = frechet_pixels(tr_x, self.test_images)
+
+    def check(self, den: Any) -> None:
+        check_digits_model(den)
+
+    def score(self, samples: np.ndarray, classes: np.ndarray) -> dict:
+        return score_samples(samples, classes, self.classifier, self.test_images)
 
 
 def score_samples(samples: np.ndarray, classes: np.ndarray, classifier: Any, test_images: np.ndarray) -> dict:

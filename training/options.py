@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.errors import InputError, param_error
 from edm_deploy.training import presets as presets_mod
 from edm_deploy.training.checkpoint import load_checkpoint
 
@@ -94,7 +94,9 @@ RESUME_MUTABLE = frozenset({
     "device", "threads", "preset",
 })
 
-def _stored_options(ckpt: dict, path: str) -> dict:
+
+def stored_options(ckpt: dict, path: str) -> dict:
+    """The options the resume point `path` was trained with, today's defaults for fields it predates."""
     state = ckpt.get("training_state")
     if state is None:
         raise InputError(f"{path} holds weights only (a snapshot); resume from a run's {RESUME_FILE}")
@@ -112,7 +114,7 @@ def resume_options(path: str, **changes: Any) -> TrainingOptions:
     anything else is refused here (and again by `training_loop`) with one InputError.
     """
     ckpt = load_checkpoint(path)
-    values = _stored_options(ckpt, path)
+    values = stored_options(ckpt, path)
     values.update({k: v for k, v in changes.items() if v is not None})
     values["resume"] = path
     options = TrainingOptions.from_dict(values)
@@ -122,7 +124,7 @@ def resume_options(path: str, **changes: Any) -> TrainingOptions:
 
 def check_resume_options(options: TrainingOptions, ckpt: dict, path: str) -> None:
     """Refuse a resume whose options differ from the checkpoint's outside `RESUME_MUTABLE`."""
-    stored = _stored_options(ckpt, path)
+    stored = stored_options(ckpt, path)
     given = options.to_dict()
     changed = [k for k in given if k not in RESUME_MUTABLE and given[k] != stored.get(k)]
     if changed:
@@ -161,13 +163,6 @@ def consistency_options(tune_from: str, preset: Optional[str] = None, **override
     values.update({k: v for k, v in overrides.items() if v is not None})
     values.update(consistency=True, tune_from=tune_from)
     return TrainingOptions.from_dict(values)
-
-
-def _option_error(field_name: str, message: str) -> InputError:
-    """An InputError about one option; it names the field, and the CLI renames it to its flag."""
-    exc = InputError(message)
-    exc.param = field_name
-    return exc
 
 
 # Every number an option may hold: field -> (rule, what the rule says). Each must also be finite:
@@ -219,44 +214,44 @@ def check_options(o: TrainingOptions, world_size: int = 1) -> None:
         if value is None and name in _OPTIONAL_NUMBERS:
             continue
         if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise _option_error(name, f"{name} must be {what}, got {value!r}")
+            raise param_error(name, f"{name} must be {what}, got {value!r}")
         if not math.isfinite(value):
-            raise _option_error(name, f"{name} must be a finite number ({what}), got {value!r}")
+            raise param_error(name, f"{name} must be a finite number ({what}), got {value!r}")
         if not rule(value):
-            raise _option_error(name, f"{name} must be {what}, got {value!r}")
+            raise param_error(name, f"{name} must be {what}, got {value!r}")
     for name, low in _INTEGER_RULES.items():
         value = getattr(o, name)
         if value is None and name in _OPTIONAL_INTEGERS:
             continue
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (low is not None and value < low):
-            raise _option_error(name, f"{name} must be an integer{f' >= {low}' if low is not None else ''}, "
+            raise param_error(name, f"{name} must be an integer{f' >= {low}' if low is not None else ''}, "
                                       f"got {value!r}")
     presets_mod.arch_kwargs(o.arch)
     presets_mod.precond_classes(o.precond)
     if o.optimizer not in OPTIMIZERS:
-        raise _option_error("optimizer", f"unknown optimizer {o.optimizer!r} (choose one of {', '.join(OPTIMIZERS)})")
+        raise param_error("optimizer", f"unknown optimizer {o.optimizer!r} (choose one of {', '.join(OPTIMIZERS)})")
     _check_consistency_options(o)
     if o.cond_drop > 0 and not o.cond:
-        raise _option_error("cond_drop", "cond_drop (label dropout) needs class-conditional training (cond)")
+        raise param_error("cond_drop", "cond_drop (label dropout) needs class-conditional training (cond)")
     if o.batch % world_size:
-        raise _option_error("batch", f"batch {o.batch} is not divisible by the {world_size} training processes")
+        raise param_error("batch", f"batch {o.batch} is not divisible by the {world_size} training processes")
     per_rank = o.batch // world_size
     if o.batch_gpu is not None and per_rank % o.batch_gpu:
-        raise _option_error("batch_gpu", f"batch_gpu {o.batch_gpu} must divide the per-process batch {per_rank}")
+        raise param_error("batch_gpu", f"batch_gpu {o.batch_gpu} must divide the per-process batch {per_rank}")
     if o.threads is not None and o.threads > cpu_count():
-        raise _option_error("threads", f"threads must be at most {cpu_count()} (the CPUs this process may use), "
+        raise param_error("threads", f"threads must be at most {cpu_count()} (the CPUs this process may use), "
                                        f"got {o.threads}")
     if o.cres is not None and (not isinstance(o.cres, (list, tuple)) or not o.cres
                                or any(not isinstance(c, numbers.Integral) or c < 1 for c in o.cres)):
-        raise _option_error("cres", f"cres must be a list of positive integers, got {o.cres!r}")
+        raise param_error("cres", f"cres must be a list of positive integers, got {o.cres!r}")
     if not isinstance(o.device, str) or not (o.device in ("auto", "cpu", "cuda") or o.device.startswith("cuda:")):
-        raise _option_error("device", f"unknown device {o.device!r} (auto, cpu, cuda or cuda:N)")
+        raise param_error("device", f"unknown device {o.device!r} (auto, cpu, cuda or cuda:N)")
     if o.device.startswith("cuda:"):
         index = o.device.split(":", 1)[1]
         if not index.isdigit():
-            raise _option_error("device", f"device {o.device}: the GPU index must be a non-negative integer")
+            raise param_error("device", f"device {o.device}: the GPU index must be a non-negative integer")
         if world_size > 1:
-            raise _option_error(
+            raise param_error(
                 "device",
                 f"device {o.device} names one GPU, but {world_size} processes were started; use cuda (each "
                 f"process then takes the GPU of its LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)")
@@ -267,25 +262,25 @@ def _check_consistency_options(o: TrainingOptions) -> None:
     defaults = TrainingOptions()
     if not o.consistency:
         if o.tune_from is not None:
-            raise _option_error("tune_from", "tune_from is the checkpoint of a consistency tuning: add consistency "
+            raise param_error("tune_from", "tune_from is the checkpoint of a consistency tuning: add consistency "
                                              "(--consistency), or drop it to train from scratch")
         given = [name for name in _ECT_FIELDS if getattr(o, name) != getattr(defaults, name)]
         if given:
-            raise _option_error(given[0], f"{given[0]} is a setting of consistency tuning (ECT); it needs "
+            raise param_error(given[0], f"{given[0]} is a setting of consistency tuning (ECT); it needs "
                                           f"consistency (--consistency --from CKPT)")
         return
     if not isinstance(o.tune_from, str) or not o.tune_from:
-        raise _option_error("tune_from", "consistency tuning starts from a trained EDM checkpoint: give it as "
+        raise param_error("tune_from", "consistency tuning starts from a trained EDM checkpoint: give it as "
                                          "tune_from (--from CKPT)")
     for name in _NETWORK_FIELDS:
         if getattr(o, name) != getattr(defaults, name):
-            raise _option_error(name, f"{name} cannot be set for a consistency tuning: the network is the one in "
+            raise param_error(name, f"{name} cannot be set for a consistency tuning: the network is the one in "
                                       f"tune_from ({o.tune_from}), as it was trained")
     from edm_deploy.training.consistency_loss import MAX_GAP_SHRINK, ect_stage, stages_fit
 
     last = ect_stage(int(o.duration_kimg * 1000), o.ect_stage_kimg)
     if not stages_fit(o.ect_q, last):
-        raise _option_error("ect_stage_kimg", f"a tuning of {o.duration_kimg:g} kimg at {o.ect_stage_kimg:g} kimg "
+        raise param_error("ect_stage_kimg", f"a tuning of {o.duration_kimg:g} kimg at {o.ect_stage_kimg:g} kimg "
                                               f"per stage reaches stage {last}, where the gap t - r has shrunk by "
                                               f"{o.ect_q:g}^{last + 1}, beyond float32's resolution (at most "
                                               f"{MAX_GAP_SHRINK:g}); raise ect_stage_kimg or tune for fewer kimg")
@@ -294,6 +289,6 @@ def _check_consistency_options(o: TrainingOptions) -> None:
 def check_device(o: TrainingOptions, device: torch.device) -> None:
     """Options that depend on where the run computes: fp16 is real only on CUDA."""
     if o.fp16 and device.type != "cuda":
-        raise _option_error(
+        raise param_error(
             "fp16", f"fp16 needs a CUDA device: on {device.type} the network would compute in fp32 while its "
                     f"checkpoints record use_fp16 (train in fp32 there, or on a GPU)")

@@ -1,77 +1,10 @@
 """The EDM training loop: Adam, lr ramp-up, EMA, gradient accumulation, DDP, exact resume.
 
-What one step does (the semantics of the reference NVlabs/edm `training/training_loop.py`):
-
-1. ``batch`` images are split over ``W`` ranks (``batch / W`` each) and, per rank, into rounds of
-   ``batch_gpu``; gradients accumulate over rounds (DDP synchronises only on the last round).
-   Each round: uint8 -> x/127.5 - 1, one-hot labels, ``loss_fn(net, images, labels,
-   augment_pipe)`` (per-element, or per image for ECT), ``loss.sum() * loss_scaling / (batch /
-   W)`` backward.
-2. lr = lr_max * min(cur_nimg / (lr_rampup_kimg * 1000), 1) (so the very first step has lr 0,
-   as in the reference), NaN gradients -> 0 and +-inf -> +-1e5, then ``Adam(betas=(0.9, 0.999),
-   eps=1e-8)`` steps (``RAdam`` with the same settings for ``optimizer="radam"``, ECT's choice).
-   No weight decay, no clipping, and the static loss scale is not divided out (Adam is invariant
-   to it up to eps, exactly as the reference).
-3. EMA of the *parameters* (buffers are constant): half-life h = min(ema_halflife_kimg * 1000,
-   cur_nimg * ema_rampup_ratio) images, beta = 0.5 ** (batch / max(h, 1e-8)),
-   ema <- beta * ema + (1 - beta) * net; then cur_nimg += batch.
-
-Files (rank 0 only) in ``outdir``::
-
-    training_options.json        the options of the run (written once, atomically)
-    log.txt                      the human log (appended line by line across resumes)
-    stats.jsonl                  one JSON object per tick (appended line by line)
-    ckpt.pt                      the latest *resume point*: EMA weights + training_state, written
-                                 every ckpt_kimg and at the first tick ckpt_seconds after the last
-    network-snapshot-XXXXXX.pt   weights-only snapshots (EMA), XXXXXX = kimg; never overwritten
-
-While a run writes, it holds an OS lock on its folder (``.edm-deploy.lock`` inside it, taken by rank
-0, which alone writes; `edm_deploy.runtime.fileio.exclusive_output`): a second run into the same
-folder is refused at once instead of interleaving its log and options with the first. A run
-whose loss or weights stop being finite raises `NumericalError` at the end of that tick, before
-it saves anything, so ``ckpt.pt`` stays the last finite resume point.
-
-The ``.pt`` files and ``training_options.json`` are written atomically and durably (temporary
-file, fsync, rename, fsync of the folder): a crash or Ctrl-C never leaves a half-written one, and
-the last resume point stays valid. ``log.txt`` and ``stats.jsonl`` are plain appends, not atomic:
-a crash can cut their last line short, and they may describe ticks after the last resume point.
-On resume, ``stats.jsonl`` is therefore rewritten (atomically) to the entries up to the resume
-point - later entries and any torn line are dropped, so the redone ticks are not listed twice;
-``log.txt`` is only appended to (it is a human record: the lines of the lost ticks stay, followed
-by a "resuming at ..." line).
-
-``training_state`` (see `training/checkpoint.py` for the container) holds the raw network and
-optimizer state, counters, every rank's torch/NumPy RNG state and data-sampler position, and the
-options. Resuming continues *bit-identically* (on CPU; on CUDA as far as its kernels are
-deterministic) when the world size, the per-round batch ``batch_gpu`` and the device type are
-those of the interrupted run: the data order, noise, dropout and augmentation streams pick up
-exactly where they stopped. What a resume may change is `RESUME_MUTABLE` (where files go, how
-long to run, reporting intervals, ``batch_gpu``, device and threads); every other option must
-equal the checkpoint's (`training.options.check_resume_options`, used by the CLI and by the API alike; build the
-options with `resume_options`). Changing ``batch_gpu`` keeps the mathematics (the gradient of a
-step is the same sum over the same images) but draws sigma and noise in per-round chunks of a
-different size, so the noise each image gets - and hence the run - is no longer bit-identical
-to the uninterrupted one; a different world size or device type reseeds or switches the random
-streams likewise. The log says so when it happens.
-
-How `training_loop` runs, stage by stage (each a function below): `_check_run` (options, resume
-point, device, run folder - read-only, on every rank, which agree on the verdict), `_set_up_data`
-(determinism, seeds, dataset, network description), `_take_run_folder` (create and lock),
-`_build_network`, `_resume`, `_start_records` (DDP, training_options.json, first log line) and
-`_train_steps`, which repeats `_one_step` and, every tick, `_tick` (log, stats, the divergence
-check) and `_save` (snapshots and resume points).
-
-The loss is the pluggable part: `make_loss` gives the EDM paper's loss of a --precond, and with
-``consistency`` the run is a consistency tuning (ECT, `training/consistency_loss.py`): `_check_run`
-checks the checkpoint ``tune_from`` (`training/consistency.py`), `_set_up_data` takes its network
-description (plus the run's dropout and the consistency record), `_build_network` starts the
-network and its EMA at its EMA weights, and `make_consistency_loss` reads the stage from the
-run's image count. Everything else - EMA, resume, DDP, the files and locks - is the same loop.
-
-Data order: each epoch is a fresh permutation drawn from ``RandomState([seed, epoch])`` and
-dealt round-robin to the ranks (the reference uses a windowed shuffle instead; either is an
-unbiased infinite sampler). Seeds: NumPy is seeded with (seed * W + rank) mod 2^31 and torch
-from NumPy, as in the reference, so ranks draw different noise.
+It keeps the reference NVlabs/edm `training_loop.py`'s semantics (`_one_step`) so its presets
+reproduce, and adds what a long run needs: a locked run folder, atomic resume points by kimg and
+by time, a bit-identical resume, a stop on divergence (docs/DESIGN.md, "Training runs").
+`training_loop` runs the stages below in order, `_check_run` to `_train_steps`; the loss is the
+pluggable part (`make_loss`, or ECT's `make_consistency_loss` with ``consistency``).
 """
 
 from __future__ import annotations
@@ -88,7 +21,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from edm_deploy.runtime.errors import InputError, NumericalError
+from edm_deploy.runtime.errors import InputError, NumericalError, param_error
 from edm_deploy.runtime.fileio import (
     atomic_write_bytes,
     exclusive_output,
@@ -106,17 +39,16 @@ from edm_deploy.training.options import (
     RESUME_FILE,
     RESUME_MUTABLE,
     TrainingOptions,
-    _option_error,
-    _stored_options,
     check_device,
     check_options,
     check_resume_options,
     cpu_count,
     options_from_preset,
     resume_options,
+    stored_options,
 )
 
-# The options' names stay importable from here, where the loop's callers have always found them.
+# The loop's API: the public names of `training.options` (to build a run's options) and the loop's own.
 __all__ = [
     "RESUME_FILE", "RESUME_MUTABLE", "TrainingOptions", "TrainingResult", "check_device", "check_options",
     "check_resume_options", "cpu_count", "options_from_preset", "resume_options", "training_loop",
@@ -169,7 +101,12 @@ def sanitize_gradients(params) -> None:
 
 
 class RankSampler:
-    """Infinite, resumable, per-rank index stream: a new seeded permutation every epoch."""
+    """Infinite, resumable, per-rank index stream: a new seeded permutation every epoch.
+
+    Each epoch is a permutation drawn from ``RandomState([seed, epoch])`` and dealt round-robin
+    to the ranks (the reference uses a windowed shuffle instead; either is an unbiased infinite
+    sampler).
+    """
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         if size < world_size:
@@ -275,6 +212,7 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def _seed_everything(seed: int, rank: int, world_size: int) -> None:
+    """NumPy from (seed * W + rank) mod 2^31, torch from NumPy, as the reference: ranks draw different noise."""
     np.random.seed((int(seed) * world_size + rank) % (1 << 31))
     torch.manual_seed(int(np.random.randint(1 << 31)))
 
@@ -359,7 +297,7 @@ def prepare_outdir(outdir: str, resume: Optional[str], create: bool = True) -> N
     Every rank runs the (read-only) checks so that all of them fail together; only rank 0 creates.
     """
     if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise _option_error("outdir", f"outdir {outdir} exists and is not a folder")
+        raise param_error("outdir", f"outdir {outdir} exists and is not a folder")
     if create:
         os.makedirs(outdir, exist_ok=True)
     existing = os.path.join(outdir, RESUME_FILE)
@@ -414,7 +352,7 @@ def training_loop(
     echo: Optional[Callable[[str], None]] = print,
     progress: bool = True,
 ) -> TrainingResult:
-    """Train according to `options` (see the module docstring); returns the final state.
+    """Train according to `options`; returns the final state.
 
     Under torchrun (WORLD_SIZE > 1) this joins the process group and, if it created the group,
     destroys it again before returning or raising. To resume, pass options whose ``resume`` names
@@ -526,7 +464,7 @@ def _check_left_to_train(options: TrainingOptions, ckpt: dict) -> None:
     done_nimg = int(ckpt["training_state"]["cur_nimg"])
     stored = (ckpt["training_state"].get("options") or {}).get("duration_kimg")
     if int(round(options.duration_kimg * 1000)) < done_nimg and options.duration_kimg != stored:
-        raise _option_error(
+        raise param_error(
             "duration_kimg",
             f"{options.resume} is already at {done_nimg / 1000:g} kimg, beyond duration_kimg {options.duration_kimg:g}: "
             f"a run cannot be made shorter than it is; give more than {done_nimg / 1000:g} kimg to continue it, or "
@@ -535,7 +473,7 @@ def _check_left_to_train(options: TrainingOptions, ckpt: dict) -> None:
         return
     if os.path.abspath(os.path.dirname(options.resume)) == os.path.abspath(options.outdir):
         return
-    raise _option_error(
+    raise param_error(
         "duration_kimg",
         f"{options.resume} is already at {done_nimg / 1000:g} kimg, which reaches duration_kimg "
         f"{options.duration_kimg:g}: resuming into {options.outdir} would train nothing and write nothing there; "
@@ -622,7 +560,14 @@ def _build_network(run: _Run) -> None:
 
 
 def _resume(run: _Run) -> None:
-    """Stage 5: weights, optimizer, counters, random streams and data position of the resume point."""
+    """Stage 5: weights, optimizer, counters, random streams and data position of the resume point.
+
+    ``training_state`` holds every rank's torch/NumPy RNG state and data position, so the run
+    continues bit-identically (on CUDA as far as its kernels are deterministic) with the same
+    world size, ``batch_gpu`` and device type. Another ``batch_gpu`` keeps each step's gradient
+    but draws sigma and noise in rounds of another size; another world size or device type
+    reseeds or switches the streams: the log says so.
+    """
     options, ctx, files, ckpt = run.options, run.ctx, run.files, run.ckpt
     ts = ckpt["training_state"]
     load_weights(run.net, ts["net"], options.resume, "the training network's weights")
@@ -634,7 +579,7 @@ def _resume(run: _Run) -> None:
     run.cur_nimg, run.cur_tick = int(ts["cur_nimg"]), int(ts["cur_tick"])
     run.total_time = float(ts.get("total_time", 0))
     run.resume_point, run.resume_kimg = options.resume, run.cur_nimg / 1000
-    stored = _stored_options(ckpt, options.resume)
+    stored = stored_options(ckpt, options.resume)
     stored_world = int(ts["world_size"])
     stored_batch_gpu = stored["batch_gpu"] or stored["batch"] // stored_world
     if stored_world == ctx.world_size and stored_batch_gpu != run.batch_gpu:
@@ -742,13 +687,23 @@ def _progress_bar(run: _Run, total_nimg: int):
 
 
 def _one_step(run: _Run) -> None:
-    """One optimisation step over `batch` images (see the module docstring, 1-3)."""
+    """One optimisation step over `batch` images, as the reference takes it.
+
+    1. The batch is split over the W ranks and, per rank, into rounds of ``batch_gpu``;
+       gradients accumulate over rounds (DDP synchronises on the last). Each round: uint8 ->
+       x/127.5 - 1, one-hot labels, the loss (per element, or per image for ECT), ``loss.sum() *
+       loss_scaling / (batch / W)`` backward.
+    2. `learning_rate` (the first step has lr 0, as in the reference), `sanitize_gradients`, then
+       Adam(betas=(0.9, 0.999), eps=1e-8) or RAdam (ECT's): no weight decay, no clipping, and
+       the static loss scale is not divided out (Adam is invariant to it up to eps).
+    3. The EMA of the parameters (`ema_beta`, `update_ema`); then cur_nimg += batch.
+    """
     options, ctx, net = run.options, run.ctx, run.net
     run.optimizer.zero_grad(set_to_none=True)
     for r in range(run.rounds):
         images, labels = _fetch(run.dataset, run.sampler.take(run.batch_gpu), options.xflip, run.label_dim, run.device)
         sync = (r == run.rounds - 1) or not ctx.enabled
-        with (run.ddp.no_sync() if not sync else _null()):
+        with (run.ddp.no_sync() if not sync else contextlib.nullcontext()):
             loss = run.loss_fn(net=run.ddp, images=images, labels=labels, augment_pipe=run.augment_pipe)
             loss.sum().mul(options.loss_scaling / run.batch_per_rank).backward()
         run.loss_sum += float(loss.detach().sum())
@@ -841,14 +796,6 @@ def _save(run: _Run, mean_loss: float, snap_due: bool, ckpt_due: bool) -> None:
         if ckpt_due:
             save_checkpoint(files.path(RESUME_FILE), run.network, run.ema.state_dict(), training_state, meta)
             run.resume_point, run.resume_kimg = files.path(RESUME_FILE), run.cur_nimg / 1000
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _fmt_time(seconds: float) -> str:

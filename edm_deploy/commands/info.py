@@ -35,6 +35,9 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
                      + (f" ({kimg:g} kimg)" if isinstance(kimg, (int, float)) else "")
                      + f", sha256 {tuned['from_sha256'][:16]}...; sample it in 1-2 steps with the consistency "
                        f"sampler (ODE solvers give poor images)")
+    for key, sigmas in (manifest.get("schedules") or {}).items():
+        lines.append(f"schedule    : {key} at {', '.join(f'{v:.4g}' for v in sigmas)} (the default of sample --solver "
+                     f"{key.split('@')[0]} --nfe {key.split('@')[1]})")
     quant = manifest.get("quantization")
     if quant:
         cal = quant.get("calibration", {})

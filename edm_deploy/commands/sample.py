@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import Any, Optional
 
@@ -65,26 +64,24 @@ def sample(model: str, **params: Any) -> None:
     """
     from edm_deploy.runtime.fileio import refuse_overwriting_inputs, sha256_file
     from edm_deploy.runtime.fixed_shape import FixedShapeDenoiser
-    from edm_deploy.runtime.generate import guided, plan_sampling, run_record, sample_into
+    from edm_deploy.runtime.generate import guided, run_record, sample_into
     from edm_deploy.runtime.guidance import check_guidance_args
     from edm_deploy.runtime.noise import check_class
+    from edm_deploy.runtime.planner import plan_sampling
     from edm_deploy.runtime.schedule_file import mismatch_warnings
     from edm_deploy.runtime.seeds import parse_seeds, parse_shard, seeds_from_count, shard_batches
     from edm_deploy.runtime.solvers import get_solver
     from edm_deploy.runtime.timing import TimedDenoiser
-    from edm_deploy.runtime.writers import check_output, open_output, parts_dir_for
+    from edm_deploy.runtime.writers import check_output, open_output, outputs_for_shard, written_paths
 
-    outputs = {kind.flag: params[kind.param] for kind in OUTPUT_KINDS.values()}
     if params["num"] is not None and params["seeds"] is not None:
         raise InputError("give either -n or --seeds, not both")
     seeds = seeds_from_count(params["num"]) if params["num"] is not None else parse_seeds(
         "0-63" if params["seeds"] is None else params["seeds"])
     classes = _classes(params["class_idx"], seeds)
     rank, world = parse_shard(params["shard"])
-    npz_path = params["npz_path"] and (params["npz_path"] if world == 1 else _shard_name(params["npz_path"], rank, world))
-    if npz_path:
-        outputs.update({"--npz": npz_path, "--npz (its parts folder)": parts_dir_for(npz_path)})
-    refuse_overwriting_inputs({"MODEL": model, "--guide": params["guide"]}, outputs)
+    outputs = outputs_for_shard({k: params[kind.param] for k, kind in OUTPUT_KINDS.items()}, (rank, world))
+    refuse_overwriting_inputs({"MODEL": model, "--guide": params["guide"]}, written_paths(outputs))
     interval = _interval(params["guidance_interval"])
     check_guidance_args(bool(params["guide"]), params["guidance"], interval)
     batches = shard_batches(seeds, params["batch_size"], rank, world)
@@ -94,8 +91,8 @@ def sample(model: str, **params: Any) -> None:
         return
 
     # Output first: an unwritable or invalid destination fails before the model loads (nothing is created yet).
-    check_output(len(my_seeds), outdir=params["outdir"], npz_path=npz_path, grid_path=params["grid_path"],
-                 grid_columns=params["grid_cols"], grid_scale=params["grid_scale"], shard=(rank, world))
+    check_output(len(my_seeds), outputs, grid_columns=params["grid_cols"], grid_scale=params["grid_scale"],
+                 shard=(rank, world))
     settings, schedule_meta = settings_from(params)
     with contextlib.ExitStack() as models:
         den = models.enter_context(load_from_options(model, params))
@@ -118,6 +115,9 @@ def sample(model: str, **params: Any) -> None:
                     denoise_to_zero=None if spec.appends_zero else bool(plan.sigmas[-1] == 0))
         for note in runner.warnings + plan.warnings + mismatch_warnings(schedule_meta, model_sha256, plan.solver, **used):
             click.echo(f"warning: {note}", err=True)
+        if plan.from_manifest:
+            click.echo(f"time points: the model's own for {plan.solver} at NFE {plan.nfe} (its manifest): "
+                       f"{', '.join(f'{v:.4g}' for v in plan.sigmas)}", err=True)
         record = run_record(model_sha256, _class_record(classes), settings, batch_size=params["batch_size"],
                             fixed_batch=params["fixed_batch"], solver=plan.solver,
                             time_points=[float(v) for v in plan.sigmas],
@@ -127,10 +127,9 @@ def sample(model: str, **params: Any) -> None:
         if params["profile"]:
             runner = TimedDenoiser(runner)
         image_shape = (den.img_resolution, den.img_resolution, den.img_channels)
-        with open_output(record, my_seeds, outdir=params["outdir"], npz_path=npz_path, grid_path=params["grid_path"],
-                         subdirs=params["subdirs"], workers=params["workers"], grid_columns=params["grid_cols"],
-                         grid_scale=params["grid_scale"],
-                         image_shape=image_shape, shard=(rank, world)) as writer:
+        with open_output(record, my_seeds, outputs, subdirs=params["subdirs"], workers=params["workers"],
+                         grid_columns=params["grid_cols"], grid_scale=params["grid_scale"], image_shape=image_shape,
+                         shard=(rank, world)) as writer:
             missing = [[s for s in b if not writer.is_done(s)] for b in batches]
             todo = [b for b, m in zip(batches, missing) if m]  # a partly done batch is sampled again whole
             total = sum(len(m) for m in missing)
@@ -152,7 +151,7 @@ def sample(model: str, **params: Any) -> None:
         click.echo(line)
     else:
         click.echo("done: nothing to do, every image already exists")
-    click.echo(f"output: {npz_path or next(params[k] for k in OUTPUT_KINDS if params[k])}")
+    click.echo(f"output: {next(iter(outputs.values()))}")
 
 
 def _classes(text: Optional[str], seeds: list[int]) -> Optional[dict[int, int]]:
@@ -203,8 +202,3 @@ def _interval(text: Optional[str]) -> Optional[tuple[float, float]]:
     from edm_deploy.runtime.guidance import check_interval
 
     return check_interval((lo, hi))
-
-
-def _shard_name(path: str, rank: int, world: int) -> str:
-    root, ext = os.path.splitext(path)
-    return f"{root}.shard{rank}of{world}{ext}"

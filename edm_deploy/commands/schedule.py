@@ -15,7 +15,7 @@ from edm_deploy.runtime.errors import InputError
 def _choices():
     from edm_deploy.runtime.schedule_search import METRICS, SEARCHABLE_SOLVERS, STEP_MODELS, TEACHER_SOLVERS
 
-    return SEARCHABLE_SOLVERS, TEACHER_SOLVERS, METRICS, STEP_MODELS
+    return (*SEARCHABLE_SOLVERS, "consistency"), TEACHER_SOLVERS, METRICS, STEP_MODELS
 
 
 _SOLVERS, _TEACHERS, _METRICS, _STEPS = _choices()
@@ -42,9 +42,20 @@ _SOLVERS, _TEACHERS, _METRICS, _STEPS = _choices()
 @click.option("--refine-latents", type=click.IntRange(min=0, max=100_000), default=64, show_default=True, help="Polish the path on the solver's real end-point error on this many latents (at most half; 0: the plain GITS path).")
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), default=256, show_default=True, help="Rows per network call.")
 @click.option("--no-check", is_flag=True, help="Skip running the solver on the result and on EDM's schedule against the teacher.")
+@click.option("--ref", default=None, metavar="NPZ",
+              help="--solver consistency: the FID reference statistics (`edm-deploy fid ref`) the samples of each "
+                   "candidate are compared with.")
+@click.option("--detector", default=None, metavar="PATH",
+              help="--solver consistency: the feature detector the reference was computed with (see `edm-deploy "
+                   "fid --help`) [default: $EDM_DEPLOY_FID_DETECTOR].")
 @backend_options
 def schedule(model: str, **params: Any) -> None:
     """Search the time points for --solver at exactly --nfe network evaluations (GITS, ICML 2024).
+
+    For a consistency-tuned model (--solver consistency, NFE 2 to 4) the points are chosen
+    another way: each candidate on a grid (ECT's 0.821 among them) samples --latents held-out
+    seeds, and the one whose features lie closest to --ref (Fréchet distance, the --detector's
+    features) wins; `export --schedule FILE` makes it the model's default.
 
     A strong teacher integrates a few hundred latents on a fine grid; every step the solver
     could take between two fine points is costed by how far it lands from the teacher (the
@@ -58,6 +69,7 @@ def schedule(model: str, **params: Any) -> None:
     \b
     Examples:
       edm-deploy schedule model.onnx --solver ipndm --nfe 5 --out ipndm5.json
+      edm-deploy schedule tuned.onnx --solver consistency --nfe 2 --ref ref.npz --detector inception.onnx --out c2.json
       edm-deploy sample model.onnx --solver ipndm --sigmas ipndm5.json -n 64 --grid grid.png
     """
     from edm_deploy.runtime.fileio import (
@@ -72,6 +84,10 @@ def schedule(model: str, **params: Any) -> None:
     from edm_deploy.runtime.seeds import parse_seeds, seeds_from_count
     from edm_deploy.runtime.writers import ensure_writable_dir
 
+    if params["solver"] == "consistency":
+        return _consistency_points(model, params)
+    if params["ref"] is not None or params["detector"] is not None:
+        raise InputError("--ref and --detector apply to --solver consistency (its time points are chosen by FID)")
     out = params["out"]
     if params["num_latents"] is not None and params["seeds"] is not None:
         raise InputError("give either --latents or --seeds, not both")
@@ -138,4 +154,71 @@ def schedule(model: str, **params: Any) -> None:
                    f"schedule, {c['edm_rho7_rms']:.4g} with EDM rho=7 ({verdict})")
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     click.echo(f"done: {wall:.1f} s ({parts})")
+    click.echo(f"output: {out}")
+
+
+GITS_ONLY = ("afs", "denoise_to_zero", "max_order", "teacher", "fine_points", "coeff", "metric", "step", "sigma_min",
+             "refine_latents", "no_check")
+
+
+def _consistency_points(model: str, params: dict[str, Any]) -> None:
+    """`--solver consistency`: the time points of the grid whose samples are closest to --ref in features."""
+    from edm_deploy.runtime.consistency_points import choose_consistency_points
+    from edm_deploy.runtime.fid import check_reference_fits, load_detector, load_ref
+    from edm_deploy.runtime.fileio import (
+        refuse_foreign_file,
+        refuse_overwriting_inputs,
+        sha256_file,
+        write_target,
+    )
+    from edm_deploy.runtime.schedule_file import is_schedule_file, write_schedule
+    from edm_deploy.runtime.seeds import parse_seeds, seeds_from_count
+    from edm_deploy.runtime.writers import ensure_writable_dir
+
+    defaults = {p.name: (p.default if isinstance(p.default, (int, float, str, type(None))) else False)
+                for p in schedule.params}  # a flag's default is click's sentinel: unset means off
+    given = [name for name in GITS_ONLY if params[name] not in (defaults[name], None)]
+    if given:
+        raise InputError(f"--{given[0].replace('_', '-')} does not apply to --solver consistency (its time points are "
+                         f"chosen on a grid by FID, not searched along an ODE)")
+    if params["ref"] is None:
+        raise InputError("--solver consistency needs --ref: the reference statistics its candidates are compared "
+                         "with (`edm-deploy fid ref --data DATASET --dest ref.npz`)")
+    if params["num_latents"] is not None and params["seeds"] is not None:
+        raise InputError("give either --latents or --seeds, not both")
+    if params["class_idx"] is not None:
+        raise InputError("--class does not apply to --solver consistency (every class is sampled alike)")
+    seeds = parse_seeds(params["seeds"]) if params["seeds"] is not None else \
+        [300_000 + s for s in seeds_from_count(params["num_latents"] or 1000)]
+    out = write_target(params["out"])
+    refuse_overwriting_inputs({"MODEL": model, "--ref": params["ref"], "--detector": params["detector"]},
+                              {"--out": out})
+    if not out.lower().endswith(".json") or os.path.isdir(out):
+        raise InputError(f"--out {out} must name a .json file, the schedule file `sample --sigmas` reads")
+    ensure_writable_dir(os.path.dirname(os.path.abspath(out)))
+    refuse_foreign_file(out, "--out", is_schedule_file, "a schedule file")
+    reference = load_ref(params["ref"])
+    detector = load_detector(params["detector"])
+    check_reference_fits(reference[0], detector, f"--ref {params['ref']}")
+    model_sha256 = sha256_file(model)
+    with load_from_options(model, params) as den:
+        if not getattr(den, "consistency_tuned", False):
+            click.echo("warning: this model is not consistency-tuned; the consistency solver will give poor images",
+                       err=True)
+        click.echo(f"choosing consistency time points for NFE {params['nfe']} on {len(seeds)} seeds with "
+                   f"{den.describe()}", err=True)
+
+        def features(images):
+            return detector(images if images.shape[1] == 3 else images.repeat(3, axis=1))
+
+        def progress(done: int, total: int) -> None:
+            click.echo(f"  candidate {done}/{total}", err=True)
+
+        choice = choose_consistency_points(den, params["nfe"], features, reference, seeds=seeds,
+                                           sigma_max=params["sigma_max"] or 80.0, batch_size=params["batch_size"],
+                                           progress=progress)
+    write_schedule(out, choice.sigmas, model_sha256=model_sha256, **choice.metadata())
+    for row in choice.tried:
+        click.echo(f"  {', '.join(f'{v:g}' for v in row['sigmas'])}: FD {row['fd']:.4g}")
+    click.echo(f"sigmas: {', '.join(f'{v:g}' for v in choice.sigmas)} ({choice.seconds:.0f} s)")
     click.echo(f"output: {out}")

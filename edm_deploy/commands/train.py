@@ -1,62 +1,22 @@
-"""`edm-deploy train`: train an EDM denoiser (the reference `train.py`, with presets).
+"""`edm-deploy train`: train an EDM denoiser (the reference `train.py`, with presets), or
+consistency-tune one (``--consistency --from CKPT``, ECT: `training.consistency_loss`).
 
-Output folder layout (``--outdir DIR``, created if needed; rank 0 writes everything)::
-
-    DIR/training_options.json        options, network description and dataset of the run
-    DIR/log.txt                      human-readable log, one status line per tick
-    DIR/stats.jsonl                  one JSON object per tick: kimg, loss, lr, sec/kimg, ...
-    DIR/ckpt.pt                      latest resume point (EMA weights + full training state)
-    DIR/network-snapshot-XXXXXX.pt   weights-only EMA snapshots at XXXXXX kimg
-
-While the run writes, ``DIR/.edm-deploy.lock`` is held: a second run into DIR is refused. A run
-whose loss turns NaN/Inf (too high a --lr, say) stops with an error and exit code 1 before saving
-anything from that point, so ``DIR/ckpt.pt`` stays the last finite resume point. Every number is
-checked before the run starts (finite, in range), --fp16 needs a CUDA device, --threads at most
-the CPUs of the machine, and --preset does not combine with --resume (a resumed run keeps its
-stored options).
-
-Every ``.pt`` is an edm-deploy checkpoint (`edm-deploy export`, `sample`, `info` read it).
-The ``.pt`` files and ``training_options.json`` are written atomically and durably (temporary
-file + fsync + rename) and never deleted; a snapshot name that already exists gets a ``-1``,
-``-2`` ... suffix instead of being replaced. ``log.txt`` and ``stats.jsonl`` are appended line by
-line (a crash can cut the last line short); on ``--resume`` the ``stats.jsonl`` entries after the
-resume point are dropped so that redone ticks are not listed twice, while ``log.txt`` keeps
-everything. Starting a new run in a folder that already holds ``ckpt.pt`` is refused; continue
-it with ``--resume DIR/ckpt.pt``: the stored options are reused, and only --outdir, --duration,
---tick, --snap-kimg, --ckpt-seconds, --batch-gpu, --device and --threads may be given anew (the training loop
-checks this, for the CLI and the Python API alike). A resumed run is bit-identical to an
-uninterrupted one unless --batch-gpu, the device type or the number of processes changes (see
-`edm_deploy.training.training_loop`). Multi-GPU / multi-process: launch with
-``torchrun --nproc_per_node=N -m edm_deploy.cli train ...``; with ``--device auto`` or ``cuda``
-each process uses the GPU of its LOCAL_RANK (an explicit ``--device cuda:N`` is refused there).
-
-Resume points come by kimg (``--snap-kimg``) and by time: ``--ckpt-seconds S`` (default 600, the
-tiny presets 30) also writes ``ckpt.pt`` at the first tick S seconds after the last one, so a run
-stopped early still resumes; when they are written does not change the run. ``--resume`` into
-another ``--outdir`` with ``--duration`` already reached is refused (it would write nothing
-there); into the run's own folder it is a no-op.
-
-Consistency tuning: ``--consistency --from CKPT`` tunes the EDM checkpoint CKPT with Easy
-Consistency Tuning (ECT, Geng et al. 2024; `edm_deploy.training.consistency_loss` says which of
-its formulas and defaults are followed) into a model sampled in one or two evaluations. The
-network (architecture, classes, resolution) is CKPT's, so --arch, --precond, --cbase, --cres and
---cond-drop are refused; the data must match it. The defaults are ECT's published CIFAR-10 run
-(RAdam, lr 1e-4, batch 128, dropout 0.2, the gap halving every 3200 kimg); ``--preset tiny``
-is the setting measured on the digits (benchmarks/consistency.py). Checkpoints, snapshots and
-every export record ``consistency: {method, from_checkpoint, from_sha256, from_kimg}``; ``info``
-shows it. EMA, resume, DDP, locks and atomic writes are those of plain training.
+The flags are `TrainingOptions` fields, unset unless given so that a preset or a resumed run
+keeps its own values; what a run writes, how it resumes and what it refuses is the training
+loop's (docs/DESIGN.md, "Training runs").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import click
 
 from edm_deploy.runtime.errors import InputError
-from edm_deploy.training.presets import ARCHS, PRECONDS
+from edm_deploy.training.options import OPTIMIZERS, TrainingOptions
+from edm_deploy.training.presets import ARCHS, CONSISTENCY_DEFAULTS, CONSISTENCY_PRESETS, PRECONDS, PRESETS
 
 
 def _parse_cres(text: Optional[str]) -> Optional[list]:
@@ -71,67 +31,82 @@ def _parse_cres(text: Optional[str]) -> Optional[list]:
     return values
 
 
+def _shown(value: Any, decl: str) -> str:
+    """A default as the user types it: a boolean as the flag that gives it."""
+    if isinstance(value, bool):
+        on, _, off = decl.partition("/")
+        return (on if value else off).lstrip("-")
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _field(decl: str, name: str, help_text: str, **kwargs: Any) -> Callable:
+    """A flag for the `TrainingOptions` field ``name``: unset (None) unless given, so a preset or a
+    resumed run keeps its own value; the help shows the field's default and, where consistency
+    tuning starts from another one (`presets.CONSISTENCY_DEFAULTS`), that one."""
+    default = _DEFAULTS[name]
+    shown = [_shown(default, decl)]
+    if name in CONSISTENCY_DEFAULTS and CONSISTENCY_DEFAULTS[name] != default:
+        shown.append(f"{_shown(CONSISTENCY_DEFAULTS[name], decl)} with --consistency")
+    return click.option(decl, name, default=None, help=f"{help_text}  [default: {'; '.join(shown)}]", **kwargs)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingOptions)}
+
+
 @click.command("train", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data", metavar="SRC", default=None,
               help="Training data: `digits` (built-in 8x8 digits), an image folder or a dataset ZIP "
                    "(see `edm-deploy dataset`).  [default: the preset's, else required]")
 @click.option("--outdir", metavar="DIR", required=True, help="Run folder (created).")
 @click.option("--preset", metavar="NAME", default=None,
-              help="Start from a named configuration: tiny (8x8 digits on a CPU), cifar10, ffhq64, afhq64, "
-                   "imagenet64. Explicit flags override it.")
-@click.option("--cond/--uncond", default=None, help="Class-conditional training (needs labels).  [default: uncond]")
-@click.option("--arch", metavar="|".join(ARCHS), default=None, help="Network architecture.  [default: ddpmpp]")
-@click.option("--precond", metavar="|".join(PRECONDS), default=None, help="Preconditioning and loss.  [default: edm]")
-@click.option("--batch", type=int, default=None, help="Total batch size.  [default: 512]")
+              help=f"Start from a named configuration: {', '.join(PRESETS)} (tiny: 8x8 digits on a CPU). Explicit "
+                   "flags override it.")
+@_field("--cond/--uncond", "cond", "Class-conditional training (needs labels).")
+@_field("--arch", "arch", "Network architecture.", metavar="|".join(ARCHS))
+@_field("--precond", "precond", "Preconditioning and loss.", metavar="|".join(PRECONDS))
+@_field("--batch", "batch", "Total batch size.", type=int)
 @click.option("--batch-gpu", "batch_gpu", type=int, default=None, help="Batch per process per round (gradient accumulation).")
-@click.option("--duration", "duration_kimg", type=float, default=None, metavar="KIMG",
-              help="Training length in thousands of images (the reference CLI uses Mimg).  [default: 200000]")
-@click.option("--lr", type=float, default=None, help="Learning rate.  [default: 1e-3]")
-@click.option("--lr-rampup", "lr_rampup_kimg", type=float, default=None, metavar="KIMG", help="Linear lr warm-up.  [default: 10000]")
-@click.option("--ema", "ema_halflife_kimg", type=float, default=None, metavar="KIMG", help="EMA half-life.  [default: 500]")
-@click.option("--augment", type=float, default=None, metavar="P", help="Augmentation probability.  [default: 0.12]")
-@click.option("--dropout", type=float, default=None, help="Dropout probability.  [default: 0.13]")
-@click.option("--cond-drop", "cond_drop", type=float, default=None, metavar="P",
-              help="Label dropout: train the unconditional branch too, for classifier-free guidance (sample --guidance).  [default: 0]")
+@_field("--duration", "duration_kimg", "Training length in thousands of images (the reference CLI uses Mimg).",
+        type=float, metavar="KIMG")
+@_field("--lr", "lr", "Learning rate.", type=float)
+@_field("--lr-rampup", "lr_rampup_kimg", "Linear lr warm-up.", type=float, metavar="KIMG")
+@_field("--ema", "ema_halflife_kimg", "EMA half-life.", type=float, metavar="KIMG")
+@_field("--augment", "augment", "Augmentation probability.", type=float, metavar="P")
+@_field("--dropout", "dropout", "Dropout probability.", type=float)
+@_field("--cond-drop", "cond_drop", "Label dropout: train the unconditional branch too, for classifier-free guidance "
+        "(sample --guidance).", type=float, metavar="P")
 @click.option("--xflip/--no-xflip", default=None, help="Add x-flipped copies of the dataset.")
 @click.option("--fp16/--fp32", default=None, help="Mixed-precision network (CUDA only).")
-@click.option("--ls", "loss_scaling", type=float, default=None, help="Static loss scaling.  [default: 1]")
+@_field("--ls", "loss_scaling", "Static loss scaling.", type=float)
 @click.option("--cbase", type=int, default=None, help="Channel multiplier base (model_channels).")
 @click.option("--cres", default=None, metavar="LIST", help="Channels per resolution, e.g. 1,2,2,2 (channel_mult).")
-@click.option("--seed", type=int, default=None, help="Random seed.  [default: 0]")
-@click.option("--tick", "kimg_per_tick", type=float, default=None, metavar="KIMG", help="Status interval.  [default: 50]")
-@click.option("--snap-kimg", "snapshot_kimg", type=float, default=None, metavar="KIMG",
-              help="Snapshot + resume-point interval.  [default: 2500]")
+@_field("--seed", "seed", "Random seed.", type=int)
+@_field("--tick", "kimg_per_tick", "Status interval.", type=float, metavar="KIMG")
+@_field("--snap-kimg", "snapshot_kimg", "Snapshot + resume-point interval.", type=float, metavar="KIMG")
 @click.option("--resume", metavar="CKPT", default=None,
               help="Continue a run from its ckpt.pt with its stored options; only --outdir, --duration, --tick, "
                    "--snap-kimg, --ckpt-seconds, --batch-gpu (then not bit-identical), --device and --threads "
                    "may change.")
-@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (N: single process only; under torchrun each process "
-                   "takes the GPU of its LOCAL_RANK).  [default: auto]")
+@_field("--device", "device", "auto | cpu | cuda | cuda:N (N: single process only; under torchrun each process takes "
+        "the GPU of its LOCAL_RANK).")
 @click.option("--max-images", type=int, default=None, help="Use only the first N images of the dataset.")
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch (1 is often fastest on a busy or 2-core machine).")
-@click.option("--ckpt-seconds", "ckpt_seconds", type=float, default=None, metavar="S",
-              help="Also write a resume point at the first tick S seconds after the last one (0: by kimg only).  "
-                   "[default: 600; the tiny presets 30]")
-@click.option("--optim", "optimizer", metavar="adam|radam", default=None,
-              help="Optimizer.  [default: adam; radam with --consistency, as ECT]")
+@_field("--ckpt-seconds", "ckpt_seconds", "Also write a resume point at the first tick S seconds after the last one "
+        "(0: by kimg only).", type=float, metavar="S")
+@_field("--optim", "optimizer", "Optimizer.", metavar="|".join(OPTIMIZERS))
 @click.option("--consistency", is_flag=True, default=None,
               help="Consistency tuning (ECT, Geng et al. 2024) of the EDM checkpoint --from into a 1-2 step model; "
-                   "--preset then names a consistency preset (tiny, cifar10).")
+                   f"--preset then names a consistency preset ({', '.join(CONSISTENCY_PRESETS)}).")
 @click.option("--from", "tune_from", metavar="CKPT", default=None,
               help="With --consistency: the EDM checkpoint to tune (its network, classes and resolution are kept).")
-@click.option("--ect-q", "ect_q", type=float, default=None, metavar="Q",
-              help="ECT: the gap t - r shrinks by Q every stage.  [default: 2]")
-@click.option("--ect-stage", "ect_stage_kimg", type=float, default=None, metavar="KIMG",
-              help="ECT: kimg per stage.  [default: 3200]")
-@click.option("--ect-k", "ect_k", type=float, default=None, help="ECT: r(t)'s adjustment 1 + k sigmoid(-b t).  [default: 8]")
-@click.option("--ect-b", "ect_b", type=float, default=None, help="ECT: see --ect-k.  [default: 1]")
-@click.option("--ect-c", "ect_c", type=float, default=None,
-              help="ECT: pseudo-Huber constant c; 0 is the L2 distance.  [default: 0]")
-@click.option("--ect-p-mean", "ect_p_mean", type=float, default=None,
-              help="ECT: ln t ~ N(P_mean, P_std^2).  [default: -1.1]")
-@click.option("--ect-p-std", "ect_p_std", type=float, default=None, help="ECT: see --ect-p-mean.  [default: 2.0]")
+@_field("--ect-q", "ect_q", "ECT: the gap t - r shrinks by Q every stage.", type=float, metavar="Q")
+@_field("--ect-stage", "ect_stage_kimg", "ECT: kimg per stage.", type=float, metavar="KIMG")
+@_field("--ect-k", "ect_k", "ECT: r(t)'s adjustment 1 + k sigmoid(-b t).", type=float)
+@_field("--ect-b", "ect_b", "ECT: see --ect-k.", type=float)
+@_field("--ect-c", "ect_c", "ECT: pseudo-Huber constant c; 0 is the L2 distance.", type=float)
+@_field("--ect-p-mean", "ect_p_mean", "ECT: ln t ~ N(P_mean, P_std^2).", type=float)
+@_field("--ect-p-std", "ect_p_std", "ECT: see --ect-p-mean.", type=float)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @click.pass_context
 def train(ctx: click.Context, **kw) -> None:
@@ -145,12 +120,7 @@ def train(ctx: click.Context, **kw) -> None:
       torchrun --nproc_per_node=8 -m edm_deploy.cli train --data ffhq-64x64.zip --outdir runs/ffhq --preset ffhq64
       edm-deploy train --consistency --from runs/digits/ckpt.pt --preset tiny --outdir runs/digits-ect
     """
-    from edm_deploy.training.options import (
-        TrainingOptions,
-        consistency_options,
-        options_from_preset,
-        resume_options,
-    )
+    from edm_deploy.training.options import consistency_options, options_from_preset, resume_options
     from edm_deploy.training.training_loop import training_loop
 
     fields = {f.name for f in dataclasses.fields(TrainingOptions)}

@@ -19,7 +19,14 @@ import numpy as np
 
 from edm_deploy.runtime.contract import DenoiserBase
 from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.manifest import CONSISTENCY_KEY, consistency_record, decode_limit, validate
+from edm_deploy.runtime.manifest import (
+    CONSISTENCY_KEY,
+    SCHEDULES_KEY,
+    consistency_record,
+    decode_limit,
+    schedules_record,
+    validate,
+)
 from edm_deploy.runtime.rounding import round_sigma_from_rule
 from edm_deploy.runtime.xp import concatenate
 
@@ -46,6 +53,8 @@ class DenoiserBackend(DenoiserBase):
         # How the model was consistency-tuned (method, teacher checkpoint and its sha256), or None.
         self.consistency: Optional[dict] = consistency_record(manifest.get(CONSISTENCY_KEY), source)
         self.consistency_tuned = self.consistency is not None
+        # Time points searched for this model, by "solver@nfe" (the planner's default for that pair).
+        self.schedules: dict[str, list[float]] = schedules_record(manifest.get(SCHEDULES_KEY), source)
         self.calls = 0
         self.device = "cpu"
         self._notes: list[str] = []
