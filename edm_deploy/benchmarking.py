@@ -15,13 +15,48 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from edm_deploy.runtime.contract import as_denoiser
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.timing import TimedDenoiser
+
+# The `format` tag of the JSON `bench --json` writes: what says an existing file may be replaced.
+BENCH_FORMAT = "edm-deploy-bench"
+
+
+def is_bench_json(path: str) -> bool:
+    """Whether `path` is a JSON that `bench --json` wrote (the one kind of file it replaces)."""
+    from edm_deploy.runtime.jsonio import has_format
+
+    return has_format(path, (BENCH_FORMAT,))
+
+
+# The largest batch bench times a model without a declared limit (a .pt checkpoint) at, and the
+# limit of the ONNX export it compares such a model with: bench's memory grows with the batch.
+BENCH_MAX_BATCH = 1024
+
+
+def batch_limit(model: str) -> tuple[int, str]:
+    """(the largest batch bench may time `model` at, where that limit comes from)."""
+    from edm_deploy.loading import model_kind, read_manifest
+
+    if model_kind(model) != "pt":
+        declared = (read_manifest(model).get("batch") or {}).get("max")
+        if declared is not None:
+            return int(declared), "its export's --max-batch"
+    return BENCH_MAX_BATCH, "bench's limit for a model that declares none"
+
+
+def check_batches(model: str, batches: Sequence[int]) -> None:
+    """Every --batch within the model's batch limit, before anything is timed."""
+    limit, source = batch_limit(model)
+    above = [b for b in batches if b > limit]
+    if above:
+        raise InputError(f"batch {max(above)} is above the batch limit of {model}: {limit} ({source}); bench times "
+                         f"network calls of that many rows, so use --batch {limit} or less", param="batches")
 
 
 def paper_steps(resolution: int) -> int:
@@ -150,7 +185,7 @@ def backend_factories(model: str, backends: list[str], device: str = "auto", thr
 
         ckpt = load_checkpoint(model)
         onnx_path = os.path.join(workdir or tempfile.mkdtemp(prefix="edm-bench-"), "bench.onnx")
-        result = export_onnx(load_network(ckpt), ckpt["network"], onnx_path, max_batch=1024)
+        result = export_onnx(load_network(ckpt), ckpt["network"], onnx_path, max_batch=BENCH_MAX_BATCH)
         extra["export_s"] = result.seconds
     else:
         onnx_path = model

@@ -92,7 +92,7 @@ def cli_message(exc: EdmDeployError) -> str:
     params = exc.param if isinstance(exc.param, (list, tuple)) else [exc.param]
     for param in params:
         flag = FLAGS.get(param or "")
-        if flag:
+        if flag and f"{param} ({flag})" not in text:  # a message that gives the flag itself keeps its name
             text = re.sub(rf"(?<![\w-]){re.escape(param)}(?!\w)", flag, text, count=1)
     return text
 

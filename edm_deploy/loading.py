@@ -115,12 +115,16 @@ def _onnx_manifest(path: str) -> dict:
 
 
 def _pt_manifest(path: str) -> dict:
-    from edm_deploy.training.checkpoint import load_checkpoint, load_network, network_manifest
+    """A checkpoint's manifest from its description, without building the network: its skeleton on
+    torch's meta device (no weights allocated or initialised) says what the description implies."""
+    from edm_deploy.training.checkpoint import check_network_fits, load_checkpoint, network_manifest
 
     ckpt = load_checkpoint(path)
-    manifest = network_manifest(load_network(ckpt), ckpt["network"], source_path=path)
+    skeleton = check_network_fits(ckpt["network"], ckpt["ema"], path)
+    manifest = network_manifest(skeleton, ckpt["network"], source_path=path)
     manifest["checkpoint"] = {k: v for k, v in ckpt.get("meta", {}).items() if isinstance(v, (str, int, float, bool))}
     manifest["checkpoint"]["resume_point"] = ckpt.get("training_state") is not None
+    manifest["checkpoint"]["parameters"] = sum(p.numel() for p in skeleton.parameters())
     return manifest
 
 

@@ -392,7 +392,7 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
             raw = await read_body(request, limits.max_body_bytes, body_timeout)
             call = parse_generate(_loads(raw, limits.max_body_bytes), limits)
             previews: Optional[asyncio.Queue] = asyncio.Queue() if call.stream else None
-            future = engine.submit(request=engine.request(**call.engine_args()),
+            future = engine.submit(**call.engine_args(),  # submit checks the request as `Engine.request` does
                                    on_preview=_deliver(previews) if call.preview_every else None)
         except Refused as exc:
             return refused(exc.status, exc.reason, str(exc), **exc.headers)

@@ -40,7 +40,7 @@ from typing import Any, BinaryIO, Optional
 import torch
 
 from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.fileio import refuse_overwriting_inputs, write_target
+from edm_deploy.runtime.fileio import refuse_foreign_file, refuse_overwriting_inputs, write_target
 from edm_deploy.training import precond as precond_module
 from edm_deploy.training.presets import ARCHITECTURE_NAMES
 
@@ -716,12 +716,10 @@ def check_loadable(official: OfficialNetwork, source: str) -> None:
     the state dict is matched against it by name and shape: a file whose tree lacks tensors, has
     extra ones or has them in other shapes would give a checkpoint that nothing can load.
     """
-    from edm_deploy.training.checkpoint import build_network, check_weights_fit
+    from edm_deploy.training.checkpoint import check_network_fits
 
-    with torch.device("meta"):
-        net = build_network(official.network, source)
     try:
-        check_weights_fit(net, official.state_dict, source, "the weights in the pickle")
+        check_network_fits(official.network, official.state_dict, source, "the weights in the pickle")
     except InputError as exc:
         raise InputError(f"{exc}; refusing to write a checkpoint that nothing could load") from exc
 
@@ -750,7 +748,7 @@ def convert_official(source: str, out: Optional[str] = None, key: str = "ema", s
     """
     from edm_deploy.runtime.download import fetch, is_url
     from edm_deploy.runtime.fileio import sha256_file
-    from edm_deploy.training.checkpoint import save_checkpoint
+    from edm_deploy.training.checkpoint import is_checkpoint_file, save_checkpoint
 
     out = os.path.abspath(write_target(out or default_output(source)))  # a symlinked out is written through
     if os.path.isdir(out):
@@ -759,6 +757,7 @@ def convert_official(source: str, out: Optional[str] = None, key: str = "ema", s
         raise InputError(f"output folder does not exist: {os.path.dirname(out)}")
     if not is_url(source):
         refuse_overwriting_inputs({"source": source}, {"out": out})
+    refuse_foreign_file(out, "out", is_checkpoint_file, "an edm-deploy checkpoint")
     local = fetch(source, sha256=sha256, progress=progress)
     refuse_overwriting_inputs({"source": local}, {"out": out})  # a URL's cached download, too
     official = read_official(local, key)

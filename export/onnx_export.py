@@ -35,6 +35,7 @@ from edm_deploy.runtime.errors import InputError, first_line
 from edm_deploy.runtime.manifest import (
     CLASS_LABELS,
     DENOISED,
+    DIGEST_KEY,
     ONNX_METADATA_KEY,
     SCHEDULES_KEY,
     SIGMA,
@@ -43,6 +44,7 @@ from edm_deploy.runtime.manifest import (
     schedules_record,
 )
 from edm_deploy.runtime.manifest import input_names as graph_input_names
+from edm_deploy.runtime.onnx_file import digest_of_bytes
 from edm_deploy.runtime.version import __version__
 
 DEFAULT_OPSET = 17
@@ -100,11 +102,19 @@ def _wrapper(net: Any, conditional: bool):
 
 
 def embed_manifest(model: Any, manifest: dict) -> None:
-    """The edm_deploy manifest as the ONNX model's only metadata entry (an export's, or a quantised copy's)."""
+    """The edm_deploy manifest as the ONNX model's only metadata entry (an export's, or a quantised copy's).
+
+    The manifest records the digest of everything else in the file (`runtime.onnx_file`), so a
+    load notices a damaged or altered file; a model whose weights go to an external data file
+    (over 2 GB) records none, as the digest would not cover them.
+    """
     del model.metadata_props[:]
+    model.producer_name, model.producer_version = "edm-deploy", __version__
+    manifest.pop(DIGEST_KEY, None)
+    if model.ByteSize() <= PROTOBUF_LIMIT:
+        manifest[DIGEST_KEY] = digest_of_bytes(model.SerializeToString(), manifest.get("precision", "fp32"))
     entry = model.metadata_props.add()
     entry.key, entry.value = ONNX_METADATA_KEY, dumps(manifest)
-    model.producer_name, model.producer_version = "edm-deploy", __version__
 
 
 def export_onnx(

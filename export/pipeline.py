@@ -66,7 +66,7 @@ def plan_export(model: str, kind: str, precision: str = "fp32", out_path: Option
     holds the int8 calibration options given; ``inputs`` other files the run reads (a timing
     cache, calibration data), which no output may replace.
     """
-    from edm_deploy.export.staging import companions
+    from edm_deploy.export.staging import companions, refuse_foreign_outputs
     from edm_deploy.export.tensorrt_build import tensorrt_status
     from edm_deploy.runtime.fileio import refuse_overwriting_inputs, write_target
 
@@ -101,6 +101,7 @@ def plan_export(model: str, kind: str, precision: str = "fp32", out_path: Option
     plan = ExportPlan(model, kind, precision, onnx_path, plan_path, "" if want_trt else trt_reason)
     refuse_overwriting_inputs({"model": model, **(inputs or {})},
                               {f"output {os.path.basename(f)}": f for p in plan.finals for f in [p, *companions(p)]})
+    refuse_foreign_outputs(plan.finals)
     return plan
 
 
@@ -189,7 +190,7 @@ def export_checkpoint(
     import time
 
     from edm_deploy.export.onnx_export import export_onnx
-    from edm_deploy.export.staging import Staging, companions
+    from edm_deploy.export.staging import Staging, companions, refuse_foreign_outputs
     from edm_deploy.runtime.fileio import refuse_overwriting_inputs
     from edm_deploy.training.checkpoint import load_checkpoint, load_network
 
@@ -200,6 +201,7 @@ def export_checkpoint(
     out_path = out_path or default_onnx_path(ckpt_path, precision)
     refuse_overwriting_inputs({"ckpt_path": ckpt_path, "calibration data": calibration and calibration.data},
                               {f"out_path ({os.path.basename(p)})": p for p in [out_path, *companions(out_path)]})
+    refuse_foreign_outputs([out_path])
     start = time.perf_counter()
     ckpt = load_checkpoint(ckpt_path)
     net = load_network(ckpt)

@@ -25,6 +25,7 @@ from edm_deploy.runtime.fileio import (
     TEMP_PREFIX,
     TEMP_SUFFIX,
     exclusive_output,
+    refuse_foreign_file,
     track_temporary,
     untrack_temporary,
 )
@@ -38,6 +39,37 @@ def failed_name(path: str) -> str:
 def companions(path: str) -> list[str]:
     """Files that travel with an artifact: external weights of an ONNX file, an engine's sidecar."""
     return [path + ".data"] if path.endswith(".onnx") else [path + ".json"] if path.endswith((".plan", ".engine")) else []
+
+
+def written_by_us(path: str) -> bool:
+    """Whether an existing file at an export's output name is an artifact edm-deploy exported (an
+    ONNX file with its manifest, an engine with its sidecar manifest, or their companions), which
+    a new export may replace; anything else is the user's (`fileio.refuse_foreign_file`)."""
+    from edm_deploy.runtime.jsonio import has_format
+    from edm_deploy.runtime.manifest import MANIFEST_FORMAT
+    from edm_deploy.runtime.onnx_file import has_manifest
+
+    for suffix in (".data", ".json"):
+        owner = path[:-len(suffix)]
+        if path.endswith(suffix) and path in companions(owner):
+            return (suffix == ".data" or has_format(path, (MANIFEST_FORMAT,))) and written_by_us(owner)
+    if path.endswith(".onnx"):
+        return has_manifest(path)
+    sidecars = companions(path)
+    return bool(sidecars) and has_format(sidecars[0], (MANIFEST_FORMAT,))
+
+
+def refuse_foreign_outputs(finals: Iterable[str]) -> None:
+    """Before an export works: every file it may write or replace (its artifacts, their companions,
+    the names a failed one is kept under) must be absent or an earlier export's."""
+    for final in finals:
+        for path in (final, *companions(final), failed_name(final), *companions(failed_name(final))):
+            refuse_foreign_file(path, f"output {os.path.basename(path)}", written_by_us, "an exported model file")
+        folder = os.path.splitext(final)[0] + ".failed"  # where `keep_failed` puts a file with companions
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                refuse_foreign_file(os.path.join(folder, name), f"output {os.path.basename(folder)}/{name}",
+                                    written_by_us, "an exported model file")
 
 
 class Staging:

@@ -30,9 +30,10 @@ import os
 import time
 from typing import Optional
 
+from edm_deploy.runtime.backends.tensorrt import sidecar_path
 from edm_deploy.runtime.errors import BackendUnavailableError, InputError
 from edm_deploy.runtime.fileio import atomic_write_bytes, sha256_file
-from edm_deploy.runtime.manifest import CLASS_LABELS, SIGMA, X, write_sidecar
+from edm_deploy.runtime.manifest import CLASS_LABELS, DIGEST_KEY, SIGMA, X, write_sidecar
 from edm_deploy.runtime.optional import require
 
 
@@ -143,7 +144,7 @@ def build_engine(
     if timing_cache:
         atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
 
-    engine_manifest = dict(manifest)
+    engine_manifest = {k: v for k, v in manifest.items() if k != DIGEST_KEY}  # that digest is the ONNX file's
     engine_manifest["batch"] = {"min": 1, "opt": opt_batch, "max": max_batch}
     engine_manifest["tensorrt"] = {
         "version": trt.__version__,
@@ -162,7 +163,7 @@ def build_engine(
         engine_manifest["tensorrt"]["explicit_quantization"] = {
             "qdq_layers": quantization["qdq_layers"], "int8_nodes": len(quantization["int8_nodes"]),
         }
-    write_sidecar(plan_path + ".json", engine_manifest)
+    write_sidecar(sidecar_path(plan_path), engine_manifest)
     return engine_manifest
 
 

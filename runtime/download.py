@@ -15,10 +15,13 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Optional
+from typing import Callable, Optional
 
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.fileio import sha256_file
+
+# A caller's test that a file is what it reads: raises InputError when it is not.
+Check = Callable[[str], None]
 
 
 def cache_dir() -> str:
@@ -36,11 +39,26 @@ def _cache_name(url: str) -> str:
     return f"{digest}_{base}"
 
 
-def fetch(path_or_url: str, sha256: Optional[str] = None, progress: bool = True, timeout: float = 60.0) -> str:
+def _usable(path: str, check: Optional[Check]) -> bool:
+    if check is None:
+        return True
+    try:
+        check(path)
+    except InputError:
+        return False
+    return True
+
+
+def fetch(path_or_url: str, sha256: Optional[str] = None, progress: bool = True, timeout: float = 60.0,
+          check: Optional[Check] = None) -> str:
     """Return a local path for `path_or_url`, downloading URLs into the cache once.
 
     With `sha256`, the file (cached or local) must match it, otherwise an InputError is raised
-    and a mismatching download is discarded.
+    and a mismatching download is discarded. Only a download that is the file asked for enters
+    the cache, so a failed one is never reused: a web page served in its place (an error or
+    login page, text/html) is refused, and `check(path)`, which raises InputError for a file that
+    is not what the caller reads (an .npz that does not open), runs on the download before it is
+    cached and on a cached file before it is reused (one that fails is fetched again).
     """
     if not is_url(path_or_url):
         if not os.path.exists(path_or_url):
@@ -54,15 +72,20 @@ def fetch(path_or_url: str, sha256: Optional[str] = None, progress: bool = True,
     os.makedirs(directory, exist_ok=True)
     target = os.path.join(directory, _cache_name(url))
     if os.path.exists(target):
-        if not sha256 or sha256_file(target) == sha256.lower():
+        if (not sha256 or sha256_file(target) == sha256.lower()) and _usable(target, check):
             return target
-        os.unlink(target)  # stale or corrupted cache entry: fetch again
+        os.unlink(target)  # stale, corrupted or unusable cache entry: fetch again
 
     try:
         response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - http(s) only, checked above
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise InputError(f"could not download {url}: {reason}") from exc
+    kind = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if kind == "text/html" and not urllib.parse.urlparse(url).path.lower().endswith((".html", ".htm")):
+        response.close()
+        raise InputError(f"{url} answered with a web page (text/html), not the file: an error or login page, or "
+                         "a wrong address; nothing was cached")
     fd, tmp = tempfile.mkstemp(prefix=".part-", dir=directory)
     digest = hashlib.sha256()
     try:
@@ -92,6 +115,11 @@ def fetch(path_or_url: str, sha256: Optional[str] = None, progress: bool = True,
             raise InputError(f"download of {url} is incomplete ({received} of {total} bytes)")
         if sha256 and digest.hexdigest() != sha256.lower():
             raise InputError(f"download of {url} has sha256 {digest.hexdigest()}, expected {sha256}")
+        if check is not None:
+            try:
+                check(tmp)
+            except InputError as exc:
+                raise InputError(f"download of {url} is not the file expected, so it was not cached: {exc}") from None
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from other users of a shared cache
         os.replace(tmp, target)
     finally:

@@ -15,7 +15,7 @@ import os
 import shutil
 import stat
 import tempfile
-from typing import Iterator
+from typing import Callable, Iterator
 
 from edm_deploy.runtime.errors import InputError
 
@@ -126,6 +126,11 @@ def atomic_path(path: str, durable: bool = False) -> Iterator[str]:
         os.replace(tmp, path)
         if durable:
             _fsync_dir(directory)
+    except OSError as exc:
+        if exc.filename not in (None, tmp):
+            raise
+        # A failed write (a full disk, a file size limit) names no file, or the temporary one: name the output.
+        raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
     finally:
         untrack_temporary(tmp)
         if os.path.exists(tmp):
@@ -205,6 +210,22 @@ def refuse_overwriting_inputs(inputs: dict[str, str], outputs: dict[str, str]) -
                     f"{out_label} {out_path} would overwrite {in_label} {in_path}; choose another output",
                     param=in_label,
                 )
+
+
+def refuse_foreign_file(path: str, label: str, ours: Callable[[str], bool], what: str) -> None:
+    """Replace nothing edm-deploy did not write: an existing file at output `path` must be `what`
+    (e.g. "a bench JSON") as `ours(path)` recognises it, else one InputError before any work.
+
+    The rule `sample --npz` follows, for every file a command writes: a file of the same kind
+    that edm-deploy wrote (a rerun) may be replaced, anything else the user must move away.
+    `ours` reads a bounded head of the file and must not raise; a symlink is judged at its target.
+    """
+    target = write_target(path)
+    if not os.path.lexists(target) or os.path.isdir(target):
+        return  # nothing to replace; a folder is each command's own error
+    if not ours(target):
+        raise InputError(f"{label} {path} already exists and is not {what} that edm-deploy wrote; choose another "
+                         "output or delete it", param=label)
 
 
 def lock_path_for(output: str) -> str:

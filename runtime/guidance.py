@@ -128,7 +128,20 @@ class GuidedDenoiser(DelegatingDenoiser):
 
     @property
     def warnings(self) -> list[str]:
-        return self.den.warnings + ([] if self.guide is None else self.guide.warnings)
+        return self.den.warnings + ([] if self.guide is None else self.guide.warnings + self._kind_mismatch())
+
+    def _kind_mismatch(self) -> list[str]:
+        """Autoguidance extrapolates D - D_g between two denoisers of one kind: a consistency-tuned
+        model (which predicts the end of the trajectory) and a plain one (the posterior mean)
+        differ by far more than the guide's weakness, and the mix gives poor images."""
+        tuned = [bool(getattr(m, "consistency_tuned", False)) for m in (self.den, self.guide)]
+        if tuned[0] == tuned[1]:
+            return []
+        which = ("the model is consistency-tuned and the guide is not" if tuned[0]
+                 else "the guide is consistency-tuned and the model is not")
+        return [f"{which}: they predict different things (a consistency model the trajectory's end, a plain EDM "
+                "denoiser the mean of what the noise could hide), so D - D_g is not the guide's weakness and the "
+                "guided images will be poor; guide a model with one of its own kind"]
 
     def numerics(self) -> str:
         return self.den.numerics() + ("" if self.guide is None else f"; guide {self.guide.numerics()}")

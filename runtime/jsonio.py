@@ -12,7 +12,9 @@ line and before the parser runs:
   checked on the file's size before it is read;
 * nesting deeper than `MAX_JSON_DEPTH`, measured without recursion;
 * the non-standard constants ``NaN``, ``Infinity`` and ``-Infinity`` (JSON has none; Python's
-  parser accepts them by default and they would pass as numbers).
+  parser accepts them by default and they would pass as numbers);
+* numbers no edm-deploy file holds: integers of more than `MAX_INT_DIGITS` digits and floats
+  beyond the range of a float, told as valid JSON holding such a value (not as invalid JSON).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from edm_deploy.runtime.fileio import check_regular_file
 # -> channel_mult, 4); 64 leaves room for any hand-written extra and stays far below the depth at
 # which Python's parser or a recursive walk over the result runs out of stack (~1000).
 MAX_JSON_DEPTH = 64
-MAX_INT_DIGITS = 4300  # Python's own limit on converting text to an int (sys.get_int_max_str_digits)
 
 # What each kind of file may hold at most, in bytes (a file beyond it is refused unread).
 MAX_MANIFEST_BYTES = 16 << 20    # an iDDPM manifest with its 1000-level table is ~30 KB
@@ -57,6 +58,16 @@ def nesting_depth(text: str) -> int:
     return int(np.cumsum(np.where(opens[brackets], 1, -1), dtype=np.int64).max())
 
 
+# The most digits an integer in any file this project reads may have: every count, size and seed
+# fits in 64 bits (20 digits). Python refuses integers beyond 4300 digits with a ValueError that
+# would read as invalid JSON, and spends quadratic time converting shorter ones.
+MAX_INT_DIGITS = 20
+
+
+class _BeyondRange(ValueError):
+    """A valid JSON number that is no value to compute with (too large for a float, too many digits)."""
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
@@ -64,17 +75,14 @@ def _refuse_constant(name: str) -> Any:
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # 1e400: a number too large for a float, not a value to compute with
-        raise ValueError(f"{text[:40]} is beyond the range of a float")
+        raise _BeyondRange(f"{text[:40]} is beyond the range of a float")
     return value
 
 
-class _LongInteger(Exception):
-    """Valid JSON that Python's int() refuses (more than MAX_INT_DIGITS digits): said as such, not "not valid"."""
-
-
 def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise _LongInteger(len(text.lstrip("-")))
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise _BeyondRange(f"its integer {text[:12]}... has {digits:,} digits; at most {MAX_INT_DIGITS:,} are read")
     return int(text)
 
 
@@ -105,14 +113,16 @@ def loads_bounded(text: Any, source: str, max_bytes: int = MAX_MANIFEST_BYTES, w
         raise InputError(f"{source}: {what} nested {depth} levels deep; at most {MAX_JSON_DEPTH} are read "
                          "(no edm-deploy file nests more than a few)", param=param)
     try:
-        return json.loads(text, parse_int=_bounded_int, **({} if allow_constants else {
-            "parse_constant": _refuse_constant, "parse_float": _finite_float}))
-    except _LongInteger as exc:
-        raise InputError(f"{source} holds an integer of {exc.args[0]:,} digits; at most {MAX_INT_DIGITS:,} are read",
-                         param=param) from None
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, a refused constant, a huge integer
-        detail = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
-        raise InputError(f"{source} is not valid {what} ({detail})", param=param) from None
+        return json.loads(text, parse_int=_bounded_int,
+                          **({} if allow_constants else {"parse_constant": _refuse_constant,
+                                                         "parse_float": _finite_float}))
+    except _BeyondRange as exc:
+        kind = "" if what == "JSON" else f": it is no {what}"
+        raise InputError(f"{source} is valid JSON, but {exc}{kind}", param=param) from None
+    except RecursionError:
+        raise InputError(f"{source}: {what} nested too deeply to read", param=param) from None
+    except ValueError as exc:  # JSONDecodeError, a refused constant
+        raise InputError(f"{source} is not valid {what} ({exc})", param=param) from None
 
 
 def read_json_file(path: str, source: Optional[str] = None, max_bytes: int = MAX_MANIFEST_BYTES,
@@ -130,3 +140,13 @@ def read_json_file(path: str, source: Optional[str] = None, max_bytes: int = MAX
     except OSError as exc:
         raise InputError(f"cannot read {source}: {exc.strerror or exc}", param=param) from None
     return loads_bounded(data, source, max_bytes=max_bytes, what=what, param=param, allow_constants=allow_constants)
+
+
+def has_format(path: str, formats: tuple[str, ...], max_bytes: int = MAX_RECORD_BYTES) -> bool:
+    """Whether `path` is a JSON object whose ``format`` tag is one of `formats` (an edm-deploy file
+    of that kind); anything unreadable, foreign or oversized is not."""
+    try:
+        data = read_json_file(path, max_bytes=max_bytes, allow_constants=True)
+    except InputError:
+        return False
+    return isinstance(data, dict) and data.get("format") in formats

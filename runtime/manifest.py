@@ -27,6 +27,10 @@ from edm_deploy.runtime.jsonio import MAX_MANIFEST_BYTES, loads_bounded, read_js
 MANIFEST_FORMAT = "edm-deploy-manifest"
 MANIFEST_VERSION = 1
 ONNX_METADATA_KEY = "edm_deploy"
+# The number formats a network may compute in (bf16: the torch backend's autocast path).
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# An ONNX export's digest of its own content but the manifest (`runtime.onnx_file`).
+DIGEST_KEY = "content_sha256"
 
 # The tensors of every exported denoiser graph D(x, sigma, class_labels) -> denoised.
 X, SIGMA, CLASS_LABELS, DENOISED = "x", "sigma", "class_labels", "denoised"
@@ -149,8 +153,12 @@ def validate(manifest: dict[str, Any], source: str = "manifest") -> dict[str, An
     for key in SECTIONS:
         if manifest.get(key) is not None and not isinstance(manifest[key], dict):
             raise InputError(f"{source}: manifest {key} must be an object, got a {type(manifest[key]).__name__}")
-    if manifest.get("precision") is not None and not isinstance(manifest["precision"], str):
-        raise InputError(f"{source}: manifest precision must be a name such as fp32, got {manifest['precision']!r}")
+    if manifest.get("precision") is not None and manifest["precision"] not in PRECISIONS:
+        raise InputError(f"{source}: manifest precision must be a name, one of {', '.join(PRECISIONS)}; "
+                         f"got {manifest['precision']!r:.40}")
+    digest = manifest.get(DIGEST_KEY)
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise InputError(f"{source}: manifest {DIGEST_KEY} must be 64 hexadecimal digits, got {digest!r:.80}")
     kwargs = (manifest.get("network") or {}).get("init_kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise InputError(f"{source}: manifest network.init_kwargs must be an object, got a {type(kwargs).__name__}")
@@ -160,6 +168,14 @@ def validate(manifest: dict[str, Any], source: str = "manifest") -> dict[str, An
     consistency_record(manifest.get(CONSISTENCY_KEY), source)
     schedules_record(manifest.get(SCHEDULES_KEY), source)
     return manifest
+
+
+def check_precision(manifest: dict[str, Any], graph_precision: str, source: str) -> None:
+    """The precision a manifest claims must be the one its graph computes in (told from the graph)."""
+    claimed = manifest.get("precision", "fp32")
+    if claimed != graph_precision:
+        raise InputError(f"{source}: the manifest says {claimed}, but the graph computes in {graph_precision}; the "
+                         "manifest was altered or belongs to another export: export the model again")
 
 
 def _check_header(manifest: Any, source: str) -> None:

@@ -34,16 +34,18 @@ RECORD_CHECK_WAIT_S = 120.0
 HoldsImages = Callable[[str], bool]
 
 
-def read_record(folder: str) -> tuple[bool, Optional[dict]]:
-    """(exists, content or None when unreadable)."""
+def read_record(folder: str) -> tuple[bool, Optional[dict], str]:
+    """(exists, content or None when unreadable, why it is unreadable)."""
     path = os.path.join(folder, RUN_RECORD)
     if not os.path.exists(path):
-        return False, None
+        return False, None, ""
     try:
         data = read_json_file(path, max_bytes=MAX_RECORD_BYTES, what="run record", allow_constants=True)
-        return True, data if isinstance(data, dict) else None
-    except InputError:  # unreadable, oversized or nested too deeply: a record that matches nothing
-        return True, None
+    except InputError as exc:  # unreadable, oversized or nested too deeply: a record that matches nothing
+        return True, None, str(exc)
+    if not isinstance(data, dict):
+        return True, None, f"{path} holds a JSON {type(data).__name__}, not a run record"
+    return True, data, ""
 
 
 def _shard_lock(folder: str, shard: tuple[int, int]) -> str:
@@ -65,13 +67,17 @@ def check_run_record(folder: str, record: dict, holds_images: HoldsImages, other
     folder holds no images (a run that failed before its first image) is replaced, unless
     another process is still writing there.
     """
-    exists, previous = read_record(folder)
+    exists, previous, damage = read_record(folder)
     if previous == record:
         return
     if not exists:
         if holds_images(folder):
             raise InputError(f"{folder} already holds images but no edm-deploy run record, so they cannot be "
                              "resumed safely; choose an empty or new output")
+    elif previous is None and (holds_images(folder) or others_writing):
+        raise InputError(f"{folder} holds images, but its run record is damaged ({damage}), so the settings that "
+                         "made them are unknown and they cannot be resumed safely; choose another output, or delete "
+                         "the folder to start over")
     elif holds_images(folder) or others_writing:
         changed = sorted(k for k in set(record) | set(previous or {}) if (previous or {}).get(k) != record.get(k))
         raise InputError(

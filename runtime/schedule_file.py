@@ -17,7 +17,7 @@ import numpy as np
 
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.fileio import atomic_write_bytes
-from edm_deploy.runtime.jsonio import MAX_SCHEDULE_BYTES, read_json_file
+from edm_deploy.runtime.jsonio import MAX_SCHEDULE_BYTES, has_format, read_json_file
 from edm_deploy.runtime.schedules import MAX_STEPS, check_sigma_list
 
 SCHEDULE_FORMAT = "edm-deploy-schedule"
@@ -67,6 +67,11 @@ def read_schedule(path: str) -> tuple[np.ndarray, dict[str, Any]]:
         return check_sigma_list(data), meta
     except InputError as exc:
         raise InputError(f"{exc} (in the file {path})", param="sigmas") from None
+
+
+def is_schedule_file(path: str) -> bool:
+    """Whether `path` is a schedule file edm-deploy wrote (the one kind `schedule --out` replaces)."""
+    return has_format(path, (SCHEDULE_FORMAT,))
 
 
 def write_schedule(path: str, sigmas: Any, **meta: Any) -> None:

@@ -26,6 +26,10 @@ from edm_deploy.runtime.noise import StackedRandomGenerator, draw_latents_and_la
 from edm_deploy.runtime.planner import sampling_sigmas
 from edm_deploy.runtime.xp import all_finite_rows, to_float64, to_host
 
+# The widest range of step weights coeff^k a path's cost may span (in decades): far beyond it, the
+# weighted sum overflows a float (or all but one step's cost vanish under it).
+MAX_WEIGHT_DECADES = 100
+
 # gits-main's defaults (sample.py / launch.sh): 256 warm-up latents, iPNDM teacher on 61 points, coeff 1.15.
 DEFAULT_LATENTS = 256
 DEFAULT_TEACHER = "ipndm"
@@ -536,6 +540,12 @@ def plan_search(solver: str, nfe: int, *, afs: bool = False, denoise_to_zero: bo
         raise InputError(f"teacher must be one of {', '.join(TEACHER_SOLVERS)}, got {teacher!r}", param="teacher")
     if isinstance(coeff, bool) or not isinstance(coeff, (int, float, np.floating)) or not (math.isfinite(coeff) and coeff > 0):
         raise InputError(f"coeff must be a finite number > 0, got {coeff!r}", param="coeff")
+    decades = (num_steps - 1) * abs(math.log10(coeff))  # the path's weights run from 1 to coeff^(K-1)
+    if decades > MAX_WEIGHT_DECADES:
+        most = 10 ** (MAX_WEIGHT_DECADES / (num_steps - 1))
+        raise InputError(f"coeff {coeff:g}: the step weights coeff^k of {num_steps} steps span a factor 1e{decades:.0f}, "
+                         f"beyond the 1e{MAX_WEIGHT_DECADES} a path's cost can hold; use a coeff from {1 / most:.3g} "
+                         f"to {most:.3g} (GITS: {DEFAULT_COEFF})", param="coeff")
     if metric not in METRICS:
         raise InputError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}", param="metric")
     if step not in STEP_MODELS:
@@ -544,6 +554,16 @@ def plan_search(solver: str, nfe: int, *, afs: bool = False, denoise_to_zero: bo
                 max_order=max_order if max_order is not None else MAX_ORDERS.get(solver),
                 fine_points=fine_points, teacher=teacher, coeff=float(coeff), metric=metric, step=step,
                 num_points=num_points, num_steps=num_steps, appends_zero=spec.appends_zero)
+
+
+def model_warnings(den: Any) -> list[str]:
+    """Why a search on this model gives a poor schedule: a consistency-tuned model no longer
+    predicts the denoiser whose ODE the teacher integrates and the searched solver steps."""
+    if not getattr(den, "consistency_tuned", False):
+        return []
+    return ["this model is consistency-tuned: it no longer predicts the denoiser an ODE solver integrates, so the "
+            "teacher's trajectories and a schedule searched on them are poor; sample it with `sample --solver "
+            "consistency --nfe 1` (or 2), or choose its time points with `schedule --solver consistency --ref REF`"]
 
 
 def fine_grid(den: Any, fine_points: int = DEFAULT_FINE_POINTS, sigma_min: Optional[float] = None,

@@ -16,6 +16,13 @@ SEED_LIMIT = 1 << 32  # seeds lie in [0, 2^32): the reference seeds its streams 
 MAX_SEEDS = 10_000_000  # per run; a larger list would not fit the run's bookkeeping in memory
 
 
+def is_number_text(text: str) -> bool:
+    """Whether `text` is a whole number written in ASCII digits: `str.isdigit` and `int` also take
+    other scripts' digits ('٣' is 3, and '²' passes isdigit but not int), which a seed or a
+    class number written by a user never means."""
+    return text.isascii() and text.isdigit()
+
+
 def check_seed_count(count: int, param: str = "seeds") -> None:
     if count > MAX_SEEDS:
         raise InputError(f"{count:,} seeds is more than one run takes ({MAX_SEEDS:,}); split the seeds over several runs",
@@ -101,7 +108,7 @@ def seed_ranges(text: str) -> list[tuple[int, int]]:
         part = part.strip()
         if not part:
             continue
-        m = re.fullmatch(r"(\d{1,20})(?:-(\d{1,20}))?", part)  # (seeds are below 2^32: 20 digits is plenty)
+        m = re.fullmatch(r"([0-9]{1,20})(?:-([0-9]{1,20}))?", part)  # (seeds are below 2^32: 20 digits is plenty)
         if not m:
             raise InputError(f"bad seed list {text!r}: use numbers and ranges like 0-63,100")
         lo = int(m.group(1))
@@ -135,7 +142,7 @@ def parse_shard(text: Optional[str]) -> tuple[int, int]:
         if world < 1 or not 0 <= rank < world:
             raise InputError(f"bad RANK={rank} / WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
         return rank, world
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    m = re.fullmatch(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*", str(text))
     if not m:
         raise InputError(f"bad shard {text!r}: use i/n, e.g. 0/4")
     i, n = int(m.group(1)), int(m.group(2))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -109,6 +109,10 @@ class SamplerSettings:
         """Settings as given, or built from a mapping of options."""
         if isinstance(settings, cls):
             return settings
+        if settings is not None and not isinstance(settings, Mapping):
+            hint = f" (for the solver, {{'solver': {settings!r}}})" if isinstance(settings, str) else ""
+            raise InputError(f"settings must be SamplerSettings or a mapping of sampler options, got "
+                             f"{type(settings).__name__} {settings!r:.60}{hint}", param="settings")
         return cls.from_options(**dict(settings or {}))
 
     def replace(self, **changes: Any) -> SamplerSettings:

@@ -50,7 +50,7 @@ from typing import Any, Callable, Generator, Mapping, Optional, Protocol
 import numpy as np
 
 from edm_deploy.runtime.errors import check_int, param_error
-from edm_deploy.runtime.schedules import check_sigma_list, symmetric_linspace, vp_betas_for_range
+from edm_deploy.runtime.schedules import MAX_STEPS, check_sigma_list, symmetric_linspace, vp_betas_for_range
 from edm_deploy.runtime.xp import from_host, to_float64
 
 # A step program: yields (x, sigma), receives D(x; sigma) as float64, returns the final x.
@@ -1125,13 +1125,16 @@ def steps_for_nfe(solver: str, nfe: int, afs: bool = False, denoise_to_zero: boo
     spec = get_solver(solver)
     _check_flags(spec, afs, denoise_to_zero)
     nfe = check_int(nfe, "nfe", lo=1)
-    points = range(spec.min_points, nfe + 4)
+    points = range(spec.min_points, min(nfe + 4, MAX_STEPS + 1))  # a schedule has at most MAX_STEPS points
     fits = [n for n in points if spec.nfe(n, afs, denoise_to_zero) == nfe]
     if fits:
         return max(fits)
-    costs = sorted({spec.nfe(n, afs, denoise_to_zero) for n in points})
+    costs = sorted(c for c in {spec.nfe(n, afs, denoise_to_zero) for n in points} if c <= MAX_STEPS)
     below = [c for c in costs if c < nfe]
     above = [c for c in costs if c > nfe]
+    if not above and nfe > max(costs, default=0):
+        raise param_error("nfe", f"{solver} cannot spend NFE {nfe}: its NFE is {spec.nfe_formula} for N time points, "
+                                 f"and a schedule has at most {MAX_STEPS:,}; the most it spends is NFE {costs[-1]:,}")
     nearest = " or ".join(str(c) for c in (below[-1:] + above[:1]))
     raise param_error(
         "nfe",

@@ -34,11 +34,22 @@ import numpy as np
 
 from edm_deploy.runtime import run_record
 from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.fileio import atomic_path, atomic_write_bytes, exclusive_output, write_target
+from edm_deploy.runtime.fileio import (
+    atomic_path,
+    atomic_write_bytes,
+    exclusive_output,
+    refuse_foreign_file,
+    write_target,
+)
 from edm_deploy.runtime.jsonio import MAX_RECORD_BYTES, loads_bounded
 from edm_deploy.runtime.run_record import RUN_RECORD  # noqa: F401  (the record's name, as callers know it)
+from edm_deploy.runtime.version import __version__
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # grid suffix -> PIL format
+# A grid names its maker in its EXIF Software tag (PNG, JPEG and WebP all carry EXIF), which is how
+# a rerun tells its own earlier grid, which it may replace, from an image it must not touch.
+EXIF_SOFTWARE = 0x0131
+SOFTWARE = "edm-deploy"
 
 
 def ensure_writable_dir(path: str) -> None:
@@ -84,11 +95,29 @@ def to_pil(image: np.ndarray):
     return Image.fromarray(image, "RGB")
 
 
-def encode_image(image: np.ndarray, fmt: str = "PNG", compress_level: int = 1) -> bytes:
+def encode_image(image: np.ndarray, fmt: str = "PNG", compress_level: int = 1, signed: bool = False) -> bytes:
+    """`image` encoded as `fmt`; `signed` names edm-deploy as its maker (`written_by_us`)."""
+    from PIL import Image
+
     buffer = io.BytesIO()
-    options = {"compress_level": compress_level} if fmt == "PNG" else {"quality": 95}
+    options: dict[str, Any] = {"compress_level": compress_level} if fmt == "PNG" else {"quality": 95}
+    if signed:
+        exif = Image.Exif()
+        exif[EXIF_SOFTWARE] = f"{SOFTWARE} {__version__}"
+        options["exif"] = exif
     to_pil(image).save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def written_by_us(path: str) -> bool:
+    """Whether the image at `path` names edm-deploy as its maker (a grid it wrote); never raises."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return str(img.getexif().get(EXIF_SOFTWARE, "")).split(" ")[0] == SOFTWARE
+    except Exception:  # not an image, unreadable, a decompression bomb: not ours
+        return False
 
 
 def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
@@ -335,10 +364,11 @@ def make_grid(images: np.ndarray, columns: Optional[int] = None, pad: int = 1) -
 def encode_grid(images: np.ndarray, columns: Optional[int] = None, scale: int = 1, fmt: str = "PNG",
                 pad: int = 1) -> bytes:
     """One grid image of uint8 NHWC images, each enlarged ``scale`` times (nearest neighbour, so
-    pixels stay exact) and tiled ``columns`` wide, in the PIL format ``fmt``."""
+    pixels stay exact) and tiled ``columns`` wide, in the PIL format ``fmt``; signed as edm-deploy's
+    (`written_by_us`), so a rerun may replace its own grid file and no other image."""
     if scale > 1:
         images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    return encode_image(make_grid(images, columns, pad=pad), fmt, compress_level=6)
+    return encode_image(make_grid(images, columns, pad=pad), fmt, compress_level=6, signed=True)
 
 
 def grid_size(count: int, image_hw: tuple[int, int], columns: Optional[int] = None, scale: int = 1,
@@ -396,6 +426,7 @@ class GridWriter:
         if os.path.isdir(path):
             raise InputError(f"{path} is a folder; a grid needs a file name")
         check_writable_dir(os.path.dirname(os.path.abspath(path)))
+        refuse_foreign_file(path, "grid_path", written_by_us, "a grid image")
         return fmt
 
     def is_done(self, seed: int) -> bool:
@@ -484,11 +515,23 @@ class OutputKind:
         return self.metavar == "DIR"
 
 
+def _no_grid_options(o: OutputOptions, output: str) -> None:
+    """Grid options shape a grid image only; given with another output they would do nothing."""
+    given = [name for name, value in (("grid_scale", o.grid_scale != 1), ("grid_cols", o.grid_columns is not None))
+             if value]
+    if given:
+        raise InputError(f"{' and '.join(given)} {'shape' if len(given) > 1 else 'shapes'} a grid image (grid_path); "
+                         f"{output} has no grid: drop "
+                         f"{'them' if len(given) > 1 else 'it'}", param=(*given, "grid_path"))
+
+
 def _check_tree(outdir: str, o: OutputOptions) -> None:
+    _no_grid_options(o, "a folder of PNGs")
     check_writable_dir(outdir)
 
 
 def _check_npz(npz_path: str, o: OutputOptions) -> None:
+    _no_grid_options(o, "an .npz")
     if not npz_path.lower().endswith(".npz"):
         raise InputError(f"{npz_path}: an .npz output must end in .npz")
     if os.path.isdir(npz_path):

@@ -40,7 +40,7 @@ from typing import Any, Optional
 from edm_deploy.runtime.backends.torch_backend import describe_denoiser
 from edm_deploy.runtime.errors import InputError, first_line
 from edm_deploy.runtime.fileio import atomic_write_bytes, sha256_file
-from edm_deploy.runtime.manifest import CONSISTENCY_KEY, PRECOND_KINDS, consistency_record
+from edm_deploy.runtime.manifest import CONSISTENCY_KEY, MAX_TABLE, PRECOND_KINDS, consistency_record
 from edm_deploy.runtime.optional import require
 from edm_deploy.runtime.version import __version__
 from edm_deploy.training.presets import ARCHITECTURE_NAMES
@@ -53,6 +53,17 @@ ARCHITECTURES = ARCHITECTURE_NAMES
 
 def _torch():
     return require("torch", "reading .pt checkpoints")
+
+
+# What bounds the work of building a network from its description on torch's meta device (its
+# module count, its tables): every published EDM network is far inside (2-4 blocks per level,
+# filters of 2-4 taps, M = 1000). The memory the network needs is bounded by the weights the
+# file holds instead (`check_network_fits`).
+STRUCTURE_LIMITS = {"num_blocks": 64, "attn_resolutions": 64, "resample_filter": 64, "channel_mult": 16,
+                    "M": MAX_TABLE}
+# Elements a network may hold beyond the weights its checkpoint stores (buffers that are rebuilt,
+# not stored, such as resampling filters of a few taps).
+MAX_UNSTORED_ELEMENTS = 1 << 20
 
 
 def check_network_description(network: Any, source: str = "checkpoint") -> dict:
@@ -72,8 +83,39 @@ def check_network_description(network: Any, source: str = "checkpoint") -> dict:
     for key in ("img_resolution", "img_channels"):
         if key not in kwargs:
             raise InputError(f"{source}: network description lacks {key}")
+    for key, limit in STRUCTURE_LIMITS.items():
+        value = kwargs.get(key)
+        size = len(value) if isinstance(value, (list, tuple)) else value
+        if isinstance(size, int) and size > limit:
+            what = f"{key} of {size:,} entries" if isinstance(value, (list, tuple)) else f"{key} {size:,}"
+            raise InputError(f"{source}: network description has {what}; at most {limit:,} is read: the file "
+                             "describes no network this project builds")
     consistency_record(network.get(CONSISTENCY_KEY), source)
     return network
+
+
+def network_skeleton(network: dict, source: str = "checkpoint"):
+    """The network a description implies, built on torch's meta device: every module and shape,
+    no memory for weights and no initialisation, so its size is known before it is built."""
+    torch = _torch()
+    with torch.device("meta"):
+        return build_network(network, source)
+
+
+def check_network_fits(network: dict, state: Any, source: str = "checkpoint", what: str = "checkpoint weights"):
+    """Refuse, before any memory is spent on it, a description that does not fit the weights the
+    file holds: other tensor names or shapes, or more elements than stored (a description with
+    ``model_channels`` 16384 beside 11 MB of weights would otherwise allocate gigabytes). So a
+    network built from a file never takes more memory than the file's own weights. Returns the
+    skeleton (`network_skeleton`)."""
+    skeleton = network_skeleton(network, source)
+    check_weights_fit(skeleton, state, source, what)
+    implied = sum(t.numel() for t in (*skeleton.parameters(), *skeleton.buffers()))
+    stored = sum(int(t.numel()) for t in state.values())
+    if implied > stored + MAX_UNSTORED_ELEMENTS:
+        raise InputError(f"{source}: the network description implies {implied:,} numbers, the file stores {stored:,}: "
+                         "the description does not belong to these weights")
+    return skeleton
 
 
 def build_network(network: dict, source: str = "checkpoint"):
@@ -172,6 +214,17 @@ def save_checkpoint(
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue(), durable=True)
+
+
+def is_checkpoint_file(path: str, max_pickle_bytes: int = 64 << 20) -> bool:
+    """Whether `path` is an edm-deploy checkpoint, told without torch or unpickling: a torch.save zip
+    whose pickle names `CHECKPOINT_FORMAT` (what `convert --out` may replace); never raises."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pickles = [i for i in zf.infolist() if i.filename.endswith("/data.pkl") and i.file_size <= max_pickle_bytes]
+            return any(CHECKPOINT_FORMAT.encode() in zf.read(i) for i in pickles[:1])
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError, EOFError):
+        return False
 
 
 def load_checkpoint(path: str) -> dict:
@@ -275,6 +328,7 @@ def load_network(source, device: str = "cpu"):
         name, ckpt = os.fspath(source), load_checkpoint(source)
     else:
         name, ckpt = "checkpoint", source
+    check_network_fits(ckpt["network"], ckpt["ema"], name)
     net = build_network(ckpt["network"], name)
     load_weights(net, ckpt["ema"], name, "checkpoint weights")
     return net.eval().requires_grad_(False).to(device)

@@ -458,8 +458,17 @@ def _check_left_to_train(options: TrainingOptions, ckpt: dict) -> None:
 
     Resuming into the run's own folder with the duration already reached is a no-op (the folder
     holds the finished run); into a new folder it is refused, since the user asked for a run there.
+    A duration asked for below what the run has already trained is refused anywhere: it would
+    read as done although the run is longer than asked.
     """
     done_nimg = int(ckpt["training_state"]["cur_nimg"])
+    stored = (ckpt["training_state"].get("options") or {}).get("duration_kimg")
+    if int(round(options.duration_kimg * 1000)) < done_nimg and options.duration_kimg != stored:
+        raise param_error(
+            "duration_kimg",
+            f"{options.resume} is already at {done_nimg / 1000:g} kimg, beyond duration_kimg {options.duration_kimg:g}: "
+            f"a run cannot be made shorter than it is; give more than {done_nimg / 1000:g} kimg to continue it, or "
+            f"use {options.resume} as it is")
     if done_nimg < int(round(options.duration_kimg * 1000)) or options.outdir is None:
         return
     if os.path.abspath(os.path.dirname(options.resume)) == os.path.abspath(options.outdir):

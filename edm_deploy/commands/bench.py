@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from edm_deploy.commands.common import max_threads
+from edm_deploy.commands.common import POSITIVE, max_threads
 from edm_deploy.loading import BENCH_VARIANTS, DEVICES
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.solvers import SOLVER_NAMES
@@ -34,7 +34,7 @@ from edm_deploy.sweep import DEFAULT_LATENTS, DEFAULT_MAX_ERROR, DEFAULT_NFES
               help=f"--solvers: the NFEs to compare (repeatable) [default: {', '.join(map(str, DEFAULT_NFES))}].")
 @click.option("--latents", type=click.IntRange(1, 100_000), default=DEFAULT_LATENTS, show_default=True,
               help="--solvers: images (seeds 0..N-1) each setting samples.")
-@click.option("--max-error", type=click.FloatRange(0, min_open=True), default=DEFAULT_MAX_ERROR, show_default=True,
+@click.option("--max-error", type=POSITIVE, default=DEFAULT_MAX_ERROR, show_default=True,
               help="--solvers: the RMS end-point error (data units, [-1, 1]) the answer may have.")
 def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int, steps: Optional[int],
           no_sampling: bool, threads: Optional[int], json_path: Optional[str], solver_sweep: bool, solvers: tuple,
@@ -67,13 +67,15 @@ def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int
     if solver_sweep and (backends or steps is not None or no_sampling or len(batches) > 1):
         raise InputError("--solvers compares solvers on MODEL's own backend at one --batch; drop "
                          "--backend/--steps/--no-sampling or the extra --batch")
+    bm.check_batches(model, batches or (64,))
     if json_path:
-        from edm_deploy.runtime.fileio import refuse_overwriting_inputs, write_target
+        from edm_deploy.runtime.fileio import refuse_foreign_file, refuse_overwriting_inputs, write_target
         from edm_deploy.runtime.writers import ensure_writable_dir
 
         refuse_overwriting_inputs({"MODEL": model}, {"--json": json_path})
         if os.path.isdir(json_path):
             raise InputError(f"--json {json_path} is a folder; give a file name")
+        refuse_foreign_file(json_path, "--json", bm.is_bench_json, "a bench JSON")
         json_path = write_target(json_path)  # a symlink is written through
         ensure_writable_dir(os.path.dirname(os.path.abspath(json_path)))
     if solver_sweep:
@@ -90,7 +92,8 @@ def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int
         if json_path:
             from edm_deploy.runtime.fileio import atomic_write_bytes
 
-            atomic_write_bytes(json_path, json.dumps({"model": model, "max_error": max_error, **result.as_dict()},
+            atomic_write_bytes(json_path, json.dumps({"format": bm.BENCH_FORMAT, "model": model, "max_error": max_error,
+                                                     **result.as_dict()},
                                                      indent=2).encode())
         return
     if not backends:
@@ -112,5 +115,5 @@ def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int
     if json_path:
         from edm_deploy.runtime.fileio import atomic_write_bytes
 
-        payload = {"model": model, "results": bm.as_dicts(results), "peak_rss_mb": bm.peak_rss_mb(), **extra}
+        payload = {"format": bm.BENCH_FORMAT, "model": model, "results": bm.as_dicts(results), "peak_rss_mb": bm.peak_rss_mb(), **extra}
         atomic_write_bytes(json_path, json.dumps(payload, indent=2).encode())

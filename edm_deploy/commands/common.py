@@ -9,6 +9,21 @@ from typing import Any, Callable, Optional
 import click
 
 
+def _ascii(value: Any, param_type: click.ParamType, param: Any, ctx: Any) -> None:
+    """Numbers on the command line are written in ASCII: Python's int() and float() also read other
+    scripts' digits ('٣' is 3), which a user typing a seed, a class or a weight never means."""
+    if isinstance(value, str) and not value.isascii():
+        param_type.fail(f"{value!r} is not a number written in ASCII digits", param, ctx)
+
+
+class AsciiInt(click.IntRange):
+    """`click.IntRange` that reads ASCII digits only (`_ascii`)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        _ascii(value, self, param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class FiniteFloat(click.ParamType):
     """A float that is not NaN, within [lo, hi] (open ends optional); `inf` only where allowed."""
 
@@ -19,6 +34,7 @@ class FiniteFloat(click.ParamType):
         self.lo, self.hi, self.lo_open, self.allow_inf = lo, hi, lo_open, allow_inf
 
     def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        _ascii(value, self, param, ctx)
         try:
             number = float(value)
         except (TypeError, ValueError):

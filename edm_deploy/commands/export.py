@@ -12,6 +12,7 @@ from typing import Optional
 
 import click
 
+from edm_deploy.commands.common import FiniteFloat
 from edm_deploy.export.quantize import CALIBRATION_METHODS
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.manifest import MAX_BATCH
@@ -34,7 +35,7 @@ from edm_deploy.runtime.manifest import MAX_BATCH
 @click.option("--no-verify", is_flag=True, help="Skip the fidelity check against the torch model.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="TensorRT timing cache file (read and updated).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="TensorRT builder optimisation level 0-5.")
-@click.option("--workspace", type=click.FloatRange(0, 1 << 12, min_open=True), default=None, help="TensorRT workspace limit in GiB.")
+@click.option("--workspace", type=FiniteFloat(0, 1 << 12, lo_open=True), default=None, help="TensorRT workspace limit in GiB.")
 @click.option("--hardware-compat", is_flag=True, help="TensorRT: engine portable to all Ampere+ GPUs (slower).")
 @click.option("--schedule", "schedule_files", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
               help="A schedule file from `edm-deploy schedule` (repeatable): its time points ride in the manifest and "

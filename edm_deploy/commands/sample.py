@@ -9,6 +9,7 @@ from typing import Any, Optional
 import click
 
 from edm_deploy.commands.common import (
+    AsciiInt,
     FiniteFloat,
     backend_options,
     load_from_options,
@@ -23,7 +24,7 @@ from edm_deploy.runtime.writers import OUTPUT_KINDS
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(dir_okay=False))
 @output_options
-@click.option("-n", "num", type=click.IntRange(min=1), default=None, help="Sample seeds 0..N-1.")
+@click.option("-n", "num", type=AsciiInt(min=1), default=None, help="Sample seeds 0..N-1.")
 @click.option("--seeds", default=None, help="Seed list, e.g. 0-63,100  [default: 0-63].")
 @click.option("--class", "class_idx", default=None, help="Class label for all images, or one per seed as a list like --seeds (0-9,3) [default: random per seed].")
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per denoiser batch.")
@@ -174,7 +175,9 @@ def _classes(text: Optional[str], seeds: list[int]) -> Optional[dict[int, int]]:
 
 
 def _one_class(part: str, text: str) -> int:
-    if not part.strip().isdigit():
+    from edm_deploy.runtime.seeds import is_number_text
+
+    if not is_number_text(part.strip()):
         raise InputError(f"--class {text!r} must be a class number or a list of them like --seeds, e.g. 3 or 0-9,3")
     return int(part)
 

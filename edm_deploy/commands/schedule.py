@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from edm_deploy.commands.common import POSITIVE, FiniteFloat, backend_options, load_from_options
+from edm_deploy.commands.common import POSITIVE, AsciiInt, FiniteFloat, backend_options, load_from_options
 from edm_deploy.runtime.errors import InputError
 
 
@@ -31,7 +31,7 @@ _SOLVERS, _TEACHERS, _METRICS, _STEPS = _choices()
 @click.option("--max-order", type=click.IntRange(min=1, max=4), default=None, help="The solver's max order (multistep solvers) [default: the solver's].")
 @click.option("--latents", "num_latents", type=click.IntRange(min=1, max=100_000), default=None, help="Teacher trajectories: seeds 0..N-1 [default: 256, as GITS].")
 @click.option("--seeds", default=None, help="Seeds of the teacher trajectories instead, e.g. 1000-1255.")
-@click.option("--class", "class_idx", type=click.IntRange(min=0), default=None, help="Class label of every trajectory [default: random per seed, as sample draws it].")
+@click.option("--class", "class_idx", type=AsciiInt(min=0), default=None, help="Class label of every trajectory [default: random per seed, as sample draws it].")
 @click.option("--teacher", type=click.Choice(_TEACHERS), default="ipndm", show_default=True, help="Solver of the teacher trajectories.")
 @click.option("--fine-points", type=click.IntRange(min=3, max=201), default=61, show_default=True, help="Points of the teacher's fine grid (EDM rho=7); the schedule is a subset of them.")
 @click.option("--coeff", type=FiniteFloat(0, lo_open=True), default=1.15, show_default=True, help="Weight growth per step in the path's cost: sum_k coeff^k cost_k (GITS's 1.15).")
@@ -72,9 +72,14 @@ def schedule(model: str, **params: Any) -> None:
       edm-deploy schedule tuned.onnx --solver consistency --nfe 2 --ref ref.npz --detector inception.onnx --out c2.json
       edm-deploy sample model.onnx --solver ipndm --sigmas ipndm5.json -n 64 --grid grid.png
     """
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs, sha256_file, write_target
+    from edm_deploy.runtime.fileio import (
+        refuse_foreign_file,
+        refuse_overwriting_inputs,
+        sha256_file,
+        write_target,
+    )
     from edm_deploy.runtime.noise import check_class
-    from edm_deploy.runtime.schedule_file import write_schedule
+    from edm_deploy.runtime.schedule_file import is_schedule_file, write_schedule
     from edm_deploy.runtime.schedule_search import plan_search, search_schedule
     from edm_deploy.runtime.seeds import parse_seeds, seeds_from_count
     from edm_deploy.runtime.writers import ensure_writable_dir
@@ -98,14 +103,14 @@ def schedule(model: str, **params: Any) -> None:
     if os.path.isdir(out):
         raise InputError(f"--out {out} is a folder; give a .json file name")
     ensure_writable_dir(os.path.dirname(os.path.abspath(out)))
+    refuse_foreign_file(out, "--out", is_schedule_file, "a schedule file")
     model_sha256 = sha256_file(model)
     den = load_from_options(model, params)
     with den:
         check_class(params["class_idx"], den.label_dim)
-        from edm_deploy.runtime.planner import model_mismatch
-        from edm_deploy.runtime.solvers import get_solver
+        from edm_deploy.runtime.schedule_search import model_warnings
 
-        for note in list(den.warnings) + model_mismatch(get_solver(params["solver"]), den):
+        for note in list(den.warnings) + model_warnings(den):
             click.echo(f"warning: {note}", err=True)
         click.echo(f"searching {params['solver']} time points for NFE {params['nfe']} on {len(seeds)} teacher "
                    f"trajectories ({params['teacher']}, {params['fine_points']} points) with {den.describe()}", err=True)
@@ -160,8 +165,13 @@ def _consistency_points(model: str, params: dict[str, Any]) -> None:
     """`--solver consistency`: the time points of the grid whose samples are closest to --ref in features."""
     from edm_deploy.runtime.consistency_points import choose_consistency_points
     from edm_deploy.runtime.fid import check_reference_fits, load_detector, load_ref
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs, sha256_file, write_target
-    from edm_deploy.runtime.schedule_file import write_schedule
+    from edm_deploy.runtime.fileio import (
+        refuse_foreign_file,
+        refuse_overwriting_inputs,
+        sha256_file,
+        write_target,
+    )
+    from edm_deploy.runtime.schedule_file import is_schedule_file, write_schedule
     from edm_deploy.runtime.seeds import parse_seeds, seeds_from_count
     from edm_deploy.runtime.writers import ensure_writable_dir
 
@@ -186,6 +196,7 @@ def _consistency_points(model: str, params: dict[str, Any]) -> None:
     if not out.lower().endswith(".json") or os.path.isdir(out):
         raise InputError(f"--out {out} must name a .json file, the schedule file `sample --sigmas` reads")
     ensure_writable_dir(os.path.dirname(os.path.abspath(out)))
+    refuse_foreign_file(out, "--out", is_schedule_file, "a schedule file")
     reference = load_ref(params["ref"])
     detector = load_detector(params["detector"])
     check_reference_fits(reference[0], detector, f"--ref {params['ref']}")

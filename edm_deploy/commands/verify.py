@@ -9,13 +9,14 @@ import click
 from edm_deploy.export.verify import VERIFY_BATCH_LIMIT, tolerance_summary
 from edm_deploy.loading import DEVICES
 from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.seeds import is_number_text
 
 
 def _parse_batches(text: Optional[str]) -> Optional[list[int]]:
     if text is None:
         return None
     parts = [p.strip() for p in text.split(",")]
-    if not all(p.isdigit() for p in parts) or not parts:
+    if not all(is_number_text(p) for p in parts) or not parts:
         raise InputError(f"--batches must be comma-separated positive integers such as 1,5,8, got {text!r}")
     return [int(p) for p in parts]
 
@@ -49,12 +50,15 @@ Examples:
 def verify(model: str, ckpt: Optional[str], bf16: bool, fp16: bool, batches: Optional[str], device: str, seed: str,
            other_checkpoint: bool) -> None:
     from edm_deploy.export.verify import source_mismatch, verify_artifact
-    from edm_deploy.loading import load, model_kind, read_manifest
+    from edm_deploy.loading import MODEL_KINDS, load, model_kind, read_manifest
     from edm_deploy.training.checkpoint import load_checkpoint, load_network
 
-    if not seed.strip().isdigit():
+    if not is_number_text(seed.strip()):
         raise InputError(f"--seed must be a non-negative integer, got {seed!r}")
     batch_list = _parse_batches(batches)
+    if ckpt is not None and model_kind(ckpt) != "pt":
+        raise InputError(f"--against {ckpt} is an exported {MODEL_KINDS[model_kind(ckpt)].name} model, not a checkpoint: "
+                         "--against takes the .pt checkpoint MODEL was exported from (the fp32 torch reference)")
     if model_kind(model) == "pt":
         if not (bf16 or fp16):
             raise InputError("a .pt MODEL is the fp32 reference itself: verify its --bf16 or --fp16 path, "

@@ -35,8 +35,10 @@ from edm_deploy.runtime.manifest import (
     SIGMA,
     X,
     check_against_graph,
+    check_precision,
     loads,
 )
+from edm_deploy.runtime.onnx_file import check_content_digest
 from edm_deploy.runtime.optional import require
 from edm_deploy.runtime.xp import library_of
 
@@ -176,6 +178,7 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
         if outputs != [DENOISED]:
             raise InputError(f"{self.source}: expected one output {DENOISED!r}, found {outputs}")
         check_against_graph(self.manifest, session_shapes(self.session), self.source)
+        check_content_digest(self.source, self.manifest)
 
     def _release(self) -> None:
         self.session = None  # onnxruntime frees the session (and its device arena) with the object
@@ -286,7 +289,24 @@ def read_onnx_manifest(path: str) -> dict[str, Any]:
         raise InputError(f"{path} has no edm-deploy manifest; export it with `edm-deploy export`")
     manifest = loads(meta[ONNX_METADATA_KEY], path)
     check_against_graph(manifest, shapes, path)
+    check_content_digest(path, manifest)
+    if onnx is not None:
+        check_precision(manifest, proto_precision(model), path)
     return manifest
+
+
+def proto_precision(model) -> str:
+    """The precision an ONNX graph computes in, told from its contents: int8 graphs quantise
+    (QuantizeLinear/DequantizeLinear), fp16 graphs hold float16 weights or cast to float16."""
+    from onnx import TensorProto
+
+    ops = {node.op_type for node in model.graph.node}
+    if ops & {"QuantizeLinear", "DequantizeLinear"}:
+        return "int8"
+    half = any(init.data_type == TensorProto.FLOAT16 for init in model.graph.initializer) or any(
+        node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in node.attribute)
+        for node in model.graph.node)
+    return "fp16" if half else "fp32"
 
 
 def light_session_options(ort):

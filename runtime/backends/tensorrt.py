@@ -23,7 +23,7 @@ import numpy as np
 from edm_deploy.runtime.backends.base import DenoiserBackend
 from edm_deploy.runtime.backends.device import device_array_library
 from edm_deploy.runtime.errors import BackendRuntimeError, BackendUnavailableError, InputError
-from edm_deploy.runtime.fileio import sha256_file
+from edm_deploy.runtime.fileio import sha256_file, write_target
 from edm_deploy.runtime.manifest import (
     CLASS_LABELS,
     DENOISED,
@@ -38,7 +38,8 @@ from edm_deploy.runtime.xp import library_of
 
 
 def sidecar_path(plan_path: str) -> str:
-    return plan_path + ".json"
+    """The engine's manifest: beside the engine file itself, so a symlink to an engine finds it."""
+    return write_target(plan_path) + ".json"
 
 
 def rebuild_hint(manifest: dict, plan_path: str) -> str:

@@ -116,6 +116,10 @@ class TorchDenoiser(DenoiserBackend):
             if force is None:
                 raise InputError("fp16 on the CPU is not supported by this network; drop fp16 or use CUDA")
             force(True)
+            self._notes.append("fp16 on a CPU: torch runs fp16 convolutions fast only on CPUs with fp16 matrix "
+                               "units and emulates them elsewhere, which was measured up to 1000x slower than fp32 "
+                               "(fp16 here exists to reproduce a GPU's fp16 numerics); drop --fp16, or use --bf16 on "
+                               "a CPU with AVX-512 BF16/AMX")
         if self.bf16:
             enable = getattr(net, "set_bf16_autocast", None)
             if enable is None:

@@ -232,9 +232,13 @@ class Engine:
         hand the arrays over, e.g. to a queue); if it raises, the request fails with that error
         and its rows leave before the next call.
         """
-        if request is None:
-            request = self.request(seeds, class_idx, settings, guidance, guidance_interval, timeout,
-                                   priority=priority, deadline=deadline, preview_every=preview_every)
+        if request is not None:  # built by hand, it has had none of the checks: the same as any request
+            seeds, class_idx, settings, guidance, guidance_interval, timeout = (
+                request.seeds, request.class_idx, request.settings, request.guidance, request.guidance_interval,
+                request.timeout)
+            priority, deadline, preview_every = request.priority, request.deadline, request.preview_every
+        request = self.request(seeds, class_idx, settings, guidance, guidance_interval, timeout,
+                               priority=priority, deadline=deadline, preview_every=preview_every)
         if (request.preview_every is None) != (on_preview is None):
             raise InputError("preview_every and on_preview go together: how often, and where the previews go",
                              param="preview_every")
