@@ -43,3 +43,19 @@ def tiny_checkpoint(path: str, arch: str = "ddpmpp", **kwargs) -> str:
     net, network = tiny_network(arch, **kwargs)
     save_checkpoint(str(path), network, net.state_dict(), meta={"note": "random weights for tests"})
     return str(path)
+
+
+def save_as_exported(model, path: str) -> str:
+    """Save an ONNX export a test edited as if it had been exported that way (its manifest's content
+    digest renewed): the test plants a wrong export, not a damaged file."""
+    import json
+
+    import onnx
+
+    from edm_deploy.export.onnx_export import embed_manifest
+    from edm_deploy.runtime.manifest import ONNX_METADATA_KEY
+
+    manifest = json.loads(next(p.value for p in model.metadata_props if p.key == ONNX_METADATA_KEY))
+    embed_manifest(model, manifest)
+    onnx.save(model, path)
+    return path

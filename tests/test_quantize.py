@@ -324,8 +324,9 @@ def test_bad_files_and_paths(models, tmp_path):
     model = onnx.load(fp32)
     for k, node in enumerate(model.graph.node):
         node.name = f"node{k}"
-    anonymous = str(tmp_path / "anonymous.onnx")
-    onnx.save(model, anonymous)
+    from tests.factories import save_as_exported
+
+    anonymous = save_as_exported(model, str(tmp_path / "anonymous.onnx"))
     with pytest.raises(InputError, match="no convolution under the inner network's scope"):
         quantize_int8(anonymous, str(tmp_path / "anonymous-int8.onnx"), num_images=1, steps=2)
     assert sorted(os.listdir(tmp_path)) == ["anonymous.onnx"]

@@ -56,7 +56,7 @@ def test_a_resume_with_nothing_left_to_train(tmp_path, capsys):
         TL.training_loop(TL.resume_options(ckpt, outdir=new), echo=None, progress=False)
     assert info.value.param == "duration_kimg" and not os.path.exists(new)
     message = _cli_error(capsys, ["train", "--resume", ckpt, "--outdir", new, "--duration", "0.016", "--no-progress"])
-    assert "which reaches --duration 0.016" in message and "make it longer than 0.032 kimg" in message
+    assert "beyond --duration 0.016" in message and "give more than 0.032 kimg to continue it" in message
     assert not os.path.exists(new)
     # Into its own folder: the finished run is there already; nothing is written.
     res = TL.training_loop(TL.resume_options(ckpt, outdir=run), echo=None, progress=False)

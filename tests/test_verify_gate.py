@@ -83,9 +83,9 @@ def _onnx_with_scaled_weight(path, net, rel):
             break
     else:
         raise AssertionError("the last convolution's weights are not an initializer of the ONNX file")
-    out = path.replace(".onnx", "-perturbed.onnx")
-    onnx.save(model, out)
-    return out
+    from tests.factories import save_as_exported
+
+    return save_as_exported(model, path.replace(".onnx", "-perturbed.onnx"))
 
 
 # ----------------------------------------------------------------------------------------------
