@@ -65,7 +65,7 @@ def _example_inputs(net: Any, batch: int, seed: int = 0):
 
     gen = torch.Generator().manual_seed(seed)
     c, r = net.img_channels, net.img_resolution
-    from edm_deploy.export.verify import sigma_range
+    from .verify import sigma_range
 
     lo, hi = sigma_range(net)
     u = torch.rand(batch, generator=gen, dtype=torch.float64)

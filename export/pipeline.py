@@ -66,9 +66,10 @@ def plan_export(model: str, kind: str, precision: str = "fp32", out_path: Option
     holds the int8 calibration options given; ``inputs`` other files the run reads (a timing
     cache, calibration data), which no output may replace.
     """
-    from edm_deploy.export.staging import companions, refuse_foreign_outputs
-    from edm_deploy.export.tensorrt_build import tensorrt_status
     from edm_deploy.runtime.fileio import refuse_overwriting_inputs, write_target
+
+    from .staging import companions, refuse_foreign_outputs
+    from .tensorrt_build import tensorrt_status
 
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", param="precision")
@@ -160,7 +161,7 @@ def _runner(path: str, device: str):
 
 def verify_staged(stage, final: str, net: Any, precision: str, device: str):
     """Verify a staged artifact; a failure keeps it under a name that says so, and raises."""
-    from edm_deploy.export.verify import verify_artifact
+    from .verify import verify_artifact
 
     with _runner(stage.path(final), device) as den:
         report = verify_artifact(final, net, den, precision)  # the inputs `edm-deploy verify` uses by default
@@ -189,10 +190,11 @@ def export_checkpoint(
     solver and NFE on this file (`edm-deploy export --schedule`)."""
     import time
 
-    from edm_deploy.export.onnx_export import export_onnx
-    from edm_deploy.export.staging import Staging, companions, refuse_foreign_outputs
     from edm_deploy.runtime.fileio import refuse_overwriting_inputs
     from edm_deploy.training.checkpoint import load_checkpoint, load_network
+
+    from .onnx_export import export_onnx
+    from .staging import Staging, companions, refuse_foreign_outputs
 
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", param="precision")
@@ -207,7 +209,7 @@ def export_checkpoint(
     net = load_network(ckpt)
     with Staging(out_path) as stage:
         if precision == "int8":
-            from edm_deploy.export.quantize import quantize_int8
+            from .quantize import quantize_int8
 
             calib = calibration or CalibrationOptions()
             fp32_path = os.path.join(stage.folder, "fp32-" + os.path.basename(out_path))

@@ -24,7 +24,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.export.onnx_export import embed_manifest
 from edm_deploy.runtime.errors import (
     BackendUnavailableError,
     EdmDeployError,
@@ -34,6 +33,8 @@ from edm_deploy.runtime.errors import (
 )
 from edm_deploy.runtime.manifest import CLASS_LABELS, DENOISED, SIGMA, X
 from edm_deploy.runtime.seeds import SEED_LIMIT
+
+from .onnx_export import embed_manifest
 
 INNER_SCOPE = "/net/model/"
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")

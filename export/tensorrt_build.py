@@ -171,7 +171,7 @@ def check_int8_onnx(onnx_path: str) -> dict:
     """What TensorRT's explicit quantisation needs from a QDQ graph; InputError naming what is wrong."""
     import onnx
 
-    from edm_deploy.export.quantize import quantization_summary
+    from .quantize import quantization_summary
 
     summary = quantization_summary(onnx.load(onnx_path))
     if not summary["int8_nodes"]:

@@ -4,12 +4,12 @@ Samplers, schedules, per-seed noise, analytic denoisers and the denoiser backend
 libraries (onnxruntime, TensorRT, torch) are imported only when their backend is chosen.
 """
 
-from edm_deploy.runtime.analytic import FiniteSetDenoiser, GaussianDenoiser
-from edm_deploy.runtime.contract import Denoiser, check_batch, check_denoiser
-from edm_deploy.runtime.noise import StackedRandomGenerator, draw_latents_and_labels, one_hot
-from edm_deploy.runtime.rounding import TableRound, identity_round, round_sigma_from_rule
-from edm_deploy.runtime.sampling import ablation_sampler, edm_sampler, nfe
-from edm_deploy.runtime.schedules import (
+from .analytic import FiniteSetDenoiser, GaussianDenoiser
+from .contract import Denoiser, check_batch, check_denoiser
+from .noise import StackedRandomGenerator, draw_latents_and_labels, one_hot
+from .rounding import TableRound, identity_round, round_sigma_from_rule
+from .sampling import ablation_sampler, edm_sampler, nfe
+from .schedules import (
     edm_sigma_steps,
     iddpm_sigma_steps,
     iddpm_sigma_table,

@@ -21,9 +21,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime.contract import DenoiserBase
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.rounding import identity_round
+from .contract import DenoiserBase
+from .errors import InputError
+from .rounding import identity_round
 
 
 class _AnalyticBase(DenoiserBase):

@@ -21,7 +21,7 @@ import zipfile
 import zlib
 from typing import BinaryIO, Callable, Optional, Sequence, Union
 
-from edm_deploy.runtime.errors import InputError
+from .errors import InputError
 
 # One image file may hold at most this many bytes (in a folder or, inflated, in a ZIP): far above
 # any image worth a dataset (a 1024x1024 16-bit RGB PNG, uncompressed, is 6 MB; a 100-megapixel

@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.solvers import CONSISTENCY_MID_SIGMA
+from .errors import InputError
+from .solvers import CONSISTENCY_MID_SIGMA
 
 # Candidate points below sigma_max: ECT's 0.821 and a log-spaced spread around it.
 MID_GRID = (0.2, 0.4, CONSISTENCY_MID_SIGMA, 1.5, 3.0, 6.0)
@@ -72,8 +72,8 @@ def choose_consistency_points(
     caller's business). A class-conditional model asks for class seed mod label_dim, so every
     class is sampled alike.
     """
-    from edm_deploy.runtime.fid_stats import FeatureStats, frechet_distance
-    from edm_deploy.runtime.generate import generate
+    from .fid_stats import FeatureStats, frechet_distance
+    from .generate import generate
 
     start = time.perf_counter()
     sigma_max = min(float(sigma_max), float(den.sigma_max))

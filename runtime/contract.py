@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Protocol, runtime_checkable
 
-from edm_deploy.runtime.errors import InputError
+from .errors import InputError
 
 REQUIRED_ATTRIBUTES = ("sigma_min", "sigma_max", "round_sigma", "img_channels", "img_resolution", "label_dim")
 

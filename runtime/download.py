@@ -17,8 +17,8 @@ import urllib.parse
 import urllib.request
 from typing import Callable, Optional
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.fileio import sha256_file
+from .errors import InputError
+from .fileio import sha256_file
 
 # A caller's test that a file is what it reads: raises InputError when it is not.
 Check = Callable[[str], None]

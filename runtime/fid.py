@@ -41,8 +41,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.fid_detector import (
+from .errors import InputError
+from .fid_detector import (
     DEFAULT_DETECTOR_URL,
     FEATURE_DIM,
     Detector,
@@ -50,8 +50,8 @@ from edm_deploy.runtime.fid_detector import (
     TorchScriptDetector,
     load_detector,
 )
-from edm_deploy.runtime.fid_images import ImageSource, open_images, select_indices, split_blocks
-from edm_deploy.runtime.fid_stats import (
+from .fid_images import ImageSource, open_images, select_indices, split_blocks
+from .fid_stats import (
     FeatureStats,
     check_statistics,
     frechet_distance,
@@ -59,7 +59,7 @@ from edm_deploy.runtime.fid_stats import (
     save_ref,
     trace_sqrt_product,
 )
-from edm_deploy.runtime.fileio import refuse_overwriting_inputs, write_target
+from .fileio import refuse_overwriting_inputs, write_target
 
 DEFAULT_NUM = 50000
 DEFAULT_BATCH = 64

@@ -24,8 +24,8 @@ from typing import Optional
 
 import numpy as np
 
-from edm_deploy.runtime.errors import BackendUnavailableError, InputError, first_line
-from edm_deploy.runtime.fid_stats import FEATURE_DIM
+from .errors import BackendUnavailableError, InputError, first_line
+from .fid_stats import FEATURE_DIM
 
 DEFAULT_DETECTOR_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -181,7 +181,7 @@ def load_detector(
 
     URLs are downloaded once into the edm-deploy cache, checked against `sha256` when given.
     """
-    from edm_deploy.runtime.download import fetch, is_url
+    from .download import fetch, is_url
 
     source = path_or_url or os.environ.get(DETECTOR_ENV) or DEFAULT_DETECTOR_URL
     lower = source.lower().split("?")[0]

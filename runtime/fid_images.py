@@ -28,15 +28,15 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime.archives import (
+from .archives import (
     MAX_IMAGE_FILE_BYTES,
     ZIP_ERRORS,
     check_zip_sizes,
     open_image,
     read_bounded,
 )
-from edm_deploy.runtime.errors import InputError, first_line
-from edm_deploy.runtime.fileio import check_regular_file
+from .errors import InputError, first_line
+from .fileio import check_regular_file
 
 _EXTENSIONS: Optional[frozenset] = None
 

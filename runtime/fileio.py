@@ -17,7 +17,7 @@ import stat
 import tempfile
 from typing import Callable, Iterator
 
-from edm_deploy.runtime.errors import InputError
+from .errors import InputError
 
 TEMP_PREFIX = ".tmp-"
 TEMP_SUFFIX = ".partial"

@@ -20,9 +20,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from edm_deploy.runtime.contract import DelegatingDenoiser
-from edm_deploy.runtime.errors import InputError, check_int
-from edm_deploy.runtime.xp import concatenate, library_of
+from .contract import DelegatingDenoiser
+from .errors import InputError, check_int
+from .xp import concatenate, library_of
 
 
 def pad_rows(a: Any, rows: int) -> Any:

@@ -13,13 +13,13 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime.contract import as_denoiser
-from edm_deploy.runtime.errors import NumericalError
-from edm_deploy.runtime.noise import StackedRandomGenerator, check_class, draw_latents_and_labels
-from edm_deploy.runtime.planner import SamplingPlan, plan_sampling
-from edm_deploy.runtime.seeds import check_batch_size, check_seeds
-from edm_deploy.runtime.settings import SamplerSettings
-from edm_deploy.runtime.xp import all_finite_rows, to_host
+from .contract import as_denoiser
+from .errors import NumericalError
+from .noise import StackedRandomGenerator, check_class, draw_latents_and_labels
+from .planner import SamplingPlan, plan_sampling
+from .seeds import check_batch_size, check_seeds
+from .settings import SamplerSettings
+from .xp import all_finite_rows, to_host
 
 
 def quantize_uint8(x: Any) -> np.ndarray:
@@ -58,7 +58,7 @@ def sample_batch(
 def guided(den: Any, guide: Any = None, guidance: Optional[float] = None,
            guidance_interval: Optional[tuple[float, float]] = None) -> Any:
     """`den` itself without guidance; else the `GuidedDenoiser` of den and guide (None: classifier-free)."""
-    from edm_deploy.runtime.guidance import GuidedDenoiser, check_guidance_args
+    from .guidance import GuidedDenoiser, check_guidance_args
 
     check_guidance_args(guide is not None, guidance, guidance_interval)
     if guidance is None:

@@ -27,8 +27,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.fileio import check_regular_file
+from .errors import InputError
+from .fileio import check_regular_file
 
 # Every legitimate file nests a handful of levels (a manifest: manifest -> network -> init_kwargs
 # -> channel_mult, 4); 64 leaves room for any hand-written extra and stays far below the depth at

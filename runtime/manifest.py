@@ -20,9 +20,9 @@ import os
 import re
 from typing import Any, Optional, Sequence, Union
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.fileio import atomic_write_bytes
-from edm_deploy.runtime.jsonio import MAX_MANIFEST_BYTES, loads_bounded, read_json_file
+from .errors import InputError
+from .fileio import atomic_write_bytes
+from .jsonio import MAX_MANIFEST_BYTES, loads_bounded, read_json_file
 
 MANIFEST_FORMAT = "edm-deploy-manifest"
 MANIFEST_VERSION = 1
@@ -98,7 +98,7 @@ def schedule_key(solver: str, nfe: int) -> str:
 
 def schedules_record(entry: Any, source: str = "manifest") -> dict[str, list[float]]:
     """{} when absent, else the checked {"solver@nfe": time points} of a manifest."""
-    from edm_deploy.runtime.schedules import check_sigma_list
+    from .schedules import check_sigma_list
 
     if entry is None:
         return {}

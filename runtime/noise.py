@@ -14,8 +14,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.seeds import check_seeds
+from .errors import InputError
+from .seeds import check_seeds
 
 
 class StackedRandomGenerator:

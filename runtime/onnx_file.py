@@ -21,8 +21,8 @@ import io
 import os
 from typing import BinaryIO, Iterator, Optional
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.manifest import DIGEST_KEY, ONNX_METADATA_KEY
+from .errors import InputError
+from .manifest import DIGEST_KEY, ONNX_METADATA_KEY
 
 METADATA_FIELD = 14      # ModelProto.metadata_props
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2  # StringStringEntryProto

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from edm_deploy.runtime.errors import BackendUnavailableError
+from .errors import BackendUnavailableError
 
 # module -> what to install for it (the extras are defined in pyproject.toml)
 INSTALL_HINTS = {

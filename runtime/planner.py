@@ -14,14 +14,14 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from edm_deploy.runtime import schedules as sch
-from edm_deploy.runtime import solvers as slv
-from edm_deploy.runtime.contract import check_batch, check_denoiser
-from edm_deploy.runtime.errors import InputError, param_error
-from edm_deploy.runtime.manifest import schedule_key
-from edm_deploy.runtime.sampling import ablation_program, ablation_setup, clamped_range
-from edm_deploy.runtime.settings import SamplerSettings
-from edm_deploy.runtime.xp import to_float64
+from . import schedules as sch
+from . import solvers as slv
+from .contract import check_batch, check_denoiser
+from .errors import InputError, param_error
+from .manifest import schedule_key
+from .sampling import ablation_program, ablation_setup, clamped_range
+from .settings import SamplerSettings
+from .xp import to_float64
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
+from .errors import InputError
 
 
 def identity_round(sigma) -> np.ndarray:

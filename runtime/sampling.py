@@ -14,12 +14,12 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from edm_deploy.runtime import schedules as sch
-from edm_deploy.runtime import solvers as slv
-from edm_deploy.runtime.contract import check_batch, check_denoiser
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.solvers import StepInfo
-from edm_deploy.runtime.xp import from_host, to_float64
+from . import schedules as sch
+from . import solvers as slv
+from .contract import check_batch, check_denoiser
+from .errors import InputError
+from .solvers import StepInfo
+from .xp import from_host, to_float64
 
 SOLVERS = ("heun", "euler")
 

@@ -15,10 +15,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.fileio import atomic_write_bytes
-from edm_deploy.runtime.jsonio import MAX_SCHEDULE_BYTES, has_format, read_json_file
-from edm_deploy.runtime.schedules import MAX_STEPS, check_sigma_list
+from .errors import InputError
+from .fileio import atomic_write_bytes
+from .jsonio import MAX_SCHEDULE_BYTES, has_format, read_json_file
+from .schedules import MAX_STEPS, check_sigma_list
 
 SCHEDULE_FORMAT = "edm-deploy-schedule"
 

@@ -18,13 +18,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime import schedules as sch
-from edm_deploy.runtime import solvers as slv
-from edm_deploy.runtime.contract import as_denoiser
-from edm_deploy.runtime.errors import InputError, NumericalError, check_int
-from edm_deploy.runtime.noise import StackedRandomGenerator, draw_latents_and_labels
-from edm_deploy.runtime.planner import sampling_sigmas
-from edm_deploy.runtime.xp import all_finite_rows, to_float64, to_host
+from . import schedules as sch
+from . import solvers as slv
+from .contract import as_denoiser
+from .errors import InputError, NumericalError, check_int
+from .noise import StackedRandomGenerator, draw_latents_and_labels
+from .planner import sampling_sigmas
+from .xp import all_finite_rows, to_float64, to_host
 
 # The widest range of step weights coeff^k a path's cost may span (in decades): far beyond it, the
 # weighted sum overflows a float (or all but one step's cost vanish under it).

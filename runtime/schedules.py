@@ -28,7 +28,7 @@ from typing import Union
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError, check_int, param_error
+from .errors import InputError, check_int, param_error
 
 ArrayLike = Union[float, np.ndarray]
 

@@ -22,11 +22,11 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from edm_deploy.runtime import schedules as sch
-from edm_deploy.runtime import solvers as slv
-from edm_deploy.runtime.errors import InputError, check_int, check_number, shown
-from edm_deploy.runtime.sampling import SOLVERS as REFERENCE_SOLVERS
-from edm_deploy.runtime.schedules import MAX_STEPS, SCHEDULE_PARAM_NAMES
+from . import schedules as sch
+from . import solvers as slv
+from .errors import InputError, check_int, check_number, shown
+from .sampling import SOLVERS as REFERENCE_SOLVERS
+from .schedules import MAX_STEPS, SCHEDULE_PARAM_NAMES
 
 # Largest finite float32: what the network sees of sigma (and of a guided mix).
 FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -49,9 +49,9 @@ from typing import Any, Callable, Generator, Mapping, Optional, Protocol
 
 import numpy as np
 
-from edm_deploy.runtime.errors import check_int, param_error
-from edm_deploy.runtime.schedules import MAX_STEPS, check_sigma_list, symmetric_linspace, vp_betas_for_range
-from edm_deploy.runtime.xp import from_host, to_float64
+from .errors import check_int, param_error
+from .schedules import MAX_STEPS, check_sigma_list, symmetric_linspace, vp_betas_for_range
+from .xp import from_host, to_float64
 
 # A step program: yields (x, sigma), receives D(x; sigma) as float64, returns the final x.
 Program = Generator[tuple[Any, float], Any, Any]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from edm_deploy.runtime.contract import DelegatingDenoiser
+from .contract import DelegatingDenoiser
 
 
 class TimedDenoiser(DelegatingDenoiser):

@@ -32,18 +32,18 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequenc
 
 import numpy as np
 
-from edm_deploy.runtime import run_record
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.fileio import (
+from . import run_record
+from .errors import InputError
+from .fileio import (
     atomic_path,
     atomic_write_bytes,
     exclusive_output,
     refuse_foreign_file,
     write_target,
 )
-from edm_deploy.runtime.jsonio import MAX_RECORD_BYTES, loads_bounded
-from edm_deploy.runtime.run_record import RUN_RECORD  # noqa: F401  (the record's name, as callers know it)
-from edm_deploy.runtime.version import __version__
+from .jsonio import MAX_RECORD_BYTES, loads_bounded
+from .run_record import RUN_RECORD  # noqa: F401  (the record's name, as callers know it)
+from .version import __version__
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # grid suffix -> PIL format
 # A grid names its maker in its EXIF Software tag (PNG, JPEG and WebP all carry EXIF), which is how

@@ -43,7 +43,8 @@ from edm_deploy.runtime.fileio import atomic_write_bytes, sha256_file
 from edm_deploy.runtime.manifest import CONSISTENCY_KEY, MAX_TABLE, PRECOND_KINDS, consistency_record
 from edm_deploy.runtime.optional import require
 from edm_deploy.runtime.version import __version__
-from edm_deploy.training.presets import ARCHITECTURE_NAMES
+
+from .presets import ARCHITECTURE_NAMES
 
 CHECKPOINT_FORMAT = "edm-deploy-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -124,7 +125,7 @@ def build_network(network: dict, source: str = "checkpoint"):
     A description the constructors reject (an unknown keyword, a value of the wrong type, an
     impossible combination) is one InputError naming the class and the constructor's complaint.
     """
-    from edm_deploy.training import precond
+    from . import precond
 
     check_network_description(network, source)
     cls = getattr(precond, network["class_name"])

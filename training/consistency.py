@@ -26,7 +26,8 @@ import os
 
 from edm_deploy.runtime.errors import InputError
 from edm_deploy.runtime.manifest import CONSISTENCY_KEY, consistency_record
-from edm_deploy.training.checkpoint import load_checkpoint
+
+from .checkpoint import load_checkpoint
 
 METHOD = "ect"
 TEACHER_CLASS = "EDMPrecond"

@@ -45,7 +45,8 @@ from typing import Callable, Optional
 import torch
 
 from edm_deploy.runtime.errors import InputError, check_number
-from edm_deploy.training.loss import _check_images, _draw, _lognormal_sigma
+
+from .loss import _check_images, _draw, _lognormal_sigma
 
 __all__ = ["ECTLoss", "ect_gap", "ect_stage", "ect_r"]
 

@@ -339,7 +339,7 @@ BUILTIN_SPECS = (*DIGITS_SPECS, *FASHION_SPECS)
 
 def load_fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST's `split` (train | t10k) from the installed package: uint8 [N,1,32,32], int64 [N]."""
-    from edm_deploy.training.idx import fashion_mnist_file, pad_to, read_idx_dataset
+    from .idx import fashion_mnist_file, pad_to, read_idx_dataset
 
     images_path = fashion_mnist_file(split, "images")
     images, labels = read_idx_dataset(images_path, fashion_mnist_file(split, "labels"))
@@ -347,7 +347,7 @@ def load_fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 
 
 def _idx_dataset(path: str) -> ArrayDataset:
-    from edm_deploy.training.idx import read_idx_dataset
+    from .idx import read_idx_dataset
 
     images, labels = read_idx_dataset(path)
     side = images.shape[-1]
@@ -422,7 +422,7 @@ _CHANNELS = {"1": 1, "L": 1, "I": 1, "F": 1, "I;16": 1, "P": 3, "RGB": 3, "YCbCr
 
 
 def _is_idx(spec: str) -> bool:
-    from edm_deploy.training.idx import is_idx_name
+    from .idx import is_idx_name
 
     return is_idx_name(spec) and os.path.isfile(spec)
 
@@ -664,7 +664,7 @@ def iter_source_images(spec: str, max_images: Optional[int] = None):
     if max_images is not None and max_images < 1:
         raise InputError(f"max_images must be at least 1, got {max_images}", param="max_images")
     if spec in BUILTIN_SPECS or _is_idx(spec):
-        from edm_deploy.training.idx import read_idx_dataset
+        from .idx import read_idx_dataset
 
         if _is_idx(spec):  # any size here: the dataset tool may pad or resize
             images, labels = read_idx_dataset(spec)
@@ -778,7 +778,7 @@ def write_dataset_zip(
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             for i, (img, label) in enumerate(items):
                 if pad is not None:
-                    from edm_deploy.training.idx import pad_to
+                    from .idx import pad_to
 
                     img = pad_to(img[None], pad, source)[0]
                 if resolution is not None:

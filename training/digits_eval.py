@@ -27,7 +27,8 @@ from typing import Any, Optional
 import numpy as np
 
 from edm_deploy.runtime.errors import InputError
-from edm_deploy.training.dataset import load_digits_split
+
+from .dataset import load_digits_split
 
 
 def as_denoiser(net: Any) -> Any:

@@ -47,7 +47,8 @@ def train_classifier(out_dir: str, epochs: int = 4, batch: int = 128, seed: int 
     import torch
 
     from edm_deploy.runtime.fileio import atomic_path, atomic_write_bytes
-    from edm_deploy.training.dataset import load_fashion_mnist
+
+    from .dataset import load_fashion_mnist
 
     tr_x, tr_y = load_fashion_mnist("train")
     te_x, te_y = load_fashion_mnist("t10k")
@@ -156,7 +157,7 @@ class FashionDemoJudge:
     distance = "Fréchet distance samples vs test (classifier features)"
 
     def __init__(self, folder: str, echo: Callable[[str], None] = print, epochs: int = 4) -> None:
-        from edm_deploy.training.dataset import load_fashion_mnist
+        from .dataset import load_fashion_mnist
 
         if not os.path.exists(os.path.join(folder, "classifier.json")):
             train_classifier(folder, epochs=epochs, echo=echo)

@@ -18,7 +18,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from edm_deploy.runtime.errors import InputError
-from edm_deploy.training.precond import vp_sigma
+
+from .precond import vp_sigma
 
 __all__ = ["EDMLoss", "VPLoss", "VELoss"]
 

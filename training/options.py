@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from edm_deploy.runtime.errors import InputError, param_error
-from edm_deploy.training import presets as presets_mod
-from edm_deploy.training.checkpoint import load_checkpoint
+
+from . import presets as presets_mod
+from .checkpoint import load_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -276,7 +277,7 @@ def _check_consistency_options(o: TrainingOptions) -> None:
         if getattr(o, name) != getattr(defaults, name):
             raise param_error(name, f"{name} cannot be set for a consistency tuning: the network is the one in "
                                       f"tune_from ({o.tune_from}), as it was trained")
-    from edm_deploy.training.consistency_loss import MAX_GAP_SHRINK, ect_stage, stages_fit
+    from .consistency_loss import MAX_GAP_SHRINK, ect_stage, stages_fit
 
     last = ect_stage(int(o.duration_kimg * 1000), o.ect_stage_kimg)
     if not stages_fit(o.ect_q, last):

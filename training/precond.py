@@ -33,8 +33,9 @@ from typing import Optional, Union
 import torch
 
 from edm_deploy.runtime.errors import InputError
-from edm_deploy.training import networks
-from edm_deploy.training.presets import ARCHITECTURE_NAMES
+
+from . import networks
+from .presets import ARCHITECTURE_NAMES
 
 __all__ = ["EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond", "ARCHITECTURES", "vp_sigma"]
 

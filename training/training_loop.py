@@ -28,14 +28,15 @@ from edm_deploy.runtime.fileio import (
     refuse_overwriting_inputs,
     sha256_file,
 )
-from edm_deploy.training import distributed as dist_utils
-from edm_deploy.training import presets as presets_mod
-from edm_deploy.training.augment import TRAIN_PY_CONFIG, AugmentPipe
-from edm_deploy.training.checkpoint import build_network, load_checkpoint, load_weights, save_checkpoint
-from edm_deploy.training.consistency import check_tuning_fits, load_teacher, tuned_network
-from edm_deploy.training.consistency_loss import ECTLoss, ect_stage
-from edm_deploy.training.dataset import Dataset, open_dataset
-from edm_deploy.training.options import (
+
+from . import distributed as dist_utils
+from . import presets as presets_mod
+from .augment import TRAIN_PY_CONFIG, AugmentPipe
+from .checkpoint import build_network, load_checkpoint, load_weights, save_checkpoint
+from .consistency import check_tuning_fits, load_teacher, tuned_network
+from .consistency_loss import ECTLoss, ect_stage
+from .dataset import Dataset, open_dataset
+from .options import (
     RESUME_FILE,
     RESUME_MUTABLE,
     TrainingOptions,
@@ -167,7 +168,7 @@ def network_description(options: TrainingOptions, img_resolution: int, img_chann
 
 def make_loss(precond: str):
     """The EDM paper's loss of a --precond (`training.loss`)."""
-    from edm_deploy.training import loss as loss_mod
+    from . import loss as loss_mod
 
     _, loss_cls = presets_mod.precond_classes(precond)
     return getattr(loss_mod, loss_cls)()

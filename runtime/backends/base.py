@@ -17,9 +17,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.runtime.contract import DenoiserBase
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.manifest import (
+from ..contract import DenoiserBase
+from ..errors import InputError
+from ..manifest import (
     CONSISTENCY_KEY,
     SCHEDULES_KEY,
     consistency_record,
@@ -27,8 +27,8 @@ from edm_deploy.runtime.manifest import (
     schedules_record,
     validate,
 )
-from edm_deploy.runtime.rounding import round_sigma_from_rule
-from edm_deploy.runtime.xp import concatenate
+from ..rounding import round_sigma_from_rule
+from ..xp import concatenate
 
 
 class DenoiserBackend(DenoiserBase):

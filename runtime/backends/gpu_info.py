@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 from typing import Optional
 
-from edm_deploy.runtime.backends.device import device_array_library
+from .device import device_array_library
 
 
 def detect_gpu(device_id: int = 0) -> Optional[tuple[str, str]]:

@@ -19,16 +19,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.runtime.backends.base import DenoiserBackend
-from edm_deploy.runtime.backends.device import device_array_library
-from edm_deploy.runtime.errors import (
+from ..errors import (
     BackendRuntimeError,
     BackendUnavailableError,
     EdmDeployError,
     InputError,
     first_line,
 )
-from edm_deploy.runtime.manifest import (
+from ..manifest import (
     CLASS_LABELS,
     DENOISED,
     ONNX_METADATA_KEY,
@@ -38,9 +36,11 @@ from edm_deploy.runtime.manifest import (
     check_precision,
     loads,
 )
-from edm_deploy.runtime.onnx_file import check_content_digest
-from edm_deploy.runtime.optional import require
-from edm_deploy.runtime.xp import library_of
+from ..onnx_file import check_content_digest
+from ..optional import require
+from ..xp import library_of
+from .base import DenoiserBackend
+from .device import device_array_library
 
 PROVIDER_FOR_DEVICE = {
     "cpu": "CPUExecutionProvider",

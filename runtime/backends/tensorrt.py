@@ -20,11 +20,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.runtime.backends.base import DenoiserBackend
-from edm_deploy.runtime.backends.device import device_array_library
-from edm_deploy.runtime.errors import BackendRuntimeError, BackendUnavailableError, InputError
-from edm_deploy.runtime.fileio import sha256_file, write_target
-from edm_deploy.runtime.manifest import (
+from ..errors import BackendRuntimeError, BackendUnavailableError, InputError
+from ..fileio import sha256_file, write_target
+from ..manifest import (
     CLASS_LABELS,
     DENOISED,
     SIGMA,
@@ -33,8 +31,10 @@ from edm_deploy.runtime.manifest import (
     input_names,
     read_sidecar,
 )
-from edm_deploy.runtime.optional import require
-from edm_deploy.runtime.xp import library_of
+from ..optional import require
+from ..xp import library_of
+from .base import DenoiserBackend
+from .device import device_array_library
 
 
 def sidecar_path(plan_path: str) -> str:
@@ -136,7 +136,7 @@ class _DeviceLib:
             raise BackendUnavailableError("running TensorRT engines needs CuPy (pip install cupy-cuda12x) or torch with CUDA")
 
     def gpu(self) -> tuple[str, str]:
-        from edm_deploy.runtime.backends.gpu_info import detect_gpu
+        from .gpu_info import detect_gpu
 
         found = detect_gpu(self.device_id)
         if found is None:

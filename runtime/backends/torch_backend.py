@@ -16,11 +16,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.runtime.backends.base import DenoiserBackend
-from edm_deploy.runtime.errors import BackendUnavailableError, InputError
-from edm_deploy.runtime.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, PRECOND_KINDS, encode_limit
-from edm_deploy.runtime.optional import require
-from edm_deploy.runtime.xp import library_of
+from ..errors import BackendUnavailableError, InputError
+from ..manifest import MANIFEST_FORMAT, MANIFEST_VERSION, PRECOND_KINDS, encode_limit
+from ..optional import require
+from ..xp import library_of
+from .base import DenoiserBackend
 
 
 def import_torch():
