@@ -31,13 +31,14 @@ subsections.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import resource
 import tempfile
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -172,6 +173,38 @@ def admission(den, batch: int, base: float, loads, count_for, rounds: int, echo)
     return {"batch": batch, "offline_mix_img_per_s": base, "points": points}
 
 
+def drive(engine, plan, label_dim: int, every: float, sample: Callable[[float], None]) -> tuple[dict, dict, float]:
+    """Submit `plan`'s single-image requests at their arrival times and wait for all of them, calling
+    `sample(seconds since the start)` every `every` seconds on the way; results are dropped as they
+    come. Returns the tally {"ok", "failed"}, the failures by error, and the start time (perf_counter)."""
+    tally = {"ok": 0, "failed": 0}
+    errors: collections.Counter = collections.Counter()
+    done = threading.Condition()
+
+    def finished(f) -> None:
+        with done:
+            failed = f.cancelled() or f.exception() is not None
+            tally["failed" if failed else "ok"] += 1
+            if failed:
+                errors["cancelled" if f.cancelled() else repr(f.exception())[:200]] += 1
+            done.notify_all()
+
+    t0 = time.perf_counter() + 0.05
+    next_sample = t0
+    for at, settings, s, _ in plan:
+        now = time.perf_counter()
+        if now >= next_sample:
+            sample(now - t0)
+            next_sample += every
+        delay = t0 + at - now
+        if delay > 0:
+            time.sleep(delay)
+        engine.submit([s], None if not label_dim else s % label_dim, settings).add_done_callback(finished)
+    with done:
+        done.wait_for(lambda: tally["ok"] + tally["failed"] == len(plan), timeout=3600)
+    return tally, dict(errors), t0
+
+
 def soak(den, batch: int, rate: float, seconds: float, label_dim: int, echo) -> dict[str, Any]:
     """Continuous batching at `rate` for `seconds`: lost/failed requests and RSS over time.
 
@@ -183,28 +216,8 @@ def soak(den, batch: int, rate: float, seconds: float, label_dim: int, echo) -> 
     count = int(rate * seconds)
     plan = arrivals(rate, count, seed=7)
     engine = Engine(den, max_batch=batch, max_queue=count + 1, max_images=1).start()
-    tally = {"ok": 0, "failed": 0}
-    done = threading.Condition()
-
-    def finished(f) -> None:
-        with done:
-            tally["ok" if not f.cancelled() and f.exception() is None else "failed"] += 1
-            done.notify_all()
-
     memory = []
-    t0 = time.perf_counter() + 0.05
-    next_sample = t0
-    for at, settings, s, _ in plan:
-        now = time.perf_counter()
-        if now >= next_sample:
-            memory.append((round(now - t0, 1), round(rss_mb(), 1)))
-            next_sample += 5.0
-        delay = t0 + at - now
-        if delay > 0:
-            time.sleep(delay)
-        engine.submit([s], None if not label_dim else s % label_dim, settings).add_done_callback(finished)
-    with done:
-        done.wait_for(lambda: tally["ok"] + tally["failed"] == count, timeout=3600)
+    tally, _, t0 = drive(engine, plan, label_dim, 5.0, lambda t: memory.append((round(t, 1), round(rss_mb(), 1))))
     engine.shutdown()
     ok, failed = tally["ok"], tally["failed"]
     memory.append((round(time.perf_counter() - t0, 1), round(rss_mb(), 1)))

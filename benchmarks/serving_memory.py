@@ -40,12 +40,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
 from benchmarks.common import RESULTS_DIR, replace_section, save
-from benchmarks.serving import arrivals, offline_throughput, rss_mb
+from benchmarks.serving import arrivals, drive, offline_throughput, rss_mb
 
 BEGIN, END = "<!-- benchmarks.serving.memory:begin -->", "<!-- benchmarks.serving.memory:end -->"
 VARIANTS = {
@@ -89,47 +88,28 @@ def profile_soak(den, batch: int, rate: float, seconds: float, every: float, tra
     engine = Engine(den, max_batch=batch, max_queue=count + 1, max_images=1)
     engine.check_shapes()
     engine.start()
-    tally = {"ok": 0, "failed": 0}
-    errors: collections.Counter = collections.Counter()
-    done = threading.Condition()
-
-    def finished(f) -> None:
-        with done:
-            failed = f.cancelled() or f.exception() is not None
-            tally["failed" if failed else "ok"] += 1
-            if failed:
-                errors["cancelled" if f.cancelled() else repr(f.exception())[:200]] += 1
-            done.notify_all()
-
     if trace:
         tracemalloc.start(8)
-    samples, first_types, first_snapshot = [], None, None
-    t0 = time.perf_counter() + 0.05
-    next_sample = t0
-    for at, settings, s, _ in plan:
-        now = time.perf_counter()
-        if now >= next_sample:
-            sample = {"t": round(now - t0, 1), "rss": rss_mb(), "objects": len(gc.get_objects()),
-                      "queued": engine.queue_length, **malloc_mb()}
-            if trace:
-                sample["traced"] = tracemalloc.get_traced_memory()[0] / 1e6
-            samples.append(sample)
-            if first_types is None and now - t0 >= seconds / 4:  # after warm-up
-                first_types = type_counts()
-                first_snapshot = tracemalloc.take_snapshot() if trace else None
-            next_sample += every
-        delay = t0 + at - now
-        if delay > 0:
-            time.sleep(delay)
-        engine.submit([s], None if not label_dim else s % label_dim, settings).add_done_callback(finished)
-    with done:
-        done.wait_for(lambda: tally["ok"] + tally["failed"] == count, timeout=3600)
+    samples: list[dict] = []
+    warm: dict[str, Any] = {}  # the object counts (and traced snapshot) once warm-up is over
+
+    def sample(t: float) -> None:
+        row = {"t": round(t, 1), "rss": rss_mb(), "objects": len(gc.get_objects()),
+               "queued": engine.queue_length, **malloc_mb()}
+        if trace:
+            row["traced"] = tracemalloc.get_traced_memory()[0] / 1e6
+        samples.append(row)
+        if not warm and t >= seconds / 4:  # after warm-up
+            warm.update(types=type_counts(), snapshot=tracemalloc.take_snapshot() if trace else None)
+
+    tally, errors, t0 = drive(engine, plan, label_dim, every, sample)
     engine.shutdown()
     end = {"t": round(time.perf_counter() - t0, 1), "rss": rss_mb(), "objects": len(gc.get_objects()),
            "queued": 0, **malloc_mb()}
-    growth = type_counts() - (first_types or collections.Counter())
-    out: dict[str, Any] = {"requests": count, **tally, "errors": dict(errors), "samples": samples, "end": end,
+    growth = type_counts() - warm.get("types", collections.Counter())
+    out: dict[str, Any] = {"requests": count, **tally, "errors": errors, "samples": samples, "end": end,
                            "type_growth": growth.most_common(8), "padded_rows": engine.stats.padded_rows}
+    first_snapshot = warm.get("snapshot")
     if trace:
         end["traced"] = tracemalloc.get_traced_memory()[0] / 1e6
         if first_snapshot is not None:
