@@ -34,6 +34,20 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 @contextlib.contextmanager
+def _page():
+    """A new page in the system's Chromium, closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    assert os.path.exists(CHROMIUM), f"Chromium is not at {CHROMIUM}"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
+
+
+@contextlib.contextmanager
 def _serve(den):
     import uvicorn
 
@@ -66,43 +80,33 @@ def served(tmp_path):
 
 
 def test_the_page_samples_images_and_shows_errors_in_chromium(served, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     url, engine = served
-    assert os.path.exists(CHROMIUM), f"Chromium is not at {CHROMIUM}"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(url + "/")
-            page.wait_for_selector("#go[data-ready='1']", timeout=30_000)
-            assert "8×8×1 images" in page.text_content("#model")
-            page.select_option("#solver", "ipndm")
-            page.fill("#nfe", "5")
-            page.fill("#seeds", "0-5")
-            page.fill("#zoom", "3")
-            page.click("#go")
-            page.wait_for_function("document.querySelectorAll('#images img').length === 6", timeout=30_000)
-            page.wait_for_function("[...document.querySelectorAll('#images img')].every(i => i.complete && i.naturalWidth === 8)")
-            sizes = page.eval_on_selector_all("#images img", "imgs => imgs.map(i => [i.width, i.naturalWidth])")
-            assert sizes == [[24, 8]] * 6
-            status = page.text_content("#status")
-            assert status.startswith("6 images, ipndm NFE 5:") and "s on the server" in status
-            page.screenshot(path=os.environ.get("EDM_DEPLOY_SCREENSHOT", str(tmp_path / "page.png")))
-            # the server's one-line message reaches the page
-            page.select_option("#solver", "heun")
-            page.fill("#nfe", "10")
-            page.click("#go")
-            page.wait_for_selector("#status.error", timeout=30_000)
-            assert "heun cannot spend exactly NFE 10" in page.text_content("#status")
-        finally:
-            browser.close()
+    with _page() as page:
+        page.goto(url + "/")
+        page.wait_for_selector("#go[data-ready='1']", timeout=30_000)
+        assert "8×8×1 images" in page.text_content("#model")
+        page.select_option("#solver", "ipndm")
+        page.fill("#nfe", "5")
+        page.fill("#seeds", "0-5")
+        page.fill("#zoom", "3")
+        page.click("#go")
+        page.wait_for_function("document.querySelectorAll('#images img').length === 6", timeout=30_000)
+        page.wait_for_function("[...document.querySelectorAll('#images img')].every(i => i.complete && i.naturalWidth === 8)")
+        sizes = page.eval_on_selector_all("#images img", "imgs => imgs.map(i => [i.width, i.naturalWidth])")
+        assert sizes == [[24, 8]] * 6
+        status = page.text_content("#status")
+        assert status.startswith("6 images, ipndm NFE 5:") and "s on the server" in status
+        page.screenshot(path=os.environ.get("EDM_DEPLOY_SCREENSHOT", str(tmp_path / "page.png")))
+        # the server's one-line message reaches the page
+        page.select_option("#solver", "heun")
+        page.fill("#nfe", "10")
+        page.click("#go")
+        page.wait_for_selector("#status.error", timeout=30_000)
+        assert "heun cannot spend exactly NFE 10" in page.text_content("#status")
     assert engine.stats.requests_done == 1 and engine.stats.images_done == 6
 
 
 def test_the_api_page_renders_offline_from_packaged_assets(served):
-    from playwright.sync_api import sync_playwright
-
     url, _ = served
     outside = []
 
@@ -112,23 +116,16 @@ def test_the_api_page_renders_offline_from_packaged_assets(served):
         outside.append(route.request.url)
         return route.abort()
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.route("**/*", only_this_server)
-            page.goto(url + "/docs")
-            page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
-            assert "edm-deploy" in page.text_content(".swagger-ui .info .title")
-            page.wait_for_selector(".opblock-summary-path[data-path='/v1/generate']", timeout=30_000)
-        finally:
-            browser.close()
+    with _page() as page:
+        page.route("**/*", only_this_server)
+        page.goto(url + "/docs")
+        page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+        assert "edm-deploy" in page.text_content(".swagger-ui .info .title")
+        page.wait_for_selector(".opblock-summary-path[data-path='/v1/generate']", timeout=30_000)
     assert outside == []  # nothing fetched from anywhere but this server
 
 
 def test_the_page_shows_previews_as_they_come_and_cancels_in_chromium(tmp_path):
-    from playwright.sync_api import sync_playwright
-
     from edm_deploy.loading import load
     from edm_deploy.runtime.contract import DelegatingDenoiser
     from tests.onnx_oracles import gaussian_onnx
@@ -138,11 +135,8 @@ def test_the_page_shows_previews_as_they_come_and_cancels_in_chromium(tmp_path):
             time.sleep(0.01)
             return self.den(x, sigma, class_labels)
 
-    with load(gaussian_onnx(str(tmp_path / "g.onnx"))) as den, _serve(Slow(den)) as (url, engine), \
-            sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
+    with load(gaussian_onnx(str(tmp_path / "g.onnx"))) as den, _serve(Slow(den)) as (url, engine):
+        with _page() as page:
             page.goto(url + "/")
             page.wait_for_selector("#go[data-ready='1']", timeout=30_000)
             assert "determinism: " in page.text_content("#model")
@@ -157,8 +151,6 @@ def test_the_page_shows_previews_as_they_come_and_cancels_in_chromium(tmp_path):
             page.click("#cancel")
             page.wait_for_function("document.querySelector('#status').textContent === 'cancelled'", timeout=30_000)
             assert page.eval_on_selector_all("#images img", "imgs => imgs.length") == 0
-        finally:
-            browser.close()
         deadline = time.time() + 60
         while engine.stats.requests_cancelled != 1 and time.time() < deadline:
             time.sleep(0.05)
