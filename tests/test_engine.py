@@ -50,6 +50,20 @@ class Recording(DenoiserBase):
         return out
 
 
+class FailsFirstCall(Recording):
+    """A Recording whose first call raises `message` (a kernel failing once), the later ones answer."""
+
+    def __init__(self, message="a kernel failed", **kwargs):
+        super().__init__(**kwargs)
+        self.message = message
+
+    def __call__(self, x, sigma, class_labels=None):
+        if not self.calls:
+            self.calls.append(None)
+            raise RuntimeError(self.message)
+        return super().__call__(x, sigma, class_labels)
+
+
 def conditional(**kwargs):
     return Recording(**kwargs)
 
@@ -672,14 +686,7 @@ def test_a_preview_consumer_that_fails_ends_its_request_and_frees_its_rows():
 
 
 def test_the_shapes_are_checked_with_the_first_call_and_a_network_failing_then_fails_only_that_call():
-    class FailsFirst(Recording):
-        def __call__(self, x, sigma, class_labels=None):
-            if not self.calls:
-                self.calls.append(None)
-                raise RuntimeError("a kernel failed")
-            return super().__call__(x, sigma, class_labels)
-
-    den = FailsFirst()
+    den = FailsFirstCall("a kernel failed")
     with Engine(den, max_batch=4) as engine:
         assert engine.determinism.kind == "pending" and den.calls == []  # start() itself calls nothing
         with pytest.raises(RuntimeError, match="a kernel failed"):

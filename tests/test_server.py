@@ -141,16 +141,10 @@ def test_a_backend_error_is_a_one_line_500_and_the_server_goes_on():
 
     from edm_deploy.runtime.serving import Engine
     from edm_deploy.server import create_app
-    from tests.test_engine import Recording
+    from tests.test_engine import FailsFirstCall
 
-    class FailsOnce(Recording):
-        def __call__(self, x, sigma, class_labels=None):
-            if not self.calls:
-                self.calls.append(None)
-                raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : a kernel failed\nstack frame 1")
-            return super().__call__(x, sigma, class_labels)
-
-    engine = Engine(FailsOnce(), max_batch=8)
+    engine = Engine(FailsFirstCall("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : a kernel failed\nstack frame 1"),
+                    max_batch=8)
     with TestClient(create_app(engine, {"file": "fails-once"})) as c:
         r = c.post("/v1/generate", json={"seeds": [0], "class_idx": 1, "solver": "ipndm", "nfe": 3})
         assert r.status_code == 500 and r.json() == {"error": "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : a kernel failed"}
