@@ -34,8 +34,6 @@ from benchmarks import fashion
 from benchmarks.common import measure, replace_section, save, table
 
 BEGIN, END = "<!-- benchmarks.consistency_fashion:begin -->", "<!-- benchmarks.consistency_fashion:end -->"
-SIGMA_MAX = 80.0
-SELECT_SEEDS = 500  # held-out seeds 300000.. pick the time points
 SCORE_IMAGES = 2000  # seeds 0..1999 are scored
 
 # row name -> (what changed, TrainingOptions overrides over the base)
@@ -89,26 +87,13 @@ def consistency_plan(den, sigmas):
     return fashion.plan_for(den, {"solver": "consistency", "sigmas": [float(v) for v in sigmas]})
 
 
-def choose_points(den, scorer: fashion.Scorer, nfe: int) -> dict[str, Any]:
-    """The grid's time points for `nfe` with the lowest classifier FD on held-out seeds (the runtime's chooser,
-    `edm-deploy schedule --solver consistency`, with the classifier's features instead of Inception's)."""
-    from edm_deploy.runtime.consistency_points import choose_consistency_points
-
-    if nfe == 1:
-        return {"sigmas": [SIGMA_MAX], "tried": []}
-    choice = choose_consistency_points(den, nfe, lambda images: scorer.judge.run(images)[1], scorer.clf_ref,
-                                       seeds=range(300_000, 300_000 + SELECT_SEEDS), sigma_max=SIGMA_MAX,
-                                       batch_size=scorer.batch)
-    return {"sigmas": choice.sigmas, "tried": choice.tried}
-
-
 def score_tuned(onnx: str, scorer: fashion.Scorer, nfes=(1, 2, 3)) -> dict[str, Any]:
     from edm_deploy.loading import load
 
     out = {}
     with load(onnx, device="cpu") as den:
         for nfe in nfes:
-            choice = choose_points(den, scorer, nfe)
+            choice = fashion.choose_points(den, scorer, nfe)
             row = scorer(den, consistency_plan(den, choice["sigmas"]), SCORE_IMAGES, inception=False)
             out[str(nfe)] = dict(row, tried=choice["tried"])
     return out

@@ -52,6 +52,8 @@ MATCHED = 1.10  # "matched quality": FID within 10 % of Heun-35's
 SEARCH_SEEDS = range(100_000, 100_256)
 GUIDE_KIMG = 50  # the autoguide: the teacher run's own early snapshot
 GUIDE_WEIGHTS = (1.2, 1.4, 1.7)
+CONSISTENCY_SIGMA_MAX = 80.0  # the consistency sampler's first time point
+POINTS_SEEDS = range(300_000, 300_500)  # held out from the scored seeds: they pick a tuned model's time points
 CURVE_SOLVER, CURVE_NFE, CURVE_IMAGES = "dpmpp-2m", 10, 1000  # quality against training time
 
 # Published CIFAR-10 32x32 FID-50k on EDM models (real-data-and-few-step-notes.md): the shapes to compare.
@@ -388,19 +390,24 @@ def run_levers(ckpt: str, cache: str, scorer: Scorer, results: Results, grid: di
     return levers
 
 
-def consistency_points(model: str, scorer: Scorer) -> dict[str, list[float]]:
-    """The tuned model's time points for NFE 1-3: the runtime's grid choice, judged by the classifier's
-    features on held-out seeds (as `edm-deploy schedule --solver consistency` does with Inception's)."""
-    from edm_deploy.loading import load
+def choose_points(den, scorer: Scorer, nfe: int) -> dict[str, Any]:
+    """The grid's time points for `nfe` with the lowest classifier FD on held-out seeds (the runtime's chooser,
+    `edm-deploy schedule --solver consistency`, with the classifier's features instead of Inception's)."""
     from edm_deploy.runtime.consistency_points import choose_consistency_points
 
-    out = {"1": [80.0]}
+    if nfe == 1:
+        return {"sigmas": [CONSISTENCY_SIGMA_MAX], "tried": []}
+    choice = choose_consistency_points(den, nfe, lambda images: scorer.judge.run(images)[1], scorer.clf_ref,
+                                       seeds=POINTS_SEEDS, sigma_max=CONSISTENCY_SIGMA_MAX, batch_size=scorer.batch)
+    return {"sigmas": choice.sigmas, "tried": choice.tried}
+
+
+def consistency_points(model: str, scorer: Scorer) -> dict[str, list[float]]:
+    """The tuned model's time points for NFE 1-3 (`choose_points`)."""
+    from edm_deploy.loading import load
+
     with load(model, device="cpu") as den:
-        for nfe in (2, 3):
-            out[str(nfe)] = choose_consistency_points(den, nfe, lambda images: scorer.judge.run(images)[1],
-                                                      scorer.clf_ref, seeds=range(300_000, 300_500),
-                                                      batch_size=scorer.batch).sigmas
-    return out
+        return {str(nfe): choose_points(den, scorer, nfe)["sigmas"] for nfe in (1, 2, 3)}
 
 
 def real_floor(scorer: Scorer, num: int) -> dict[str, Any]:
