@@ -28,8 +28,8 @@ def main(argv=None) -> dict:
     from benchmarks.precision import digits_checkpoint
     from edm_deploy.export.pipeline import export_checkpoint
     from edm_deploy.loading import load
-    from edm_deploy.runtime.fixed_shape import FixedShapeDenoiser
-    from edm_deploy.runtime.generate import generate
+    from edm_deploy.runtime.sampling.fixed_shape import FixedShapeDenoiser
+    from edm_deploy.runtime.sampling.generate import generate
 
     ckpt = digits_checkpoint(args.ckpt, print)
     batches = [int(b) for b in args.batches.split(",")]

@@ -50,7 +50,7 @@ def save(name: str, payload: dict[str, Any]) -> str:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}.json")
     payload = {"benchmark": name, "machine": machine(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
-    from edm_deploy.runtime.fileio import atomic_write_bytes
+    from edm_deploy.runtime.core.fileio import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(payload, indent=2, default=float).encode("utf-8"))
     return path
@@ -75,7 +75,7 @@ def replace_section(text: str, begin: str, end: str, path: str = RESULTS_MD) -> 
         new = head + text.rstrip("\n") + rest.split(end, 1)[1]
     else:
         new = old.rstrip("\n") + "\n\n" + text
-    from edm_deploy.runtime.fileio import atomic_write_bytes
+    from edm_deploy.runtime.core.fileio import atomic_write_bytes
 
     atomic_write_bytes(path, new.encode("utf-8"))  # a stop mid-write leaves the old file whole
 
@@ -102,7 +102,7 @@ def save_figure(fig, path: str) -> None:
     """Lay out, write (creating the folder) and release a matplotlib figure."""
     import matplotlib.pyplot as plt
 
-    from edm_deploy.runtime.fileio import atomic_path
+    from edm_deploy.runtime.core.fileio import atomic_path
 
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -10,7 +10,7 @@ distance against the 359-image test split and the independent classifier's accur
 
 The tuned model is sampled with the consistency sampler of ECT (its `generator_fn`): x =
 D(sigma_max z; sigma_max), then for each further time point s, x = D(x + s eps; s), eps from the
-seed's own noise stream: the runtime's `consistency` solver (`runtime/solvers.py`). The time points for NFE 2 and 3 are chosen on a grid by the FD against the
+seed's own noise stream: the runtime's `consistency` solver (`runtime/sampling/solvers.py`). The time points for NFE 2 and 3 are chosen on a grid by the FD against the
 *train* split of 500 held-out seeds (100000-100499), then scored on seeds 0-999 against the test
 split like everything else; ECT's CIFAR-10 mid point 0.821 is always on the grid.
 
@@ -58,7 +58,7 @@ ECT_FLAGS = ("duration_kimg", "batch", "lr", "dropout", "ema_halflife_kimg", "ec
 
 def consistency_plan(den, sigmas):
     """The runtime's consistency solver on exactly these time points."""
-    from edm_deploy.runtime.planner import plan_sampling
+    from edm_deploy.runtime.sampling.planner import plan_sampling
 
     return plan_sampling(den, {"solver": "consistency", "sigmas": [float(v) for v in sigmas]})
 
@@ -102,8 +102,8 @@ def step_cost_ratio(teacher: str, tuned_options: dict, repeats: int = 3, steps: 
 
 def sample_images(den, plan, seeds, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images of `seeds` (classes in blocks of len(seeds) / 10) and their classes."""
-    from edm_deploy.runtime.generate import quantize_uint8
-    from edm_deploy.runtime.noise import StackedRandomGenerator, one_hot
+    from edm_deploy.runtime.sampling.generate import quantize_uint8
+    from edm_deploy.runtime.sampling.noise import StackedRandomGenerator, one_hot
 
     seeds = np.asarray(list(seeds))
     classes = np.repeat(np.arange(10), len(seeds) // 10)
@@ -133,7 +133,7 @@ def run(teacher: str, tuned: str, workdir: str, nfes: list[int], per_class: int,
     from benchmarks.solvers import sample_scored
     from edm_deploy.export.onnx_export import export_onnx
     from edm_deploy.loading import load
-    from edm_deploy.runtime.planner import plan_sampling
+    from edm_deploy.runtime.sampling.planner import plan_sampling
     from edm_deploy.training.checkpoint import load_checkpoint, load_network
     from edm_deploy.training.dataset import load_digits_split
     from edm_deploy.training.digits_eval import frechet_pixels, train_classifier

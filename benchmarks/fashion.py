@@ -99,7 +99,7 @@ class Results:
             row = compute()
             from filelock import FileLock
 
-            from edm_deploy.runtime.fileio import atomic_write_bytes
+            from edm_deploy.runtime.core.fileio import atomic_write_bytes
 
             with FileLock(self.path + ".lock"):  # another benchmark process may have added rows meanwhile
                 if os.path.exists(self.path):
@@ -170,7 +170,7 @@ def judge(cache: str, echo):
 def inception_stats(det, images_uint8: np.ndarray, batch: int = 100, desc: str = "Inception") -> tuple:
     from tqdm import tqdm
 
-    from edm_deploy.runtime.fid_stats import FeatureStats
+    from edm_deploy.runtime.fid.fid_stats import FeatureStats
 
     stats = FeatureStats()
     for i in tqdm(range(0, len(images_uint8), batch), desc=desc, leave=False, disable=None):
@@ -181,7 +181,7 @@ def inception_stats(det, images_uint8: np.ndarray, batch: int = 100, desc: str =
 
 def reference(cache: str, det, echo, num: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """Inception statistics of all 60,000 training images (cached); `num`: the first `num` only (smoke runs)."""
-    from edm_deploy.runtime.fid_stats import load_ref, save_ref
+    from edm_deploy.runtime.fid.fid_stats import load_ref, save_ref
     from edm_deploy.training.dataset import load_fashion_mnist
 
     path = os.path.join(cache, "fid-ref-train.npz" if num is None else f"fid-ref-train-first{num}.npz")
@@ -208,8 +208,8 @@ def seeds_and_classes(num: int, first: int = 0) -> tuple[np.ndarray, np.ndarray]
 
 def sample(den, plan, seeds: np.ndarray, classes: np.ndarray, batch: int = 500) -> np.ndarray:
     """uint8 [N, C, R, R] images of these seeds and classes, each image its own seed's noise."""
-    from edm_deploy.runtime.generate import quantize_uint8
-    from edm_deploy.runtime.noise import StackedRandomGenerator, one_hot
+    from edm_deploy.runtime.sampling.generate import quantize_uint8
+    from edm_deploy.runtime.sampling.noise import StackedRandomGenerator, one_hot
 
     out = []
     for b in range(0, len(seeds), batch):
@@ -227,7 +227,7 @@ class Scorer:
         self.judge, self.clf_ref, self.det, self.fid_ref, self.batch = judge, clf_ref, det, fid_ref, batch
 
     def __call__(self, den, plan, num: int, inception: bool) -> dict[str, Any]:
-        from edm_deploy.runtime.fid_stats import frechet_distance
+        from edm_deploy.runtime.fid.fid_stats import frechet_distance
 
         seeds, classes = seeds_and_classes(num)
         start = time.perf_counter()
@@ -243,14 +243,14 @@ class Scorer:
 
 
 def plan_for(den, settings: dict):
-    from edm_deploy.runtime.planner import plan_sampling
+    from edm_deploy.runtime.sampling.planner import plan_sampling
 
     return plan_sampling(den, settings)
 
 
 def feasible(solver: str, nfe: int) -> bool:
-    from edm_deploy.runtime.errors import InputError
-    from edm_deploy.runtime.solvers import steps_for_nfe
+    from edm_deploy.runtime.core.errors import InputError
+    from edm_deploy.runtime.sampling.solvers import steps_for_nfe
 
     try:
         steps_for_nfe(solver, nfe)
@@ -321,8 +321,8 @@ def run_levers(ckpt: str, cache: str, scorer: Scorer, results: Results, grid: di
                echo) -> dict[str, Any]:
     """FID-`num` rows; returns {label: row} with the settings each used (for the speed pass)."""
     from edm_deploy.loading import load
-    from edm_deploy.runtime import schedule_search as ss
-    from edm_deploy.runtime.generate import guided
+    from edm_deploy.runtime.sampling import schedule_search as ss
+    from edm_deploy.runtime.sampling.generate import guided
 
     sha = file_sha256(ckpt)[:16]
     levers: dict[str, Any] = {}
@@ -393,7 +393,7 @@ def run_levers(ckpt: str, cache: str, scorer: Scorer, results: Results, grid: di
 def choose_points(den, scorer: Scorer, nfe: int) -> dict[str, Any]:
     """The grid's time points for `nfe` with the lowest classifier FD on held-out seeds (the runtime's chooser,
     `edm-deploy schedule --solver consistency`, with the classifier's features instead of Inception's)."""
-    from edm_deploy.runtime.consistency_points import choose_consistency_points
+    from edm_deploy.runtime.sampling.consistency_points import choose_consistency_points
 
     if nfe == 1:
         return {"sigmas": [CONSISTENCY_SIGMA_MAX], "tried": []}
@@ -412,7 +412,7 @@ def consistency_points(model: str, scorer: Scorer) -> dict[str, list[float]]:
 
 def real_floor(scorer: Scorer, num: int) -> dict[str, Any]:
     """The same scores for `num` real test-split images: the floor a generator is compared with."""
-    from edm_deploy.runtime.fid_stats import frechet_distance
+    from edm_deploy.runtime.fid.fid_stats import frechet_distance
     from edm_deploy.training.dataset import load_fashion_mnist
 
     images, labels = load_fashion_mnist("t10k")
@@ -426,7 +426,7 @@ def real_floor(scorer: Scorer, num: int) -> dict[str, Any]:
 def choose_weight(model: str, guide: str, solver: str, scorer: Scorer) -> dict:
     """The autoguidance weight with the lowest classifier FD on 1,000 images (FID is then measured once)."""
     from edm_deploy.loading import load
-    from edm_deploy.runtime.generate import guided
+    from edm_deploy.runtime.sampling.generate import guided
 
     scores = {}
     with load(model, device="cpu") as den, load(guide, device="cpu") as g:
@@ -439,7 +439,7 @@ def choose_weight(model: str, guide: str, solver: str, scorer: Scorer) -> dict:
 def measure_speed(levers: dict[str, Any], images: int, rounds: int, echo) -> None:
     """images/s of every lever on the same `images` seeds, interleaved round by round; median per lever."""
     from edm_deploy.loading import load
-    from edm_deploy.runtime.generate import guided
+    from edm_deploy.runtime.sampling.generate import guided
 
     seeds, classes = seeds_and_classes(images, first=200_000)
     real = {k: v for k, v in levers.items() if v.get("model") is None}
@@ -608,7 +608,7 @@ def main(argv=None) -> dict:
     if args.stage == "judge":
         return {}
     from edm_deploy.loading import load
-    from edm_deploy.runtime.fid import load_detector
+    from edm_deploy.runtime.fid.fid import load_detector
     from edm_deploy.training.dataset import load_fashion_mnist
 
     det = load_detector(det_path)

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from edm_deploy.runtime import StackedRandomGenerator, edm_sampler  # noqa: E402
-from edm_deploy.runtime.timing import TimedDenoiser  # noqa: E402
+from edm_deploy.runtime.core.timing import TimedDenoiser  # noqa: E402
 
 CIFAR_DDPMPP = dict(img_resolution=32, img_channels=3, label_dim=10, model_type="SongUNet", model_channels=128,
                     channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13)

@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from benchmarks.common import RESULTS_DIR, save, table
-from edm_deploy.runtime.contract import DelegatingDenoiser
+from edm_deploy.runtime.core.contract import DelegatingDenoiser
 
 WEIGHTS = (1.0, 1.25, 1.5, 2.0, 3.0)
 
@@ -76,7 +76,7 @@ class CountingGuide(DelegatingDenoiser):
 
 
 def case(den, guide, w: float, interval, per_class: int, classifier, test_images) -> dict[str, Any]:
-    from edm_deploy.runtime.generate import guided
+    from edm_deploy.runtime.sampling.generate import guided
     from edm_deploy.training.digits_eval import sample_digits, score_samples
 
     counter = None if guide is None else CountingGuide(guide)

@@ -164,7 +164,7 @@ def quality_case(ckpt_path: str, workdir: str, per_class: int, num_images: int, 
     from edm_deploy.export.quantize import quantize_int8
     from edm_deploy.export.verify import TOLERANCES, verify_artifact
     from edm_deploy.loading import load
-    from edm_deploy.runtime.sampling import nfe
+    from edm_deploy.runtime.sampling.reference import nfe
     from edm_deploy.training.checkpoint import load_checkpoint, load_network
     from edm_deploy.training.dataset import load_digits_split
     from edm_deploy.training.digits_eval import frechet_pixels, sample_digits, score_samples, train_classifier

@@ -68,7 +68,7 @@ def rss_mb() -> float:
 
 def offline_throughput(den, batch: int, label_dim: int, repeats: int) -> dict[str, Any]:
     """images/s of `generate` for each setting of the mix at this batch limit, and the mix's."""
-    from edm_deploy.runtime.generate import generate
+    from edm_deploy.runtime.sampling.generate import generate
 
     out: dict[str, Any] = {}
     for _, settings in MIX:

@@ -136,7 +136,7 @@ def child(args) -> None:
     import contextlib
 
     from edm_deploy.loading import load
-    from edm_deploy.runtime.analytic import GaussianDenoiser
+    from edm_deploy.runtime.sampling.analytic import GaussianDenoiser
 
     if args.variant == "cycle":
         rebuild_cycle()

@@ -10,7 +10,7 @@ the wall time of those 1000 images. Combinations a solver cannot spend exactly (
 always odd) are left blank: the nearest odd NFE is in the same row.
 
 Then the fast solver with the lowest mean FD at NFE 4-6 gets schedules searched by
-`edm-deploy schedule`'s library (`runtime.schedule_search`, default settings: 256 teacher
+`edm-deploy schedule`'s library (`runtime.sampling.schedule_search`, default settings: 256 teacher
 trajectories of seeds 100000-100255, disjoint from the scored seeds) at NFE 4, 5 and 6, scored
 the same way, with the search's timings and its end-point check.
 
@@ -45,8 +45,8 @@ FAST = ("dpmpp-2m", "dpmpp-3m", "unipc", "ipndm", "ipndm-v", "deis")
 
 
 def feasible(solver: str, nfe: int) -> bool:
-    from edm_deploy.runtime.errors import InputError
-    from edm_deploy.runtime.solvers import steps_for_nfe
+    from edm_deploy.runtime.core.errors import InputError
+    from edm_deploy.runtime.sampling.solvers import steps_for_nfe
 
     try:
         steps_for_nfe(solver, nfe)
@@ -57,8 +57,8 @@ def feasible(solver: str, nfe: int) -> bool:
 
 def sample_scored(den, plan, per_class: int, batch: int, classifier, test_images) -> dict[str, Any]:
     """The 10 x per_class images of seeds 0.. (classes in blocks, as sample_digits), scored and timed."""
-    from edm_deploy.runtime.generate import quantize_uint8
-    from edm_deploy.runtime.noise import StackedRandomGenerator, one_hot
+    from edm_deploy.runtime.sampling.generate import quantize_uint8
+    from edm_deploy.runtime.sampling.noise import StackedRandomGenerator, one_hot
     from edm_deploy.training.digits_eval import score_samples
 
     classes = np.repeat(np.arange(10), per_class)
@@ -80,8 +80,8 @@ def run(ckpt_path: str, workdir: str, solvers: list[str], nfes: list[int], searc
         search_solver: Optional[str], per_class: int, batch: int, echo) -> dict[str, Any]:
     from edm_deploy.export.onnx_export import export_onnx
     from edm_deploy.loading import load
-    from edm_deploy.runtime import schedule_search as ss
-    from edm_deploy.runtime.planner import plan_sampling
+    from edm_deploy.runtime.sampling import schedule_search as ss
+    from edm_deploy.runtime.sampling.planner import plan_sampling
     from edm_deploy.training.checkpoint import load_checkpoint, load_network
     from edm_deploy.training.dataset import load_digits_split
     from edm_deploy.training.digits_eval import frechet_pixels, train_classifier
@@ -233,7 +233,7 @@ def plot(out: dict[str, Any], solvers: list[str], nfes: list[int], path: str = P
 
 def main(argv=None) -> dict:
     from benchmarks.precision import cpu_info, digits_checkpoint
-    from edm_deploy.runtime.solvers import SOLVER_NAMES
+    from edm_deploy.runtime.sampling.solvers import SOLVER_NAMES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default=None, help="trained digits checkpoint (default: the demo's, else train one)")

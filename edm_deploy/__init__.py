@@ -10,7 +10,7 @@ backends) load on first use. The embedding API is::
 
 from __future__ import annotations
 
-from edm_deploy.runtime.version import __version__
+from edm_deploy.runtime.core.version import __version__
 
 __all__ = ["__version__", "load", "generate"]
 
@@ -22,7 +22,7 @@ def __getattr__(name: str):
 
         return load
     if name == "generate":
-        from edm_deploy.runtime.generate import generate
+        from edm_deploy.runtime.sampling.generate import generate
 
         return generate
     raise AttributeError(f"module 'edm_deploy' has no attribute {name!r}")

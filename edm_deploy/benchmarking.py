@@ -19,9 +19,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime.contract import as_denoiser
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.timing import TimedDenoiser
+from edm_deploy.runtime.core.contract import as_denoiser
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.core.timing import TimedDenoiser
 
 # The `format` tag of the JSON `bench --json` writes: what says an existing file may be replaced.
 BENCH_FORMAT = "edm-deploy-bench"
@@ -29,7 +29,7 @@ BENCH_FORMAT = "edm-deploy-bench"
 
 def is_bench_json(path: str) -> bool:
     """Whether `path` is a JSON that `bench --json` wrote (the one kind of file it replaces)."""
-    from edm_deploy.runtime.jsonio import has_format
+    from edm_deploy.runtime.core.jsonio import has_format
 
     return has_format(path, (BENCH_FORMAT,))
 
@@ -127,7 +127,7 @@ def time_denoiser(den: Any, batch: int, repeats: int = 5, warmup: int = 2,
 
 def time_sampling(den: Any, batch: int, num_steps: int, repeats: int = 1) -> tuple[float, float, bool]:
     """(images per second, overhead fraction, stable) for the deterministic sampler at `num_steps`."""
-    from edm_deploy.runtime.generate import sample_batch
+    from edm_deploy.runtime.sampling.generate import sample_batch
 
     seeds = list(range(batch))
     sample_batch(den, seeds, None, {"num_steps": 2})  # warm-up at the timed batch (shapes, graphs, compiles)
@@ -157,7 +157,7 @@ def bench_backend(name: str, make: Callable[[], Any], batch: int, repeats: int, 
                                stable=stable, repeats=repeats, setup_s=setup)
         result.notes.extend(den.warnings)
         if sample_steps:
-            from edm_deploy.runtime.sampling import nfe
+            from edm_deploy.runtime.sampling.reference import nfe
 
             ips, overhead, sampling_stable = time_sampling(den, batch, sample_steps, repeats=max(1, min(repeats, 3)))
             result.img_per_s_at_nfe, result.nfe, result.overhead_fraction = ips, nfe(sample_steps), overhead

@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 import click
 
-from edm_deploy.runtime.errors import EdmDeployError
-from edm_deploy.runtime.optional import install_hint
-from edm_deploy.runtime.version import __version__
+from edm_deploy.runtime.core.errors import EdmDeployError
+from edm_deploy.runtime.core.optional import install_hint
+from edm_deploy.runtime.core.version import __version__
 from edm_deploy.sigterm import exit_cleanly_on_sigterm
 
 # name -> (module, attribute, one-line help shown by `edm-deploy --help` without importing it)

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from edm_deploy.runtime.fileio import atomic_write_bytes
+from edm_deploy.runtime.core.fileio import atomic_write_bytes
 
 GRID_UPSCALE = 4
 GRID_NAME, REPORT_NAME = "grid.png", "report.md"  # in the demo's output folder
@@ -124,7 +124,7 @@ def consistency_step(ckpt: str, outdir: str, duration_kimg: Optional[float], ech
     """Consistency-tune the trained model (ECT, a few minutes) and export it, verified: demo/model-consistency.onnx."""
     from edm_deploy.export.pipeline import export_checkpoint
     from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
-    from edm_deploy.runtime.fileio import sha256_file
+    from edm_deploy.runtime.core.fileio import sha256_file
 
     overrides = {} if duration_kimg is None else {"duration_kimg": duration_kimg}
     tuned = tune_step(ckpt, os.path.join(outdir, "consistency"), lambda line: echo(f"[4/5] {line}"),
@@ -145,8 +145,8 @@ def tune_step(teacher: str, run_dir: str, echo: Callable[[str], None], preset: s
     `overrides` are TrainingOptions fields over the consistency preset. A finished run of the
     same teacher is kept as it is.
     """
-    from edm_deploy.runtime.fileio import sha256_file
-    from edm_deploy.runtime.manifest import CONSISTENCY_KEY
+    from edm_deploy.runtime.core.fileio import sha256_file
+    from edm_deploy.runtime.core.manifest import CONSISTENCY_KEY
     from edm_deploy.training.checkpoint import load_checkpoint
     from edm_deploy.training.options import consistency_options, resume_options
     from edm_deploy.training.training_loop import training_loop
@@ -185,7 +185,7 @@ def export_step(ckpt: str, outdir: str, echo: Callable[[str], None]) -> dict[str
     """fp32, fp16 and int8 ONNX files, each verified (the export pipeline: stage, verify, move)."""
     from edm_deploy.export.pipeline import export_checkpoint
     from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
-    from edm_deploy.runtime.fileio import sha256_file
+    from edm_deploy.runtime.core.fileio import sha256_file
 
     ckpt_hash = sha256_file(ckpt)
     paths = {p: os.path.join(outdir, "model.onnx" if p == "fp32" else f"model-{p}.onnx") for p in PRECISIONS}
@@ -202,8 +202,8 @@ def export_step(ckpt: str, outdir: str, echo: Callable[[str], None]) -> dict[str
 def grid_step(model_path: str, outdir: str, echo: Callable[[str], None], columns: int = 10,
               profile: DemoProfile = DIGITS) -> str:
     from edm_deploy.loading import load
-    from edm_deploy.runtime.generate import sample_batch
-    from edm_deploy.runtime.writers import GridWriter
+    from edm_deploy.runtime.output.writers import GridWriter
+    from edm_deploy.runtime.sampling.generate import sample_batch
 
     path = os.path.join(outdir, GRID_NAME)
     with load(model_path, device="cpu") as den:
@@ -218,7 +218,7 @@ def grid_step(model_path: str, outdir: str, echo: Callable[[str], None], columns
 
 
 def _scored(den, per_class: int, judge, **sampler: Any) -> dict[str, Any]:
-    from edm_deploy.runtime.timing import TimedDenoiser
+    from edm_deploy.runtime.core.timing import TimedDenoiser
     from edm_deploy.training.digits_eval import sample_classes
 
     timed = TimedDenoiser(den)
@@ -234,8 +234,8 @@ def evaluate_step(paths: dict[str, str], per_class: int, echo: Callable[[str], N
                   schedule_path: Optional[str] = None, profile: DemoProfile = DIGITS,
                   outdir: str = "demo") -> dict[str, Any]:
     from edm_deploy.loading import load
-    from edm_deploy.runtime.guidance import GuidedDenoiser
-    from edm_deploy.runtime.sampling import nfe
+    from edm_deploy.runtime.sampling.guidance import GuidedDenoiser
+    from edm_deploy.runtime.sampling.reference import nfe
 
     echo(f"[5/5] scoring {per_class} samples per class with an independent classifier")
     judge = profile.judge(outdir, echo)
@@ -270,9 +270,9 @@ def evaluate_step(paths: dict[str, str], per_class: int, echo: Callable[[str], N
 def _searched_schedule(den: Any, model_path: str, schedule_path: Optional[str],
                        searched: dict) -> tuple[list[float], float]:
     """The GITS-style schedule for `searched` (solver, nfe) on this model: searched once, kept in the demo's folder."""
-    from edm_deploy.runtime.fileio import sha256_file
-    from edm_deploy.runtime.schedule_file import read_schedule, write_schedule
-    from edm_deploy.runtime.schedule_search import search_schedule
+    from edm_deploy.runtime.core.fileio import sha256_file
+    from edm_deploy.runtime.sampling.schedule_file import read_schedule, write_schedule
+    from edm_deploy.runtime.sampling.schedule_search import search_schedule
 
     model_sha256 = sha256_file(model_path)
     if schedule_path and os.path.exists(schedule_path):

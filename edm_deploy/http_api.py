@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from edm_deploy.runtime.errors import InputError, check_int, check_number
-from edm_deploy.runtime.settings import ALIASES, SETTING_NAMES, SamplerSettings
+from edm_deploy.runtime.core.errors import InputError, check_int, check_number
+from edm_deploy.runtime.sampling.settings import ALIASES, SETTING_NAMES, SamplerSettings
 
 FORMATS = ("png", "grid", "npz", "json")
 MEDIA_TYPES = {"png": "image/png", "grid": "image/png", "npz": "application/octet-stream", "json": "application/json"}
@@ -50,7 +50,7 @@ def too_many_images(count: int, limits: Limits) -> InputError:
 
 def _seeds(value: Any, limits: Limits) -> Any:
     """A list or the CLI's text form, counted against the image limit before anything is expanded."""
-    from edm_deploy.runtime.seeds import check_seeds, parse_seeds, seed_ranges
+    from edm_deploy.runtime.sampling.seeds import check_seeds, parse_seeds, seed_ranges
 
     if value is None:
         return None
@@ -199,7 +199,7 @@ def check_work(settings: SamplerSettings, limits: Limits) -> None:
 
 def _check_output(call: GenerateRequest, limits: Limits) -> GenerateRequest:
     """The format against the image count, grid options only for grids, the grid's size bounded; a stream is JSON."""
-    from edm_deploy.runtime.writers import GridWriter, grid_size
+    from edm_deploy.runtime.output.writers import GridWriter, grid_size
 
     if call.preview_every is not None and not call.stream:
         raise InputError("preview_every needs stream: true (the previews come as lines of a stream)",

@@ -27,7 +27,7 @@ import socket
 import time
 from typing import Any, Callable, Optional
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 
 ABANDONED_EXIT = 75           # sysexits' EX_TEMPFAIL: the drain timed out and requests were abandoned
 FD_RESERVE = 64               # file descriptors kept for the model, logs and the listener itself

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from edm_deploy.runtime.backends.base import DenoiserBackend
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def _plan_manifest(path: str) -> dict:
     a sidecar copied beside another engine is told here too, from the hash it records.
     """
     from edm_deploy.runtime.backends.tensorrt import sidecar_path
-    from edm_deploy.runtime.fileio import sha256_file
-    from edm_deploy.runtime.manifest import read_sidecar
+    from edm_deploy.runtime.core.fileio import sha256_file
+    from edm_deploy.runtime.core.manifest import read_sidecar
 
     manifest = read_sidecar(sidecar_path(path))
     recorded = (manifest.get("tensorrt") or {}).get("plan_sha256")

@@ -71,7 +71,7 @@ from edm_deploy.http_api import (
     get_responses,
     parse_generate,
 )
-from edm_deploy.runtime.errors import EdmDeployError, InputError, first_line
+from edm_deploy.runtime.core.errors import EdmDeployError, InputError, first_line
 from edm_deploy.runtime.serving import (
     BusyError,
     DeadlineError,
@@ -162,7 +162,7 @@ class PrometheusObserver(EngineObserver):
 
 def encode_result(result: GenerationResult, call: GenerateRequest) -> bytes:
     """The body of a finished request in the format it asked for (png, grid and npz as `sample` writes them)."""
-    from edm_deploy.runtime.writers import encode_output
+    from edm_deploy.runtime.output.writers import encode_output
 
     if call.format == "json":
         return json.dumps(result_body(result)).encode()
@@ -172,7 +172,7 @@ def encode_result(result: GenerationResult, call: GenerateRequest) -> bytes:
 
 def result_body(result: GenerationResult) -> dict:
     """The JSON result (format json, and a stream's last line)."""
-    from edm_deploy.runtime.writers import encode_png
+    from edm_deploy.runtime.output.writers import encode_png
 
     return {
         "seeds": result.seeds,
@@ -186,8 +186,8 @@ def result_body(result: GenerationResult) -> dict:
 
 def preview_line(preview: Preview) -> bytes:
     """A stream's preview: the denoised estimate quantised as the final images are, as PNGs."""
-    from edm_deploy.runtime.generate import quantize_uint8
-    from edm_deploy.runtime.writers import encode_png
+    from edm_deploy.runtime.output.writers import encode_png
+    from edm_deploy.runtime.sampling.generate import quantize_uint8
 
     images = [base64.b64encode(encode_png(im)).decode("ascii") for im in quantize_uint8(preview.denoised)]
     return json.dumps({"preview": {"step": preview.step, "steps": preview.steps, "sigma": preview.sigma,
@@ -307,10 +307,10 @@ def create_app(engine: Engine, model_info: Optional[dict] = None, *, title: str 
 
     from fastapi_offline import FastAPIOffline
 
-    from edm_deploy.runtime.planner import plan_sampling
-    from edm_deploy.runtime.settings import SamplerSettings
-    from edm_deploy.runtime.solvers import SOLVER_REGISTRY
-    from edm_deploy.runtime.version import __version__
+    from edm_deploy.runtime.core.version import __version__
+    from edm_deploy.runtime.sampling.planner import plan_sampling
+    from edm_deploy.runtime.sampling.settings import SamplerSettings
+    from edm_deploy.runtime.sampling.solvers import SOLVER_REGISTRY
 
     den = engine.model
     limits = limits or Limits(max_images=engine.max_images, img_resolution=den.img_resolution)
@@ -500,7 +500,7 @@ def _deliver(previews: asyncio.Queue) -> Any:
 
 
 def _loads(raw: bytes, limit: int) -> Any:
-    from edm_deploy.runtime.jsonio import loads_bounded
+    from edm_deploy.runtime.core.jsonio import loads_bounded
 
     return loads_bounded(raw or b"{}", "the request body", max_bytes=limit)
 

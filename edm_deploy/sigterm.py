@@ -43,7 +43,7 @@ def extend_sigterm_grace(seconds: float) -> None:
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     """Remove the temporaries of the writes in progress first (the unwinding may not finish), then unwind."""
-    from edm_deploy.runtime.fileio import remove_live_temporaries
+    from edm_deploy.runtime.core.fileio import remove_live_temporaries
 
     remove_live_temporaries()
     sys.exit(143)
@@ -72,7 +72,7 @@ def _start_sigterm_watchdog() -> None:
         while signal.SIGTERM not in os.read(read_end, 64):
             pass
         time.sleep(SIGTERM_GRACE_S)
-        from edm_deploy.runtime.fileio import remove_live_temporaries
+        from edm_deploy.runtime.core.fileio import remove_live_temporaries
 
         remove_live_temporaries()
         os.write(2, f"error: stopped {SIGTERM_GRACE_S:g} s after SIGTERM while a long call was running; outputs "

@@ -12,7 +12,7 @@ Precisions are the model's exports that exist beside it under the export's own n
 (``model.onnx``, ``model-fp16.onnx``, ``model-int8.onnx``, `export.pipeline.default_onnx_path`).
 Speed is images per second through the whole sampler (median of repeats, with the stability
 rule of `benchmarking.timing_is_stable`). Every setting is planned as `sample --solver S --nfe K`
-plans it (`runtime.planner.plan_sampling`).
+plans it (`runtime.sampling.planner.plan_sampling`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from edm_deploy.benchmarking import timing_is_stable
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 
 REFERENCE = ("heun", 35)          # the paper's deterministic setting at 32x32 (18 steps)
 DEFAULT_NFES = (4, 5, 6, 8, 10, 15, 20, 35)
@@ -112,7 +112,7 @@ def precision_variants(model: str) -> list[str]:
 def check_sweep_arguments(solvers: Sequence[str], nfes: Sequence[int], num_latents: int, batch: int,
                           repeats: int) -> None:
     """Every argument, before any model loads: known solvers, positive NFEs, sizes."""
-    from edm_deploy.runtime.solvers import get_solver
+    from edm_deploy.runtime.sampling.solvers import get_solver
 
     for solver in solvers:
         get_solver(solver)
@@ -125,8 +125,8 @@ def check_sweep_arguments(solvers: Sequence[str], nfes: Sequence[int], num_laten
 
 
 def _sample_all(den: Any, latents: np.ndarray, labels: Optional[np.ndarray], plan: Any, batch: int) -> np.ndarray:
-    from edm_deploy.runtime.solvers import default_randn_like
-    from edm_deploy.runtime.xp import to_host
+    from edm_deploy.runtime.core.xp import to_host
+    from edm_deploy.runtime.sampling.solvers import default_randn_like
 
     parts = []
     for lo in range(0, len(latents), batch):
@@ -138,7 +138,7 @@ def _sample_all(den: Any, latents: np.ndarray, labels: Optional[np.ndarray], pla
 
 def _timed(den: Any, latents, labels, plan: Any, batch: int, repeats: int):
     """(end points, images/s median, spread, stable, evaluations per image) of one setting."""
-    from edm_deploy.runtime.timing import TimedDenoiser
+    from edm_deploy.runtime.core.timing import TimedDenoiser
 
     counted = TimedDenoiser(den)
     walls, out = [], None
@@ -158,9 +158,9 @@ def sweep(model: str, solvers: Sequence[str], nfes: Sequence[int] = DEFAULT_NFES
           threads: Optional[int] = None, progress: Optional[Callable[[str], None]] = None) -> SweepResult:
     """Every solver x NFE on every precision variant of `model` (see the module docstring)."""
     from edm_deploy.loading import load
-    from edm_deploy.runtime.noise import StackedRandomGenerator, draw_latents_and_labels
-    from edm_deploy.runtime.planner import plan_sampling
-    from edm_deploy.runtime.solvers import steps_for_nfe
+    from edm_deploy.runtime.sampling.noise import StackedRandomGenerator, draw_latents_and_labels
+    from edm_deploy.runtime.sampling.planner import plan_sampling
+    from edm_deploy.runtime.sampling.solvers import steps_for_nfe
 
     check_sweep_arguments(solvers, nfes, num_latents, batch, repeats)
     say = progress or (lambda _line: None)

@@ -35,8 +35,8 @@ import numpy as np
 import onnx
 import torch
 
-from edm_deploy.runtime.errors import EdmDeployError, InputError, first_line
-from edm_deploy.runtime.fid_detector import FEATURE_DIM
+from edm_deploy.runtime.core.errors import EdmDeployError, InputError, first_line
+from edm_deploy.runtime.fid.fid_detector import FEATURE_DIM
 
 DEFAULT_OPSET = 17
 FALLBACK_OPSET = 20
@@ -153,7 +153,7 @@ def export_detector(
     exercise the dynamic batch) at each resolution and requires
     max|onnx - torch| <= rtol * max|torch| + 1e-6.
     """
-    from edm_deploy.runtime.fileio import sha256_file
+    from edm_deploy.runtime.core.fileio import sha256_file
 
     if src.lower().split("?")[0].endswith(".pkl"):
         raise InputError(f"{src}: pickled detectors are refused (loading one executes code); use the TorchScript .pt")
@@ -232,7 +232,7 @@ def detector_file(src: str, sha256: Optional[str] = None):
     import importlib.util
     import zipfile
 
-    from edm_deploy.runtime.download import fetch
+    from edm_deploy.runtime.core.download import fetch
 
     def check_sha1(path: str, where: str) -> None:
         h = hashlib.sha1()

@@ -8,7 +8,7 @@ unpickler instead:
 * ``find_class`` knows only the handful of globals such a file legitimately asks for (see
   ``_ALLOWED_GLOBALS``) and maps each to a local replacement that builds plain data. Every other
   global (``posix.system``, ``builtins.eval``, ``subprocess.Popen`` ...) is refused with an
-  :class:`~edm_deploy.runtime.errors.InputError` that names it, before anything is called.
+  :class:`~edm_deploy.runtime.core.errors.InputError` that names it, before anything is called.
 * Nothing a stream did not create itself can be changed by it: BUILD (state setting) reaches only
   fresh instances of the importer's own record classes, SETITEM(S)/APPEND(S)/ADDITEMS only fresh
   dicts, lists and sets; a stream that aims them at an allowlisted helper (``_codecs.encode``
@@ -39,8 +39,8 @@ from typing import Any, BinaryIO, Optional
 
 import torch
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.fileio import refuse_foreign_file, refuse_overwriting_inputs, write_target
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.core.fileio import refuse_foreign_file, refuse_overwriting_inputs, write_target
 from edm_deploy.training import precond as precond_module
 from edm_deploy.training.presets import ARCHITECTURE_NAMES
 
@@ -733,7 +733,7 @@ class ConversionResult:
 
 def default_output(source: str) -> str:
     """`<basename without extension>.pt` in the current folder, for a path or a URL."""
-    from edm_deploy.runtime.download import is_url
+    from edm_deploy.runtime.core.download import is_url
 
     name = os.path.basename(urllib.parse.urlparse(source).path if is_url(source) else source) or "network"
     stem = os.path.splitext(name)[0] or "network"
@@ -746,8 +746,8 @@ def convert_official(source: str, out: Optional[str] = None, key: str = "ema", s
 
     The output is written atomically, so a failure never leaves a partial file behind.
     """
-    from edm_deploy.runtime.download import fetch, is_url
-    from edm_deploy.runtime.fileio import sha256_file
+    from edm_deploy.runtime.core.download import fetch, is_url
+    from edm_deploy.runtime.core.fileio import sha256_file
     from edm_deploy.training.checkpoint import is_checkpoint_file, save_checkpoint
 
     out = os.path.abspath(write_target(out or default_output(source)))  # a symlinked out is written through

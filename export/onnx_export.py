@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from edm_deploy.runtime.backends.onnxrt import read_onnx_manifest
-from edm_deploy.runtime.errors import InputError, first_line
-from edm_deploy.runtime.manifest import (
+from edm_deploy.runtime.core.errors import InputError, first_line
+from edm_deploy.runtime.core.manifest import (
     CLASS_LABELS,
     DENOISED,
     DIGEST_KEY,
@@ -43,9 +43,9 @@ from edm_deploy.runtime.manifest import (
     dumps,
     schedules_record,
 )
-from edm_deploy.runtime.manifest import input_names as graph_input_names
-from edm_deploy.runtime.onnx_file import digest_of_bytes
-from edm_deploy.runtime.version import __version__
+from edm_deploy.runtime.core.manifest import input_names as graph_input_names
+from edm_deploy.runtime.core.onnx_file import digest_of_bytes
+from edm_deploy.runtime.core.version import __version__
 
 DEFAULT_OPSET = 17
 PROTOBUF_LIMIT = 2_000_000_000  # bytes; a little under 2 GiB for headroom
@@ -104,7 +104,7 @@ def _wrapper(net: Any, conditional: bool):
 def embed_manifest(model: Any, manifest: dict) -> None:
     """The edm_deploy manifest as the ONNX model's only metadata entry (an export's, or a quantised copy's).
 
-    The manifest records the digest of everything else in the file (`runtime.onnx_file`), so a
+    The manifest records the digest of everything else in the file (`runtime.core.onnx_file`), so a
     load notices a damaged or altered file; a model whose weights go to an external data file
     (over 2 GB) records none, as the digest would not cover them.
     """

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -66,7 +66,7 @@ def plan_export(model: str, kind: str, precision: str = "fp32", out_path: Option
     holds the int8 calibration options given; ``inputs`` other files the run reads (a timing
     cache, calibration data), which no output may replace.
     """
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs, write_target
+    from edm_deploy.runtime.core.fileio import refuse_overwriting_inputs, write_target
 
     from .staging import companions, refuse_foreign_outputs
     from .tensorrt_build import tensorrt_status
@@ -190,7 +190,7 @@ def export_checkpoint(
     solver and NFE on this file (`edm-deploy export --schedule`)."""
     import time
 
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+    from edm_deploy.runtime.core.fileio import refuse_overwriting_inputs
     from edm_deploy.training.checkpoint import load_checkpoint, load_network
 
     from .onnx_export import export_onnx

@@ -24,15 +24,15 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.runtime.errors import (
+from edm_deploy.runtime.core.errors import (
     BackendUnavailableError,
     EdmDeployError,
     InputError,
     NumericalError,
     first_line,
 )
-from edm_deploy.runtime.manifest import CLASS_LABELS, DENOISED, SIGMA, X
-from edm_deploy.runtime.seeds import SEED_LIMIT
+from edm_deploy.runtime.core.manifest import CLASS_LABELS, DENOISED, SIGMA, X
+from edm_deploy.runtime.sampling.seeds import SEED_LIMIT
 
 from .onnx_export import embed_manifest
 
@@ -138,8 +138,8 @@ class _Recorder:
 def trajectory_feeds(den: Any, num_images: int, seed: int, steps: int) -> list[dict[str, np.ndarray]]:
     """Every input the deterministic EDM sampler (``steps`` steps) passes `den` while it samples the given seeds:
     the default calibration, on what the sampler really feeds the network."""
-    from edm_deploy.runtime.noise import StackedRandomGenerator, draw_latents_and_labels
-    from edm_deploy.runtime.sampling import edm_sampler
+    from edm_deploy.runtime.sampling.noise import StackedRandomGenerator, draw_latents_and_labels
+    from edm_deploy.runtime.sampling.reference import edm_sampler
 
     recorder = _Recorder(den)
     seeds = seed + np.arange(num_images)
@@ -156,7 +156,7 @@ def trajectory_feeds(den: Any, num_images: int, seed: int, steps: int) -> list[d
 def dataset_feeds(den: Any, dataset: np.ndarray, num_images: int, seed: int, steps: int) -> list[dict[str, np.ndarray]]:
     """`num_images` dataset images plus noise at per-row log-uniform sigma over the sampler's range, one round
     per evaluation of ``steps`` EDM sampler steps."""
-    from edm_deploy.runtime.sampling import nfe
+    from edm_deploy.runtime.sampling.reference import nfe
 
     rng = np.random.default_rng(seed)
     lo, hi = calibration_sigma_range(den)
@@ -521,7 +521,7 @@ def quantize_int8(
     """
     import onnx
 
-    from edm_deploy.runtime.fileio import atomic_path, refuse_overwriting_inputs
+    from edm_deploy.runtime.core.fileio import atomic_path, refuse_overwriting_inputs
 
     method = check_options(num_images, seed, method, steps, percentile)
     check_onnxruntime()
@@ -682,8 +682,8 @@ def _int8_manifest(manifest: dict, summary: dict, method: str, num_images: int, 
     """Stage 5: the fp32 manifest with the precision and how the file was quantised and calibrated."""
     import onnxruntime
 
-    from edm_deploy.runtime.fileio import sha256_file
-    from edm_deploy.runtime.sampling import nfe
+    from edm_deploy.runtime.core.fileio import sha256_file
+    from edm_deploy.runtime.sampling.reference import nfe
 
     out = dict(manifest)
     out["precision"] = "int8"

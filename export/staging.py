@@ -21,7 +21,7 @@ import os
 import shutil
 from typing import Iterable
 
-from edm_deploy.runtime.fileio import (
+from edm_deploy.runtime.core.fileio import (
     TEMP_PREFIX,
     TEMP_SUFFIX,
     exclusive_output,
@@ -45,9 +45,9 @@ def written_by_us(path: str) -> bool:
     """Whether an existing file at an export's output name is an artifact edm-deploy exported (an
     ONNX file with its manifest, an engine with its sidecar manifest, or their companions), which
     a new export may replace; anything else is the user's (`fileio.refuse_foreign_file`)."""
-    from edm_deploy.runtime.jsonio import has_format
-    from edm_deploy.runtime.manifest import MANIFEST_FORMAT
-    from edm_deploy.runtime.onnx_file import has_manifest
+    from edm_deploy.runtime.core.jsonio import has_format
+    from edm_deploy.runtime.core.manifest import MANIFEST_FORMAT
+    from edm_deploy.runtime.core.onnx_file import has_manifest
 
     for suffix in (".data", ".json"):
         owner = path[:-len(suffix)]

@@ -31,10 +31,10 @@ import time
 from typing import Optional
 
 from edm_deploy.runtime.backends.tensorrt import sidecar_path
-from edm_deploy.runtime.errors import BackendUnavailableError, InputError
-from edm_deploy.runtime.fileio import atomic_write_bytes, sha256_file
-from edm_deploy.runtime.manifest import CLASS_LABELS, DIGEST_KEY, SIGMA, X, write_sidecar
-from edm_deploy.runtime.optional import require
+from edm_deploy.runtime.core.errors import BackendUnavailableError, InputError
+from edm_deploy.runtime.core.fileio import atomic_write_bytes, sha256_file
+from edm_deploy.runtime.core.manifest import CLASS_LABELS, DIGEST_KEY, SIGMA, X, write_sidecar
+from edm_deploy.runtime.core.optional import require
 
 
 def import_tensorrt():

@@ -44,8 +44,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.manifest import CLASS_LABELS, SIGMA, X
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.core.manifest import CLASS_LABELS, SIGMA, X
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ def check_comparable(net: Any, den: Any, artifact_path: str) -> None:
 def source_mismatch(manifest: dict, ckpt_path: str) -> Optional[str]:
     """Why `ckpt_path` is not the checkpoint the artifact's manifest records (None when it is, or
     when the manifest records none): the export writes the source checkpoint's sha256."""
-    from edm_deploy.runtime.fileio import sha256_file
+    from edm_deploy.runtime.core.fileio import sha256_file
 
     recorded = (manifest.get("source") or {}).get("sha256")
     if not isinstance(recorded, str) or not recorded or not os.path.isfile(ckpt_path):

@@ -4,12 +4,9 @@ Samplers, schedules, per-seed noise, analytic denoisers and the denoiser backend
 libraries (onnxruntime, TensorRT, torch) are imported only when their backend is chosen.
 """
 
-from .analytic import FiniteSetDenoiser, GaussianDenoiser
-from .contract import Denoiser, check_batch, check_denoiser
-from .noise import StackedRandomGenerator, draw_latents_and_labels, one_hot
-from .rounding import TableRound, identity_round, round_sigma_from_rule
-from .sampling import ablation_sampler, edm_sampler, nfe
-from .schedules import (
+from .core.contract import Denoiser, check_batch, check_denoiser
+from .core.rounding import TableRound, identity_round, round_sigma_from_rule
+from .core.schedules import (
     edm_sigma_steps,
     iddpm_sigma_steps,
     iddpm_sigma_table,
@@ -17,6 +14,9 @@ from .schedules import (
     ve_sigma_steps,
     vp_sigma_steps,
 )
+from .sampling.analytic import FiniteSetDenoiser, GaussianDenoiser
+from .sampling.noise import StackedRandomGenerator, draw_latents_and_labels, one_hot
+from .sampling.reference import ablation_sampler, edm_sampler, nfe
 
 __all__ = [
     "Denoiser",

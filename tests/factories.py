@@ -53,7 +53,7 @@ def save_as_exported(model, path: str) -> str:
     import onnx
 
     from edm_deploy.export.onnx_export import embed_manifest
-    from edm_deploy.runtime.manifest import ONNX_METADATA_KEY
+    from edm_deploy.runtime.core.manifest import ONNX_METADATA_KEY
 
     manifest = json.loads(next(p.value for p in model.metadata_props if p.key == ONNX_METADATA_KEY))
     embed_manifest(model, manifest)

@@ -15,6 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # folder -> import prefix, bottom layer first
 LAYERS = [("runtime", "edm_deploy.runtime"), ("training", "edm_deploy.training"),
           ("export", "edm_deploy.export"), ("edm_deploy", "edm_deploy")]
+# inside the runtime, its sub-packages in layers too (a package imports only from lower ones and itself)
+RUNTIME_PACKAGES = {"core": 0, "fid": 1, "output": 1, "backends": 1, "sampling": 2, "serving": 3}
 BEGIN, END = "<!-- import-graph:begin -->", "<!-- import-graph:end -->"
 DESIGN = os.path.join(REPO, "docs", "DESIGN.md")
 
@@ -39,6 +41,16 @@ def layer_of(module: str) -> int:
         if level < len(LAYERS) - 1 and (module == prefix or module.startswith(prefix + ".")):
             return level
     return len(LAYERS) - 1
+
+
+def runtime_package_of(module: str):
+    """(sub-package, its layer) of a runtime module; None for the runtime's own __init__ and other layers."""
+    parts = module.split(".")
+    if parts[:2] != ["edm_deploy", "runtime"] or len(parts) < 3:
+        return None
+    if parts[2] not in RUNTIME_PACKAGES:
+        raise AssertionError(f"{module} is in no runtime sub-package; known: {', '.join(RUNTIME_PACKAGES)}")
+    return parts[2], RUNTIME_PACKAGES[parts[2]]
 
 
 def imports_of(path: str, module: str) -> set[str]:
@@ -68,12 +80,16 @@ def graph() -> dict[str, list[str]]:
 
 
 def violations() -> list[str]:
-    """Imports that go up a layer (runtime < training < export < app)."""
+    """Imports that go up a layer (runtime < training < export < app; inside the runtime,
+    core < fid, output, backends < sampling < serving)."""
     bad = []
     for module, deps in graph().items():
         for dep in deps:
             if layer_of(dep) > layer_of(module):
                 bad.append(f"{module} imports {dep}")
+            here, there = runtime_package_of(module), runtime_package_of(dep)
+            if here and there and here[0] != there[0] and there[1] >= here[1]:
+                bad.append(f"{module} imports {dep} (runtime/{here[0]} may not import runtime/{there[0]})")
     return bad
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edm_deploy.runtime.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, ONNX_METADATA_KEY
+from edm_deploy.runtime.core.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, ONNX_METADATA_KEY
 
 
 def oracle_manifest(channels: int, resolution: int, label_dim: int = 0, max_batch: int = 64) -> dict:

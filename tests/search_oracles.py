@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from itertools import combinations
 
-from edm_deploy.runtime import schedule_search as ss
+from edm_deploy.runtime.sampling import schedule_search as ss
 
 
 def trajectory_moments(traj: ss.Trajectories) -> ss.TrajectoryMoments:

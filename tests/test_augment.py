@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edm_deploy.runtime.errors import InputError  # noqa: E402
+from edm_deploy.runtime.core.errors import InputError  # noqa: E402
 from edm_deploy.training import augment as A  # noqa: E402
 from edm_deploy.training.augment import TRAIN_PY_CONFIG, AugmentPipe  # noqa: E402
 

@@ -114,7 +114,7 @@ def test_a_model_with_a_name_of_its_own_is_compared_with_nothing_else(oracle_fam
 
 @requires_onnx
 def test_the_sweep_bounds_the_images_it_holds_before_drawing_them(tmp_path):
-    from edm_deploy.runtime.errors import InputError
+    from edm_deploy.runtime.core.errors import InputError
     from edm_deploy.sweep import sweep
     from tests.onnx_oracles import gaussian_onnx
 

@@ -21,8 +21,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.jsonio import MAX_JSON_DEPTH, loads_bounded, nesting_depth, read_json_file
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.core.jsonio import MAX_JSON_DEPTH, loads_bounded, nesting_depth, read_json_file
 from tests.conftest import REPO, has_module, one_error_line, requires_onnx, requires_torch, run_main
 
 DEEP = 100_000  # far past Python's recursion limit: a RecursionError anywhere would show
@@ -151,8 +151,8 @@ def test_a_deep_run_record_is_treated_as_foreign_not_as_a_crash(tmp_path, capsys
 
 
 def test_class_labels_cost_rows_times_classes_not_classes_squared():
-    from edm_deploy.runtime.manifest import MAX_CLASSES
-    from edm_deploy.runtime.noise import one_hot
+    from edm_deploy.runtime.core.manifest import MAX_CLASSES
+    from edm_deploy.runtime.sampling.noise import one_hot
 
     labels = one_hot(np.array([0, MAX_CLASSES - 1]), MAX_CLASSES)  # np.eye(100,000) would be 40 GB
     assert labels.shape == (2, MAX_CLASSES) and labels.sum() == 2 and labels[1, -1] == 1
@@ -162,8 +162,8 @@ def test_class_labels_cost_rows_times_classes_not_classes_squared():
 
 
 def test_time_point_lists_are_capped_before_they_are_converted():
-    from edm_deploy.runtime import schedules as sch
-    from edm_deploy.runtime.schedule_file import parse_sigmas
+    from edm_deploy.runtime.core import schedules as sch
+    from edm_deploy.runtime.sampling.schedule_file import parse_sigmas
 
     huge = list(np.linspace(80, 0.002, sch.MAX_STEPS + 2))
     # entries that are not numbers: converting them would be a different error, so these are refused by counting
@@ -181,7 +181,7 @@ def test_time_point_lists_are_capped_before_they_are_converted():
 
 
 def test_a_schedule_file_of_ten_million_entries_is_refused_unread(tmp_path):
-    from edm_deploy.runtime.schedule_file import read_schedule
+    from edm_deploy.runtime.sampling.schedule_file import read_schedule
 
     path = tmp_path / "s.json"
     with open(path, "w") as f:
@@ -268,7 +268,7 @@ class _Inflater:
 @pytest.mark.parametrize("bomb", ["one huge entry", "forged small size", "many entries", "pixel bomb",
                                   "pixel bomb in a folder"])
 def test_dataset_bombs_are_refused_before_they_inflate(bomb, tmp_path, capsys, monkeypatch):
-    from edm_deploy.runtime import archives
+    from edm_deploy.runtime.core import archives
     from edm_deploy.training import dataset as D
 
     path = tmp_path / "bomb.zip"
@@ -311,7 +311,7 @@ def test_dataset_bombs_are_refused_before_they_inflate(bomb, tmp_path, capsys, m
     with pytest.raises(InputError):
         D.open_dataset(source)  # what train reads refuses it the same way
     if bomb in ("one huge entry", "many entries", "pixel bomb in a folder"):
-        from edm_deploy.runtime.fid import open_images
+        from edm_deploy.runtime.fid.fid import open_images
 
         with pytest.raises(InputError, match=expected.split(" bytes")[0]):  # and what fid ref/calc read
             src = open_images(source)
@@ -321,7 +321,7 @@ def test_dataset_bombs_are_refused_before_they_inflate(bomb, tmp_path, capsys, m
 def test_an_encrypted_archive_is_one_clear_error_for_datasets_and_fid(tmp_path, capsys):
     import struct
 
-    from edm_deploy.runtime.fid import open_images
+    from edm_deploy.runtime.fid.fid import open_images
 
     path = tmp_path / "enc.zip"
     with zipfile.ZipFile(path, "w") as zf:
@@ -362,7 +362,7 @@ def _forge_declared_size(path, name: str, size: int) -> None:
 
 
 def test_grid_scale_is_checked_before_anything_is_sampled(tmp_path):
-    from edm_deploy.runtime.writers import GridWriter, check_output, grid_size
+    from edm_deploy.runtime.output.writers import GridWriter, check_output, grid_size
 
     out = str(tmp_path / "g.png")
     assert grid_size(64, (8, 8), scale=8) == (521, 521)
@@ -443,7 +443,7 @@ def test_a_fifo_where_a_file_is_read_is_refused_not_waited_on(place, tmp_path, c
         os.mkfifo(tmp_path / "m.plan.json")
         args = ["info", str(tmp_path / "m.plan")]
     elif place == "an FID image":
-        from edm_deploy.runtime.fid import open_images
+        from edm_deploy.runtime.fid.fid import open_images
 
         os.mkfifo(src / "b.png")
         with pytest.raises(InputError, match="b.png is a FIFO, not a regular file"):
@@ -481,7 +481,7 @@ def test_a_corrupt_deflate_stream_in_a_dataset_zip_is_one_error(tmp_path):
 
 
 def test_json_numbers_beyond_a_float_are_refused():
-    from edm_deploy.runtime.jsonio import loads_bounded
+    from edm_deploy.runtime.core.jsonio import loads_bounded
 
     with pytest.raises(InputError, match="1e400 is beyond the range of a float"):
         loads_bounded("[80, 1e400]", "schedule.json")
@@ -489,7 +489,7 @@ def test_json_numbers_beyond_a_float_are_refused():
 
 
 def test_an_output_name_near_the_length_limit_is_written(tmp_path):
-    from edm_deploy.runtime.fileio import atomic_write_bytes
+    from edm_deploy.runtime.core.fileio import atomic_write_bytes
 
     path = tmp_path / ("x" * 245 + ".npz")
     atomic_write_bytes(str(path), b"data")

@@ -16,8 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from edm_deploy.runtime.errors import InputError  # noqa: E402
-from edm_deploy.runtime.fileio import sha256_file  # noqa: E402
+from edm_deploy.runtime.core.errors import InputError  # noqa: E402
+from edm_deploy.runtime.core.fileio import sha256_file  # noqa: E402
 from edm_deploy.training import training_loop as TL  # noqa: E402
 from edm_deploy.training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from edm_deploy.training.consistency_loss import ECTLoss, ect_gap, ect_r, ect_stage  # noqa: E402
@@ -308,7 +308,7 @@ def test_tuned_checkpoint_and_manifests_record_the_teacher(teacher, tmp_path):
 
 
 def test_a_forged_consistency_record_is_refused(teacher, tmp_path):
-    from edm_deploy.runtime.manifest import validate
+    from edm_deploy.runtime.core.manifest import validate
 
     ckpt = load_checkpoint(teacher)
     network = dict(ckpt["network"], consistency={"method": "magic", "from_sha256": "00"})

@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from edm_deploy.runtime.analytic import _AnalyticBase
-from edm_deploy.runtime.consistency_points import candidates, choose_consistency_points
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.manifest import schedules_record
-from edm_deploy.runtime.planner import plan_sampling
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.core.manifest import schedules_record
+from edm_deploy.runtime.sampling.analytic import _AnalyticBase
+from edm_deploy.runtime.sampling.consistency_points import candidates, choose_consistency_points
+from edm_deploy.runtime.sampling.planner import plan_sampling
 from tests.conftest import one_error_line, requires_onnx, requires_torch, run_main
 
 BEST = 1.5  # on the grid
@@ -82,7 +82,7 @@ def test_malformed_manifest_schedules_are_one_clear_error(entry, message):
 @requires_torch
 @requires_onnx
 def test_export_carries_a_schedule_file_that_sample_and_info_use(tmp_path, capsys):
-    from edm_deploy.runtime.schedule_file import write_schedule
+    from edm_deploy.runtime.sampling.schedule_file import write_schedule
     from tests.factories import tiny_checkpoint
 
     ckpt = tiny_checkpoint(str(tmp_path / "ckpt.pt"))
@@ -122,9 +122,9 @@ def test_schedule_consistency_needs_a_reference_and_refuses_gits_options(tmp_pat
 @requires_onnx
 def test_schedule_consistency_end_to_end_writes_a_file_export_accepts(tmp_path, capsys):
     """The CLI glue on a tiny exported model with the suite's stand-in detector and a reference of real digits."""
-    from edm_deploy.runtime.fid import load_detector
-    from edm_deploy.runtime.fid_stats import FeatureStats, save_ref
-    from edm_deploy.runtime.schedule_file import read_schedule
+    from edm_deploy.runtime.fid.fid import load_detector
+    from edm_deploy.runtime.fid.fid_stats import FeatureStats, save_ref
+    from edm_deploy.runtime.sampling.schedule_file import read_schedule
     from edm_deploy.training.dataset import load_digits_split
     from tests.factories import tiny_checkpoint
     from tests.test_fid import build_standin

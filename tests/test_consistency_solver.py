@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from edm_deploy.runtime import GaussianDenoiser, StackedRandomGenerator
-from edm_deploy.runtime import solvers as slv
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.generate import generate, plan_sampling
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.sampling import solvers as slv
+from edm_deploy.runtime.sampling.generate import generate, plan_sampling
 
 
 class GaussianConsistency(GaussianDenoiser):
@@ -89,7 +89,7 @@ def test_options_of_the_ode_solvers_are_refused(options, match):
 
 
 def test_the_schedule_search_refuses_it_before_any_work():
-    from edm_deploy.runtime.schedule_search import plan_search
+    from edm_deploy.runtime.sampling.schedule_search import plan_search
 
     with pytest.raises(InputError, match="cannot be searched"):
         plan_search("consistency", 2)

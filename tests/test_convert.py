@@ -32,7 +32,7 @@ import torch
 
 from edm_deploy.cli import main
 from edm_deploy.export import official
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 from edm_deploy.training.checkpoint import load_checkpoint, load_network
 from tests import helpers_edm_pickle as H
 from tests.conftest import run_cli

@@ -14,7 +14,7 @@ from tests.conftest import requires_torch
 
 pytest.importorskip("sklearn")
 
-from edm_deploy.runtime.errors import InputError  # noqa: E402
+from edm_deploy.runtime.core.errors import InputError  # noqa: E402
 from edm_deploy.training import dataset as D  # noqa: E402
 
 # The split is part of published results: these numbers must never change.

@@ -58,7 +58,7 @@ def test_the_nginx_example_spreads_requests_over_two_replicas_and_rides_out_a_dr
     import httpx
 
     from edm_deploy.loading import load
-    from edm_deploy.runtime.generate import generate
+    from edm_deploy.runtime.sampling.generate import generate
     from edm_deploy.runtime.serving import Engine
     from tests.live_server import live_server
     from tests.onnx_oracles import gaussian_onnx

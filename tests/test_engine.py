@@ -16,10 +16,10 @@ from concurrent.futures import CancelledError
 import numpy as np
 import pytest
 
-from edm_deploy.runtime.contract import DenoiserBase
-from edm_deploy.runtime.errors import InputError, NumericalError
-from edm_deploy.runtime.fixed_shape import FixedShapeDenoiser
-from edm_deploy.runtime.generate import generate
+from edm_deploy.runtime.core.contract import DenoiserBase
+from edm_deploy.runtime.core.errors import InputError, NumericalError
+from edm_deploy.runtime.sampling.fixed_shape import FixedShapeDenoiser
+from edm_deploy.runtime.sampling.generate import generate
 from edm_deploy.runtime.serving import BusyError, DeadlineError, Engine
 from tests.conftest import requires_onnx, requires_torch
 
@@ -255,7 +255,7 @@ def test_served_unet_images_equal_sample_fixed_batch_bit_for_bit(tmp_path):
     so the guarantee is under fixed_batch, as `sample --fixed-batch` gives it."""
     from edm_deploy.export.onnx_export import export_onnx
     from edm_deploy.loading import load
-    from edm_deploy.runtime.fixed_shape import FixedShapeDenoiser
+    from edm_deploy.runtime.sampling.fixed_shape import FixedShapeDenoiser
     from tests.factories import tiny_network
 
     net, network = tiny_network("ddpmpp", label_dim=10)
@@ -490,7 +490,7 @@ def conv_onnx(path: str, label_dim: int = 10, width: int = 16, max_batch: int = 
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from edm_deploy.runtime.manifest import ONNX_METADATA_KEY
+    from edm_deploy.runtime.core.manifest import ONNX_METADATA_KEY
     from tests.onnx_oracles import oracle_manifest
 
     rng = np.random.default_rng(0)
@@ -637,7 +637,7 @@ def test_priority_deadline_and_previews_are_checked():
 
 
 def test_previews_carry_the_solver_steps_denoised_estimate_as_offline():
-    from edm_deploy.runtime.generate import sample_batch
+    from edm_deploy.runtime.sampling.generate import sample_batch
 
     den = conditional()
     got = []

@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 from tests.conftest import requires_onnx, requires_torch, run_cli
 
 pytestmark = [requires_torch, requires_onnx]
@@ -335,7 +335,7 @@ def test_runtime_refuses_engines_for_another_machine():
 
 def test_torch_backend_matches_onnx(tmp_path):
     from edm_deploy.loading import load
-    from edm_deploy.runtime.generate import generate
+    from edm_deploy.runtime.sampling.generate import generate
     from tests.factories import tiny_checkpoint
 
     ckpt = tiny_checkpoint(tmp_path / "c.pt")
@@ -374,7 +374,7 @@ def test_torch_backend_with_device_resident_state(tmp_path):
     import torch
 
     from edm_deploy.loading import load
-    from edm_deploy.runtime.generate import generate
+    from edm_deploy.runtime.sampling.generate import generate
     from tests.factories import tiny_checkpoint
 
     ckpt = tiny_checkpoint(tmp_path / "c.pt")

@@ -143,7 +143,7 @@ def test_int8_option_errors_are_one_line_and_write_nothing(tmp_path, cli_env, ar
 
 def test_the_library_names_parameters_and_the_cli_names_flags(tmp_path, cli_env):
     from edm_deploy.export.onnx_export import export_onnx
-    from edm_deploy.runtime.errors import InputError
+    from edm_deploy.runtime.core.errors import InputError
     from tests.factories import tiny_checkpoint, tiny_network
 
     net, network = tiny_network("ddpmpp")

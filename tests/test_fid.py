@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from edm_deploy.cli import main
-from edm_deploy.runtime import fid_images
-from edm_deploy.runtime.errors import BackendUnavailableError, EdmDeployError, InputError
-from edm_deploy.runtime.fid import (
+from edm_deploy.runtime.core.errors import BackendUnavailableError, EdmDeployError, InputError
+from edm_deploy.runtime.fid import fid_images
+from edm_deploy.runtime.fid.fid import (
     FeatureStats,
     calc_fid,
     compute_stats,
@@ -192,7 +192,7 @@ def test_tree_zip_and_npz_give_the_same_images_in_seed_order(data):
 
 
 def test_reads_the_npz_that_sample_writes(tmp_path):
-    from edm_deploy.runtime.writers import NpzWriter
+    from edm_deploy.runtime.output.writers import NpzWriter
 
     imgs = make_images(10)
     writer = NpzWriter(str(tmp_path / "s.npz"), seeds=range(100, 110))
@@ -624,8 +624,8 @@ def test_fid_runs_without_torch_on_the_onnx_detector(data, detectors, tmp_path):
                 if name == "torch" or name.startswith("torch."):
                     raise ImportError("torch is blocked in this test")
         sys.meta_path.insert(0, Block())
-        from edm_deploy.runtime.errors import BackendUnavailableError
-        from edm_deploy.runtime.fid import calc_fid, load_detector, make_ref
+        from edm_deploy.runtime.core.errors import BackendUnavailableError
+        from edm_deploy.runtime.fid.fid import calc_fid, load_detector, make_ref
         det = load_detector({detectors['onnx']!r})
         make_ref({data['tree']!r}, {ref!r}, det, progress=False)
         print(repr(calc_fid({data['npz']!r}, {ref!r}, det, num={N_IMAGES}, progress=False)))
@@ -648,7 +648,7 @@ def test_fid_runs_without_torch_on_the_onnx_detector(data, detectors, tmp_path):
 
 
 def test_default_detector_error_is_raised_before_any_download(monkeypatch):
-    import edm_deploy.runtime.fid_detector as fd
+    import edm_deploy.runtime.fid.fid_detector as fd
 
     monkeypatch.delenv(fd.DETECTOR_ENV, raising=False)
     monkeypatch.setattr(fd, "_torch_available", lambda: False)
@@ -669,7 +669,7 @@ def _not_psd(dim, rng):
 
 
 def test_a_reference_that_is_not_a_covariance_is_refused(tmp_path):
-    from edm_deploy.runtime.fid_stats import check_statistics
+    from edm_deploy.runtime.fid.fid_stats import check_statistics
 
     rng = np.random.default_rng(0)
     dim = 64

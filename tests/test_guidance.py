@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from edm_deploy.runtime import GaussianDenoiser, StackedRandomGenerator, edm_sampler
-from edm_deploy.runtime.contract import DenoiserBase
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.guidance import GuidedDenoiser, mix
-from edm_deploy.runtime.rounding import TableRound
+from edm_deploy.runtime.core.contract import DenoiserBase
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.core.rounding import TableRound
+from edm_deploy.runtime.sampling.guidance import GuidedDenoiser, mix
 from tests.conftest import requires_torch
 
 
@@ -102,7 +102,7 @@ def test_the_interval_is_lo_exclusive_hi_inclusive_and_outside_it_the_guide_is_n
     _, lat = _latents()
     guided = GuidedDenoiser(model, guide, 2.0, interval=(0.28, 1.6))
     edm_sampler(guided, lat, num_steps=18)
-    from edm_deploy.runtime.schedules import edm_sigma_steps
+    from edm_deploy.runtime.core.schedules import edm_sigma_steps
 
     steps = edm_sigma_steps(18, 0.002, 80)
     inside_first = sum(0.28 < s <= 1.6 for s in steps)  # every step evaluates at t_i ...
@@ -199,7 +199,7 @@ def _with_label_dropout(src: str, dst: str, p: float) -> str:
 
     import onnx
 
-    from edm_deploy.runtime.manifest import ONNX_METADATA_KEY
+    from edm_deploy.runtime.core.manifest import ONNX_METADATA_KEY
 
     model = onnx.load(src)
     for prop in model.metadata_props:
@@ -244,7 +244,7 @@ def test_cli_guide_equal_to_the_model_reproduces_unguided_sampling(onnx_models, 
 def test_cli_autoguidance_changes_images_and_its_settings_guard_the_resume(onnx_models, tmp_path, cli_env):
     import json
 
-    from edm_deploy.runtime.writers import RUN_RECORD
+    from edm_deploy.runtime.output.writers import RUN_RECORD
 
     out = tmp_path / "g"
     base = ["sample", onnx_models["model"], "-n", "6", "--steps", "6", "--guide", onnx_models["guide"], "--outdir", str(out)]

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 from tests.conftest import has_module, requires_onnx, requires_torch, run_cli
 
 
@@ -49,7 +49,7 @@ def _tuned_onnx(source: str, path: str) -> str:
     """`source` with a consistency record in its manifest (a consistency-tuned model's manifest)."""
     import onnx
 
-    from edm_deploy.runtime.manifest import ONNX_METADATA_KEY
+    from edm_deploy.runtime.core.manifest import ONNX_METADATA_KEY
 
     model = onnx.load(source)
     manifest = json.loads({p.key: p.value for p in model.metadata_props}[ONNX_METADATA_KEY])
@@ -186,8 +186,8 @@ def test_a_resume_below_the_length_already_trained_is_refused(tmp_path):
 @requires_onnx
 def test_warnings_say_when_the_images_will_be_poor(oracle, tmp_path):
     from edm_deploy.loading import load
-    from edm_deploy.runtime.guidance import GuidedDenoiser
-    from edm_deploy.runtime.schedule_search import model_warnings
+    from edm_deploy.runtime.sampling.guidance import GuidedDenoiser
+    from edm_deploy.runtime.sampling.schedule_search import model_warnings
 
     tuned_path = _tuned_onnx(oracle["uncond"], str(tmp_path / "tuned.onnx"))
     with load(tuned_path) as tuned, load(oracle["uncond"]) as plain:
@@ -221,7 +221,7 @@ def test_a_damaged_or_altered_onnx_file_is_refused(oracle, tmp_path):
 
     from edm_deploy.export.onnx_export import embed_manifest
     from edm_deploy.loading import load, read_manifest
-    from edm_deploy.runtime.manifest import ONNX_METADATA_KEY
+    from edm_deploy.runtime.core.manifest import ONNX_METADATA_KEY
 
     def manifest_of(model):
         return json.loads({p.key: p.value for p in model.metadata_props}[ONNX_METADATA_KEY])
@@ -261,7 +261,7 @@ def test_a_damaged_or_altered_onnx_file_is_refused(oracle, tmp_path):
 
 
 def test_valid_json_beyond_what_is_read_is_not_called_invalid():
-    from edm_deploy.runtime.jsonio import loads_bounded
+    from edm_deploy.runtime.core.jsonio import loads_bounded
 
     for text, match in (('{"a": 1' + "0" * 5000 + "}", "valid JSON, but its integer 1000"),
                         ('{"a": 1e400}', "valid JSON, but 1e400 is beyond the range of a float")):
@@ -273,8 +273,8 @@ def test_valid_json_beyond_what_is_read_is_not_called_invalid():
 
 
 def test_nfe_messages_name_nfe_and_suggest_only_what_is_allowed():
-    from edm_deploy.runtime.schedules import MAX_STEPS
-    from edm_deploy.runtime.solvers import steps_for_nfe
+    from edm_deploy.runtime.core.schedules import MAX_STEPS
+    from edm_deploy.runtime.sampling.solvers import steps_for_nfe
 
     for solver in ("ipndm", "heun", "unipc"):
         with pytest.raises(InputError) as err:
@@ -290,9 +290,9 @@ def test_nfe_messages_name_nfe_and_suggest_only_what_is_allowed():
 
 def test_errors_name_the_file_and_the_cause(tmp_path, monkeypatch):
     from edm_deploy.cli import FLAGS, cli_message
-    from edm_deploy.runtime.fileio import atomic_write_bytes
-    from edm_deploy.runtime.run_record import RUN_RECORD, check_run_record
-    from edm_deploy.runtime.schedule_search import plan_search
+    from edm_deploy.runtime.core.fileio import atomic_write_bytes
+    from edm_deploy.runtime.output.run_record import RUN_RECORD, check_run_record
+    from edm_deploy.runtime.sampling.schedule_search import plan_search
 
     # A damaged run record is said to be damaged, not "other settings".
     (tmp_path / "000000.png").write_bytes(b"png")
@@ -373,7 +373,7 @@ def served(tmp_path, monkeypatch):
 
 
 def test_a_failed_download_is_not_cached(served, tmp_path):
-    from edm_deploy.runtime.download import cache_dir, fetch
+    from edm_deploy.runtime.core.download import cache_dir, fetch
 
     pages, base = served
 

@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 from edm_deploy.training.idx import labels_file_for, pad_to, read_idx, read_idx_dataset
 from tests.conftest import one_error_line, run_main
 

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 from tests.conftest import has_module, one_error_line, requires_onnx, run_main
 
 # -- time points -------------------------------------------------------------------------------
@@ -29,7 +29,7 @@ from tests.conftest import has_module, one_error_line, requires_onnx, run_main
     ("80;1", "comma-separated numbers"),
 ])
 def test_a_sigma_list_with_a_hole_or_a_typo_is_refused(text, message):
-    from edm_deploy.runtime.schedule_file import parse_sigmas
+    from edm_deploy.runtime.sampling.schedule_file import parse_sigmas
 
     with pytest.raises(InputError, match=message) as info:
         parse_sigmas(text)
@@ -45,7 +45,7 @@ def test_a_sigma_list_with_a_hole_or_a_typo_is_refused(text, message):
     ({"sigmas": [80, {"v": 1}]}, "is a dict"),
 ])
 def test_a_schedule_file_of_non_numbers_is_refused(content, message, tmp_path):
-    from edm_deploy.runtime.schedule_file import read_schedule
+    from edm_deploy.runtime.sampling.schedule_file import read_schedule
 
     path = tmp_path / "s.json"
     path.write_text(json.dumps(content))
@@ -55,7 +55,7 @@ def test_a_schedule_file_of_non_numbers_is_refused(content, message, tmp_path):
 
 
 def test_the_api_takes_numbers_only_as_time_points():
-    from edm_deploy.runtime.schedules import check_sigma_list
+    from edm_deploy.runtime.core.schedules import check_sigma_list
 
     for bad in (np.array(["80", "1"]), np.array([True, False]), "80,1", [np.bool_(True), 1.0]):
         with pytest.raises(InputError, match="numbers"):
@@ -89,8 +89,8 @@ BAD_SEEDS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_SEEDS))
 def test_one_seed_check_refuses_what_is_not_a_seed(case):
-    from edm_deploy.runtime.noise import StackedRandomGenerator
-    from edm_deploy.runtime.seeds import check_seeds
+    from edm_deploy.runtime.sampling.noise import StackedRandomGenerator
+    from edm_deploy.runtime.sampling.seeds import check_seeds
 
     seeds, message = BAD_SEEDS[case]
     with pytest.raises(InputError, match=message) as info:
@@ -102,7 +102,7 @@ def test_one_seed_check_refuses_what_is_not_a_seed(case):
 
 
 def test_one_seed_check_takes_every_honest_spelling():
-    from edm_deploy.runtime.seeds import MAX_SEEDS, check_seeds
+    from edm_deploy.runtime.sampling.seeds import MAX_SEEDS, check_seeds
 
     assert check_seeds(range(3)) == check_seeds(np.arange(3)) == check_seeds(iter([0, 1, 2])) == [0, 1, 2]
     assert check_seeds((np.uint32(2**32 - 1),)) == [2**32 - 1]
@@ -146,7 +146,7 @@ def test_the_api_refuses_seeds_that_int_would_turn_into_others(seeds):
     (-1, "out of range"),
 ])
 def test_a_class_of_the_wrong_type_is_a_type_error_not_out_of_range(value, message):
-    from edm_deploy.runtime.noise import check_class
+    from edm_deploy.runtime.sampling.noise import check_class
 
     with pytest.raises(InputError, match=message) as info:
         check_class(value, 10)
@@ -212,7 +212,7 @@ NAMED_OUTPUTS = ["sample --npz", "sample --grid", "dataset --dest", "bench --jso
 def _write_named_output(kind: str, link: str, tmp_path, capsys) -> None:
     """Run the command that writes the output `kind` to the path `link`."""
     if kind == "fid ref (API dest)":
-        from edm_deploy.runtime.fid import make_ref
+        from edm_deploy.runtime.fid.fid import make_ref
         from edm_deploy.training.dataset import write_dataset_zip
 
         data = str(tmp_path / "d.zip")
@@ -248,7 +248,7 @@ def _write_named_output(kind: str, link: str, tmp_path, capsys) -> None:
 
 @pytest.mark.parametrize("kind", NAMED_OUTPUTS)
 def test_a_symlinked_output_is_written_through_and_locked_at_its_target(kind, tmp_path, capsys):
-    from edm_deploy.runtime.fileio import lock_path_for
+    from edm_deploy.runtime.core.fileio import lock_path_for
 
     suffix = {"sample --npz": ".npz", "sample --grid": ".png", "dataset --dest": ".zip", "bench --json": ".json",
               "fid ref (API dest)": ".npz", "convert --out": ".pt", "export --out": ".onnx"}[kind]
@@ -293,7 +293,7 @@ def test_a_symlink_planted_inside_an_output_folder_is_replaced_never_written_thr
 
 
 def test_a_schedule_spent_with_other_settings_says_how():
-    from edm_deploy.runtime.schedule_file import mismatch_warnings
+    from edm_deploy.runtime.sampling.schedule_file import mismatch_warnings
 
     meta = {"model_sha256": "a" * 64, "solver": "ipndm", "nfe": 5, "afs": True, "denoise_to_zero": False,
             "max_order": 4}
@@ -311,8 +311,8 @@ def test_a_schedule_spent_with_other_settings_says_how():
 
 @pytest.mark.skipif(not has_module("onnx"), reason="needs onnx")
 def test_a_searched_schedule_file_records_what_the_warnings_compare(tmp_path):
-    from edm_deploy.runtime.schedule_file import read_schedule, write_schedule
-    from edm_deploy.runtime.schedule_search import ScheduleSearch
+    from edm_deploy.runtime.sampling.schedule_file import read_schedule, write_schedule
+    from edm_deploy.runtime.sampling.schedule_search import ScheduleSearch
 
     search = ScheduleSearch(sigmas=np.array([80.0, 1.0, 0.002]), solver="ipndm", nfe=3, path=[0, 1, 2],
                             fine_sigmas=np.array([80.0, 1.0, 0.002]), cost=0.0, step_costs=[0.0, 0.0],

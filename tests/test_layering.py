@@ -23,13 +23,21 @@ def test_the_graph_in_the_design_document_is_current():
 def test_the_checker_sees_lazy_imports_and_would_catch_an_upward_one(tmp_path):
     source = tmp_path / "mod.py"
     source.write_text("def f():\n    from edm_deploy.loading import load\n    from . import errors\n")
-    found = import_graph.imports_of(str(source), "edm_deploy.runtime.mod")
-    assert "edm_deploy.loading" in found and "edm_deploy.runtime.errors" in found
-    assert import_graph.layer_of("edm_deploy.loading") > import_graph.layer_of("edm_deploy.runtime.mod")
+    found = import_graph.imports_of(str(source), "edm_deploy.runtime.core.mod")
+    assert "edm_deploy.loading" in found and "edm_deploy.runtime.core.errors" in found
+    assert import_graph.layer_of("edm_deploy.loading") > import_graph.layer_of("edm_deploy.runtime.core.mod")
 
 
-SAMPLING_MODULES = {f"edm_deploy.runtime.{m}" for m in ("generate", "planner", "sampling", "settings", "solvers",
-                                                         "schedules")}
+def test_inside_the_runtime_core_may_not_import_sampling_but_serving_may():
+    assert import_graph.runtime_package_of("edm_deploy.runtime.core.manifest") == ("core", 0)
+    assert import_graph.runtime_package_of("edm_deploy.runtime") is None
+    assert import_graph.runtime_package_of("edm_deploy.training.loss") is None
+    core, sampling, serving = (import_graph.RUNTIME_PACKAGES[p] for p in ("core", "sampling", "serving"))
+    assert core < sampling < serving
+
+
+SAMPLING_MODULES = {f"edm_deploy.runtime.sampling.{m}" for m in ("generate", "planner", "sampling", "settings",
+                                                                  "solvers")} | {"edm_deploy.runtime.core.schedules"}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +79,6 @@ def test_sample_reaches_the_solver_entering_no_module_twice(warm_model, tmp_path
                  standalone_mode=False)
     finally:
         sys.setprofile(None)
-    assert any(chain[-1] == "edm_deploy.runtime.solvers" and "edm_deploy.runtime.planner" in chain for chain in chains)
+    assert any(chain[-1] == "edm_deploy.runtime.sampling.solvers" and "edm_deploy.runtime.sampling.planner" in chain for chain in chains)
     entered_twice = [chain for chain in chains if len(set(chain)) != len(chain)]
     assert entered_twice == []

@@ -12,7 +12,7 @@ pytestmark = requires_torch
 
 torch = pytest.importorskip("torch")
 
-from edm_deploy.runtime.errors import InputError  # noqa: E402
+from edm_deploy.runtime.core.errors import InputError  # noqa: E402
 from edm_deploy.training import loss as losses  # noqa: E402
 from edm_deploy.training import precond  # noqa: E402
 

@@ -14,8 +14,8 @@ import re
 
 import pytest
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.manifest import check_against_graph
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.core.manifest import check_against_graph
 from tests.conftest import one_error_line, requires_onnx, requires_torch, run_main
 
 pytestmark = requires_onnx  # the oracles are hand-built ONNX graphs

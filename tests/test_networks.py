@@ -20,7 +20,7 @@ pytestmark = requires_torch
 
 torch = pytest.importorskip("torch")
 
-from edm_deploy.runtime.errors import InputError  # noqa: E402
+from edm_deploy.runtime.core.errors import InputError  # noqa: E402
 from edm_deploy.training import networks, precond  # noqa: E402
 from edm_deploy.training.checkpoint import build_network  # noqa: E402
 

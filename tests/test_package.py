@@ -33,7 +33,7 @@ def test_runtime_and_sampler_work_without_torch():
         rnd = rt.StackedRandomGenerator(range(3))
         out = rt.edm_sampler(den, rnd.randn((1, 8, 8)), randn_like=rnd.randn_like, num_steps=8, S_churn=5)
         assert out.shape == (3, 1, 8, 8) and np.isfinite(out).all()
-        from edm_deploy.runtime.generate import generate
+        from edm_deploy.runtime.sampling.generate import generate
         imgs = generate(den, seeds=[0, 1], num_steps=4)
         assert imgs.dtype == np.uint8 and imgs.shape == (2, 8, 8, 1)
         assert "torch" not in sys.modules

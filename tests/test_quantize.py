@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 
-from edm_deploy.runtime.errors import InputError, NumericalError
+from edm_deploy.runtime.core.errors import InputError, NumericalError
 from tests.conftest import requires_onnx, requires_torch
 
 pytestmark = [requires_torch, requires_onnx]

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from edm_deploy.runtime.errors import InputError  # noqa: E402
+from edm_deploy.runtime.core.errors import InputError  # noqa: E402
 from edm_deploy.training import training_loop as TL  # noqa: E402
 from edm_deploy.training.checkpoint import load_checkpoint  # noqa: E402
 from tests.test_training import _cli_error, _equal_states, interrupt_on_loss_call, micro  # noqa: E402

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 from tests.conftest import REPO, requires_onnx, run_cli
 
 pytestmark = requires_onnx
@@ -126,7 +126,7 @@ def test_a_failed_run_does_not_poison_its_folder(models, tmp_path, cli_env):
 
 
 def test_damaged_npz_parts_are_redone(tmp_path):
-    from edm_deploy.runtime.writers import NpzWriter
+    from edm_deploy.runtime.output.writers import NpzWriter
 
     npz = str(tmp_path / "s.npz")
     images = np.arange(12 * 64, dtype=np.uint8).reshape(12, 8, 8, 1)
@@ -248,8 +248,8 @@ class _ShapeSpy:
 
 
 def test_fixed_batch_calls_the_network_at_one_shape_only():
-    from edm_deploy.runtime.fixed_shape import FixedShapeDenoiser
-    from edm_deploy.runtime.generate import generate
+    from edm_deploy.runtime.sampling.fixed_shape import FixedShapeDenoiser
+    from edm_deploy.runtime.sampling.generate import generate
 
     results = {}
     for batch in (1, 5, 8, 13):
@@ -348,7 +348,7 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(models, tmp_path
                                    env=cli_env))
     assert line.startswith("error: --compile does not apply")
     with pytest.raises(InputError, match="^class_idx 12 is out of range"):
-        from edm_deploy.runtime.generate import generate
+        from edm_deploy.runtime.sampling.generate import generate
 
         generate(load(models["cond"]), seeds=[0], class_idx=12)
 
@@ -367,7 +367,7 @@ def test_ranks_starting_together_both_claim_their_shards(tmp_path):
     """torchrun starts its ranks at once: they take turns at the record check instead of refusing each other."""
     code = (
         "import sys, time\n"
-        "from edm_deploy.runtime.writers import claim_folder\n"
+        "from edm_deploy.runtime.output.writers import claim_folder\n"
         "rank = int(sys.argv[1])\n"
         "with claim_folder(sys.argv[2], {'run': 1}, (rank, 2)):\n"
         "    time.sleep(1.0)\n"

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from edm_deploy.runtime.errors import InputError, NumericalError  # noqa: E402
+from edm_deploy.runtime.core.errors import InputError, NumericalError  # noqa: E402
 from edm_deploy.training import training_loop as TL  # noqa: E402
 from edm_deploy.training.checkpoint import load_checkpoint  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
@@ -137,7 +137,7 @@ def test_cli_lr_1e10_exits_non_zero_without_a_nan_checkpoint(tmp_path, cli_env):
 
 _HOLD = """
 import sys, time
-from edm_deploy.runtime.fileio import exclusive_output
+from edm_deploy.runtime.core.fileio import exclusive_output
 with exclusive_output(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(60)

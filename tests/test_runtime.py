@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from edm_deploy.runtime import GaussianDenoiser, StackedRandomGenerator, edm_sampler
-from edm_deploy.runtime.errors import InputError, NumericalError
-from edm_deploy.runtime.generate import generate, quantize_uint8
-from edm_deploy.runtime.seeds import parse_seeds, parse_shard, shard_batches
+from edm_deploy.runtime.core.errors import InputError, NumericalError
+from edm_deploy.runtime.sampling.generate import generate, quantize_uint8
+from edm_deploy.runtime.sampling.seeds import parse_seeds, parse_shard, shard_batches
 from tests.conftest import REPO, requires_onnx, run_cli
 
 pytestmark = requires_onnx
@@ -196,7 +196,7 @@ def test_kill_mid_run_then_rerun_gives_the_uninterrupted_result(oracle_files, tm
 
 
 def test_temporary_names_never_look_like_outputs_and_reruns_clear_stale_ones(oracle_files, tmp_path, cli_env):
-    from edm_deploy.runtime.fileio import TEMP_SUFFIX, atomic_write_bytes, is_temp_name
+    from edm_deploy.runtime.core.fileio import TEMP_SUFFIX, atomic_write_bytes, is_temp_name
 
     seen = []
     real_replace = os.replace

@@ -46,7 +46,7 @@ def test_the_grid_scale_enlarges_every_image(conditional_model, tmp_path):
 
 
 def test_a_schedule_searched_with_afs_warns_when_used_without(conditional_model, tmp_path):
-    from edm_deploy.runtime.schedule_file import write_schedule
+    from edm_deploy.runtime.sampling.schedule_file import write_schedule
 
     sched = tmp_path / "s.json"
     write_schedule(str(sched), [80, 10.98, 3.88, 1.58, 0.57, 0.002], solver="ipndm", nfe=4, afs=True, model_sha256="0" * 64)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from edm_deploy.runtime import GaussianDenoiser, StackedRandomGenerator
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.generate import generate, plan_sampling, quantize_uint8
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.sampling.generate import generate, plan_sampling, quantize_uint8
 from tests.conftest import requires_onnx, run_cli
 
 
@@ -113,8 +113,8 @@ def test_cli_option_errors_are_one_line_naming_the_flag(model, tmp_path, cli_env
 
 @requires_onnx
 def test_schedule_files_are_used_exactly_and_the_record_holds_solver_and_time_points(model, tmp_path, cli_env):
-    from edm_deploy.runtime.schedule_file import write_schedule
-    from edm_deploy.runtime.writers import RUN_RECORD
+    from edm_deploy.runtime.output.writers import RUN_RECORD
+    from edm_deploy.runtime.sampling.schedule_file import write_schedule
 
     sched = tmp_path / "s.json"
     write_schedule(str(sched), [80, 10.98, 3.88, 1.58, 0.57, 0.002], solver="ipndm", nfe=5, model_sha256="0" * 64)

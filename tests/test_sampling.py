@@ -15,7 +15,7 @@ from edm_deploy.runtime import (
     edm_sampler,
     nfe,
 )
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 
 SIGMA_MIN = 1e-3
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from edm_deploy.runtime import GaussianDenoiser
-from edm_deploy.runtime import schedule_search as ss
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.sampling import schedule_search as ss
 from tests.conftest import one_error_line, requires_onnx, run_cli
 
 

@@ -1,4 +1,4 @@
-"""GITS-style schedule search (`runtime/schedule_search.py`) and `edm-deploy schedule`.
+"""GITS-style schedule search (`runtime/sampling/schedule_search.py`) and `edm-deploy schedule`.
 
 * every solver's costed step is the solver's own update: on the solver's own trajectory as the
   "teacher", each step costs nothing (with its warm-up, lower-order-final, AFS and history);
@@ -25,12 +25,12 @@ from edm_deploy.runtime import (
     StackedRandomGenerator,
     draw_latents_and_labels,
 )
-from edm_deploy.runtime import schedule_search as ss
-from edm_deploy.runtime import solvers as slv
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.planner import sample
-from edm_deploy.runtime.schedule_file import read_schedule
-from edm_deploy.runtime.schedules import edm_sigma_steps
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.core.schedules import edm_sigma_steps
+from edm_deploy.runtime.sampling import schedule_search as ss
+from edm_deploy.runtime.sampling import solvers as slv
+from edm_deploy.runtime.sampling.planner import sample
+from edm_deploy.runtime.sampling.schedule_file import read_schedule
 from tests.conftest import requires_onnx, run_cli
 from tests.search_oracles import brute_force_path, trajectory_moments
 
@@ -273,7 +273,7 @@ def test_bad_latents_and_classes_are_input_errors():
 
 
 def test_the_library_imports_no_torch():
-    code = "import sys, edm_deploy.runtime.schedule_search; assert 'torch' not in sys.modules"
+    code = "import sys, edm_deploy.runtime.sampling.schedule_search; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -296,7 +296,7 @@ def _error(res):
 
 @requires_onnx
 def test_cli_writes_a_schedule_file_sample_uses(gauss_model, tmp_path, cli_env):
-    from edm_deploy.runtime.fileio import sha256_file
+    from edm_deploy.runtime.core.fileio import sha256_file
 
     out = tmp_path / "ipndm5.json"
     res = run_cli(["schedule", gauss_model, "--solver", "ipndm", "--nfe", "5", "--out", str(out), "--latents", "16",

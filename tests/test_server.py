@@ -20,8 +20,8 @@ import time
 import numpy as np
 import pytest
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.generate import generate
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.sampling.generate import generate
 from tests.conftest import REPO, has_module, requires_onnx, requires_torch
 
 pytestmark = pytest.mark.skipif(not (has_module("fastapi") and has_module("httpx") and has_module("prometheus_client")),
@@ -156,7 +156,7 @@ def test_a_full_queue_is_a_503_with_retry_after_never_a_hang(gauss_model):
     from fastapi.testclient import TestClient
 
     from edm_deploy.loading import load
-    from edm_deploy.runtime.contract import DelegatingDenoiser
+    from edm_deploy.runtime.core.contract import DelegatingDenoiser
     from edm_deploy.runtime.serving import Engine
     from edm_deploy.server import create_app
 
@@ -342,7 +342,7 @@ def test_the_request_schema_covers_every_sampler_setting():
     import dataclasses
 
     from edm_deploy.http_api import request_schema
-    from edm_deploy.runtime.settings import SamplerSettings
+    from edm_deploy.runtime.sampling.settings import SamplerSettings
 
     props = request_schema()["properties"]
     assert all(f.name in props for f in dataclasses.fields(SamplerSettings))
@@ -413,7 +413,7 @@ def test_the_body_is_refused_on_its_declared_length_and_type_before_it_is_read(c
 
 
 def test_seeds_and_counts_are_bounded_before_anything_is_expanded(cond_client, monkeypatch):
-    import edm_deploy.runtime.seeds as seeds_module
+    import edm_deploy.runtime.sampling.seeds as seeds_module
 
     built = []
     for name in ("parse_seeds", "check_seeds"):
@@ -444,7 +444,7 @@ def test_the_work_a_request_asks_is_bounded_before_it_is_planned_and_every_reque
 
 
 def test_deis_coefficients_are_computed_once_per_schedule(monkeypatch):
-    from edm_deploy.runtime import solvers as slv
+    from edm_deploy.runtime.sampling import solvers as slv
     from edm_deploy.runtime.serving import Engine
     from tests.test_engine import Recording
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from edm_deploy.runtime import GaussianDenoiser
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.generate import generate, plan_sampling, run_record
-from edm_deploy.runtime.settings import SamplerSettings
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.sampling.generate import generate, plan_sampling, run_record
+from edm_deploy.runtime.sampling.settings import SamplerSettings
 
 
 class Levels(GaussianDenoiser):

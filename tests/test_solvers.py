@@ -23,11 +23,11 @@ from edm_deploy.runtime import (
     edm_sampler,
     iddpm_sigma_table,
 )
-from edm_deploy.runtime import schedules as sch
-from edm_deploy.runtime import solvers as slv
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.planner import sample, sampling_sigmas
-from edm_deploy.runtime.xp import from_host, to_float64
+from edm_deploy.runtime.core import schedules as sch
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.core.xp import from_host, to_float64
+from edm_deploy.runtime.sampling import solvers as slv
+from edm_deploy.runtime.sampling.planner import sample, sampling_sigmas
 
 MULTISTEP = ("dpmpp-3m", "unipc", "ipndm", "ipndm-v", "deis")
 AFS_SOLVERS = MULTISTEP
@@ -582,7 +582,7 @@ def frozen_edm_loop(net, latents, class_labels, randn_like, t_steps, solver, S_c
     """The reference's sampler loop for sigma(t) = t, s(t) = 1, alpha = 1, fused in one function, its arithmetic
     in the reference's order.
 
-    It lives in the tests so the step programs are held to these bits whatever becomes of sampling.py.
+    It lives in the tests so the step programs are held to these bits whatever becomes of the reference samplers (runtime/sampling/reference.py).
     """
     num_steps = len(t_steps) - 1
 

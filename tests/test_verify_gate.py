@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import pytest
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 from tests.conftest import requires_onnx, requires_torch
 
 pytestmark = [requires_torch, requires_onnx]

@@ -127,7 +127,7 @@ def test_the_api_page_renders_offline_from_packaged_assets(served):
 
 def test_the_page_shows_previews_as_they_come_and_cancels_in_chromium(tmp_path):
     from edm_deploy.loading import load
-    from edm_deploy.runtime.contract import DelegatingDenoiser
+    from edm_deploy.runtime.core.contract import DelegatingDenoiser
     from tests.onnx_oracles import gaussian_onnx
 
     class Slow(DelegatingDenoiser):

@@ -1,4 +1,4 @@
-"""The output formats as `runtime.writers` declares them: ``{kind: path}`` in, one batch's bytes out."""
+"""The output formats as `runtime.output.writers` declares them: ``{kind: path}`` in, one batch's bytes out."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.writers import (
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.output.writers import (
     OUTPUT_KINDS,
     GridWriter,
     NpzWriter,

@@ -52,7 +52,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 
 # Symlet-6 decomposition low-pass filter (orthonormal: sum = sqrt(2), sum of squares = 1,
 # orthogonal to its even shifts). Mathematical constants, as tabulated by e.g. PyWavelets.

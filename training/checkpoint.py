@@ -38,11 +38,11 @@ import zipfile
 from typing import Any, Optional
 
 from edm_deploy.runtime.backends.torch_backend import describe_denoiser
-from edm_deploy.runtime.errors import InputError, first_line
-from edm_deploy.runtime.fileio import atomic_write_bytes, sha256_file
-from edm_deploy.runtime.manifest import CONSISTENCY_KEY, MAX_TABLE, PRECOND_KINDS, consistency_record
-from edm_deploy.runtime.optional import require
-from edm_deploy.runtime.version import __version__
+from edm_deploy.runtime.core.errors import InputError, first_line
+from edm_deploy.runtime.core.fileio import atomic_write_bytes, sha256_file
+from edm_deploy.runtime.core.manifest import CONSISTENCY_KEY, MAX_TABLE, PRECOND_KINDS, consistency_record
+from edm_deploy.runtime.core.optional import require
+from edm_deploy.runtime.core.version import __version__
 
 from .presets import ARCHITECTURE_NAMES
 
@@ -336,7 +336,7 @@ def load_network(source, device: str = "cpu"):
 
 
 def network_manifest(net, network: dict, source_path: Optional[str] = None, precision: str = "fp32") -> dict:
-    """The runtime manifest of a preconditioned network (schema in `edm_deploy.runtime.manifest`)."""
+    """The runtime manifest of a preconditioned network (schema in `edm_deploy.runtime.core.manifest`)."""
     torch = _torch()
     manifest = describe_denoiser(net, precision=precision)
     manifest["network"] = sanitize_for_json({k: v for k, v in network.items() if k != CONSISTENCY_KEY})

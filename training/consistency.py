@@ -15,7 +15,7 @@ The tuned network is the teacher's network description with the run's dropout an
 
 It rides with the network description into every checkpoint and snapshot of the run, and from
 there into every exported manifest (`checkpoint.network_manifest` lifts it to the manifest's
-top-level ``consistency`` field, `runtime.manifest.consistency_record` checks it), so a runtime
+top-level ``consistency`` field, `runtime.core.manifest.consistency_record` checks it), so a runtime
 knows that the model wants the consistency sampler, and from which checkpoint it was made.
 """
 
@@ -24,8 +24,8 @@ from __future__ import annotations
 import copy
 import os
 
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.manifest import CONSISTENCY_KEY, consistency_record
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.core.manifest import CONSISTENCY_KEY, consistency_record
 
 from .checkpoint import load_checkpoint
 

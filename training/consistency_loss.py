@@ -44,7 +44,7 @@ from typing import Callable, Optional
 
 import torch
 
-from edm_deploy.runtime.errors import InputError, check_number
+from edm_deploy.runtime.core.errors import InputError, check_number
 
 from .loss import _check_images, _draw, _lognormal_sigma
 

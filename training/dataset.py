@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from edm_deploy.runtime.archives import (
+from edm_deploy.runtime.core.archives import (
     MAX_IMAGE_FILE_BYTES,
     ZIP_ERRORS,
     check_zip_sizes,
@@ -37,10 +37,10 @@ from edm_deploy.runtime.archives import (
     open_image,
     read_bounded,
 )
-from edm_deploy.runtime.errors import InputError, first_line
-from edm_deploy.runtime.fileio import check_regular_file
-from edm_deploy.runtime.jsonio import MAX_DATASET_JSON_BYTES, loads_bounded, read_json_file
-from edm_deploy.runtime.manifest import MAX_CLASSES, MAX_RESOLUTION
+from edm_deploy.runtime.core.errors import InputError, first_line
+from edm_deploy.runtime.core.fileio import check_regular_file
+from edm_deploy.runtime.core.jsonio import MAX_DATASET_JSON_BYTES, loads_bounded, read_json_file
+from edm_deploy.runtime.core.manifest import MAX_CLASSES, MAX_RESOLUTION
 
 # --------------------------------------------------------------------------------------------
 # The built-in digits split.
@@ -724,7 +724,7 @@ def check_zip_arguments(source: str, dest: str, resolution: Optional[int] = None
     `dest` must be a .zip path in an existing folder, not a folder, and not the source itself
     (symlinks resolved); `resolution` an integer that `check_image_shape` accepts.
     """
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+    from edm_deploy.runtime.core.fileio import refuse_overwriting_inputs
 
     source_label, dest_label, resolution_label, pad_label = labels
     if not dest.lower().endswith(".zip"):
@@ -767,7 +767,7 @@ def write_dataset_zip(
     on a black square of that side (28x28 MNIST-family images -> 32x32). Returns a summary dict.
     The destination appears only when complete; an error or Ctrl-C leaves no partial file.
     """
-    from edm_deploy.runtime.fileio import atomic_path, write_target
+    from edm_deploy.runtime.core.fileio import atomic_path, write_target
 
     check_zip_arguments(source, dest, resolution, pad=pad)
     named, dest = dest, write_target(dest)  # a symlinked dest is written through

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 
 from .dataset import load_digits_split
 
@@ -85,12 +85,12 @@ def sample_classes(den: Any, per_class: int = 50, seed: int = 0, num_steps: Opti
     """uint8 [label_dim*per_class,C,R,R] samples of a class-conditional model and their requested classes.
 
     Classes in blocks of `per_class`, seeds seed.. in order. Deterministic EDM sampler by default;
-    `sampler_kwargs` choose another solver or schedule (`runtime.planner.plan_sampling`, e.g.
+    `sampler_kwargs` choose another solver or schedule (`runtime.sampling.planner.plan_sampling`, e.g.
     ``solver="ipndm", nfe=5`` with ``num_steps=None``).
     """
-    from edm_deploy.runtime.generate import quantize_uint8
-    from edm_deploy.runtime.noise import StackedRandomGenerator, one_hot
-    from edm_deploy.runtime.planner import plan_sampling
+    from edm_deploy.runtime.sampling.generate import quantize_uint8
+    from edm_deploy.runtime.sampling.noise import StackedRandomGenerator, one_hot
+    from edm_deploy.runtime.sampling.planner import plan_sampling
 
     den = as_denoiser(den)
     plan = plan_sampling(den, {"num_steps": num_steps, **sampler_kwargs})
@@ -107,7 +107,7 @@ def sample_classes(den: Any, per_class: int = 50, seed: int = 0, num_steps: Opti
 
 
 def frechet_pixels(a_uint8: np.ndarray, b_uint8: np.ndarray) -> float:
-    from edm_deploy.runtime.fid_stats import frechet_distance
+    from edm_deploy.runtime.fid.fid_stats import frechet_distance
 
     a, b = pixels(a_uint8), pixels(b_uint8)
     return float(frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))

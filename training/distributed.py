@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 
 
 @dataclass
@@ -102,7 +102,7 @@ def agree(ctx: DistContext, check: Callable[[], Any], ranks: Optional[tuple] = N
     lowest failing rank's), instead of the others waiting forever at the next collective call.
     Returns `check`'s result (None on ranks that did not run it).
     """
-    from edm_deploy.runtime import errors
+    from edm_deploy.runtime.core import errors
 
     result, failure = None, None
     if ranks is None or ctx.rank in ranks:

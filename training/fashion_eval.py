@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 
 FEATURE_DIM = 128
 CLASSIFIER_FILE = "classifier.onnx"
@@ -46,7 +46,7 @@ def train_classifier(out_dir: str, epochs: int = 4, batch: int = 128, seed: int 
     """
     import torch
 
-    from edm_deploy.runtime.fileio import atomic_path, atomic_write_bytes
+    from edm_deploy.runtime.core.fileio import atomic_path, atomic_write_bytes
 
     from .dataset import load_fashion_mnist
 
@@ -127,7 +127,7 @@ class FashionJudge:
 
     def stats(self, images_uint8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mu, sigma) of the classifier features of a set of images."""
-        from edm_deploy.runtime.fid_stats import FeatureStats
+        from edm_deploy.runtime.fid.fid_stats import FeatureStats
 
         stats = FeatureStats(FEATURE_DIM)
         stats.update(self.run(images_uint8)[1])
@@ -137,7 +137,7 @@ class FashionJudge:
               ref: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict[str, Any]:
         """Accuracy against the requested classes (overall and per class) and, given reference stats,
         the classifier FD."""
-        from edm_deploy.runtime.fid_stats import FeatureStats, frechet_distance
+        from edm_deploy.runtime.fid.fid_stats import FeatureStats, frechet_distance
 
         preds, feats = self.run(images_uint8)
         classes = np.asarray(classes)
@@ -165,7 +165,7 @@ class FashionDemoJudge:
         self.test_accuracy = self.judge.test_accuracy
         self.description = f"a small CNN on the Fashion-MNIST training split ({self.judge.record['epochs']} epochs)"
         self.test_stats = self.judge.stats(load_fashion_mnist("t10k")[0])
-        from edm_deploy.runtime.fid_stats import frechet_distance
+        from edm_deploy.runtime.fid.fid_stats import frechet_distance
 
         self.yardstick = float(frechet_distance(*self.judge.stats(load_fashion_mnist("train")[0]), *self.test_stats))
 

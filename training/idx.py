@@ -22,8 +22,8 @@ from typing import BinaryIO, Optional
 
 import numpy as np
 
-from edm_deploy.runtime.errors import InputError, first_line
-from edm_deploy.runtime.manifest import MAX_RESOLUTION
+from edm_deploy.runtime.core.errors import InputError, first_line
+from edm_deploy.runtime.core.manifest import MAX_RESOLUTION
 
 UBYTE = 0x08  # the only element type an image or label file of the family uses
 MAX_IDX_ITEMS = 10_000_000  # 143x MNIST's 70,000: a header beyond it is corrupt or hostile

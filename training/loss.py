@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 
 from .precond import vp_sigma
 

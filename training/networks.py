@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 import torch
 from torch.nn.functional import silu
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 
 __all__ = [
     "weight_init",

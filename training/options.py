@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from edm_deploy.runtime.errors import InputError, param_error
+from edm_deploy.runtime.core.errors import InputError, param_error
 
 from . import presets as presets_mod
 from .checkpoint import load_checkpoint

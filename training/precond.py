@@ -32,7 +32,7 @@ from typing import Optional, Union
 
 import torch
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 
 from . import networks
 from .presets import ARCHITECTURE_NAMES

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 
 # The inner-network classes of the reference (`training.networks`), by name: torch-free, so a
 # checkpoint can be checked without importing torch.

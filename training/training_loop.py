@@ -21,8 +21,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from edm_deploy.runtime.errors import InputError, NumericalError, param_error
-from edm_deploy.runtime.fileio import (
+from edm_deploy.runtime.core.errors import InputError, NumericalError, param_error
+from edm_deploy.runtime.core.fileio import (
     atomic_write_bytes,
     exclusive_output,
     refuse_overwriting_inputs,

@@ -10,8 +10,8 @@ import click
 
 from edm_deploy.commands.common import POSITIVE, max_threads
 from edm_deploy.loading import BENCH_VARIANTS, DEVICES
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.solvers import SOLVER_NAMES
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.sampling.solvers import SOLVER_NAMES
 from edm_deploy.sweep import DEFAULT_LATENTS, DEFAULT_MAX_ERROR, DEFAULT_NFES
 
 
@@ -69,8 +69,12 @@ def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int
                          "--backend/--steps/--no-sampling or the extra --batch")
     bm.check_batches(model, batches or (64,))
     if json_path:
-        from edm_deploy.runtime.fileio import refuse_foreign_file, refuse_overwriting_inputs, write_target
-        from edm_deploy.runtime.writers import ensure_writable_dir
+        from edm_deploy.runtime.core.fileio import (
+            refuse_foreign_file,
+            refuse_overwriting_inputs,
+            write_target,
+        )
+        from edm_deploy.runtime.output.writers import ensure_writable_dir
 
         refuse_overwriting_inputs({"MODEL": model}, {"--json": json_path})
         if os.path.isdir(json_path):
@@ -90,7 +94,7 @@ def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int
             click.echo(f"skipped: {reason}", err=True)
         click.echo(sweep_table(result, max_error))
         if json_path:
-            from edm_deploy.runtime.fileio import atomic_write_bytes
+            from edm_deploy.runtime.core.fileio import atomic_write_bytes
 
             atomic_write_bytes(json_path, json.dumps({"format": bm.BENCH_FORMAT, "model": model, "max_error": max_error,
                                                      **result.as_dict()},
@@ -113,7 +117,7 @@ def bench(model: str, backends: tuple, batches: tuple, device: str, repeats: int
     click.echo(bm.results_table(results))
     click.echo(f"peak RSS {bm.peak_rss_mb():.0f} MB")
     if json_path:
-        from edm_deploy.runtime.fileio import atomic_write_bytes
+        from edm_deploy.runtime.core.fileio import atomic_write_bytes
 
         payload = {"format": bm.BENCH_FORMAT, "model": model, "results": bm.as_dicts(results), "peak_rss_mb": bm.peak_rss_mb(), **extra}
         atomic_write_bytes(json_path, json.dumps(payload, indent=2).encode())

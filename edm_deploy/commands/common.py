@@ -52,7 +52,7 @@ POSITIVE = FiniteFloat(0, lo_open=True)
 
 
 def _solver_help() -> str:
-    from edm_deploy.runtime.solvers import SOLVER_REGISTRY
+    from edm_deploy.runtime.sampling.solvers import SOLVER_REGISTRY
 
     return "ODE solver [default: heun]: " + "; ".join(
         f"{spec.name} (NFE {spec.nfe_formula})" for spec in SOLVER_REGISTRY.values()) + "."
@@ -88,7 +88,7 @@ def sampler_options(func: Callable) -> Callable:
     not take can be refused."""
     import dataclasses
 
-    from edm_deploy.runtime.settings import SamplerSettings
+    from edm_deploy.runtime.sampling.settings import SamplerSettings
 
     for f in reversed(dataclasses.fields(SamplerSettings)):
         if f.name not in API_ONLY_OPTIONS:
@@ -100,8 +100,8 @@ def settings_from(params: dict[str, Any]) -> Any:
     """The run's `SamplerSettings` from a command's parameters (a --sigmas file read here)."""
     import dataclasses
 
-    from edm_deploy.runtime.schedule_file import parse_sigmas
-    from edm_deploy.runtime.settings import SamplerSettings
+    from edm_deploy.runtime.sampling.schedule_file import parse_sigmas
+    from edm_deploy.runtime.sampling.settings import SamplerSettings
 
     names = [f.name for f in dataclasses.fields(SamplerSettings)]
     options = {k: params[k] for k in names if params.get(k) is not None}
@@ -154,8 +154,8 @@ def load_from_options(model: str, params: dict[str, Any], max_batch: Any = None,
 
 
 def output_options(func: Callable) -> Callable:
-    """One flag per output format of `runtime.writers.OUTPUT_KINDS` (a folder, or a file)."""
-    from edm_deploy.runtime.writers import OUTPUT_KINDS
+    """One flag per output format of `runtime.output.writers.OUTPUT_KINDS` (a folder, or a file)."""
+    from edm_deploy.runtime.output.writers import OUTPUT_KINDS
 
     for kind in reversed(list(OUTPUT_KINDS.values())):
         path = click.Path(file_okay=False) if kind.metavar == "DIR" else click.Path(dir_okay=False)

@@ -35,9 +35,9 @@ def convert(network: str, out: Optional[str], key: str, sha256: Optional[str]) -
     import os
 
     from edm_deploy.export.official import convert_official, default_output
-    from edm_deploy.runtime.download import is_url
-    from edm_deploy.runtime.errors import InputError
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+    from edm_deploy.runtime.core.download import is_url
+    from edm_deploy.runtime.core.errors import InputError
+    from edm_deploy.runtime.core.fileio import refuse_overwriting_inputs
 
     target = out or default_output(network)
     if os.path.isdir(target):

@@ -14,8 +14,8 @@ import click
 
 from edm_deploy.commands.common import FiniteFloat
 from edm_deploy.export.quantize import CALIBRATION_METHODS
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.manifest import MAX_BATCH
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.core.manifest import MAX_BATCH
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,9 +127,9 @@ def export(model: str, fp16: bool, int8: bool, calib_images: Optional[int], cali
 
 def schedules_from_files(paths: tuple) -> dict:
     """{"solver@nfe": time points} from schedule files, each naming its solver and NFE."""
-    from edm_deploy.runtime.manifest import schedule_key
-    from edm_deploy.runtime.schedule_file import read_schedule
-    from edm_deploy.runtime.solvers import SOLVER_REGISTRY
+    from edm_deploy.runtime.core.manifest import schedule_key
+    from edm_deploy.runtime.sampling.schedule_file import read_schedule
+    from edm_deploy.runtime.sampling.solvers import SOLVER_REGISTRY
 
     out: dict = {}
     for path in paths:

@@ -20,7 +20,7 @@ DETECTOR_HELP = (
 
 
 def _open_detector(detector: Optional[str], sha256: Optional[str]):
-    from edm_deploy.runtime.fid import load_detector
+    from edm_deploy.runtime.fid.fid import load_detector
 
     det = load_detector(detector, sha256=sha256)
     where = getattr(det, "providers", None) or [str(getattr(det, "device", ""))]
@@ -30,9 +30,9 @@ def _open_detector(detector: Optional[str], sha256: Optional[str]):
 
 def _check_output(path: str, flag: str, inputs: dict) -> None:
     """Before any work: the output names a file in an existing folder and none of the (local) inputs."""
-    from edm_deploy.runtime.download import is_url
-    from edm_deploy.runtime.fid import check_output_file
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs
+    from edm_deploy.runtime.core.download import is_url
+    from edm_deploy.runtime.core.fileio import refuse_overwriting_inputs
+    from edm_deploy.runtime.fid.fid import check_output_file
 
     check_output_file(path, flag)
     refuse_overwriting_inputs({k: v for k, v in inputs.items() if v and not is_url(v)}, {flag: path})
@@ -83,7 +83,7 @@ def calc(images, ref, num, seed, batch, detector, detector_sha256, min_of, quiet
       edm-deploy fid calc --images out/ --min-of 3 --detector inception.onnx \\
           --ref https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
     """
-    from edm_deploy.runtime.fid import check_reference_fits, fid_min_of, load_ref, plan_sets
+    from edm_deploy.runtime.fid.fid import check_reference_fits, fid_min_of, load_ref, plan_sets
 
     ref_stats = load_ref(ref)
     sets = plan_sets(list(images), min_of, num, seed)  # fail on bad image input before loading the detector
@@ -115,7 +115,7 @@ def ref(data, dest, num, seed, batch, detector, detector_sha256, quiet) -> None:
     Example:
       edm-deploy fid ref --data cifar10-32x32.zip --dest cifar10-ref.npz --detector inception.onnx
     """
-    from edm_deploy.runtime.fid import make_ref, open_images, select_indices
+    from edm_deploy.runtime.fid.fid import make_ref, open_images, select_indices
 
     _check_output(dest, "--dest", {"--data": data, "--detector": detector})
     source = open_images(data)
@@ -154,7 +154,7 @@ def export_detector(detector, out, opset, resolutions, sha256) -> None:
           --out inception.onnx
       edm-deploy fid calc --images out/ --ref ref.npz --detector inception.onnx   # no torch needed
     """
-    from edm_deploy.runtime.errors import BackendUnavailableError
+    from edm_deploy.runtime.core.errors import BackendUnavailableError
 
     try:
         from edm_deploy.export.detector import export_detector as run_export

@@ -74,7 +74,7 @@ def info(path: str, as_json: bool) -> None:
       edm-deploy info runs/digits/ckpt.pt
     """
     from edm_deploy.loading import read_manifest
-    from edm_deploy.runtime.manifest import dumps
+    from edm_deploy.runtime.core.manifest import dumps
 
     manifest = read_manifest(path)
     if as_json:

@@ -17,8 +17,8 @@ from edm_deploy.commands.common import (
     sampler_options,
     settings_from,
 )
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.writers import OUTPUT_KINDS
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.output.writers import OUTPUT_KINDS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,17 +62,17 @@ def sample(model: str, **params: Any) -> None:
       edm-deploy sample ckpt.pt --class 3 -n 16 --npz threes.npz --steps 40
       torchrun --nproc_per_node=4 -m edm_deploy.cli sample model.onnx -n 50000 --outdir out
     """
-    from edm_deploy.runtime.fileio import refuse_overwriting_inputs, sha256_file
-    from edm_deploy.runtime.fixed_shape import FixedShapeDenoiser
-    from edm_deploy.runtime.generate import guided, run_record, sample_into
-    from edm_deploy.runtime.guidance import check_guidance_args
-    from edm_deploy.runtime.noise import check_class
-    from edm_deploy.runtime.planner import plan_sampling
-    from edm_deploy.runtime.schedule_file import mismatch_warnings
-    from edm_deploy.runtime.seeds import parse_seeds, parse_shard, seeds_from_count, shard_batches
-    from edm_deploy.runtime.solvers import get_solver
-    from edm_deploy.runtime.timing import TimedDenoiser
-    from edm_deploy.runtime.writers import check_output, open_output, outputs_for_shard, written_paths
+    from edm_deploy.runtime.core.fileio import refuse_overwriting_inputs, sha256_file
+    from edm_deploy.runtime.core.timing import TimedDenoiser
+    from edm_deploy.runtime.output.writers import check_output, open_output, outputs_for_shard, written_paths
+    from edm_deploy.runtime.sampling.fixed_shape import FixedShapeDenoiser
+    from edm_deploy.runtime.sampling.generate import guided, run_record, sample_into
+    from edm_deploy.runtime.sampling.guidance import check_guidance_args
+    from edm_deploy.runtime.sampling.noise import check_class
+    from edm_deploy.runtime.sampling.planner import plan_sampling
+    from edm_deploy.runtime.sampling.schedule_file import mismatch_warnings
+    from edm_deploy.runtime.sampling.seeds import parse_seeds, parse_shard, seeds_from_count, shard_batches
+    from edm_deploy.runtime.sampling.solvers import get_solver
 
     if params["num"] is not None and params["seeds"] is not None:
         raise InputError("give either -n or --seeds, not both")
@@ -175,7 +175,7 @@ def _classes(text: Optional[str], seeds: list[int]) -> Optional[dict[int, int]]:
 
 
 def _one_class(part: str, text: str) -> int:
-    from edm_deploy.runtime.seeds import is_number_text
+    from edm_deploy.runtime.sampling.seeds import is_number_text
 
     if not is_number_text(part.strip()):
         raise InputError(f"--class {text!r} must be a class number or a list of them like --seeds, e.g. 3 or 0-9,3")
@@ -199,6 +199,6 @@ def _interval(text: Optional[str]) -> Optional[tuple[float, float]]:
         lo, hi = (float(p) for p in parts)
     except ValueError:
         raise InputError(f"--guidance-interval {text!r} must be two numbers LO,HI, e.g. 0.28,1.6") from None
-    from edm_deploy.runtime.guidance import check_interval
+    from edm_deploy.runtime.sampling.guidance import check_interval
 
     return check_interval((lo, hi))

@@ -9,11 +9,16 @@ from typing import Any
 import click
 
 from edm_deploy.commands.common import POSITIVE, AsciiInt, FiniteFloat, backend_options, load_from_options
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 
 
 def _choices():
-    from edm_deploy.runtime.schedule_search import METRICS, SEARCHABLE_SOLVERS, STEP_MODELS, TEACHER_SOLVERS
+    from edm_deploy.runtime.sampling.schedule_search import (
+        METRICS,
+        SEARCHABLE_SOLVERS,
+        STEP_MODELS,
+        TEACHER_SOLVERS,
+    )
 
     return (*SEARCHABLE_SOLVERS, "consistency"), TEACHER_SOLVERS, METRICS, STEP_MODELS
 
@@ -72,17 +77,17 @@ def schedule(model: str, **params: Any) -> None:
       edm-deploy schedule tuned.onnx --solver consistency --nfe 2 --ref ref.npz --detector inception.onnx --out c2.json
       edm-deploy sample model.onnx --solver ipndm --sigmas ipndm5.json -n 64 --grid grid.png
     """
-    from edm_deploy.runtime.fileio import (
+    from edm_deploy.runtime.core.fileio import (
         refuse_foreign_file,
         refuse_overwriting_inputs,
         sha256_file,
         write_target,
     )
-    from edm_deploy.runtime.noise import check_class
-    from edm_deploy.runtime.schedule_file import is_schedule_file, write_schedule
-    from edm_deploy.runtime.schedule_search import plan_search, search_schedule
-    from edm_deploy.runtime.seeds import parse_seeds, seeds_from_count
-    from edm_deploy.runtime.writers import ensure_writable_dir
+    from edm_deploy.runtime.output.writers import ensure_writable_dir
+    from edm_deploy.runtime.sampling.noise import check_class
+    from edm_deploy.runtime.sampling.schedule_file import is_schedule_file, write_schedule
+    from edm_deploy.runtime.sampling.schedule_search import plan_search, search_schedule
+    from edm_deploy.runtime.sampling.seeds import parse_seeds, seeds_from_count
 
     if params["solver"] == "consistency":
         return _consistency_points(model, params)
@@ -108,7 +113,7 @@ def schedule(model: str, **params: Any) -> None:
     den = load_from_options(model, params)
     with den:
         check_class(params["class_idx"], den.label_dim)
-        from edm_deploy.runtime.schedule_search import model_warnings
+        from edm_deploy.runtime.sampling.schedule_search import model_warnings
 
         for note in list(den.warnings) + model_warnings(den):
             click.echo(f"warning: {note}", err=True)
@@ -163,17 +168,17 @@ GITS_ONLY = ("afs", "denoise_to_zero", "max_order", "teacher", "fine_points", "c
 
 def _consistency_points(model: str, params: dict[str, Any]) -> None:
     """`--solver consistency`: the time points of the grid whose samples are closest to --ref in features."""
-    from edm_deploy.runtime.consistency_points import choose_consistency_points
-    from edm_deploy.runtime.fid import check_reference_fits, load_detector, load_ref
-    from edm_deploy.runtime.fileio import (
+    from edm_deploy.runtime.core.fileio import (
         refuse_foreign_file,
         refuse_overwriting_inputs,
         sha256_file,
         write_target,
     )
-    from edm_deploy.runtime.schedule_file import is_schedule_file, write_schedule
-    from edm_deploy.runtime.seeds import parse_seeds, seeds_from_count
-    from edm_deploy.runtime.writers import ensure_writable_dir
+    from edm_deploy.runtime.fid.fid import check_reference_fits, load_detector, load_ref
+    from edm_deploy.runtime.output.writers import ensure_writable_dir
+    from edm_deploy.runtime.sampling.consistency_points import choose_consistency_points
+    from edm_deploy.runtime.sampling.schedule_file import is_schedule_file, write_schedule
+    from edm_deploy.runtime.sampling.seeds import parse_seeds, seeds_from_count
 
     defaults = {p.name: (p.default if isinstance(p.default, (int, float, str, type(None))) else False)
                 for p in schedule.params}  # a flag's default is click's sentinel: unset means off

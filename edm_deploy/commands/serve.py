@@ -12,8 +12,8 @@ import click
 from edm_deploy import sigterm
 from edm_deploy.commands.common import FiniteFloat, backend_options, load_from_options
 from edm_deploy.http_api import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_STEPS, DEFAULT_REQUEST_TIMEOUT
-from edm_deploy.runtime.errors import first_line
-from edm_deploy.runtime.schedules import MAX_STEPS
+from edm_deploy.runtime.core.errors import first_line
+from edm_deploy.runtime.core.schedules import MAX_STEPS
 from edm_deploy.runtime.serving.scheduler import SCHEDULERS
 
 
@@ -58,14 +58,14 @@ def serve(model: str, **params: Any) -> int:
       edm-deploy serve model.onnx --fixed-batch 32 --host 0.0.0.0
       curl -s localhost:8000/v1/generate -H 'Content-Type: application/json' -d '{"seeds": [3], "solver": "ipndm", "nfe": 5}' -o 3.png
     """
-    from edm_deploy.runtime.optional import require
+    from edm_deploy.runtime.core.optional import require
 
     for module in ("uvicorn", "fastapi", "fastapi_offline", "prometheus_client"):
         require(module, "edm-deploy serve")
     from edm_deploy import listener
     from edm_deploy.http_api import Limits
     from edm_deploy.loading import read_manifest
-    from edm_deploy.runtime.fileio import sha256_file
+    from edm_deploy.runtime.core.fileio import sha256_file
     from edm_deploy.runtime.serving import Engine
     from edm_deploy.server import create_app
 

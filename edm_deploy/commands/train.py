@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from edm_deploy.runtime.errors import InputError
+from edm_deploy.runtime.core.errors import InputError
 from edm_deploy.training.options import OPTIMIZERS, TrainingOptions
 from edm_deploy.training.presets import ARCHS, CONSISTENCY_DEFAULTS, CONSISTENCY_PRESETS, PRECONDS, PRESETS
 

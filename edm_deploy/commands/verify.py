@@ -8,8 +8,8 @@ import click
 
 from edm_deploy.export.verify import VERIFY_BATCH_LIMIT, tolerance_summary
 from edm_deploy.loading import DEVICES
-from edm_deploy.runtime.errors import InputError
-from edm_deploy.runtime.seeds import is_number_text
+from edm_deploy.runtime.core.errors import InputError
+from edm_deploy.runtime.sampling.seeds import is_number_text
 
 
 def _parse_batches(text: Optional[str]) -> Optional[list[int]]:

@@ -7,7 +7,7 @@ manifest into the contract attributes (`sigma_min`, `sigma_max`, `round_sigma`, 
 `label_dim`, `max_batch`), normalises inputs (per-row sigma, zero labels for a conditional model
 called without labels, as the reference preconditioners do), splits batches above `max_batch`
 and counts calls. It never times or synchronises an evaluation: measuring is the job of
-`runtime.timing.TimedDenoiser`, so unmeasured runs keep the device pipeline full.
+`runtime.core.timing.TimedDenoiser`, so unmeasured runs keep the device pipeline full.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..contract import DenoiserBase
-from ..errors import InputError
-from ..manifest import (
+from ..core.contract import DenoiserBase
+from ..core.errors import InputError
+from ..core.manifest import (
     CONSISTENCY_KEY,
     SCHEDULES_KEY,
     consistency_record,
@@ -27,8 +27,8 @@ from ..manifest import (
     schedules_record,
     validate,
 )
-from ..rounding import round_sigma_from_rule
-from ..xp import concatenate
+from ..core.rounding import round_sigma_from_rule
+from ..core.xp import concatenate
 
 
 class DenoiserBackend(DenoiserBase):

@@ -19,14 +19,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import (
+from ..core.errors import (
     BackendRuntimeError,
     BackendUnavailableError,
     EdmDeployError,
     InputError,
     first_line,
 )
-from ..manifest import (
+from ..core.manifest import (
     CLASS_LABELS,
     DENOISED,
     ONNX_METADATA_KEY,
@@ -36,9 +36,9 @@ from ..manifest import (
     check_precision,
     loads,
 )
-from ..onnx_file import check_content_digest
-from ..optional import require
-from ..xp import library_of
+from ..core.onnx_file import check_content_digest
+from ..core.optional import require
+from ..core.xp import library_of
 from .base import DenoiserBackend
 from .device import device_array_library
 

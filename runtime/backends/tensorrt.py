@@ -20,9 +20,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import BackendRuntimeError, BackendUnavailableError, InputError
-from ..fileio import sha256_file, write_target
-from ..manifest import (
+from ..core.errors import BackendRuntimeError, BackendUnavailableError, InputError
+from ..core.fileio import sha256_file, write_target
+from ..core.manifest import (
     CLASS_LABELS,
     DENOISED,
     SIGMA,
@@ -31,8 +31,8 @@ from ..manifest import (
     input_names,
     read_sidecar,
 )
-from ..optional import require
-from ..xp import library_of
+from ..core.optional import require
+from ..core.xp import library_of
 from .base import DenoiserBackend
 from .device import device_array_library
 

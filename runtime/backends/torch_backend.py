@@ -16,10 +16,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, InputError
-from ..manifest import MANIFEST_FORMAT, MANIFEST_VERSION, PRECOND_KINDS, encode_limit
-from ..optional import require
-from ..xp import library_of
+from ..core.errors import BackendUnavailableError, InputError
+from ..core.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, PRECOND_KINDS, encode_limit
+from ..core.optional import require
+from ..core.xp import library_of
 from .base import DenoiserBackend
 
 

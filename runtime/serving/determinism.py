@@ -22,9 +22,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..fixed_shape import BucketedDenoiser
-from ..noise import one_hot
-from ..xp import to_host
+from ..core.xp import to_host
+from ..sampling.fixed_shape import BucketedDenoiser
+from ..sampling.noise import one_hot
 
 EXHAUSTIVE_UP_TO = 64          # check every batch size up to this limit, powers of two above it
 PROBE_SIGMA = 1.0              # one noise level for the probe; kernels are chosen by shape

@@ -21,16 +21,16 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..contract import as_denoiser
-from ..errors import InputError, NumericalError, check_int, check_number
-from ..generate import guided, quantize_uint8
-from ..guidance import check_guidance_args, check_interval, check_weight
-from ..noise import check_class
-from ..planner import SamplingPlan, plan_sampling
-from ..seeds import check_seeds
-from ..settings import SamplerSettings
-from ..solvers import StepInfo
-from ..xp import all_finite_rows, to_host
+from ..core.contract import as_denoiser
+from ..core.errors import InputError, NumericalError, check_int, check_number
+from ..core.xp import all_finite_rows, to_host
+from ..sampling.generate import guided, quantize_uint8
+from ..sampling.guidance import check_guidance_args, check_interval, check_weight
+from ..sampling.noise import check_class
+from ..sampling.planner import SamplingPlan, plan_sampling
+from ..sampling.seeds import check_seeds
+from ..sampling.settings import SamplerSettings
+from ..sampling.solvers import StepInfo
 from .determinism import Determinism, combine, settle_shapes
 from .requests import (
     PRIORITY_RANGE,

@@ -15,13 +15,13 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..errors import EdmDeployError
-from ..guidance import guided_rows
-from ..noise import StackedRandomGenerator, draw_latents_and_labels, one_hot
-from ..planner import SamplingPlan
-from ..settings import SamplerSettings
-from ..solvers import Callback, Program
-from ..xp import concatenate
+from ..core.errors import EdmDeployError
+from ..core.xp import concatenate
+from ..sampling.guidance import guided_rows
+from ..sampling.noise import StackedRandomGenerator, draw_latents_and_labels, one_hot
+from ..sampling.planner import SamplingPlan
+from ..sampling.settings import SamplerSettings
+from ..sampling.solvers import Callback, Program
 
 
 class BusyError(EdmDeployError):

@@ -17,9 +17,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..fixed_shape import BucketedDenoiser
-from ..guidance import mix, with_unconditional_twins
-from ..xp import concatenate, to_float64
+from ..core.xp import concatenate, to_float64
+from ..sampling.fixed_shape import BucketedDenoiser
+from ..sampling.guidance import mix, with_unconditional_twins
 from .requests import Chunk
 
 

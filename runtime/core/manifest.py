@@ -29,7 +29,7 @@ MANIFEST_VERSION = 1
 ONNX_METADATA_KEY = "edm_deploy"
 # The number formats a network may compute in (bf16: the torch backend's autocast path).
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-# An ONNX export's digest of its own content but the manifest (`runtime.onnx_file`).
+# An ONNX export's digest of its own content but the manifest (`runtime.core.onnx_file`).
 DIGEST_KEY = "content_sha256"
 
 # The tensors of every exported denoiser graph D(x, sigma, class_labels) -> denoised.

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from ..core.errors import InputError
 from .seeds import check_seeds
 
 

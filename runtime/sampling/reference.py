@@ -1,4 +1,4 @@
-"""The EDM paper's reference samplers, bit for bit, around any denoiser of the contract (`contract.py`).
+"""The EDM paper's reference samplers, bit for bit, around any denoiser of the contract (`core/contract.py`).
 
 `edm_sampler` is Algorithm 2 (Heun, churn, the last step Euler); `ablation_sampler` the
 generalised sampler of section 3 (Euler or Heun or any alpha, any discretization, sigma(t) and
@@ -14,12 +14,12 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import schedules as sch
+from ..core import schedules as sch
+from ..core.contract import check_batch, check_denoiser
+from ..core.errors import InputError
+from ..core.xp import from_host, to_float64
 from . import solvers as slv
-from .contract import check_batch, check_denoiser
-from .errors import InputError
 from .solvers import StepInfo
-from .xp import from_host, to_float64
 
 SOLVERS = ("heun", "euler")
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from ..core.errors import InputError
 from .solvers import CONSISTENCY_MID_SIGMA
 
 # Candidate points below sigma_max: ECT's 0.821 and a log-spaced spread around it.
@@ -72,7 +72,7 @@ def choose_consistency_points(
     caller's business). A class-conditional model asks for class seed mod label_dim, so every
     class is sampled alike.
     """
-    from .fid_stats import FeatureStats, frechet_distance
+    from ..fid.fid_stats import FeatureStats, frechet_distance
     from .generate import generate
 
     start = time.perf_counter()

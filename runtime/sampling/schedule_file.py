@@ -15,10 +15,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import InputError
-from .fileio import atomic_write_bytes
-from .jsonio import MAX_SCHEDULE_BYTES, has_format, read_json_file
-from .schedules import MAX_STEPS, check_sigma_list
+from ..core.errors import InputError
+from ..core.fileio import atomic_write_bytes
+from ..core.jsonio import MAX_SCHEDULE_BYTES, has_format, read_json_file
+from ..core.schedules import MAX_STEPS, check_sigma_list
 
 SCHEDULE_FORMAT = "edm-deploy-schedule"
 

@@ -18,13 +18,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from . import schedules as sch
+from ..core import schedules as sch
+from ..core.contract import as_denoiser
+from ..core.errors import InputError, NumericalError, check_int
+from ..core.xp import all_finite_rows, to_float64, to_host
 from . import solvers as slv
-from .contract import as_denoiser
-from .errors import InputError, NumericalError, check_int
 from .noise import StackedRandomGenerator, draw_latents_and_labels
 from .planner import sampling_sigmas
-from .xp import all_finite_rows, to_float64, to_host
 
 # The widest range of step weights coeff^k a path's cost may span (in decades): far beyond it, the
 # weighted sum overflows a float (or all but one step's cost vanish under it).

@@ -49,9 +49,9 @@ from typing import Any, Callable, Generator, Mapping, Optional, Protocol
 
 import numpy as np
 
-from .errors import check_int, param_error
-from .schedules import MAX_STEPS, check_sigma_list, symmetric_linspace, vp_betas_for_range
-from .xp import from_host, to_float64
+from ..core.errors import check_int, param_error
+from ..core.schedules import MAX_STEPS, check_sigma_list, symmetric_linspace, vp_betas_for_range
+from ..core.xp import from_host, to_float64
 
 # A step program: yields (x, sigma), receives D(x; sigma) as float64, returns the final x.
 Program = Generator[tuple[Any, float], Any, Any]

@@ -20,9 +20,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .contract import DelegatingDenoiser
-from .errors import InputError, check_int
-from .xp import concatenate, library_of
+from ..core.contract import DelegatingDenoiser
+from ..core.errors import InputError, check_int
+from ..core.xp import concatenate, library_of
 
 
 def pad_rows(a: Any, rows: int) -> Any:

@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import BackendUnavailableError, InputError, first_line
+from ..core.errors import BackendUnavailableError, InputError, first_line
 from .fid_stats import FEATURE_DIM
 
 DEFAULT_DETECTOR_URL = (
@@ -181,7 +181,7 @@ def load_detector(
 
     URLs are downloaded once into the edm-deploy cache, checked against `sha256` when given.
     """
-    from .download import fetch, is_url
+    from ..core.download import fetch, is_url
 
     source = path_or_url or os.environ.get(DETECTOR_ENV) or DEFAULT_DETECTOR_URL
     lower = source.lower().split("?")[0]

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError, check_int
+from ..core.errors import InputError, check_int
 
 SEED_LIMIT = 1 << 32  # seeds lie in [0, 2^32): the reference seeds its streams with seed mod 2^32, so a larger
                      # seed would repeat a smaller one's noise

@@ -1,6 +1,6 @@
 """Reading images and ZIP archives someone else made: every read bounded before it happens.
 
-Datasets (`training.dataset`) and FID image sources (`runtime.fid_images`) read image files from
+Datasets (`training.dataset`) and FID image sources (`runtime.fid.fid_images`) read image files from
 folders and ZIP archives a user hands over. A 14 MB ZIP whose one entry inflates to 3 GB, or a
 100 KB PNG whose header promises 100 M pixels, would otherwise be read or decoded whole before
 anything looked at it. The rules, in one place:

@@ -41,7 +41,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import InputError
+from ..core.errors import InputError
+from ..core.fileio import refuse_overwriting_inputs, write_target
 from .fid_detector import (
     DEFAULT_DETECTOR_URL,
     FEATURE_DIM,
@@ -59,7 +60,6 @@ from .fid_stats import (
     save_ref,
     trace_sqrt_product,
 )
-from .fileio import refuse_overwriting_inputs, write_target
 
 DEFAULT_NUM = 50000
 DEFAULT_BATCH = 64

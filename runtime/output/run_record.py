@@ -16,15 +16,15 @@ import json
 import os
 from typing import Callable, Iterator, Optional
 
-from .errors import InputError
-from .fileio import (
+from ..core.errors import InputError
+from ..core.fileio import (
     atomic_write_bytes,
     exclusive_lock,
     is_locked,
     lock_path_for,
     remove_stale_temps,
 )
-from .jsonio import MAX_RECORD_BYTES, read_json_file
+from ..core.jsonio import MAX_RECORD_BYTES, read_json_file
 
 RUN_RECORD = ".edm-deploy-sample.json"
 # The ranks of one torchrun run check the record one after another under the folder lock; they

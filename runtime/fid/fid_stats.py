@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import InputError
+from ..core.errors import InputError
 
 FEATURE_DIM = 2048
 
@@ -146,7 +146,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def save_ref(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Write reference statistics in the reference format (npz with `mu` and `sigma`), atomically."""
-    from .fileio import atomic_write_bytes
+    from ..core.fileio import atomic_write_bytes
 
     buf = io.BytesIO()
     np.savez(buf, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
@@ -155,7 +155,7 @@ def save_ref(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
 
 def load_ref(path_or_url: str, sha256: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
     """Read `mu`, `sigma` from a reference `.npz` (local path or URL, e.g. the official fid-refs)."""
-    from .download import fetch
+    from ..core.download import fetch
 
     path = fetch(path_or_url, sha256=sha256)
     if os.path.isdir(path) or not zipfile.is_zipfile(path):

@@ -13,13 +13,13 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .contract import as_denoiser
-from .errors import NumericalError
+from ..core.contract import as_denoiser
+from ..core.errors import NumericalError
+from ..core.xp import all_finite_rows, to_host
 from .noise import StackedRandomGenerator, check_class, draw_latents_and_labels
 from .planner import SamplingPlan, plan_sampling
 from .seeds import check_batch_size, check_seeds
 from .settings import SamplerSettings
-from .xp import all_finite_rows, to_host
 
 
 def quantize_uint8(x: Any) -> np.ndarray:

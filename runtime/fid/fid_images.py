@@ -28,15 +28,15 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from .archives import (
+from ..core.archives import (
     MAX_IMAGE_FILE_BYTES,
     ZIP_ERRORS,
     check_zip_sizes,
     open_image,
     read_bounded,
 )
-from .errors import InputError, first_line
-from .fileio import check_regular_file
+from ..core.errors import InputError, first_line
+from ..core.fileio import check_regular_file
 
 _EXTENSIONS: Optional[frozenset] = None
 

@@ -21,9 +21,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .contract import DenoiserBase
-from .errors import InputError
-from .rounding import identity_round
+from ..core.contract import DenoiserBase
+from ..core.errors import InputError
+from ..core.rounding import identity_round
 
 
 class _AnalyticBase(DenoiserBase):

@@ -1,6 +1,6 @@
 """Output writers for sampled images: a PNG tree, one `.npz`, or a grid image.
 
-Every file appears atomically (temporary name + rename; see `runtime.fileio`), so a killed run
+Every file appears atomically (temporary name + rename; see `runtime.core.fileio`), so a killed run
 never leaves a truncated image under a final name. A rerun with the same settings skips what is
 complete, and checks what it counts as complete: a PNG must be a regular file that decodes to an
 image of the model's shape, an npz part must load with the right shapes; anything damaged is
@@ -11,7 +11,7 @@ stages batches as small part files and assembles the final archive by streaming.
 Each format is declared once in `OUTPUT_KINDS` (its `sample` flag, its checks, how it is
 opened, its bytes for one batch); every writer follows the `ImageWriter` protocol. Outputs are
 given as ``{kind: path}``; `open_output` is the one entry point for files: it takes the
-output's locks and checks the run record (`runtime.run_record`), and returns the writer;
+output's locks and checks the run record (`runtime.output.run_record`), and returns the writer;
 `encode_output` gives one batch as bytes (what a server answers). A new format is a writer
 class and one `OutputKind` entry.
 """
@@ -32,18 +32,18 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequenc
 
 import numpy as np
 
-from . import run_record
-from .errors import InputError
-from .fileio import (
+from ..core.errors import InputError
+from ..core.fileio import (
     atomic_path,
     atomic_write_bytes,
     exclusive_output,
     refuse_foreign_file,
     write_target,
 )
-from .jsonio import MAX_RECORD_BYTES, loads_bounded
+from ..core.jsonio import MAX_RECORD_BYTES, loads_bounded
+from ..core.version import __version__
+from . import run_record
 from .run_record import RUN_RECORD  # noqa: F401  (the record's name, as callers know it)
-from .version import __version__
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # grid suffix -> PIL format
 # A grid names its maker in its EXIF Software tag (PNG, JPEG and WebP all carry EXIF), which is how

@@ -14,14 +14,14 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import schedules as sch
+from ..core import schedules as sch
+from ..core.contract import check_batch, check_denoiser
+from ..core.errors import InputError, param_error
+from ..core.manifest import schedule_key
+from ..core.xp import to_float64
 from . import solvers as slv
-from .contract import check_batch, check_denoiser
-from .errors import InputError, param_error
-from .manifest import schedule_key
-from .sampling import ablation_program, ablation_setup, clamped_range
+from .reference import ablation_program, ablation_setup, clamped_range
 from .settings import SamplerSettings
-from .xp import to_float64
 
 
 @dataclass

@@ -24,9 +24,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .contract import DelegatingDenoiser, as_denoiser
-from .errors import InputError, check_number, shown
-from .xp import concatenate, to_float64, where_rows
+from ..core.contract import DelegatingDenoiser, as_denoiser
+from ..core.errors import InputError, check_number, shown
+from ..core.xp import concatenate, to_float64, where_rows
 
 # The largest guidance weight |W|: D_g + W (D - D_g) far beyond it only amplifies float error into Inf.
 MAX_GUIDANCE = 100.0

@@ -22,11 +22,11 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from . import schedules as sch
+from ..core import schedules as sch
+from ..core.errors import InputError, check_int, check_number, shown
+from ..core.schedules import MAX_STEPS, SCHEDULE_PARAM_NAMES
 from . import solvers as slv
-from .errors import InputError, check_int, check_number, shown
-from .sampling import SOLVERS as REFERENCE_SOLVERS
-from .schedules import MAX_STEPS, SCHEDULE_PARAM_NAMES
+from .reference import SOLVERS as REFERENCE_SOLVERS
 
 # Largest finite float32: what the network sees of sigma (and of a guided mix).
 FLOAT32_MAX = float(np.finfo(np.float32).max)
