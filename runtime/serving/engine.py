@@ -484,27 +484,33 @@ class Engine:
                     self.stats.images_done += len(request.spec.seeds)
 
     def _settle(self, request: RequestState, outcome: Any, status: str) -> bool:
-        """Resolve a request's future once (it may have been cancelled meanwhile)."""
+        """Resolve a request's future once (it may have been cancelled meanwhile).
+
+        The request is counted before its future resolves, so a client that reads the statistics
+        (or /metrics) after its answer always finds its own request in them."""
         if request.settled:
             return False
         request.settled = True
-        try:
-            if isinstance(outcome, BaseException):
-                request.future.set_exception(outcome)
-            else:
-                request.future.set_result(outcome)
-        except InvalidStateError:  # cancelled by its client a moment ago: that is its outcome
-            request.cancelled = True
-            self._deadlines.discard(request)
-            self.stats.requests_cancelled += 1
+        observed = False
+        if not request.future.done():
+            counter = "requests_done" if status == "ok" else "requests_failed"
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+            self.observer.request_done(status, len(request.spec.seeds), outcome if status == "ok" else None)
+            try:
+                if isinstance(outcome, BaseException):
+                    request.future.set_exception(outcome)
+                else:
+                    request.future.set_result(outcome)
+                return True
+            except InvalidStateError:  # cancelled between the check and now: the engine's own count follows
+                setattr(self.stats, counter, getattr(self.stats, counter) - 1)
+                observed = True
+        request.cancelled = True  # cancelled by its client a moment ago: that is its outcome
+        self._deadlines.discard(request)
+        self.stats.requests_cancelled += 1
+        if not observed:
             self.observer.request_done("cancelled", len(request.spec.seeds), None)
-            return False
-        if status == "ok":
-            self.stats.requests_done += 1
-        else:
-            self.stats.requests_failed += 1
-        self.observer.request_done(status, len(request.spec.seeds), outcome if status == "ok" else None)
-        return True
+        return False
 
 
 def _seconds(value: Any, name: str) -> Optional[float]:
