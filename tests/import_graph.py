@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import os
 import sys
+from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # folder -> import prefix, bottom layer first
@@ -82,15 +83,17 @@ def graph() -> dict[str, list[str]]:
 def violations() -> list[str]:
     """Imports that go up a layer (runtime < training < export < app; inside the runtime,
     core < fid, output, backends < sampling < serving)."""
-    bad = []
-    for module, deps in graph().items():
-        for dep in deps:
-            if layer_of(dep) > layer_of(module):
-                bad.append(f"{module} imports {dep}")
-            here, there = runtime_package_of(module), runtime_package_of(dep)
-            if here and there and here[0] != there[0] and there[1] >= here[1]:
-                bad.append(f"{module} imports {dep} (runtime/{here[0]} may not import runtime/{there[0]})")
-    return bad
+    return [why for module, deps in graph().items() for dep in deps if (why := upward(module, dep))]
+
+
+def upward(module: str, dep: str) -> Optional[str]:
+    """Why `module` may not import `dep`, or None when it may."""
+    if layer_of(dep) > layer_of(module):
+        return f"{module} imports {dep}"
+    here, there = runtime_package_of(module), runtime_package_of(dep)
+    if here and there and here[0] != there[0] and there[1] >= here[1]:
+        return f"{module} imports {dep} (runtime/{here[0]} may not import runtime/{there[0]})"
+    return None
 
 
 def render() -> str:

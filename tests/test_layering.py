@@ -29,11 +29,14 @@ def test_the_checker_sees_lazy_imports_and_would_catch_an_upward_one(tmp_path):
 
 
 def test_inside_the_runtime_core_may_not_import_sampling_but_serving_may():
-    assert import_graph.runtime_package_of("edm_deploy.runtime.core.manifest") == ("core", 0)
-    assert import_graph.runtime_package_of("edm_deploy.runtime") is None
-    assert import_graph.runtime_package_of("edm_deploy.training.loss") is None
-    core, sampling, serving = (import_graph.RUNTIME_PACKAGES[p] for p in ("core", "sampling", "serving"))
-    assert core < sampling < serving
+    up = import_graph.upward
+    assert up("edm_deploy.runtime.core.manifest", "edm_deploy.runtime.sampling.schedule_file")
+    assert up("edm_deploy.runtime.fid.fid", "edm_deploy.runtime.output.writers")  # siblings: neither above
+    assert up("edm_deploy.runtime.sampling.planner", "edm_deploy.runtime.serving.engine")
+    assert up("edm_deploy.runtime.serving.engine", "edm_deploy.runtime.sampling.planner") is None
+    assert up("edm_deploy.runtime.sampling.planner", "edm_deploy.runtime.sampling.solvers") is None
+    assert up("edm_deploy.training.loss", "edm_deploy.runtime.core.errors") is None
+    assert up("edm_deploy.runtime", "edm_deploy.runtime.sampling.reference") is None  # the package's face
 
 
 SAMPLING_MODULES = {f"edm_deploy.runtime.sampling.{m}" for m in ("generate", "planner", "sampling", "settings",
