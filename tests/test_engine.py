@@ -187,6 +187,16 @@ def test_admission_is_fifo_and_a_long_request_is_not_starved():
     assert starts == sorted(starts) and all(r.admitted_at > done_long.admitted_at for r in shorts)
 
 
+def test_a_request_is_counted_before_its_answer_reaches_the_client():
+    """What a client sees the moment its future resolves already includes its own request."""
+    with Engine(conditional(), max_batch=8) as engine:
+        seen = []
+        ok = engine.submit([0], None, {"solver": "euler", "num_steps": 3})
+        ok.add_done_callback(lambda f: seen.append((engine.stats.requests_done, engine.stats.images_done)))
+        ok.result(timeout=30)
+    assert seen == [(1, 1)]
+
+
 def test_a_failing_request_does_not_take_the_others_down():
     den = conditional(poison_sigma=1.5)
     with Engine(den, max_batch=8) as engine:

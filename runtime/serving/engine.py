@@ -480,8 +480,7 @@ class Engine:
                 result = GenerationResult(np.stack(request.images), list(request.spec.seeds), labels, request.plan.solver,
                                           request.plan.nfe, request.admitted - request.submitted, now - request.admitted,
                                           now - request.submitted, request.admitted, tuple(request.plan.warnings))
-                if self._settle(request, result, "ok"):
-                    self.stats.images_done += len(request.spec.seeds)
+                self._settle(request, result, "ok")
 
     def _settle(self, request: RequestState, outcome: Any, status: str) -> bool:
         """Resolve a request's future once (it may have been cancelled meanwhile).
@@ -494,7 +493,9 @@ class Engine:
         observed = False
         if not request.future.done():
             counter = "requests_done" if status == "ok" else "requests_failed"
+            images = len(request.spec.seeds) if status == "ok" else 0
             setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+            self.stats.images_done += images
             self.observer.request_done(status, len(request.spec.seeds), outcome if status == "ok" else None)
             try:
                 if isinstance(outcome, BaseException):
@@ -504,6 +505,7 @@ class Engine:
                 return True
             except InvalidStateError:  # cancelled between the check and now: the engine's own count follows
                 setattr(self.stats, counter, getattr(self.stats, counter) - 1)
+                self.stats.images_done -= images
                 observed = True
         request.cancelled = True  # cancelled by its client a moment ago: that is its outcome
         self._deadlines.discard(request)
