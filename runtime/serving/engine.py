@@ -492,10 +492,7 @@ class Engine:
         request.settled = True
         observed = False
         if not request.future.done():
-            counter = "requests_done" if status == "ok" else "requests_failed"
-            images = len(request.spec.seeds) if status == "ok" else 0
-            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-            self.stats.images_done += images
+            self._count_settled(request, status, +1)
             self.observer.request_done(status, len(request.spec.seeds), outcome if status == "ok" else None)
             try:
                 if isinstance(outcome, BaseException):
@@ -504,8 +501,7 @@ class Engine:
                     request.future.set_result(outcome)
                 return True
             except InvalidStateError:  # cancelled between the check and now: the engine's own count follows
-                setattr(self.stats, counter, getattr(self.stats, counter) - 1)
-                self.stats.images_done -= images
+                self._count_settled(request, status, -1)
                 observed = True
         request.cancelled = True  # cancelled by its client a moment ago: that is its outcome
         self._deadlines.discard(request)
@@ -513,6 +509,14 @@ class Engine:
         if not observed:
             self.observer.request_done("cancelled", len(request.spec.seeds), None)
         return False
+
+    def _count_settled(self, request: RequestState, status: str, sign: int) -> None:
+        """Add (sign +1) or take back (-1) a settled request in the engine's own counters."""
+        if status == "ok":
+            self.stats.requests_done += sign
+            self.stats.images_done += sign * len(request.spec.seeds)
+        else:
+            self.stats.requests_failed += sign
 
 
 def _seconds(value: Any, name: str) -> Optional[float]:
