@@ -10,8 +10,9 @@ row on a grid, by the same distance on held-out seeds (500, disjoint from the sc
 ECT's CIFAR-10 mid point 0.821 is on the grid. The best settings are then tuned for longer and
 scored with Inception FID-10k by benchmarks/fashion.py (--tuned).
 
-The tuning cost is (tuned kimg x seconds per ECT step) / (teacher kimg x seconds per EDM step),
-the two step times measured side by side in this process on the same network and batch.
+The tuning cost is (tuned kimg x seconds per ECT image) / (teacher kimg x seconds per EDM image),
+the two step times measured side by side in this process on the same network, the EDM step at the
+teacher's batch and the ECT step at the row's (a smaller batch costs more per image on most devices).
 
 The base (ECT's published CIFAR-10 run, scaled to a short tuning): RAdam at lr 1e-4, batch 128,
 dropout 0.2 (the target under the same dropout mask), the gap halving (q = 2) four times over the
@@ -46,6 +47,7 @@ ROWS: dict[str, tuple[str, dict]] = {
     "huber": ("pseudo-Huber c = 0.017 (ECT's 0.00054 sqrt(d), d = 1024)", {"ect_c": 0.017}),
     "lr2e-4": ("lr 2e-4", {"lr": 2e-4}),
     "lr1e-3": ("lr 1e-3 (the teacher's own: a short tuning takes few steps)", {"lr": 1e-3}),
+    "batch32": ("batch 32 (4x the steps for the same images: a short tuning is step-limited)", {"batch": 32}),
 }
 
 
@@ -99,8 +101,10 @@ def score_tuned(onnx: str, scorer: fashion.Scorer, nfes=(1, 2, 3)) -> dict[str, 
     return out
 
 
-def step_cost_ratio(teacher: str, batch: int = 128, repeats: int = 3, steps: int = 3) -> dict[str, Any]:
-    """Seconds per ECT step / seconds per EDM step on the teacher's network, interleaved in one process."""
+def step_cost_ratio(teacher: str, batch: int = 128, ect_batch: int | None = None, repeats: int = 3,
+                    steps: int = 3) -> dict[str, Any]:
+    """Seconds per ECT image / seconds per EDM image on the teacher's network, interleaved in one process: the
+    EDM step at the teacher's `batch`, the ECT step at `ect_batch` (default the same)."""
     import torch
 
     from edm_deploy.training.checkpoint import build_network, load_checkpoint
@@ -110,10 +114,11 @@ def step_cost_ratio(teacher: str, batch: int = 128, repeats: int = 3, steps: int
 
     ckpt = load_checkpoint(teacher)
     images, labels = load_fashion_mnist("train")
-    x = torch.from_numpy(images[:batch]).float() / 127.5 - 1
-    y = torch.eye(10)[torch.from_numpy(labels[:batch])]
+    ect_batch = ect_batch or batch
 
-    def stepper(loss_fn, dropout: float):
+    def stepper(loss_fn, dropout: float, rows: int):
+        x = torch.from_numpy(images[:rows]).float() / 127.5 - 1
+        y = torch.eye(10)[torch.from_numpy(labels[:rows])]
         network = dict(ckpt["network"], init_kwargs=dict(ckpt["network"]["init_kwargs"], dropout=dropout))
         net = build_network(network).train()
         opt = torch.optim.Adam(net.parameters(), lr=1e-5)
@@ -121,25 +126,26 @@ def step_cost_ratio(teacher: str, batch: int = 128, repeats: int = 3, steps: int
         def run():
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
-                loss_fn(net, x, y).sum().div(batch).backward()
+                loss_fn(net, x, y).sum().div(rows).backward()
                 opt.step()
         return run
 
-    edm, ect = stepper(EDMLoss(), 0.0), stepper(ECTLoss(stage_kimg=1e9), 0.2)
+    edm, ect = stepper(EDMLoss(), 0.0, batch), stepper(ECTLoss(stage_kimg=1e9), 0.2, ect_batch)
     times: dict[str, list] = {"edm": [], "ect": []}
     for _ in range(repeats):
         times["edm"].append(measure(edm, repeats=1, warmup=0)["median_s"] / steps)
         times["ect"].append(measure(ect, repeats=1, warmup=0)["median_s"] / steps)
     edm_s, ect_s = float(np.median(times["edm"])), float(np.median(times["ect"]))
-    return {"edm_step_s": edm_s, "ect_step_s": ect_s, "ratio": ect_s / edm_s}
+    return {"edm_step_s": edm_s, "ect_step_s": ect_s, "edm_batch": batch, "ect_batch": ect_batch,
+            "ratio": (ect_s / ect_batch) / (edm_s / batch)}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kimg", type=float, default=30.0, help="tuning length of every ablation row [30]")
     p.add_argument("--rows", default=",".join(ROWS), help="rows to run, comma-separated")
-    p.add_argument("--combine", default=None,
-                   help="a further row: rows whose changes are combined (e.g. dropout0,huber)")
+    p.add_argument("--combine", action="append", default=[],
+                   help="a further row: rows whose changes are combined (e.g. dropout0,huber); may be repeated")
     p.add_argument("--final", default=None, metavar="ROWS@KIMG",
                    help="the chosen settings (rows joined by +, e.g. dropout0+lr1e-3@60) tuned for longer, "
                         "shown below the rows")
@@ -153,6 +159,7 @@ def main(argv=None) -> dict:
     from edm_deploy.loading import load
     from edm_deploy.training.checkpoint import load_checkpoint
     from edm_deploy.training.dataset import load_fashion_mnist
+    from edm_deploy.training.presets import preset
 
     train_x, _ = load_fashion_mnist("train")
     scorer = fashion.Scorer(clf, clf.stats(train_x), None, None, 500)
@@ -162,10 +169,17 @@ def main(argv=None) -> dict:
     with load(fashion.export(teacher, cache, "fp32", "teacher"), device="cpu") as den:
         ref = results.get_or_compute(f"clf:{sha}:heun@35:n{SCORE_IMAGES}", lambda: scorer(
             den, fashion.plan_for(den, {"solver": "heun", "nfe": 35}), SCORE_IMAGES, inception=False))
-    cost = results.get_or_compute(f"step-cost:{sha}", lambda: step_cost_ratio(teacher))
+    teacher_batch = int(preset(fashion.PRESET)["batch"])
+
+    def cost_at(batch: int) -> dict[str, Any]:
+        """The ECT/EDM cost per image with the ECT step at `batch` (the first key: the teacher's batch)."""
+        key = f"step-cost:{sha}" + ("" if batch == teacher_batch else f":b{batch}")
+        return results.get_or_compute(key, lambda: step_cost_ratio(teacher, teacher_batch, batch))
+
+    cost = cost_at(teacher_batch)
     rows = {name: ROWS[name] for name in args.rows.split(",") if name}
-    if args.combine:
-        rows[args.combine.replace(",", "+")] = combined(args.combine.split(","))
+    for names in args.combine:
+        rows[names.replace(",", "+")] = combined(names.split(","))
 
     def run_row(name: str, what: str, changes: dict, kimg: float) -> dict[str, Any]:
         overrides = {**base_options(kimg), **changes}
@@ -179,8 +193,9 @@ def main(argv=None) -> dict:
             return {"checkpoint": ckpt, "tune_s_this_run": tune_s, "overrides": overrides,
                     "scores": score_tuned(onnx, scorer)}
 
+        row_cost = cost_at(int(overrides.get("batch", teacher_batch)))
         row = dict(results.get_or_compute(f"ect:{sha}:{name}:{kimg:g}kimg", compute), what=what, kimg=kimg,
-                   cost_fraction=kimg * cost["ratio"] / teacher_kimg)
+                   cost_fraction=kimg * row_cost["ratio"] / teacher_kimg)
         s = row["scores"]
         echo(f"  {name:12s} {kimg:g} kimg " + "  ".join(
             f"NFE {n}: FD {s[n]['classifier_fd']:.2f} ({s[n]['classifier_fd'] / ref['classifier_fd']:.2f}x) "
@@ -208,7 +223,7 @@ def cells(rows: dict[str, Any], ref: dict[str, Any]) -> list[list[str]]:
     out = []
     for name, row in rows.items():
         s = row["scores"]
-        out.append([name, row["what"]] + [
+        out.append([name, row["what"], f"{row['cost_fraction']:.2f}x"] + [
             f"{s[n]['classifier_fd'] / ref['classifier_fd']:.2f}x ({s[n]['accuracy']:.0%})" for n in ("1", "2", "3")
         ] + [", ".join(f"{v:g}" for v in s[n]["sigmas"]) for n in ("2", "3")])
     return out
@@ -216,7 +231,7 @@ def cells(rows: dict[str, Any], ref: dict[str, Any]) -> list[list[str]]:
 
 def markdown(out: dict[str, Any]) -> str:
     ref = out["reference"]
-    head = ["row", "changed from the base", "NFE 1", "NFE 2", "NFE 3", "NFE 2 points", "NFE 3 points"]
+    head = ["row", "changed from the base", "cost", "NFE 1", "NFE 2", "NFE 3", "NFE 2 points", "NFE 3 points"]
     rows = cells(out["rows"], ref)
     final = []
     for name, row in out.get("final", {}).items():
@@ -225,8 +240,9 @@ def markdown(out: dict[str, Any]) -> str:
     return "\n".join([
         BEGIN, "## Consistency tuning settings on Fashion-MNIST (`benchmarks/consistency_fashion.py`)", "",
         f"Every row tunes the `fashion-mnist` teacher ({out['teacher_kimg']:g} kimg) for {out['kimg']:g} kimg, "
-        f"{out['cost_fraction']:.2f}x the teacher's training cost (an ECT step costs "
-        f"{out['step_cost']['ratio']:.2f}x an EDM step, measured side by side). Cells: classifier FD / the "
+        f"{out['cost_fraction']:.2f}x the teacher's training cost at its batch (an ECT step costs "
+        f"{out['step_cost']['ratio']:.2f}x an EDM step, measured side by side; the cost column is per row, "
+        f"a row with another batch measured at its own). Cells: classifier FD / the "
         f"teacher's Heun-35 ({ref['classifier_fd']:.2f}, accuracy {ref['accuracy']:.1%}) on the same "
         f"{SCORE_IMAGES} seeds, and the classifier's accuracy (Inception FID for the chosen model only, in the "
         f"real-images table: on every row it would cost more than this CPU had).", "", "```", table(rows, head), "```", *final, END]) + "\n"
