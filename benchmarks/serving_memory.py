@@ -18,7 +18,14 @@ allocator's settings are read at process start:
 * ``trace``: the default with `tracemalloc` on (Python-level growth by source line);
 * ``cycle``: the reference graph the engine had before this benchmark found it, rebuilt around
   today's engine (each request's future held a callback that held the request, which held the
-  future: every finished request, its images included, waited for the cyclic collector).
+  future: every finished request, its images included, waited for the cyclic collector);
+* ``mem-pattern``: onnxruntime's memory patterns on, as the CPU backend had them before this
+  benchmark found them to be the soak's rise (one allocation plan per batch shape, held from that
+  shape's second run on; runtime/backends/onnxrt.py says why they are off now).
+
+``--sweep`` shows that cause without a soak: each of passes 1-3 runs every batch size 1..N once
+(shuffled) through the bare onnxruntime backend, memory patterns on and off, each in a fresh
+process, and RSS is read after every pass.
 
 ``--model analytic`` runs the same soak on an exact NumPy denoiser of CIFAR-sized images
 (3x32x32), whose calls cost little, so many more requests pass through the engine in the same
@@ -43,6 +50,8 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
+
 from benchmarks.common import RESULTS_DIR, replace_section, save
 from benchmarks.serving import arrivals, drive, offline_throughput, rss_mb
 
@@ -53,7 +62,9 @@ VARIANTS = {
     "arenas-2": {"MALLOC_ARENA_MAX": "2"},
     "trace": {},
     "cycle": {},
+    "mem-pattern": {},
 }
+SWEEP_PASSES = 3
 
 
 class _MallInfo2(ctypes.Structure):
@@ -131,17 +142,44 @@ def rebuild_cycle() -> None:
     serving_engine.RequestState = CyclicRequestState
 
 
-def child(args) -> None:
-    """One variant in this process: load the model, measure the offline rate, soak, print JSON."""
+def open_model(model: str, variant: str):
+    """The soak's denoiser: the exact analytic one, or the ONNX file as `serve` opens it (patterns on for `mem-pattern`)."""
     import contextlib
 
     from edm_deploy.loading import load
+    from edm_deploy.runtime.backends.onnxrt import OnnxRuntimeDenoiser
     from edm_deploy.runtime.sampling.analytic import GaussianDenoiser
 
+    if model == "analytic":
+        return contextlib.nullcontext(GaussianDenoiser(3, 32))
+    if variant in ("mem-pattern", "sweep-on"):
+        return OnnxRuntimeDenoiser(model, device="cpu", memory_pattern=True)
+    return load(model)
+
+
+def sweep(den, batch: int) -> dict[str, Any]:
+    """RSS (MB) after each of SWEEP_PASSES passes over every batch size 1..`batch`, in a shuffled order."""
+    rng = np.random.default_rng(0)
+    label_dim, shape = int(den.label_dim), (den.img_channels, den.img_resolution, den.img_resolution)
+    out = {"start": rss_mb(), "passes": []}
+    for _ in range(SWEEP_PASSES):
+        for rows in rng.permutation(np.arange(1, batch + 1)):
+            x = rng.standard_normal((int(rows), *shape)).astype(np.float32)
+            labels = np.eye(label_dim, dtype=np.float32)[np.zeros(int(rows), int)] if label_dim else None
+            den(x, np.full(int(rows), 1.0, np.float32), labels)
+        out["passes"].append(rss_mb())
+    return out
+
+
+def child(args) -> None:
+    """One variant in this process: load the model, measure the offline rate, soak, print JSON."""
     if args.variant == "cycle":
         rebuild_cycle()
-    model = contextlib.nullcontext(GaussianDenoiser(3, 32)) if args.model == "analytic" else load(args.model)
-    with model as den:
+    if args.variant.startswith("sweep-"):
+        with open_model(args.model, args.variant) as den:
+            print("RESULT " + json.dumps(sweep(den, args.batch), default=float))
+        return
+    with open_model(args.model, args.variant) as den:
         base = offline_throughput(den, args.batch, int(den.label_dim), repeats=2)["mix_img_per_s"]
         result = profile_soak(den, args.batch, 0.9 * base, args.seconds, args.every, args.variant == "trace")
     result["offline_mix_img_per_s"] = base
@@ -149,7 +187,7 @@ def child(args) -> None:
 
 
 def run_variant(name: str, model: str, batch: int, seconds: float, every: float) -> dict[str, Any]:
-    env = dict(os.environ, **VARIANTS[name])
+    env = dict(os.environ, **VARIANTS.get(name, {}))
     cmd = [sys.executable, "-m", "benchmarks.serving_memory", "--child", "--variant", name, "--model", model,
            "--batch", str(batch), "--seconds", str(seconds), "--every", str(every)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
@@ -180,6 +218,11 @@ def markdown(runs: dict[str, dict], cpu: dict, batch: int) -> str:
              "after the first quarter.", ""]
     for model, run in runs.items():
         lines += [f"**{model}** ({run['seconds']:g} s per variant, {run['date']}):", ""] + _table(run["rows"]) + [""]
+        if run.get("sweep"):
+            lines += [f"Shape sweep ({model}, `--sweep`): RSS in MB after loading, then after each pass over every "
+                      f"batch size 1..{batch} (shuffled), each setting in a fresh process:", ""] + [
+                f"- memory patterns {on}: {r['start']:.0f} -> " + " -> ".join(f"{v:.0f}" for v in r["passes"])
+                for on, r in run["sweep"].items()] + [""]
     lines += [END, ""]
     return "\n".join(lines)
 
@@ -216,6 +259,9 @@ def main(argv=None) -> list:
     parser.add_argument("--every", type=float, default=5.0)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--models", default="digits,analytic", help="comma-separated: digits (ONNX), analytic")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also the shape sweep (ONNX models): RSS after each pass over batch sizes 1..--batch, "
+                             "memory patterns on and off")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="default", help=argparse.SUPPRESS)
@@ -234,6 +280,11 @@ def main(argv=None) -> list:
             model = digits_model(tmp, args.batch, args.ckpt, print) if which == "digits" else "analytic"
             rows: list[dict] = []
             runs[which] = {"seconds": args.seconds, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+            if args.sweep and which != "analytic":
+                runs[which]["sweep"] = {on: run_variant(f"sweep-{on}", model, args.batch, 0, 0) for on in ("on", "off")}
+                print(f"{which} sweep over batch sizes 1..{args.batch}: " + "; ".join(
+                    f"patterns {on}: RSS {r['start']:.0f} -> " + " -> ".join(f"{v:.0f}" for v in r["passes"]) + " MB"
+                    for on, r in runs[which]["sweep"].items()), flush=True)
             for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
                 r = summary(name, run_variant(name, model, args.batch, args.seconds, args.every))
                 rows.append(r)

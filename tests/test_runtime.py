@@ -266,3 +266,19 @@ def test_empty_or_invalid_shards(oracle_files, tmp_path, cli_env):
 def test_options_that_do_not_apply_are_refused(oracle_files, tmp_path, cli_env):
     res = run_cli(["sample", oracle_files["uncond"], "-n", "2", "--grid", str(tmp_path / "g.png"), "--compile"], env=cli_env)
     assert res.returncode == 1 and "--compile does not apply" in res.stderr
+
+
+def test_a_cpu_session_keeps_no_memory_plan_per_batch_shape(oracle_files):
+    """A server's batches take every size up to its limit, and a memory pattern is held per size (RSS 170 ->
+    294 MB over batch sizes 1-64 on the Fashion-MNIST network, benchmarks/serving_memory.py --sweep), so the
+    CPU backend runs without them; the images do not change."""
+    from edm_deploy.loading import load
+    from edm_deploy.runtime.backends.onnxrt import OnnxRuntimeDenoiser
+
+    x = np.random.default_rng(1).standard_normal((3, 3, 16, 16))
+    sigma = np.array([0.2, 1.0, 4.0])
+    served = load(oracle_files["rgb"], device="cpu")
+    assert served.session.get_session_options().enable_mem_pattern is False
+    patterned = OnnxRuntimeDenoiser(oracle_files["rgb"], device="cpu", memory_pattern=True)
+    assert patterned.session.get_session_options().enable_mem_pattern is True
+    np.testing.assert_array_equal(served(x, sigma), patterned(x, sigma))

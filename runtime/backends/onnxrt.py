@@ -109,6 +109,17 @@ def provider_list(device: str, manifest: dict, max_batch: int, device_id: int = 
     return [("TensorrtExecutionProvider", trt_opts), cuda, cpu]
 
 
+# Why the CPU session runs without onnxruntime's memory patterns: a pattern is a plan of one
+# session run's allocations, recorded per input shape on its first run and held (with a block of
+# the arena sized to it) from the second run of that shape on. A server's batches take every row
+# count up to its limit, so the process grows by one plan per batch size as each size recurs: on
+# the Fashion-MNIST network, three passes over batch sizes 1-64 held RSS at 170 MB without patterns
+# and 294 MB with them, the rise coming in the second pass (benchmarks/serving_memory.py, the
+# `mem-pattern` variant, and RESULTS.md). Calls cost the same either way on the CPU (ratios
+# 0.99-1.05 over batches 1-64, measured side by side). GPU providers keep onnxruntime's default:
+# not measured there (no GPU here).
+
+
 class OnnxRuntimeDenoiser(DenoiserBackend):
     """An exported denoiser run by onnxruntime."""
 
@@ -121,7 +132,9 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
         threads: Optional[int] = None,
         max_batch: Optional[int] = None,
         device_id: int = 0,
+        memory_pattern: Optional[bool] = None,
     ):
+        """`memory_pattern`: onnxruntime's per-shape memory plan; None = off on the CPU (why: above the class)."""
         ort = import_onnxruntime()
         if not os.path.exists(path):
             raise InputError(f"model not found: {path}")
@@ -135,6 +148,7 @@ class OnnxRuntimeDenoiser(DenoiserBackend):
         options.intra_op_num_threads = int(threads) if threads else usable_cpus()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        options.enable_mem_pattern = resolved != "cpu" if memory_pattern is None else bool(memory_pattern)
 
         def session_for(providers, opts):
             try:
