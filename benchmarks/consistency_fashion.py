@@ -39,15 +39,15 @@ SCORE_IMAGES = 2000  # seeds 0..1999 are scored
 
 # row name -> (what changed, TrainingOptions overrides over the base)
 ROWS: dict[str, tuple[str, dict]] = {
-    "base": ("ECT's CIFAR-10 settings, scaled to the run (see the module doc)", {}),
-    "dropout0": ("dropout 0 (the teacher's own)", {"dropout": 0.0}),
-    "dropout0.4": ("dropout 0.4 (ECT on ImageNet-64 at low resolution)", {"dropout": 0.4}),
-    "q256": ("q 256 from the start, never halving (ECT's 1-hour run)", {"ect_q": 256.0, "ect_stage_kimg": 1e6}),
-    "pmean": ("ln t ~ N(-0.8, 1.6^2) (ECT on ImageNet-64)", {"ect_p_mean": -0.8, "ect_p_std": 1.6}),
-    "huber": ("pseudo-Huber c = 0.017 (ECT's 0.00054 sqrt(d), d = 1024)", {"ect_c": 0.017}),
+    "base": ("ECT's CIFAR-10 settings, scaled to the run", {}),
+    "dropout0": ("dropout 0 (the teacher's)", {"dropout": 0.0}),
+    "dropout0.4": ("dropout 0.4 (ECT, ImageNet-64)", {"dropout": 0.4}),
+    "q256": ("q 256, never halving (ECT's 1-hour run)", {"ect_q": 256.0, "ect_stage_kimg": 1e6}),
+    "pmean": ("ln t ~ N(-0.8, 1.6^2) (ECT, ImageNet-64)", {"ect_p_mean": -0.8, "ect_p_std": 1.6}),
+    "huber": ("pseudo-Huber c 0.017 (ECT's 0.00054 sqrt(d))", {"ect_c": 0.017}),
     "lr2e-4": ("lr 2e-4", {"lr": 2e-4}),
-    "lr1e-3": ("lr 1e-3 (the teacher's own: a short tuning takes few steps)", {"lr": 1e-3}),
-    "batch32": ("batch 32 (4x the steps for the same images: a short tuning is step-limited)", {"batch": 32}),
+    "lr1e-3": ("lr 1e-3 (the teacher's)", {"lr": 1e-3}),
+    "batch32": ("batch 32 (4x the steps per image)", {"batch": 32}),
 }
 
 
@@ -83,6 +83,22 @@ def tune(teacher: str, run_dir: str, overrides: dict[str, Any], echo) -> str:
     echo(f"  tuning {run_dir} for {options.duration_kimg:g} kimg")
     training_loop(options, echo=None, progress=True)
     return ckpt
+
+
+def raw_weights(ckpt: str) -> str:
+    """A copy of `ckpt` whose exported weights are the trained network's own, not its EMA (written once)."""
+    import torch
+
+    from edm_deploy.runtime.core.fileio import atomic_path
+    from edm_deploy.training.checkpoint import load_checkpoint
+
+    out = os.path.join(os.path.dirname(ckpt), "ckpt-raw.pt")
+    if not os.path.exists(out):
+        raw = load_checkpoint(ckpt)
+        raw["ema"], raw["training_state"] = raw["training_state"]["net"], None
+        with atomic_path(out) as tmp:
+            torch.save(raw, tmp)
+    return out
 
 
 def consistency_plan(den, sigmas):
@@ -149,6 +165,8 @@ def main(argv=None) -> dict:
     p.add_argument("--final", default=None, metavar="ROWS@KIMG",
                    help="the chosen settings (rows joined by +, e.g. dropout0+lr1e-3@60) tuned for longer, "
                         "shown below the rows")
+    p.add_argument("--final-raw", action="store_true",
+                   help="also score the --final run's trained weights without their EMA")
     p.add_argument("--ckpt", default=None, help="the teacher [default: benchmarks/fashion.py's cached preset run]")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -181,20 +199,21 @@ def main(argv=None) -> dict:
     for names in args.combine:
         rows[names.replace(",", "+")] = combined(names.split(","))
 
-    def run_row(name: str, what: str, changes: dict, kimg: float) -> dict[str, Any]:
+    def run_row(name: str, what: str, changes: dict, kimg: float, raw: bool = False) -> dict[str, Any]:
         overrides = {**base_options(kimg), **changes}
+        tag = f"{name}-{kimg:g}kimg"
 
         def compute():
-            run_dir = os.path.join(cache, "ect", f"{name}-{kimg:g}kimg")
             start = time.perf_counter()
-            ckpt = tune(teacher, run_dir, overrides, echo)
+            ckpt = tune(teacher, os.path.join(cache, "ect", tag), overrides, echo)
             tune_s = time.perf_counter() - start
-            onnx = fashion.export(ckpt, cache, "fp32", f"ect-{name}-{kimg:g}kimg")
+            onnx = fashion.export(raw_weights(ckpt) if raw else ckpt, cache, "fp32", f"ect-{tag}" + "-raw" * raw)
             return {"checkpoint": ckpt, "tune_s_this_run": tune_s, "overrides": overrides,
                     "scores": score_tuned(onnx, scorer)}
 
         row_cost = cost_at(int(overrides.get("batch", teacher_batch)))
-        row = dict(results.get_or_compute(f"ect:{sha}:{name}:{kimg:g}kimg", compute), what=what, kimg=kimg,
+        key = f"ect:{sha}:{name}:{kimg:g}kimg" + (":raw" if raw else "")
+        row = dict(results.get_or_compute(key, compute), what=what + (", no EMA" if raw else ""), kimg=kimg,
                    cost_fraction=kimg * row_cost["ratio"] / teacher_kimg)
         s = row["scores"]
         echo(f"  {name:12s} {kimg:g} kimg " + "  ".join(
@@ -208,6 +227,8 @@ def main(argv=None) -> dict:
         names, _, kimg = args.final.partition("@")
         what, changes = combined(names.split("+"))
         final[names] = run_row(names, what, changes, float(kimg))
+        if args.final_raw:
+            final[f"{names} (no EMA)"] = run_row(names, what, changes, float(kimg), raw=True)
     out = {"kimg": args.kimg, "teacher": teacher, "teacher_kimg": teacher_kimg, "reference": ref,
            "step_cost": cost, "rows": out_rows, "final": final,
            "cost_fraction": args.kimg * cost["ratio"] / teacher_kimg}
