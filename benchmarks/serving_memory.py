@@ -278,14 +278,18 @@ def main(argv=None) -> list:
     with tempfile.TemporaryDirectory(prefix="edm-serving-memory-") as tmp:
         for which in [m.strip() for m in args.models.split(",") if m.strip()]:
             model = digits_model(tmp, args.batch, args.ckpt, print) if which == "digits" else "analytic"
-            rows: list[dict] = []
-            runs[which] = {"seconds": args.seconds, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+            variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+            # A run of some variants keeps the other variants (and the sweep) of the last run of the same length.
+            earlier = runs.get(which) if (runs.get(which) or {}).get("seconds") == args.seconds else {}
+            rows: list[dict] = [r for r in earlier.get("rows", []) if r["variant"] not in variants]
+            runs[which] = {"seconds": args.seconds, "date": time.strftime("%Y-%m-%d"), "rows": rows,
+                           **({"sweep": earlier["sweep"]} if "sweep" in earlier else {})}
             if args.sweep and which != "analytic":
                 runs[which]["sweep"] = {on: run_variant(f"sweep-{on}", model, args.batch, 0, 0) for on in ("on", "off")}
                 print(f"{which} sweep over batch sizes 1..{args.batch}: " + "; ".join(
                     f"patterns {on}: RSS {r['start']:.0f} -> " + " -> ".join(f"{v:.0f}" for v in r["passes"]) + " MB"
                     for on, r in runs[which]["sweep"].items()), flush=True)
-            for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+            for name in variants:
                 r = summary(name, run_variant(name, model, args.batch, args.seconds, args.every))
                 rows.append(r)
                 print(f"{which} {name}: {r['ok']}/{r['requests']} ok; RSS {r['rss_first']:.0f} -> warm "
