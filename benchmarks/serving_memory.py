@@ -217,10 +217,12 @@ def markdown(runs: dict[str, dict], cpu: dict, batch: int) -> str:
              f"batch limit {batch}, 90 % of the offline rate, each variant a fresh process; warm = the first sample "
              "after the first quarter.", ""]
     for model, run in runs.items():
-        lines += [f"**{model}** ({run['seconds']:g} s per variant, {run['date']}):", ""] + _table(run["rows"]) + [""]
+        label = os.path.basename(model)
+        if run["rows"]:
+            lines += [f"**{label}** ({run['seconds']:g} s per variant, {run['date']}):", ""] + _table(run["rows"]) + [""]
         if run.get("sweep"):
-            lines += [f"Shape sweep ({model}, `--sweep`): RSS in MB after loading, then after each pass over every "
-                      f"batch size 1..{batch} (shuffled), each setting in a fresh process:", ""] + [
+            lines += [f"Shape sweep ({label}, `--sweep`, {run['date']}): RSS in MB after loading, then after each "
+                      f"pass over every batch size 1..{batch} (shuffled), each setting in a fresh process:", ""] + [
                 f"- memory patterns {on}: {r['start']:.0f} -> " + " -> ".join(f"{v:.0f}" for v in r["passes"])
                 for on, r in run["sweep"].items()] + [""]
     lines += [END, ""]
@@ -258,7 +260,7 @@ def main(argv=None) -> list:
     parser.add_argument("--seconds", type=float, default=180.0)
     parser.add_argument("--every", type=float, default=5.0)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--models", default="digits,analytic", help="comma-separated: digits (ONNX), analytic")
+    parser.add_argument("--models", default="digits,analytic", help="comma-separated: digits (ONNX, trained here), analytic, or the path of an exported .onnx")
     parser.add_argument("--sweep", action="store_true",
                         help="also the shape sweep (ONNX models): RSS after each pass over batch sizes 1..--batch, "
                              "memory patterns on and off")
@@ -277,7 +279,7 @@ def main(argv=None) -> list:
     runs = earlier_runs(os.path.join(RESULTS_DIR, "serving_memory.json"), args.batch)
     with tempfile.TemporaryDirectory(prefix="edm-serving-memory-") as tmp:
         for which in [m.strip() for m in args.models.split(",") if m.strip()]:
-            model = digits_model(tmp, args.batch, args.ckpt, print) if which == "digits" else "analytic"
+            model = digits_model(tmp, args.batch, args.ckpt, print) if which == "digits" else which
             variants = [v.strip() for v in args.variants.split(",") if v.strip()]
             # A run of some variants keeps the other variants (and the sweep) of the last run of the same length.
             earlier = runs.get(which) if (runs.get(which) or {}).get("seconds") == args.seconds else {}
