@@ -171,6 +171,34 @@ def sweep(den, batch: int) -> dict[str, Any]:
     return out
 
 
+def pattern_speed(model: str, batches=(1, 8, 32, 64), rounds: int = 15) -> dict[str, float]:
+    """Seconds per call with memory patterns off / on, by batch: medians of `rounds` calls, the two sessions
+    alternating call by call in this process (a drift of the machine's speed hits both alike)."""
+    from edm_deploy.runtime.backends.onnxrt import OnnxRuntimeDenoiser
+
+    dens = {on: OnnxRuntimeDenoiser(model, device="cpu", memory_pattern=on) for on in (False, True)}
+    rng = np.random.default_rng(0)
+    out = {}
+    for rows in batches:
+        den = dens[False]
+        x = rng.standard_normal((rows, den.img_channels, den.img_resolution, den.img_resolution)).astype(np.float32)
+        labels = np.eye(den.label_dim, dtype=np.float32)[np.zeros(rows, int)] if den.label_dim else None
+        sigma = np.full(rows, 1.0, np.float32)
+        times: dict[bool, list] = {False: [], True: []}
+        for _ in range(2):  # warm-up: the second run of a shape is the one that records its pattern
+            for d in dens.values():
+                d(x, sigma, labels)
+        for _ in range(rounds):
+            for on, d in dens.items():
+                start = time.perf_counter()
+                d(x, sigma, labels)
+                times[on].append(time.perf_counter() - start)
+        out[str(rows)] = float(np.median(times[False]) / np.median(times[True]))
+    for d in dens.values():
+        d.close()
+    return out
+
+
 def child(args) -> None:
     """One variant in this process: load the model, measure the offline rate, soak, print JSON."""
     if args.variant == "cycle":
@@ -225,6 +253,10 @@ def markdown(runs: dict[str, dict], cpu: dict, batch: int) -> str:
                       f"pass over every batch size 1..{batch} (shuffled), each setting in a fresh process:", ""] + [
                 f"- memory patterns {on}: {r['start']:.0f} -> " + " -> ".join(f"{v:.0f}" for v in r["passes"])
                 for on, r in run["sweep"].items()] + [""]
+            if run.get("pattern_speed"):
+                lines += ["Time per call without / with memory patterns (medians, the two sessions alternating call by "
+                          "call in one process), by batch: " + ", ".join(
+                              f"{b}: {v:.3f}" for b, v in run["pattern_speed"].items()), ""]
     lines += [END, ""]
     return "\n".join(lines)
 
@@ -288,9 +320,11 @@ def main(argv=None) -> list:
                            **({"sweep": earlier["sweep"]} if "sweep" in earlier else {})}
             if args.sweep and which != "analytic":
                 runs[which]["sweep"] = {on: run_variant(f"sweep-{on}", model, args.batch, 0, 0) for on in ("on", "off")}
+                runs[which]["pattern_speed"] = pattern_speed(model)
                 print(f"{which} sweep over batch sizes 1..{args.batch}: " + "; ".join(
                     f"patterns {on}: RSS {r['start']:.0f} -> " + " -> ".join(f"{v:.0f}" for v in r["passes"]) + " MB"
-                    for on, r in runs[which]["sweep"].items()), flush=True)
+                    for on, r in runs[which]["sweep"].items()) + "; call time off/on by batch "
+                    + ", ".join(f"{b}: {v:.3f}" for b, v in runs[which]["pattern_speed"].items()), flush=True)
             for name in variants:
                 r = summary(name, run_variant(name, model, args.batch, args.seconds, args.every))
                 rows.append(r)
