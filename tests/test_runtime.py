@@ -269,8 +269,8 @@ def test_options_that_do_not_apply_are_refused(oracle_files, tmp_path, cli_env):
 
 
 def test_a_cpu_session_keeps_no_memory_plan_per_batch_shape(oracle_files):
-    """A server's batches take every size up to its limit, and a memory pattern is held per size (RSS 170 ->
-    294 MB over batch sizes 1-64 on the Fashion-MNIST network, benchmarks/serving_memory.py --sweep), so the
+    """A server's batches take every size up to its limit, and a memory pattern is held per size (RSS 183 ->
+    313 MB over batch sizes 1-64 on the Fashion-MNIST network, benchmarks/serving_memory.py --sweep), so the
     CPU backend runs without them; the images do not change."""
     from edm_deploy.loading import load
     from edm_deploy.runtime.backends.onnxrt import OnnxRuntimeDenoiser

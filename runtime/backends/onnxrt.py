@@ -113,11 +113,11 @@ def provider_list(device: str, manifest: dict, max_batch: int, device_id: int = 
 # session run's allocations, recorded per input shape on its first run and held (with a block of
 # the arena sized to it) from the second run of that shape on. A server's batches take every row
 # count up to its limit, so the process grows by one plan per batch size as each size recurs: on
-# the Fashion-MNIST network, three passes over batch sizes 1-64 held RSS at 170 MB without patterns
-# and 294 MB with them, the rise coming in the second pass (benchmarks/serving_memory.py, the
-# `mem-pattern` variant, and RESULTS.md). Calls cost the same either way on the CPU (ratios
-# 0.99-1.05 over batches 1-64, measured side by side). GPU providers keep onnxruntime's default:
-# not measured there (no GPU here).
+# the Fashion-MNIST network, three passes over batch sizes 1-64 held RSS at 183 MB without patterns
+# and 313 MB with them, the rise coming in the second pass; a 10-minute soak of the digits server
+# rose 24 % after warm-up with them and 0 % without (benchmarks/serving_memory.py, RESULTS.md).
+# Calls cost no more without them on the CPU (0.98-1.02x at batches 8-64, side by side). GPU
+# providers keep onnxruntime's default: not measured there (no GPU here).
 
 
 class OnnxRuntimeDenoiser(DenoiserBackend):
