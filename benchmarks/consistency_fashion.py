@@ -48,6 +48,7 @@ ROWS: dict[str, tuple[str, dict]] = {
     "lr2e-4": ("lr 2e-4", {"lr": 2e-4}),
     "lr1e-3": ("lr 1e-3 (the teacher's)", {"lr": 1e-3}),
     "batch32": ("batch 32 (4x the steps per image)", {"batch": 32}),
+    "ema25": ("EMA half-life a quarter of the run", {"ema_halflife_fraction": 0.25}),
 }
 
 
@@ -201,6 +202,8 @@ def main(argv=None) -> dict:
 
     def run_row(name: str, what: str, changes: dict, kimg: float, raw: bool = False) -> dict[str, Any]:
         overrides = {**base_options(kimg), **changes}
+        if "ema_halflife_fraction" in overrides:  # a share of the run, whatever its length
+            overrides["ema_halflife_kimg"] = kimg * overrides.pop("ema_halflife_fraction")
         tag = f"{name}-{kimg:g}kimg"
 
         def compute():
