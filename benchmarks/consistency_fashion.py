@@ -163,11 +163,11 @@ def main(argv=None) -> dict:
     p.add_argument("--rows", default=",".join(ROWS), help="rows to run, comma-separated")
     p.add_argument("--combine", action="append", default=[],
                    help="a further row: rows whose changes are combined (e.g. dropout0,huber); may be repeated")
-    p.add_argument("--final", default=None, metavar="ROWS@KIMG",
-                   help="the chosen settings (rows joined by +, e.g. dropout0+lr1e-3@60) tuned for longer, "
-                        "shown below the rows")
-    p.add_argument("--final-raw", action="store_true",
-                   help="also score the --final run's trained weights without their EMA")
+    p.add_argument("--final", action="append", default=[], metavar="ROWS@KIMG",
+                   help="chosen settings (rows joined by +, e.g. dropout0+lr1e-3@60) tuned for longer, shown below "
+                        "the rows; may be repeated")
+    p.add_argument("--final-raw", action="append", default=[], metavar="ROWS@KIMG",
+                   help="a --final run scored with its trained weights instead of their EMA; may be repeated")
     p.add_argument("--ckpt", default=None, help="the teacher [default: benchmarks/fashion.py's cached preset run]")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -226,12 +226,11 @@ def main(argv=None) -> dict:
 
     out_rows = {name: run_row(name, what, changes, args.kimg) for name, (what, changes) in rows.items()}
     final = {}
-    if args.final:
-        names, _, kimg = args.final.partition("@")
+    for spec in args.final + args.final_raw:
+        names, _, kimg = spec.partition("@")
         what, changes = combined(names.split("+"))
-        final[names] = run_row(names, what, changes, float(kimg))
-        if args.final_raw:
-            final[f"{names} (no EMA)"] = run_row(names, what, changes, float(kimg), raw=True)
+        raw = spec in args.final_raw
+        final[f"{names}@{kimg}" + (" (no EMA)" if raw else "")] = run_row(names, what, changes, float(kimg), raw=raw)
     out = {"kimg": args.kimg, "teacher": teacher, "teacher_kimg": teacher_kimg, "reference": ref,
            "step_cost": cost, "rows": out_rows, "final": final,
            "cost_fraction": args.kimg * cost["ratio"] / teacher_kimg}
@@ -258,9 +257,9 @@ def markdown(out: dict[str, Any]) -> str:
     head = ["row", "changed from the base", "cost", "NFE 1", "NFE 2", "NFE 3", "NFE 2 points", "NFE 3 points"]
     rows = cells(out["rows"], ref)
     final = []
-    for name, row in out.get("final", {}).items():
-        final += ["", f"The chosen settings ({name}) tuned for {row['kimg']:g} kimg, {row['cost_fraction']:.2f}x the "
-                  f"teacher's training cost:", "", "```", table(cells({name: row}, ref), head), "```"]
+    if out.get("final"):
+        final = ["", "Chosen settings tuned for longer (the cost column: the tuning's share of the teacher's training "
+                 "cost):", "", "```", table(cells(out["final"], ref), head), "```"]
     return "\n".join([
         BEGIN, "## Consistency tuning settings on Fashion-MNIST (`benchmarks/consistency_fashion.py`)", "",
         f"Every row tunes the `fashion-mnist` teacher ({out['teacher_kimg']:g} kimg) for {out['kimg']:g} kimg, "
