@@ -226,10 +226,9 @@ def main(argv=None) -> dict:
 
     out_rows = {name: run_row(name, what, changes, args.kimg) for name, (what, changes) in rows.items()}
     final = {}
-    for spec in args.final + args.final_raw:
+    for spec, raw in [(spec, False) for spec in args.final] + [(spec, True) for spec in args.final_raw]:
         names, _, kimg = spec.partition("@")
         what, changes = combined(names.split("+"))
-        raw = spec in args.final_raw
         final[f"{names}@{kimg}" + (" (no EMA)" if raw else "")] = run_row(names, what, changes, float(kimg), raw=raw)
     out = {"kimg": args.kimg, "teacher": teacher, "teacher_kimg": teacher_kimg, "reference": ref,
            "step_cost": cost, "rows": out_rows, "final": final,
