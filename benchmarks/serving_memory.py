@@ -157,16 +157,20 @@ def open_model(model: str, variant: str):
     return load(model)
 
 
+def call_inputs(den, rows: int, rng) -> tuple:
+    """(x, sigma, class_labels) of one network call of `rows` rows: noise at sigma 1, class 0."""
+    x = rng.standard_normal((rows, den.img_channels, den.img_resolution, den.img_resolution)).astype(np.float32)
+    labels = np.eye(den.label_dim, dtype=np.float32)[np.zeros(rows, int)] if den.label_dim else None
+    return x, np.full(rows, 1.0, np.float32), labels
+
+
 def sweep(den, batch: int) -> dict[str, Any]:
     """RSS (MB) after each of SWEEP_PASSES passes over every batch size 1..`batch`, in a shuffled order."""
     rng = np.random.default_rng(0)
-    label_dim, shape = int(den.label_dim), (den.img_channels, den.img_resolution, den.img_resolution)
     out = {"start": rss_mb(), "passes": []}
     for _ in range(SWEEP_PASSES):
         for rows in rng.permutation(np.arange(1, batch + 1)):
-            x = rng.standard_normal((int(rows), *shape)).astype(np.float32)
-            labels = np.eye(label_dim, dtype=np.float32)[np.zeros(int(rows), int)] if label_dim else None
-            den(x, np.full(int(rows), 1.0, np.float32), labels)
+            den(*call_inputs(den, int(rows), rng))
         out["passes"].append(rss_mb())
     return out
 
@@ -180,18 +184,15 @@ def pattern_speed(model: str, batches=(1, 8, 32, 64), rounds: int = 15) -> dict[
     rng = np.random.default_rng(0)
     out = {}
     for rows in batches:
-        den = dens[False]
-        x = rng.standard_normal((rows, den.img_channels, den.img_resolution, den.img_resolution)).astype(np.float32)
-        labels = np.eye(den.label_dim, dtype=np.float32)[np.zeros(rows, int)] if den.label_dim else None
-        sigma = np.full(rows, 1.0, np.float32)
+        inputs = call_inputs(dens[False], rows, rng)
         times: dict[bool, list] = {False: [], True: []}
         for _ in range(2):  # warm-up: the second run of a shape is the one that records its pattern
             for d in dens.values():
-                d(x, sigma, labels)
+                d(*inputs)
         for _ in range(rounds):
             for on, d in dens.items():
                 start = time.perf_counter()
-                d(x, sigma, labels)
+                d(*inputs)
                 times[on].append(time.perf_counter() - start)
         out[str(rows)] = float(np.median(times[False]) / np.median(times[True]))
     for d in dens.values():
@@ -292,7 +293,8 @@ def main(argv=None) -> list:
     parser.add_argument("--seconds", type=float, default=180.0)
     parser.add_argument("--every", type=float, default=5.0)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--models", default="digits,analytic", help="comma-separated: digits (ONNX, trained here), analytic, or the path of an exported .onnx")
+    parser.add_argument("--models", default="digits,analytic",
+                        help="comma-separated: digits (ONNX, trained here), analytic, or the path of an exported .onnx")
     parser.add_argument("--sweep", action="store_true",
                         help="also the shape sweep (ONNX models): RSS after each pass over batch sizes 1..--batch, "
                              "memory patterns on and off")
