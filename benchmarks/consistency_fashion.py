@@ -12,7 +12,8 @@ scored with Inception FID-10k by benchmarks/fashion.py (--tuned).
 
 The tuning cost is (tuned kimg x seconds per ECT image) / (teacher kimg x seconds per EDM image),
 the two step times measured side by side in this process on the same network, the EDM step at the
-teacher's batch and the ECT step at the row's (a smaller batch costs more per image on most devices).
+teacher's batch and the ECT step at the row's (the cost of an image depends on the batch: on a
+2-core Xeon an ECT image cost less at batch 32 than at 128).
 
 The base (ECT's published CIFAR-10 run, scaled to a short tuning): RAdam at lr 1e-4, batch 128,
 dropout 0.2 (the target under the same dropout mask), the gap halving (q = 2) four times over the
