@@ -54,6 +54,7 @@ import numpy as np
 
 from benchmarks.common import RESULTS_DIR, replace_section, save
 from benchmarks.serving import arrivals, drive, offline_throughput, rss_mb
+from edm_deploy.benchmarking import denoiser_inputs
 
 BEGIN, END = "<!-- benchmarks.serving.memory:begin -->", "<!-- benchmarks.serving.memory:end -->"
 VARIANTS = {
@@ -157,20 +158,13 @@ def open_model(model: str, variant: str):
     return load(model)
 
 
-def call_inputs(den, rows: int, rng) -> tuple:
-    """(x, sigma, class_labels) of one network call of `rows` rows: noise at sigma 1, class 0."""
-    x = rng.standard_normal((rows, den.img_channels, den.img_resolution, den.img_resolution)).astype(np.float32)
-    labels = np.eye(den.label_dim, dtype=np.float32)[np.zeros(rows, int)] if den.label_dim else None
-    return x, np.full(rows, 1.0, np.float32), labels
-
-
 def sweep(den, batch: int) -> dict[str, Any]:
     """RSS (MB) after each of SWEEP_PASSES passes over every batch size 1..`batch`, in a shuffled order."""
     rng = np.random.default_rng(0)
     out = {"start": rss_mb(), "passes": []}
     for _ in range(SWEEP_PASSES):
         for rows in rng.permutation(np.arange(1, batch + 1)):
-            den(*call_inputs(den, int(rows), rng))
+            den(*denoiser_inputs(den, int(rows), rng))
         out["passes"].append(rss_mb())
     return out
 
@@ -184,7 +178,7 @@ def pattern_speed(model: str, batches=(1, 8, 32, 64), rounds: int = 15) -> dict[
     rng = np.random.default_rng(0)
     out = {}
     for rows in batches:
-        inputs = call_inputs(dens[False], rows, rng)
+        inputs = denoiser_inputs(dens[False], rows, rng)
         times: dict[bool, list] = {False: [], True: []}
         for _ in range(2):  # warm-up: the second run of a shape is the one that records its pattern
             for d in dens.values():

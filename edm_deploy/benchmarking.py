@@ -106,14 +106,18 @@ class BackendResult:
     notes: list[str] = field(default_factory=list)
 
 
+def denoiser_inputs(den: Any, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Host inputs of one evaluation of `batch` rows: noise at sigma 1, the classes in turn (None if unconditional)."""
+    x = rng.standard_normal((batch, den.img_channels, den.img_resolution, den.img_resolution)).astype(np.float32)
+    labels = np.eye(den.label_dim, dtype=np.float32)[np.arange(batch) % den.label_dim] if den.label_dim else None
+    return x, np.full(batch, 1.0), labels
+
+
 def time_denoiser(den: Any, batch: int, repeats: int = 5, warmup: int = 2,
                   seed: int = 0) -> tuple[float, float, bool]:
     """(median seconds per evaluation, spread, stable) at `batch`, inputs on the backend's device."""
-    rng = np.random.default_rng(seed)
-    shape = (batch, den.img_channels, den.img_resolution, den.img_resolution)
-    x = den.to_device(rng.standard_normal(shape).astype(np.float32))
-    sigma = np.full(batch, 1.0)
-    labels = np.eye(den.label_dim, dtype=np.float32)[np.arange(batch) % den.label_dim] if den.label_dim else None
+    x, sigma, labels = denoiser_inputs(den, batch, np.random.default_rng(seed))
+    x = den.to_device(x)
     for _ in range(warmup):
         den(x, sigma, labels)
     times = []
