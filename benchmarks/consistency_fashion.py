@@ -21,6 +21,11 @@ run, ln t ~ N(-1.1, 2.0^2), the L2 metric weighted by 1 / (t - r), k = 8, b = 1,
 half-life of a tenth of the run (ECT's beta 0.9999 per step is an 887-kimg half-life, made for
 25.6 Mimg; over a 30-kimg tuning it would leave the EMA at the teacher's weights).
 Rows are cached in the fashion cache (results.json), so a rerun only tunes what is missing.
+
+Whether the teacher matters: `--other-teacher CKPT --other ROWS@KIMG` tunes a second teacher (for
+example one trained with `--dropout 0.1`) with the same settings, scored against its own Heun-35,
+in a table of its own; its tunings and exports are named by its checkpoint's hash, so they never
+reuse the first teacher's.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,7 +47,8 @@ SCORE_IMAGES = 2000  # seeds 0..1999 are scored
 # row name -> (what changed, TrainingOptions overrides over the base)
 ROWS: dict[str, tuple[str, dict]] = {
     "base": ("ECT's CIFAR-10 settings, scaled to the run", {}),
-    "dropout0": ("dropout 0 (the teacher's)", {"dropout": 0.0}),
+    "dropout0": ("dropout 0", {"dropout": 0.0}),
+    "dropout0.1": ("dropout 0.1", {"dropout": 0.1}),
     "dropout0.4": ("dropout 0.4 (ECT, ImageNet-64)", {"dropout": 0.4}),
     "q256": ("q 256, never halving (ECT's 1-hour run)", {"ect_q": 256.0, "ect_stage_kimg": 1e6}),
     "pmean": ("ln t ~ N(-0.8, 1.6^2) (ECT, ImageNet-64)", {"ect_p_mean": -0.8, "ect_p_std": 1.6}),
@@ -158,6 +165,45 @@ def step_cost_ratio(teacher: str, batch: int = 128, ect_batch: int | None = None
             "ratio": (ect_s / ect_batch) / (edm_s / batch)}
 
 
+@dataclass
+class Teacher:
+    """A teacher and what every row tuned from it shares."""
+
+    ckpt: str
+    sha: str  # the first 16 hex digits of the checkpoint's SHA-256: the key of its results
+    kimg: float  # its training length, the denominator of a row's cost
+    dropout: float  # the dropout it was trained with
+    prefix: str  # its tunings' and exports' file names start so: "" for the benchmark's own teacher
+    reference: dict[str, Any]  # its Heun-35 on the scored seeds
+
+
+def prepare_teacher(ckpt: str, cache: str, scorer: fashion.Scorer, results: fashion.Results,
+                    own: bool) -> Teacher:
+    """`ckpt` scored at Heun-35; `own` keeps the file names the cache had before a second teacher could be
+    tuned, any other teacher's are prefixed by its hash so its tunings never reuse the first one's."""
+    from edm_deploy.loading import load
+    from edm_deploy.training.checkpoint import load_checkpoint
+
+    sha = fashion.file_sha256(ckpt)[:16]
+    data = load_checkpoint(ckpt)
+    kimg = float((data.get("meta") or {}).get("kimg") or 0)
+    dropout = float(data["network"]["init_kwargs"].get("dropout", 0.0))
+    prefix = "" if own else f"t{sha[:8]}-"
+    with load(fashion.export(ckpt, cache, "fp32", "teacher" if own else f"teacher-{sha[:8]}"), device="cpu") as den:
+        ref = results.get_or_compute(f"clf:{sha}:heun@35:n{SCORE_IMAGES}", lambda: scorer(
+            den, fashion.plan_for(den, {"solver": "heun", "nfe": 35}), SCORE_IMAGES, inception=False))
+    return Teacher(ckpt, sha, kimg, dropout, prefix, ref)
+
+
+def parse_final(spec: str) -> tuple[str, float]:
+    """"dropout0+lr1e-3@86" -> ("dropout0+lr1e-3", 86.0), with one error line for a malformed one."""
+    names, _, kimg = spec.partition("@")
+    try:
+        return names, float(kimg)
+    except ValueError:
+        raise SystemExit(f"error: {spec!r}: expected ROWS@KIMG, e.g. dropout0+lr1e-3@86") from None
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kimg", type=float, default=30.0, help="tuning length of every ablation row [30]")
@@ -170,70 +216,81 @@ def main(argv=None) -> dict:
     p.add_argument("--final-raw", action="append", default=[], metavar="ROWS@KIMG",
                    help="a --final run scored with its trained weights instead of their EMA; may be repeated")
     p.add_argument("--ckpt", default=None, help="the teacher [default: benchmarks/fashion.py's cached preset run]")
+    p.add_argument("--other-teacher", default=None, metavar="CKPT",
+                   help="a second teacher (e.g. trained with --dropout 0.1) tuned with the --other settings")
+    p.add_argument("--other", action="append", default=[], metavar="ROWS@KIMG",
+                   help="settings tuned from --other-teacher, in a table of their own; may be repeated")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    if args.other and not args.other_teacher:
+        raise SystemExit("error: --other needs --other-teacher CKPT")
+    finals = [(*parse_final(spec), False) for spec in args.final] + [(*parse_final(s), True) for s in args.final_raw]
+    others = [parse_final(spec) for spec in args.other]
     echo = print
     cache = fashion.cache_dir()
-    teacher = args.ckpt or fashion.teacher(cache, echo)
+    own = fashion.teacher(cache, echo)
     clf = fashion.judge(cache, echo)
-    from edm_deploy.loading import load
-    from edm_deploy.training.checkpoint import load_checkpoint
     from edm_deploy.training.dataset import load_fashion_mnist
     from edm_deploy.training.presets import preset
 
     train_x, _ = load_fashion_mnist("train")
     scorer = fashion.Scorer(clf, clf.stats(train_x), None, None, 500)
     results = fashion.Results(os.path.join(cache, "results.json"))
-    sha = fashion.file_sha256(teacher)[:16]
-    teacher_kimg = float((load_checkpoint(teacher).get("meta") or {}).get("kimg") or 0)
-    with load(fashion.export(teacher, cache, "fp32", "teacher"), device="cpu") as den:
-        ref = results.get_or_compute(f"clf:{sha}:heun@35:n{SCORE_IMAGES}", lambda: scorer(
-            den, fashion.plan_for(den, {"solver": "heun", "nfe": 35}), SCORE_IMAGES, inception=False))
+    first = args.ckpt or own
+    teacher = prepare_teacher(first, cache, scorer, results, own=os.path.realpath(first) == os.path.realpath(own))
     teacher_batch = int(preset(fashion.PRESET)["batch"])
 
-    def cost_at(batch: int) -> dict[str, Any]:
+    def cost_at(t: Teacher, batch: int) -> dict[str, Any]:
         """The ECT/EDM cost per image with the ECT step at `batch` (the first key: the teacher's batch)."""
-        key = f"step-cost:{sha}" + ("" if batch == teacher_batch else f":b{batch}")
-        return results.get_or_compute(key, lambda: step_cost_ratio(teacher, teacher_batch, batch))
+        key = f"step-cost:{t.sha}" + ("" if batch == teacher_batch else f":b{batch}")
+        return results.get_or_compute(key, lambda: step_cost_ratio(t.ckpt, teacher_batch, batch))
 
-    cost = cost_at(teacher_batch)
+    cost = cost_at(teacher, teacher_batch)
     rows = {name: ROWS[name] for name in args.rows.split(",") if name}
     for names in args.combine:
         rows[names.replace(",", "+")] = combined(names.split(","))
 
-    def run_row(name: str, what: str, changes: dict, kimg: float, raw: bool = False) -> dict[str, Any]:
+    def run_row(t: Teacher, name: str, what: str, changes: dict, kimg: float, raw: bool = False) -> dict[str, Any]:
         overrides = {**base_options(kimg), **changes}
         if "ema_halflife_fraction" in overrides:  # a share of the run, whatever its length
             overrides["ema_halflife_kimg"] = kimg * overrides.pop("ema_halflife_fraction")
-        tag = f"{name}-{kimg:g}kimg"
+        tag = f"{t.prefix}{name}-{kimg:g}kimg"
 
         def compute():
             start = time.perf_counter()
-            ckpt = tune(teacher, os.path.join(cache, "ect", tag), overrides, echo)
+            ckpt = tune(t.ckpt, os.path.join(cache, "ect", tag), overrides, echo)
             tune_s = time.perf_counter() - start
             onnx = fashion.export(raw_weights(ckpt) if raw else ckpt, cache, "fp32", f"ect-{tag}" + "-raw" * raw)
             return {"checkpoint": ckpt, "tune_s_this_run": tune_s, "overrides": overrides,
                     "scores": score_tuned(onnx, scorer)}
 
-        row_cost = cost_at(int(overrides.get("batch", teacher_batch)))
-        key = f"ect:{sha}:{name}:{kimg:g}kimg" + (":raw" if raw else "")
+        row_cost = cost_at(t, int(overrides.get("batch", teacher_batch)))
+        key = f"ect:{t.sha}:{name}:{kimg:g}kimg" + (":raw" if raw else "")
         row = dict(results.get_or_compute(key, compute), what=what + (", no EMA" if raw else ""), kimg=kimg,
-                   cost_fraction=kimg * row_cost["ratio"] / teacher_kimg)
-        s = row["scores"]
+                   cost_fraction=kimg * row_cost["ratio"] / t.kimg)
+        s, ref = row["scores"], t.reference
         echo(f"  {name:12s} {kimg:g} kimg " + "  ".join(
             f"NFE {n}: FD {s[n]['classifier_fd']:.2f} ({s[n]['classifier_fd'] / ref['classifier_fd']:.2f}x) "
             f"acc {s[n]['accuracy']:.1%}" for n in ("1", "2", "3")))
         return row
 
-    out_rows = {name: run_row(name, what, changes, args.kimg) for name, (what, changes) in rows.items()}
+    out_rows = {name: run_row(teacher, name, what, changes, args.kimg) for name, (what, changes) in rows.items()}
     final = {}
-    for spec, raw in [(spec, False) for spec in args.final] + [(spec, True) for spec in args.final_raw]:
-        names, _, kimg = spec.partition("@")
+    for names, kimg, raw in finals:
         what, changes = combined(names.split("+"))
-        final[f"{names}@{kimg}" + (" (no EMA)" if raw else "")] = run_row(names, what, changes, float(kimg), raw=raw)
-    out = {"kimg": args.kimg, "teacher": teacher, "teacher_kimg": teacher_kimg, "reference": ref,
+        final[f"{names}@{kimg:g}" + (" (no EMA)" if raw else "")] = run_row(teacher, names, what, changes, kimg, raw=raw)
+    out = {"kimg": args.kimg, "teacher": teacher.ckpt, "teacher_kimg": teacher.kimg,
+           "teacher_dropout": teacher.dropout, "reference": teacher.reference,
            "step_cost": cost, "rows": out_rows, "final": final,
-           "cost_fraction": args.kimg * cost["ratio"] / teacher_kimg}
+           "cost_fraction": args.kimg * cost["ratio"] / teacher.kimg}
+    if args.other_teacher:
+        other = prepare_teacher(args.other_teacher, cache, scorer, results, own=False)
+        other_rows = {}
+        for names, kimg in others:
+            what, changes = combined(names.split("+"))
+            other_rows[f"{names}@{kimg:g}"] = run_row(other, names, what, changes, kimg)
+        out["other"] = {"teacher": other.ckpt, "teacher_kimg": other.kimg, "dropout": other.dropout,
+                        "reference": other.reference, "rows": other_rows}
     text = markdown(out)
     print(text)
     save("consistency_fashion", out)
@@ -260,9 +317,18 @@ def markdown(out: dict[str, Any]) -> str:
     if out.get("final"):
         final = ["", "Chosen settings tuned for longer (the cost column: the tuning's share of the teacher's training "
                  "cost):", "", "```", table(cells(out["final"], ref), head), "```"]
+    if out.get("other"):
+        o = out["other"]
+        oref = o["reference"]
+        final += ["", f"The same settings tuned from another teacher, `{os.path.basename(os.path.dirname(o['teacher']))}`: "
+                  f"the same preset trained with dropout {o['dropout']:g} for {o['teacher_kimg']:g} kimg. Its Heun-35 "
+                  f"scores classifier FD {oref['classifier_fd']:.2f} ({oref['classifier_fd'] / ref['classifier_fd']:.2f}x "
+                  f"the first teacher's), accuracy {oref['accuracy']:.1%}; the cells are against this teacher's own "
+                  "Heun-35 on the same seeds:", "", "```", table(cells(o["rows"], oref), head), "```"]
     return "\n".join([
         BEGIN, "## Consistency tuning settings on Fashion-MNIST (`benchmarks/consistency_fashion.py`)", "",
-        f"Every row tunes the `fashion-mnist` teacher ({out['teacher_kimg']:g} kimg) for {out['kimg']:g} kimg, "
+        f"Every row tunes the `fashion-mnist` teacher ({out['teacher_kimg']:g} kimg, trained with dropout "
+        f"{out['teacher_dropout']:g}) for {out['kimg']:g} kimg, "
         f"{out['cost_fraction']:.2f}x the teacher's training cost at its batch (an ECT step costs "
         f"{out['step_cost']['ratio']:.2f}x an EDM step, measured side by side; the cost column is per row, "
         f"a row with another batch measured at its own). Cells: classifier FD / the "
