@@ -228,7 +228,6 @@ def main(argv=None) -> dict:
     others = [parse_final(spec) for spec in args.other]
     echo = print
     cache = fashion.cache_dir()
-    own = fashion.teacher(cache, echo)
     clf = fashion.judge(cache, echo)
     from edm_deploy.training.dataset import load_fashion_mnist
     from edm_deploy.training.presets import preset
@@ -236,8 +235,9 @@ def main(argv=None) -> dict:
     train_x, _ = load_fashion_mnist("train")
     scorer = fashion.Scorer(clf, clf.stats(train_x), None, None, 500)
     results = fashion.Results(os.path.join(cache, "results.json"))
-    first = args.ckpt or own
-    teacher = prepare_teacher(first, cache, scorer, results, own=os.path.realpath(first) == os.path.realpath(own))
+    first = args.ckpt or fashion.teacher(cache, echo)
+    own = os.path.realpath(first) == os.path.realpath(fashion.teacher_path(cache))
+    teacher = prepare_teacher(first, cache, scorer, results, own=own)
     teacher_batch = int(preset(fashion.PRESET)["batch"])
 
     def cost_at(t: Teacher, batch: int) -> dict[str, Any]:

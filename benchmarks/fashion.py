@@ -114,14 +114,19 @@ class Results:
 # The fixed parts: teacher, judges, reference statistics.
 
 
+def teacher_path(cache: str) -> str:
+    """Where the preset's teacher run keeps its checkpoint."""
+    return os.path.join(cache, "train", "ckpt.pt")
+
+
 def teacher(cache: str, echo) -> str:
     """The preset's checkpoint, trained (or resumed) here when it is missing or unfinished."""
     from edm_deploy.training.checkpoint import load_checkpoint
     from edm_deploy.training.options import options_from_preset
     from edm_deploy.training.training_loop import training_loop
 
-    run_dir = os.path.join(cache, "train")
-    ckpt = os.path.join(run_dir, "ckpt.pt")
+    ckpt = teacher_path(cache)
+    run_dir = os.path.dirname(ckpt)
     options = options_from_preset(PRESET, outdir=run_dir)
     if os.path.exists(ckpt):
         meta = load_checkpoint(ckpt).get("meta") or {}
@@ -135,7 +140,7 @@ def teacher(cache: str, echo) -> str:
 
 def training_record(cache: str) -> dict[str, Any]:
     """kimg, wall time and CPU of the teacher run, from its own log."""
-    stats = os.path.join(cache, "train", "stats.jsonl")
+    stats = os.path.join(os.path.dirname(teacher_path(cache)), "stats.jsonl")
     rows = [json.loads(line) for line in open(stats, encoding="utf-8") if line.strip()] if os.path.exists(stats) else []
     return {"ticks": [{"kimg": r.get("kimg"), "seconds": r.get("total_sec")} for r in rows]}
 
