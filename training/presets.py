@@ -93,7 +93,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 32/64/64 channels, one block per level, 1,226,209 parameters; its one built-in attention layer
     # sits at 8x8). 80 img/s in fp32 on a 2-core Xeon with 2 threads (measured; 2 blocks per level:
     # 51 img/s), so 300 kimg (5 epochs) is ~63 min on an idle machine. No dropout or augmentation:
-    # five epochs do not overfit, and both slow a short run down.
+    # five epochs do not overfit, and both slow a short run down (measured for dropout 0.1: the same
+    # 300 kimg end 1.21x worse at Heun-35 in the classifier's features, RESULTS.md).
     "fashion-mnist": dict(
         data="fashion-mnist", cond=True, arch="ddpmpp", precond="edm", cbase=32, cres=[1, 2, 2],
         network_overrides=dict(num_blocks=1, attn_resolutions=[]),
@@ -126,8 +127,8 @@ CONSISTENCY_PRESETS: dict[str, dict[str, Any]] = {
     ),
     # The `fashion-mnist` model: the best row at NFE 1 and 2 of benchmarks/consistency_fashion.py's
     # ablation (RESULTS.md) without dropout, as the teacher was trained (ECT's 0.2 was worse at NFE
-    # 1-3), at the teacher's lr 1e-3 (ECT's 1e-4 left NFE 1 at twice the distance), tuned for the
-    # issue's budget: 86 kimg, half the teacher's training cost (an ECT step is 1.73x an EDM step),
+    # 1-3; from a teacher trained with dropout 0.1, 0 also beat 0.1 and 0.2 at NFE 1-2), at the
+    # teacher's lr 1e-3 (ECT's 1e-4 left NFE 1 at twice the distance), tuned for the budget: 86 kimg, half the teacher's training cost (an ECT step is 1.73x an EDM step),
     # the gap halving four times (every 21.5 kimg), an EMA half-life of a tenth of the run. That
     # length brought NFE 2 from 1.93x to 1.44x the teacher's Heun-35 (classifier features) against 20 kimg.
     # Measured and not taken: pseudo-Huber (no change), ECT's ImageNet ln t and batch 32 (worse), q 256
