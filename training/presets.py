@@ -128,9 +128,10 @@ CONSISTENCY_PRESETS: dict[str, dict[str, Any]] = {
     # The `fashion-mnist` model: the best row at NFE 1 and 2 of benchmarks/consistency_fashion.py's
     # ablation (RESULTS.md) without dropout, as the teacher was trained (ECT's 0.2 was worse at NFE
     # 1-3; from a teacher trained with dropout 0.1, 0 also beat 0.1 and 0.2 at NFE 1-2), at the
-    # teacher's lr 1e-3 (ECT's 1e-4 left NFE 1 at twice the distance), tuned for the budget: 86 kimg, half the teacher's training cost (an ECT step is 1.73x an EDM step),
-    # the gap halving four times (every 21.5 kimg), an EMA half-life of a tenth of the run. That
-    # length brought NFE 2 from 1.93x to 1.44x the teacher's Heun-35 (classifier features) against 20 kimg.
+    # teacher's lr 1e-3 (ECT's 1e-4 left NFE 1 at twice the distance), tuned for the budget:
+    # 86 kimg, half the teacher's training cost (an ECT step is 1.73x an EDM step), the gap halving
+    # four times (every 21.5 kimg), an EMA half-life of a tenth of the run. That length brought NFE 2
+    # from 1.93x to 1.44x the teacher's Heun-35 (classifier features) against 20 kimg.
     # Measured and not taken: pseudo-Huber (no change), ECT's ImageNet ln t and batch 32 (worse), q 256
     # from the start (destroys the teacher at this lr), a quarter-run EMA (NFE 1 worse, NFE 2-3 equal).
     "fashion-mnist": dict(
