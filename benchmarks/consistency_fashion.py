@@ -189,7 +189,7 @@ def prepare_teacher(ckpt: str, cache: str, scorer: fashion.Scorer, results: fash
     kimg = float((data.get("meta") or {}).get("kimg") or 0)
     dropout = float(data["network"]["init_kwargs"].get("dropout", 0.0))
     prefix = "" if own else f"t{sha[:8]}-"
-    with load(fashion.export(ckpt, cache, "fp32", "teacher" if own else f"teacher-{sha[:8]}"), device="cpu") as den:
+    with load(fashion.export(ckpt, cache, "fp32", f"{prefix}teacher"), device="cpu") as den:
         ref = results.get_or_compute(f"clf:{sha}:heun@35:n{SCORE_IMAGES}", lambda: scorer(
             den, fashion.plan_for(den, {"solver": "heun", "nfe": 35}), SCORE_IMAGES, inception=False))
     return Teacher(ckpt, sha, kimg, dropout, prefix, ref)
